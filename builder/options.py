@@ -1,0 +1,24 @@
+"""How to run a build (never what to build: that is the spec). Filled from CLI flags."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    workdir: Path = Path("runs")
+    address: str | None = None  # a Ray cluster; None starts a local one on 127.0.0.1
+    cpus_per_stage: int = 0  # CPUs for each heavy stage; 0 = every CPU of the local machine
+    gpus_per_stage: float = 0.0  # GPUs for each heavy stage (training, evaluation, vLLM)
+    train_workers: int = 1  # Ray Train data-parallel workers per training stage
+    local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
+    teacher_config: Path | None = None  # read the teacher's config here instead of its source
+
+    def stage_cpus(self) -> int:
+        return self.cpus_per_stage or self.local_cpus or os.cpu_count() or 1
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_stage > 0

@@ -1,0 +1,133 @@
+"""The build plan: the stage DAG as data, derived from the spec and the teacher's config.
+
+Each stage is keyed by a hash of what it reads (see `builder.store`), so the plan alone
+says which stages are finished, which resume, and which run. The runner executes it; the
+dry run prints it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.acquire import teacher_identity
+from builder.arch import count_params, student_config
+from builder.shape import Shape
+from builder.spec import FamilySpec, StudentSpec
+from builder.store import StageKey, StageStore
+
+TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG. `inputs` maps a role (e.g. "teacher") to an upstream stage id."""
+
+    key: StageKey
+    inputs: dict[str, str] = field(default_factory=dict)
+    student: str | None = None  # the student this stage belongs to, if any
+    heavy: bool = False  # needs the per-stage CPUs/GPUs (training, evaluation, vLLM)
+
+    @property
+    def id(self) -> str:
+        return self.key.dirname
+
+    @property
+    def name(self) -> str:
+        return self.key.stage
+
+
+@dataclass(frozen=True)
+class PlannedStudent:
+    spec: StudentSpec
+    shape: Shape
+    params: int
+    final_stage: str  # id of the stage holding the finished checkpoint (distill)
+
+
+@dataclass
+class Plan:
+    spec: FamilySpec
+    teacher_shape: Shape
+    teacher_params: int
+    students: list[PlannedStudent]
+    stages: dict[str, Stage]  # in dependency order
+    teacher_stage: str  # the teacher every student learns from (corrected or not)
+    original_teacher_stage: str
+    throughput_stage: str | None
+    eval_stages: dict[str, str]  # model name -> evaluate stage id
+
+    def stage_paths(self, store: StageStore) -> dict[str, Path]:
+        return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
+
+
+def student_shape(teacher_config, student: StudentSpec) -> Shape:
+    return Shape.of(teacher_config).replace(**student.shape.changes())
+
+
+def student_params(teacher_config, shape: Shape) -> int:
+    return count_params(student_config(teacher_config, shape))
+
+
+class _Builder:
+    """Accumulates stages in dependency order while the plan is made."""
+
+    def __init__(self):
+        self.stages: dict[str, Stage] = {}
+
+    def add(self, stage_name: str, label: str, config: dict, inputs: dict[str, str] | None = None,
+            student: str | None = None, heavy: bool = False) -> str:
+        inputs = inputs or {}
+        upstream = tuple(self.stages[i].key.digest for i in inputs.values())
+        return self.add_key(StageKey(stage_name, label, config, upstream), inputs, student, heavy)
+
+    def add_key(self, key: StageKey, inputs: dict[str, str] | None = None, student: str | None = None,
+                heavy: bool = False) -> str:
+        stage = Stage(key, inputs or {}, student, heavy)
+        self.stages[stage.id] = stage
+        return stage.id
+
+
+def teacher_acquire_key(spec: FamilySpec) -> StageKey:
+    """The first stage's key needs nothing but the spec: the planner reads the teacher's
+    config from this stage's output when it exists."""
+    return StageKey("acquire-teacher", "", teacher_identity(spec.teacher))
+
+
+def make_plan(spec: FamilySpec, teacher_config) -> Plan:
+    """Lay out every stage of the family build (no work is done here)."""
+    dag = _Builder()
+    original_teacher = dag.add_key(teacher_acquire_key(spec))
+    data = dag.add("acquire-data", "", spec.data.model_dump(mode="json"), {TEACHER: original_teacher})
+    teacher = original_teacher
+    if spec.correction.tokens > 0:
+        teacher = dag.add("correct", "", spec.correction.model_dump(mode="json"),
+                          {TEACHER: original_teacher, "data": data}, heavy=True)
+    scores = dag.add("score", "", spec.scoring.model_dump(mode="json"), {TEACHER: teacher, "data": data},
+                     heavy=True)
+    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data) for s in spec.students]
+
+    models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
+    if teacher != original_teacher:
+        models = {"teacher-original": original_teacher} | models
+    eval_config = spec.evaluation.model_dump(mode="json")
+    eval_stages = {name: dag.add("evaluate", name, eval_config, {"model": stage_id, "data": data}, heavy=True)
+                   for name, stage_id in models.items()}
+    throughput = None
+    if spec.throughput.enabled:
+        throughput = dag.add("throughput", "", spec.throughput.model_dump(mode="json"),
+                             {name: stage_id for name, stage_id in models.items()}, heavy=True)
+    shape = Shape.of(teacher_config)
+    return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
+                original_teacher, throughput, eval_stages)
+
+
+def _plan_student(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
+                  teacher: str, scores: str, data: str) -> PlannedStudent:
+    shape = student_shape(teacher_config, student)
+    prune_config = {"shape": shape.as_dict(), "depth_method": student.depth_method}
+    pruned = dag.add("prune", student.name, prune_config, {TEACHER: teacher, "scores": scores},
+                     student=student.name)
+    distill_config = spec.distill_for(student).model_dump(mode="json")
+    distilled = dag.add("distill", student.name, distill_config,
+                        {TEACHER: teacher, "student": pruned, "data": data}, student=student.name, heavy=True)
+    return PlannedStudent(student, shape, student_params(teacher_config, shape), distilled)

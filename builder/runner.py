@@ -1,0 +1,119 @@
+"""Runs a plan on Ray: the only module of the builder that imports Ray.
+
+Each unfinished stage becomes one Ray task; upstream results travel as ObjectRefs, so Ray
+starts a stage as soon as its inputs are done, and independent student branches run
+concurrently when the cluster has room. Finished stages (manifest on disk) are not
+submitted at all, so a build that is already complete never even starts Ray.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from builder.options import RunOptions
+from builder.plan import Plan, Stage
+from builder.spec import FamilySpec
+from builder.store import Manifest, StageStore
+
+log = logging.getLogger(__name__)
+
+# A failure in these stages is recorded in the report; the rest of the family still builds.
+OPTIONAL_STAGES = {"throughput"}
+
+
+@dataclass
+class BuildResult:
+    manifests: dict[str, Manifest] = field(default_factory=dict)  # stage id -> manifest
+    failures: dict[str, str] = field(default_factory=dict)  # stage id -> error text
+    optional_failures: dict[str, str] = field(default_factory=dict)  # same, for OPTIONAL_STAGES
+    reused: list[str] = field(default_factory=list)  # stage ids found finished on disk
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def init_ray(options: RunOptions) -> None:
+    """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback."""
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
+    store = StageStore(options.workdir)
+    result = BuildResult()
+    for stage_id, stage in plan.stages.items():
+        manifest = store.manifest(stage.key)
+        if manifest is not None:
+            result.manifests[stage_id] = manifest
+            result.reused.append(stage_id)
+    pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
+    if pending:
+        init_ray(options)
+        _run_pending(pending, plan.spec, options, spec_dir, result)
+    return result
+
+
+def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, spec_dir: Path,
+                 result: BuildResult) -> None:
+    refs: dict[str, ray.ObjectRef] = {}
+    for stage in pending:  # plan order is dependency order
+        upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
+        remote = _execute.options(**_resources(stage, options), name=stage.id)
+        refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs), *upstream)
+        log.info("queued   %s", stage.id)
+    _collect(refs, {stage.id: stage for stage in pending}, result)
+
+
+def _resources(stage: Stage, options: RunOptions) -> dict:
+    """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
+    so a model's memory is returned to the OS when the stage ends). Training stages hand
+    their CPUs to their Ray Train workers, so the coordinating task itself takes none."""
+    if not stage.heavy:
+        return {"num_cpus": 0}
+    if stage.name in {"distill", "correct"}:
+        return {"num_cpus": 0, "max_calls": 1}
+    return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage, "max_calls": 1}
+
+
+def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult) -> None:
+    by_ref = {ref: stage_id for stage_id, ref in refs.items()}
+    waiting = list(by_ref)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1)
+        stage_id = by_ref[ready[0]]
+        try:
+            manifest = ray.get(ready[0])
+        except ray.exceptions.RayError as error:
+            optional = stages[stage_id].name in OPTIONAL_STAGES
+            failures = result.optional_failures if optional else result.failures
+            failures[stage_id] = _error_text(error)
+            log.error("FAILED   %s: %s", stage_id, failures[stage_id].strip().splitlines()[-1])
+            continue
+        result.manifests[stage_id] = manifest
+        log.info("finished %s in %.1f s", stage_id, manifest.wall_s)
+
+
+def _error_text(error: Exception) -> str:
+    cause = getattr(error, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+
+
+@ray.remote
+def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
+             *upstream: Manifest) -> Manifest:
+    from builder.stages import execute_stage  # imported in the worker: torch loads there
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
+

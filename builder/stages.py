@@ -1,0 +1,198 @@
+"""Stage functions: plain functions from a StageContext to (summary, tokens processed).
+
+Each one reads its upstream stages' manifests, writes only inside `ctx.out_dir`, and
+returns a JSON-able summary that becomes its manifest. The runner decides where and when
+they run (Ray tasks); these functions never import Ray.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from builder.options import RunOptions
+from builder.plan import Stage
+from builder.spec import FamilySpec, StudentSpec, TrainingSpec
+from builder.store import Manifest, StageStore
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    stage: Stage
+    spec: FamilySpec
+    options: RunOptions
+    spec_dir: Path
+    out_dir: Path
+    inputs: dict[str, Manifest]  # role -> finished upstream stage
+
+    def model_dir(self, role: str) -> Path:
+        return Path(self.inputs[role].summary["model_dir"])
+
+    def blocks_path(self) -> Path:
+        return Path(self.inputs["data"].summary["blocks"])
+
+    @property
+    def student(self) -> StudentSpec:
+        return next(s for s in self.spec.students if s.name == self.stage.student)
+
+
+StageResult = tuple[dict, int]  # (summary, tokens processed)
+
+
+def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: Path,
+                  inputs: dict[str, Manifest]) -> Manifest:
+    store = StageStore(options.workdir)
+    ctx = StageContext(stage, spec, options, spec_dir, store.prepare(stage.key), inputs)
+    log.info("started  %s", stage.id)
+    started = time.perf_counter()
+    summary, tokens = STAGE_FUNCTIONS[stage.name](ctx)
+    # The manifest is written last: from here on the stage counts as finished.
+    return store.finish(stage.key, time.perf_counter() - started, tokens, summary)
+
+
+def acquire_teacher_stage(ctx: StageContext) -> StageResult:
+    from builder.acquire import acquire_teacher
+    from builder.arch import count_params
+    from builder.acquire import config_from_json
+
+    summary = acquire_teacher(ctx.spec.teacher, ctx.out_dir)
+    summary["params"] = count_params(config_from_json(Path(summary["model_dir"]) / "config.json"))
+    return summary, 0
+
+
+def acquire_data_stage(ctx: StageContext) -> StageResult:
+    from builder.acquire import acquire_data
+
+    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir, ctx.spec_dir)
+    return summary, sum(summary["tokens"].values())
+
+
+def train_settings(section: TrainingSpec, seq_len: int, **extra):
+    """Spec section -> the trainer's settings (the only place the two meet)."""
+    from builder.distill import TrainSettings
+
+    fields = section.model_dump()
+    return TrainSettings(seq_len=seq_len, **{k: v for k, v in fields.items()}, **extra)
+
+
+def correct_stage(ctx: StageContext) -> StageResult:
+    from builder.ray_train import run_on_ray_train
+
+    settings = train_settings(ctx.spec.correction, ctx.spec.data.seq_len, loss="cross_entropy")
+    result = run_on_ray_train("correct", ctx.model_dir("teacher"), None, ctx.blocks_path(), ctx.out_dir,
+                              settings, num_workers=ctx.options.train_workers,
+                              cpus_per_worker=ctx.options.stage_cpus(), use_gpu=ctx.options.use_gpu)
+    return {"model_dir": str(ctx.out_dir / "model"), **result.to_json()}, result.tokens
+
+
+def score_stage(ctx: StageContext) -> StageResult:
+    from builder.acquire import load_blocks
+    from builder.importance import compute_importance
+
+    scoring = ctx.spec.scoring
+    model = load_model(ctx.model_dir("teacher"))
+    blocks = load_blocks(ctx.blocks_path(), "calibration", scoring.samples)
+    importance = compute_importance(
+        model, blocks, batch_size=scoring.batch_size, batch_agg=scoring.batch_aggregation,
+        seq_agg=scoring.sequence_aggregation, lm_loss_samples=scoring.lm_loss_samples)
+    importance.save(ctx.out_dir / "importance.safetensors")
+    summary = {"importance": str(ctx.out_dir / "importance.safetensors"), "samples": len(blocks),
+               "block_importance": importance.block.tolist()}
+    return summary, int(blocks.numel())
+
+
+def prune_stage(ctx: StageContext) -> StageResult:
+    from builder.arch import count_params
+    from builder.importance import Importance
+    from builder.plan import student_shape
+    from builder.prune import prune_model
+
+    teacher_dir = ctx.model_dir("teacher")
+    model = load_model(teacher_dir)
+    shape = student_shape(model.config, ctx.student)
+    importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
+    student = prune_model(model, importance, shape, depth_method=ctx.student.depth_method)
+    save_checkpoint(student, teacher_dir, ctx.out_dir / "model")
+    summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),
+               "shape": shape.as_dict(), "layers_kept": getattr(student.config, "minizoo_layers_kept", None)}
+    return summary, 0
+
+
+def distill_stage(ctx: StageContext) -> StageResult:
+    from builder.ray_train import run_on_ray_train
+
+    section = ctx.spec.distill_for(ctx.student)
+    if section.tokens == 0:  # pruning only: the pruned checkpoint is the result
+        return {"model_dir": str(ctx.model_dir("student")), "tokens": 0}, 0
+    settings = train_settings(section, ctx.spec.data.seq_len)
+    result = run_on_ray_train("distill", ctx.model_dir("teacher"), ctx.model_dir("student"), ctx.blocks_path(),
+                              ctx.out_dir, settings, num_workers=ctx.options.train_workers,
+                              cpus_per_worker=ctx.options.stage_cpus(), use_gpu=ctx.options.use_gpu)
+    return {"model_dir": str(ctx.out_dir / "model"), **result.to_json()}, result.tokens
+
+
+def evaluate_stage(ctx: StageContext) -> StageResult:
+    from builder.acquire import load_blocks
+    from evaluators.lm_eval_runner import TaskRequest, evaluate_model
+    from evaluators.perplexity import heldout_perplexity
+
+    evaluation = ctx.spec.evaluation
+    device = "cuda" if ctx.options.use_gpu and torch.cuda.is_available() else "cpu"
+    tasks = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in evaluation.tasks]
+    metrics = evaluate_model(ctx.model_dir("model"), tasks, batch_size=evaluation.batch_size, device=device,
+                             source=evaluation.task_source, cache_dir=ctx.out_dir / "tasks") if tasks else {}
+    summary = {"metrics": metrics}
+    tokens = 0
+    if evaluation.perplexity_tokens:
+        seq_len = ctx.spec.data.seq_len
+        blocks = load_blocks(ctx.blocks_path(), "heldout", max(1, evaluation.perplexity_tokens // seq_len))
+        summary["perplexity"] = heldout_perplexity(ctx.model_dir("model"), blocks, batch_size=evaluation.batch_size)
+        tokens = int(blocks.numel())
+    return summary, tokens
+
+
+def throughput_stage(ctx: StageContext) -> StageResult:
+    from evaluators.throughput import ThroughputSettings, measure_throughput
+
+    section = ctx.spec.throughput
+    settings = ThroughputSettings(input_len=section.input_len, output_len=section.output_len,
+                                  num_prompts=section.num_prompts, dtype=section.dtype,
+                                  engine_args=dict(section.engine_args))
+    models = {name: Path(manifest.summary["model_dir"]) for name, manifest in ctx.inputs.items()}
+    results = measure_throughput(models, settings, ctx.out_dir)
+    return {"results": results}, 0
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def save_checkpoint(model, tokenizer_source: Path, out: Path) -> None:
+    """Weights as safetensors plus the teacher's tokenizer files, loadable with plain from_pretrained."""
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_source) / name).exists():
+            shutil.copy(Path(tokenizer_source) / name, out / name)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {
+    "acquire-teacher": acquire_teacher_stage,
+    "acquire-data": acquire_data_stage,
+    "correct": correct_stage,
+    "score": score_stage,
+    "prune": prune_stage,
+    "distill": distill_stage,
+    "evaluate": evaluate_stage,
+    "throughput": throughput_stage,
+}
