@@ -37,16 +37,19 @@ class BuildResult:
         return not self.failures
 
 
-def init_ray(options: RunOptions) -> None:
-    """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback."""
+def init_ray(options: RunOptions) -> bool:
+    """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback.
+    Returns whether this call connected (and so should disconnect when done)."""
     address = options.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
-    ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=True)
+    else:
+        # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
+        ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
 
 
 def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
@@ -58,9 +61,14 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
             result.manifests[stage_id] = manifest
             result.reused.append(stage_id)
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
-    if pending:
-        init_ray(options)
+    if not pending:
+        return result
+    connected = init_ray(options)
+    try:
         _run_pending(pending, plan.spec, options, spec_dir, result)
+    finally:
+        if connected:
+            ray.shutdown()
     return result
 
 

