@@ -1,0 +1,237 @@
+"""Publishing: the real huggingface_hub client against a local fake Hub (tests/hub_server.py).
+
+    .venv/bin/python -m pytest tests/test_hub.py -q
+
+Nothing here reaches the network: the fake Hub listens on 127.0.0.1 and the fixture makes
+huggingface_hub refuse any other host.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from transformers import AutoModelForCausalLM
+
+from hub_server import GOOD_TOKEN, READ_TOKEN, fake_hub  # noqa: F401 (fake_hub is a fixture)
+from publish.hub import PublishError, format_plan, plan_family, publish_report, publish_student, resolve_token
+from test_card import sample_report
+from tiny_models import save_tiny_checkpoint
+
+REPO = "my-org/tiny-student"
+METRICS = {"hellaswag": {"acc": 0.3, "acc_stderr": 0.05, "num_fewshot": 0, "limit": 50}, "perplexity": 20.0}
+CARD = b"---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlibrary_name: transformers\n---\n\n# tiny\n"
+SPEC = "family: tiny\n"
+
+
+# huggingface_hub 2.4's own LFS upload passes `data=` to httpx2, which warns; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def retrained_weights(tmp_path_factory) -> Path:
+    """Other weights for the same architecture: a "new version" of the student."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt2") / "model", seed=1) / "model.safetensors"
+
+
+@pytest.fixture
+def student(checkpoint, tmp_path) -> Path:
+    """A private copy of the tiny checkpoint, so a test may change its files."""
+    return Path(shutil.copytree(checkpoint, tmp_path / "student"))
+
+
+def publish(hub, folder: Path, **overrides):
+    args = dict(private=True, metrics=METRICS, token=GOOD_TOKEN, card=CARD, spec_yaml=SPEC, endpoint=hub.url)
+    return publish_student(folder, overrides.pop("repo_id", REPO), **{**args, **overrides})
+
+
+def expected_files(folder: Path) -> dict[str, bytes]:
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    return {**files, "README.md": CARD, "minizoo.yaml": SPEC.encode()}
+
+
+def test_published_student_downloads_and_gives_identical_logits(fake_hub, student, tmp_path):
+    result = publish(fake_hub, student)
+
+    assert result.changed and result.revision == fake_hub.head(REPO).oid
+    stored = fake_hub.files(REPO)
+    assert stored.pop(".gitattributes")  # the Hub's own file from the repo's creation
+    assert stored == expected_files(student)
+    assert fake_hub.commit_count(REPO) == 2  # the initial commit, then ours: one commit for every file
+    assert fake_hub.head(REPO).files["model.safetensors"].lfs  # weights went through the LFS batch API
+    assert ("POST", f"/{REPO}.git/info/lfs/objects/batch") in fake_hub.requests
+
+    local = snapshot_download(REPO, token=GOOD_TOKEN, cache_dir=tmp_path / "cache", endpoint=fake_hub.url)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(student).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(local).eval()(ids).logits
+    assert torch.equal(got, expected)
+
+
+def test_republishing_unchanged_makes_no_commit(fake_hub, student, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    first = publish(fake_hub, student)
+    commits = fake_hub.commit_count(REPO)
+    fake_hub.requests.clear()
+
+    again = publish(fake_hub, student)
+
+    assert not again.changed and again.revision == first.revision
+    assert fake_hub.commit_count(REPO) == commits
+    assert not [path for _, path in fake_hub.requests if "/commit/" in path or "/preupload/" in path]
+    shown = caplog.text + "".join(capsys.readouterr()) + repr(first) + repr(again)
+    assert GOOD_TOKEN not in shown and not [p for p, data in fake_hub.files(REPO).items() if GOOD_TOKEN.encode() in data]
+
+
+def test_republishing_uploads_only_changes_and_deletes_stale_files(fake_hub, student):
+    (student / "notes.txt").write_text("an old file")
+    publish(fake_hub, student)
+    (student / "notes.txt").unlink()
+
+    result = publish(fake_hub, student, card=CARD + b"\nNew results.\n")
+
+    assert result.uploaded == ("README.md",) and result.deleted == ("notes.txt",)
+    assert "notes.txt" not in fake_hub.files(REPO)
+    assert fake_hub.files(REPO)["README.md"].endswith(b"New results.\n")
+
+
+def assert_secret_free(error: BaseException, caplog, capsys, token: str) -> None:
+    shown = "".join(traceback.format_exception(error)) + caplog.text + "".join(capsys.readouterr())
+    assert token not in shown
+
+
+def test_wrong_token_says_what_to_fix_and_never_shows_the_token(fake_hub, student, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    wrong = "hf_wrong_secret_value_that_must_not_leak"
+    with pytest.raises(PublishError, match=r"401 Unauthorized.*HF_TOKEN") as caught:
+        publish(fake_hub, student, token=wrong)
+    assert_secret_free(caught.value, caplog, capsys, wrong)
+    assert REPO not in fake_hub.repos
+
+
+@pytest.mark.parametrize(
+    ("token", "repo_id", "problem"),
+    [(READ_TOKEN, REPO, "403 Forbidden.*write access"),  # a read-only token
+     (GOOD_TOKEN, "other-org/tiny-student", "403 Forbidden.*member with write rights")],  # not a member
+)
+def test_missing_write_access_names_the_fix(fake_hub, student, caplog, capsys, token, repo_id, problem):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PublishError, match=problem) as caught:
+        publish(fake_hub, student, token=token, repo_id=repo_id)
+    assert_secret_free(caught.value, caplog, capsys, token)
+
+
+def test_no_token_anywhere_says_how_to_log_in(fake_hub):
+    with pytest.raises(PublishError, match=r"HF_TOKEN.*hf auth login"):
+        resolve_token()
+
+
+@pytest.mark.parametrize(
+    ("route", "status"),
+    [("lfs_upload", 403),  # the storage rejects the weights' upload (e.g. an expired URL)
+     ("commit", None),  # the connection drops during the commit request
+     ("commit", 500)],  # the Hub fails the commit
+)
+def test_failed_upload_leaves_no_half_commit_and_a_retry_succeeds(fake_hub, student, retrained_weights, route, status):
+    publish(fake_hub, student)
+    before, commits = fake_hub.files(REPO), fake_hub.commit_count(REPO)
+    shutil.copyfile(retrained_weights, student / "model.safetensors")
+    new_card = CARD + b"\nRetrained.\n"
+    fake_hub.fail(route, status=status)
+
+    with pytest.raises(PublishError, match="never a mix; run the same command again"):
+        publish(fake_hub, student, card=new_card)
+
+    assert fake_hub.files(REPO) == before and fake_hub.commit_count(REPO) == commits
+    retried = publish(fake_hub, student, card=new_card)
+    assert retried.changed and fake_hub.commit_count(REPO) == commits + 1
+    assert fake_hub.files(REPO)["model.safetensors"] == (student / "model.safetensors").read_bytes()
+    assert fake_hub.files(REPO)["README.md"] == new_card
+
+
+def test_a_concurrent_push_makes_ours_fail_instead_of_mixing_versions(fake_hub, student, monkeypatch):
+    publish(fake_hub, student)
+    create_commit = HfApi.create_commit
+
+    def someone_pushes_first(self, *args, **kwargs):  # between our diff and our commit
+        fake_hub.push(REPO, "someone else", {"theirs.txt": b"x"})
+        return create_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", someone_pushes_first)
+    with pytest.raises(PublishError, match="changed while publishing.*run the same command again"):
+        publish(fake_hub, student, card=CARD + b"\nv2\n")
+    assert fake_hub.files(REPO)["README.md"] == CARD and "theirs.txt" in fake_hub.files(REPO)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "problem"),
+    [(None, "no evaluation results"),
+     ({"hellaswag": {"error": "lm-eval crashed"}}, "evaluation failed for task.*hellaswag"),
+     ({"error": "out of memory"}, "evaluation failed: out of memory")],
+)
+def test_student_without_good_evaluation_is_refused_unless_forced(fake_hub, student, metrics, problem):
+    with pytest.raises(PublishError, match=f"refusing to publish {REPO}: .*{problem}.*force"):
+        publish(fake_hub, student, metrics=metrics)
+    assert fake_hub.requests == []  # refused before any request
+
+    assert publish(fake_hub, student, metrics=metrics, force=True).changed
+
+
+def family_report(student: Path, card_dir: Path) -> dict:
+    """The sample report pointed at a real checkpoint, plus a student whose evaluation crashed
+    and one whose checkpoint was never made."""
+    report = sample_report()
+    ready = {**report["students"][0], "path": str(student), "card": str(card_dir / "README.md")}
+    crashed = {**ready, "name": "smollm2-60m", "repo_id": "my-org/smollm2-60m", "metrics": {},
+               "evaluation_error": "Traceback (most recent call last):\n  ...\nRuntimeError: lm-eval crashed\n"}
+    unbuilt = {**ready, "name": "smollm2-30m", "repo_id": "my-org/smollm2-30m", "path": None}
+    report["students"] = [ready, crashed, unbuilt]
+    report["spec_yaml"] += "  collection: true\n"  # under publish:, the spec's last section
+    return report
+
+
+def test_dry_run_lists_every_repo_and_file_with_sizes_and_refusals(student, tmp_path, capsys):
+    report = family_report(student, tmp_path)  # no card was written: the dry run renders it
+
+    assert publish_report(report, dry_run=True) == 0
+
+    text = capsys.readouterr().out
+    plans = plan_family(report)
+    assert text.strip() == format_plan(plans)
+    assert [p.repo_id for p in plans] == ["my-org/smollm2-90m-depth", "my-org/smollm2-60m", "my-org/smollm2-30m"]
+    names = {f.path_in_repo for f in plans[0].files}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "minizoo.yaml"} <= names
+    weights = (student / "model.safetensors").stat().st_size
+    assert re.search(rf"^ +model\.safetensors +{weights / 1e3:.1f} kB$", text, re.M)
+    assert f"my-org/smollm2-90m-depth  (private, {len(names)} files" in text
+    assert "REFUSED: its evaluation failed: RuntimeError: lm-eval crashed; fix it or pass --force" in text
+    assert "my-org/smollm2-30m  (private, 0 files, 0 B)  REFUSED: student 'smollm2-30m' has no checkpoint" in text
+    assert not plans[2].forceable and text.rstrip().endswith("then publish")
+
+
+def test_publish_report_publishes_the_ready_students_and_names_the_rest(fake_hub, student, tmp_path, caplog):
+    report = family_report(student, tmp_path)
+
+    assert publish_report(report, token=GOOD_TOKEN, endpoint=fake_hub.url) == 1
+
+    assert "2 problem(s) while publishing (published: my-org/smollm2-90m-depth)" in caplog.text
+    assert "- smollm2-60m: refusing to publish my-org/smollm2-60m: its evaluation failed" in caplog.text
+    assert "- smollm2-30m: student 'smollm2-30m' has no checkpoint" in caplog.text
+    stored = fake_hub.files("my-org/smollm2-90m-depth")
+    assert stored["minizoo.yaml"].decode() == report["spec_yaml"]
+    assert b"base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in stored["README.md"]
+    assert set(fake_hub.repos) == {"my-org/smollm2-90m-depth"}
+    [collection] = fake_hub.collections.values()  # the spec asks for one
+    assert collection["title"] == "smollm2-135m-sotu"
+    assert [item["id"] for item in collection["items"]] == ["my-org/smollm2-90m-depth"]
