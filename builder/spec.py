@@ -7,21 +7,35 @@ once with its field location (see `builder.errors`).
 """
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator,
+                      model_validator)
 
 from builder.shape import SHAPE_FIELDS
-from builder.units import parse_count
+from builder.units import COUNT_PATTERN, parse_count
 
-Count = Annotated[int, BeforeValidator(parse_count), Field(ge=0)]
-PositiveCount = Annotated[int, BeforeValidator(parse_count), Field(gt=0)]
+
+def _count_schema(minimum: int) -> WithJsonSchema:
+    # Validation parses "94B" before the integer check; the schema must accept it too, or
+    # editors would flag every human unit as an error.
+    return WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": minimum}, {"type": "string", "pattern": COUNT_PATTERN}],
+        "examples": ["90M", "2.5B", 40000],
+    })
+
+
+Count = Annotated[int, BeforeValidator(parse_count), Field(ge=0), _count_schema(0)]
+PositiveCount = Annotated[int, BeforeValidator(parse_count), Field(gt=0), _count_schema(1)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_NAME = r"[A-Za-z0-9][\w.-]{0,95}"
+_REPO_ID = re.compile(rf"^{_HUB_NAME}/{_HUB_NAME}$")
+_HUB_OWNER = re.compile(rf"^{_HUB_NAME}$")
 
 EMBEDDED_TEACHERS = ("smollm2-135m-instruct",)
 EMBEDDED_DATA = ("sotu",)
@@ -31,13 +45,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_slug(value: str, what: str) -> str:
+def _check_slug(value: str, what: str, example: str) -> str:
     if not _SLUG.match(value):
         raise ValueError(
-            f"{value!r} is not a valid {what}; use lowercase letters, digits, '.', '_' or '-' "
-            "(it names directories and Hub repos), e.g. 'smollm2-90m-width'"
+            f"{value!r} is not a valid {what}; use lowercase letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit (it names directories and Hub repos), e.g. {example!r}"
         )
     return value
+
+
+def _check_repo_id(value: str | None) -> str | None:
+    if value is not None and not _REPO_ID.match(value):
+        raise ValueError(f"{value!r} is not a Hub repo id; write ORG/NAME, e.g. 'my-org/llama-3.1-4b-width'")
+    return value
+
+
+def duplicates(names: list) -> list:
+    """The names that occur more than once, sorted (used before and after validation)."""
+    return sorted({name for name in names if names.count(name) > 1}, key=str)
 
 
 class Reference(Strict):
@@ -55,14 +80,9 @@ class Reference(Strict):
     @classmethod
     def parse(cls, text: str, embedded: tuple[str, ...]) -> "Reference":
         if text.startswith("embedded:"):
-            name = text.removeprefix("embedded:")
-            if name not in embedded:
-                raise ValueError(f"unknown embedded source {name!r}; available: {', '.join(embedded)}")
-            return cls(kind="embedded", name=name)
+            return cls(kind="embedded", name=_embedded_name(text.removeprefix("embedded:"), embedded))
         if text.startswith("hf:"):
-            repo, _, revision = text.removeprefix("hf:").partition("@")
-            if not _REPO_ID.match(repo):
-                raise ValueError(f"{repo!r} is not a Hub repo id; write hf:ORG/NAME@REVISION")
+            repo, _, revision = _hub_parts(text.removeprefix("hf:"))
             return cls(kind="hf", name=repo, revision=revision or None)
         if text.startswith(("/", "./", "../", "~")):
             return cls(kind="path", name=text)
@@ -77,6 +97,31 @@ class Reference(Strict):
         return f"{self.kind}:{self.name}" + (f"@{self.revision}" if self.revision else "")
 
 
+def _embedded_name(name: str, embedded: tuple[str, ...]) -> str:
+    if name in embedded:
+        return name
+    guess = difflib.get_close_matches(name, embedded, n=1)
+    hint = f"did you mean 'embedded:{guess[0]}'? " if guess else ""
+    raise ValueError(
+        f"{name!r} is not an embedded source; {hint}available: "
+        f"{', '.join('embedded:' + e for e in embedded)} (or use hf:ORG/NAME@REVISION or a local path)"
+    )
+
+
+def _hub_parts(text: str) -> tuple[str, str, str]:
+    repo, at, revision = text.partition("@")
+    if not _REPO_ID.match(repo):
+        raise ValueError(
+            f"{repo!r} is not a Hub repo id; write hf:ORG/NAME@REVISION, e.g. hf:meta-llama/Llama-3.1-8B@main"
+        )
+    if at and not re.fullmatch(r"[\w./-]+", revision):
+        raise ValueError(
+            f"{revision!r} is not a revision; after '@' write a branch, tag or commit (e.g. @main), "
+            f"or drop the '@' to use the default branch"
+        )
+    return repo, at, revision
+
+
 class TeacherSpec(Strict):
     source: str = Field(description="embedded:NAME, hf:ORG/NAME@REVISION or a local checkpoint path")
     repo_id: str | None = Field(
@@ -89,6 +134,11 @@ class TeacherSpec(Strict):
     def _valid_source(cls, value: str) -> str:
         Reference.parse(value, EMBEDDED_TEACHERS)
         return value
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str | None) -> str | None:
+        return _check_repo_id(value)
 
     @property
     def reference(self) -> Reference:
@@ -106,8 +156,9 @@ class SplitSpec(Strict):
     def _leaves_training_data(self) -> "SplitSpec":
         if self.calibration + self.heldout >= 0.9:
             raise ValueError(
-                f"calibration {self.calibration} + heldout {self.heldout} leaves under 10% of the "
-                "documents for training; lower them"
+                f"calibration {self.calibration} + heldout {self.heldout} = "
+                f"{self.calibration + self.heldout:.2g} leaves under 10% of the documents for "
+                "training; lower them so that they sum to less than 0.9 (e.g. 0.05 each)"
             )
         return self
 
@@ -177,44 +228,69 @@ class DistillSpec(TrainingSpec):
 class ShapeSpec(Strict):
     """A student's shape in config.json names; an unset field keeps the teacher's value."""
 
-    hidden_size: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    num_attention_heads: int | None = Field(None, gt=0)
-    num_key_value_heads: int | None = Field(None, gt=0)
-    num_hidden_layers: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0, description="Embedding channels (width pruning)")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP neurons per layer")
+    num_attention_heads: int | None = Field(None, gt=0, description="Query heads (head_dim is kept)")
+    num_key_value_heads: int | None = Field(None, gt=0, description="Key/value heads (GQA groups)")
+    num_hidden_layers: int | None = Field(None, gt=0, description="Layers kept (depth pruning)")
+
+    @model_validator(mode="after")
+    def _prunes_something(self) -> "ShapeSpec":
+        if not self.changes():
+            raise ValueError(
+                f"the shape is empty, so the student would copy the teacher; set at least one of "
+                f"{', '.join(SHAPE_FIELDS)} (or remove `shape` and give `params`)"
+            )
+        return self
 
     def changes(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in SHAPE_FIELDS if getattr(self, name) is not None}
 
 
 class StudentSpec(Strict):
-    name: str
-    shape: ShapeSpec | None = None
-    params: PositiveCount | None = Field(None, description="A parameter budget instead of a shape")
-    depth_method: DepthMethod = "block_importance"
-    distill: DistillSpec | None = Field(None, description="Overrides the family's distill settings")
-    repo_id: str | None = Field(None, description="Hub repo for publishing (default ORG/NAME)")
+    name: str = Field(description="Names the student's directory and Hub repo, e.g. llama-3.1-4b-width")
+    shape: ShapeSpec | None = Field(None, description="Explicit sizes; unset fields keep the teacher's")
+    params: PositiveCount | None = Field(None, description="A parameter budget (e.g. 4.5B) instead of a shape")
+    depth_method: DepthMethod = Field(
+        "block_importance",
+        description="Which layers a depth-pruned student drops: block_importance (those whose output is most "
+        "like their input), lm_loss (those whose removal raises the LM loss least; needs "
+        "scoring.lm_loss_samples > 0), contiguous (the run with the least summed block importance, as "
+        "2408.11796), last (the final layers, a baseline)",
+    )
+    distill: DistillSpec | None = Field(
+        None, description="Replaces the family's distill section for this student (whole; nothing is merged)"
+    )
+    repo_id: str | None = Field(None, description="Hub repo for publishing (default publish.org/NAME)")
     why: str | None = Field(None, description="Why this shape (goes into the model card)")
 
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str) -> str:
-        return _check_slug(value, "student name")
+        return _check_slug(value, "student name", "llama-3.1-4b-width")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _valid_repo_id(cls, value: str | None) -> str | None:
+        return _check_repo_id(value)
 
     @model_validator(mode="after")
     def _shape_or_budget(self) -> "StudentSpec":
-        if (self.shape is None) == (self.params is None):
+        if self.shape is not None and self.params is not None:
             raise ValueError(
-                f"student {self.name!r} needs exactly one of `shape` (explicit sizes) or "
-                "`params` (a budget such as 90M)"
+                f"student {self.name!r} has both `shape` and `params` ({self.params:,}); keep one: "
+                "`shape` for explicit sizes, or `params` for a parameter budget"
             )
-        if self.shape is not None and not self.shape.changes():
-            raise ValueError(f"student {self.name!r} has an empty shape; set at least one field to prune")
+        if self.shape is None and self.params is None:
+            raise ValueError(
+                f"student {self.name!r} has neither `shape` nor `params`; add `shape` (e.g. "
+                "{hidden_size: 3072, intermediate_size: 9216}) or `params` (a budget such as 4.5B)"
+            )
         return self
 
 
 class TaskSpec(Strict):
-    name: str
+    name: str = Field(min_length=1, description="An lm-eval task or group name, e.g. hellaswag or mmlu")
     num_fewshot: Count = 0
     limit: PositiveCount | None = Field(None, description="Examples per task (None = all)")
 
@@ -236,6 +312,16 @@ class ThroughputSpec(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM as is")
 
+    @model_validator(mode="after")
+    def _fits_max_model_len(self) -> "ThroughputSpec":
+        limit = self.engine_args.get("max_model_len")
+        if isinstance(limit, int) and self.input_len + self.output_len > limit:
+            raise ValueError(
+                f"input_len {self.input_len} + output_len {self.output_len} exceeds engine_args.max_model_len "
+                f"{limit}, so vLLM would reject every prompt; raise max_model_len or shorten the prompts"
+            )
+        return self
+
 
 class PublishSpec(Strict):
     org: str | None = Field(None, description="Hub user or organization that owns the repos")
@@ -243,9 +329,18 @@ class PublishSpec(Strict):
     license: str | None = Field(None, description="Defaults to the teacher's license")
     collection: bool = False
 
+    @field_validator("org")
+    @classmethod
+    def _valid_org(cls, value: str | None) -> str | None:
+        if value is not None and not _HUB_OWNER.match(value):
+            raise ValueError(f"{value!r} is not a Hub user or organization name; write e.g. 'my-org' (no '/')")
+        return value
+
 
 class FamilySpec(Strict):
-    family: str
+    """One model family: a teacher, its data, and the students to prune, distill and evaluate."""
+
+    family: str = Field(description="The family's name (its run directory), e.g. llama-3.1-minitron")
     description: str = ""
     teacher: TeacherSpec
     data: DataSpec = DataSpec()
@@ -260,24 +355,51 @@ class FamilySpec(Strict):
     @field_validator("family")
     @classmethod
     def _valid_family(cls, value: str) -> str:
-        return _check_slug(value, "family name")
+        return _check_slug(value, "family name", "llama-3.1-minitron")
 
-    @model_validator(mode="after")
-    def _unique_students(self) -> "FamilySpec":
-        names = [student.name for student in self.students]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"student names must be unique; rename the repeated {duplicates}")
-        return self
+    @field_validator("students")
+    @classmethod
+    def _unique_students(cls, students: list[StudentSpec]) -> list[StudentSpec]:
+        repeated = duplicates([student.name for student in students])
+        if repeated:
+            raise ValueError(duplicate_students_message(repeated))
+        return students
 
     def distill_for(self, student: StudentSpec) -> DistillSpec:
         return student.distill or self.distill
 
 
+def duplicate_students_message(repeated: list) -> str:
+    names = ", ".join(repr(name) for name in repeated)
+    return f"student names must be unique (they name directories and repos); rename the repeated {names}"
+
+
 def json_schema() -> dict:
     """The spec's JSON schema, committed as families/spec.schema.json for editors."""
-    return FamilySpec.model_json_schema()
+    schema = FamilySpec.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "minizoo family spec"}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a repeated `shape:` or `tokens:`
+    is a mistake to report, not to guess at. Keys merged in with `<<: *anchor` may be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears a second time in this mapping; keep one",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)

@@ -1,33 +1,40 @@
-"""Human units for counts: `90M`, `2.5B`, `94B`, `40K`, or a plain integer."""
+"""Human units for counts: `90M`, `2.5B`, `94B`, `40K`, `1e9`, `40_000` or a plain integer."""
 from __future__ import annotations
 
 import re
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBGT]?)\s*$", re.IGNORECASE)
+# The same grammar as `parse_count`, for the JSON schema (so editors accept "94B").
+COUNT_PATTERN = r"^\s*\d[\d_]*(\.\d+)?([eE][+-]?\d+)?\s*[KkMmBbGgTt]?\s*$"
+_PATTERN = re.compile(r"^\s*(\d[\d_]*(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([KMBGT]?)\s*$", re.IGNORECASE)
+_FORMS = "a whole number with an optional K, M, B or T suffix (e.g. 90M, 2.5B, 40K, 40000)"
 
 
 def parse_count(value: object) -> int:
-    """`"90M"` -> 90_000_000. Raises ValueError that shows accepted forms."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a count such as 90M, 2.5B or 40000, got {value!r}")
+    """`"90M"` -> 90_000_000. Raises ValueError naming the value and the accepted forms."""
+    if isinstance(value, bool):  # YAML's yes/no/true: almost surely a misplaced line
+        raise ValueError(f"{value!r} is not a count; write {_FORMS}")
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
     match = _PATTERN.match(str(value))
     if not match:
-        raise ValueError(
-            f"{value!r} is not a count; write a number with an optional K, M, B or T suffix "
-            "(e.g. 90M, 2.5B, 40K, 40000)"
-        )
+        raise ValueError(f"{value!r} is not a count; write {_FORMS}")
     number, suffix = match.groups()
-    return int(round(float(number) * _SUFFIX[suffix.upper()]))
+    count = float(number.replace("_", "")) * _SUFFIX[suffix.upper()]
+    # "2.5" tokens cannot be meant; "2.5B" can, and a rounding error of one is harmless there.
+    if not suffix and not count.is_integer():
+        raise ValueError(f"{value!r} is not a whole count; write {_FORMS}")
+    return int(round(count))
 
 
 def format_count(value: int | float) -> str:
-    """90_123_456 -> '90.1M' (for plans, reports and cards)."""
+    """90_123_456 -> '90.1M', 94e9 -> '94B', 999_999 -> '1M' (for plans, reports and cards)."""
     for suffix, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}" if value / scale < 100 else f"{value / scale:.0f}{suffix}"
-    return str(int(value))
+        text = _three_digits(value / scale)
+        if abs(float(text)) >= 1:  # decided after rounding, so 999_999 is 1M and not 1000K
+            return text + suffix
+    return str(int(round(value)))
+
+
+def _three_digits(number: float) -> str:
+    return f"{number:.3g}" if abs(number) < 100 else f"{number:.0f}"

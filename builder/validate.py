@@ -3,36 +3,78 @@
 Phase 1 (offline): the schema (types, units, unknown fields) via pydantic.
 Phase 2 (needs the teacher's config, not its weights): each student's shape is reachable
 from the teacher and loadable by transformers and vLLM, each student is smaller than the
-teacher, the lm-eval tasks exist.
+teacher, training blocks fit the teacher's context, the lm-eval tasks exist, and a depth
+method that needs LM-loss scores has them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from builder.errors import Problem, SpecError, problems_from_validation
-from builder.spec import FamilySpec, load_yaml
+from builder.shape import Shape
+from builder.spec import FamilySpec, StudentSpec, duplicate_students_message, duplicates, load_yaml
+from builder.units import format_count
 
 
 def load_spec(path: Path) -> FamilySpec:
     """Parse and schema-check a spec file; raises SpecError listing every problem."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(str(path), [Problem("(file)", str(path), "does not exist; give the path of a family YAML")])
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise SpecError(str(path), [Problem("(file)", str(path), f"{path} {what}; give the path of a family "
+                                            "YAML file, e.g. families/smollm2-135m.yaml")])
     try:
         raw = load_yaml(path)
-    except Exception as error:  # a YAML syntax error: report it like any other problem
-        raise SpecError(str(path), [Problem("(yaml)", None, f"is not valid YAML: {error}")]) from error
+    except yaml.YAMLError as error:
+        raise SpecError(str(path), [_yaml_problem(error)]) from None
     if not isinstance(raw, dict):
-        raise SpecError(str(path), [Problem("(spec)", raw, "must be a mapping with family, teacher, students ...")])
+        raise SpecError(str(path), [_not_a_mapping(raw)])
     try:
         return FamilySpec.model_validate(raw)
     except ValidationError as error:
-        raise SpecError(str(path), problems_from_validation(error, FamilySpec)) from None
+        problems = problems_from_validation(error, FamilySpec)
+        raise SpecError(str(path), problems + _unreached_problems(raw, problems)) from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> Problem:
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
+    what = getattr(error, "problem", None) or str(error)
+    if isinstance(error, yaml.constructor.ConstructorError):  # e.g. a repeated key: says its fix
+        return Problem(where, None, what)
+    context = getattr(error, "context", None)
+    detail = f"{what} ({context})" if context else what
+    return Problem(where, None, f"is not valid YAML: {detail}; fix the syntax there (indentation, "
+                                "a missing ':', an unclosed quote or bracket)")
+
+
+def _not_a_mapping(raw: object) -> Problem:
+    if raw is None:
+        return Problem("(spec)", None, "the file is empty; write a family spec "
+                                       "(start from families/smollm2-135m.yaml)")
+    return Problem("(spec)", raw, f"the file holds a {type(raw).__name__}, not a mapping; a family spec is "
+                                  "`key: value` lines: family, teacher, data, distill, students, ...")
+
+
+def _unreached_problems(raw: dict, found: list[Problem]) -> list[Problem]:
+    """Checks pydantic skips when a student has an error: repeated student names.
+
+    The family-level uniqueness check only runs once every student is valid, yet a
+    user fixing one student should hear about the repeated name in the same run.
+    """
+    students = raw.get("students")
+    if not isinstance(students, list) or any(p.field == "students" for p in found):
+        return []
+    names = [s.get("name") for s in students if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    repeated = duplicates(names)
+    return [Problem("students", names, duplicate_students_message(repeated))] if repeated else []
 
 
 def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
+    """Phase 2: every problem the teacher's config reveals (it needs no weights)."""
     from builder.arch import UnsupportedArchitecture, arch_for, count_params
 
     try:
@@ -43,28 +85,70 @@ def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
     problems = []
     for index, student in enumerate(spec.students):
         problems += _student_problems(index, student, teacher_config, teacher_params)
+    problems += _depth_method_problems(spec)
+    problems += _context_problems(spec, teacher_config)
     problems += _task_problems(spec)
     return problems
 
 
-def _student_problems(index: int, student, teacher_config, teacher_params: int) -> list[Problem]:
+def _student_problems(index: int, student: StudentSpec, teacher_config, teacher_params: int) -> list[Problem]:
     from builder.arch import shape_problems
     from builder.plan import student_params, student_shape
 
     field = f"students[{index}]"
     if student.shape is None:
         return [Problem(f"{field}.params", student.params,
-                        "architecture search by parameter budget is not implemented yet; give an "
-                        "explicit `shape` (hidden_size, intermediate_size, num_attention_heads, "
-                        "num_key_value_heads, num_hidden_layers)")]
+                        f"a parameter budget ({format_count(student.params)}) needs architecture search, "
+                        "which is not implemented yet; give an explicit `shape` instead (hidden_size, "
+                        "intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers)")]
     shape = student_shape(teacher_config, student)
-    problems = [Problem(f"{field}.shape", student.shape.changes(), message)
-                for message in shape_problems(teacher_config, shape)]
-    if not problems and student_params(teacher_config, shape) >= teacher_params:
-        problems.append(Problem(f"{field}.shape", student.shape.changes(),
-                                f"is not smaller than the teacher ({teacher_params:,} parameters); "
-                                "prune at least one axis"))
+    problems = [_shape_problem(field, student, message) for message in shape_problems(teacher_config, shape)]
+    if not problems:
+        params = student_params(teacher_config, shape)
+        if params >= teacher_params:
+            problems.append(Problem(f"{field}.shape", student.shape.changes(),
+                                    f"{student.shape.changes()} gives {params:,} parameters, not fewer than "
+                                    f"the teacher's {teacher_params:,}; set at least one field below the "
+                                    f"teacher's {_teacher_values(teacher_config, student)}"))
     return problems
+
+
+def _shape_problem(field: str, student: StudentSpec, message: str) -> Problem:
+    """Point at the shape field a message is about when the user set that field.
+
+    builder.arch's messages start with `name=value`; a field the user did not set (it keeps
+    the teacher's value) is reported on the whole shape.
+    """
+    name = message.split("=", 1)[0]
+    if name in student.shape.changes():
+        return Problem(f"{field}.shape.{name}", student.shape.changes()[name], message)
+    return Problem(f"{field}.shape", student.shape.changes(), message)
+
+
+def _teacher_values(teacher_config, student: StudentSpec) -> str:
+    teacher = Shape.of(teacher_config)
+    return ", ".join(f"{name}={getattr(teacher, name)}" for name in student.shape.changes())
+
+
+def _depth_method_problems(spec: FamilySpec) -> list[Problem]:
+    """The LM-loss depth metric exists only when scoring measured it (one spec section
+    depends on another, so pydantic's per-section checks cannot see it)."""
+    if spec.scoring.lm_loss_samples > 0:
+        return []
+    return [Problem(f"students[{index}].depth_method", student.depth_method,
+                    "depth_method 'lm_loss' needs LM-loss layer scores, but scoring.lm_loss_samples is 0; "
+                    "set scoring.lm_loss_samples (e.g. 64) or pick another depth_method")
+            for index, student in enumerate(spec.students) if student.depth_method == "lm_loss"]
+
+
+def _context_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
+    """Blocks longer than the teacher's context would train positions it never learned."""
+    limit = getattr(teacher_config, "max_position_embeddings", None)
+    if limit is None or spec.data.seq_len <= limit:
+        return []
+    return [Problem("data.seq_len", spec.data.seq_len,
+                    f"{spec.data.seq_len:,} tokens per block is longer than the teacher's context "
+                    f"(max_position_embeddings={limit:,}); use data.seq_len <= {limit}")]
 
 
 def _task_problems(spec: FamilySpec) -> list[Problem]:
@@ -72,10 +156,22 @@ def _task_problems(spec: FamilySpec) -> list[Problem]:
 
     names = [task.name for task in spec.evaluation.tasks]
     messages = check_task_names(names, source=spec.evaluation.task_source)
-    return [Problem("evaluation.tasks", names, message) for message in messages]
+    return [_task_problem(names, message) for message in messages]
+
+
+def _task_problem(names: list[str], message: str) -> Problem:
+    """Locate a message at the task it is about: the name quoted first in it (the runner's
+    messages open with the task's name; later quotes are suggestions)."""
+    positions = {index: message.find(repr(name)) for index, name in enumerate(names)}
+    found = {index: position for index, position in positions.items() if position >= 0}
+    if not found:
+        return Problem("evaluation.tasks", names, message)
+    index = min(found, key=lambda i: (found[i], -i))  # a repeated name: point at its last entry
+    return Problem(f"evaluation.tasks[{index}].name", names[index], message)
 
 
 def validate(spec_path: Path, teacher_config) -> FamilySpec:
+    """Both phases for one spec file; raises SpecError listing every problem."""
     spec = load_spec(spec_path)
     problems = check_against_teacher(spec, teacher_config)
     if problems:
