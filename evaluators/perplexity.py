@@ -1,0 +1,70 @@
+"""Held-out perplexity: mean next-token NLL over fixed-length token blocks.
+
+    blocks = torch.tensor(token_ids).view(-1, 256)       # [N, seq_len], already tokenized
+    heldout_perplexity("runs/x/student-0", blocks)      # {"perplexity": 17.3, ...}
+
+Every block is scored on its own (no state carried between blocks): position 0 is
+context only, positions 1..seq_len-1 are predicted, so N * (seq_len - 1) tokens count.
+Teacher and students are scored on the same blocks, so their perplexities compare.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from evaluators.model_loading import load_model
+
+
+def _check_blocks(blocks: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long or blocks.dim() != 2:
+        raise ValueError("blocks must be a torch.LongTensor of shape [num_blocks, seq_len]; got "
+                         f"{type(blocks).__name__} {getattr(blocks, 'dtype', '')} "
+                         f"{tuple(getattr(blocks, 'shape', ()))}.")
+    if blocks.shape[0] < 1 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks of shape {tuple(blocks.shape)} hold nothing to predict: "
+                         "pass at least one block of at least 2 tokens.")
+    if blocks.min() < 0 or blocks.max() >= vocab_size:
+        raise ValueError(f"blocks hold token ids in [{int(blocks.min())}, {int(blocks.max())}] "
+                         f"but the model's vocabulary has {vocab_size} entries: were they "
+                         "made with this model's tokenizer?")
+
+
+def _batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch, computed in float32 whatever the model dtype."""
+    logits = model(input_ids=batch).logits[:, :-1].float()
+    targets = batch[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="sum").item()
+
+
+@torch.inference_mode()
+def heldout_perplexity(model_or_dir: torch.nn.Module | str | Path, blocks: torch.Tensor,
+                       batch_size: int = 8, *, device: str = "cpu", dtype: str = "float32",
+                       progress: bool = True) -> dict[str, float | int]:
+    """Perplexity of a causal LM (or a checkpoint folder, loaded with `device`/`dtype`)
+    on `blocks`. Returns {"perplexity", "nll" (mean per token, nats), "tokens", "blocks",
+    "seq_len"}. A passed model keeps its device and dtype and gets its mode back."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    model = model_or_dir
+    if not isinstance(model, torch.nn.Module):
+        model = load_model(model_or_dir, device=device, dtype=dtype)
+    _check_blocks(blocks, model.config.vocab_size)
+    was_training = model.training
+    model.eval()  # dropout off; restored below so a training loop can call this mid-run
+    try:
+        model_device = next(model.parameters()).device
+        total = 0.0
+        for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity",
+                          disable=not progress):
+            total += _batch_nll(model, blocks[start:start + batch_size].to(model_device))
+    finally:
+        model.train(was_training)
+    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    nll = total / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens,
+            "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
