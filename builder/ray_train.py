@@ -1,0 +1,110 @@
+"""Run `builder.distill`'s training loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
+
+    result = run_on_ray_train("distill", teacher_dir, student_dir, blocks_path, out_dir,
+                              TrainSettings(tokens=...), num_workers=2, use_gpu=False)
+
+The caller (the runner) has already connected to a Ray cluster. Ray Train starts
+`num_workers` actors, sets up torch.distributed (gloo on CPU, NCCL on GPU) and runs the same
+loop as a single process; the loop reads rank and world size from torch.distributed. Every
+worker reads the models and the blocks file from `out_dir`'s shared disk, and rank 0 writes
+checkpoints, metrics and the final model there itself, so resuming works exactly as in one
+process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
+its run records go to `out_dir/ray_train/`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import ray.train
+import ray.train.torch
+
+from builder.distill import (
+    Parallel, TrainingDiverged, TrainResult, TrainSettings, correct_teacher, distill, load_result,
+)  # fmt: skip
+
+Kind = Literal["distill", "correct"]
+
+
+def run_on_ray_train(
+    kind: Kind,
+    teacher_dir: str | Path,
+    student_dir: str | Path | None,
+    blocks_path: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    parallel: Parallel = "ddp",
+    cpus_per_worker: float = 1,
+    max_failures: int = 0,
+) -> TrainResult:
+    """Train on `num_workers` Ray Train workers; returns what rank 0 wrote to out_dir.
+
+    `max_failures` > 0 lets Ray Train restart a failed worker group; the restarted loop
+    resumes from the newest checkpoint in out_dir.
+    """
+    _check_arguments(kind, student_dir, num_workers, parallel)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = ray.train.torch.TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "kind": kind,
+            "teacher_dir": str(Path(teacher_dir).absolute()),
+            "student_dir": None if student_dir is None else str(Path(student_dir).absolute()),
+            "blocks_path": str(Path(blocks_path).absolute()),
+            "out_dir": str(out_dir),
+            "settings": settings,  # a small frozen dataclass: cheap to pickle
+            "parallel": parallel,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=kind,
+            storage_path=str(out_dir / "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    _fit(trainer)
+    return load_result(out_dir)
+
+
+def _train_worker(config: dict) -> None:
+    """Runs on every Ray Train worker, inside the process group Ray Train set up."""
+    device = ray.train.torch.get_device()
+    common = dict(device=device, parallel=config["parallel"])
+    if config["kind"] == "distill":
+        distill(config["teacher_dir"], config["student_dir"], config["blocks_path"],
+                config["out_dir"], config["settings"], **common)  # fmt: skip
+    else:
+        correct_teacher(config["teacher_dir"], config["blocks_path"], config["out_dir"],
+                        config["settings"], **common)  # fmt: skip
+
+
+def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
+    """trainer.fit(), re-raising our own errors (divergence, bad input) as themselves."""
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as error:
+        ours = [e for _, e in sorted(error.worker_failures.items()) if _is_ours(e)]
+        if ours:
+            raise ours[0] from error
+        raise
+
+
+def _is_ours(error: BaseException) -> bool:
+    return isinstance(error, (TrainingDiverged, ValueError))
+
+
+def _check_arguments(kind: str, student_dir, num_workers: int, parallel: str) -> None:
+    if kind not in ("distill", "correct"):
+        raise ValueError(f"kind={kind!r} is not a training kind; use 'distill' or 'correct'")
+    if kind == "distill" and student_dir is None:
+        raise ValueError("kind='distill' needs student_dir (the pruned student's checkpoint)")
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers} must be at least 1")
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel={parallel!r} is not supported; use 'ddp' or 'fsdp'")

@@ -1,0 +1,116 @@
+"""Distillation on Ray Train: 2 CPU workers (DDP over gloo) on a local loopback cluster.
+
+Run: .venv/bin/pytest tests/test_ray_train.py -q   (about 40 s on 2 idle cores)
+"""
+from __future__ import annotations
+
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+import builder.ray_train
+from builder.distill import TrainingDiverged, TrainSettings, distill, load_model
+from builder.ray_train import run_on_ray_train
+from tiny_models import TINY_VOCAB, save_tiny_checkpoint
+
+SEQ_LEN, STEPS, EVERY = 32, 6, 4
+
+
+@pytest.fixture(scope="module")
+def cluster(monkeypatch_module):
+    # A fresh temp dir per cluster (a leftover one would make ray.init join a dead
+    # cluster); short, because Ray puts Unix sockets in it.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    monkeypatch_module.setenv("RAY_TMPDIR", temp_dir)
+    # Loopback only. Ray 2.60 swaps _node_ip_address="127.0.0.1" for the machine's address
+    # (services.resolve_ip_for_localhost) and then listens on every interface, unless
+    # "cluster mode" is off, as on macOS; the env var reaches the processes Ray starts, the
+    # patch this process, where `ray` may have been imported already.
+    monkeypatch_module.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch_module.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=temp_dir)  # fmt: skip
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_checkpoint(root / "teacher", seed=0), save_tiny_checkpoint(root / "student", seed=1)
+
+
+def settings(batch_size: int) -> TrainSettings:
+    # 4 sequences per step in one process, or 2 per worker on 2 workers: the same steps.
+    return TrainSettings(tokens=STEPS * 4 * SEQ_LEN, batch_size=batch_size, checkpoint_every=EVERY,
+                         learning_rate=3e-3, warmup_steps=2)  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each 1-CPU Ray worker; the shared machine is busy
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models, tmp_path, one_thread):
+    blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": blocks}, str(tmp_path / "blocks.safetensors"))
+    single = distill(*models, blocks, tmp_path / "single", settings(batch_size=4))
+    # Ray starts from the single-process run's step-4 checkpoint: its global batch and
+    # data positions are the same, so it must finish where that run finished.
+    shutil.copytree(tmp_path / "single" / "checkpoints", tmp_path / "ray" / "checkpoints")
+
+    result = run_on_ray_train("distill", *models, tmp_path / "blocks.safetensors", tmp_path / "ray",
+                              settings(batch_size=2), num_workers=2, use_gpu=False)  # fmt: skip
+
+    assert (result.start_step, result.steps, result.tokens_seen) == (EVERY, STEPS, single.tokens_seen)
+    assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
+    # Loadable as a plain HF checkpoint, with the student's tokenizer; the weights match
+    # the single-process run up to the order of the all-reduce's float sums.
+    loaded = load_model(tmp_path / "ray" / "model", torch.device("cpu"), torch.float32, trainable=False)
+    expected = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    for name, tensor in loaded.state_dict().items():
+        if name in expected:
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "ray" / "model" / "tokenizer.json").exists()
+
+
+def test_arguments_are_checked_before_any_worker_starts(models, tmp_path):
+    with pytest.raises(ValueError, match="needs student_dir"):
+        run_on_ray_train("distill", models[0], None, tmp_path / "b", tmp_path, settings(2))
+    with pytest.raises(ValueError, match="kind='prune'"):
+        run_on_ray_train("prune", *models, tmp_path / "b", tmp_path, settings(2))
+
+
+class FailingTrainer:
+    def __init__(self, failures: dict[int, Exception]):
+        self.failures = failures
+
+    def fit(self):
+        raise ray.train.WorkerGroupError("workers failed", self.failures)
+
+
+def test_a_worker_divergence_reaches_the_caller_as_itself():
+    diverged = pickle.loads(pickle.dumps(TrainingDiverged(7, "the loss", float("nan"), "lower it")))
+    assert (diverged.step, str(diverged)) == (7, "training diverged at step 7: the loss is nan; lower it")
+    trainer = FailingTrainer({1: RuntimeError("gloo hung up"), 0: diverged})
+    with pytest.raises(TrainingDiverged, match="step 7"):
+        builder.ray_train._fit(trainer)
+    with pytest.raises(ray.train.WorkerGroupError):  # anything else stays Ray's error
+        builder.ray_train._fit(FailingTrainer({0: RuntimeError("out of memory")}))
