@@ -15,7 +15,7 @@ from builder.plan import Plan, make_plan, teacher_acquire_key
 from builder.spec import FamilySpec
 from builder.store import StageStore
 from builder.validate import check_against_teacher, load_spec
-from builder.errors import SpecError
+from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,13 @@ def load_and_plan(spec_path: Path, options: RunOptions) -> Plan:
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
     manifest = StageStore(options.workdir).manifest(teacher_acquire_key(spec))
     acquired = Path(manifest.summary["model_dir"]) if manifest else None
-    return read_teacher_config(spec.teacher, acquired, options.teacher_config, spec_path.parent)
+    try:
+        return read_teacher_config(spec.teacher, acquired, options.teacher_config, spec_path.parent)
+    except (OSError, ValueError, KeyError) as error:  # unreachable Hub, gated repo, missing file
+        fix = ("log in to the Hub for gated repos (`hf auth login`), check the path, or pass "
+               "--teacher-config PATH/config.json to plan without the teacher")
+        raise SpecError(str(spec_path), [Problem("teacher.source", spec.teacher.source,
+                                                 f"cannot read the teacher's config ({error}); {fix}")]) from error
 
 
 def describe_plan(spec_path: Path, options: RunOptions) -> str:

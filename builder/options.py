@@ -15,6 +15,7 @@ class RunOptions:
     train_workers: int = 1  # Ray Train data-parallel workers per training stage
     local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
     teacher_config: Path | None = None  # read the teacher's config here instead of its source
+    precision: str = "auto"  # training autocast: auto = bfloat16 on a GPU, float32 on a CPU
 
     def stage_cpus(self) -> int:
         return self.cpus_per_stage or self.local_cpus or os.cpu_count() or 1
@@ -22,3 +23,14 @@ class RunOptions:
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_stage > 0
+
+    def train_dtype(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bfloat16" if self.use_gpu else "float32"
+
+    def device(self) -> str:
+        """Where a stage's own (non Ray Train) model work runs, evaluated inside the stage."""
+        import torch
+
+        return "cuda" if self.use_gpu and torch.cuda.is_available() else "cpu"

@@ -113,9 +113,9 @@ def make_plan(spec: FamilySpec, teacher_config) -> Plan:
     eval_stages = {name: dag.add("evaluate", name, eval_config, {"model": stage_id, "data": data}, heavy=True)
                    for name, stage_id in models.items()}
     throughput = None
-    if spec.throughput.enabled:
-        throughput = dag.add("throughput", "", spec.throughput.model_dump(mode="json"),
-                             {name: stage_id for name, stage_id in models.items()}, heavy=True)
+    if spec.throughput.enabled:  # the corrected teacher has the original's shape, so its speed
+        measured = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
+        throughput = dag.add("throughput", "", spec.throughput.model_dump(mode="json"), measured, heavy=True)
     shape = Shape.of(teacher_config)
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
                 original_teacher, throughput, eval_stages)

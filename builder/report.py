@@ -29,10 +29,17 @@ def stage_record(manifest: Manifest | None, flops_per_token: float = 0.0) -> dic
 def _metrics(manifest: Manifest | None) -> dict:
     if manifest is None:
         return {}
-    metrics = dict(manifest.summary.get("metrics", {}))
+    tasks = (manifest.summary.get("metrics") or {}).get("tasks", {})
+    metrics = {name: _task_metrics(task) for name, task in tasks.items()}
     if "perplexity" in manifest.summary:
         metrics["perplexity"] = manifest.summary["perplexity"]["perplexity"]
     return metrics
+
+
+def _task_metrics(task: dict) -> dict:
+    """lm-eval's numbers for one task, flat, with the settings that produced them."""
+    settings = {key: task.get(key) for key in ("num_fewshot", "limit", "samples", "source", "version")}
+    return {**task.get("metrics", {}), **settings}
 
 
 def _throughput(plan: Plan, manifests: dict, failures: dict, name: str) -> dict | None:
@@ -73,6 +80,8 @@ def teacher_record(plan: Plan, manifests: dict, failures: dict) -> dict:
             "score": stage_record(_find(plan, manifests, "score"), 2 * n),
         },
     })
+    scores = _find(plan, manifests, "score")
+    record["block_importance"] = scores.summary.get("block_importance") if scores else None
     return record
 
 
@@ -137,6 +146,7 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
     students = [student_record(plan, manifests, failures, planned, teacher) for planned in plan.students]
     report = {"family": plan.spec.family, "description": plan.spec.description, "teacher": teacher,
               "students": students, "hardware": hardware(), "spec_yaml": spec_text,
+              "license": plan.spec.publish.license or teacher["license"],
               "failures": failures,
               "complete": all(manifests.values())}
     if plan.teacher_stage != plan.original_teacher_stage:
@@ -151,10 +161,29 @@ def write_report_files(plan: Plan, store: StageStore, family_dir: Path, spec_tex
     report = collect_report(plan, store, spec_text, failures)
     for student in report["students"]:
         student["card"] = str(write_card(report, student, family_dir))
+    report["plots"] = draw_plots(report, family_dir / "plots")
     write_json_atomic(family_dir / "report.json", report)
     (family_dir / "report.md").write_text(render_markdown(report, family_dir))
     log.info("report: %s", family_dir / "report.md")
     return family_dir / "report.json"
+
+
+def draw_plots(report: dict, folder: Path) -> dict[str, str]:
+    from builder import plots
+
+    def throughput_of(model: dict) -> float | None:
+        return (model.get("throughput") or {}).get("output_tokens_per_s")
+
+    drawn = {
+        "accuracy vs parameters": plots.accuracy_vs(report, headline, lambda m: m["params"], "parameters",
+                                                    folder / "accuracy_vs_params.png"),
+        "accuracy vs throughput": plots.accuracy_vs(report, headline, throughput_of, "vLLM output tokens/s",
+                                                    folder / "accuracy_vs_throughput.png"),
+        "distillation loss": plots.loss_curves(report, folder / "distillation_loss.png"),
+        "layer importance": plots.importance_profile(report["teacher"].get("block_importance"),
+                                                     folder / "layer_importance.png"),
+    }
+    return {title: str(path) for title, path in drawn.items() if path is not None}
 
 
 def write_card(report: dict, student: dict, family_dir: Path) -> Path:
@@ -199,6 +228,9 @@ def render_markdown(report: dict, family_dir: Path) -> str:
     if report["failures"]:
         lines += ["", "## Problems", ""] + [f"- `{stage}`: {error.strip().splitlines()[-1]}"
                                             for stage, error in report["failures"].items()]
+    if report.get("plots"):
+        lines += ["", "## Plots", ""]
+        lines += [f"![{title}]({Path(path).relative_to(family_dir)})" for title, path in report["plots"].items()]
     lines += ["", "Machine-readable: `report.json`. Model cards: `students/<name>/README.md`.", ""]
     return "\n".join(lines)
 

@@ -77,7 +77,8 @@ def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, sp
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
-        remote = _execute.options(**_resources(stage, options), name=stage.id)
+        remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
+                                                                              name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs), *upstream)
         log.info("queued   %s", stage.id)
     _collect(refs, {stage.id: stage for stage in pending}, result)
@@ -87,11 +88,9 @@ def _resources(stage: Stage, options: RunOptions) -> dict:
     """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
     so a model's memory is returned to the OS when the stage ends). Training stages hand
     their CPUs to their Ray Train workers, so the coordinating task itself takes none."""
-    if not stage.heavy:
+    if not stage.heavy or stage.name in {"distill", "correct"}:
         return {"num_cpus": 0}
-    if stage.name in {"distill", "correct"}:
-        return {"num_cpus": 0, "max_calls": 1}
-    return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage, "max_calls": 1}
+    return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
 
 
 def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult) -> None:
@@ -117,7 +116,6 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
 
 
-@ray.remote
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
              *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
@@ -125,3 +123,8 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str,
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
 
+
+
+_execute_light = ray.remote(_execute)
+# max_calls=1: the worker process exits after a heavy stage, returning the model's memory.
+_execute_heavy = ray.remote(max_calls=1)(_execute)

@@ -76,36 +76,50 @@ def acquire_data_stage(ctx: StageContext) -> StageResult:
     return summary, sum(summary["tokens"].values())
 
 
-def train_settings(section: TrainingSpec, seq_len: int, **extra):
-    """Spec section -> the trainer's settings (the only place the two meet)."""
-    from builder.distill import TrainSettings
+def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path | None) -> StageResult:
+    """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
+    import dataclasses
 
-    fields = section.model_dump()
-    return TrainSettings(seq_len=seq_len, **{k: v for k, v in fields.items()}, **extra)
+    from builder.distill import TrainSettings
+    from builder.ray_train import run_on_ray_train
+
+    options = ctx.options
+    settings = TrainSettings.from_spec(section, dtype=options.train_dtype())
+    result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
+                              settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
+                              cpus_per_worker=max(1, options.stage_cpus() // options.train_workers))
+    summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
+                                            "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
+    return summary, result.tokens_seen
+
+
+def _train_blocks(ctx: StageContext) -> Path:
+    """The training split on its own (the trainer reads one tensor per file), written once."""
+    from builder.acquire import load_blocks
+    from safetensors.torch import save_file
+
+    path = ctx.out_dir / "train-blocks.safetensors"
+    if not path.exists():
+        save_file({"input_ids": load_blocks(ctx.blocks_path(), "train").contiguous()}, path)
+    return path
 
 
 def correct_stage(ctx: StageContext) -> StageResult:
-    from builder.ray_train import run_on_ray_train
-
-    settings = train_settings(ctx.spec.correction, ctx.spec.data.seq_len, loss="cross_entropy")
-    result = run_on_ray_train("correct", ctx.model_dir("teacher"), None, ctx.blocks_path(), ctx.out_dir,
-                              settings, num_workers=ctx.options.train_workers,
-                              cpus_per_worker=ctx.options.stage_cpus(), use_gpu=ctx.options.use_gpu)
-    return {"model_dir": str(ctx.out_dir / "model"), **result.to_json()}, result.tokens
+    return _train(ctx, "correct", ctx.spec.correction, None)
 
 
 def score_stage(ctx: StageContext) -> StageResult:
     from builder.acquire import load_blocks
-    from builder.importance import compute_importance
+    from builder.importance import score_importance
 
     scoring = ctx.spec.scoring
     model = load_model(ctx.model_dir("teacher"))
     blocks = load_blocks(ctx.blocks_path(), "calibration", scoring.samples)
-    importance = compute_importance(
-        model, blocks, batch_size=scoring.batch_size, batch_agg=scoring.batch_aggregation,
-        seq_agg=scoring.sequence_aggregation, lm_loss_samples=scoring.lm_loss_samples)
-    importance.save(ctx.out_dir / "importance.safetensors")
-    summary = {"importance": str(ctx.out_dir / "importance.safetensors"), "samples": len(blocks),
+    importance = score_importance(
+        model, blocks, batch_size=scoring.batch_size, batch_aggregation=scoring.batch_aggregation,
+        sequence_aggregation=scoring.sequence_aggregation, lm_loss_samples=scoring.lm_loss_samples)
+    importance.save(ctx.out_dir)
+    summary = {"importance": str(ctx.out_dir), "samples": len(blocks),
                "block_importance": importance.block.tolist()}
     return summary, int(blocks.numel())
 
@@ -114,7 +128,7 @@ def prune_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.importance import Importance
     from builder.plan import student_shape
-    from builder.prune import prune_model
+    from builder.prune import prune_model, select_layers
 
     teacher_dir = ctx.model_dir("teacher")
     model = load_model(teacher_dir)
@@ -122,22 +136,17 @@ def prune_stage(ctx: StageContext) -> StageResult:
     importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
     student = prune_model(model, importance, shape, depth_method=ctx.student.depth_method)
     save_checkpoint(student, teacher_dir, ctx.out_dir / "model")
+    layers_kept = select_layers(importance, shape.num_hidden_layers, ctx.student.depth_method)
     summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),
-               "shape": shape.as_dict(), "layers_kept": getattr(student.config, "minizoo_layers_kept", None)}
+               "shape": shape.as_dict(), "layers_kept": [int(i) for i in layers_kept]}
     return summary, 0
 
 
 def distill_stage(ctx: StageContext) -> StageResult:
-    from builder.ray_train import run_on_ray_train
-
     section = ctx.spec.distill_for(ctx.student)
     if section.tokens == 0:  # pruning only: the pruned checkpoint is the result
         return {"model_dir": str(ctx.model_dir("student")), "tokens": 0}, 0
-    settings = train_settings(section, ctx.spec.data.seq_len)
-    result = run_on_ray_train("distill", ctx.model_dir("teacher"), ctx.model_dir("student"), ctx.blocks_path(),
-                              ctx.out_dir, settings, num_workers=ctx.options.train_workers,
-                              cpus_per_worker=ctx.options.stage_cpus(), use_gpu=ctx.options.use_gpu)
-    return {"model_dir": str(ctx.out_dir / "model"), **result.to_json()}, result.tokens
+    return _train(ctx, "distill", section, ctx.model_dir("student"))
 
 
 def evaluate_stage(ctx: StageContext) -> StageResult:
@@ -146,16 +155,19 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from evaluators.perplexity import heldout_perplexity
 
     evaluation = ctx.spec.evaluation
-    device = "cuda" if ctx.options.use_gpu and torch.cuda.is_available() else "cpu"
+    device = ctx.options.device()
     tasks = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in evaluation.tasks]
     metrics = evaluate_model(ctx.model_dir("model"), tasks, batch_size=evaluation.batch_size, device=device,
-                             source=evaluation.task_source, cache_dir=ctx.out_dir / "tasks") if tasks else {}
+                             source=evaluation.task_source,
+                             # rendered once per work dir and shared: the files are immutable
+                             cache_dir=Path(ctx.options.workdir) / "cache" / "lm-eval") if tasks else {}
     summary = {"metrics": metrics}
     tokens = 0
     if evaluation.perplexity_tokens:
         seq_len = ctx.spec.data.seq_len
         blocks = load_blocks(ctx.blocks_path(), "heldout", max(1, evaluation.perplexity_tokens // seq_len))
-        summary["perplexity"] = heldout_perplexity(ctx.model_dir("model"), blocks, batch_size=evaluation.batch_size)
+        summary["perplexity"] = heldout_perplexity(ctx.model_dir("model"), blocks, batch_size=evaluation.batch_size,
+                                                   device=device)
         tokens = int(blocks.numel())
     return summary, tokens
 

@@ -58,7 +58,8 @@ def _vllm_installed() -> bool:
 @pytest.fixture(scope="module")
 def built_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    teacher = save_tiny_checkpoint(root / "teacher", seed=3)
+    # head_dim 32: vLLM's CPU attention kernels have no head_dim 16 (the tiny default).
+    teacher = save_tiny_checkpoint(root / "teacher", seed=3, head_dim=32)
     spec = root / "tiny.yaml"
     spec.write_text(SPEC.format(teacher=teacher, throughput=str(_vllm_installed()).lower()))
     workdir = root / "runs"
@@ -87,7 +88,7 @@ def test_students_load_with_plain_from_pretrained(built_family):
     report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
     width, depth = report["students"]
     model = AutoModelForCausalLM.from_pretrained(width["path"])
-    assert model.config.hidden_size == 48 and model.config.head_dim == 16
+    assert model.config.hidden_size == 48 and model.config.head_dim == 32
     assert AutoModelForCausalLM.from_pretrained(depth["path"]).config.num_hidden_layers == 2
     logits = model(torch.tensor([[1, 5, 9, 12]])).logits
     assert torch.isfinite(logits).all()

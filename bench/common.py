@@ -1,0 +1,93 @@
+"""Shared benchmark plumbing: result files, machine description, contention checks.
+
+This machine is shared and noisy, so every timed iteration records its CPU-time/wall
+ratio; an iteration whose ratio falls well below the threads it should keep busy was
+contended and is dropped from the summary (but kept in the JSON, marked).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class Stopwatch:
+    """Times a block: wall clock, and CPU time of this process and its finished children."""
+
+    timings: list[Timing] = field(default_factory=list)
+
+    @contextmanager
+    def measure(self):
+        start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
+        yield
+        self.timings.append(Timing(time.perf_counter() - start_wall, _cpu_seconds() - start_cpu))
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def uncontended(timings: list[Timing], threads: int, tolerance: float = 0.75) -> list[Timing]:
+    """Iterations that kept at least `tolerance` x `threads` cores busy; all if none did."""
+    kept = [t for t in timings if t.cpu_ratio >= tolerance * threads]
+    return kept or timings
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+               **payload}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for index, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

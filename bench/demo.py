@@ -1,0 +1,110 @@
+"""The embedded default family, end to end, against its budget (30 minutes, 12 GiB).
+
+    .venv/bin/python -m bench.demo            # the real demo spec (what `make demo` runs)
+    .venv/bin/python -m bench.demo --quick    # the same stages with budgets cut ~10x
+
+Runs `build-family` in a fresh work dir as a subprocess and samples the proportional set
+size (PSS: shared pages split between processes, so the sum is honest) of its whole process
+tree, Ray's workers and vLLM's engine processes included, every second.
+Writes bench/results/demo.json (or demo-quick.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from bench.common import print_table, write_result
+
+SPEC = Path(__file__).parent.parent / "families" / "smollm2-135m.yaml"
+
+
+def quick_spec(out: Path) -> Path:
+    """The demo spec with every budget cut, so the bench finishes in minutes."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["correction"]["tokens"] = "4K"
+    spec["distill"]["tokens"] = "6K"
+    spec["scoring"]["samples"] = 16
+    spec["evaluation"]["tasks"] = [{"name": "arc_easy", "limit": 10}]
+    spec["evaluation"]["perplexity_tokens"] = "8K"
+    spec["throughput"]["num_prompts"] = 8
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+class TreeMemory:
+    """Peak PSS of a process and all its descendants, sampled on a thread."""
+
+    def __init__(self, pid: int, every_s: float = 1.0):
+        self.root, self.every_s, self.peak, self.stop = psutil.Process(pid), every_s, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.peak = max(self.peak, self._sample())
+
+    def _sample(self) -> int:
+        total = 0
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        for process in processes:
+            try:
+                total += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
+
+
+def run_build(spec: Path, workdir: Path) -> dict:
+    command = [str(Path(sys.executable).parent / "build-family"), str(spec), "--workdir", str(workdir)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command)
+    memory = TreeMemory(process.pid)
+    memory.thread.start()
+    code = process.wait()
+    memory.stop.set()
+    return {"exit_code": code, "wall_s": time.perf_counter() - started, "peak_pss_gib": memory.peak / 2**30}
+
+
+def stage_rows(report: dict) -> list[list]:
+    rows = []
+    for model in [report["teacher"], *report["students"]]:
+        for stage, record in (model.get("stages") or {}).items():
+            if record:
+                rows.append([model["name"], stage, record["tokens"], record["wall_s"]])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="minizoo-demo-") as tmp:
+        spec = quick_spec(Path(tmp) / "quick.yaml") if args.quick else SPEC
+        result = run_build(spec, Path(tmp) / "runs")
+        family = yaml.safe_load(spec.read_text())["family"]
+        report = json.loads((Path(tmp) / "runs" / family / "report.json").read_text())
+    print_table(["model", "stage", "tokens", "wall s"], stage_rows(report))
+    print(f"\nexit code {result['exit_code']}, wall {result['wall_s'] / 60:.1f} min, "
+          f"peak PSS {result['peak_pss_gib']:.2f} GiB")
+    name = "demo-quick" if args.quick else "demo"
+    summary = {"spec": str(spec.name), "budget": {"wall_min": 30, "peak_gib": 12}, **result,
+               "stages": stage_rows(report),
+               "models": {m["name"]: {"params": m.get("params"), "metrics": m["metrics"],
+                                      "throughput": m.get("throughput")}
+                          for m in [report["teacher"], *report["students"]]}}
+    print(f"wrote {write_result(name, summary)}")
+
+
+if __name__ == "__main__":
+    main()
