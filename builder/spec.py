@@ -309,7 +309,9 @@ class ThroughputSpec(Strict):
     input_len: PositiveCount = 128
     output_len: PositiveCount = 128
     num_prompts: PositiveCount = 32
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vLLM's dtype; auto follows the checkpoint (bf16 is emulated, 3-4x slower, "
+                            "on CPUs without AVX512-BF16)")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM as is")
 
     @model_validator(mode="after")
