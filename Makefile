@@ -34,7 +34,7 @@ demo: setup
 	$(VENV)/bin/build-family $(SPEC)
 
 test: setup
-	$(PY) -m pytest -x -q
+	tests/loopback_only.sh $(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) -m bench.pruning --quick

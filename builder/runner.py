@@ -46,10 +46,20 @@ def init_ray(options: RunOptions) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        _keep_on_loopback()
         # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
         ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
+
+
+def _keep_on_loopback() -> None:
+    """A local instance serves this machine only. Ray 2.60 binds several gRPC servers to
+    every interface even with node address 127.0.0.1, unless it runs in its single-machine
+    mode (the one it uses on macOS/Windows): the variable reaches Ray's child processes,
+    the constant this (already importing) process."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:

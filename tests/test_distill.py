@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Iterator
@@ -83,7 +82,8 @@ def naive_losses(student, teacher, labels, kind, temperature):
     p = F.softmax(student / temperature, -1)
     q = F.softmax(teacher / temperature, -1)
     kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
-    per_token = {"forward_kl": kl(q, p), "reverse_kl": kl(p, q), "jsd": 0.5 * kl(p, (p + q) / 2) + 0.5 * kl(q, (p + q) / 2)}
+    m = (p + q) / 2
+    per_token = {"forward_kl": kl(q, p), "reverse_kl": kl(p, q), "jsd": 0.5 * kl(p, m) + 0.5 * kl(q, m)}
     ce = F.cross_entropy(student, labels, ignore_index=-100)
     return per_token[kind].mean() * temperature**2, ce
 
@@ -104,7 +104,8 @@ def test_losses_match_naive_reference_in_value_and_gradient(kind, temperature):
 
     (grad,) = torch.autograd.grad(div + ce, student)
     ref_student = student.detach().float().requires_grad_()
-    (ref_grad,) = torch.autograd.grad(sum(naive_losses(ref_student, teacher.float(), labels, kind, temperature)), ref_student)
+    ref_total = sum(naive_losses(ref_student, teacher.float(), labels, kind, temperature))
+    (ref_grad,) = torch.autograd.grad(ref_total, ref_student)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-4, atol=1e-6)
 
@@ -161,7 +162,8 @@ def test_settings_come_from_the_spec_plus_run_options():
 
     settings = TrainSettings.from_spec(DistillSpec(tokens="2M", loss="jsd"), dtype="bfloat16")
     assert (settings.tokens, settings.loss, settings.dtype) == (2_000_000, "jsd", "bfloat16")
-    assert TrainSettings.from_spec(CorrectionSpec(tokens="1M")).learning_rate == CorrectionSpec().learning_rate
+    correction = TrainSettings.from_spec(CorrectionSpec(tokens="1M"))
+    assert correction.learning_rate == CorrectionSpec(tokens="1M").learning_rate
 
 
 def test_cross_entropy_distillation_is_refused(models, blocks, tmp_path):
@@ -224,7 +226,8 @@ def test_a_checkpoint_from_a_different_plan_is_not_resumed(models, blocks, tmp_p
 def test_gradient_accumulation_matches_one_large_batch(models, blocks, tmp_path):
     # max_grad_norm=0 also runs the unclipped path.
     distill(*models, blocks, tmp_path / "big", steps_settings(3, batch_size=4, max_grad_norm=0))
-    distill(*models, blocks, tmp_path / "accum", steps_settings(3, batch_size=2, grad_accum=2, max_grad_norm=0))
+    accum_settings = steps_settings(3, batch_size=2, grad_accum=2, max_grad_norm=0)
+    distill(*models, blocks, tmp_path / "accum", accum_settings)
     big, accum = weights(tmp_path / "big"), weights(tmp_path / "accum")
     for key in big:
         torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-6)
@@ -319,12 +322,15 @@ def processes():
             process.wait()
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(models, blocks, tmp_path, processes):
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(
+    models, blocks, tmp_path, processes
+):
     settings = steps_settings(TOTAL_STEPS, checkpoint_every=EVERY, seed=3)
     torch.save(blocks, tmp_path / "blocks.pt")
     # One thread, as in this process (see one_thread): the same float summation order.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    args = [*map(str, models), str(tmp_path / "blocks.pt"), str(tmp_path / "killed"), json.dumps(vars(settings))]
+    args = [*map(str, models), str(tmp_path / "blocks.pt"), str(tmp_path / "killed")]
+    args.append(json.dumps(vars(settings)))
     killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, *args], env=env, stderr=subprocess.DEVNULL)
     processes.append(killed)
     reference = distill(*models, blocks, tmp_path / "reference", settings)  # while it starts

@@ -20,6 +20,8 @@ from builder.ray_train import run_on_ray_train
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint
 
 SEQ_LEN, STEPS, EVERY = 32, 6, 4
+# Ray Train's controller imports ray.data, whose config warns about its own deprecations.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
 @pytest.fixture(scope="module")
