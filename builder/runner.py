@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +49,10 @@ def init_ray(options: RunOptions) -> bool:
     else:
         _keep_on_loopback()
         # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
-        ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
+        # (without it, it logs a warning every second); on 127.0.0.1 only.
+        ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 
 
@@ -60,6 +63,10 @@ def _keep_on_loopback() -> None:
     the constant this (already importing) process."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    # A temp dir of its own (short: it holds Unix sockets): Ray's state API, which Ray Train
+    # polls from inside the cluster, finds "the" local cluster by its temp dir and fails
+    # when another build or test runs one beside it.
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mz-ray-", dir="/tmp")
 
 
 def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
