@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import ray.train
+import torch
 import ray.train.torch
 
 from builder.distill import (
@@ -58,6 +59,7 @@ def run_on_ray_train(
             "out_dir": str(out_dir),
             "settings": settings,  # a small frozen dataclass: cheap to pickle
             "parallel": parallel,
+            "threads": max(1, int(cpus_per_worker)),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
@@ -74,6 +76,9 @@ def run_on_ray_train(
 
 def _train_worker(config: dict) -> None:
     """Runs on every Ray Train worker, inside the process group Ray Train set up."""
+    # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have sized
+    # its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
+    torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
     common = dict(device=device, parallel=config["parallel"])
     if config["kind"] == "distill":

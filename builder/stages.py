@@ -51,6 +51,8 @@ StageResult = tuple[dict, int]  # (summary, tokens processed)
 def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: Path,
                   inputs: dict[str, Manifest]) -> Manifest:
     store = StageStore(options.workdir)
+    if stage.heavy:  # the CPUs the runner reserved for it (see runner._resources)
+        torch.set_num_threads(options.stage_cpus())
     ctx = StageContext(stage, spec, options, spec_dir, store.prepare(stage.key), inputs)
     log.info("started  %s", stage.id)
     started = time.perf_counter()
