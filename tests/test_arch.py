@@ -17,15 +17,8 @@ from builder.arch import (
     student_config,
 )
 from builder.shape import Shape
-from tiny_models import ARCHITECTURES as TINY_ARCHITECTURES, tiny_config, tiny_model
+from tiny_models import ARCHITECTURES as TINY_ARCHITECTURES, tiny_config, tiny_model, one_thread  # noqa: F401 (autouse fixture)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 ARCHS = sorted(TINY_ARCHITECTURES)

@@ -31,19 +31,12 @@ from builder.prune import (
     top_indices,
 )
 from builder.shape import Shape
-from tiny_models import ARCHITECTURES, TINY_VOCAB, tiny_model, tiny_tokenizer
+from tiny_models import ARCHITECTURES, TINY_VOCAB, tiny_model, tiny_tokenizer, one_thread  # noqa: F401 (autouse fixture)
 
 ARCHS = sorted(ARCHITECTURES)
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tokens(samples: int = 3, seq_len: int = 16) -> torch.Tensor:
