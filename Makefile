@@ -30,11 +30,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
 	touch $@
 
+# The embedded default and the tests never need the Hugging Face Hub: make that explicit.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
 demo: setup
-	$(VENV)/bin/build-family $(SPEC)
+	$(OFFLINE) $(VENV)/bin/build-family $(SPEC)
 
 test: setup
-	tests/loopback_only.sh $(PY) -m pytest -q --durations=15
+	$(OFFLINE) tests/loopback_only.sh $(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) -m bench.pruning --quick
