@@ -31,20 +31,10 @@ from builder.distill import (
     forward_loss,
     load_model,
 )
-from tiny_models import TINY_VOCAB, save_tiny_checkpoint
+from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint  # noqa: F401 (autouse fixture)
 
 SEQ_LEN = 32
 FAST = dict(learning_rate=3e-3, warmup_steps=2, min_lr_ratio=0.1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared machine two
-    spinning threads per process made these tests ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
