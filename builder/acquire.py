@@ -212,14 +212,21 @@ def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, spec_dir: P
                 f"data: the {split} split is empty (seq_len {data.seq_len}); give more documents, "
                 f"or raise data.split.{split if split != 'train' else 'calibration'} / lower data.seq_len"
             )
-    save_file({split: tensor.contiguous() for split, tensor in blocks.items()}, out_dir / "blocks.safetensors")
+    # One file per split, each holding one `input_ids` tensor: the format the trainer reads,
+    # so training stages use train.safetensors in place instead of copying it.
+    for split, tensor in blocks.items():
+        save_file({"input_ids": tensor.contiguous()}, split_file(out_dir, split))
     counts = {split: int(tensor.numel()) for split, tensor in blocks.items()}
-    return {"blocks": str(out_dir / "blocks.safetensors"), "tokens": counts, "seq_len": data.seq_len}
+    return {"blocks": str(out_dir), "tokens": counts, "seq_len": data.seq_len}
 
 
-def load_blocks(path: Path | str, split: str, limit: int | None = None) -> torch.Tensor:
+def split_file(blocks_dir: Path | str, split: str) -> Path:
+    return Path(blocks_dir) / f"{split}.safetensors"
+
+
+def load_blocks(blocks_dir: Path | str, split: str, limit: int | None = None) -> torch.Tensor:
     """Token blocks of one split as int64 [N, seq_len], at most `limit` of them."""
-    blocks = load_file(str(path))[split].long()
+    blocks = load_file(str(split_file(blocks_dir, split)))["input_ids"].long()
     return blocks[:limit] if limit is not None else blocks
 
 

@@ -96,14 +96,9 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
 
 
 def _train_blocks(ctx: StageContext) -> Path:
-    """The training split on its own (the trainer reads one tensor per file), written once."""
-    from builder.acquire import load_blocks
-    from safetensors.torch import save_file
+    from builder.acquire import split_file
 
-    path = ctx.out_dir / "train-blocks.safetensors"
-    if not path.exists():
-        save_file({"input_ids": load_blocks(ctx.blocks_path(), "train").contiguous()}, path)
-    return path
+    return split_file(ctx.blocks_path(), "train")
 
 
 def correct_stage(ctx: StageContext) -> StageResult:
