@@ -16,6 +16,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).parent.parent
+# The embedded teacher, converted from its GGUF once and kept for every benchmark.
+TEACHER = "smollm2-135m-instruct"
+TEACHER_CACHE = ROOT / "runs" / "cache" / "bench-teacher"
+
+
+def teacher_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint (converted on first use, ~30 s)."""
+    if not (TEACHER_CACHE / "config.json").exists():
+        from builder.acquire import convert_gguf_teacher
+
+        TEACHER_CACHE.mkdir(parents=True, exist_ok=True)
+        convert_gguf_teacher(TEACHER, TEACHER_CACHE)
+    return TEACHER_CACHE
+
+
+def load_teacher(folder: Path):
+    """(model in float32, eval mode; tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def sotu_splits(tokenizer, seq_len: int) -> dict:
+    """The embedded corpus as {split: blocks [N, seq_len]}, split by document as builds do."""
+    from builder.acquire import iter_documents, tokenize_splits
+    from builder.spec import DataSpec
+
+    return tokenize_splits(iter_documents(DataSpec()), tokenizer, DataSpec(seq_len=seq_len))
 
 
 def machine() -> dict:

@@ -33,15 +33,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Stopwatch, Timing, print_table, uncontended, write_result
+from bench.common import (
+    Stopwatch, Timing, load_teacher, print_table, sotu_splits, teacher_dir, uncontended, write_result,
+)  # fmt: skip
 from builder.importance import Importance, layer_loss_increase, lm_loss, score_importance
 from builder.prune import DEPTH_METHODS, prune_model, select_layers
 from builder.shape import Shape
 
-ROOT = Path(__file__).parent.parent
-PRECONVERTED = Path("/tmp/acq/model")  # an earlier conversion, used when present
-CACHE = ROOT / "runs" / "cache" / "bench-teacher"
-TEACHER = "smollm2-135m-instruct"
 SEQ_LEN = 128
 BATCH = 8
 DEPTH_LAYERS = 26
@@ -61,33 +59,12 @@ QUICK = Settings(calibration=32, heldout=16, seeds=2, lm_loss_samples=4, timing_
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher and data
-
-
-def teacher_dir() -> Path:
-    if (PRECONVERTED / "config.json").exists():
-        return PRECONVERTED
-    if not (CACHE / "config.json").exists():
-        from builder.acquire import convert_gguf_teacher
-
-        CACHE.mkdir(parents=True, exist_ok=True)
-        convert_gguf_teacher(TEACHER, CACHE)
-    return CACHE
-
-
-def load_teacher(folder: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+# Data
 
 
 def sotu_blocks(tokenizer, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration, held-out) blocks of SEQ_LEN tokens from disjoint documents."""
-    from builder.acquire import iter_documents, tokenize_splits
-    from builder.spec import DataSpec
-
-    splits = tokenize_splits(iter_documents(DataSpec()), tokenizer, DataSpec(seq_len=SEQ_LEN))
+    splits = sotu_splits(tokenizer, SEQ_LEN)
     calibration = splits["calibration"][: settings.calibration].long()
     heldout = splits["heldout"][: settings.heldout].long()
     if len(calibration) < settings.calibration or len(heldout) < settings.heldout:
