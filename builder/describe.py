@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.plan import Plan
+from builder.plan import Plan, PlannedStudent
 from builder.shape import Shape
 from builder.store import StageStore
 from builder.units import format_count
@@ -28,15 +28,43 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path) -> str:
     header = ["model", "params", "x teacher", *SHAPE_COLUMNS, "depth method"]
     rows = [["teacher", format_count(plan.teacher_params), "1.00", *_shape_cells(plan.teacher_shape), "-"]]
     for student in plan.students:
-        depth = student.spec.depth_method if student.shape.num_hidden_layers < plan.teacher_shape.num_hidden_layers else "-"
-        rows.append([student.spec.name, format_count(student.params), f"{student.params / plan.teacher_params:.2f}",
-                     *_shape_cells(student.shape), depth])
+        rows.append(_student_row(plan, student))
     lines += ["Models (shapes in config.json names; head_dim is kept and written explicitly)"]
     lines += _table(header, rows) + [""]
+    for student in plan.students:
+        if student.searched:
+            lines += _candidate_lines(plan, student, store) + [""]
     lines += ["Stages in run order ([done] = finished earlier, reused as is)"]
     lines += _table(["state", "stage", "tokens", "output"], [_stage_row(plan, stage_id, store) for stage_id in plan.stages])
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)
+
+
+def _student_row(plan: Plan, student: PlannedStudent) -> list[str]:
+    share = f"{student.params / plan.teacher_params:.2f}"
+    if student.searched:  # the shape is the search's to choose: see the candidate table
+        return [student.spec.name, f"~{format_count(student.params)}", share,
+                *["search"] + ["-"] * (len(SHAPE_COLUMNS) - 1), student.spec.depth_method]
+    layers_cut = student.shape.num_hidden_layers < plan.teacher_shape.num_hidden_layers
+    return [student.spec.name, format_count(student.params), share, *_shape_cells(student.shape),
+            student.spec.depth_method if layers_cut else "-"]
+
+
+def _candidate_lines(plan: Plan, student: PlannedStudent, store: StageStore) -> list[str]:
+    """The search's candidates; once `select` has run, their held-out losses and the choice."""
+    search = plan.spec.search
+    selected = store.manifest(plan.stages[student.select_stage].key)
+    results = selected.summary["candidates"] if selected else [None] * len(student.candidates)
+    rows = []
+    for index, (candidate, result) in enumerate(zip(student.candidates, results)):
+        loss = f"{result['heldout_loss']:.4f}" if result else "-"
+        chosen = "<- chosen" if selected and selected.summary["chosen"] == index else ""
+        rows.append([str(index), format_count(candidate.params), f"{candidate.params / student.params:.3f}",
+                     *_shape_cells(candidate.shape), loss, chosen])
+    title = (f"Architecture search for {student.spec.name}: {len(rows)} candidates within "
+             f"{search.tolerance:.0%} of {format_count(student.params)}, each distilled "
+             f"{format_count(search.tokens)} tokens, ranked on held-out loss")
+    return [title] + _table(["#", "params", "x budget", *SHAPE_COLUMNS, "held-out loss", ""], rows)
 
 
 def _stage_row(plan: Plan, stage_id: str, store: StageStore) -> list[str]:
@@ -53,6 +81,8 @@ def _planned_tokens(plan: Plan, stage_name: str, student: str | None) -> str:
     if stage_name == "score":
         return format_count(spec.scoring.samples * spec.data.seq_len)
     if stage_name == "distill":
+        if student is None:  # a search candidate's light distillation
+            return format_count(spec.search.tokens)
         student_spec = next(s.spec for s in plan.students if s.spec.name == student)
         return format_count(spec.distill_for(student_spec).tokens)
     return "-"

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from builder.acquire import teacher_identity
 from builder.arch import count_params, student_config
+from builder.search import Candidate, candidates
 from builder.shape import Shape
-from builder.spec import FamilySpec, StudentSpec
+from builder.spec import EvaluationSpec, FamilySpec, StudentSpec
 from builder.store import StageKey, StageStore
 
 TEACHER = "teacher"
@@ -39,9 +40,15 @@ class Stage:
 @dataclass(frozen=True)
 class PlannedStudent:
     spec: StudentSpec
-    shape: Shape
-    params: int
+    shape: Shape | None  # None for a student by budget: its search has not chosen yet
+    params: int  # exact for a shape; the budget for a student by budget
     final_stage: str  # id of the stage holding the finished checkpoint (distill)
+    candidates: tuple[Candidate, ...] = ()  # the architecture search's, in the select stage's order
+    select_stage: str | None = None  # the stage that picks the candidate
+
+    @property
+    def searched(self) -> bool:
+        return self.select_stage is not None
 
 
 @dataclass
@@ -123,11 +130,45 @@ def make_plan(spec: FamilySpec, teacher_config) -> Plan:
 
 def _plan_student(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
                   teacher: str, scores: str, data: str) -> PlannedStudent:
+    if student.params is not None:
+        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data)
     shape = student_shape(teacher_config, student)
-    prune_config = {"shape": shape.as_dict(), "depth_method": student.depth_method}
-    pruned = dag.add("prune", student.name, prune_config, {TEACHER: teacher, "scores": scores},
-                     student=student.name)
-    distill_config = spec.distill_for(student).model_dump(mode="json")
-    distilled = dag.add("distill", student.name, distill_config,
-                        {TEACHER: teacher, "student": pruned, "data": data}, student=student.name, heavy=True)
+    pruned = dag.add("prune", student.name, prune_config(shape, student.depth_method),
+                     {TEACHER: teacher, "scores": scores}, student=student.name)
+    distilled = _add_distill(dag, spec, student, teacher, pruned, data)
     return PlannedStudent(student, shape, student_params(teacher_config, shape), distilled)
+
+
+def prune_config(shape: Shape, depth_method: str) -> dict:
+    return {"shape": shape.as_dict(), "depth_method": depth_method}
+
+
+def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher: str, pruned: str,
+                 data: str) -> str:
+    distill_config = spec.distill_for(student).model_dump(mode="json")
+    return dag.add("distill", student.name, distill_config, {TEACHER: teacher, "student": pruned, "data": data},
+                   student=student.name, heavy=True)
+
+
+def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
+                 teacher: str, scores: str, data: str) -> PlannedStudent:
+    """Architecture search (builder.search): each candidate is pruned, lightly distilled and
+    scored on held-out loss by stages of its own (so Ray runs candidates side by side and a
+    killed search resumes per candidate); `select` keeps the best, which distills on."""
+    found = tuple(candidates(teacher_config, student.params, spec.search))
+    light_training = spec.search_training(student).model_dump(mode="json")
+    ranking = EvaluationSpec(perplexity_tokens=spec.search.heldout_tokens,
+                             batch_size=spec.evaluation.batch_size).model_dump(mode="json")
+    roles: dict[str, str] = {}
+    for index, candidate in enumerate(found):
+        label = f"{student.name}.{candidate.tag}"
+        pruned = dag.add("prune", label, prune_config(candidate.shape, student.depth_method),
+                         {TEACHER: teacher, "scores": scores})
+        trained = dag.add("distill", label, light_training, {TEACHER: teacher, "student": pruned, "data": data},
+                          heavy=True)
+        ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, heavy=True)
+        roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
+    select_config = {"params": student.params, "candidates": [c.tag for c in found]}
+    chosen = dag.add("select", student.name, select_config, roles, student=student.name)
+    distilled = _add_distill(dag, spec, student, teacher, chosen, data)
+    return PlannedStudent(student, None, student.params, distilled, found, chosen)

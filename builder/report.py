@@ -95,23 +95,27 @@ def _find(plan: Plan, manifests: dict, stage_name: str, student: str | None = No
 def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher: dict) -> dict:
     name = planned.spec.name
     record = _model_record(plan, manifests, failures, name, planned.final_stage)
-    pruned = _find(plan, manifests, "prune", name)
+    # A searched student's shape is the one its `select` stage chose (unknown until then).
+    pruned = manifests.get(planned.select_stage) if planned.searched else _find(plan, manifests, "prune", name)
+    shape = planned.shape.as_dict() if planned.shape else (pruned.summary["shape"] if pruned else None)
+    params = pruned.summary["params"] if planned.searched and pruned else planned.params
     distilled = manifests.get(planned.final_stage)
     section = plan.spec.distill_for(planned.spec)
     teacher_shape = plan.teacher_shape.as_dict()
     record.update({
-        "params": planned.params,
-        "shape": planned.shape.as_dict(),
+        "params": params,
+        "shape": shape,
         "repo_id": planned.spec.repo_id or (f"{plan.spec.publish.org}/{name}" if plan.spec.publish.org else name),
-        "why": planned.spec.why,
+        "why": _why(planned, manifests),
         "lineage": {
             "correction": teacher["stages"]["correct"],
             "pruning": {
-                "axes": {axis: [teacher_shape[axis], value] for axis, value in planned.shape.as_dict().items()
+                "axes": {axis: [teacher_shape[axis], value] for axis, value in (shape or {}).items()
                          if value != teacher_shape[axis]},
                 "depth_method": planned.spec.depth_method,
                 "layers_kept": pruned.summary.get("layers_kept") if pruned else None,
                 "calibration_samples": plan.spec.scoring.samples,
+                "search": search_record(plan, manifests, planned) if planned.searched else None,
             },
             "distillation": {
                 "tokens": distilled.tokens if distilled else None,
@@ -123,11 +127,37 @@ def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher
         },
         "stages": {
             "prune": stage_record(pruned),
-            "distill": stage_record(distilled, 6 * planned.params + 2 * plan.teacher_params),
-            "evaluate": stage_record(manifests.get(plan.eval_stages[name]), 2 * planned.params),
+            "distill": stage_record(distilled, 6 * params + 2 * plan.teacher_params),
+            "evaluate": stage_record(manifests.get(plan.eval_stages[name]), 2 * params),
         },
     })
     return record
+
+
+def _why(planned, manifests: dict) -> str | None:
+    """The spec's reason for the shape; for a searched student, also how the search chose it."""
+    selected = manifests.get(planned.select_stage) if planned.searched else None
+    if selected is None:
+        return planned.spec.why
+    found = len(selected.summary["candidates"])
+    chosen = selected.summary["candidates"][selected.summary["chosen"]]
+    search = (f"Chosen by architecture search: of {found} candidate shapes near {format_count(planned.params)} "
+              f"parameters, each pruned and distilled on {format_count(chosen['tokens'])} tokens, this one had the "
+              f"lowest held-out loss ({chosen['heldout_loss']:.3f}).")
+    return f"{planned.spec.why.strip()} {search}" if planned.spec.why else search
+
+
+def search_record(plan: Plan, manifests: dict, planned) -> dict:
+    """The architecture search as run: every candidate, its held-out loss, the choice."""
+    search = plan.spec.search
+    selected = manifests.get(planned.select_stage)
+    results = selected.summary["candidates"] if selected else [{} for _ in planned.candidates]
+    candidates = [{"tag": c.tag, "shape": c.shape.as_dict(), "params": c.params,
+                   "heldout_loss": result.get("heldout_loss"), "train_loss": result.get("train_loss")}
+                  for c, result in zip(planned.candidates, results)]
+    return {"budget": planned.params, "tolerance": search.tolerance, "tokens_per_candidate": search.tokens,
+            "heldout_tokens": search.heldout_tokens, "candidates": candidates,
+            "chosen": selected.summary["chosen"] if selected else None}
 
 
 def hardware() -> str:
@@ -225,6 +255,7 @@ def render_markdown(report: dict, family_dir: Path) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in models:
         lines.append("| " + " | ".join(_row(model, teacher, tasks)) + " |")
+    lines += _search_sections(report)
     if report["failures"]:
         lines += ["", "## Problems", ""] + [f"- `{stage}`: {error.strip().splitlines()[-1]}"
                                             for stage, error in report["failures"].items()]
@@ -233,6 +264,28 @@ def render_markdown(report: dict, family_dir: Path) -> str:
         lines += [f"![{title}]({Path(path).relative_to(family_dir)})" for title, path in report["plots"].items()]
     lines += ["", "Machine-readable: `report.json`. Model cards: `students/<name>/README.md`.", ""]
     return "\n".join(lines)
+
+
+def _search_sections(report: dict) -> list[str]:
+    lines = []
+    for student in report["students"]:
+        search = student["lineage"]["pruning"].get("search")
+        if not search:
+            continue
+        lines += ["", f"## Architecture search: {student['name']}", "",
+                  f"{len(search['candidates'])} candidates within {search['tolerance']:.0%} of "
+                  f"{format_count(search['budget'])} parameters, each distilled "
+                  f"{format_count(search['tokens_per_candidate'])} tokens, ranked on "
+                  f"{format_count(search['heldout_tokens'])} held-out tokens; the lowest loss continues.", "",
+                  "| # | params | layers | hidden | heads/kv | MLP | held-out loss | |", "|---" * 8 + "|"]
+        for index, candidate in enumerate(search["candidates"]):
+            shape, loss = candidate["shape"], candidate["heldout_loss"]
+            lines.append(
+                f"| {index} | {format_count(candidate['params'])} | {shape['num_hidden_layers']} | "
+                f"{shape['hidden_size']} | {shape['num_attention_heads']}/{shape['num_key_value_heads']} | "
+                f"{shape['intermediate_size']} | {'-' if loss is None else f'{loss:.4f}'} | "
+                f"{'chosen' if search['chosen'] == index else ''} |")
+    return lines
 
 
 def _row(model: dict, teacher: dict, tasks: list[str]) -> list[str]:

@@ -247,6 +247,31 @@ class ShapeSpec(Strict):
         return {name: getattr(self, name) for name in SHAPE_FIELDS if getattr(self, name) is not None}
 
 
+SearchAxis = Literal["hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"]
+
+
+class SearchSpec(Strict):
+    """Architecture search for students given by `params` (the first paper's section 2.3).
+
+    Candidate shapes within `tolerance` of the budget are pruned, each is lightly distilled
+    for `tokens`, ranked on held-out loss, and the best continues to full distillation.
+    """
+
+    tokens: Count = Field(
+        description="Light distillation per candidate before ranking (the paper: ~400 steps). 0 ranks the "
+        "pruned candidates untrained, as ModelOpt does; the paper shows that ranking misleads")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="Candidates lie within this fraction of the budget")
+    max_candidates: PositiveCount = Field(12, description="At most this many (the paper had fewer than 20)")
+    width_multiple: PositiveCount = Field(
+        64, description="hidden_size and intermediate_size are multiples of this (hardware-friendly sizes; "
+        "hidden_size is also a multiple of the head count)")
+    axes: list[SearchAxis] = Field(
+        ["hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"],
+        min_length=1, description="Which axes may shrink; the others keep the teacher's size. "
+        "num_attention_heads drops whole key/value groups")
+    heldout_tokens: PositiveCount = Field(65536, description="Held-out tokens each candidate is ranked on")
+
+
 class StudentSpec(Strict):
     name: str = Field(description="Names the student's directory and Hub repo, e.g. llama-3.1-4b-width")
     shape: ShapeSpec | None = Field(None, description="Explicit sizes; unset fields keep the teacher's")
@@ -349,6 +374,7 @@ class FamilySpec(Strict):
     correction: CorrectionSpec = CorrectionSpec()
     scoring: ScoringSpec = ScoringSpec()
     distill: DistillSpec
+    search: SearchSpec | None = Field(None, description="How students given by `params` are found")
     students: list[StudentSpec] = Field(min_length=1)
     evaluation: EvaluationSpec = EvaluationSpec()
     throughput: ThroughputSpec = ThroughputSpec()
@@ -367,8 +393,23 @@ class FamilySpec(Strict):
             raise ValueError(duplicate_students_message(repeated))
         return students
 
+    @model_validator(mode="after")
+    def _search_for_budgets(self) -> "FamilySpec":
+        budgets = [student.name for student in self.students if student.params is not None]
+        if budgets and self.search is None:
+            raise ValueError(
+                f"students {budgets} give a parameter budget (`params`), which needs architecture search; "
+                "add a `search:` section with at least `tokens` (light distillation per candidate, e.g. "
+                "search: {tokens: 50M}), or give those students an explicit `shape`"
+            )
+        return self
+
     def distill_for(self, student: StudentSpec) -> DistillSpec:
         return student.distill or self.distill
+
+    def search_training(self, student: StudentSpec) -> DistillSpec:
+        """A search candidate's light distillation: the student's settings with the search's tokens."""
+        return self.distill_for(student).model_copy(update={"tokens": self.search.tokens})
 
 
 def duplicate_students_message(repeated: list) -> str:

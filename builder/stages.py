@@ -17,7 +17,8 @@ import torch
 
 from builder.options import RunOptions
 from builder.plan import Stage
-from builder.spec import FamilySpec, StudentSpec, TrainingSpec
+from builder.shape import Shape
+from builder.spec import DistillSpec, EvaluationSpec, FamilySpec, TrainingSpec
 from builder.store import Manifest, StageStore
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ class StageContext:
         return Path(self.inputs["data"].summary["blocks"])
 
     @property
-    def student(self) -> StudentSpec:
-        return next(s for s in self.spec.students if s.name == self.stage.student)
+    def config(self) -> dict:
+        """The settings this stage was planned with: exactly what its hash covers."""
+        return self.stage.key.config
 
 
 StageResult = tuple[dict, int]  # (summary, tokens processed)
@@ -124,26 +126,47 @@ def score_stage(ctx: StageContext) -> StageResult:
 def prune_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.importance import Importance
-    from builder.plan import student_shape
     from builder.prune import prune_model, select_layers
 
     teacher_dir = ctx.model_dir("teacher")
     model = load_model(teacher_dir)
-    shape = student_shape(model.config, ctx.student)
+    shape, depth_method = Shape(**ctx.config["shape"]), ctx.config["depth_method"]
     importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
-    student = prune_model(model, importance, shape, depth_method=ctx.student.depth_method)
+    student = prune_model(model, importance, shape, depth_method=depth_method)
     save_checkpoint(student, teacher_dir, ctx.out_dir / "model")
-    layers_kept = select_layers(importance, shape.num_hidden_layers, ctx.student.depth_method)
+    layers_kept = select_layers(importance, shape.num_hidden_layers, depth_method)
     summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),
                "shape": shape.as_dict(), "layers_kept": [int(i) for i in layers_kept]}
     return summary, 0
 
 
 def distill_stage(ctx: StageContext) -> StageResult:
-    section = ctx.spec.distill_for(ctx.student)
+    section = DistillSpec.model_validate(ctx.config)
     if section.tokens == 0:  # pruning only: the pruned checkpoint is the result
         return {"model_dir": str(ctx.model_dir("student")), "tokens": 0}, 0
     return _train(ctx, "distill", section, ctx.model_dir("student"))
+
+
+def select_stage(ctx: StageContext) -> StageResult:
+    """Architecture search: keep the candidate with the lowest held-out loss after its light
+    distillation; the student's full distillation continues from that checkpoint."""
+    table = [_candidate_row(ctx, index) for index in range(len(ctx.config["candidates"]))]
+    best = min(range(len(table)), key=lambda index: table[index]["heldout_loss"])
+    chosen = table[best]
+    summary = {"model_dir": chosen["model_dir"], "shape": chosen["shape"], "params": chosen["params"],
+               "layers_kept": chosen["layers_kept"], "chosen": best, "candidates": table}
+    log.info("search for %s: chose %s (held-out loss %.4f) of %d candidates", ctx.stage.student,
+             ctx.config["candidates"][best], chosen["heldout_loss"], len(table))
+    return summary, 0
+
+
+def _candidate_row(ctx: StageContext, index: int) -> dict:
+    pruned, trained = ctx.inputs[f"pruned-{index}"].summary, ctx.inputs[f"trained-{index}"]
+    ranked = ctx.inputs[f"ranked-{index}"].summary["perplexity"]
+    return {"tag": ctx.config["candidates"][index], "shape": pruned["shape"], "params": pruned["params"],
+            "layers_kept": pruned["layers_kept"], "tokens": trained.tokens,
+            "train_loss": trained.summary.get("final_loss"), "heldout_loss": ranked["nll"],
+            "heldout_tokens": ranked["tokens"], "model_dir": trained.summary["model_dir"]}
 
 
 def evaluate_stage(ctx: StageContext) -> StageResult:
@@ -151,7 +174,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from evaluators.lm_eval_runner import TaskRequest, evaluate_model
     from evaluators.perplexity import heldout_perplexity
 
-    evaluation = ctx.spec.evaluation
+    evaluation = EvaluationSpec.model_validate(ctx.config)
     device = ctx.options.device()
     tasks = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in evaluation.tasks]
     metrics = evaluate_model(ctx.model_dir("model"), tasks, batch_size=evaluation.batch_size, device=device,
@@ -202,6 +225,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {
     "score": score_stage,
     "prune": prune_stage,
     "distill": distill_stage,
+    "select": select_stage,
     "evaluate": evaluate_stage,
     "throughput": throughput_stage,
 }

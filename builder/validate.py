@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from builder.errors import Problem, SpecError, problems_from_validation
 from builder.shape import Shape
 from builder.spec import FamilySpec, StudentSpec, duplicate_students_message, duplicates, load_yaml
-from builder.units import format_count
 
 
 def load_spec(path: Path) -> FamilySpec:
@@ -84,23 +83,23 @@ def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
     teacher_params = count_params(teacher_config)
     problems = []
     for index, student in enumerate(spec.students):
-        problems += _student_problems(index, student, teacher_config, teacher_params)
+        problems += _student_problems(spec, index, student, teacher_config, teacher_params)
     problems += _depth_method_problems(spec)
     problems += _context_problems(spec, teacher_config)
     problems += _task_problems(spec)
     return problems
 
 
-def _student_problems(index: int, student: StudentSpec, teacher_config, teacher_params: int) -> list[Problem]:
+def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config,
+                      teacher_params: int) -> list[Problem]:
     from builder.arch import shape_problems
     from builder.plan import student_params, student_shape
+    from builder.search import search_problem
 
     field = f"students[{index}]"
-    if student.shape is None:
-        return [Problem(f"{field}.params", student.params,
-                        f"a parameter budget ({format_count(student.params)}) needs architecture search, "
-                        "which is not implemented yet; give an explicit `shape` instead (hidden_size, "
-                        "intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers)")]
+    if student.shape is None:  # a budget: the architecture search must have candidates
+        message = search_problem(teacher_config, student.params, spec.search)
+        return [Problem(f"{field}.params", student.params, message)] if message else []
     shape = student_shape(teacher_config, student)
     problems = [_shape_problem(field, student, message) for message in shape_problems(teacher_config, shape)]
     if not problems:

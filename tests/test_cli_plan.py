@@ -29,11 +29,12 @@ TEACHER_MISTAKES = """
 family: tiny
 teacher: {source: "embedded:smollm2-135m-instruct"}
 distill: {tokens: 48K}
+search: {tokens: 4K}
 students:
   - name: width
     shape: {hidden_size: 448}
   - name: budget
-    params: 90M
+    params: 20M
   - name: wide
     shape: {intermediate_size: 2048}
 evaluation:
@@ -85,7 +86,7 @@ def test_a_bad_spec_exits_2_listing_every_problem_against_the_teacher(
         "evaluation.tasks[0].name",
     ]
     assert "use hidden_size in [441, 450, 459]" in problems[0]
-    assert "not implemented yet" in problems[1]
+    assert "no candidate shape lies within 5% of 20M" in problems[1] and "search.tolerance" in problems[1]
     assert "larger than the teacher's 1536" in problems[2]
     assert "Did you mean 'hellaswag'?" in problems[3]
     assert not (tmp_path / "runs").exists()

@@ -60,7 +60,8 @@ def models_table(plan_text: str) -> dict[str, int]:
     """{model name: parameter count} from the dry run's models table."""
     rows = {}
     for line in plan_text.splitlines():
-        match = re.match(r"^\s{2}(\S+)\s+(\d[\d.]*[KMBT]?)\s+\d\.\d\d\s", line)
+        # A student by budget shows "~4B" (the search picks its exact size).
+        match = re.match(r"^\s{2}(\S+)\s+~?(\d[\d.]*[KMBT]?)\s+\d\.\d\d\s", line)
         if match:
             rows[match.group(1)] = parse_count(match.group(2))
     return rows

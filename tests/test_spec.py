@@ -393,10 +393,22 @@ def test_a_student_that_is_not_smaller():
     assert "not fewer than the teacher's" in problem.message and "hidden_size=64" in problem.message
 
 
-def test_a_parameter_budget_is_not_implemented_yet():
-    [problem] = check_against_teacher(spec_for({"name": "budget", "params": "90K"}), tiny_config())
-    assert problem.field == "students[0].params"
-    assert "90K" in problem.message and "not implemented yet" in problem.message and "`shape`" in problem.message
+def test_a_parameter_budget_needs_a_search_section(tmp_path):
+    problem = only_problem(tmp_path, changed(students=[{"name": "budget", "params": "90K"}]))
+    assert "['budget']" in problem.message and "search: {tokens: 50M}" in problem.message
+
+
+def test_a_parameter_budget_out_of_the_searchs_reach():
+    spec = spec_for({"name": "budget", "params": "5K"}, search={"tokens": "1K", "width_multiple": 8})
+    [problem] = check_against_teacher(spec, tiny_config())
+    assert problem.field == "students[0].params" and problem.value == 5_000
+    assert "no candidate shape lies within 5% of 5K" in problem.message and "the nearest are" in problem.message
+
+
+def test_a_parameter_budget_above_the_teacher():
+    spec = spec_for({"name": "budget", "params": "1M"}, search={"tokens": "1K"})
+    [problem] = check_against_teacher(spec, tiny_config())
+    assert "not below the teacher's 173K" in problem.message
 
 
 def test_blocks_longer_than_the_teachers_context():
@@ -429,8 +441,9 @@ def test_a_builtin_task_that_is_not_bundled_says_how_to_use_it(fast_lm_eval_inde
 def test_every_phase_2_problem_is_listed_at_once(fast_lm_eval_index):
     spec = spec_for(
         {"name": "big", "shape": {"intermediate_size": 256}},
-        {"name": "budget", "params": "90K"},
+        {"name": "budget", "params": "5K"},
         {"name": "same", "shape": {"num_hidden_layers": 4}},
+        search={"tokens": "1K"},
         data={"seq_len": 1024},
         evaluation={"tasks": [{"name": "helaswag"}]},
     )
