@@ -37,6 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
     build.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per training stage")
+    build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                       help="how training workers share the models: ddp (a full replica each) or fsdp "
+                            "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
+                            "models that do not fit one device)")
     build.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                        help="training autocast (auto: bfloat16 on GPU, float32 on CPU)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
@@ -64,6 +68,7 @@ def options_from(args: argparse.Namespace) -> RunOptions:
         cpus_per_stage=getattr(args, "cpus_per_stage", 0),
         gpus_per_stage=getattr(args, "gpus_per_stage", 0.0),
         train_workers=getattr(args, "train_workers", 1),
+        parallel=getattr(args, "parallel", "ddp"),
         teacher_config=args.teacher_config,
         precision=getattr(args, "precision", "auto"),
     )

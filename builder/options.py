@@ -13,6 +13,7 @@ class RunOptions:
     cpus_per_stage: int = 0  # CPUs for each heavy stage; 0 = every CPU of the local machine
     gpus_per_stage: float = 0.0  # GPUs for each heavy stage (training, evaluation, vLLM)
     train_workers: int = 1  # Ray Train data-parallel workers per training stage
+    parallel: str = "ddp"  # how those workers share the models: ddp (replicas) or fsdp (shards)
     local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
     teacher_config: Path | None = None  # read the teacher's config here instead of its source
     precision: str = "auto"  # training autocast: auto = bfloat16 on a GPU, float32 on a CPU

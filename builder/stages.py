@@ -91,6 +91,7 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     settings = TrainSettings.from_spec(section, dtype=options.train_dtype())
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
+                              parallel=options.parallel,
                               cpus_per_worker=max(1, options.stage_cpus() // options.train_workers))
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
                                             "metrics_file": str(ctx.out_dir / "metrics.jsonl")}

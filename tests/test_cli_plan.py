@@ -120,3 +120,12 @@ def test_commands_that_need_no_spec(argv, capsys):
     else:
         assert main(argv) == 0
     assert capsys.readouterr().out
+
+
+def test_run_flags_reach_the_run_options(tmp_path):
+    from builder.cli import options_from, parse_args
+
+    options = options_from(parse_args(["spec.yaml", "--train-workers", "4", "--parallel", "fsdp",
+                                       "--gpus-per-stage", "1", "--workdir", str(tmp_path)]))
+    assert (options.train_workers, options.parallel, options.use_gpu) == (4, "fsdp", True)
+    assert options.train_dtype() == "bfloat16"

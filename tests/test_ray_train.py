@@ -83,14 +83,29 @@ def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models,
 
     assert (result.start_step, result.steps, result.tokens_seen) == (EVERY, STEPS, single.tokens_seen)
     assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
-    # Loadable as a plain HF checkpoint, with the student's tokenizer; the weights match
-    # the single-process run up to the order of the all-reduce's float sums.
-    loaded = load_model(tmp_path / "ray" / "model", torch.device("cpu"), torch.float32, trainable=False)
-    expected = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    assert_same_weights(tmp_path / "ray" / "model", tmp_path / "single" / "model")
+
+
+def test_fsdp_on_two_workers_matches_one_process(cluster, models, tmp_path, one_thread):
+    blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    save_file({"input_ids": blocks}, str(tmp_path / "blocks.safetensors"))
+    single = distill(*models, blocks, tmp_path / "single", settings(batch_size=4))
+    result = run_on_ray_train("distill", *models, tmp_path / "blocks.safetensors", tmp_path / "fsdp",
+                              settings(batch_size=2), num_workers=2, use_gpu=False, parallel="fsdp")
+    assert (result.steps, result.tokens_seen) == (STEPS, single.tokens_seen)
+    assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
+    assert_same_weights(tmp_path / "fsdp" / "model", tmp_path / "single" / "model")
+
+
+def assert_same_weights(trained: Path, reference: Path) -> None:
+    """Loadable as a plain HF checkpoint, with the student's tokenizer; the weights match the
+    single-process run up to the order of the collectives' float sums."""
+    loaded = load_model(trained, torch.device("cpu"), torch.float32, trainable=False)
+    expected = load_file(str(reference / "model.safetensors"))
     for name, tensor in loaded.state_dict().items():
         if name in expected:
             torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
-    assert (tmp_path / "ray" / "model" / "tokenizer.json").exists()
+    assert (trained / "tokenizer.json").exists()
 
 
 def test_arguments_are_checked_before_any_worker_starts(models, tmp_path):
