@@ -38,6 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from builder.prune import PRUNING_MAP, read_pruning_map
+
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "cross_entropy"]
 Dtype = Literal["float32", "bfloat16"]
 Parallel = Literal["ddp", "fsdp"]
@@ -87,6 +89,8 @@ class TrainSettings:
     loss: Loss = "forward_kl"  # cross_entropy = plain LM fine-tuning (teacher correction)
     temperature: float = 1.0  # KD losses soften both distributions and scale by T^2
     lm_loss_weight: float = 0.0  # total = divergence + lm_loss_weight * next-token CE
+    # + hidden_loss_weight * the intermediate-state loss (see HiddenStateAligner)
+    hidden_loss_weight: float = 0.0
     checkpoint_every: int = 25  # steps
     seed: int = 0
     dtype: Dtype = "float32"  # bfloat16 = autocast (fp32 master weights and optimizer)
@@ -134,6 +138,7 @@ def _settings_problems(s: TrainSettings) -> list[str]:
         need(s.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}"),
         need(s.temperature > 0, "temperature", "must be positive (1 is the Minitron default)"),
         need(s.lm_loss_weight >= 0, "lm_loss_weight", "must be >= 0"),
+        need(s.hidden_loss_weight >= 0, "hidden_loss_weight", "must be >= 0"),
         need(s.checkpoint_every > 0, "checkpoint_every", "must be a positive step count"),
         need(s.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
         need(s.log_every > 0, "log_every", "must be a positive step count"),
@@ -190,7 +195,7 @@ def correct_teacher(
 
     Whatever `settings.loss` says, the loss is cross_entropy: there is no teacher to match.
     """
-    settings = dataclasses.replace(settings, loss="cross_entropy", lm_loss_weight=0.0)
+    settings = dataclasses.replace(settings, loss="cross_entropy", lm_loss_weight=0.0, hidden_loss_weight=0.0)
     return train(teacher_dir, None, train_blocks, out_dir, settings, device, parallel)
 
 
@@ -243,6 +248,8 @@ def train(
         teacher = load_model(teacher_dir, device, DTYPES[settings.dtype], trainable=False)
         _check_same_vocab(teacher, student, teacher_dir, model_dir)
     _check_token_ids(blocks, student.config.vocab_size)
+    if teacher is not None and settings.hidden_loss_weight > 0:
+        student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
     model = wrap_for_distributed(student, device, world, parallel)
     optimizer = make_optimizer(model, settings)
     scheduler = warmup_cosine_schedule(optimizer, settings, total_steps)
@@ -263,7 +270,7 @@ def train(
             step_started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             losses = accumulate_gradients(model, teacher, batches, step, settings, device)
-            losses = world.mean(losses)  # [loss, divergence, cross-entropy], same on all ranks
+            losses = world.mean(losses)  # LOSS_PARTS, the same on all ranks
             grad_norm = clip_gradients(model, settings.max_grad_norm)
             check_finite(step, losses[0].item(), grad_norm, settings)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
@@ -305,7 +312,7 @@ def accumulate_gradients(
     device: torch.device,
 ) -> torch.Tensor:
     """Forward and backward over the step's micro-batches; returns their mean losses."""
-    means = torch.zeros(3, device=device)  # loss, divergence, cross-entropy
+    means = torch.zeros(len(LOSS_PARTS), device=device)
     for micro in range(settings.grad_accum):
         input_ids = batches.micro_batch(step, micro).to(device)
         with gradient_sync(model, enabled=micro == settings.grad_accum - 1):
@@ -324,14 +331,20 @@ def forward_loss(
     settings: TrainSettings,
     device: torch.device,
 ) -> torch.Tensor:
-    """[total loss, divergence, cross-entropy] for one micro-batch (NaN for an unused part)."""
+    """The LOSS_PARTS for one micro-batch: [total, divergence, cross-entropy, hidden] (NaN
+    for a part that is not used)."""
+    aligner = student_of(model, aligner=True)
+    aligned = isinstance(aligner, HiddenStateAligner)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.dtype == "bfloat16")
     with autocast:
-        teacher_logits = None
+        teacher_logits = teacher_hidden = None
         if teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _recording(aligner.teacher_layers(teacher) if aligned else []) as teacher_hidden:
                 teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
-        student_logits = model(input_ids=input_ids, use_cache=False).logits
+        if aligned:
+            student_logits, student_hidden = model(input_ids)
+        else:
+            student_logits = model(input_ids=input_ids, use_cache=False).logits
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # next token; none after the last
     divergence, ce = chunked_losses(
         student_logits.flatten(0, 1),
@@ -341,13 +354,100 @@ def forward_loss(
         temperature=settings.temperature,
         with_ce=settings.loss == "cross_entropy" or settings.lm_loss_weight > 0,
     )
+    hidden = hidden_state_loss(student_hidden, teacher_hidden) if aligned else divergence.new_tensor(float("nan"))
     if settings.loss == "cross_entropy":
         total = ce
-    elif settings.lm_loss_weight > 0:
-        total = divergence + settings.lm_loss_weight * ce
     else:
         total = divergence
-    return torch.stack([total, divergence, ce])
+        if settings.lm_loss_weight > 0:
+            total = total + settings.lm_loss_weight * ce
+        if aligned:
+            total = total + settings.hidden_loss_weight * hidden
+    return torch.stack([total, divergence, ce, hidden])
+
+
+LOSS_PARTS = ("loss", "divergence", "cross_entropy", "hidden")
+
+
+# ----------------------------------------------------------------------------------------
+# The intermediate-state loss
+
+
+class HiddenStateAligner(torch.nn.Module):
+    """The student plus a learned linear map from its hidden states to the teacher's.
+
+    The first Minitron paper (2407.14679, section 3) adds to the logit loss a loss between
+    intermediate states, with a linear projection when the widths differ, and found it helps
+    only after heavy depth pruning; ModelOpt's version is a cosine loss on hidden states
+    (HiddenStateCosineLoss). Here each student layer's output is compared with the output of
+    the teacher layer it was pruned from (`pruning_map["teacher_layers"]`, written by
+    `builder.prune`). The projection starts as the pruning's own channel selection (student
+    channel i -> the teacher channel it was cut from), so at step 0 it adds nothing the pruning
+    did not; it trains with the student and is dropped when the student is saved.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, pruning_map: dict | None):
+        super().__init__()
+        self.student = student
+        student_width, teacher_width = student.config.hidden_size, teacher.config.hidden_size
+        self.teacher_layer_indices = _teacher_layer_indices(pruning_map, student.config.num_hidden_layers,
+                                                            teacher.config.num_hidden_layers)
+        self.projection = torch.nn.Linear(student_width, teacher_width, bias=False)
+        channels = (pruning_map or {}).get("hidden_channels")
+        if channels is None and student_width == teacher_width:
+            channels = list(range(teacher_width))
+        if channels is not None:
+            with torch.no_grad():
+                self.projection.weight.zero_()
+                self.projection.weight[torch.tensor(channels), torch.arange(student_width)] = 1.0
+
+    def teacher_layers(self, teacher: torch.nn.Module) -> list[torch.nn.Module]:
+        return [teacher.model.layers[i] for i in self.teacher_layer_indices]
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with _recording(list(self.student.model.layers)) as hidden:
+            logits = self.student(input_ids=input_ids, use_cache=False).logits
+        return logits, [self.projection(h) for h in hidden]
+
+
+def _teacher_layer_indices(pruning_map: dict | None, student_layers: int, teacher_layers: int) -> list[int]:
+    if pruning_map and pruning_map.get("teacher_layers") is not None:
+        return list(pruning_map["teacher_layers"])
+    # No record of the pruning: spread the student's layers evenly over the teacher's.
+    return [round((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
+
+
+@contextlib.contextmanager
+def _recording(layers: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collects each layer's output (the residual stream after it) during the block."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layer pairs and tokens of 1 - cosine(projected student state, teacher state)."""
+    if len(student_hidden) != len(teacher_hidden):
+        raise RuntimeError(f"recorded {len(student_hidden)} student and {len(teacher_hidden)} teacher states")
+    distances = [1 - F.cosine_similarity(s.float(), t.float(), dim=-1).mean()
+                 for s, t in zip(student_hidden, teacher_hidden)]
+    return torch.stack(distances).mean()
+
+
+def student_of(model: torch.nn.Module, aligner: bool = False) -> torch.nn.Module:
+    """The trained model under DDP and the aligner (or the aligner itself with aligner=True)."""
+    inner = unwrap(model)
+    if isinstance(inner, HiddenStateAligner) and not aligner:
+        return inner.student
+    return inner
 
 
 # ----------------------------------------------------------------------------------------
@@ -606,7 +706,8 @@ def _fully_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Modul
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in model.model.layers:
+    student = model.student if isinstance(model, HiddenStateAligner) else model
+    for layer in student.model.layers:
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
@@ -874,8 +975,12 @@ def save_final_model(out_dir: Path, model, source_dir: str | Path, world: World)
         return final
     tmp = out_dir / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, state_dict=state)
+    if state is not None and isinstance(unwrap(model), HiddenStateAligner):  # the student's part only
+        state = {name.removeprefix("student."): t for name, t in state.items() if name.startswith("student.")}
+    student_of(model).save_pretrained(tmp, state_dict=state)
     _copy_tokenizer_files(Path(source_dir), tmp)
+    if (Path(source_dir) / PRUNING_MAP).exists():  # lineage, and the layer map for a later distillation
+        shutil.copy2(Path(source_dir) / PRUNING_MAP, tmp / PRUNING_MAP)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _fsync_dir(out_dir)
@@ -943,11 +1048,13 @@ def _is_json(line: str) -> bool:
 
 
 def _step_metrics(step, sums, lr, grad_norm, tokens, seconds, settings) -> dict:
-    loss, divergence, ce = (float(v) for v in sums)
+    loss, divergence, ce, hidden = (float(v) for v in sums)
     record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
     if settings.loss != "cross_entropy":  # named "kl" whichever divergence settings.loss picks
         record["kl"] = divergence
     if not math.isnan(ce):
         record["ce"] = ce
+    if not math.isnan(hidden):
+        record["hidden"] = hidden
     record.update({"tokens": step * tokens, "tokens_per_s": tokens / seconds})
     return record

@@ -18,7 +18,9 @@ Units are kept in their original order; only membership changes.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +33,9 @@ from builder.shape import Shape
 DEPTH_METHODS = ("block_importance", "lm_loss", "contiguous", "last")
 
 Keep = Mapping[str, torch.Tensor | None]  # unit -> indices to keep (None keeps all)
+# Saved beside a pruned checkpoint: which teacher layers and embedding channels it kept. The
+# distillation's hidden-state loss pairs layers and initialises its projection from it.
+PRUNING_MAP = "minizoo_pruning.json"
 
 
 def prune_model(model: PreTrainedModel, importance: Importance, shape: Shape,
@@ -42,6 +47,26 @@ def prune_model(model: PreTrainedModel, importance: Importance, shape: Shape,
     state = pruned_state_dict(model, arch, importance, shape, kept_layers)
     config = student_config(model.config, shape, kept_layers)
     return _build_student(model, config, state, arch, kept_layers)
+
+
+def pruning_map(importance: Importance, shape: Shape, depth_method: str = "block_importance") -> dict:
+    """{"teacher_layers": the teacher layer behind each student layer, "hidden_channels": the
+    teacher embedding channel behind each student channel} for a student of `shape`."""
+    hidden = top_indices(importance.hidden, shape.hidden_size)
+    return {"teacher_layers": [int(i) for i in select_layers(importance, shape.num_hidden_layers, depth_method)],
+            "hidden_channels": [int(i) for i in hidden]}
+
+
+def save_pruning_map(directory: str | Path, importance: Importance, shape: Shape,
+                     depth_method: str = "block_importance") -> dict:
+    recorded = pruning_map(importance, shape, depth_method)
+    (Path(directory) / PRUNING_MAP).write_text(json.dumps(recorded) + "\n")
+    return recorded
+
+
+def read_pruning_map(model_dir: str | Path) -> dict | None:
+    path = Path(model_dir) / PRUNING_MAP
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _check_request(model: PreTrainedModel, importance: Importance, shape: Shape) -> None:

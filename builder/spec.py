@@ -223,6 +223,10 @@ class DistillSpec(TrainingSpec):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     lm_loss_weight: float = Field(0.0, ge=0)
+    hidden_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of the intermediate-state loss: 1 - cosine between each student "
+        "layer's output (through a learned projection to the teacher's width) and the teacher layer it was "
+        "pruned from. The first paper uses it only after heavy depth pruning")
 
 
 class ShapeSpec(Strict):

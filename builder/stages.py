@@ -127,7 +127,7 @@ def score_stage(ctx: StageContext) -> StageResult:
 def prune_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.importance import Importance
-    from builder.prune import prune_model, select_layers
+    from builder.prune import prune_model, save_pruning_map
 
     teacher_dir = ctx.model_dir("teacher")
     model = load_model(teacher_dir)
@@ -135,9 +135,9 @@ def prune_stage(ctx: StageContext) -> StageResult:
     importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
     student = prune_model(model, importance, shape, depth_method=depth_method)
     save_checkpoint(student, teacher_dir, ctx.out_dir / "model")
-    layers_kept = select_layers(importance, shape.num_hidden_layers, depth_method)
+    kept = save_pruning_map(ctx.out_dir / "model", importance, shape, depth_method)
     summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),
-               "shape": shape.as_dict(), "layers_kept": [int(i) for i in layers_kept]}
+               "shape": shape.as_dict(), "layers_kept": kept["teacher_layers"]}
     return summary, 0
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -23,7 +24,9 @@ from safetensors.torch import load_file
 
 import builder.distill as distill_module
 from builder.distill import (
+    HiddenStateAligner,
     TrainingDiverged,
+    _teacher_layer_indices,
     TrainSettings,
     chunked_losses,
     correct_teacher,
@@ -121,7 +124,8 @@ def test_gradients_reach_every_student_weight_but_never_the_teacher(models, bloc
     teacher = load_model(teacher_dir, torch.device("cpu"), torch.float32, trainable=False)
     student = load_model(student_dir, torch.device("cpu"), torch.float32, trainable=True)
     settings = steps_settings(1, lm_loss_weight=0.5)
-    loss, divergence, ce = forward_loss(student, teacher, blocks[:2], settings, torch.device("cpu"))
+    loss, divergence, ce, hidden = forward_loss(student, teacher, blocks[:2], settings, torch.device("cpu"))
+    assert math.isnan(hidden.item())  # no hidden-state loss unless asked
     loss.backward()
     assert loss.item() == pytest.approx(divergence.item() + 0.5 * ce.item(), rel=1e-5)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
@@ -287,6 +291,60 @@ def test_wrapped_training_and_its_checkpoints_match_one_process(models, blocks, 
     for key, tensor in weights(tmp_path / "wrapped").items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-6)
     assert set(expected) == set(weights(tmp_path / "wrapped"))  # tied weights saved once
+
+
+# ----------------------------------------------------------------------------------------
+# The intermediate-state loss
+
+
+def test_projection_starts_as_the_prunings_channel_selection(models):
+    teacher = load_model(models[0], torch.device("cpu"), torch.float32, trainable=False)  # 64 wide
+    same_width = SimpleNamespace(config=SimpleNamespace(hidden_size=64, num_hidden_layers=2))
+    aligner = HiddenStateAligner(same_width, teacher, {"teacher_layers": [1, 3]})
+    assert aligner.teacher_layer_indices == [1, 3]
+    torch.testing.assert_close(aligner.projection.weight, torch.eye(64))
+
+    channels = list(range(0, 64, 2))  # a 32-wide student that kept every other channel
+    narrow = SimpleNamespace(config=SimpleNamespace(hidden_size=32, num_hidden_layers=2))
+    aligner = HiddenStateAligner(narrow, teacher, {"teacher_layers": [0, 1], "hidden_channels": channels})
+    projected = aligner.projection(torch.eye(32))  # student channel i lands on teacher channel channels[i]
+    assert [int(row.argmax()) for row in projected] == channels and projected.sum() == 32
+
+
+def test_without_a_pruning_map_student_layers_spread_over_the_teachers():
+    assert _teacher_layer_indices(None, 2, 4) == [1, 3]
+    assert _teacher_layer_indices(None, 4, 4) == [0, 1, 2, 3]
+
+
+def test_hidden_loss_is_zero_for_a_copy_of_the_teacher_and_trains_a_student(models, blocks, tmp_path):
+    teacher_dir, student_dir = models
+    teacher = load_model(teacher_dir, torch.device("cpu"), torch.float32, trainable=False)
+    copy_of_teacher = HiddenStateAligner(load_model(teacher_dir, torch.device("cpu"), torch.float32, True),
+                                         teacher, None)
+    settings = steps_settings(1, hidden_loss_weight=2.0)
+    loss, divergence, _, hidden = forward_loss(copy_of_teacher, teacher, blocks[:2], settings, torch.device("cpu"))
+    assert abs(hidden.item()) < 1e-5 and loss.item() == pytest.approx(divergence.item() + 2 * hidden.item())
+
+    (Path(student_dir) / "minizoo_pruning.json").write_text(json.dumps({"teacher_layers": [1, 3]}))
+    try:
+        distill(teacher_dir, student_dir, blocks, tmp_path, steps_settings(12, hidden_loss_weight=1.0))
+    finally:
+        (Path(student_dir) / "minizoo_pruning.json").unlink()
+    lines = metrics(tmp_path)
+    assert lines[-1]["hidden"] < 0.8 * lines[0]["hidden"]
+    assert lines[0]["loss"] == pytest.approx(lines[0]["kl"] + lines[0]["hidden"], rel=1e-5)
+    saved = weights(tmp_path)
+    assert not any("projection" in name or name.startswith("student.") for name in saved)
+    assert json.loads((tmp_path / "model" / "minizoo_pruning.json").read_text()) == {"teacher_layers": [1, 3]}
+
+
+def test_training_with_the_hidden_loss_resumes_exactly(models, blocks, tmp_path):
+    settings = steps_settings(4, checkpoint_every=2, hidden_loss_weight=1.0)
+    plain = distill(*models, blocks, tmp_path / "plain", settings)
+    distill(*models, blocks, tmp_path / "resumed", settings)
+    (tmp_path / "resumed" / "result.json").unlink()
+    resumed = distill(*models, blocks, tmp_path / "resumed", settings)  # from step 2, projection included
+    assert resumed.start_step == 2 and resumed.final_loss == pytest.approx(plain.final_loss, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from builder.importance import Importance, score_importance, skipping_layers
 from builder.prune import (
     head_channels,
     prune_model,
+    read_pruning_map,
+    save_pruning_map,
     select_heads,
     select_layers,
     top_indices,
@@ -293,6 +295,23 @@ def test_quantized_teacher_is_refused():
     teacher.config.quantization_config = {"quant_method": "gguf"}
     with pytest.raises(ValueError, match="prune a dequantized float checkpoint"):
         prune_model(teacher, random_importance(teacher), Shape.of(teacher.config))
+
+
+def test_the_pruning_map_names_the_teacher_units_each_student_unit_came_from(tmp_path):
+    teacher = tiny_model("llama", seed=8)
+    importance = random_importance(teacher, seed=3)
+    shape = Shape.of(teacher.config).replace(hidden_size=48, num_hidden_layers=3)
+    student = prune_model(teacher, importance, shape, depth_method="block_importance")
+    recorded = save_pruning_map(tmp_path, importance, shape, "block_importance")
+    assert read_pruning_map(tmp_path) == recorded
+    assert recorded["teacher_layers"] == select_layers(importance, 3, "block_importance")
+    channels = recorded["hidden_channels"]
+    assert len(channels) == 48 and channels == sorted(channels)
+    torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, channels])
+    layer = recorded["teacher_layers"][1]
+    torch.testing.assert_close(student.model.layers[1].mlp.down_proj.weight,
+                               teacher.model.layers[layer].mlp.down_proj.weight[channels])
+    assert read_pruning_map(tmp_path / "nothing") is None
 
 
 def test_real_scores_prune_end_to_end():
