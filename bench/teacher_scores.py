@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -177,21 +176,9 @@ class Evaluator:
 
     def documents(self, task: str, indices: list[int]) -> dict:
         """Per-document scores of these documents: {"doc_id", "acc", "acc_norm"}."""
-        from lm_eval import simple_evaluate
+        from evaluators.lm_eval_runner import score_documents
 
-        from evaluators.lm_eval_runner import BOOTSTRAP_ITERS, SEEDS
-
-        # Like evaluate_model: no multiprocessing pool for bootstraps in a process holding a model.
-        os.environ["DISABLE_MULTIPROC"] = "1"
-        raw = simple_evaluate(model=self.lm, tasks=[task], num_fewshot=0,
-                              samples={task: sorted(indices)}, task_manager=self.manager,
-                              bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True, **SEEDS)
-        samples = sorted(raw["samples"][task], key=lambda s: s["doc_id"])
-        return {
-            "documents_available": raw["n-samples"][task]["original"],
-            "scores": [{"doc_id": s["doc_id"], "acc": s["acc"], "acc_norm": s.get("acc_norm")}
-                       for s in samples],
-        }
+        return score_documents(self.lm, self.manager, task, indices)
 
 
 def chunk_path(task: str, start: int, stop: int) -> Path:

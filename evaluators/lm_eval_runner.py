@@ -208,15 +208,30 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _simple_evaluate(lm, manager, names: list[str], num_fewshot: int, limit: int | None) -> dict:
+def score_documents(lm, manager, task: str, indices: Sequence[int], num_fewshot: int = 0) -> dict[str, Any]:
+    """Per-document scores of some documents of one task, with evaluate_loaded's settings:
+    {"documents_available": split size, "scores": [{"doc_id", "acc", "acc_norm"}] by doc_id}.
+
+    For evaluating a large split in resumable pieces, or a random sample of it (lm-eval's
+    `limit` only takes the first N documents). `lm` is an HFLM, `manager` from task_manager().
+    """
+    raw = _simple_evaluate(lm, manager, [task], num_fewshot, None, samples={task: sorted(indices)})
+    samples = sorted(raw["samples"][task], key=lambda s: s["doc_id"])
+    return {"documents_available": raw["n-samples"][task]["original"],
+            "scores": [{"doc_id": s["doc_id"], "acc": s["acc"], "acc_norm": s.get("acc_norm")}
+                       for s in samples]}
+
+
+def _simple_evaluate(lm, manager, names: list[str], num_fewshot: int, limit: int | None,
+                     samples: dict[str, list[int]] | None = None) -> dict:
     from lm_eval import simple_evaluate
 
     # lm-eval bootstraps in a multiprocessing pool unless DISABLE_MULTIPROC is set; forking
     # a process that holds a model (maybe inside a Ray worker) is not worth 1,000 draws.
     with _env(DISABLE_MULTIPROC="1"):
         return simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-            task_manager=manager, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, samples=samples,
+            task_manager=manager, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=samples is not None,
             **SEEDS,
         )
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluators import lm_eval_runner, offline_tasks
 from evaluators.lm_eval_runner import (TaskRequest, available_tasks, check_task_names,
-                                       evaluate_model)
+                                       evaluate_model, score_documents, task_manager)
 from tiny_models import save_tiny_checkpoint
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
@@ -167,15 +167,36 @@ def test_tiny_model_scores_like_a_naive_scorer(tmp_path, cache_dir, rendered):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    correct, correct_norm = [], []
-    for doc in _jsonl(rendered.parent / "data/arc_easy/test.jsonl")[:4]:
+    docs = _jsonl(rendered.parent / "data/arc_easy/test.jsonl")[:4]
+    correct, correct_norm = zip(*_naive_arc_scores(model, tokenizer, docs))
+    assert arc["metrics"]["acc"] == pytest.approx(np.mean(correct))
+    assert arc["metrics"]["acc_norm"] == pytest.approx(np.mean(correct_norm))
+
+
+def _naive_arc_scores(model, tokenizer, docs: list[dict]) -> list[tuple[int, int]]:
+    """(acc, acc_norm) per ARC document, from summed log-probabilities of each choice."""
+    scores = []
+    for doc in docs:
         choices = doc["choices"]["text"]
         logliks = np.array(_naive_choice_logliks(model, tokenizer, f"Question: {doc['question']}\nAnswer:", choices))
         gold = doc["choices"]["label"].index(doc["answerKey"])
-        correct.append(int(logliks.argmax() == gold))
-        correct_norm.append(int((logliks / [len(c) for c in choices]).argmax() == gold))
-    assert arc["metrics"]["acc"] == pytest.approx(np.mean(correct))
-    assert arc["metrics"]["acc_norm"] == pytest.approx(np.mean(correct_norm))
+        scores.append((int(logliks.argmax() == gold), int((logliks / [len(c) for c in choices]).argmax() == gold)))
+    return scores
+
+
+def test_chosen_documents_score_like_the_naive_scorer(tmp_path, cache_dir, rendered):
+    from lm_eval.models.huggingface import HFLM
+
+    model_dir = save_tiny_checkpoint(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, backend="causal")
+    result = score_documents(lm, task_manager("bundled", cache_dir), "arc_easy", [5, 2])
+    assert result["documents_available"] == 2376
+    assert [s["doc_id"] for s in result["scores"]] == [2, 5]
+    docs = _jsonl(rendered.parent / "data/arc_easy/test.jsonl")
+    expected = _naive_arc_scores(model, tokenizer, [docs[2], docs[5]])
+    assert [(s["acc"], s["acc_norm"]) for s in result["scores"]] == expected
 
 
 @pytest.fixture
