@@ -20,6 +20,9 @@ ROOT = Path(__file__).parent.parent
 # The embedded teacher, converted from its GGUF once and kept for every benchmark.
 TEACHER = "smollm2-135m-instruct"
 TEACHER_CACHE = ROOT / "runs" / "cache" / "bench-teacher"
+# The ~90M student the distillation benchmarks share: the demo family's width student
+# (families/smollm2-135m.yaml), 91.6M parameters.
+WIDTH_STUDENT = {"hidden_size": 504, "intermediate_size": 960}
 
 
 def teacher_dir() -> Path:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from bench.common import print_table, sotu_splits, teacher_dir, write_result
+from bench.common import WIDTH_STUDENT, print_table, sotu_splits, teacher_dir, write_result
 from builder.distill import TrainSettings, correct_teacher, distill
 from builder.importance import Importance, lm_loss, score_importance
 from builder.prune import prune_model, top_indices
@@ -51,7 +51,6 @@ from builder.shape import Shape
 SEQ_LEN = 128
 BATCH = 4  # training sequences per step: 512 tokens a step
 EVAL_BATCH = 8
-STUDENT = {"hidden_size": 504, "intermediate_size": 960}
 CORRECTION_LR = 1e-4
 DISTILL_LR = 3e-4
 WARMUP_FRACTION = 0.1
@@ -118,7 +117,7 @@ def teacher_to_student(name: str, teacher_folder: Path, data: Data, settings: Se
     importance = phases.run(f"{name}: score", score_importance, teacher, data.calibration,
                             batch_size=EVAL_BATCH, progress=False)
     student = phases.run(f"{name}: prune", prune_model, teacher,
-                         importance, Shape.of(teacher.config).replace(**STUDENT))
+                         importance, Shape.of(teacher.config).replace(**WIDTH_STUDENT))
     del teacher  # distill() loads its own copy
     row["student_params"] = sum(p.numel() for p in student.parameters())
     row["pruned"] = phases.run(f"{name}: pruned loss", lm_loss, student, data.heldout, EVAL_BATCH)
@@ -140,8 +139,8 @@ def kept_in_common(a: Importance, b: Importance) -> dict:
         return len(kept_x & kept_y) / count
 
     layers = a.mlp.shape[0]
-    mlp = sum(overlap(a.mlp[i], b.mlp[i], STUDENT["intermediate_size"]) for i in range(layers)) / layers
-    return {"hidden": overlap(a.hidden, b.hidden, STUDENT["hidden_size"]), "mlp": mlp}
+    mlp = sum(overlap(a.mlp[i], b.mlp[i], WIDTH_STUDENT["intermediate_size"]) for i in range(layers)) / layers
+    return {"hidden": overlap(a.hidden, b.hidden, WIDTH_STUDENT["hidden_size"]), "mlp": mlp}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +192,7 @@ def main() -> None:
     print(f"\nbudgets: correction {corrected.tokens_seen} tokens (lr {CORRECTION_LR:g}), distillation "
           f"{rows['original']['distill_tokens']} tokens per student (lr {DISTILL_LR:g})")
     path = write_result("correction", {
-        "quick": args.quick, "settings": asdict(settings), "teacher": str(folder), "student_shape": STUDENT,
+        "quick": args.quick, "settings": asdict(settings), "teacher": str(folder), "student_shape": WIDTH_STUDENT,
         "seq_len": SEQ_LEN, "batch_size": BATCH,
         "correction_training": asdict(correction_settings), "correction_tokens": corrected.tokens_seen,
         "correction_final_train_loss": corrected.final_loss,

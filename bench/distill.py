@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (
-    Stopwatch, Timing, load_teacher, print_table, sotu_splits, teacher_dir, uncontended, write_result,
+    WIDTH_STUDENT, Stopwatch, Timing, load_teacher, print_table, sotu_splits, teacher_dir, uncontended, write_result,
 )  # fmt: skip
 from builder.arch import count_params, student_config
 from builder.distill import (
@@ -74,7 +74,6 @@ from builder.distill import (
 )  # fmt: skip
 from builder.shape import Shape
 
-STUDENT_WIDTH = {"hidden_size": 504, "intermediate_size": 960}  # the demo's width student
 LEARNING_RATE = 1e-4
 # No learning-rate warm-up: then builder.distill's schedule and the Trainer's
 # cosine_with_min_lr are the same cosine from 1e-4 to 1e-5 over the steps.
@@ -197,7 +196,7 @@ def build_models(setup: Setup) -> tuple[torch.nn.Module, torch.nn.Module, torch.
     # As builder.distill.load_model: the teacher in the training dtype, frozen, eval mode.
     teacher = teacher.to(setup.device, torch.bfloat16 if setup.is_cuda else torch.float32)
     teacher.eval().requires_grad_(False)
-    shape = Shape.of(teacher.config).replace(**STUDENT_WIDTH)
+    shape = Shape.of(teacher.config).replace(**WIDTH_STUDENT)
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_config(student_config(teacher.config, shape), dtype=torch.float32)
     blocks = sotu_splits(tokenizer, setup.seq_len)["train"].long()

@@ -29,7 +29,6 @@ import argparse
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 

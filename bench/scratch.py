@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import load_teacher, print_table, sotu_splits, teacher_dir, write_result
+from bench.common import WIDTH_STUDENT, load_teacher, print_table, sotu_splits, teacher_dir, write_result
 from builder.distill import (
     BlockStream, TrainSettings, World, accumulate_gradients, check_finite, clip_gradients,
     make_optimizer, warmup_cosine_schedule,
@@ -65,7 +65,6 @@ from builder.shape import Shape
 SEQ_LEN = 128
 BATCH = 4  # sequences per step for both runs: 512 tokens a step
 EVAL_BATCH = 8
-STUDENT = {"hidden_size": 504, "intermediate_size": 960}
 DISTILL_LR = 3e-4
 SCRATCH_LR = 1e-3
 WARMUP_FRACTION = 0.1
@@ -102,7 +101,7 @@ class Point:
 def pruned_student(teacher, calibration: torch.Tensor):
     """Minitron: score on calibration blocks, keep the most important channels and neurons."""
     importance = score_importance(teacher, calibration, batch_size=EVAL_BATCH, progress=False)
-    return prune_model(teacher, importance, Shape.of(teacher.config).replace(**STUDENT))
+    return prune_model(teacher, importance, Shape.of(teacher.config).replace(**WIDTH_STUDENT))
 
 
 def random_student(config):
@@ -263,7 +262,7 @@ def main() -> None:
         print(f"the pruned student before any distillation ({distilled[0].heldout_loss:.4f}) was already "
               f"below scratch's best ({ratio['scratch_best_loss']:.4f})")
     path = write_result("scratch", {
-        "quick": args.quick, "settings": asdict(settings), "teacher": str(folder), "student_shape": STUDENT,
+        "quick": args.quick, "settings": asdict(settings), "teacher": str(folder), "student_shape": WIDTH_STUDENT,
         "student_params": params, "seq_len": SEQ_LEN, "batch_size": BATCH,
         "distill_training": asdict(distill_settings), "scratch_training": asdict(scratch_settings),
         "teacher_loss": teacher_loss, "distilled": [asdict(p) for p in distilled],

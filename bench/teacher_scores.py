@@ -461,7 +461,7 @@ def main() -> None:
         "coverage": {task: ours[task]["subset"] if task in ours else "not run" for task in TASKS},
         "ours": ours, "published": PUBLISHED, "arc_average_published": ARC_AVERAGE_PUBLISHED,
         "comparison": rows, **extra})
-    print(f"\nwrote {path}" + ("" if finished else f" (partial: run again to resume)"))
+    print(f"\nwrote {path}" + ("" if finished else " (partial: run again to resume)"))
     if not finished:
         sys.exit(EXIT_UNFINISHED)
 

@@ -43,9 +43,12 @@ class Candidate:
 
 def candidates(teacher_config, budget: int, search: SearchSpec) -> list[Candidate]:
     """The shapes to try for `budget` parameters, at most `search.max_candidates` of them."""
-    within = [c for c in _grid(teacher_config, budget, search)
-              if abs(c.params - budget) <= search.tolerance * budget]
-    return _spread(within, search.max_candidates)
+    return _spread(_within_tolerance(_grid(teacher_config, budget, search), budget, search),
+                   search.max_candidates)
+
+
+def _within_tolerance(grid: list[Candidate], budget: int, search: SearchSpec) -> list[Candidate]:
+    return [c for c in grid if abs(c.params - budget) <= search.tolerance * budget]
 
 
 def search_problem(teacher_config, budget: int, search: SearchSpec) -> str | None:
@@ -54,9 +57,10 @@ def search_problem(teacher_config, budget: int, search: SearchSpec) -> str | Non
     if budget >= teacher_params:
         return (f"params={format_count(budget)} is not below the teacher's {format_count(teacher_params)}; "
                 f"choose a budget smaller than {teacher_params:,}")
-    if candidates(teacher_config, budget, search):
+    grid = _grid(teacher_config, budget, search)
+    if _within_tolerance(grid, budget, search):
         return None
-    nearest = sorted(_grid(teacher_config, budget, search), key=lambda c: abs(c.params - budget))[:3]
+    nearest = sorted(grid, key=lambda c: abs(c.params - budget))[:3]
     near = ", ".join(f"{format_count(c.params)} ({c.tag})" for c in nearest) or "none"
     return (f"no candidate shape lies within {search.tolerance:.0%} of {format_count(budget)} on the search grid "
             f"(axes {', '.join(search.axes)}, width_multiple {search.width_multiple}); the nearest are {near}. "
