@@ -333,7 +333,7 @@ def forward_loss(
 ) -> torch.Tensor:
     """The LOSS_PARTS for one micro-batch: [total, divergence, cross-entropy, hidden] (NaN
     for a part that is not used)."""
-    aligner = student_of(model, aligner=True)
+    aligner = unwrap(model)  # a HiddenStateAligner when the hidden-state loss is on
     aligned = isinstance(aligner, HiddenStateAligner)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.dtype == "bfloat16")
     with autocast:
@@ -442,12 +442,10 @@ def hidden_state_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[t
     return torch.stack(distances).mean()
 
 
-def student_of(model: torch.nn.Module, aligner: bool = False) -> torch.nn.Module:
-    """The trained model under DDP and the aligner (or the aligner itself with aligner=True)."""
+def student_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The trained model, under DDP and the hidden-state aligner."""
     inner = unwrap(model)
-    if isinstance(inner, HiddenStateAligner) and not aligner:
-        return inner.student
-    return inner
+    return inner.student if isinstance(inner, HiddenStateAligner) else inner
 
 
 # ----------------------------------------------------------------------------------------
