@@ -1,4 +1,4 @@
-"""Run `builder.distill`'s training loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
+"""Run `builder.training`'s loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
 
     result = run_on_ray_train("distill", teacher_dir, student_dir, blocks_path, out_dir,
                               TrainSettings(tokens=...), num_workers=2, use_gpu=False)
@@ -20,7 +20,7 @@ import ray.train
 import torch
 import ray.train.torch
 
-from builder.distill import (
+from builder.training import (
     Parallel, TrainingDiverged, TrainResult, TrainSettings, correct_teacher, distill, load_result,
 )  # fmt: skip
 

@@ -7,7 +7,6 @@ they run (Ray tasks); these functions never import Ray.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from builder.spec import DistillSpec, EvaluationSpec, FamilySpec, TrainingSpec
 from builder.store import Manifest, StageStore
 
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,7 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
     import dataclasses
 
-    from builder.distill import TrainSettings
+    from builder.training import TrainSettings
     from builder.ray_train import run_on_ray_train
 
     options = ctx.options
@@ -111,6 +108,7 @@ def correct_stage(ctx: StageContext) -> StageResult:
 def score_stage(ctx: StageContext) -> StageResult:
     from builder.acquire import load_blocks
     from builder.importance import score_importance
+    from builder.model_io import load_model
 
     scoring = ctx.spec.scoring
     model = load_model(ctx.model_dir("teacher"))
@@ -127,6 +125,7 @@ def score_stage(ctx: StageContext) -> StageResult:
 def prune_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.importance import Importance
+    from builder.model_io import load_model, save_model
     from builder.prune import prune_model, save_pruning_map
 
     teacher_dir = ctx.model_dir("teacher")
@@ -134,7 +133,7 @@ def prune_stage(ctx: StageContext) -> StageResult:
     shape, depth_method = Shape(**ctx.config["shape"]), ctx.config["depth_method"]
     importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
     student = prune_model(model, importance, shape, depth_method=depth_method)
-    save_checkpoint(student, teacher_dir, ctx.out_dir / "model")
+    save_model(student, teacher_dir, ctx.out_dir / "model")
     kept = save_pruning_map(ctx.out_dir / "model", importance, shape, depth_method)
     summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),
                "shape": shape.as_dict(), "layers_kept": kept["teacher_layers"]}
@@ -203,20 +202,6 @@ def throughput_stage(ctx: StageContext) -> StageResult:
     models = {name: Path(manifest.summary["model_dir"]) for name, manifest in ctx.inputs.items()}
     results = measure_throughput(models, settings, ctx.out_dir)
     return {"results": results}, 0
-
-
-def load_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def save_checkpoint(model, tokenizer_source: Path, out: Path) -> None:
-    """Weights as safetensors plus the teacher's tokenizer files, loadable with plain from_pretrained."""
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_source) / name).exists():
-            shutil.copy(Path(tokenizer_source) / name, out / name)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import builder.ray_train
-from builder.distill import TrainingDiverged, TrainSettings, distill, load_model
+from builder.model_io import load_model
+from builder.training import TrainingDiverged, TrainSettings, distill
 from builder.ray_train import run_on_ray_train
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint
 
