@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from builder.spec import DataSpec, Reference, TeacherSpec
+from builder.tokens import BlocksIndex, ShardWriter, TokenBlocks, token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +213,19 @@ def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, spec_dir: P
                 f"data: the {split} split is empty (seq_len {data.seq_len}); give more documents, "
                 f"or raise data.split.{split if split != 'train' else 'calibration'} / lower data.seq_len"
             )
-    # One file per split, each holding one `input_ids` tensor: the format the trainer reads,
-    # so training stages use train.safetensors in place instead of copying it.
+    index = BlocksIndex(data.seq_len, token_dtype(len(tokenizer)).name, len(tokenizer))
     for split, tensor in blocks.items():
-        save_file({"input_ids": tensor.contiguous()}, split_file(out_dir, split))
-    counts = {split: int(tensor.numel()) for split, tensor in blocks.items()}
+        writer = ShardWriter(out_dir, split, data.seq_len, np.dtype(index.dtype))
+        writer.add(tensor.flatten().numpy())
+        index.splits[split] = writer.close()
+    index.write(out_dir)
+    counts = {split: s.tokens for split, s in index.splits.items()}
     return {"blocks": str(out_dir), "tokens": counts, "seq_len": data.seq_len}
 
 
-def split_file(blocks_dir: Path | str, split: str) -> Path:
-    return Path(blocks_dir) / f"{split}.safetensors"
-
-
 def load_blocks(blocks_dir: Path | str, split: str, limit: int | None = None) -> torch.Tensor:
-    """Token blocks of one split as int64 [N, seq_len], at most `limit` of them."""
-    blocks = load_file(str(split_file(blocks_dir, split)))["input_ids"].long()
-    return blocks[:limit] if limit is not None else blocks
+    """Token blocks of one split as int64 [N, seq_len], at most `limit` of them (the first)."""
+    return TokenBlocks.open(blocks_dir, split).head(limit)
 
 
 # --- the teacher's config, for planning (no weights needed) ---------------------------

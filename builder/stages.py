@@ -96,9 +96,9 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
 
 
 def _train_blocks(ctx: StageContext) -> Path:
-    from builder.acquire import split_file
-
-    return split_file(ctx.blocks_path(), "train")
+    """The acquire-data stage dir: training opens its train split with
+    `builder.tokens.TokenBlocks.open(path, "train")` and memory-maps the shards."""
+    return ctx.blocks_path()
 
 
 def correct_stage(ctx: StageContext) -> StageResult:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-CODE_VERSION = "0.1.2"  # bump when a stage's outputs change meaning; it is part of every hash
+CODE_VERSION = "0.1.3"  # bump when a stage's outputs change meaning; it is part of every hash
 
 
 @dataclass(frozen=True)
