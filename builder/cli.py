@@ -36,13 +36,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
-    build.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per training stage")
+    build.add_argument("--train-workers", type=int, default=1,
+                       help="Ray Train workers per training stage; they split the spec's global_batch_size, "
+                            "so the result does not change (it must divide global_batch_size)")
     build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                        help="how training workers share the models: ddp (a full replica each) or fsdp "
                             "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
                             "models that do not fit one device)")
-    build.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                       help="training autocast (auto: bfloat16 on GPU, float32 on CPU)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
     _add_common(report)
@@ -59,6 +59,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs"), help="run directory (default: runs/)")
     parser.add_argument("--teacher-config", type=Path,
                         help="the teacher's config.json, to plan without fetching the teacher")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and "
+                             "on CPUs with native bf16 where a probe shows it faster, else float32; report "
+                             "and publish: what the last build resolved)")
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:

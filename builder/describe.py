@@ -34,6 +34,7 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path) -> str:
     for student in plan.students:
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
+    lines += [f"Training precision: {plan.precision}", ""]
     lines += ["Stages in run order ([done] = finished earlier, reused as is)"]
     lines += _table(["state", "stage", "tokens", "output"], [_stage_row(plan, stage_id, store) for stage_id in plan.stages])
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]

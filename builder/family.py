@@ -5,33 +5,48 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 
 from builder.acquire import read_teacher_config
+from builder.batching import batch_problems
 from builder.options import RunOptions
 from builder.plan import Plan, make_plan, teacher_acquire_key
+from builder.precision import Precision
 from builder.spec import FamilySpec
-from builder.store import StageStore
+from builder.store import StageStore, write_json_atomic
 from builder.validate import check_against_teacher, load_spec
 from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
+BUILT_PRECISION = "precision.json"  # in the family dir: what the last build resolved --precision to
 
 
 def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
     return Path(options.workdir) / spec.family
 
 
-def load_and_plan(spec_path: Path, options: RunOptions) -> Plan:
-    """Phase 1 and 2 validation, then the plan; raises SpecError with every problem."""
+def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
+    """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
+    `built`: plan what the last build ran (report, publish), not what this machine would run."""
     spec = load_spec(spec_path)
     teacher_config = _teacher_config(spec, spec_path, options)
-    problems = check_against_teacher(spec, teacher_config)
+    problems = check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
     if problems:
         raise SpecError(str(spec_path), problems)
-    return make_plan(spec, teacher_config)
+    precision = _built_precision(spec, options) if built else options.resolved_precision()
+    return make_plan(spec, teacher_config, precision)
+
+
+def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
+    """`auto` resolves per machine (GPU or CPU, bf16 or not), and training stages are hashed
+    with the result: `report` on a login node must find the stages a GPU build made."""
+    record = family_dir(spec, options) / BUILT_PRECISION
+    if options.precision != "auto" or not record.exists():
+        return options.resolved_precision()
+    return Precision(**json.loads(record.read_text()))
 
 
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
@@ -61,6 +76,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
     store = StageStore(options.workdir)
     log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options)))
     _save_spec(spec_path, family_dir(plan.spec, options))
+    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
     result = run_plan(plan, options, spec_path.resolve().parent)
     for stage_id, error in {**result.failures, **result.optional_failures}.items():
         log.error("stage %s failed: %s", stage_id, error)
@@ -84,13 +100,13 @@ def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures
 
 
 def write_report(spec_path: Path, options: RunOptions) -> str:
-    plan = load_and_plan(spec_path, options)
+    plan = load_and_plan(spec_path, options, built=True)
     path = write_family_view(plan, spec_path, options, failures={})
     return f"wrote {path}"
 
 
 def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    plan = load_and_plan(spec_path, options)
+    plan = load_and_plan(spec_path, options, built=True)
     return _publish_plan(plan, spec_path, options, dry_run, force)
 
 

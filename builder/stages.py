@@ -10,15 +10,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
+from pydantic import BaseModel
 
 from builder.options import RunOptions
-from builder.plan import Stage
 from builder.shape import Shape
 from builder.spec import DistillSpec, EvaluationSpec, FamilySpec, TrainingSpec
 from builder.store import Manifest, StageStore
+
+if TYPE_CHECKING:  # builder.plan reads STAGE_VERSIONS from here
+    from builder.training import TrainSettings
+    from builder.plan import Stage
+
+Section = TypeVar("Section", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,17 @@ class StageContext:
 
     @property
     def config(self) -> dict:
-        """The settings this stage was planned with: exactly what its hash covers."""
+        """The settings this stage's result depends on: what its hash covers."""
         return self.stage.key.config
+
+    def section(self, model: type[Section]) -> Section:
+        """The spec section this stage was planned with, execution-only fields included."""
+        return model.model_validate({**self.stage.key.config, **self.stage.key.execution})
+
+    @property
+    def precision(self) -> str:
+        """The training precision the planner resolved and hashed (never re-resolved here)."""
+        return self.stage.key.options["precision"]
 
 
 StageResult = tuple[dict, int]  # (summary, tokens processed)
@@ -81,18 +96,30 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
     import dataclasses
 
-    from builder.training import TrainSettings
     from builder.ray_train import run_on_ray_train
 
     options = ctx.options
-    settings = TrainSettings.from_spec(section, dtype=options.train_dtype())
+    settings = train_settings(section, options.train_workers, ctx.precision)
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
                               parallel=options.parallel,
                               cpus_per_worker=max(1, options.stage_cpus() // options.train_workers))
+    layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
+              "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
-                                            "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
+                                            "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
     return summary, result.tokens_seen
+
+
+def train_settings(section: TrainingSpec, workers: int, precision: str) -> "TrainSettings":
+    """The training loop's per-worker settings: the spec's global batch split over `workers`
+    (builder.batching), so the step count and the data per step do not depend on them."""
+    from builder.batching import section_layout
+    from builder.training import TrainSettings
+
+    layout = section_layout(section, workers)
+    return TrainSettings.from_spec(section, dtype=precision, batch_size=layout.micro_batch_size,
+                                   grad_accum=layout.grad_accum)
 
 
 def _train_blocks(ctx: StageContext) -> Path:
@@ -141,7 +168,7 @@ def prune_stage(ctx: StageContext) -> StageResult:
 
 
 def distill_stage(ctx: StageContext) -> StageResult:
-    section = DistillSpec.model_validate(ctx.config)
+    section = ctx.section(DistillSpec)
     if section.tokens == 0:  # pruning only: the pruned checkpoint is the result
         return {"model_dir": str(ctx.model_dir("student")), "tokens": 0}, 0
     return _train(ctx, "distill", section, ctx.model_dir("student"))
@@ -174,7 +201,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from evaluators.lm_eval_runner import TaskRequest, evaluate_model
     from evaluators.perplexity import heldout_perplexity
 
-    evaluation = EvaluationSpec.model_validate(ctx.config)
+    evaluation = ctx.section(EvaluationSpec)
     device = ctx.options.device()
     tasks = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in evaluation.tasks]
     metrics = evaluate_model(ctx.model_dir("model"), tasks, batch_size=evaluation.batch_size, device=device,
@@ -203,6 +230,28 @@ def throughput_stage(ctx: StageContext) -> StageResult:
     results = measure_throughput(models, settings, ctx.out_dir)
     return {"results": results}, 0
 
+
+# Each stage's code version, part of its hash (builder.store.StageKey), so a change to one
+# stage recomputes that stage and, through the upstream hashes, what depends on it: never
+# its upstream or its siblings (a new evaluation keeps every distilled student).
+# BUMP RULE: bump a stage's version (any new string) in the commit that changes what it
+# writes for the same inputs: its outputs' values, files, or the meaning of its summary,
+# including through code it calls (builder.training for correct/distill, evaluators/ for
+# evaluate/throughput; a change to shared code bumps every stage whose output changes).
+# Refactors, speed-ups and logging need no bump. Hand-kept versions rather than a hash of
+# each stage's source: the code a stage runs spans modules shared by several stages, so a
+# source hash would either miss a change to a callee or recompute every stage for a comment.
+STAGE_VERSIONS: dict[str, str] = {
+    "acquire-teacher": "1",
+    "acquire-data": "2",  # sharded .npy token blocks (builder.tokens)
+    "correct": "1",
+    "score": "1",
+    "prune": "1",
+    "distill": "1",
+    "select": "1",
+    "evaluate": "1",
+    "throughput": "1",
+}
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {
     "acquire-teacher": acquire_teacher_stage,

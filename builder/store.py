@@ -1,7 +1,9 @@
 """Content-addressed stage outputs.
 
-Every stage writes into `<workdir>/stages/<stage>-<hash>/`, where the hash covers the
-stage's spec section, its upstream hashes and the code version. The stage's
+Every stage writes into `<workdir>/stages/<stage>-<hash>/`, where the hash covers what
+the stage's result depends on: the settings it reads (its spec section, less the fields
+marked execution-only), the run options that change its numerics (the resolved training
+precision), its upstream hashes and its own code version (builder.stages.STAGE_VERSIONS). The stage's
 `manifest.json` is written last, atomically: its existence means the stage finished, so a
 finished stage is never recomputed, and a directory without one is a stage that was
 interrupted (long stages keep resumable checkpoints inside it).
@@ -16,20 +18,25 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-CODE_VERSION = "0.1.3"  # bump when a stage's outputs change meaning; it is part of every hash
 
 
 @dataclass(frozen=True)
 class StageKey:
+    """A stage's identity: equal digests promise equal results (up to float summation order)."""
+
     stage: str  # e.g. "distill"
     label: str  # human part of the directory name, e.g. the student's name
-    config: dict[str, Any]  # the spec section this stage reads, JSON-able
+    config: dict[str, Any]  # the settings its result depends on (spec section less execution-only fields)
     upstream: tuple[str, ...] = ()  # hashes of the stages it reads
+    version: str = ""  # its code's version, builder.stages.STAGE_VERSIONS[stage]
+    options: dict[str, Any] = field(default_factory=dict)  # resolved run options that change its numerics
+    # How it runs, not what it computes (batch sizes, checkpoint interval): NOT hashed.
+    execution: dict[str, Any] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
-        payload = {"stage": self.stage, "config": self.config, "upstream": list(self.upstream),
-                   "code": CODE_VERSION}
+        payload = {"stage": self.stage, "version": self.version, "config": self.config,
+                   "options": self.options, "upstream": list(self.upstream)}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -25,9 +25,9 @@ data:
   seq_len: 64
   max_tokens: 60K
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
-correction: {{tokens: 1K, batch_size: 4, checkpoint_every: 2}}
+correction: {{tokens: 1K, global_batch_size: 4, checkpoint_every: 2}}
 scoring: {{samples: 16, batch_size: 8}}
-distill: {{tokens: 2K, batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
+distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}
