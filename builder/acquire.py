@@ -70,7 +70,20 @@ def acquire_teacher(teacher: TeacherSpec, out_dir: Path) -> dict:
         model_dir = _download_hf_model(ref, out_dir)
     else:
         model_dir = _check_local_checkpoint(Path(ref.name).expanduser())
+    _check_teacher_files(Path(model_dir), str(ref))
     return {"model_dir": str(model_dir), **teacher_metadata(teacher)}
+
+
+def _check_teacher_files(model_dir: Path, source: str) -> None:
+    """Reject a damaged teacher now, naming the file, not minutes later in whichever stage
+    first reads it (a truncated download or copy is the usual cause)."""
+    from builder.integrity import DamagedFile, check_checkpoint
+
+    try:
+        check_checkpoint(model_dir)
+    except DamagedFile as error:
+        raise DamagedFile(error.path, f"{error.fault}; the teacher (teacher.source {source}) is not a "
+                                      "usable checkpoint: download or copy it again") from error
 
 
 def teacher_metadata(teacher: TeacherSpec) -> dict:

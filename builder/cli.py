@@ -3,6 +3,7 @@
     build-family families/smollm2-135m.yaml --dry-run   # the plan: stages, shapes, params
     build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
     build-family families/x.yaml --address ray://head:10001   # on a cluster
+    build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
     build-family report families/x.yaml                 # rewrite the report from the run dir
     build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
     build-family schema                                 # the spec's JSON schema
@@ -44,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
                             "models that do not fit one device)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
+    build.add_argument("--rebuild", action="append", default=[], metavar="STAGE",
+                       help="redo this stage and every stage that reads it, although finished: a stage "
+                            "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
     _add_common(report)
     publish = commands.add_parser("publish", help="publish an existing run's students to the Hub")
@@ -104,9 +108,9 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "publish":
         return family.publish(args.spec, options, dry_run=args.dry_run, force=args.force)
     if args.dry_run:
-        print(family.describe_plan(args.spec, options))
+        print(family.describe_plan(args.spec, options, tuple(args.rebuild)))
         return 0
-    code = family.build(args.spec, options, publish=args.publish)
+    code = family.build(args.spec, options, publish=args.publish, rebuild=tuple(args.rebuild))
     log.info("build-family finished in %.1f s (exit code %d)", time.perf_counter() - started, code)
     return code
 

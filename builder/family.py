@@ -15,6 +15,7 @@ from builder.batching import batch_problems
 from builder.options import RunOptions
 from builder.plan import Plan, make_plan, teacher_acquire_key
 from builder.precision import Precision
+from builder.reuse import stages_to_rebuild
 from builder.spec import FamilySpec
 from builder.store import StageStore, write_json_atomic
 from builder.validate import check_against_teacher, load_spec
@@ -61,26 +62,32 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
                                                  f"cannot read the teacher's config ({error}); {fix}")]) from error
 
 
-def describe_plan(spec_path: Path, options: RunOptions) -> str:
+def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
     from builder.describe import render_plan
 
     plan = load_and_plan(spec_path, options)
-    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options))
+    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
+                       stages_to_rebuild(plan, list(rebuild)))
 
 
-def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
+def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
+    """Build what is not finished; `rebuild` names stages to redo (see reuse.stages_to_rebuild)."""
     from builder.describe import render_plan
     from builder.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
+    redo = stages_to_rebuild(plan, list(rebuild))
     store = StageStore(options.workdir)
-    log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options)))
+    log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options), redo))
     _save_spec(spec_path, family_dir(plan.spec, options))
     write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
-    result = run_plan(plan, options, spec_path.resolve().parent)
+    result = run_plan(plan, options, spec_path.resolve().parent, redo)
     for stage_id, error in {**result.failures, **result.optional_failures}.items():
         log.error("stage %s failed: %s", stage_id, error)
-    write_family_view(plan, spec_path, options, result.failures | result.optional_failures)
+    for stage_id, why in result.skipped.items():
+        log.warning("stage %s %s", stage_id, why)
+    # The report lists skipped stages beside failures, their text saying "skipped: upstream ...".
+    write_family_view(plan, spec_path, options, result.failures | result.optional_failures | result.skipped)
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
