@@ -14,7 +14,7 @@ from builder.options import RunOptions
 from builder.plan import Plan, make_plan, teacher_acquire_key
 from builder.spec import FamilySpec
 from builder.store import StageStore
-from builder.validate import check_against_teacher, load_spec
+from builder.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,19 @@ def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
 
 
 def load_and_plan(spec_path: Path, options: RunOptions) -> Plan:
-    """Phase 1 and 2 validation, then the plan; raises SpecError with every problem."""
+    """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
+
+    Local teacher and data paths are checked first (the dry run, the build and the report
+    all come here), so a missing or empty one is a spec problem before anything runs."""
     spec = load_spec(spec_path)
-    teacher_config = _teacher_config(spec, spec_path, options)
-    problems = check_against_teacher(spec, teacher_config)
+    problems = local_source_problems(spec)
+    if any(problem.field == "teacher.source" for problem in problems):
+        raise SpecError(str(spec_path), problems)  # without a teacher there is no config to check
+    try:
+        teacher_config = _teacher_config(spec, spec_path, options)
+    except SpecError as error:
+        raise SpecError(str(spec_path), problems + error.problems) from error
+    problems += check_against_teacher(spec, teacher_config)
     if problems:
         raise SpecError(str(spec_path), problems)
     return make_plan(spec, teacher_config)
@@ -38,7 +47,7 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
     manifest = StageStore(options.workdir).manifest(teacher_acquire_key(spec))
     acquired = Path(manifest.summary["model_dir"]) if manifest else None
     try:
-        return read_teacher_config(spec.teacher, acquired, options.teacher_config, spec_path.parent)
+        return read_teacher_config(spec.teacher, acquired, options.teacher_config)
     except (OSError, ValueError, KeyError) as error:  # unreachable Hub, gated repo, missing file
         fix = ("log in to the Hub for gated repos (`hf auth login`), check the path, or pass "
                "--teacher-config PATH/config.json to plan without the teacher")
@@ -61,7 +70,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
     store = StageStore(options.workdir)
     log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options)))
     _save_spec(spec_path, family_dir(plan.spec, options))
-    result = run_plan(plan, options, spec_path.resolve().parent)
+    result = run_plan(plan, options)
     for stage_id, error in {**result.failures, **result.optional_failures}.items():
         log.error("stage %s failed: %s", stage_id, error)
     write_family_view(plan, spec_path, options, result.failures | result.optional_failures)

@@ -69,7 +69,7 @@ def _keep_on_loopback() -> None:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mz-ray-", dir="/tmp")
 
 
-def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
+def run_plan(plan: Plan, options: RunOptions) -> BuildResult:
     store = StageStore(options.workdir)
     result = BuildResult()
     for stage_id, stage in plan.stages.items():
@@ -82,21 +82,20 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
         return result
     connected = init_ray(options)
     try:
-        _run_pending(pending, plan.spec, options, spec_dir, result)
+        _run_pending(pending, plan.spec, options, result)
     finally:
         if connected:
             ray.shutdown()
     return result
 
 
-def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, spec_dir: Path,
-                 result: BuildResult) -> None:
+def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, result: BuildResult) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
                                                                               name=stage.id)
-        refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs), *upstream)
+        refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs), *upstream)
         log.info("queued   %s", stage.id)
     _collect(refs, {stage.id: stage for stage in pending}, result)
 
@@ -133,12 +132,12 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
 
 
-def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
+def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
              *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
+    return execute_stage(stage, spec, options, dict(zip(roles, upstream)))
 
 
 
