@@ -31,6 +31,7 @@ EMBEDDED_TEACHER_META = {
     "smollm2-135m-instruct": {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
 }
 SPLITS = ("calibration", "train", "heldout")
+LOCAL_DATA_SUFFIXES = (".txt", ".jsonl")  # the document files a local data.source may hold
 
 
 def package_dir(package: str) -> Path:
@@ -48,11 +49,12 @@ def package_dir(package: str) -> Path:
 
 
 def teacher_identity(teacher: TeacherSpec) -> dict:
-    """What identifies the teacher's weights, for the stage hash (local files by content stamp)."""
+    """What identifies the teacher's weights, for the stage hash (local files by content stamp;
+    the spec's paths are absolute once loaded, so the stamp never depends on the current folder)."""
     ref = teacher.reference
     identity = {"source": str(ref)}
     if ref.kind == "path":
-        identity["stamp"] = _folder_stamp(Path(ref.name).expanduser())
+        identity["stamp"] = _folder_stamp(Path(ref.name))
     return identity
 
 
@@ -69,7 +71,7 @@ def acquire_teacher(teacher: TeacherSpec, out_dir: Path) -> dict:
     elif ref.kind == "hf":
         model_dir = _download_hf_model(ref, out_dir)
     else:
-        model_dir = _check_local_checkpoint(Path(ref.name).expanduser())
+        model_dir = _check_local_checkpoint(Path(ref.name))
     _check_teacher_files(Path(model_dir), str(ref))
     return {"model_dir": str(model_dir), **teacher_metadata(teacher)}
 
@@ -136,19 +138,20 @@ class Document:
     text: str
 
 
-def iter_documents(data: DataSpec, spec_dir: Path | None = None) -> Iterator[Document]:
+def iter_documents(data: DataSpec) -> Iterator[Document]:
     ref = data.reference
     if ref.kind == "embedded":
         yield from _sotu_documents()
     elif ref.kind == "hf":
         yield from _hf_documents(ref, data)
     else:
-        yield from _local_documents(_resolve(ref.name, spec_dir), data.text_field)
+        yield from _local_documents(Path(ref.name), data.text_field)
 
 
-def _resolve(path: str, spec_dir: Path | None) -> Path:
-    candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() or spec_dir is None else (spec_dir / candidate).resolve()
+def local_data_files(path: Path) -> list[Path]:
+    """The document files of a local data source (a file, or every one under a folder)."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [f for f in files if f.suffix in LOCAL_DATA_SUFFIXES and f.is_file()]
 
 
 def _sotu_documents() -> Iterator[Document]:
@@ -157,8 +160,7 @@ def _sotu_documents() -> Iterator[Document]:
 
 
 def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix in {".txt", ".jsonl"}]
+    files = local_data_files(path)
     if not files:
         raise FileNotFoundError(
             f"data.source {str(path)!r} holds no .txt or .jsonl files; give a folder of .txt "
@@ -215,11 +217,11 @@ def _pack(ids: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[:usable], dtype=torch.int32).view(-1, seq_len)
 
 
-def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, spec_dir: Path | None = None) -> dict:
+def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks = tokenize_splits(iter_documents(data, spec_dir), tokenizer, data)
+    blocks = tokenize_splits(iter_documents(data), tokenizer, data)
     for split, tensor in blocks.items():
         if len(tensor) == 0:
             raise ValueError(
@@ -245,7 +247,7 @@ def load_blocks(blocks_dir: Path | str, split: str, limit: int | None = None) ->
 
 
 def read_teacher_config(teacher: TeacherSpec, acquired_model_dir: Path | None = None,
-                        override: Path | None = None, spec_dir: Path | None = None):
+                        override: Path | None = None):
     """The teacher's transformers config: from `override` (a config.json or folder), from an
     already acquired checkpoint, or from the source itself (the Hub only for hf: sources)."""
     from transformers import AutoConfig
@@ -261,7 +263,7 @@ def read_teacher_config(teacher: TeacherSpec, acquired_model_dir: Path | None = 
         return config_from_json(Path(__file__).parent / "embedded" / f"{ref.name}.config.json")
     if ref.kind == "hf":
         return AutoConfig.from_pretrained(ref.name, revision=ref.revision)
-    return config_from_json(_resolve(ref.name, spec_dir) / "config.json")
+    return config_from_json(Path(ref.name) / "config.json")
 
 
 def config_from_json(path: Path):

@@ -18,7 +18,7 @@ from builder.precision import Precision
 from builder.reuse import stages_to_rebuild
 from builder.spec import FamilySpec
 from builder.store import StageStore, write_json_atomic
-from builder.validate import check_against_teacher, load_spec
+from builder.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,19 @@ def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
 
 def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
     """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
-    `built`: plan what the last build ran (report, publish), not what this machine would run."""
+    `built`: plan what the last build ran (report, publish), not what this machine would run.
+
+    Local teacher and data paths are checked first (the dry run, the build and the report
+    all come here), so a missing or empty one is a spec problem before anything runs."""
     spec = load_spec(spec_path)
-    teacher_config = _teacher_config(spec, spec_path, options)
-    problems = check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
+    problems = local_source_problems(spec)
+    if any(problem.field == "teacher.source" for problem in problems):
+        raise SpecError(str(spec_path), problems)  # without a teacher there is no config to check
+    try:
+        teacher_config = _teacher_config(spec, spec_path, options)
+    except SpecError as error:
+        raise SpecError(str(spec_path), problems + error.problems) from error
+    problems += check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
     if problems:
         raise SpecError(str(spec_path), problems)
     precision = _built_precision(spec, options) if built else options.resolved_precision()
@@ -54,7 +63,7 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
     manifest = StageStore(options.workdir).manifest(teacher_acquire_key(spec))
     acquired = Path(manifest.summary["model_dir"]) if manifest else None
     try:
-        return read_teacher_config(spec.teacher, acquired, options.teacher_config, spec_path.parent)
+        return read_teacher_config(spec.teacher, acquired, options.teacher_config)
     except (OSError, ValueError, KeyError) as error:  # unreachable Hub, gated repo, missing file
         fix = ("log in to the Hub for gated repos (`hf auth login`), check the path, or pass "
                "--teacher-config PATH/config.json to plan without the teacher")
@@ -81,7 +90,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options), redo))
     _save_spec(spec_path, family_dir(plan.spec, options))
     write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
-    result = run_plan(plan, options, spec_path.resolve().parent, redo)
+    result = run_plan(plan, options, redo)
     for stage_id, error in {**result.failures, **result.optional_failures}.items():
         log.error("stage %s failed: %s", stage_id, error)
     for stage_id, why in result.skipped.items():

