@@ -275,7 +275,7 @@ def test_a_stage_reads_its_section_with_the_execution_fields(tmp_path):
 
     def section(stage_name: str, model):
         stage = next(s for s in plan.stages.values() if s.name == stage_name)
-        return StageContext(stage, family, RunOptions(), tmp_path, tmp_path, {}).section(model)
+        return StageContext(stage, family, RunOptions(), tmp_path, {}).section(model)
 
     assert section("evaluate", EvaluationSpec).batch_size == 3
     assert section("distill", DistillSpec).checkpoint_every == 7
