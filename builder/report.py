@@ -382,11 +382,13 @@ def _row(model: ModelRecord, teacher: TeacherRecord, tasks: list[str]) -> list[s
         cells.append(cell if score else "-")
     perplexity = format_perplexity(model.perplexity) if model.perplexity else "-"
     if is_student and model.perplexity and teacher.perplexity:
-        perplexity += f" (Δ {perplexity_difference(model.perplexity, teacher.perplexity)})"
+        delta = perplexity_difference(model.perplexity, teacher.perplexity)
+        perplexity += " (Δ noise)" if delta.startswith("noise") else f" (Δ {delta})"
     throughput = model.throughput
     rate = throughput.rate if throughput else None
+    speedup = format_speedup(throughput) if is_student else "1.00× (reference)"
     cells += [perplexity, f"{rate.value:.0f} ± {rate.stderr or 0:.0f}" if rate else "-",
-              format_speedup(throughput) if throughput and throughput.speedup else "-"]
+              speedup if throughput and throughput.speedup else "-"]
     return cells
 
 
