@@ -103,8 +103,7 @@ def _run_command(args: argparse.Namespace) -> int:
     options = options_from(args)
     started = time.perf_counter()
     if args.command == "report":
-        print(family.write_report(args.spec, options))
-        return 0
+        return family.write_report(args.spec, options)
     if args.command == "publish":
         return family.publish(args.spec, options, dry_run=args.dry_run, force=args.force)
     if args.dry_run:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from builder.acquire import read_teacher_config
@@ -95,8 +96,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
         log.error("stage %s failed: %s", stage_id, error)
     for stage_id, why in result.skipped.items():
         log.warning("stage %s %s", stage_id, why)
-    # The report lists skipped stages beside failures, their text saying "skipped: upstream ...".
-    write_family_view(plan, spec_path, options, result.failures | result.optional_failures | result.skipped)
+    write_family_view(plan, spec_path, options, result.failures | result.optional_failures, result.skipped)
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
@@ -107,18 +107,40 @@ def _save_spec(spec_path: Path, out: Path) -> None:
     shutil.copyfile(spec_path, out / "spec.yaml")
 
 
-def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str]) -> Path:
-    """Cards and the family report, from finished stages only (cheap; always rewritten)."""
+def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
+                      skipped: dict[str, str] | None = None):
+    """Cards and the family report, from finished stages only (cheap), never over a complete
+    report with an incomplete one. Returns builder.report.ReportOutcome (its `report` is the
+    typed FamilyReport, its `note` one line for the user), or None when no stage finished."""
+    from builder.report import NothingToReport
+
+    try:
+        return _write_report_files(plan, spec_path, options, failures, skipped)
+    except NothingToReport as error:
+        log.warning("no report written: %s", error)
+        return None
+
+
+def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
+                        skipped: dict[str, str] | None = None):
     from builder.report import write_report_files
 
     return write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
-                              spec_path.read_text(), failures)
+                              spec_path.read_text(), failures, skipped)
 
 
-def write_report(spec_path: Path, options: RunOptions) -> str:
+def write_report(spec_path: Path, options: RunOptions) -> int:
+    """The `report` verb: rewrite the family view from the store; 1 when nothing has finished."""
+    from builder.report import NothingToReport
+
     plan = load_and_plan(spec_path, options, built=True)
-    path = write_family_view(plan, spec_path, options, failures={})
-    return f"wrote {path}"
+    try:
+        outcome = _write_report_files(plan, spec_path, options, failures={})
+    except NothingToReport as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(outcome.note)
+    return 0
 
 
 def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
@@ -127,6 +149,28 @@ def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) ->
 
 
 def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    from builder.report import publish_family
+    """Publish the family's report; every refusal is a message with its cause and fix and exit
+    code 1, a student without a Hub owner a spec problem (SpecError, exit 2)."""
+    from builder.report_model import FamilyReport, ReportFileError
+    from publish.hub import publish_report
 
-    return publish_family(plan, family_dir(plan.spec, options), dry_run=dry_run, force=force)
+    owner_problems = _owner_problems(plan.spec)
+    if owner_problems:
+        raise SpecError(str(spec_path), owner_problems)
+    try:
+        report = FamilyReport.load(family_dir(plan.spec, options) / "report.json")
+    except ReportFileError as error:
+        print(f"error: cannot publish {plan.spec.family!r}: {error}", file=sys.stderr)
+        return 1
+    return publish_report(report, dry_run=dry_run, force=force)
+
+
+def _owner_problems(spec: FamilySpec) -> list[Problem]:
+    """Students whose repo has no owner: neither their repo_id nor publish.org names one."""
+    if spec.publish.org:
+        return []
+    return [Problem("publish.org", None,
+                    f"students[{index}] ({student.name!r}) has no Hub owner for its repo; set publish.org to "
+                    f"your Hub user or organization (e.g. publish: {{org: my-org}}), or students[{index}].repo_id "
+                    f"to OWNER/{student.name}")
+            for index, student in enumerate(spec.students) if not student.repo_id]

@@ -428,6 +428,8 @@ class PublishSpec(Strict):
     private: bool = True
     license: str | None = Field(None, description="Defaults to the teacher's license")
     collection: bool = False
+    usage_prompt: str = Field("Hello, my name is", min_length=1,
+                              description="The prompt in the model cards' usage examples")
 
     @field_validator("org")
     @classmethod

@@ -77,8 +77,8 @@ def test_build_succeeds_and_writes_the_report(built_family):
     assert [s["name"] for s in report["students"]] == ["tiny-width", "tiny-depth"]
     for student in report["students"]:
         assert student["params"] < report["teacher"]["params"]
-        assert 0.0 <= student["metrics"]["arc_easy"]["acc"] <= 1.0
-        assert student["metrics"]["perplexity"] > 1.0
+        assert 0.0 <= student["tasks"]["arc_easy"]["scores"]["acc"] <= 1.0
+        assert student["perplexity"]["perplexity"] > 1.0
         assert student["stages"]["distill"]["tokens"] >= 2000
         assert Path(student["card"]).read_text().startswith("---")
     assert (workdir / "tiny-e2e" / "report.md").exists()
