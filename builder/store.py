@@ -155,7 +155,8 @@ class StageStore:
         trash = self.root / TRASH / f"{key.dirname}.{uuid.uuid4().hex[:8]}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path(key), trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        for old in trash.parent.iterdir():  # this one, and any a killed build left behind
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
