@@ -18,6 +18,9 @@ TOKENIZER_FILES = (
 # Sampling defaults (eos ids, temperature, ...): a pruned student is built from a config, so
 # save_pretrained alone would write generic ones instead of the source's.
 GENERATION_CONFIG = "generation_config.json"
+# Largest safetensors file a saved checkpoint is split into (transformers writes the index).
+# 5GB, transformers' long-time default: small enough for Hub uploads and partial downloads.
+MAX_SHARD_SIZE = "5GB"
 
 
 def load_model(
@@ -39,9 +42,16 @@ def load_model(
     return model
 
 
-def save_model(model: torch.nn.Module, source_dir: str | Path, out: str | Path, state_dict: dict | None = None) -> None:
-    """Weights as safetensors plus `source_dir`'s tokenizer files: loadable with plain from_pretrained."""
-    model.save_pretrained(out, state_dict=state_dict)
+def save_model(
+    model: torch.nn.Module,
+    source_dir: str | Path,
+    out: str | Path,
+    state_dict: dict | None = None,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
+) -> None:
+    """Weights as safetensors shards plus `source_dir`'s tokenizer files: loadable with plain
+    from_pretrained. `state_dict` replaces the model's own tensors (gathered FSDP weights)."""
+    model.save_pretrained(out, state_dict=state_dict, max_shard_size=max_shard_size)
     copy_tokenizer_files(source_dir, out)
 
 

@@ -6,9 +6,10 @@
 The caller (the runner) has already connected to a Ray cluster. Ray Train starts
 `num_workers` actors, sets up torch.distributed (gloo on CPU, NCCL on GPU) and runs the same
 loop as a single process; the loop reads rank and world size from torch.distributed. Every
-worker reads the models and the blocks file from `out_dir`'s shared disk, and rank 0 writes
-checkpoints, metrics and the final model there itself, so resuming works exactly as in one
-process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
+worker reads the models from shared disk and memory-maps the token shards of `blocks_path`
+(the acquire-data stage dir), reading only its own slice of each step's batch; every rank
+writes its checkpoint shards into `out_dir` and rank 0 the metrics and the final model, so
+resuming works exactly as in one process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
 its run records go to `out_dir/ray_train/`.
 """
 from __future__ import annotations

@@ -344,11 +344,14 @@ def test_hidden_loss_is_zero_for_a_copy_of_the_teacher_and_trains_a_student(mode
 
     (Path(student_dir) / "minizoo_pruning.json").write_text(json.dumps({"teacher_layers": [1, 3]}))
     try:
-        distill(teacher_dir, student_dir, blocks, tmp_path, steps_settings(12, hidden_loss_weight=1.0))
+        distill(teacher_dir, student_dir, blocks, tmp_path, steps_settings(24, hidden_loss_weight=1.0))
     finally:
         (Path(student_dir) / "minizoo_pruning.json").unlink()
     lines = metrics(tmp_path)
-    assert lines[-1]["hidden"] < 0.8 * lines[0]["hidden"]
+    # Two epochs of the same 48 blocks (12 steps each): their means compare the same data,
+    # where single steps differ by their batches as much as by training.
+    first, second = (sum(line["hidden"] for line in lines[i:i + 12]) / 12 for i in (0, 12))
+    assert second < 0.8 * first
     assert lines[0]["loss"] == pytest.approx(lines[0]["kl"] + lines[0]["hidden"], rel=1e-5)
     saved = weights(tmp_path)
     assert not any("projection" in name or name.startswith("student.") for name in saved)

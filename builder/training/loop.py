@@ -14,10 +14,12 @@ from builder.prune import read_pruning_map
 from builder.store import write_text_atomic
 from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
-from builder.training.data import BlockStream, check_token_ids, checked_blocks
+from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of
 from builder.training.metrics import MetricsLog, step_metrics
 from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
-from builder.training.parallel import World, default_device, warn_if_bf16_is_emulated, wrap_for_distributed
+from builder.training.parallel import (
+    World, default_device, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
+)  # fmt: skip
 from builder.training.settings import DTYPES, Parallel, TrainResult, TrainSettings
 from builder.training.step import accumulate_gradients, check_finite
 
@@ -25,7 +27,7 @@ from builder.training.step import accumulate_gradients, check_finite
 def distill(
     teacher_dir: str | Path,
     student_dir: str | Path,
-    train_blocks: torch.Tensor | str | Path,
+    train_blocks: TrainBlocks,
     out_dir: str | Path,
     settings: TrainSettings,
     *,
@@ -43,7 +45,7 @@ def distill(
 
 def correct_teacher(
     teacher_dir: str | Path,
-    train_blocks: torch.Tensor | str | Path,
+    train_blocks: TrainBlocks,
     out_dir: str | Path,
     settings: TrainSettings,
     *,
@@ -69,7 +71,7 @@ def load_result(out_dir: str | Path) -> TrainResult:
 def train(
     model_dir: str | Path,
     teacher_dir: Path | None,
-    train_blocks: torch.Tensor | str | Path,
+    train_blocks: TrainBlocks,
     out_dir: str | Path,
     settings: TrainSettings,
     device: torch.device | None = None,
@@ -82,9 +84,9 @@ def train(
     if device.type == "cuda":  # NCCL collectives run on the current device
         torch.cuda.set_device(device)
     warn_if_bf16_is_emulated(settings, device)
-    blocks = checked_blocks(train_blocks)
-    total_steps = settings.steps(blocks.shape[1], world.size)
-    tokens_per_step = settings.batch_size * settings.grad_accum * world.size * blocks.shape[1]
+    blocks = open_blocks(train_blocks)  # memory-mapped: nothing is read yet
+    total_steps = settings.steps(seq_len_of(blocks), world.size)
+    tokens_per_step = settings.batch_size * settings.grad_accum * world.size * seq_len_of(blocks)
 
     # Same seed on every rank: every replica starts from identical weights (FSDP shards them).
     torch.manual_seed(settings.seed)
@@ -94,7 +96,6 @@ def train(
     if teacher_dir is not None:
         teacher = load_model(teacher_dir, device, DTYPES[settings.dtype], trainable=False)
         _check_same_vocab(teacher, student, teacher_dir, model_dir)
-    check_token_ids(blocks, student.config.vocab_size)
     if teacher is not None and settings.hidden_loss_weight > 0:
         student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
     model = wrap_for_distributed(student, device, world, parallel)
@@ -102,11 +103,12 @@ def train(
     scheduler = warmup_cosine_schedule(optimizer, settings, total_steps)
 
     # What a checkpoint must agree with to be resumed: same steps over the same data.
-    plan = {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "seed": settings.seed}
+    plan = {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "seed": settings.seed,
+            "blocks": len(blocks)}
     resumed = resume_from_checkpoint(out_dir, model, optimizer, scheduler, world, plan)
     start_step, last_loss = resumed.get("step", 0), resumed.get("loss", float("nan"))
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=world.is_main, keep_up_to=start_step)
-    batches = BlockStream(blocks, settings, world)
+    batches = BlockStream(blocks, settings, world, vocab_size=student_of(model).config.vocab_size)
     desc = "distill" if teacher is not None else "correct"
     progress_bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not world.is_main)
     loop_started = time.perf_counter()
@@ -131,10 +133,11 @@ def train(
             progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step / seconds:.0f}")
             progress.update(1)
             if step % settings.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(out_dir, model, optimizer, scheduler, world, plan, step, last_loss)
+                done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1)}
+                save_checkpoint(out_dir, model, optimizer, scheduler, world, plan, done)
     loop_seconds = time.perf_counter() - loop_started
 
-    model_out = save_final_model(out_dir, model, model_dir, world)
+    model_out = save_final_model(out_dir, model, model_dir, world, settings.max_shard_size)
     result = TrainResult(
         tokens_seen=total_steps * tokens_per_step,
         steps=total_steps,

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from builder.model_io import MAX_SHARD_SIZE
 
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "cross_entropy"]
 Dtype = Literal["float32", "bfloat16"]
 Parallel = Literal["ddp", "fsdp"]
 LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_FILE_SIZE = re.compile(r"[0-9]+(KB|MB|GB|KIB|MIB|GIB)", re.IGNORECASE)  # what save_pretrained parses
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,6 +54,9 @@ class TrainSettings:
     dtype: Dtype = "float32"  # bfloat16 = autocast (fp32 master weights and optimizer)
     activation_checkpointing: bool = False
     log_every: int = 1  # steps between metrics.jsonl lines
+    # Not in the spec (how the output is written, not what is built): the final model's
+    # largest safetensors file, as transformers' save_pretrained reads it ("500MB", "5GB").
+    max_shard_size: str = MAX_SHARD_SIZE
 
     def __post_init__(self) -> None:
         problems = [p for p in _settings_problems(self) if p]
@@ -96,6 +103,7 @@ def _settings_problems(s: TrainSettings) -> list[str]:
         need(s.checkpoint_every > 0, "checkpoint_every", "must be a positive step count"),
         need(s.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
         need(s.log_every > 0, "log_every", "must be a positive step count"),
+        need(bool(_FILE_SIZE.fullmatch(s.max_shard_size)), "max_shard_size", 'must be a size such as "5GB" or "500MB"'),
     ]
 
 
