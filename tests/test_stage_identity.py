@@ -233,13 +233,12 @@ def test_auto_is_resolved_before_hashing(tmp_path, monkeypatch, flags, expected)
 
 def test_report_plans_with_the_precision_the_build_resolved(tmp_path, monkeypatch):
     """A build on GPUs resolved auto to bf16; `report` on a CPU node must find its stages."""
-    from builder.family import BUILT_PRECISION, family_dir
-    from builder.store import write_json_atomic
+    from builder.family import record_precision
 
     path = write_spec(tmp_path, SPEC)
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset())
     gpu_build = load_and_plan(path, options(tmp_path, precision="auto", gpus_per_stage=1))
-    write_json_atomic(family_dir(gpu_build.spec, options(tmp_path)) / BUILT_PRECISION, vars(gpu_build.precision))
+    record_precision(gpu_build, options(tmp_path))  # as `build` does before running
     reported = load_and_plan(path, options(tmp_path, precision="auto"), built=True)
     assert reported.precision == gpu_build.precision and digests(reported) == digests(gpu_build)
     pinned = load_and_plan(path, options(tmp_path, precision="float32"), built=True)
