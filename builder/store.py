@@ -100,7 +100,11 @@ class StageStore:
         file = self.path(key) / MANIFEST
         if not file.exists():
             return None
-        return Manifest(**json.loads(file.read_text()))
+        try:
+            return Manifest(**json.loads(file.read_text()))
+        except (ValueError, TypeError) as error:  # damaged by hand or by the disk: not finished
+            log.warning("%s is unreadable (%s); the stage counts as unfinished", file, error)
+            return None
 
     def prepare(self, key: StageKey) -> Path:
         out = self.path(key)
