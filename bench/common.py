@@ -36,12 +36,12 @@ def teacher_dir() -> Path:
 
 
 def load_teacher(folder: Path):
-    """(model in float32, eval mode; tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model in float32, frozen in eval mode; tokenizer)."""
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    from builder.model_io import load_model
+
+    return load_model(folder), AutoTokenizer.from_pretrained(folder)
 
 
 def sotu_splits(tokenizer, seq_len: int) -> dict:

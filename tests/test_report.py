@@ -32,7 +32,7 @@ family: tiny-report
 teacher: {{source: ./teacher, license: mit}}
 data: {{source: ./corpus.txt, seq_len: 64}}
 scoring: {{samples: 16, batch_size: 8}}
-distill: {{tokens: 2K, batch_size: 4}}
+distill: {{tokens: 2K, global_batch_size: 4}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}
