@@ -72,8 +72,9 @@ def throughput_record(result: dict) -> Throughput:
 
     load = result.get("load") or {}
     return Throughput(
-        **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes",
-                                            "ratio_to_teacher", "ratio_to_teacher_std", "ratio_note", "error")},
+        **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes", "num_prompts",
+                                            "output_tokens", "ratio_to_teacher", "ratio_to_teacher_std", "ratio_note",
+                                            "error")},
         cpu_per_wall=load.get("cpu_per_wall"), cores_given=load.get("cores_given"),
         load_avg_1m=load.get("load_avg_1m_max"), contended=load.get("contended"),
         contention_note=load.get("note"),
