@@ -8,7 +8,9 @@
     build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
     build-family schema                                 # the spec's JSON schema
 
-Exit codes: 0 built, 1 a stage failed, 2 the spec has problems (all listed, nothing ran).
+Exit codes: 0 built, 1 a stage failed, 2 the spec has problems (all listed, nothing ran),
+143 stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
+nothing half-written).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from builder import interrupt
 from builder.errors import SpecError
 from builder.options import RunOptions
 
@@ -90,11 +93,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command in ("build", "report"):  # they write the family's files: stop between writes
+        interrupt.install()
     try:
-        return _run_command(args)
+        code = _run_command(args)
     except SpecError as error:
         print(error, file=sys.stderr)
         return 2
+    except interrupt.BuildStopped as stop:
+        code = _stopped(stop)
+    if interrupt.stop_requested():  # a SIGTERM that came while a file was being written
+        code = _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
+    return code
+
+
+def _stopped(stop: interrupt.BuildStopped) -> int:
+    log.warning("build-family %s; finished stages are kept, run the same command to resume (exit code %d)",
+                stop, interrupt.STOPPED_EXIT_CODE)
+    return interrupt.STOPPED_EXIT_CODE
 
 
 def _run_command(args: argparse.Namespace) -> int:

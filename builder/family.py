@@ -60,6 +60,10 @@ def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
     return Precision(**json.loads(record.read_text()))
 
 
+def record_precision(plan: Plan, options: RunOptions) -> None:
+    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
+
+
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
     manifest = StageStore(options.workdir).manifest(teacher_acquire_key(spec))
     acquired = Path(manifest.summary["model_dir"]) if manifest else None
@@ -90,7 +94,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     store = StageStore(options.workdir)
     log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options), redo))
     _save_spec(spec_path, family_dir(plan.spec, options))
-    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
+    record_precision(plan, options)
     result = run_plan(plan, options, redo)
     for stage_id, error in {**result.failures, **result.optional_failures}.items():
         log.error("stage %s failed: %s", stage_id, error)
