@@ -9,14 +9,39 @@ import torch.nn.functional as F
 from builder.training.aligner import HiddenStateAligner, hidden_state_loss, recording
 from builder.training.data import BlockStream
 from builder.training.losses import chunked_losses
-from builder.training.parallel import gradient_sync, unwrap
+from builder.training.optim import clip_gradients
+from builder.training.parallel import World, gradient_sync, unwrap
 from builder.training.settings import TrainingDiverged, TrainSettings
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: BlockStream,
+    step: int,
+    settings: TrainSettings,
+    device: torch.device,
+    world: World,
+) -> tuple[torch.Tensor, float, float]:
+    """One training step; returns (LOSS_PARTS averaged over ranks, gradient norm, the
+    learning rate the step used)."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = accumulate_gradients(model, teacher, batches, step, settings, device)
+    losses = world.mean(losses)  # the same on all ranks
+    grad_norm = clip_gradients(model, settings.max_grad_norm)
+    check_finite(step, losses[0].item(), grad_norm, settings)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    optimizer.step()
+    scheduler.step()
+    return losses, grad_norm, lr
 
 
 def accumulate_gradients(
     model: torch.nn.Module,
     teacher: torch.nn.Module | None,
-    batches: "BlockStream",
+    batches: BlockStream,
     step: int,
     settings: TrainSettings,
     device: torch.device,
