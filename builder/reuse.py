@@ -15,7 +15,7 @@ from builder.integrity import DamagedFile
 from builder.plan import Plan, Stage
 from builder.store import Manifest, StageStore
 
-# Stages that keep resumable training state; builder.distill writes `checkpoints/latest`
+# Stages that keep resumable training state; builder.training writes `checkpoints/latest`
 # last, so it names a complete checkpoint.
 RESUMABLE_STAGES = {"distill", "correct"}
 
