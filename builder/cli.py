@@ -8,7 +8,9 @@
     build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
     build-family schema                                 # the spec's JSON schema
 
-Exit codes: 0 built, 1 a stage failed, 2 the spec has problems (all listed, nothing ran).
+Exit codes: 0 built, 1 a stage failed, 2 the spec has problems (all listed, nothing ran),
+143 stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
+nothing half-written).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from builder import interrupt
 from builder.errors import SpecError
 from builder.options import RunOptions
 
@@ -37,13 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
-    build.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per training stage")
+    build.add_argument("--train-workers", type=int, default=1,
+                       help="Ray Train workers per training stage; they split the spec's global_batch_size, "
+                            "so the result does not change (it must divide global_batch_size)")
     build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                        help="how training workers share the models: ddp (a full replica each) or fsdp "
                             "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
                             "models that do not fit one device)")
-    build.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                       help="training autocast (auto: bfloat16 on GPU, float32 on CPU)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
     build.add_argument("--rebuild", action="append", default=[], metavar="STAGE",
                        help="redo this stage and every stage that reads it, although finished: a stage "
@@ -63,6 +66,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs"), help="run directory (default: runs/)")
     parser.add_argument("--teacher-config", type=Path,
                         help="the teacher's config.json, to plan without fetching the teacher")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and "
+                             "on CPUs with native bf16 where a probe shows it faster, else float32; report "
+                             "and publish: what the last build resolved)")
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:
@@ -86,11 +93,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command in ("build", "report"):  # they write the family's files: stop between writes
+        interrupt.install()
     try:
-        return _run_command(args)
+        code = _run_command(args)
     except SpecError as error:
         print(error, file=sys.stderr)
         return 2
+    except interrupt.BuildStopped as stop:
+        code = _stopped(stop)
+    if interrupt.stop_requested():  # a SIGTERM that came while a file was being written
+        code = _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
+    return code
+
+
+def _stopped(stop: interrupt.BuildStopped) -> int:
+    log.warning("build-family %s; finished stages are kept, run the same command to resume (exit code %d)",
+                stop, interrupt.STOPPED_EXIT_CODE)
+    return interrupt.STOPPED_EXIT_CODE
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -99,8 +119,7 @@ def _run_command(args: argparse.Namespace) -> int:
     options = options_from(args)
     started = time.perf_counter()
     if args.command == "report":
-        print(family.write_report(args.spec, options))
-        return 0
+        return family.write_report(args.spec, options)
     if args.command == "publish":
         return family.publish(args.spec, options, dry_run=args.dry_run, force=args.force)
     if args.dry_run:

@@ -35,6 +35,7 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
     for student in plan.students:
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
+    lines += [f"Training precision: {plan.precision}", ""]
     lines += ["Stages in run order ([done] = finished earlier, reused as is; [resume] = continues from "
               "its last checkpoint; [damaged] = finished but its outputs fail the check, runs again; "
               "[todo] = runs)"]

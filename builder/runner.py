@@ -7,18 +7,25 @@ submitted at all, so a build that is already complete never even starts Ray.
 
 Each stage task holds the stage's lock while it runs (builder.store), so two builds on one
 work dir never run a stage twice at once: the second waits, then reuses the first's result.
+
+A build stopped by SIGTERM (builder.interrupt) cancels the stages in flight; a local
+instance is shut down and its temp dir removed however the build ends (short of SIGKILL).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import tempfile
 from contextlib import ExitStack, contextmanager
+import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 
+from builder.interrupt import interruptible
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.reuse import Decision, check_inputs, decide
@@ -45,12 +52,34 @@ class BuildResult:
         return not self.failures
 
 
+_own_temp_dirs: list[str] = []  # Ray temp dirs this process made for its local instances
+
+
 def init_ray(options: RunOptions) -> bool:
     """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback.
-    Returns whether this call connected (and so should disconnect when done)."""
+    Returns whether this call connected (and so should disconnect, `shutdown_ray`, when done)."""
     address = options.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
+    with _sigterm_handler_kept():
+        _connect(options, address)
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept():
+    """ray.init() replaces the driver's SIGTERM handler with sys.exit, and a SIGTERM then
+    ended the build with rc 134; the build's own handler (builder.interrupt) stops it in
+    order, so it is put back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _connect(options: RunOptions, address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -60,7 +89,6 @@ def init_ray(options: RunOptions) -> bool:
         # (without it, it logs a warning every second); on 127.0.0.1 only.
         ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
-    return True
 
 
 def _keep_on_loopback() -> None:
@@ -74,9 +102,19 @@ def _keep_on_loopback() -> None:
     # polls from inside the cluster, finds "the" local cluster by its temp dir and fails
     # when another build or test runs one beside it.
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mz-ray-", dir="/tmp")
+    _own_temp_dirs.append(os.environ["RAY_TMPDIR"])
+    log.info("Ray temp dir %s (removed at shutdown)", os.environ["RAY_TMPDIR"])
 
 
-def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, rebuild: set[str] = frozenset()) -> BuildResult:
+def shutdown_ray() -> None:
+    """Disconnect; a local instance's processes are stopped by ray.shutdown(), after which
+    its temp dir (sockets, logs, session files: tens of MB a build) is removed."""
+    ray.shutdown()
+    while _own_temp_dirs:
+        shutil.rmtree(_own_temp_dirs.pop(), ignore_errors=True)
+
+
+def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -> BuildResult:
     """Run every stage that is not finished and intact; `rebuild` holds stage ids to redo
     (what reads them is redone too)."""
     decisions = decide(plan, StageStore(options.workdir), rebuild)
@@ -92,25 +130,43 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, rebuild: set[str] 
         return result
     connected = init_ray(options)
     try:
-        _run_pending(pending, decisions, plan.spec, options, spec_dir, result)
+        _run_pending(pending, decisions, plan.spec, options, result)
     finally:
         if connected:
-            ray.shutdown()
+            shutdown_ray()
     skip_downstream_of_failures(plan, result)
     return result
 
 
 def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
-                 spec_dir: Path, result: BuildResult) -> None:
+                 result: BuildResult) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
                                                                               name=stage.id)
-        refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs),
+        refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
                                        decisions[stage.id], *upstream)
         log.info("queued   %s", stage.id)
-    _collect(refs, {stage.id: stage for stage in pending}, result)
+    try:
+        with interruptible():
+            _collect(refs, {stage.id: stage for stage in pending}, result)
+    except BaseException:  # SIGTERM (BuildStopped), Ctrl-C, or a bug here: stop what still runs
+        _cancel([ref for stage_id, ref in refs.items() if stage_id not in result.manifests])
+        raise
+
+
+def _cancel(refs: list[ray.ObjectRef]) -> None:
+    """Stop the stages still queued or running: force kills their worker processes (their
+    own children follow by their parent-death signal), recursive the tasks they started.
+    A stage's manifest is written last and atomically, so a killed stage leaves no
+    manifest, only what it can resume from."""
+    log.warning("stopping: cancelling %d unfinished stage(s)", len(refs))
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True, recursive=True)
+        except Exception as error:  # noqa: BLE001 (already finished, or its worker is gone)
+            log.debug("cancel: %s", error)
 
 
 def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
@@ -133,7 +189,8 @@ def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
 def _resources(stage: Stage, options: RunOptions) -> dict:
     """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
     so a model's memory is returned to the OS when the stage ends). Training stages hand
-    their CPUs to their Ray Train workers, so the coordinating task itself takes none."""
+    their CPUs to their Ray Train workers, so the coordinating task itself takes none; so
+    does acquire-data (a light stage) to its Ray Data tokenizer actors (builder/ray_data.py)."""
     if not stage.heavy or stage.name in {"distill", "correct"}:
         return {"num_cpus": 0}
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
@@ -162,7 +219,7 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
 
 
-def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
+def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
              decision: Decision, *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
@@ -177,7 +234,7 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str,
             store.discard(stage.key)
         with _inputs_locked(store, inputs):
             check_inputs(stage.id, inputs)
-            return execute_stage(stage, spec, options, Path(spec_dir), inputs)
+            return execute_stage(stage, spec, options, inputs)
 
 
 @contextmanager

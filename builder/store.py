@@ -1,7 +1,9 @@
 """Content-addressed stage outputs.
 
-Every stage writes into `<workdir>/stages/<stage>-<hash>/`, where the hash covers the
-stage's spec section, its upstream hashes and the code version. The stage's
+Every stage writes into `<workdir>/stages/<stage>-<hash>/`, where the hash covers what
+the stage's result depends on: the settings it reads (its spec section, less the fields
+marked execution-only), the run options that change its numerics (the resolved training
+precision), its upstream hashes and its own code version (builder.stages.STAGE_VERSIONS). The stage's
 `manifest.json` is written last, atomically: its existence means the stage finished, so a
 finished stage is never recomputed, and a directory without one is a stage that was
 interrupted (long stages keep resumable checkpoints inside it).
@@ -17,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -33,20 +34,25 @@ MANIFEST = "manifest.json"
 # Not outputs: resumable training state (large, read by no other stage) and the manifest itself.
 NOT_OUTPUTS = (MANIFEST, "checkpoints")
 TRASH = ".trash"  # replaced stage folders are moved here, then deleted
-CODE_VERSION = "0.1.2"  # bump when a stage's outputs change meaning; it is part of every hash
 
 
 @dataclass(frozen=True)
 class StageKey:
+    """A stage's identity: equal digests promise equal results (up to float summation order)."""
+
     stage: str  # e.g. "distill"
     label: str  # human part of the directory name, e.g. the student's name
-    config: dict[str, Any]  # the spec section this stage reads, JSON-able
+    config: dict[str, Any]  # the settings its result depends on (spec section less execution-only fields)
     upstream: tuple[str, ...] = ()  # hashes of the stages it reads
+    version: str = ""  # its code's version, builder.stages.STAGE_VERSIONS[stage]
+    options: dict[str, Any] = field(default_factory=dict)  # resolved run options that change its numerics
+    # How it runs, not what it computes (batch sizes, checkpoint interval): NOT hashed.
+    execution: dict[str, Any] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
-        payload = {"stage": self.stage, "config": self.config, "upstream": list(self.upstream),
-                   "code": CODE_VERSION}
+        payload = {"stage": self.stage, "version": self.version, "config": self.config,
+                   "options": self.options, "upstream": list(self.upstream)}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -160,11 +166,31 @@ class StageStore:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write a temporary file in the same folder, fsync, rename it over `path`, fsync the
+    folder: after a crash `path` holds either the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # one writer per process
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,7 +4,8 @@ Every model is measured in a fresh subprocess (`python -m evaluators.vllm_worker
 after another, on the same machine and with the same prompts, so that the teacher and
 its students can be compared as ratios. The subprocess keeps vLLM's spawned engine
 processes, its memory and its global state away from the caller (a Ray task), and a model
-vLLM cannot run costs one failed subprocess, not the whole measurement.
+vLLM cannot run costs one failed subprocess, not the whole measurement. None of them
+outlives the caller, and their shared memory goes with them (evaluators.process_tree).
 
     from evaluators.throughput import ThroughputSettings, measure_throughput
     results = measure_throughput({"teacher": t, "s1": s}, ThroughputSettings(), work_dir)
@@ -17,16 +18,18 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evaluators.process_tree import PARENT_PID_ENV, PidFile, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,12 @@ class ThroughputSettings:
     cpu_threads_bind: str | None = None
     seed: int = 0
     timeout_s: float = 1800.0  # per model, engine start included
+    passes: int = 5  # timed passes of the whole workload: their spread is the rate's uncertainty
+    warmup_passes: int = 1  # untimed passes first (compilation, caches, allocator)
 
     def __post_init__(self) -> None:
         problems = [f"{name}={getattr(self, name)!r} must be a positive number"
-                    for name in ("input_len", "output_len", "num_prompts", "kv_cache_gib", "timeout_s")
+                    for name in ("input_len", "output_len", "num_prompts", "kv_cache_gib", "timeout_s", "passes")
                     if not getattr(self, name) > 0]
         problems += [f"engine_args sets {key!r}, which ThroughputSettings sets itself: "
                      f"use the field {key!r} instead (the model comes from the models dict)"
@@ -164,13 +169,16 @@ def measure_model(name: str, path: Path, settings: ThroughputSettings,
     """Measure one model in a fresh worker subprocess; raises ThroughputError on failure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     request, result = out_dir / "request.json", out_dir / "result.json"
+    pid_file = PidFile(out_dir / "worker.pid")
+    if pid_file.clean():  # an earlier run was killed with no chance to stop its worker
+        log.warning("cleaned up after an earlier, interrupted measurement of %r", name)
     result.unlink(missing_ok=True)  # its existence must mean *this* run completed
-    request.write_text(json.dumps({"model": str(Path(path).resolve()),
-                                   "settings": settings.to_json()}, indent=2))
+    request.write_text(json.dumps({"model": str(Path(path).resolve()), "settings": settings.to_json(),
+                                   "pid_file": str(pid_file.path)}, indent=2))
     command = [sys.executable, "-m", "evaluators.vllm_worker", str(request), str(result)]
     with _rpc_dir(out_dir) as rpc_dir:
         env = _worker_env(settings, cache_root=out_dir.parent / "vllm-cache", rpc_dir=rpc_dir)
-        returncode = _run_worker(command, env, out_dir / "worker.log", settings.timeout_s)
+        returncode = _run_worker(command, env, out_dir / "worker.log", settings.timeout_s, pid_file)
     # The result is written last, so it stands even if vLLM then failed to shut down cleanly.
     if not result.exists():
         why = ("timed out after %.0f s" % settings.timeout_s if returncode is None
@@ -181,7 +189,9 @@ def measure_model(name: str, path: Path, settings: ThroughputSettings,
 
 
 def add_ratios(results: dict[str, dict[str, Any]], teacher: str = TEACHER) -> dict[str, dict[str, Any]]:
-    """Add `ratio_to_teacher` (output tokens/s over the teacher's) to every measured model.
+    """Add `ratio_to_teacher` (output tokens/s over the teacher's) to every measured model,
+    with `ratio_to_teacher_std`, the spread of both rates carried into the ratio (relative
+    spreads add in quadrature; the teacher's own ratio is exactly 1).
 
     Ratios are only meaningful for the same workload, so a model whose prompts differ
     from the teacher's (another tokenizer) gets None and a note instead.
@@ -197,7 +207,34 @@ def add_ratios(results: dict[str, dict[str, Any]], teacher: str = TEACHER) -> di
             result["ratio_note"] = "prompts differ from the teacher's (different tokenizer)"
         else:
             result["ratio_to_teacher"] = result["output_tokens_per_s"] / base["output_tokens_per_s"]
+            result["ratio_to_teacher_std"] = 0.0 if result is base else _ratio_spread(result, base)
     return results
+
+
+def _ratio_spread(result: dict[str, Any], base: dict[str, Any]) -> float | None:
+    spreads = [r.get("output_tokens_per_s_std") for r in (result, base)]
+    if None in spreads:
+        return None
+    relative = [spread / r["output_tokens_per_s"] for spread, r in zip(spreads, (result, base))]
+    return result["ratio_to_teacher"] * math.hypot(*relative)
+
+
+def describe_hardware(hardware: dict[str, Any]) -> str:
+    """The worker's hardware record in words: "AMD EPYC 7B13, 2 of 2 CPUs (avx2)", "1 x NVIDIA H100"."""
+    if hardware.get("device") != "cpu":
+        return f"{hardware.get('gpu_count') or 1} x {hardware.get('gpu_name') or hardware.get('device', 'accelerator')}"
+    cores = _count_cpus(hardware.get("usable_cpus") or "")
+    flags = f" ({', '.join(hardware['cpu_flags'])})" if hardware.get("cpu_flags") else ""
+    return f"{hardware.get('cpu_model', 'CPU')}, {cores or '?'} of {hardware.get('logical_cpus', '?')} CPUs{flags}"
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """"0-2,5" -> 4: the inverse count of cpu_list_string."""
+    count = 0
+    for part in filter(None, cpu_list.split(",")):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 def cpu_list_string(cpus: set[int]) -> str:
@@ -248,31 +285,37 @@ class _rpc_dir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _run_worker(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int | None:
+def _run_worker(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+                pid_file: PidFile) -> int | None:
     """Run the worker in its own session; returns its exit status, None on timeout.
 
     vLLM's engine processes are the worker's children: the whole session is killed
-    afterwards so that no straggler keeps memory while the next model is measured.
+    afterwards (its shared memory unlinked) so that no straggler keeps memory while the
+    next model is measured; on any exit of this function, an exception included. If this
+    process dies first, the worker gets SIGTERM from the kernel (it asks for it, naming us
+    in PARENT_PID_ENV) and stops the session itself: the death signal follows the thread
+    that starts the worker, and this thread waits for the worker until it is stopped, so
+    it ends before the worker only when the whole process dies.
     stdout and stderr share one log because vLLM's engine processes report their errors
     as log lines on stdout, while the worker's own traceback goes to stderr.
     """
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, env={**env, PARENT_PID_ENV: str(os.getpid())}, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        pid_file.write(proc.pid)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return None
         finally:
-            _kill_session(proc)
+            _stop_session(proc, pid_file)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we created: only our processes
-    except ProcessLookupError:
-        pass
+def _stop_session(proc: subprocess.Popen, pid_file: PidFile) -> None:
+    record = pid_file.read() or {"shm": []}
+    kill_group(proc.pid, set(record["shm"]))  # the session we created: only our processes
     proc.wait()
+    pid_file.path.unlink(missing_ok=True)
 
 
 def _failure_summary(log_path: Path) -> str:

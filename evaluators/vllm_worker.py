@@ -5,10 +5,16 @@ processes, which re-import the main module: this file has the `__main__` guard t
 
     python -m evaluators.vllm_worker REQUEST.json RESULT.json
 
-REQUEST.json is {"model": "<checkpoint dir>", "settings": {ThroughputSettings fields}}.
+REQUEST.json is {"model": "<checkpoint dir>", "settings": {ThroughputSettings fields},
+"pid_file": "<the caller's record of this worker's process group>"}.
 RESULT.json is written last and only on success, so its existence means the measurement
 completed. A failure exits non-zero; vLLM's engine processes log their errors on stdout,
 so the caller keeps stdout and stderr in one log.
+
+Lifetime (see evaluators.process_tree): the worker leads its own process group, which
+vLLM's engine processes join. When the caller dies (even by SIGKILL) the kernel sends the
+worker SIGTERM, and the worker unlinks the group's shared memory and kills the group,
+itself included; each engine process gets SIGKILL when the worker dies, whatever kills it.
 """
 from __future__ import annotations
 
@@ -17,27 +23,41 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evaluators.process_tree import PidFile, die_with_parent, die_with_parent_from_env, group_members, kill_group, \
+    mapped_shm
 from evaluators.throughput import ThroughputSettings, cpu_list_string
 
 _REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-_WARMUP_TOKENS = 4  # one short request first: the timed run should not pay one-off setup
+# A pass that kept fewer than this share of its cores busy lost them to other work.
+_BUSY_SHARE = 0.75
+# A 1-minute load average above this many runnable tasks per core means others were running.
+_LOAD_PER_CORE = 1.5
 
 
-def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
-    """Start an engine for `model`, generate the random workload, return the numbers:
+_PARENT_POLL_S = 1.0
 
-    requests_per_s, output_tokens_per_s, total_tokens_per_s (input + output over the
-    timed generate), elapsed_s, engine_start_s (the `vllm.LLM(...)` call), num_prompts,
-    input_tokens, output_tokens, cpu_seconds and cpu_per_wall (this process tree during
-    the timed generate), load_avg_1m_before, prompts_sha256, engine_args (as passed to
-    vllm.LLM), settings, vllm_version, hardware, warnings.
+
+def measure(model: Path, settings: ThroughputSettings, engine_started=lambda: None) -> dict[str, Any]:
+    """Start an engine for `model`, generate the random workload `settings.warmup_passes`
+    times untimed, then `settings.passes` times timed, and return the numbers:
+
+    output_tokens_per_s, requests_per_s, total_tokens_per_s (input + output): means over
+    the timed passes, with output_tokens_per_s_std (sample standard deviation) and the
+    per-pass values in pass_results; elapsed_s (all timed passes), engine_start_s (the
+    `vllm.LLM(...)` call), passes, num_prompts, input_tokens and output_tokens (per pass),
+    cpu_per_wall (mean), load (cores_given, cpu_per_wall, load_avg_1m_max, contended, note),
+    prompts_sha256, engine_args (as passed to vllm.LLM), settings, vllm_version, hardware,
+    warnings.
     """
     import vllm
     from vllm.platforms import current_platform
@@ -46,14 +66,17 @@ def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
     started = time.perf_counter()
     llm = vllm.LLM(**engine_args)
     engine_start_s = time.perf_counter() - started
+    engine_started()
 
     prompts = random_prompts(_vocab(llm), settings.num_prompts, settings.input_len, settings.seed)
     _check_fits(llm, settings)
-    _generate(llm, prompts[:1], _WARMUP_TOKENS)
-    timing = _timed_generate(llm, prompts, settings.output_len)
+    for _ in range(settings.warmup_passes):  # the timed passes should not pay one-off setup
+        _generate(llm, prompts, settings.output_len)
+    passes = [_rates(_timed_generate(llm, prompts, settings.output_len), settings.num_prompts)
+              for _ in range(settings.passes)]
     hardware = _hardware(current_platform)
     return {
-        **_rates(timing, settings.num_prompts),
+        **summarize_passes(passes, cores_given=len(os.sched_getaffinity(0)), on_cpu=hardware["device"] == "cpu"),
         "engine_start_s": engine_start_s,
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "engine_args": engine_args,
@@ -121,9 +144,40 @@ def _timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict
     elapsed = time.perf_counter() - started
     cpu = _tree_cpu_seconds() - cpu_before
     return {"elapsed_s": elapsed, "cpu_seconds": cpu, "cpu_per_wall": cpu / elapsed,
-            "load_avg_1m_before": load_before,
+            "load_avg_1m": max(load_before, os.getloadavg()[0]),
             "input_tokens": sum(len(o.prompt_token_ids) for o in outputs),
             "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)}
+
+
+def summarize_passes(passes: list[dict[str, float]], cores_given: int, on_cpu: bool) -> dict[str, Any]:
+    """Means over the timed passes, the spread of the headline rate, and the machine's load."""
+    rates = [p["output_tokens_per_s"] for p in passes]
+    mean = {key: statistics.fmean(p[key] for p in passes)
+            for key in ("output_tokens_per_s", "requests_per_s", "total_tokens_per_s", "cpu_per_wall")}
+    return {**mean, "output_tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else None,
+            "passes": len(passes), "pass_results": passes, "num_prompts": passes[0]["num_prompts"],
+            "input_tokens": passes[0]["input_tokens"], "output_tokens": passes[0]["output_tokens"],
+            "elapsed_s": sum(p["elapsed_s"] for p in passes), "cpu_seconds": sum(p["cpu_seconds"] for p in passes),
+            "load": machine_load(passes, cores_given, on_cpu)}
+
+
+def machine_load(passes: list[dict[str, float]], cores_given: int, on_cpu: bool) -> dict[str, Any]:
+    """Whether other work competed with the measurement, and how we know.
+
+    On a CPU the engine should keep the cores it was given busy, so a pass whose CPU time
+    over wall time falls below _BUSY_SHARE of them lost cores to someone else; on any
+    device, a load average above _LOAD_PER_CORE per core means others were running.
+    """
+    busy = min(p["cpu_per_wall"] for p in passes)
+    load = max(p["load_avg_1m"] for p in passes)
+    reasons = []
+    if on_cpu and busy < _BUSY_SHARE * cores_given:
+        reasons.append(f"a timed pass kept only {busy:.2f} of its {cores_given} cores busy")
+    if load > _LOAD_PER_CORE * (os.cpu_count() or 1):
+        reasons.append(f"the 1-minute load average reached {load:.1f} on {os.cpu_count()} cores")
+    return {"cores_given": cores_given, "cpu_per_wall": statistics.fmean(p["cpu_per_wall"] for p in passes),
+            "cpu_per_wall_min": busy, "load_avg_1m_max": load, "contended": bool(reasons),
+            "note": "; ".join(reasons) or None}
 
 
 def _tree_cpu_seconds() -> float:
@@ -205,18 +259,57 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def stop_group(*_: object) -> None:
+    """Unlink the shared memory of this worker's process group and kill the group (this
+    process included): what the worker does when its caller is gone."""
+    kill_group(os.getpgrp())
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A second watch on the caller, for when the SIGTERM handler cannot run: Python runs
+    signal handlers on the main thread only, which may sit in a long call into C."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+    stop_group()
+
+
+def _engines_die_with_this_process() -> None:
+    """Each engine process vLLM forks (its default on CPU) or spawns gets SIGKILL when this
+    process dies. vLLM starts them from the main thread, which lives as long as this process,
+    so the death signal (which follows the forking thread) means this process's death; forks
+    from other threads are left alone, their thread may end first."""
+    state = {}
+    os.register_at_fork(before=lambda: state.update(main=threading.current_thread() is threading.main_thread()),
+                        after_in_child=lambda: die_with_parent() if state.get("main") else None)
+
+
+def _record_shared_memory(pid_file: Path) -> None:
+    """Add the engine's /dev/shm segments to the caller's pid file: if the whole tree is
+    killed at once, the next run still knows what to unlink."""
+    PidFile(pid_file).add_shm(mapped_shm(group_members(os.getpgrp())))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m evaluators.vllm_worker REQUEST.json RESULT.json", file=sys.stderr)
         return 2
+    # The caller's thread that started this process waits for it until it ends: that thread
+    # ends early only if the caller dies, which is when this process must go.
+    signal.signal(signal.SIGTERM, stop_group)
+    die_with_parent_from_env(signal.SIGTERM)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    _engines_die_with_this_process()
     request_path, result_path = map(Path, argv)
     request = json.loads(request_path.read_text())
-    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]))
+    record = (lambda: _record_shared_memory(Path(request["pid_file"]))) if request.get("pid_file") else (lambda: None)
+    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]), engine_started=record)
     partial = result_path.with_suffix(".tmp")
     partial.write_text(json.dumps(result, indent=2))
     partial.replace(result_path)  # written last: its existence means success
     return 0
 
 
+if __name__ == "__mp_main__":  # an engine process vLLM spawned (re-imports this module)
+    die_with_parent()
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

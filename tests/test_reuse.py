@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from builder.cli import main
 from builder.errors import SpecError
 from builder.plan import Plan, make_plan
+from builder.precision import Precision
 from builder.integrity import DamagedFile
 from builder.reuse import check_inputs, decide, stages_to_rebuild
 from builder.runner import BuildResult, skip_downstream_of_failures
@@ -29,7 +30,7 @@ def plan() -> Plan:
         "family": "tiny", "teacher": {"source": "embedded:smollm2-135m-instruct"}, "distill": {"tokens": "4K"},
         "students": [{"name": "w", "shape": {"hidden_size": 48}}, {"name": "d", "shape": {"num_hidden_layers": 2}}],
     })
-    return make_plan(spec, tiny_config())
+    return make_plan(spec, tiny_config(), Precision("float32", "requested"))
 
 
 def stage_id(plan: Plan, short: str) -> str:
