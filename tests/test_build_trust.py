@@ -24,7 +24,7 @@ family: tiny-trust
 teacher: {{source: {teacher}}}
 data: {{source: embedded:sotu, seq_len: 64, max_tokens: 30K, split: {{calibration: 0.2, heldout: 0.2, seed: 1}}}}
 scoring: {{samples: 8, batch_size: 8}}
-distill: {{tokens: 1K, batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 2}}
+distill: {{tokens: 1K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 2}}
 students:
   - name: tiny
     shape: {{hidden_size: 48, intermediate_size: 96}}
