@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,25 @@ def concurrent_builds(tmp_path_factory):
     spec.write_text(SPEC.format(teacher=save_tiny_checkpoint(root / "teacher", seed=3)))
     workdir = root / "runs"
     logs = [root / "first.log", root / "second.log"]
-    builds = [build_process(spec, workdir, log) for log in logs]
-    codes = [build.wait(timeout=600) for build in builds]
+    first = build_process(spec, workdir, logs[0])
+    # The second starts once the first's Ray instance is up: two starting at the same moment
+    # on a busy 2-core machine can miss Ray's fixed 30 s raylet registration limit. The first
+    # has then just queued its stages, so the two builds still contend for every stage.
+    _wait_for(logs[0], "queued", first)
+    builds = [first, build_process(spec, workdir, logs[1])]
+    try:  # minutes on a quiet machine; a shared, busy one has taken 12
+        codes = [build.wait(timeout=1500) for build in builds]
+    finally:
+        for build in builds:
+            if build.poll() is None:  # a build still running when the test gives up
+                build.kill()
     return spec, workdir, codes, [log.read_text() for log in logs]
+
+
+def _wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def manifests(workdir: Path) -> dict[str, dict]:
