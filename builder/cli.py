@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json_schema(), indent=2))
         return 0
     if args.command in ("build", "report"):  # they write the family's files: stop between writes
-        interrupt.install()
+        interrupt.install()  # SIGTERM is noted, and acted on where the build can stop cleanly
     try:
         code = _run_command(args)
     except SpecError as error:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except interrupt.BuildStopped as stop:
         code = _stopped(stop)
-    if interrupt.stop_requested():  # a SIGTERM that came while a file was being written
+    if interrupt.stop_requested() and code != interrupt.STOPPED_EXIT_CODE:  # came while files were written
         code = _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
     return code
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from builder.interrupt import interruptible
+from builder.interrupt import raise_if_stopped
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.spec import FamilySpec
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # A failure in these stages is recorded in the report; the rest of the family still builds.
 OPTIONAL_STAGES = {"throughput"}
+_STOP_POLL_S = 1.0  # how often the wait for stages looks for a SIGTERM (builder.interrupt)
 
 
 @dataclass
@@ -55,7 +56,11 @@ def init_ray(options: RunOptions) -> bool:
     if ray.is_initialized():
         return False
     with _sigterm_handler_kept():
-        _connect(options, address)
+        try:
+            _connect(options, address)
+        except BaseException:  # e.g. "node timed out during startup" on a busy machine
+            shutdown_ray()  # what did start, and the temp dir, go
+            raise
     return True
 
 
@@ -118,6 +123,7 @@ def run_plan(plan: Plan, options: RunOptions) -> BuildResult:
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
     if not pending:
         return result
+    raise_if_stopped()  # a SIGTERM during planning: do not even start Ray
     connected = init_ray(options)
     try:
         _run_pending(pending, plan.spec, options, result)
@@ -136,8 +142,7 @@ def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, re
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs), *upstream)
         log.info("queued   %s", stage.id)
     try:
-        with interruptible():
-            _collect(refs, {stage.id: stage for stage in pending}, result)
+        _collect(refs, {stage.id: stage for stage in pending}, result)
     except BaseException:  # SIGTERM (BuildStopped), Ctrl-C, or a bug here: stop what still runs
         _cancel([ref for stage_id, ref in refs.items() if stage_id not in result.manifests])
         raise
@@ -169,7 +174,10 @@ def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: B
     by_ref = {ref: stage_id for stage_id, ref in refs.items()}
     waiting = list(by_ref)
     while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1)
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=_STOP_POLL_S)
+        raise_if_stopped()
+        if not ready:
+            continue
         stage_id = by_ref[ready[0]]
         try:
             manifest = ray.get(ready[0])

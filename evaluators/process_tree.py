@@ -81,8 +81,12 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def mapped_shm(pids: list[int]) -> set[str]:
-    """Names of the /dev/shm files the processes have mapped (shared memory, semaphores)."""
-    names = set()
+    """Names of the /dev/shm files the processes have mapped (shared memory, semaphores).
+
+    Matched by inode, not by the path in the maps: glibc's sem_open maps a temporary file
+    and then links it under the semaphore's name (loky's `sem.loky-*`), so the maps show
+    the temporary name, deleted, while the file that stays behind has another."""
+    inodes = set()
     for pid in pids:
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
@@ -90,10 +94,9 @@ def mapped_shm(pids: list[int]) -> set[str]:
             continue
         for line in maps.splitlines():
             parts = line.split(maxsplit=5)  # address perms offset dev inode [path]
-            path = parts[5] if len(parts) == 6 else ""
-            if path.startswith(f"{SHM_DIR}/"):
-                names.add(path.removeprefix(f"{SHM_DIR}/").removesuffix(" (deleted)"))
-    return names
+            if len(parts) == 6 and parts[5].startswith(f"{SHM_DIR}/"):
+                inodes.add(int(parts[4]))
+    return {entry.name for entry in os.scandir(SHM_DIR) if entry.inode() in inodes}
 
 
 def unlink_shm(names: set[str] | list[str]) -> None:
