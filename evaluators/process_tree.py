@@ -21,6 +21,7 @@ memory maps of the group's processes: whatever they map under /dev/shm is theirs
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -42,15 +43,24 @@ def die_with_parent(sig: int = signal.SIGKILL, expected_parent: int | None = Non
     `expected_parent` closes the race of a parent that died before this call: then the
     signal would never come, so it is sent now. No-op where prctl does not exist (not Linux).
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-            return
-    except (OSError, AttributeError):  # no libc prctl: not Linux
+    prctl = libc_prctl()
+    if prctl is None:  # not Linux
+        return
+    if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
         return
     if expected_parent is not None and os.getppid() != expected_parent:
         os.kill(os.getpid(), sig)
+
+
+@functools.lru_cache(maxsize=1)
+def libc_prctl():
+    """libc's prctl, or None where there is none. Looked up once: a child forked from a
+    threaded process should call it without entering the dynamic loader."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def die_with_parent_from_env(sig: int = signal.SIGKILL) -> None:

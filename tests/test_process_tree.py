@@ -164,3 +164,5 @@ def test_killing_the_measuring_process_leaves_no_vllm_process_or_shared_memory(t
     parent.wait()
     wait_until(lambda: not group_members(pgid), 30, f"every process of the worker's group {members} died")
     assert not [name for name in segments if (SHM_DIR / name).exists()]
+    # Named after their creator (loky's sem.loky-PID-*): none of the group's may be left.
+    assert not [name for name in os.listdir(SHM_DIR) if any(f"-{pid}-" in name for pid in members)]
