@@ -1,6 +1,6 @@
 """An orderly stop on SIGTERM, what schedulers (Slurm, Kubernetes, systemd) send first.
 
-The CLI installs the handler, which only notes the request: raising from it would unwind
+The CLI installs the handler (`sigterm_noted`), which only notes the request: raising from it would unwind
 whatever runs at that moment (a Ray call turns a foreign exception into a SystemError; a
 file being written would be left half-done). The runner polls `raise_if_stopped()` while it
 waits on Ray, cancels the stages in flight and shuts Ray down; the CLI then exits with
@@ -11,6 +11,8 @@ is whole or absent, and a rerun resumes from whatever finished.
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
+from typing import Iterator
 
 STOPPED_EXIT_CODE = 128 + signal.SIGTERM  # 143: what a shell reports for a process that SIGTERM ended
 
@@ -23,9 +25,17 @@ class BuildStopped(BaseException):
 _requested: list[int] = []  # the signals received
 
 
-def install() -> None:
-    """Note SIGTERM instead of dying at once (call from the main thread)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+@contextmanager
+def sigterm_noted() -> Iterator[None]:
+    """Within: SIGTERM is noted instead of ending the process (main thread only). The
+    previous handler comes back after, so a caller that runs the CLI in-process (the tests)
+    keeps its own."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _requested.clear()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:

@@ -32,17 +32,15 @@ throughput: {enabled: false}
 """
 
 
-def test_a_sigterm_is_noted_and_stops_the_build_where_it_checks(monkeypatch):
-    monkeypatch.setattr(interrupt, "_requested", [])
-    interrupt.install()
-    try:
+def test_a_sigterm_is_noted_and_stops_the_build_where_it_checks():
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt.sigterm_noted():
         interrupt.raise_if_stopped()  # nothing asked yet
         os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: the handler only notes it
         assert interrupt.stop_requested()
         with pytest.raises(interrupt.BuildStopped, match="SIGTERM"):
             interrupt.raise_if_stopped()
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert signal.getsignal(signal.SIGTERM) is before  # an in-process caller keeps its handler
 
 
 def start_build(spec: Path, workdir: Path, log: Path) -> subprocess.Popen:
