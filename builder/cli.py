@@ -3,6 +3,7 @@
     build-family families/smollm2-135m.yaml --dry-run   # the plan: stages, shapes, params
     build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
     build-family families/x.yaml --address ray://head:10001   # on a cluster
+    build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
     build-family report families/x.yaml                 # rewrite the report from the run dir
     build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
     build-family schema                                 # the spec's JSON schema
@@ -40,14 +41,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
-    build.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per training stage")
+    build.add_argument("--train-workers", type=int, default=1,
+                       help="Ray Train workers per training stage; they split the spec's global_batch_size, "
+                            "so the result does not change (it must divide global_batch_size)")
     build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                        help="how training workers share the models: ddp (a full replica each) or fsdp "
                             "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
                             "models that do not fit one device)")
-    build.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                       help="training autocast (auto: bfloat16 on GPU, float32 on CPU)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
+    build.add_argument("--rebuild", action="append", default=[], metavar="STAGE",
+                       help="redo this stage and every stage that reads it, although finished: a stage "
+                            "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
     _add_common(report)
     publish = commands.add_parser("publish", help="publish an existing run's students to the Hub")
@@ -63,6 +67,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs"), help="run directory (default: runs/)")
     parser.add_argument("--teacher-config", type=Path,
                         help="the teacher's config.json, to plan without fetching the teacher")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and "
+                             "on CPUs with native bf16 where a probe shows it faster, else float32; report "
+                             "and publish: what the last build resolved)")
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:
@@ -114,14 +122,13 @@ def _run_command(args: argparse.Namespace) -> int:
     options = options_from(args)
     started = time.perf_counter()
     if args.command == "report":
-        print(family.write_report(args.spec, options))
-        return 0
+        return family.write_report(args.spec, options)
     if args.command == "publish":
         return family.publish(args.spec, options, dry_run=args.dry_run, force=args.force)
     if args.dry_run:
-        print(family.describe_plan(args.spec, options))
+        print(family.describe_plan(args.spec, options, tuple(args.rebuild)))
         return 0
-    code = family.build(args.spec, options, publish=args.publish)
+    code = family.build(args.spec, options, publish=args.publish, rebuild=tuple(args.rebuild))
     log.info("build-family finished in %.1f s (exit code %d)", time.perf_counter() - started, code)
     return code
 

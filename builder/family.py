@@ -5,27 +5,34 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from builder.acquire import read_teacher_config
+from builder.batching import batch_problems
 from builder.options import RunOptions
 from builder.plan import Plan, make_plan, teacher_acquire_key
+from builder.precision import Precision
+from builder.reuse import stages_to_rebuild
 from builder.spec import FamilySpec
-from builder.store import StageStore
+from builder.store import StageStore, write_json_atomic
 from builder.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
+BUILT_PRECISION = "precision.json"  # in the family dir: what the last build resolved --precision to
 
 
 def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
     return Path(options.workdir) / spec.family
 
 
-def load_and_plan(spec_path: Path, options: RunOptions) -> Plan:
+def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
     """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
+    `built`: plan what the last build ran (report, publish), not what this machine would run.
 
     Local teacher and data paths are checked first (the dry run, the build and the report
     all come here), so a missing or empty one is a spec problem before anything runs."""
@@ -37,10 +44,24 @@ def load_and_plan(spec_path: Path, options: RunOptions) -> Plan:
         teacher_config = _teacher_config(spec, spec_path, options)
     except SpecError as error:
         raise SpecError(str(spec_path), problems + error.problems) from error
-    problems += check_against_teacher(spec, teacher_config)
+    problems += check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
     if problems:
         raise SpecError(str(spec_path), problems)
-    return make_plan(spec, teacher_config)
+    precision = _built_precision(spec, options) if built else options.resolved_precision()
+    return make_plan(spec, teacher_config, precision)
+
+
+def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
+    """`auto` resolves per machine (GPU or CPU, bf16 or not), and training stages are hashed
+    with the result: `report` on a login node must find the stages a GPU build made."""
+    record = family_dir(spec, options) / BUILT_PRECISION
+    if options.precision != "auto" or not record.exists():
+        return options.resolved_precision()
+    return Precision(**json.loads(record.read_text()))
+
+
+def record_precision(plan: Plan, options: RunOptions) -> None:
+    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
 
 
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
@@ -55,25 +76,31 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
                                                  f"cannot read the teacher's config ({error}); {fix}")]) from error
 
 
-def describe_plan(spec_path: Path, options: RunOptions) -> str:
+def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
     from builder.describe import render_plan
 
     plan = load_and_plan(spec_path, options)
-    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options))
+    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
+                       stages_to_rebuild(plan, list(rebuild)))
 
 
-def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
+def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
+    """Build what is not finished; `rebuild` names stages to redo (see reuse.stages_to_rebuild)."""
     from builder.describe import render_plan
     from builder.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
+    redo = stages_to_rebuild(plan, list(rebuild))
     store = StageStore(options.workdir)
-    log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options)))
+    log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options), redo))
     _save_spec(spec_path, family_dir(plan.spec, options))
-    result = run_plan(plan, options)
+    record_precision(plan, options)
+    result = run_plan(plan, options, redo)
     for stage_id, error in {**result.failures, **result.optional_failures}.items():
         log.error("stage %s failed: %s", stage_id, error)
-    write_family_view(plan, spec_path, options, result.failures | result.optional_failures)
+    for stage_id, why in result.skipped.items():
+        log.warning("stage %s %s", stage_id, why)
+    write_family_view(plan, spec_path, options, result.failures | result.optional_failures, result.skipped)
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
@@ -84,26 +111,70 @@ def _save_spec(spec_path: Path, out: Path) -> None:
     shutil.copyfile(spec_path, out / "spec.yaml")
 
 
-def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str]) -> Path:
-    """Cards and the family report, from finished stages only (cheap; always rewritten)."""
+def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
+                      skipped: dict[str, str] | None = None):
+    """Cards and the family report, from finished stages only (cheap), never over a complete
+    report with an incomplete one. Returns builder.report.ReportOutcome (its `report` is the
+    typed FamilyReport, its `note` one line for the user), or None when no stage finished."""
+    from builder.report import NothingToReport
+
+    try:
+        return _write_report_files(plan, spec_path, options, failures, skipped)
+    except NothingToReport as error:
+        log.warning("no report written: %s", error)
+        return None
+
+
+def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
+                        skipped: dict[str, str] | None = None):
     from builder.report import write_report_files
 
     return write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
-                              spec_path.read_text(), failures)
+                              spec_path.read_text(), failures, skipped)
 
 
-def write_report(spec_path: Path, options: RunOptions) -> str:
-    plan = load_and_plan(spec_path, options)
-    path = write_family_view(plan, spec_path, options, failures={})
-    return f"wrote {path}"
+def write_report(spec_path: Path, options: RunOptions) -> int:
+    """The `report` verb: rewrite the family view from the store; 1 when nothing has finished."""
+    from builder.report import NothingToReport
+
+    plan = load_and_plan(spec_path, options, built=True)
+    try:
+        outcome = _write_report_files(plan, spec_path, options, failures={})
+    except NothingToReport as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(outcome.note)
+    return 0
 
 
 def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    plan = load_and_plan(spec_path, options)
+    plan = load_and_plan(spec_path, options, built=True)
     return _publish_plan(plan, spec_path, options, dry_run, force)
 
 
 def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    from builder.report import publish_family
+    """Publish the family's report; every refusal is a message with its cause and fix and exit
+    code 1, a student without a Hub owner a spec problem (SpecError, exit 2)."""
+    from builder.report_model import FamilyReport, ReportFileError
+    from publish.hub import publish_report
 
-    return publish_family(plan, family_dir(plan.spec, options), dry_run=dry_run, force=force)
+    owner_problems = _owner_problems(plan.spec)
+    if owner_problems:
+        raise SpecError(str(spec_path), owner_problems)
+    try:
+        report = FamilyReport.load(family_dir(plan.spec, options) / "report.json")
+    except ReportFileError as error:
+        print(f"error: cannot publish {plan.spec.family!r}: {error}", file=sys.stderr)
+        return 1
+    return publish_report(report, dry_run=dry_run, force=force)
+
+
+def _owner_problems(spec: FamilySpec) -> list[Problem]:
+    """Students whose repo has no owner: neither their repo_id nor publish.org names one."""
+    if spec.publish.org:
+        return []
+    return [Problem("publish.org", None,
+                    f"students[{index}] ({student.name!r}) has no Hub owner for its repo; set publish.org to "
+                    f"your Hub user or organization (e.g. publish: {{org: my-org}}), or students[{index}].repo_id "
+                    f"to OWNER/{student.name}")
+            for index, student in enumerate(spec.students) if not student.repo_id]

@@ -2,10 +2,14 @@
 
 Each unfinished stage becomes one Ray task; upstream results travel as ObjectRefs, so Ray
 starts a stage as soon as its inputs are done, and independent student branches run
-concurrently when the cluster has room. Finished stages (manifest on disk) are not
-submitted at all, so a build that is already complete never even starts Ray. A build
-stopped by SIGTERM (builder.interrupt) cancels the stages in flight; a local instance is
-shut down and its temp dir removed however the build ends (short of SIGKILL).
+concurrently when the cluster has room. Finished, intact stages (builder.reuse) are not
+submitted at all, so a build that is already complete never even starts Ray.
+
+Each stage task holds the stage's lock while it runs (builder.store), so two builds on one
+work dir never run a stage twice at once: the second waits, then reuses the first's result.
+
+A build stopped by SIGTERM (builder.interrupt) cancels the stages in flight; a local
+instance is shut down and its temp dir removed however the build ends (short of SIGKILL).
 """
 from __future__ import annotations
 
@@ -15,15 +19,16 @@ import os
 import shutil
 import signal
 import tempfile
+from contextlib import ExitStack, contextmanager
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 
 from builder.interrupt import raise_if_stopped
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
+from builder.reuse import Decision, check_inputs, decide
 from builder.spec import FamilySpec
 from builder.store import Manifest, StageStore
 
@@ -40,6 +45,8 @@ class BuildResult:
     failures: dict[str, str] = field(default_factory=dict)  # stage id -> error text
     optional_failures: dict[str, str] = field(default_factory=dict)  # same, for OPTIONAL_STAGES
     reused: list[str] = field(default_factory=list)  # stage ids found finished on disk
+    # stage id -> "skipped: upstream <id> failed", for stages that could not run (not failures)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -112,34 +119,40 @@ def shutdown_ray() -> None:
         shutil.rmtree(_own_temp_dirs.pop(), ignore_errors=True)
 
 
-def run_plan(plan: Plan, options: RunOptions) -> BuildResult:
-    store = StageStore(options.workdir)
+def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -> BuildResult:
+    """Run every stage that is not finished and intact; `rebuild` holds stage ids to redo
+    (what reads them is redone too)."""
+    decisions = decide(plan, StageStore(options.workdir), rebuild)
     result = BuildResult()
-    for stage_id, stage in plan.stages.items():
-        manifest = store.manifest(stage.key)
-        if manifest is not None:
-            result.manifests[stage_id] = manifest
+    for stage_id, decision in decisions.items():
+        if decision.reuse:
+            result.manifests[stage_id] = decision.manifest
             result.reused.append(stage_id)
+        elif decision.reason:
+            log.warning("redo     %s: %s", stage_id, decision.reason)
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
     if not pending:
         return result
     raise_if_stopped()  # a SIGTERM during planning: do not even start Ray
     connected = init_ray(options)
     try:
-        _run_pending(pending, plan.spec, options, result)
+        _run_pending(pending, decisions, plan.spec, options, result)
     finally:
         if connected:
             shutdown_ray()
+    skip_downstream_of_failures(plan, result)
     return result
 
 
-def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, result: BuildResult) -> None:
+def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
+                 result: BuildResult) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
                                                                               name=stage.id)
-        refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs), *upstream)
+        refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
+                                       decisions[stage.id], *upstream)
         log.info("queued   %s", stage.id)
     try:
         _collect(refs, {stage.id: stage for stage in pending}, result)
@@ -161,10 +174,28 @@ def _cancel(refs: list[ray.ObjectRef]) -> None:
             log.debug("cancel: %s", error)
 
 
+def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
+    """A stage whose input failed never ran: Ray hands it the upstream's error. Report it as
+    skipped, naming the failed stage at the root, instead of as a failure of its own."""
+    failed = set(result.failures) | set(result.optional_failures)
+    roots: dict[str, str] = {}
+    for stage_id, stage in plan.stages.items():  # dependency order: upstream roots are known
+        for upstream in stage.inputs.values():
+            root = roots.get(upstream) or (upstream if upstream in failed else None)
+            if root is not None:
+                roots[stage_id] = root
+                break
+    for stage_id, root in roots.items():
+        result.failures.pop(stage_id, None)
+        result.optional_failures.pop(stage_id, None)
+        result.skipped[stage_id] = f"skipped: upstream {root} failed"
+
+
 def _resources(stage: Stage, options: RunOptions) -> dict:
     """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
     so a model's memory is returned to the OS when the stage ends). Training stages hand
-    their CPUs to their Ray Train workers, so the coordinating task itself takes none."""
+    their CPUs to their Ray Train workers, so the coordinating task itself takes none; so
+    does acquire-data (a light stage) to its Ray Data tokenizer actors (builder/ray_data.py)."""
     if not stage.heavy or stage.name in {"distill", "correct"}:
         return {"num_cpus": 0}
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
@@ -197,11 +228,31 @@ def _error_text(error: Exception) -> str:
 
 
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
-             *upstream: Manifest) -> Manifest:
+             decision: Decision, *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return execute_stage(stage, spec, options, dict(zip(roles, upstream)))
+    store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
+    with store.locked(stage.id):  # another build running this stage: wait, then look again
+        finished = store.reusable(stage.key, replaces=decision.replaces)
+        if finished is not None:
+            log.info("reused   %s: another build finished it", stage.id)
+            return finished
+        if decision.fresh or store.manifest(stage.key) is not None:  # stale or damaged: start over
+            store.discard(stage.key)
+        with _inputs_locked(store, inputs):
+            check_inputs(stage.id, inputs)
+            return execute_stage(stage, spec, options, inputs)
+
+
+@contextmanager
+def _inputs_locked(store: StageStore, inputs: dict[str, Manifest]):
+    """Shared locks on the stages read, so no other build replaces them mid-read. No deadlock:
+    a task waits only on stages upstream of the one it holds, and the DAG has no cycles."""
+    with ExitStack() as stack:
+        for stage_id in sorted({manifest.stage_id for manifest in inputs.values()}):
+            stack.enter_context(store.locked(stage_id, shared=True))
+        yield
 
 
 

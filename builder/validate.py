@@ -114,7 +114,7 @@ def _teacher_folder_problem(folder: Path) -> str | None:
 def _data_path_problem(path: Path, text_field: str) -> str | None:
     from builder.acquire import LOCAL_DATA_SUFFIXES, local_data_files
 
-    kinds = " or ".join(LOCAL_DATA_SUFFIXES)
+    kinds = ", ".join(LOCAL_DATA_SUFFIXES[:-1]) + " or " + LOCAL_DATA_SUFFIXES[-1]
     fix = f"give a {kinds} file or a folder of them ({text_field!r} holds the text of .jsonl lines) {_RELATIVE_HINT}"
     if not path.exists():
         return f"{path} does not exist; {fix}"

@@ -26,9 +26,9 @@ data:
   seq_len: 64
   max_tokens: 60K
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
-correction: {{tokens: 1K, batch_size: 4, checkpoint_every: 2}}
+correction: {{tokens: 1K, global_batch_size: 4, checkpoint_every: 2}}
 scoring: {{samples: 16, batch_size: 8}}
-distill: {{tokens: 2K, batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
+distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}
@@ -77,8 +77,8 @@ def test_build_succeeds_and_writes_the_report(built_family):
     assert [s["name"] for s in report["students"]] == ["tiny-width", "tiny-depth"]
     for student in report["students"]:
         assert student["params"] < report["teacher"]["params"]
-        assert 0.0 <= student["metrics"]["arc_easy"]["acc"] <= 1.0
-        assert student["metrics"]["perplexity"] > 1.0
+        assert 0.0 <= student["tasks"]["arc_easy"]["scores"]["acc"] <= 1.0
+        assert student["perplexity"]["perplexity"] > 1.0
         assert student["stages"]["distill"]["tokens"] >= 2000
         assert Path(student["card"]).read_text().startswith("---")
     assert (workdir / "tiny-e2e" / "report.md").exists()
@@ -104,10 +104,12 @@ def test_throughput_measured_with_vllm(built_family):
     assert report["teacher"]["throughput"]["ratio_to_teacher"] == pytest.approx(1.0)
     for model in [report["teacher"], *report["students"]]:
         numbers = model["throughput"] or {"error": f"no throughput recorded for {model['name']}"}
-        assert "error" not in numbers, numbers["error"]
+        assert numbers["error"] is None, numbers["error"]
         # ignore_eos: every prompt generates exactly output_len tokens.
         assert numbers["output_tokens"] == 4 * 16 and numbers["num_prompts"] == 4
-        assert numbers["output_tokens_per_s"] > 0 and numbers["requests_per_s"] > 0
+        # several timed passes, so the rate has a spread and the machine's load is judged
+        assert numbers["output_tokens_per_s"] > 0 and numbers["passes"] > 1
+        assert numbers["output_tokens_per_s_std"] is not None and numbers["contended"] in (True, False)
 
 
 def test_second_run_reuses_every_stage(built_family):
