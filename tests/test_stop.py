@@ -23,7 +23,7 @@ family: tiny-stop
 teacher: {source: ./teacher}
 data: {source: ./corpus, seq_len: 16, split: {calibration: 0.2, heldout: 0.2}}
 scoring: {samples: 4, batch_size: 4}
-distill: {tokens: 64, batch_size: 2, warmup_steps: 1}
+distill: {tokens: 64, global_batch_size: 2, warmup_steps: 1}
 students:
   - name: narrow
     shape: {intermediate_size: 64}
