@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from builder.interrupt import interruptible
+from builder.interrupt import raise_if_stopped
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.reuse import Decision, check_inputs, decide
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # A failure in these stages is recorded in the report; the rest of the family still builds.
 OPTIONAL_STAGES = {"throughput"}
+_STOP_POLL_S = 1.0  # how often the wait for stages looks for a SIGTERM (builder.interrupt)
 
 
 @dataclass
@@ -62,7 +63,11 @@ def init_ray(options: RunOptions) -> bool:
     if ray.is_initialized():
         return False
     with _sigterm_handler_kept():
-        _connect(options, address)
+        try:
+            _connect(options, address)
+        except BaseException:  # e.g. "node timed out during startup" on a busy machine
+            shutdown_ray()  # what did start, and the temp dir, go
+            raise
     return True
 
 
@@ -128,6 +133,7 @@ def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
     if not pending:
         return result
+    raise_if_stopped()  # a SIGTERM during planning: do not even start Ray
     connected = init_ray(options)
     try:
         _run_pending(pending, decisions, plan.spec, options, result)
@@ -149,8 +155,7 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
                                        decisions[stage.id], *upstream)
         log.info("queued   %s", stage.id)
     try:
-        with interruptible():
-            _collect(refs, {stage.id: stage for stage in pending}, result)
+        _collect(refs, {stage.id: stage for stage in pending}, result)
     except BaseException:  # SIGTERM (BuildStopped), Ctrl-C, or a bug here: stop what still runs
         _cancel([ref for stage_id, ref in refs.items() if stage_id not in result.manifests])
         raise
@@ -200,7 +205,10 @@ def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: B
     by_ref = {ref: stage_id for stage_id, ref in refs.items()}
     waiting = list(by_ref)
     while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1)
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=_STOP_POLL_S)
+        raise_if_stopped()
+        if not ready:
+            continue
         stage_id = by_ref[ready[0]]
         try:
             manifest = ray.get(ready[0])
