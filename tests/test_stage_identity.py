@@ -130,7 +130,7 @@ def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tm
     inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path)})
               for role in stage.inputs}
     run = RunOptions(train_workers=2, precision="float32")  # the stage must not re-resolve this
-    summary, _ = distill_stage(StageContext(stage, plan.spec, run, tmp_path, tmp_path, inputs))
+    summary, _ = distill_stage(StageContext(stage, plan.spec, run, tmp_path, inputs))
     [(settings, how)] = calls
     assert (settings.dtype, settings.batch_size, settings.grad_accum, how["num_workers"]) == ("bfloat16", 3, 2, 2)
     assert settings.checkpoint_every == 7  # an execution-only field still reaches the loop
