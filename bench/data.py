@@ -291,7 +291,7 @@ def provenance() -> dict:
     flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), [])
     packages = ("ray", "datasets", "pyarrow", "numpy", "tokenizers", "transformers", "torch")
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "packages": {name: version(name) for name in packages},
             "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))}
 
