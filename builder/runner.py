@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from builder.cluster import Node, new_probe, nodes_from_ray, read_probe, size_for_cluster, workdir_problems, write_probe
+from builder.errors import SpecError
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.spec import FamilySpec
@@ -82,11 +86,47 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
         return result
     connected = init_ray(options)
     try:
+        options = fit_to_cluster(options)
         _run_pending(pending, plan.spec, options, spec_dir, result)
     finally:
         if connected:
             ray.shutdown()
     return result
+
+
+def fit_to_cluster(options: RunOptions) -> RunOptions:
+    """Per-stage resources sized from the cluster's nodes (builder.cluster), and the work dir
+    checked on every node, before anything is submitted; raises SpecError naming the flag."""
+    nodes = nodes_from_ray(ray.nodes())
+    where = f"the Ray cluster at {options.address or os.environ.get('RAY_ADDRESS') or 'a local instance'}"
+    sized = size_for_cluster(options, nodes, where)
+    problems = _probe_workdir(options.workdir, nodes)
+    if problems:
+        raise SpecError(where, problems)
+    log.info("cluster: %d node(s), %d CPUs per heavy stage; every node sees %s", len(nodes),
+             sized.stage_cpus(), options.workdir)
+    return sized
+
+
+def _probe_workdir(workdir: Path, nodes: list[Node], timeout_s: float = 300.0) -> list:
+    """One node's task writes a probe file into the work dir; every other node's task and
+    the driver read it back."""
+    path, text = new_probe(workdir)
+    writer, readers = nodes[0], nodes[1:]
+    write_error = ray.get(_on_node(writer, write_probe).remote(str(path), text), timeout=timeout_s)
+    if write_error:
+        return workdir_problems(workdir, writer, write_error, {})
+    reads = {f"node {node}": _on_node(node, read_probe).remote(str(path), text) for node in readers}
+    errors = {who: ray.get(ref, timeout=timeout_s) for who, ref in reads.items()}
+    errors[f"the driver ({socket.gethostname()})"] = read_probe(str(path), text)
+    path.unlink(missing_ok=True)
+    return workdir_problems(workdir, writer, "", errors)
+
+
+def _on_node(node: Node, function):
+    """`function` as a Ray task pinned to `node`, taking no CPU so a busy node still runs it."""
+    strategy = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    return ray.remote(function).options(num_cpus=0, scheduling_strategy=strategy)
 
 
 def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, spec_dir: Path,
@@ -138,7 +178,8 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str,
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
+    node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)), node=node)
 
 
 
