@@ -48,9 +48,12 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
 
 def describe_plan(spec_path: Path, options: RunOptions) -> str:
     from builder.describe import render_plan
+    from builder.estimate import estimate_plan, render_estimate
 
     plan = load_and_plan(spec_path, options)
-    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options))
+    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
+    return "\n".join([render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options)), "",
+                      *render_estimate(estimate)])
 
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
@@ -77,10 +80,13 @@ def _save_spec(spec_path: Path, out: Path) -> None:
 
 def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str]) -> Path:
     """Cards and the family report, from finished stages only (cheap; always rewritten)."""
+    from builder.estimate import add_to_report
     from builder.report import write_report_files
 
-    return write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
+    path = write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
                               spec_path.read_text(), failures)
+    add_to_report(path, plan, _teacher_config(plan.spec, spec_path, options), options)
+    return path
 
 
 def write_report(spec_path: Path, options: RunOptions) -> str:

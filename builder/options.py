@@ -17,6 +17,8 @@ class RunOptions:
     local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
     teacher_config: Path | None = None  # read the teacher's config here instead of its source
     precision: str = "auto"  # training autocast: auto = bfloat16 on a GPU, float32 on a CPU
+    gpu: str = "h100"  # the accelerator the estimate (builder.estimate) is for
+    mfu: float = 0.4  # the model-FLOPs utilisation it assumes
     rehearsal: bool = False  # a `--rehearse` build (builder.rehearse): its manifests say so
 
     def stage_cpus(self) -> int:
