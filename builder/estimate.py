@@ -130,6 +130,7 @@ def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: in
 class StageEstimate:
     stage: str  # the stage id
     name: str
+    label: str  # the stage's label: its student, model or search candidate ("" for the teacher's)
     tokens: int
     flops: float
     gpus: int
@@ -163,8 +164,10 @@ class FamilyEstimate:
         return asdict(self) | {"gpu_hours": self.gpu_hours, "serial_wall_hours": self.serial_wall_hours}
 
 
-def estimate_plan(plan: Plan, teacher_config, options: RunOptions) -> FamilyEstimate:
-    accelerator = ACCELERATORS[options.gpu]
+def estimate_plan(plan: Plan, teacher_config, options: RunOptions,
+                  accelerator: Accelerator | None = None) -> FamilyEstimate:
+    """`accelerator`: another than `options.gpu`'s (bench.estimate uses this CPU's measured peak)."""
+    accelerator = accelerator or ACCELERATORS[options.gpu]
     models = _model_configs(plan, teacher_config)
     stages = [_stage_estimate(plan, stage_id, models, teacher_config, options, accelerator)
               for stage_id in plan.stages]
@@ -199,7 +202,7 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
                                      [models[role] for role in stage.inputs if role in models])
     gpus = options.train_workers if stage.name in ("distill", "correct") else 1
     gpu_hours = flops / (accelerator.bf16_tflops * 1e12 * options.mfu) / 3600
-    estimate = StageEstimate(stage_id, stage.name, tokens, flops, gpus if flops else 0, gpu_hours,
+    estimate = StageEstimate(stage_id, stage.name, stage.key.label, tokens, flops, gpus if flops else 0, gpu_hours,
                              gpu_hours / gpus)
     if memory_of is not None and tokens:
         _add_memory(estimate, memory_of, config["batch_size"], options, accelerator)
