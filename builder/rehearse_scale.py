@@ -3,9 +3,11 @@
 Pure arithmetic on the spec and config (no files, no models), so it is unit-tested and the
 mapping can be printed. What is kept and what shrinks, and why:
 
-- kept: `model_type`, the query and key/value head counts (so the GQA ratio and grouping),
-  `head_dim`, tied or untied embeddings, RoPE settings, every other config key: the attention
-  layout is what vLLM's kernels, pruning by groups and the checkpoint loaders depend on;
+- kept: `model_type`, the query heads per key/value head (the GQA ratio), `head_dim`, tied
+  or untied embeddings, RoPE settings, every other config key: the attention layout is what
+  vLLM's kernels, pruning by whole groups and the checkpoint loaders depend on; the number of
+  key/value groups drops to at most 2 (32/8 heads become 8/2), so that heads can still be
+  pruned by whole groups while attention stays cheap on a CPU;
 - widths (`hidden_size`, `intermediate_size`) divide by one factor, chosen so the rehearsal's
   hidden size is about 256 (4096 -> 256); hidden sizes stay multiples of the head count, which
   transformers requires;
@@ -19,7 +21,8 @@ mapping can be printed. What is kept and what shrinks, and why:
   its shape, which is what each stage acts on, does not;
 - every budget shrinks to a few optimizer steps or examples: training `tokens` to 2 steps of
   the (also shrunk) global batch, scoring samples, search candidates, evaluation limits,
-  held-out and throughput tokens.
+  held-out and throughput tokens; few-shot counts are capped at one (the few-shot path is
+  exercised, without 25-shot contexts of thousands of tokens).
 """
 from __future__ import annotations
 
@@ -31,28 +34,37 @@ from builder.spec import (EvaluationSpec, FamilySpec, ScoringSpec, SearchSpec, S
 
 TARGET_HIDDEN = 256  # the rehearsal teacher's width, about
 TARGET_LAYERS = 4  # and depth
+MAX_GROUPS = 2  # key/value heads (whole GQA groups, each with the teacher's query heads per group)
 SEQ_LEN = 64
 TRAIN_STEPS = 2  # optimizer steps per training stage (search candidates: 1)
-EVAL_LIMIT = 2  # examples per lm-eval task (per subtask of a group such as mmlu)
+EVAL_LIMIT = 1  # examples per lm-eval task (per subtask of a group such as mmlu: 57)
+MAX_FEWSHOT = 1  # a 25-shot context is thousands of tokens: minutes per example on a CPU
 HELDOUT_TOKENS = 256
 SUFFIX = "-rehearsal"
 
 
 @dataclass(frozen=True)
 class Scale:
-    """Integer divisors from the real teacher's shape to the rehearsal's."""
+    """Integer divisors from the real teacher's shape to the rehearsal's, and its head counts."""
 
     width: int
     depth: int
-    heads: int  # query heads (kept): hidden sizes are multiples of it
+    groups: int  # key/value heads: at most MAX_GROUPS whole GQA groups
+    group_size: int  # query heads per key/value head: the teacher's
 
     @classmethod
     def of(cls, teacher: Shape) -> "Scale":
         return cls(width=max(1, round(teacher.hidden_size / TARGET_HIDDEN)),
                    depth=max(1, round(teacher.num_hidden_layers / TARGET_LAYERS)),
-                   heads=teacher.num_attention_heads)
+                   groups=min(teacher.num_key_value_heads, MAX_GROUPS),
+                   group_size=teacher.num_attention_heads // teacher.num_key_value_heads)
+
+    @property
+    def heads(self) -> int:
+        return self.groups * self.group_size
 
     def hidden(self, size: int) -> int:
+        """transformers requires hidden_size to be a multiple of the query head count."""
         return max(self.heads, round(size / self.width / self.heads) * self.heads)
 
     def mlp(self, size: int) -> int:
@@ -65,22 +77,26 @@ class Scale:
 def rehearsal_shape(teacher: Shape, scale: Scale) -> Shape:
     return teacher.replace(hidden_size=scale.hidden(teacher.hidden_size),
                            intermediate_size=scale.mlp(teacher.intermediate_size),
+                           num_key_value_heads=scale.groups, num_attention_heads=scale.heads,
                            num_hidden_layers=max(2, scale.layers(teacher.num_hidden_layers)))
 
 
 def student_changes(changes: dict[str, int], teacher: Shape, small: Shape) -> dict[str, int]:
-    """A student's shape fields mapped by their ratio to the teacher; a cut axis stays cut."""
+    """A student's shape fields mapped by their ratio to the teacher; a cut axis stays cut.
+    Heads: key/value groups by their ratio, query heads per group as the student has them."""
     mapped = {}
     for field, value in changes.items():
         real, rehearsal = getattr(teacher, field), getattr(small, field)
-        size = round(value * rehearsal / real)
-        if field == "hidden_size":
-            size = round(value * rehearsal / real / small.num_attention_heads) * small.num_attention_heads
-        if field == "intermediate_size":
-            size = round(value * rehearsal / real / 8) * 8
+        multiple = {"hidden_size": small.num_attention_heads, "intermediate_size": 8}.get(field, 1)
+        size = max(multiple, round(value * rehearsal / real / multiple) * multiple)
         if value < real:
-            size = min(size, rehearsal - (small.num_attention_heads if field == "hidden_size" else 1))
+            size = min(size, rehearsal - multiple)
         mapped[field] = max(1, size)
+    if {"num_attention_heads", "num_key_value_heads"} & changes.keys():
+        groups = mapped.get("num_key_value_heads", small.num_key_value_heads)
+        per_group = changes.get("num_attention_heads", teacher.num_attention_heads) // changes.get(
+            "num_key_value_heads", teacher.num_key_value_heads)
+        mapped |= {"num_key_value_heads": groups, "num_attention_heads": groups * per_group}
     return mapped
 
 
@@ -103,7 +119,8 @@ def evaluation(section: EvaluationSpec, available: tuple[str, ...] | None) -> tu
     source needs the Hub), tasks outside it are left out and returned."""
     kept = [t for t in section.tasks if available is None or t.name in available]
     dropped = [t.name for t in section.tasks if t not in kept]
-    tasks = [t.model_copy(update={"limit": min(t.limit or EVAL_LIMIT, EVAL_LIMIT)}) for t in kept]
+    tasks = [t.model_copy(update={"limit": min(t.limit or EVAL_LIMIT, EVAL_LIMIT),
+                                  "num_fewshot": min(t.num_fewshot, MAX_FEWSHOT)}) for t in kept]
     update = {"tasks": tasks, "batch_size": min(section.batch_size, 4),
               "perplexity_tokens": min(section.perplexity_tokens, HELDOUT_TOKENS)}
     if available is not None:

@@ -31,7 +31,8 @@ def test_the_rehearsal_teacher_keeps_the_attention_layout_and_shrinks_widths_and
     scale = rehearse_scale.Scale.of(LLAMA)
     small = rehearse_scale.rehearsal_shape(LLAMA, scale)
     assert (scale.width, scale.depth) == (16, 8)
-    assert small == Shape(hidden_size=256, intermediate_size=896, num_attention_heads=32, num_key_value_heads=8,
+    # 4 query heads per key/value head and head_dim 128 as in Llama-3.1-8B, 2 groups instead of 8.
+    assert small == Shape(hidden_size=256, intermediate_size=896, num_attention_heads=8, num_key_value_heads=2,
                           num_hidden_layers=4, head_dim=128)
 
 
@@ -41,8 +42,13 @@ def test_students_keep_their_ratio_to_the_teacher_on_every_axis():
     assert width == {"hidden_size": 192, "intermediate_size": 576}  # 3/4 and 9/14 of 256 and 896
     assert rehearse_scale.student_changes({"num_hidden_layers": 16}, LLAMA, small) == {"num_hidden_layers": 2}
     # A cut axis stays cut even when the ratio would round back to the teacher's size.
-    assert rehearse_scale.student_changes({"hidden_size": 4064}, LLAMA, small) == {"hidden_size": 224}
+    assert rehearse_scale.student_changes({"hidden_size": 4064}, LLAMA, small) == {"hidden_size": 248}
     assert rehearse_scale.budget(4_000_000_000, 8_000_000_000, 10_000_000) == 5_000_000
+    # Heads: whole groups by their ratio (4 of 8 -> 1 of 2), query heads per group as the student has them.
+    assert rehearse_scale.student_changes({"num_attention_heads": 16, "num_key_value_heads": 4}, LLAMA, small) == \
+        {"num_attention_heads": 4, "num_key_value_heads": 1}
+    assert rehearse_scale.student_changes({"num_attention_heads": 24}, LLAMA, small) == \
+        {"num_attention_heads": 6, "num_key_value_heads": 2}
 
 
 def test_budgets_shrink_to_two_steps_of_the_global_batch():
@@ -75,8 +81,8 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
     assert small.model_type == real_config.model_type
     assert small.tie_word_embeddings == real_config.tie_word_embeddings
     assert plan.teacher_shape.head_dim == real_plan.teacher_shape.head_dim
-    assert (plan.teacher_shape.num_attention_heads, plan.teacher_shape.num_key_value_heads) == \
-        (real_plan.teacher_shape.num_attention_heads, real_plan.teacher_shape.num_key_value_heads)
+    ratio = plan.teacher_shape.num_attention_heads / plan.teacher_shape.num_key_value_heads
+    assert ratio == real_plan.teacher_shape.num_attention_heads / real_plan.teacher_shape.num_key_value_heads
     assert plan.teacher_params < 50_000_000
     assert plan.spec.family.endswith("-rehearsal") and plan.spec.description.startswith("REHEARSAL")
     assert [s.spec.name for s in plan.students] == [s.spec.name for s in real_plan.students]
@@ -87,7 +93,7 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
             assert share == pytest.approx(real_share, rel=1e-6)
             continue
         for field in real.spec.shape.changes():  # a shape keeps its ratio to the teacher per axis,
-            # up to rounding to a multiple of the head count (32 of 256: 1/16) or of 8, and to whole layers
+            # up to rounding to a multiple of the head count or of 8 (8 of 256: 1/32), and to whole layers
             ratio = getattr(rehearsed.shape, field) / getattr(plan.teacher_shape, field)
             real_ratio = getattr(real.shape, field) / getattr(real_plan.teacher_shape, field)
             assert ratio == pytest.approx(real_ratio, abs=1 / 16 if field != "num_hidden_layers" else 1 / 8)
