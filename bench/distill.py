@@ -73,6 +73,7 @@ from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
 from builder.training.step import optimizer_step
+from builder.estimate import kd_flops_per_token
 from builder.shape import Shape
 
 LEARNING_RATE = 1e-4
@@ -128,21 +129,7 @@ def synchronize(device: torch.device) -> None:
 # Model FLOPs
 
 
-def forward_flops_per_token(config, seq_len: int) -> int:
-    """Matmul FLOPs of one forward pass per token (formula in the module docstring)."""
-    shape = Shape.of(config)
-    h, d, layers = shape.hidden_size, shape.head_dim, shape.num_hidden_layers
-    q_width, kv_width = shape.num_attention_heads * d, shape.num_key_value_heads * d
-    layer_params = h * q_width + 2 * h * kv_width + q_width * h + 3 * h * shape.intermediate_size
-    lm_head = h * config.vocab_size
-    attention = 4 * layers * q_width * seq_len  # Q K^T and scores x V, 2 FLOPs per multiply-add
-    return 2 * (layers * layer_params + lm_head) + attention
-
-
-def kd_flops_per_token(teacher_config, student_config, seq_len: int) -> dict:
-    teacher = forward_flops_per_token(teacher_config, seq_len)
-    student = forward_flops_per_token(student_config, seq_len)
-    return {"teacher_forward": teacher, "student_forward": student, "total": teacher + 3 * student}
+# forward_flops_per_token and kd_flops_per_token live in builder.estimate (the dry run's estimate uses them).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build = commands.add_parser("build", help="build the family (default command)")
     _add_common(build)
     build.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    build.add_argument("--gpu", choices=("h100", "h200", "a100", "l40s"), default="h100",
+                       help="the accelerator --dry-run estimates time and memory for (bf16 peak, memory)")
+    build.add_argument("--mfu", type=float, default=0.4,
+                       help="model-FLOPs utilisation the estimate assumes (default 0.4)")
+    build.add_argument("--rehearse", action="store_true",
+                       help="run the whole plan on a small random model of the teacher's architecture with tiny "
+                            "budgets, on a CPU in minutes, in WORKDIR/rehearsal/ (labelled a rehearsal)")
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
@@ -83,6 +90,8 @@ def options_from(args: argparse.Namespace) -> RunOptions:
         parallel=getattr(args, "parallel", "ddp"),
         teacher_config=args.teacher_config,
         precision=getattr(args, "precision", "auto"),
+        gpu=getattr(args, "gpu", "h100"),
+        mfu=getattr(args, "mfu", 0.4),
     )
 
 
@@ -128,6 +137,10 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(family.describe_plan(args.spec, options, tuple(args.rebuild)))
         return 0
+    if args.rehearse:
+        from builder.rehearse import rehearse
+
+        return rehearse(args.spec, options)
     code = family.build(args.spec, options, publish=args.publish, rebuild=tuple(args.rebuild))
     log.info("build-family finished in %.1f s (exit code %d)", time.perf_counter() - started, code)
     return code

@@ -78,10 +78,12 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
 
 def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
     from builder.describe import render_plan
+    from builder.estimate import estimate_plan, render_estimate
 
     plan = load_and_plan(spec_path, options)
-    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
-                       stages_to_rebuild(plan, list(rebuild)))
+    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
+    return "\n".join([render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
+                                  stages_to_rebuild(plan, list(rebuild))), "", *render_estimate(estimate)])
 
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
@@ -127,10 +129,13 @@ def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures
 
 def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
                         skipped: dict[str, str] | None = None):
+    from builder.estimate import estimate_plan
     from builder.report import write_report_files
 
+    # The dry run's estimate goes into report.json, so a build compares predicted with measured time.
+    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options).to_json()
     return write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
-                              spec_path.read_text(), failures, skipped)
+                              spec_path.read_text(), failures, skipped, estimate)
 
 
 def write_report(spec_path: Path, options: RunOptions) -> int:

@@ -19,6 +19,9 @@ class RunOptions:
     local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
     teacher_config: Path | None = None  # read the teacher's config here instead of its source
     precision: str = "auto"  # training autocast: auto, float32 or bfloat16 (see builder.precision)
+    gpu: str = "h100"  # the accelerator the estimate (builder.estimate) is for
+    mfu: float = 0.4  # the model-FLOPs utilisation it assumes
+    rehearsal: bool = False  # a `--rehearse` build (builder.rehearse): its manifests say so
 
     def stage_cpus(self) -> int:
         return self.cpus_per_stage or self.local_cpus or os.cpu_count() or 1

@@ -14,6 +14,9 @@ its run records go to `out_dir/ray_train/`.
 """
 from __future__ import annotations
 
+import json
+import shutil
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +53,7 @@ def run_on_ray_train(
     _check_arguments(kind, student_dir, num_workers, parallel)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
     trainer = ray.train.torch.TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -80,6 +84,7 @@ def _train_worker(config: dict) -> None:
     # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have sized
     # its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
     torch.set_num_threads(config["threads"])
+    _record_node(Path(config["out_dir"]))
     device = ray.train.torch.get_device()
     common = dict(device=device, parallel=config["parallel"])
     if config["kind"] == "distill":
@@ -88,6 +93,21 @@ def _train_worker(config: dict) -> None:
     else:
         correct_teacher(config["teacher_dir"], config["blocks_path"], config["out_dir"],
                         config["settings"], **common)  # fmt: skip
+
+
+def _record_node(out_dir: Path) -> None:
+    """Each worker notes where it runs (hostname, Ray node id), for the stage's manifest."""
+    rank = ray.train.get_context().get_world_rank()
+    record = {"rank": rank, "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    folder = out_dir / "ray_train" / "nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def worker_nodes(out_dir: Path) -> list[dict]:
+    """Where the last run's Ray Train workers ran, by rank."""
+    files = sorted((Path(out_dir) / "ray_train" / "nodes").glob("rank-*.json"), key=lambda f: int(f.stem[5:]))
+    return [json.loads(file.read_text()) for file in files]
 
 
 def _fit(trainer: ray.train.torch.TorchTrainer) -> None:

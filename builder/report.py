@@ -255,10 +255,12 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
 
 # -- writing, never over a better report ---------------------------------------------------------
 def write_report_files(plan: Plan, store: StageStore, family_dir: Path, spec_text: str,
-                       failures: dict[str, str], skipped: dict[str, str] | None = None) -> ReportOutcome:
+                       failures: dict[str, str], skipped: dict[str, str] | None = None,
+                       estimate: dict | None = None) -> ReportOutcome:
     """Write report.json, report.md, plots and cards unless that would replace a complete
-    report with an incomplete one; raises NothingToReport when no stage has finished."""
-    report = collect_report(plan, store, spec_text, failures, skipped)
+    report with an incomplete one; raises NothingToReport when no stage has finished.
+    `estimate`: the dry run's cost estimate (builder.estimate), kept beside the measurements."""
+    report = collect_report(plan, store, spec_text, failures, skipped).model_copy(update={"estimate": estimate})
     if len(report.missing) == len(plan.stages):
         raise NothingToReport(f"nothing to report for {plan.spec.family!r}: none of its {len(plan.stages)} stages "
                               f"has finished in {store.root}; build it first (build-family SPEC), or pass the "

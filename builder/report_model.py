@@ -289,6 +289,9 @@ class FamilyReport(Record):
     missing: list[str] = []  # stages without a finished result
     complete: bool = False
     plots: dict[str, str] = Field(default_factory=dict)  # title -> PNG path
+    # builder.estimate's FamilyEstimate.to_json(): predicted tokens, FLOPs, time and memory
+    # per stage, so a finished build compares them with what it measured.
+    estimate: dict[str, Any] | None = None
 
     def student(self, name: str) -> StudentRecord:
         for record in self.students:

@@ -18,14 +18,19 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from contextlib import ExitStack, contextmanager
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from builder.interrupt import raise_if_stopped
+from builder.cluster import Node, new_probe, nodes_from_ray, read_probe, size_for_cluster, workdir_problems, write_probe
+from builder.errors import SpecError
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.reuse import Decision, check_inputs, decide
@@ -136,12 +141,48 @@ def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -
     raise_if_stopped()  # a SIGTERM during planning: do not even start Ray
     connected = init_ray(options)
     try:
+        options = fit_to_cluster(options)
         _run_pending(pending, decisions, plan.spec, options, result)
     finally:
         if connected:
             shutdown_ray()
     skip_downstream_of_failures(plan, result)
     return result
+
+
+def fit_to_cluster(options: RunOptions) -> RunOptions:
+    """Per-stage resources sized from the cluster's nodes (builder.cluster), and the work dir
+    checked on every node, before anything is submitted; raises SpecError naming the flag."""
+    nodes = nodes_from_ray(ray.nodes())
+    where = f"the Ray cluster at {options.address or os.environ.get('RAY_ADDRESS') or 'a local instance'}"
+    sized = size_for_cluster(options, nodes, where)
+    problems = _probe_workdir(options.workdir, nodes)
+    if problems:
+        raise SpecError(where, problems)
+    log.info("cluster: %d node(s), %d CPUs per heavy stage; every node sees %s", len(nodes),
+             sized.stage_cpus(), options.workdir)
+    return sized
+
+
+def _probe_workdir(workdir: Path, nodes: list[Node], timeout_s: float = 300.0) -> list:
+    """One node's task writes a probe file into the work dir; every other node's task and
+    the driver read it back."""
+    path, text = new_probe(workdir)
+    writer, readers = nodes[0], nodes[1:]
+    write_error = ray.get(_on_node(writer, write_probe).remote(str(path), text), timeout=timeout_s)
+    if write_error:
+        return workdir_problems(workdir, writer, write_error, {})
+    reads = {f"node {node}": _on_node(node, read_probe).remote(str(path), text) for node in readers}
+    errors = {who: ray.get(ref, timeout=timeout_s) for who, ref in reads.items()}
+    errors[f"the driver ({socket.gethostname()})"] = read_probe(str(path), text)
+    path.unlink(missing_ok=True)
+    return workdir_problems(workdir, writer, "", errors)
+
+
+def _on_node(node: Node, function):
+    """`function` as a Ray task pinned to `node`, taking no CPU so a busy node still runs it."""
+    strategy = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    return ray.remote(function).options(num_cpus=0, scheduling_strategy=strategy)
 
 
 def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
@@ -242,7 +283,8 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[st
             store.discard(stage.key)
         with _inputs_locked(store, inputs):
             check_inputs(stage.id, inputs)
-            return execute_stage(stage, spec, options, inputs)
+            node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+            return execute_stage(stage, spec, options, inputs, node=node)
 
 
 @contextmanager

@@ -61,7 +61,8 @@ class StageContext:
 StageResult = tuple[dict, int]  # (summary, tokens processed)
 
 
-def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, inputs: dict[str, Manifest]) -> Manifest:
+def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, inputs: dict[str, Manifest],
+                  node: dict | None = None) -> Manifest:
     store = StageStore(options.workdir)
     if stage.heavy:  # the CPUs the runner reserved for it (see runner._resources)
         torch.set_num_threads(options.stage_cpus())
@@ -69,6 +70,10 @@ def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, inputs: d
     log.info("started  %s", stage.id)
     started = time.perf_counter()
     summary, tokens = STAGE_FUNCTIONS[stage.name](ctx)
+    if node is not None:  # where it ran (hostname, Ray node id): the runner says
+        summary["node"] = node
+    if options.rehearsal:  # never to be mistaken for, or reused as, a real result
+        summary["rehearsal"] = True
     # The manifest is written last: from here on the stage counts as finished.
     return store.finish(stage.key, time.perf_counter() - started, tokens, summary)
 
@@ -97,18 +102,20 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
     import dataclasses
 
-    from builder.ray_train import run_on_ray_train
+    from builder.cluster import train_cpus_per_worker
+    from builder.ray_train import run_on_ray_train, worker_nodes
 
     options = ctx.options
     settings = train_settings(section, options.train_workers, ctx.precision)
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
                               parallel=options.parallel,
-                              cpus_per_worker=max(1, options.stage_cpus() // options.train_workers))
+                              cpus_per_worker=train_cpus_per_worker(options))
     layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
               "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
-                                            "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
+                                            "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl"),
+                                            "train_nodes": worker_nodes(ctx.out_dir)}
     return summary, result.tokens_seen
 
 
