@@ -202,8 +202,18 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
     estimate = StageEstimate(stage_id, stage.name, stage.key.label, tokens, flops, gpus if flops else 0, gpu_hours,
                              gpu_hours / gpus)
     if memory_of is not None and tokens:
-        _add_memory(estimate, memory_of, config["batch_size"], options, accelerator)
+        _add_memory(estimate, memory_of, _micro_batch(stage, options), options, accelerator)
     return estimate
+
+
+def _micro_batch(stage, options: RunOptions) -> int:
+    """The per-worker micro-batch a build would run (builder.batching splits the spec's global
+    batch over --train-workers, capped by the execution-only micro_batch_size)."""
+    from builder.batching import batch_layout
+
+    config, execution = stage.key.config, stage.key.execution
+    return batch_layout(config["global_batch_size"], options.train_workers,
+                        execution.get("micro_batch_size", config["global_batch_size"])).micro_batch_size
 
 
 def _work(name: str, config: dict, model, teacher_config, seq_len: int, measured: list):
@@ -247,7 +257,7 @@ def _add_memory(estimate: StageEstimate, memory_of, micro_batch: int, options: R
 
 
 def fit_advice(memory_of, micro_batch: int, options: RunOptions, accelerator: Accelerator) -> str:
-    """'fits on 80 GB ...' or 'does not fit on 80 GB ...; try --parallel fsdp with batch_size 1 ...':
+    """'fits on 80 GB ...' or 'does not fit on 80 GB ...; try --parallel fsdp with micro_batch_size 1 ...':
     the first change that fits, per parallelism (the chosen one first), largest micro-batch first."""
     budget = accelerator.memory_gib * GIB * MEMORY_HEADROOM
     chosen = memory_of(micro_batch, options.train_workers, options.parallel)
@@ -269,7 +279,7 @@ def fit_advice(memory_of, micro_batch: int, options: RunOptions, accelerator: Ac
 def _change(parallel: str, batch: int, chosen_parallel: str, chosen_batch: int) -> str:
     parts = [f"--parallel {parallel}"] if parallel != chosen_parallel else []
     if batch != chosen_batch:
-        parts.append(f"batch_size {batch} (and grad_accum x{chosen_batch / batch:g} to keep the global batch)")
+        parts.append(f"micro_batch_size {batch} (accumulation keeps the global batch)")
     return " with ".join(parts)
 
 

@@ -103,9 +103,11 @@ def student_changes(changes: dict[str, int], teacher: Shape, small: Shape) -> di
 def training(section: TrainingSpec, workers: int, steps: int = TRAIN_STEPS) -> dict:
     """A few optimizer steps of a shrunk global batch (micro-batch x accumulation x Ray Train
     workers); 0 tokens (a skipped stage) stays 0."""
-    batch, accum = min(section.batch_size, 2), min(section.grad_accum, 2)
-    tokens = steps * batch * accum * workers * SEQ_LEN if section.tokens else 0
-    return {"tokens": tokens, "batch_size": batch, "grad_accum": accum,
+    micro = min(section.micro_batch_size, 2)
+    per_worker = max(1, min(section.global_batch_size // workers, 2 * micro))  # at most 2 micro-batches
+    global_batch = per_worker * workers
+    tokens = steps * global_batch * SEQ_LEN if section.tokens else 0
+    return {"tokens": tokens, "global_batch_size": global_batch, "micro_batch_size": micro,
             "warmup_steps": min(section.warmup_steps, 1), "checkpoint_every": 1}
 
 

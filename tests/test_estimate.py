@@ -55,7 +55,7 @@ def test_advice_names_the_change_that_fits():
     options = RunOptions(train_workers=8, parallel="ddp", gpu="h100")
     # 8B trained with DDP: 16 bytes x 8B of state alone exceed 80 GB; FSDP over 8 with micro-batch 1 fits.
     advice = fit_advice(memory_of(LLAMA, None, 8192), 4, options, h100)
-    assert advice.startswith("does not fit on 80 GB") and "--parallel fsdp with batch_size 1" in advice
+    assert advice.startswith("does not fit on 80 GB") and "--parallel fsdp with micro_batch_size 1" in advice
     assert "--parallel" not in fit_advice(memory_of(LLAMA, None, 8192), 4, RunOptions(train_workers=8,
                                           parallel="fsdp"), h100).split("try")[1]
     tiny = student_config(LLAMA, Shape.of(LLAMA).replace(num_hidden_layers=2, intermediate_size=1024))

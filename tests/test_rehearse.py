@@ -52,10 +52,12 @@ def test_students_keep_their_ratio_to_the_teacher_on_every_axis():
 
 
 def test_budgets_shrink_to_two_steps_of_the_global_batch():
-    section = TrainingSpec(tokens="94B", batch_size=4, grad_accum=36, warmup_steps=40, checkpoint_every=500)
+    section = TrainingSpec(tokens="94B", global_batch_size=1152, micro_batch_size=4, warmup_steps=40,
+                           checkpoint_every=500)
     scaled = rehearse_scale.training(section, workers=2)
-    assert scaled == {"tokens": 2 * 2 * 2 * 2 * 64, "batch_size": 2, "grad_accum": 2, "warmup_steps": 1,
-                      "checkpoint_every": 1}
+    # 2 steps x (micro-batch 2 x 2 accumulated x 2 workers) x 64 tokens
+    assert scaled == {"tokens": 2 * 2 * 2 * 2 * 64, "global_batch_size": 8, "micro_batch_size": 2,
+                      "warmup_steps": 1, "checkpoint_every": 1}
     assert rehearse_scale.training(TrainingSpec(tokens=0), workers=2)["tokens"] == 0
 
 
