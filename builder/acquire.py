@@ -60,15 +60,16 @@ def _folder_stamp(folder: Path) -> list:
     return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
-def acquire_teacher(teacher: TeacherSpec, out_dir: Path) -> dict:
-    """Make the teacher available as a plain safetensors checkpoint; returns its folder."""
+def acquire_teacher(teacher: TeacherSpec, out_dir: Path, spec_dir: Path | None = None) -> dict:
+    """Make the teacher available as a plain safetensors checkpoint; returns its folder.
+    A relative local path resolves against the spec's folder, as the planner reads it."""
     ref = teacher.reference
     if ref.kind == "embedded":
         model_dir = convert_gguf_teacher(ref.name, out_dir / "model")
     elif ref.kind == "hf":
         model_dir = _download_hf_model(ref, out_dir)
     else:
-        model_dir = _check_local_checkpoint(Path(ref.name).expanduser())
+        model_dir = _check_local_checkpoint(_resolve(ref.name, spec_dir))
     return {"model_dir": str(model_dir), **teacher_metadata(teacher)}
 
 

@@ -1,13 +1,22 @@
 """`build-family`: build, plan, report or publish a model family from one YAML spec.
 
-    build-family families/smollm2-135m.yaml --dry-run   # the plan: stages, shapes, params
-    build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
-    build-family families/x.yaml --address ray://head:10001   # on a cluster
-    build-family report families/x.yaml                 # rewrite the report from the run dir
-    build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
-    build-family schema                                 # the spec's JSON schema
+examples:
+  build-family families/smollm2-135m.yaml --dry-run   # the plan: stages, shapes, params
+  build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
+  build-family families/x.yaml --verbose              # ... showing every process's output
+  build-family families/x.yaml --address ray://head:10001 --gpus-per-stage 1   # on a cluster
+  build-family status families/x.yaml                 # which stages are done, running, pending
+  build-family report families/x.yaml                 # rewrite the report from the run dir
+  build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
+  build-family schema                                 # the spec's JSON schema
 
-Exit codes: 0 built, 1 a stage failed, 2 the spec has problems (all listed, nothing ran).
+exit codes:
+  0  done (built, printed, published)
+  1  a stage failed (its log path is printed; run again to resume) or publishing failed
+  2  the spec has problems (all are listed; nothing ran)
+
+Each stage's full output is in <workdir>/stages/<stage>/stage.log. Writing a spec:
+README.md, section "Write your own family".
 """
 from __future__ import annotations
 
@@ -21,17 +30,23 @@ from pathlib import Path
 from builder.errors import SpecError
 from builder.options import RunOptions
 
-log = logging.getLogger("build-family")
-COMMANDS = ("build", "report", "publish", "schema")
+COMMANDS = ("build", "status", "report", "publish", "schema")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help", "--version"):
         argv = ["build", *argv]  # `build-family SPEC` is the common case
-    parser = argparse.ArgumentParser(prog="build-family", description=__doc__.split("\n")[0])
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="build-family", description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build the family (default command)")
+    build = commands.add_parser("build", help="build the family (default command)", epilog=details,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(build)
+    build.add_argument("--verbose", action="store_true",
+                       help="also print every process's output (Ray, transformers, lm-eval, vLLM) and the "
+                            "whole plan; without it they go to each stage's stage.log only")
     build.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
@@ -44,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                        help="training autocast (auto: bfloat16 on GPU, float32 on CPU)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
+    status = commands.add_parser("status", help="which stages are done, running (in a live build) or pending")
+    _add_common(status)
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
     _add_common(report)
     publish = commands.add_parser("publish", help="publish an existing run's students to the Hub")
@@ -61,6 +78,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="the teacher's config.json, to plan without fetching the teacher")
 
 
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from builder.store import CODE_VERSION
+
+    try:
+        installed = version("minizoo")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = "unknown"
+    return f"build-family {installed} (stage code {CODE_VERSION})"
+
+
 def options_from(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         workdir=args.workdir.resolve(),
@@ -71,12 +100,16 @@ def options_from(args: argparse.Namespace) -> RunOptions:
         parallel=getattr(args, "parallel", "ddp"),
         teacher_config=args.teacher_config,
         precision=getattr(args, "precision", "auto"),
+        verbose=getattr(args, "verbose", False),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # The console view (builder.console) reports progress; the driver's own log lines are
+    # for --verbose, and warnings always.
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "schema":
         from builder.spec import json_schema
 
@@ -94,6 +127,9 @@ def _run_command(args: argparse.Namespace) -> int:
 
     options = options_from(args)
     started = time.perf_counter()
+    if args.command == "status":
+        print(family.status(args.spec, options))
+        return 0
     if args.command == "report":
         print(family.write_report(args.spec, options))
         return 0
@@ -103,7 +139,7 @@ def _run_command(args: argparse.Namespace) -> int:
         print(family.describe_plan(args.spec, options))
         return 0
     code = family.build(args.spec, options, publish=args.publish)
-    log.info("build-family finished in %.1f s (exit code %d)", time.perf_counter() - started, code)
+    print(f"build-family finished in {time.perf_counter() - started:.1f} s (exit code {code})")
     return code
 
 

@@ -54,20 +54,57 @@ def describe_plan(spec_path: Path, options: RunOptions) -> str:
 
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
-    from builder.describe import render_plan
+    from builder.console import BuildConsole, make_console
     from builder.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
     store = StageStore(options.workdir)
-    log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options)))
+    console = make_console()
+    _announce(console, plan, store, options)
     _save_spec(spec_path, family_dir(plan.spec, options))
-    result = run_plan(plan, options, spec_path.resolve().parent)
-    for stage_id, error in {**result.failures, **result.optional_failures}.items():
-        log.error("stage %s failed: %s", stage_id, error)
+    with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log") as view:
+        result = run_plan(plan, options, spec_path.resolve().parent, observer=view)
     write_family_view(plan, spec_path, options, result.failures | result.optional_failures)
+    _conclude(console, plan, options, result, view.skipped())
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
+
+
+def _announce(console, plan: Plan, store: StageStore, options: RunOptions) -> None:
+    """The models to build and how much is already done; `--verbose` prints the whole plan."""
+    from builder.describe import render_models, render_plan
+
+    if options.verbose:
+        console.print(render_plan(plan, store, family_dir(plan.spec, options)), highlight=False)
+        return
+    finished = sum(store.manifest(stage.key) is not None for stage in plan.stages.values())
+    console.print(f"Building {plan.spec.family}: {len(plan.stages) - finished} stages to run, {finished} "
+                  f"finished earlier (reused); work dir {options.workdir}", highlight=False)
+    console.print("\n".join(render_models(plan)[1:]), highlight=False)
+
+
+def _conclude(console, plan: Plan, options: RunOptions, result, skipped: list[str]) -> None:
+    """The family table and where things are; after a failure, what did not run."""
+    from builder.summary import print_summary
+
+    print_summary(console, family_dir(plan.spec, options))
+    optional = [stage_id for stage_id in result.optional_failures if stage_id not in skipped]
+    if optional:
+        console.print(f"{len(optional)} optional stage(s) failed (see above); the report leaves their "
+                      "numbers out", highlight=False)
+    if not result.ok:
+        failed = [stage_id for stage_id in result.failures if stage_id not in skipped]
+        console.print(f"Build failed: {len(failed)} stage(s) failed (see above), {len(skipped)} skipped "
+                      "because an input failed. Fix the cause and run the same command again: finished "
+                      "stages are reused.", highlight=False)
+
+
+def status(spec_path: Path, options: RunOptions) -> str:
+    from builder.console import render_status
+
+    plan = load_and_plan(spec_path, options)
+    return render_status(plan, StageStore(options.workdir))
 
 
 def _save_spec(spec_path: Path, out: Path) -> None:

@@ -17,6 +17,7 @@ class RunOptions:
     local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
     teacher_config: Path | None = None  # read the teacher's config here instead of its source
     precision: str = "auto"  # training autocast: auto = bfloat16 on a GPU, float32 on a CPU
+    verbose: bool = False  # stream every process's output to the console too (stage.log gets it anyway)
 
     def stage_cpus(self) -> int:
         return self.cpus_per_stage or self.local_cpus or os.cpu_count() or 1

@@ -7,9 +7,12 @@ submitted at all, so a build that is already complete never even starts Ray.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,17 @@ log = logging.getLogger(__name__)
 
 # A failure in these stages is recorded in the report; the rest of the family still builds.
 OPTIONAL_STAGES = {"throughput"}
+
+# Ray Train settings for the stage processes that call TrainerV2.fit(); Ray Train passes
+# them on to its controller and workers (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
+# A user's own setting wins. On a loaded machine the defaults print tracebacks that are not
+# failures: the worker group's 60 s start timeout expires while workers import torch (the
+# controller logs a traceback and retries), and the state actor's 10 s State API query
+# times out (it logs a traceback and polls again; it only keeps the dashboard's run list).
+RAY_TRAIN_QUIET = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+}
 
 
 @dataclass
@@ -40,19 +54,26 @@ class BuildResult:
 
 def init_ray(options: RunOptions) -> bool:
     """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback.
-    Returns whether this call connected (and so should disconnect when done)."""
+    Returns whether this call connected (and so should disconnect when done).
+
+    Without `--verbose` the driver's console stays quiet: every stage captures its own
+    output into its stage.log (builder.stage_log), so nothing is lost by not streaming
+    workers' output to the driver (log_to_driver). Ray's own driver messages are shown from
+    ERROR up: its warnings at start-up (token authentication, /dev/shm size) are advice, and
+    a real failure reaches the build as a stage's exception."""
     address = options.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
+    quiet = {"log_to_driver": options.verbose, "logging_level": logging.INFO if options.verbose else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         _keep_on_loopback()
         # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
         # (without it, it logs a warning every second); on 127.0.0.1 only.
         ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
     return True
 
 
@@ -69,7 +90,18 @@ def _keep_on_loopback() -> None:
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mz-ray-", dir="/tmp")
 
 
-def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
+class BuildObserver:
+    """What the runner tells whoever shows the build (builder.console); by default, nobody."""
+
+    def queued(self, stage_id: str) -> None: ...
+    def finished(self, stage_id: str, manifest: Manifest) -> None: ...
+    def failed(self, stage_id: str, error: str) -> None: ...
+    def tick(self) -> None: ...  # called about twice a second while stages run
+    def ray_message(self, text: str) -> None:  # Ray's own message to the driver (e.g. an OOM kill)
+        print(text, file=sys.stderr)
+
+
+def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, observer: BuildObserver | None = None) -> BuildResult:
     store = StageStore(options.workdir)
     result = BuildResult()
     for stage_id, stage in plan.stages.items():
@@ -80,25 +112,44 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path) -> BuildResult:
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
     if not pending:
         return result
+    observer = observer or BuildObserver()
     connected = init_ray(options)
     try:
-        _run_pending(pending, plan.spec, options, spec_dir, result)
+        with _ray_messages_to(observer, enabled=not options.verbose):
+            _run_pending(pending, plan.spec, options, spec_dir, result, observer)
     finally:
         if connected:
             ray.shutdown()
     return result
 
 
+@contextlib.contextmanager
+def _ray_messages_to(observer: BuildObserver, enabled: bool):
+    """Hand the messages Ray prints on the driver to the observer. The raylet pushes its
+    errors (a worker killed for lack of memory and retried: 60 lines with a table of
+    processes) to every driver, which prints them whatever log_to_driver says; Ray has no
+    setting for it, so its printing function (Ray is pinned to 2.60) is swapped for the
+    build's duration. With --verbose they print as Ray prints them."""
+    original = ray._private.worker.print_to_stdstream
+    if enabled:
+        ray._private.worker.print_to_stdstream = lambda data, ignore_prefix=False: observer.ray_message(
+            "\n".join(str(line) for line in data.get("lines", [])))
+    try:
+        yield
+    finally:
+        ray._private.worker.print_to_stdstream = original
+
+
 def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, spec_dir: Path,
-                 result: BuildResult) -> None:
+                 result: BuildResult, observer: BuildObserver) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
                                                                               name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs), *upstream)
-        log.info("queued   %s", stage.id)
-    _collect(refs, {stage.id: stage for stage in pending}, result)
+        observer.queued(stage.id)
+    _collect(refs, {stage.id: stage for stage in pending}, result, observer)
 
 
 def _resources(stage: Stage, options: RunOptions) -> dict:
@@ -110,11 +161,15 @@ def _resources(stage: Stage, options: RunOptions) -> dict:
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
 
 
-def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult) -> None:
+def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult,
+             observer: BuildObserver) -> None:
     by_ref = {ref: stage_id for stage_id, ref in refs.items()}
     waiting = list(by_ref)
     while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1)
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=0.5)
+        observer.tick()
+        if not ready:
+            continue
         stage_id = by_ref[ready[0]]
         try:
             manifest = ray.get(ready[0])
@@ -122,10 +177,10 @@ def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: B
             optional = stages[stage_id].name in OPTIONAL_STAGES
             failures = result.optional_failures if optional else result.failures
             failures[stage_id] = _error_text(error)
-            log.error("FAILED   %s: %s", stage_id, failures[stage_id].strip().splitlines()[-1])
+            observer.failed(stage_id, failures[stage_id])
             continue
         result.manifests[stage_id] = manifest
-        log.info("finished %s in %.1f s", stage_id, manifest.wall_s)
+        observer.finished(stage_id, manifest)
 
 
 def _error_text(error: Exception) -> str:
@@ -135,11 +190,18 @@ def _error_text(error: Exception) -> str:
 
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
              *upstream: Manifest) -> Manifest:
+    from builder.stage_log import captured_output, stage_log_path
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
-
+    os.environ.update({k: v for k, v in RAY_TRAIN_QUIET.items() if k not in os.environ})
+    log_file = stage_log_path(StageStore(options.workdir).path(stage.key))
+    with captured_output(log_file, tee=options.verbose):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+        try:
+            return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
+        except BaseException:
+            traceback.print_exc()  # the whole story in stage.log; the driver prints its last line
+            raise
 
 
 _execute_light = ray.remote(_execute)

@@ -68,7 +68,7 @@ def acquire_teacher_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.acquire import config_from_json
 
-    summary = acquire_teacher(ctx.spec.teacher, ctx.out_dir)
+    summary = acquire_teacher(ctx.spec.teacher, ctx.out_dir, ctx.spec_dir)
     summary["params"] = count_params(config_from_json(Path(summary["model_dir"]) / "config.json"))
     return summary, 0
 
@@ -91,7 +91,7 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     settings = TrainSettings.from_spec(section, dtype=options.train_dtype())
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
-                              parallel=options.parallel,
+                              parallel=options.parallel, tee_output=options.verbose,
                               cpus_per_worker=max(1, options.stage_cpus() // options.train_workers))
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
                                             "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
