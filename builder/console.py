@@ -29,7 +29,7 @@ from builder.plan import Plan, Stage
 from builder.progress import Progress, stage_state, started_since, training_progress
 from builder.stage_log import stage_log_path
 from builder.store import Manifest, StageStore
-from builder.units import format_count
+from builder.units import format_count, format_duration
 
 STYLES = {"queued": "dim", "running": "cyan", "done": "green", "reused": "green dim", "failed": "bold red",
           "skipped": "yellow"}
@@ -97,7 +97,7 @@ class BuildConsole:
         row = self.rows[stage_id]
         self._mark_started(row)
         row.state, row.wall_s = "done", manifest.wall_s
-        self._say(row, f"{manifest.wall_s:.1f} s")
+        self._say(row, format_duration(manifest.wall_s))
 
     def failed(self, stage_id: str, error: str) -> None:
         row = self.rows[stage_id]
@@ -149,7 +149,7 @@ class BuildConsole:
     def _print_failure(self, row: Row, error: str) -> None:
         cause = error.strip().splitlines()[-1] if error.strip() else "no error text"
         log = display_path(stage_log_path(self.store.path(row.stage.key)))
-        after = f" after {row.wall_s:.1f} s" if row.wall_s is not None else ""
+        after = f" after {format_duration(row.wall_s)}" if row.wall_s is not None else ""
         message = Text.assemble(_clock(), Text("FAILED  ", style=STYLES["failed"]),
                                 f" {stage_title(row.stage)}{after}: {cause}\n", f"{'':18}full log: {log}")
         self.console.print(message)
@@ -186,12 +186,7 @@ def _clock() -> str:
 
 
 def format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+    return "" if seconds is None else format_duration(seconds)
 
 
 def display_path(path: str | Path) -> str:
