@@ -67,12 +67,14 @@ class Row:
 class BuildConsole:
     """Observer of one build (see runner.BuildObserver); use as a context manager."""
 
-    def __init__(self, plan: Plan, store: StageStore, console: Console | None = None, ray_log: Path | None = None):
+    def __init__(self, plan: Plan, store: StageStore, console: Console | None = None, ray_log: Path | None = None,
+                 live: bool = True):
         self.plan, self.store = plan, store
         self.ray_log = ray_log or store.root.parent / "ray.log"
         self.ray_kinds: set[str] = set()
         self.console = console or make_console()
-        self.live_mode = self.console.is_terminal
+        # live=False (--verbose): every process's output streams by, which a live table would fight
+        self.live_mode = live and self.console.is_terminal
         self.rows: dict[str, Row] = {}
         self.since = time.time()
         self.live: Live | None = None
@@ -80,7 +82,7 @@ class BuildConsole:
     def __enter__(self) -> BuildConsole:
         if self.live_mode:
             self.live = Live(console=self.console, get_renderable=self._table, refresh_per_second=4,
-                             redirect_stdout=False, redirect_stderr=False)
+                             redirect_stdout=True, redirect_stderr=True)  # stray prints go above the table
             self.live.start()
         return self
 

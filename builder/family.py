@@ -62,7 +62,8 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
     console = make_console()
     _announce(console, plan, store, options)
     _save_spec(spec_path, family_dir(plan.spec, options))
-    with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log") as view:
+    with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log",
+                      live=not options.verbose) as view:
         result = run_plan(plan, options, spec_path.resolve().parent, observer=view)
     write_family_view(plan, spec_path, options, result.failures | result.optional_failures)
     _conclude(console, plan, options, result, view.skipped())
