@@ -36,12 +36,12 @@ def teacher_dir() -> Path:
 
 
 def load_teacher(folder: Path):
-    """(model in float32, eval mode; tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model in float32, frozen in eval mode; tokenizer)."""
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    from builder.model_io import load_model
+
+    return load_model(folder), AutoTokenizer.from_pretrained(folder)
 
 
 def sotu_splits(tokenizer, seq_len: int) -> dict:
@@ -103,11 +103,25 @@ def uncontended(timings: list[Timing], threads: int, tolerance: float = 0.75) ->
     return kept or timings
 
 
+def code_version() -> dict:
+    """The commit the numbers were measured at, and whether the tree had uncommitted changes
+    (then the commit alone does not say what code ran)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}  # not a git checkout (an installed package)
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-               **payload}
+    payload = {"benchmark": name, "machine": machine(), "code": code_version(),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 

@@ -10,7 +10,7 @@ pretraining mix, and found the corrected teacher gives better students. The `sot
 question applies here. Two teachers, everything else equal:
 
 - original: SmolLM2-135M-Instruct as shipped;
-- corrected: the same after `builder.distill.correct_teacher` (next-token cross-entropy) for
+- corrected: the same after `builder.training.correct_teacher` (next-token cross-entropy) for
   C tokens of the train split (lr 1e-4, a fine-tuning rate high enough to move the teacher
   within the quick budget's 16 steps; the demo family, which only needs the stage to run,
   uses 2e-5).
@@ -18,7 +18,7 @@ question applies here. Two teachers, everything else equal:
 For each: the teacher's held-out loss; Minitron importance on calibration blocks
 (`score_importance`) computed with that teacher; pruning to the same student shape (hidden
 576->504, MLP 1536->960, 91.6M params: `prune_model`); the student's held-out loss right
-after pruning; distillation from that same teacher for D tokens (`builder.distill.distill`,
+after pruning; distillation from that same teacher for D tokens (`builder.training.distill`,
 forward KL, lr 3e-4); the student's held-out loss after it. Held-out loss is next-token
 cross-entropy on held-out blocks of 128 tokens (documents disjoint from train and
 calibration). Both distillations and the correction read the same seeded training stream,
@@ -43,10 +43,11 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.common import WIDTH_STUDENT, print_table, sotu_splits, teacher_dir, write_result
-from builder.distill import TrainSettings, correct_teacher, distill
 from builder.importance import Importance, lm_loss, score_importance
+from builder.model_io import load_model
 from builder.prune import prune_model, top_indices
 from builder.shape import Shape
+from builder.training import TrainSettings, correct_teacher, distill
 
 SEQ_LEN = 128
 BATCH = 4  # training sequences per step: 512 tokens a step
@@ -101,12 +102,6 @@ class Phases:
 
 # ---------------------------------------------------------------------------------------------
 # One teacher -> one student
-
-
-def load_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def teacher_to_student(name: str, teacher_folder: Path, data: Data, settings: Settings, work: Path,

@@ -109,7 +109,7 @@ def main() -> None:
     name = "demo-quick" if args.quick else "demo"
     summary = {"spec": str(spec.name), "budget": {"wall_min": 30, "peak_gib": 12}, **result,
                "stages": stage_rows(report),
-               "models": {m["name"]: {"params": m.get("params"), "metrics": m["metrics"],
+               "models": {m["name"]: {"params": m.get("params"), "tasks": m["tasks"], "perplexity": m["perplexity"],
                                       "throughput": m.get("throughput")}
                           for m in [report["teacher"], *report["students"]]}}
     print(f"wrote {write_result(name, summary)}")

@@ -15,7 +15,7 @@ Measures, in one run, and writes bench/results/distill.json (with `"quick": true
 1. Matmul peak: torch.mm of square matrices (2048^3 fp32; bf16 for the record, 512^3 on
    the CPU because bf16 is emulated on AVX2 and ~50x slower), with the torch thread count the
    training uses. The median over uncontended repetitions is the peak MFU divides by.
-2. One minizoo distillation step, exactly the body of `builder.distill.train`'s loop:
+2. One minizoo distillation step, exactly the body of `builder.training.loop.train`'s loop:
    zero_grad, `accumulate_gradients` (teacher forward under no_grad, student forward,
    `chunked_losses` forward KL, backward), `clip_gradients`, `check_finite`, fused AdamW
    from `make_optimizer`, scheduler step.
@@ -47,7 +47,7 @@ with L layers, h hidden, I MLP width, nh/nkv query/key-value heads of d channels
 teacher and 0.201 for the student, so F_token = 0.889 GFLOP.
 
 --device cuda runs the same on a GPU: bf16 autocast for both loops (teacher weights in bf16,
-as `builder.distill` loads them), the peak measured on 8192^3 bf16 (and fp32) matmuls,
+as `builder.training` loads them), the peak measured on 8192^3 bf16 (and fp32) matmuls,
 torch.cuda.synchronize before every clock read, and no contention filter (CPU time means
 nothing there). It is written but was not run: no GPU was lent when this was written.
 """
@@ -68,14 +68,15 @@ from bench.common import (
     WIDTH_STUDENT, Stopwatch, Timing, load_teacher, print_table, sotu_splits, teacher_dir, uncontended, write_result,
 )  # fmt: skip
 from builder.arch import count_params, student_config
-from builder.distill import (
-    BlockStream, TrainSettings, World, accumulate_gradients, check_finite, clip_gradients,
-    make_optimizer, warmup_cosine_schedule,
-)  # fmt: skip
+from builder.training.data import BlockStream
+from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
+from builder.training.parallel import World
+from builder.training.settings import TrainSettings
+from builder.training.step import accumulate_gradients, check_finite
 from builder.shape import Shape
 
 LEARNING_RATE = 1e-4
-# No learning-rate warm-up: then builder.distill's schedule and the Trainer's
+# No learning-rate warm-up: then builder.training's schedule and the Trainer's
 # cosine_with_min_lr are the same cosine from 1e-4 to 1e-5 over the steps.
 WARMUP_LR_STEPS = 0
 
@@ -105,7 +106,7 @@ class Setup:
         return self.device.type == "cuda"
 
     @property
-    def dtype(self) -> str:  # builder.distill's name: bf16 autocast on GPUs, fp32 on this CPU
+    def dtype(self) -> str:  # builder.training's name: bf16 autocast on GPUs, fp32 on this CPU
         return "bfloat16" if self.is_cuda else "float32"
 
     @property
@@ -193,7 +194,7 @@ def build_models(setup: Setup) -> tuple[torch.nn.Module, torch.nn.Module, torch.
     from transformers import AutoModelForCausalLM
 
     teacher, tokenizer = load_teacher(teacher_dir())
-    # As builder.distill.load_model: the teacher in the training dtype, frozen, eval mode.
+    # As builder.model_io.load_model: the teacher in the training dtype, frozen, eval mode.
     teacher = teacher.to(setup.device, torch.bfloat16 if setup.is_cuda else torch.float32)
     teacher.eval().requires_grad_(False)
     shape = Shape.of(teacher.config).replace(**WIDTH_STUDENT)
@@ -215,7 +216,7 @@ def train_settings(setup: Setup, total_steps: int) -> TrainSettings:
 
 
 class MinizooLoop:
-    """builder.distill.train's loop body, step by step, without checkpoints and logging."""
+    """builder.training.loop.train's loop body, step by step, without checkpoints and logging."""
 
     def __init__(self, student, teacher, blocks: torch.Tensor, setup: Setup, total_steps: int):
         self.student, self.teacher, self.setup = student, teacher, setup

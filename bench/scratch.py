@@ -23,7 +23,7 @@ scratch run's first D tokens are exactly the distilled run's D tokens; both use 
 next-token cross-entropy on held-out blocks (documents disjoint from training and
 calibration), at 0 tokens and every K steps.
 
-Why one loop built from `builder.distill`'s pieces (`BlockStream`, `accumulate_gradients`,
+Why one loop built from `builder.training`'s pieces (`BlockStream`, `accumulate_gradients`,
 `forward_loss`, `make_optimizer`, `warmup_cosine_schedule`) rather than successive
 `distill()` calls: each `distill()` call starts a new optimizer and a new warmup/cosine
 schedule, so the losses between calls would not lie on one run's curve. One loop that pauses
@@ -54,10 +54,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.common import WIDTH_STUDENT, load_teacher, print_table, sotu_splits, teacher_dir, write_result
-from builder.distill import (
-    BlockStream, TrainSettings, World, accumulate_gradients, check_finite, clip_gradients,
-    make_optimizer, warmup_cosine_schedule,
-)  # fmt: skip
+from builder.training.data import BlockStream
+from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
+from builder.training.parallel import World
+from builder.training.settings import TrainSettings
+from builder.training.step import accumulate_gradients, check_finite
 from builder.importance import lm_loss, score_importance
 from builder.prune import prune_model
 from builder.shape import Shape

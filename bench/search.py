@@ -13,7 +13,7 @@ calibration blocks, then for each candidate:
 
 - held-out LM loss right after pruning (the untrained ranking);
 - held-out LM loss after `tokens` of forward-KL distillation from the teacher
-  (`builder.distill.distill`, the loop the build uses, in this process instead of on Ray).
+  (`builder.training.distill`, the loop the build uses, in this process instead of on Ray).
 
 It prints both rankings and their Spearman correlation and writes bench/results/search.json.
 The budgets are ~10^5 times smaller than the paper's, so read the result as what happens in
@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 from bench.common import load_teacher, print_table, sotu_splits, teacher_dir, write_result
-from builder.distill import TrainSettings, distill
 from builder.importance import lm_loss, score_importance
+from builder.model_io import load_model
 from builder.prune import prune_model
 from builder.search import Candidate, candidates
 from builder.spec import SearchSpec
+from builder.training import TrainSettings, distill
 
 SEQ_LEN = 128
 BATCH = 8
@@ -77,10 +78,7 @@ def evaluate_candidate(teacher, folder: Path, importance, candidate: Candidate, 
 
 
 def _loss_of(model_dir: Path, heldout: torch.Tensor) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return lm_loss(model, heldout, BATCH)
+    return lm_loss(load_model(model_dir), heldout, BATCH)
 
 
 def ranks(values: list[float]) -> list[int]:

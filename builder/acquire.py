@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from builder.spec import DataSpec, Reference, TeacherSpec
+from builder.tokens import BlocksIndex, ShardWriter, TokenBlocks, token_dtype
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ EMBEDDED_TEACHER_META = {
     "smollm2-135m-instruct": {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
 }
 SPLITS = ("calibration", "train", "heldout")
+LOCAL_DATA_SUFFIXES = (".txt", ".jsonl")  # the document files a local data.source may hold
 
 
 def package_dir(package: str) -> Path:
@@ -47,11 +49,12 @@ def package_dir(package: str) -> Path:
 
 
 def teacher_identity(teacher: TeacherSpec) -> dict:
-    """What identifies the teacher's weights, for the stage hash (local files by content stamp)."""
+    """What identifies the teacher's weights, for the stage hash (local files by content stamp;
+    the spec's paths are absolute once loaded, so the stamp never depends on the current folder)."""
     ref = teacher.reference
     identity = {"source": str(ref)}
     if ref.kind == "path":
-        identity["stamp"] = _folder_stamp(Path(ref.name).expanduser())
+        identity["stamp"] = _folder_stamp(Path(ref.name))
     return identity
 
 
@@ -60,17 +63,29 @@ def _folder_stamp(folder: Path) -> list:
     return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
 
 
-def acquire_teacher(teacher: TeacherSpec, out_dir: Path, spec_dir: Path | None = None) -> dict:
-    """Make the teacher available as a plain safetensors checkpoint; returns its folder.
-    A relative local path resolves against the spec's folder, as the planner reads it."""
+def acquire_teacher(teacher: TeacherSpec, out_dir: Path) -> dict:
+    """Make the teacher available as a plain safetensors checkpoint; returns its folder."""
     ref = teacher.reference
     if ref.kind == "embedded":
         model_dir = convert_gguf_teacher(ref.name, out_dir / "model")
     elif ref.kind == "hf":
         model_dir = _download_hf_model(ref, out_dir)
     else:
-        model_dir = _check_local_checkpoint(_resolve(ref.name, spec_dir))
+        model_dir = _check_local_checkpoint(Path(ref.name))
+    _check_teacher_files(Path(model_dir), str(ref))
     return {"model_dir": str(model_dir), **teacher_metadata(teacher)}
+
+
+def _check_teacher_files(model_dir: Path, source: str) -> None:
+    """Reject a damaged teacher now, naming the file, not minutes later in whichever stage
+    first reads it (a truncated download or copy is the usual cause)."""
+    from builder.integrity import DamagedFile, check_checkpoint
+
+    try:
+        check_checkpoint(model_dir)
+    except DamagedFile as error:
+        raise DamagedFile(error.path, f"{error.fault}; the teacher (teacher.source {source}) is not a "
+                                      "usable checkpoint: download or copy it again") from error
 
 
 def teacher_metadata(teacher: TeacherSpec) -> dict:
@@ -123,19 +138,20 @@ class Document:
     text: str
 
 
-def iter_documents(data: DataSpec, spec_dir: Path | None = None) -> Iterator[Document]:
+def iter_documents(data: DataSpec) -> Iterator[Document]:
     ref = data.reference
     if ref.kind == "embedded":
         yield from _sotu_documents()
     elif ref.kind == "hf":
         yield from _hf_documents(ref, data)
     else:
-        yield from _local_documents(_resolve(ref.name, spec_dir), data.text_field)
+        yield from _local_documents(Path(ref.name), data.text_field)
 
 
-def _resolve(path: str, spec_dir: Path | None) -> Path:
-    candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() or spec_dir is None else (spec_dir / candidate).resolve()
+def local_data_files(path: Path) -> list[Path]:
+    """The document files of a local data source (a file, or every one under a folder)."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [f for f in files if f.suffix in LOCAL_DATA_SUFFIXES and f.is_file()]
 
 
 def _sotu_documents() -> Iterator[Document]:
@@ -144,8 +160,7 @@ def _sotu_documents() -> Iterator[Document]:
 
 
 def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix in {".txt", ".jsonl"}]
+    files = local_data_files(path)
     if not files:
         raise FileNotFoundError(
             f"data.source {str(path)!r} holds no .txt or .jsonl files; give a folder of .txt "
@@ -202,40 +217,37 @@ def _pack(ids: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[:usable], dtype=torch.int32).view(-1, seq_len)
 
 
-def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, spec_dir: Path | None = None) -> dict:
+def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks = tokenize_splits(iter_documents(data, spec_dir), tokenizer, data)
+    blocks = tokenize_splits(iter_documents(data), tokenizer, data)
     for split, tensor in blocks.items():
         if len(tensor) == 0:
             raise ValueError(
                 f"data: the {split} split is empty (seq_len {data.seq_len}); give more documents, "
                 f"or raise data.split.{split if split != 'train' else 'calibration'} / lower data.seq_len"
             )
-    # One file per split, each holding one `input_ids` tensor: the format the trainer reads,
-    # so training stages use train.safetensors in place instead of copying it.
+    index = BlocksIndex(data.seq_len, token_dtype(len(tokenizer)).name, len(tokenizer))
     for split, tensor in blocks.items():
-        save_file({"input_ids": tensor.contiguous()}, split_file(out_dir, split))
-    counts = {split: int(tensor.numel()) for split, tensor in blocks.items()}
+        writer = ShardWriter(out_dir, split, data.seq_len, np.dtype(index.dtype))
+        writer.add(tensor.flatten().numpy())
+        index.splits[split] = writer.close()
+    index.write(out_dir)
+    counts = {split: s.tokens for split, s in index.splits.items()}
     return {"blocks": str(out_dir), "tokens": counts, "seq_len": data.seq_len}
 
 
-def split_file(blocks_dir: Path | str, split: str) -> Path:
-    return Path(blocks_dir) / f"{split}.safetensors"
-
-
 def load_blocks(blocks_dir: Path | str, split: str, limit: int | None = None) -> torch.Tensor:
-    """Token blocks of one split as int64 [N, seq_len], at most `limit` of them."""
-    blocks = load_file(str(split_file(blocks_dir, split)))["input_ids"].long()
-    return blocks[:limit] if limit is not None else blocks
+    """Token blocks of one split as int64 [N, seq_len], at most `limit` of them (the first)."""
+    return TokenBlocks.open(blocks_dir, split).head(limit)
 
 
 # --- the teacher's config, for planning (no weights needed) ---------------------------
 
 
 def read_teacher_config(teacher: TeacherSpec, acquired_model_dir: Path | None = None,
-                        override: Path | None = None, spec_dir: Path | None = None):
+                        override: Path | None = None):
     """The teacher's transformers config: from `override` (a config.json or folder), from an
     already acquired checkpoint, or from the source itself (the Hub only for hf: sources)."""
     from transformers import AutoConfig
@@ -251,7 +263,7 @@ def read_teacher_config(teacher: TeacherSpec, acquired_model_dir: Path | None = 
         return config_from_json(Path(__file__).parent / "embedded" / f"{ref.name}.config.json")
     if ref.kind == "hf":
         return AutoConfig.from_pretrained(ref.name, revision=ref.revision)
-    return config_from_json(_resolve(ref.name, spec_dir) / "config.json")
+    return config_from_json(Path(ref.name) / "config.json")
 
 
 def config_from_json(path: Path):

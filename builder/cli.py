@@ -5,6 +5,7 @@ examples:
   build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
   build-family families/x.yaml --verbose              # ... showing every process's output
   build-family families/x.yaml --address ray://head:10001 --gpus-per-stage 1   # on a cluster
+  build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
   build-family status families/x.yaml                 # which stages are done, running, pending
   build-family report families/x.yaml                 # rewrite the report from the run dir
   build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
@@ -12,7 +13,8 @@ examples:
 
 exit codes:
   0  done (built, printed, published)
-  1  a stage failed (its log path is printed; run again to resume) or publishing failed
+  1  a stage failed (its log path is printed; run again to resume), or report/publish
+     could not do their work (the message says why)
   2  the spec has problems (all are listed; nothing ran)
 
 Each stage's full output is in <workdir>/stages/<stage>/stage.log. Writing a spec:
@@ -51,14 +53,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
-    build.add_argument("--train-workers", type=int, default=1, help="Ray Train workers per training stage")
+    build.add_argument("--train-workers", type=int, default=1,
+                       help="Ray Train workers per training stage; they split the spec's global_batch_size, "
+                            "so the result does not change (it must divide global_batch_size)")
     build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                        help="how training workers share the models: ddp (a full replica each) or fsdp "
                             "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
                             "models that do not fit one device)")
-    build.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                       help="training autocast (auto: bfloat16 on GPU, float32 on CPU)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
+    build.add_argument("--rebuild", action="append", default=[], metavar="STAGE",
+                       help="redo this stage and every stage that reads it, although finished: a stage "
+                            "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
     status = commands.add_parser("status", help="which stages are done, running (in a live build) or pending")
     _add_common(status)
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
@@ -76,18 +81,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs"), help="run directory (default: runs/)")
     parser.add_argument("--teacher-config", type=Path,
                         help="the teacher's config.json, to plan without fetching the teacher")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and "
+                             "on CPUs with native bf16 where a probe shows it faster, else float32; report "
+                             "and publish: what the last build resolved)")
 
 
 def version_text() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from builder.store import CODE_VERSION
-
     try:
-        installed = version("minizoo")
+        return f"build-family {version('minizoo')}"
     except PackageNotFoundError:  # run from a source tree that was never installed
-        installed = "unknown"
-    return f"build-family {installed} (stage code {CODE_VERSION})"
+        return "build-family (version unknown: minizoo is not installed; `pip install -e .`)"
 
 
 def options_from(args: argparse.Namespace) -> RunOptions:
@@ -131,14 +137,13 @@ def _run_command(args: argparse.Namespace) -> int:
         print(family.status(args.spec, options))
         return 0
     if args.command == "report":
-        print(family.write_report(args.spec, options))
-        return 0
+        return family.write_report(args.spec, options)
     if args.command == "publish":
         return family.publish(args.spec, options, dry_run=args.dry_run, force=args.force)
     if args.dry_run:
-        print(family.describe_plan(args.spec, options))
+        print(family.describe_plan(args.spec, options, tuple(args.rebuild)))
         return 0
-    code = family.build(args.spec, options, publish=args.publish)
+    code = family.build(args.spec, options, publish=args.publish, rebuild=tuple(args.rebuild))
     print(f"build-family finished in {time.perf_counter() - started:.1f} s (exit code {code})")
     return code
 

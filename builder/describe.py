@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.plan import Plan, PlannedStudent
+from builder.reuse import Decision, decide
 from builder.shape import Shape
 from builder.store import StageStore
 from builder.units import format_count
@@ -22,15 +23,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header)] + [line(row) for row in rows]
 
 
-def render_plan(plan: Plan, store: StageStore, family_dir: Path) -> str:
+def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[str] = frozenset()) -> str:
     spec = plan.spec
     lines = [f"Family {spec.family}: teacher {spec.teacher.source}, data {spec.data.source}", ""]
     lines += render_models(plan) + [""]
     for student in plan.students:
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
-    lines += ["Stages in run order ([done] = finished earlier, reused as is)"]
-    lines += _table(["state", "stage", "tokens", "output"], [_stage_row(plan, stage_id, store) for stage_id in plan.stages])
+    lines += [f"Training precision: {plan.precision}", ""]
+    lines += ["Stages in run order ([done] = finished earlier, reused as is; [resume] = continues from "
+              "its last checkpoint; [damaged] = finished but its outputs fail the check, runs again; "
+              "[todo] = runs)"]
+    decisions = decide(plan, store, rebuild)
+    lines += _table(["state", "stage", "tokens", "output"],
+                    [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)
 
@@ -71,10 +77,9 @@ def _candidate_lines(plan: Plan, student: PlannedStudent, store: StageStore) -> 
     return [title] + _table(["#", "params", "x budget", *SHAPE_COLUMNS, "held-out loss", ""], rows)
 
 
-def _stage_row(plan: Plan, stage_id: str, store: StageStore) -> list[str]:
+def _stage_row(plan: Plan, stage_id: str, store: StageStore, decision: Decision) -> list[str]:
     stage = plan.stages[stage_id]
-    state = "[done]" if store.manifest(stage.key) else ("[resume]" if store.path(stage.key).exists() else "[todo]")
-    return [state, stage.name + (f" ({stage.key.label})" if stage.key.label else ""),
+    return [f"[{decision.state}]", stage.name + (f" ({stage.key.label})" if stage.key.label else ""),
             _planned_tokens(plan, stage.name, stage.student), str(store.path(stage.key))]
 
 

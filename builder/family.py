@@ -5,40 +5,70 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from builder.acquire import read_teacher_config
+from builder.batching import batch_problems
 from builder.options import RunOptions
 from builder.plan import Plan, make_plan, teacher_acquire_key
+from builder.precision import Precision
+from builder.reuse import stages_to_rebuild
 from builder.spec import FamilySpec
-from builder.store import StageStore
-from builder.validate import check_against_teacher, load_spec
+from builder.store import StageStore, write_json_atomic
+from builder.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
+BUILT_PRECISION = "precision.json"  # in the family dir: what the last build resolved --precision to
 
 
 def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
     return Path(options.workdir) / spec.family
 
 
-def load_and_plan(spec_path: Path, options: RunOptions) -> Plan:
-    """Phase 1 and 2 validation, then the plan; raises SpecError with every problem."""
+def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
+    """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
+    `built`: plan what the last build ran (report, publish), not what this machine would run.
+
+    Local teacher and data paths are checked first (the dry run, the build and the report
+    all come here), so a missing or empty one is a spec problem before anything runs."""
     spec = load_spec(spec_path)
-    teacher_config = _teacher_config(spec, spec_path, options)
-    problems = check_against_teacher(spec, teacher_config)
+    problems = local_source_problems(spec)
+    if any(problem.field == "teacher.source" for problem in problems):
+        raise SpecError(str(spec_path), problems)  # without a teacher there is no config to check
+    try:
+        teacher_config = _teacher_config(spec, spec_path, options)
+    except SpecError as error:
+        raise SpecError(str(spec_path), problems + error.problems) from error
+    problems += check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
     if problems:
         raise SpecError(str(spec_path), problems)
-    return make_plan(spec, teacher_config)
+    precision = _built_precision(spec, options) if built else options.resolved_precision()
+    return make_plan(spec, teacher_config, precision)
+
+
+def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
+    """`auto` resolves per machine (GPU or CPU, bf16 or not), and training stages are hashed
+    with the result: `report` on a login node must find the stages a GPU build made."""
+    record = family_dir(spec, options) / BUILT_PRECISION
+    if options.precision != "auto" or not record.exists():
+        return options.resolved_precision()
+    return Precision(**json.loads(record.read_text()))
+
+
+def record_precision(plan: Plan, options: RunOptions) -> None:
+    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
 
 
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
     manifest = StageStore(options.workdir).manifest(teacher_acquire_key(spec))
     acquired = Path(manifest.summary["model_dir"]) if manifest else None
     try:
-        return read_teacher_config(spec.teacher, acquired, options.teacher_config, spec_path.parent)
+        return read_teacher_config(spec.teacher, acquired, options.teacher_config)
     except (OSError, ValueError, KeyError) as error:  # unreachable Hub, gated repo, missing file
         fix = ("log in to the Hub for gated repos (`hf auth login`), check the path, or pass "
                "--teacher-config PATH/config.json to plan without the teacher")
@@ -46,65 +76,71 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
                                                  f"cannot read the teacher's config ({error}); {fix}")]) from error
 
 
-def describe_plan(spec_path: Path, options: RunOptions) -> str:
+def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
     from builder.describe import render_plan
 
     plan = load_and_plan(spec_path, options)
-    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options))
+    return render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
+                       stages_to_rebuild(plan, list(rebuild)))
 
 
-def build(spec_path: Path, options: RunOptions, publish: bool = False) -> int:
+def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
+    """Build what is not finished; `rebuild` names stages to redo (see reuse.stages_to_rebuild)."""
     from builder.console import BuildConsole, make_console
     from builder.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
+    redo = stages_to_rebuild(plan, list(rebuild))
     store = StageStore(options.workdir)
     console = make_console()
-    _announce(console, plan, store, options)
+    _announce(console, plan, store, options, redo)
     _save_spec(spec_path, family_dir(plan.spec, options))
+    record_precision(plan, options)
     with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log",
                       live=not options.verbose) as view:
-        result = run_plan(plan, options, spec_path.resolve().parent, observer=view)
-    write_family_view(plan, spec_path, options, result.failures | result.optional_failures)
-    _conclude(console, plan, options, result, view.skipped())
+        result = run_plan(plan, options, redo, observer=view)
+    outcome = write_family_view(plan, spec_path, options, result.failures | result.optional_failures,
+                                result.skipped)
+    _conclude(console, plan, options, result, outcome)
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
 
 
-def _announce(console, plan: Plan, store: StageStore, options: RunOptions) -> None:
+def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str]) -> None:
     """The models to build and how much is already done; `--verbose` prints the whole plan."""
     from builder.describe import render_models, render_plan
 
     if options.verbose:
-        console.print(render_plan(plan, store, family_dir(plan.spec, options)), highlight=False)
+        console.print(render_plan(plan, store, family_dir(plan.spec, options), redo), highlight=False)
         return
-    finished = sum(store.manifest(stage.key) is not None for stage in plan.stages.values())
+    finished = sum(stage_id not in redo and store.manifest(stage.key) is not None
+                   for stage_id, stage in plan.stages.items())
     console.print(f"Building {plan.spec.family}: {len(plan.stages) - finished} stages to run, {finished} "
                   f"finished earlier (reused); work dir {options.workdir}", highlight=False)
     console.print("\n".join(render_models(plan)[1:]), highlight=False)
 
 
-def _conclude(console, plan: Plan, options: RunOptions, result, skipped: list[str]) -> None:
+def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None:
     """The family table and where things are; after a failure, what did not run."""
     from builder.summary import print_summary
 
-    print_summary(console, family_dir(plan.spec, options))
-    optional = [stage_id for stage_id in result.optional_failures if stage_id not in skipped]
-    if optional:
-        console.print(f"{len(optional)} optional stage(s) failed (see above); the report leaves their "
-                      "numbers out", highlight=False)
+    if outcome is not None:
+        print_summary(console, outcome.report, outcome.note)
+    if result.optional_failures:
+        console.print(f"{len(result.optional_failures)} optional stage(s) failed (see above); the report "
+                      "leaves their numbers out", highlight=False)
     if not result.ok:
-        failed = [stage_id for stage_id in result.failures if stage_id not in skipped]
-        console.print(f"Build failed: {len(failed)} stage(s) failed (see above), {len(skipped)} skipped "
-                      "because an input failed. Fix the cause and run the same command again: finished "
-                      "stages are reused.", highlight=False)
+        console.print(f"Build failed: {len(result.failures)} stage(s) failed (see above), {len(result.skipped)} "
+                      "skipped because an input failed. Fix the cause and run the same command again: "
+                      "finished stages are reused.", highlight=False)
 
 
 def status(spec_path: Path, options: RunOptions) -> str:
+    """Which stages are done, running or pending, from the store alone (no Ray)."""
     from builder.console import render_status
 
-    plan = load_and_plan(spec_path, options)
+    plan = load_and_plan(spec_path, options, built=True)
     return render_status(plan, StageStore(options.workdir))
 
 
@@ -113,26 +149,70 @@ def _save_spec(spec_path: Path, out: Path) -> None:
     shutil.copyfile(spec_path, out / "spec.yaml")
 
 
-def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str]) -> Path:
-    """Cards and the family report, from finished stages only (cheap; always rewritten)."""
+def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
+                      skipped: dict[str, str] | None = None):
+    """Cards and the family report, from finished stages only (cheap), never over a complete
+    report with an incomplete one. Returns builder.report.ReportOutcome (its `report` is the
+    typed FamilyReport, its `note` one line for the user), or None when no stage finished."""
+    from builder.report import NothingToReport
+
+    try:
+        return _write_report_files(plan, spec_path, options, failures, skipped)
+    except NothingToReport as error:
+        log.warning("no report written: %s", error)
+        return None
+
+
+def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
+                        skipped: dict[str, str] | None = None):
     from builder.report import write_report_files
 
     return write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
-                              spec_path.read_text(), failures)
+                              spec_path.read_text(), failures, skipped)
 
 
-def write_report(spec_path: Path, options: RunOptions) -> str:
-    plan = load_and_plan(spec_path, options)
-    path = write_family_view(plan, spec_path, options, failures={})
-    return f"wrote {path}"
+def write_report(spec_path: Path, options: RunOptions) -> int:
+    """The `report` verb: rewrite the family view from the store; 1 when nothing has finished."""
+    from builder.report import NothingToReport
+
+    plan = load_and_plan(spec_path, options, built=True)
+    try:
+        outcome = _write_report_files(plan, spec_path, options, failures={})
+    except NothingToReport as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(outcome.note)
+    return 0
 
 
 def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    plan = load_and_plan(spec_path, options)
+    plan = load_and_plan(spec_path, options, built=True)
     return _publish_plan(plan, spec_path, options, dry_run, force)
 
 
 def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    from builder.report import publish_family
+    """Publish the family's report; every refusal is a message with its cause and fix and exit
+    code 1, a student without a Hub owner a spec problem (SpecError, exit 2)."""
+    from builder.report_model import FamilyReport, ReportFileError
+    from publish.hub import publish_report
 
-    return publish_family(plan, family_dir(plan.spec, options), dry_run=dry_run, force=force)
+    owner_problems = _owner_problems(plan.spec)
+    if owner_problems:
+        raise SpecError(str(spec_path), owner_problems)
+    try:
+        report = FamilyReport.load(family_dir(plan.spec, options) / "report.json")
+    except ReportFileError as error:
+        print(f"error: cannot publish {plan.spec.family!r}: {error}", file=sys.stderr)
+        return 1
+    return publish_report(report, dry_run=dry_run, force=force)
+
+
+def _owner_problems(spec: FamilySpec) -> list[Problem]:
+    """Students whose repo has no owner: neither their repo_id nor publish.org names one."""
+    if spec.publish.org:
+        return []
+    return [Problem("publish.org", None,
+                    f"students[{index}] ({student.name!r}) has no Hub owner for its repo; set publish.org to "
+                    f"your Hub user or organization (e.g. publish: {{org: my-org}}), or students[{index}].repo_id "
+                    f"to OWNER/{student.name}")
+            for index, student in enumerate(spec.students) if not student.repo_id]

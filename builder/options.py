@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.precision import Precision, resolve_precision
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -16,7 +18,7 @@ class RunOptions:
     parallel: str = "ddp"  # how those workers share the models: ddp (replicas) or fsdp (shards)
     local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
     teacher_config: Path | None = None  # read the teacher's config here instead of its source
-    precision: str = "auto"  # training autocast: auto = bfloat16 on a GPU, float32 on a CPU
+    precision: str = "auto"  # training autocast: auto, float32 or bfloat16 (see builder.precision)
     verbose: bool = False  # stream every process's output to the console too (stage.log gets it anyway)
 
     def stage_cpus(self) -> int:
@@ -26,10 +28,11 @@ class RunOptions:
     def use_gpu(self) -> bool:
         return self.gpus_per_stage > 0
 
-    def train_dtype(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        return "bfloat16" if self.use_gpu else "float32"
+    def resolved_precision(self) -> Precision:
+        """`precision` made concrete for planning (auto probes this CPU once per process).
+        Stages read the planned precision from their key, never from here: a Ray worker on
+        another machine would resolve `auto` differently."""
+        return resolve_precision(self.precision, self.use_gpu)
 
     def device(self) -> str:
         """Where a stage's own (non Ray Train) model work runs, evaluated inside the stage."""

@@ -1,19 +1,25 @@
 """The build plan: the stage DAG as data, derived from the spec and the teacher's config.
 
-Each stage is keyed by a hash of what it reads (see `builder.store`), so the plan alone
-says which stages are finished, which resume, and which run. The runner executes it; the
-dry run prints it.
+Each stage is keyed by a hash of what its result depends on (see `builder.store`), so the
+plan alone says which stages are finished, which resume, and which run. The runner
+executes it; the dry run prints it. Run options enter only as the resolved training
+precision; how many workers share a step, and with which parallelism, does not change a
+result (builder.batching), so it does not change the plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from builder.acquire import teacher_identity
 from builder.arch import count_params, student_config
+from builder.precision import Precision
 from builder.search import Candidate, candidates
 from builder.shape import Shape
-from builder.spec import EvaluationSpec, FamilySpec, StudentSpec
+from builder.spec import EvaluationSpec, FamilySpec, StudentSpec, split_execution
+from builder.stages import STAGE_VERSIONS
 from builder.store import StageKey, StageStore
 
 TEACHER = "teacher"
@@ -62,6 +68,7 @@ class Plan:
     original_teacher_stage: str
     throughput_stage: str | None
     eval_stages: dict[str, str]  # model name -> evaluate stage id
+    precision: Precision  # what the training stages run in (and are hashed with)
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
@@ -81,11 +88,14 @@ class _Builder:
     def __init__(self):
         self.stages: dict[str, Stage] = {}
 
-    def add(self, stage_name: str, label: str, config: dict, inputs: dict[str, str] | None = None,
-            student: str | None = None, heavy: bool = False) -> str:
+    def add(self, stage_name: str, label: str, settings: BaseModel | dict, inputs: dict[str, str] | None = None,
+            student: str | None = None, heavy: bool = False, options: dict | None = None) -> str:
+        """`settings`: a spec section (its execution-only fields stay outside the hash) or a dict."""
         inputs = inputs or {}
         upstream = tuple(self.stages[i].key.digest for i in inputs.values())
-        return self.add_key(StageKey(stage_name, label, config, upstream), inputs, student, heavy)
+        config, execution = split_execution(settings) if isinstance(settings, BaseModel) else (settings, {})
+        key = stage_key(stage_name, label, config, upstream, options, execution)
+        return self.add_key(key, inputs, student, heavy)
 
     def add_key(self, key: StageKey, inputs: dict[str, str] | None = None, student: str | None = None,
                 heavy: bool = False) -> str:
@@ -94,48 +104,62 @@ class _Builder:
         return stage.id
 
 
+def stage_key(stage_name: str, label: str, config: dict, upstream: tuple[str, ...] = (),
+              options: dict | None = None, execution: dict | None = None) -> StageKey:
+    """Every key is made here, so none lacks its stage's code version."""
+    return StageKey(stage_name, label, config, upstream, STAGE_VERSIONS[stage_name], options or {}, execution or {})
+
+
 def teacher_acquire_key(spec: FamilySpec) -> StageKey:
     """The first stage's key needs nothing but the spec: the planner reads the teacher's
     config from this stage's output when it exists."""
-    return StageKey("acquire-teacher", "", teacher_identity(spec.teacher))
+    return stage_key("acquire-teacher", "", teacher_identity(spec.teacher))
 
 
-def make_plan(spec: FamilySpec, teacher_config) -> Plan:
-    """Lay out every stage of the family build (no work is done here)."""
+def training_options(precision: Precision) -> dict:
+    """The run options a training stage's numerics depend on, hashed with it. Not the worker
+    count or `--parallel`: DDP and FSDP2 compute the same fp32 gradients (averaged over the
+    same global batch; FSDP2 only shards them, with no mixed-precision policy) and differ
+    from one process only in float summation order, as tests/test_ray_train.py checks."""
+    return {"precision": precision.dtype}
+
+
+def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
+    """Lay out every stage of the family build (no work is done here). `precision` is
+    already resolved (builder.precision): `auto` never reaches a hash."""
     dag = _Builder()
+    trains = training_options(precision)
     original_teacher = dag.add_key(teacher_acquire_key(spec))
-    data = dag.add("acquire-data", "", spec.data.model_dump(mode="json"), {TEACHER: original_teacher})
+    data = dag.add("acquire-data", "", spec.data, {TEACHER: original_teacher})
     teacher = original_teacher
     if spec.correction.tokens > 0:
-        teacher = dag.add("correct", "", spec.correction.model_dump(mode="json"),
-                          {TEACHER: original_teacher, "data": data}, heavy=True)
-    scores = dag.add("score", "", spec.scoring.model_dump(mode="json"), {TEACHER: teacher, "data": data},
-                     heavy=True)
-    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data) for s in spec.students]
+        teacher = dag.add("correct", "", spec.correction, {TEACHER: original_teacher, "data": data}, heavy=True,
+                          options=trains)
+    scores = dag.add("score", "", spec.scoring, {TEACHER: teacher, "data": data}, heavy=True)
+    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data, trains) for s in spec.students]
 
     models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
     if teacher != original_teacher:
         models = {"teacher-original": original_teacher} | models
-    eval_config = spec.evaluation.model_dump(mode="json")
-    eval_stages = {name: dag.add("evaluate", name, eval_config, {"model": stage_id, "data": data}, heavy=True)
+    eval_stages = {name: dag.add("evaluate", name, spec.evaluation, {"model": stage_id, "data": data}, heavy=True)
                    for name, stage_id in models.items()}
     throughput = None
     if spec.throughput.enabled:  # the corrected teacher has the original's shape, so its speed
         measured = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
-        throughput = dag.add("throughput", "", spec.throughput.model_dump(mode="json"), measured, heavy=True)
+        throughput = dag.add("throughput", "", spec.throughput, measured, heavy=True)
     shape = Shape.of(teacher_config)
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
-                original_teacher, throughput, eval_stages)
+                original_teacher, throughput, eval_stages, precision)
 
 
 def _plan_student(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
-                  teacher: str, scores: str, data: str) -> PlannedStudent:
+                  teacher: str, scores: str, data: str, trains: dict) -> PlannedStudent:
     if student.params is not None:
-        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data)
+        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data, trains)
     shape = student_shape(teacher_config, student)
     pruned = dag.add("prune", student.name, prune_config(shape, student.depth_method),
                      {TEACHER: teacher, "scores": scores}, student=student.name)
-    distilled = _add_distill(dag, spec, student, teacher, pruned, data)
+    distilled = _add_distill(dag, spec, student, teacher, pruned, data, trains)
     return PlannedStudent(student, shape, student_params(teacher_config, shape), distilled)
 
 
@@ -144,31 +168,30 @@ def prune_config(shape: Shape, depth_method: str) -> dict:
 
 
 def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher: str, pruned: str,
-                 data: str) -> str:
-    distill_config = spec.distill_for(student).model_dump(mode="json")
-    return dag.add("distill", student.name, distill_config, {TEACHER: teacher, "student": pruned, "data": data},
-                   student=student.name, heavy=True)
+                 data: str, trains: dict) -> str:
+    return dag.add("distill", student.name, spec.distill_for(student),
+                   {TEACHER: teacher, "student": pruned, "data": data}, student=student.name, heavy=True,
+                   options=trains)
 
 
 def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
-                 teacher: str, scores: str, data: str) -> PlannedStudent:
+                 teacher: str, scores: str, data: str, trains: dict) -> PlannedStudent:
     """Architecture search (builder.search): each candidate is pruned, lightly distilled and
     scored on held-out loss by stages of its own (so Ray runs candidates side by side and a
     killed search resumes per candidate); `select` keeps the best, which distills on."""
     found = tuple(candidates(teacher_config, student.params, spec.search))
-    light_training = spec.search_training(student).model_dump(mode="json")
-    ranking = EvaluationSpec(perplexity_tokens=spec.search.heldout_tokens,
-                             batch_size=spec.evaluation.batch_size).model_dump(mode="json")
+    light_training = spec.search_training(student)
+    ranking = EvaluationSpec(perplexity_tokens=spec.search.heldout_tokens, batch_size=spec.evaluation.batch_size)
     roles: dict[str, str] = {}
     for index, candidate in enumerate(found):
         label = f"{student.name}.{candidate.tag}"
         pruned = dag.add("prune", label, prune_config(candidate.shape, student.depth_method),
                          {TEACHER: teacher, "scores": scores})
         trained = dag.add("distill", label, light_training, {TEACHER: teacher, "student": pruned, "data": data},
-                          heavy=True)
+                          heavy=True, options=trains)
         ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, heavy=True)
         roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
     select_config = {"params": student.params, "candidates": [c.tag for c in found]}
     chosen = dag.add("select", student.name, select_config, roles, student=student.name)
-    distilled = _add_distill(dag, spec, student, teacher, chosen, data)
+    distilled = _add_distill(dag, spec, student, teacher, chosen, data, trains)
     return PlannedStudent(student, None, student.params, distilled, found, chosen)

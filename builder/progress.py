@@ -1,10 +1,9 @@
 """What a stage is doing, read from the store alone: no Ray, cheap enough to poll.
 
     done     its manifest exists (written last, so the stage is complete)
-    running  a live process holds a lock on the stage: the store's `<stage dir>.lock`, or
-             the shared lock every process writing the stage's stage.log holds
-             (builder.stage_log). Both are fcntl.flock locks, which the kernel drops when
-             the process dies, so a killed build never leaves a stale "running".
+    running  a live build holds the stage's lock exclusively (`<stage dir>.lock`, see
+             StageStore.locked; builds reading a stage as input hold it shared). flock
+             locks die with their process, so a killed build never leaves a stale "running".
     partial  its folder exists without a manifest: an interrupted stage, resumed next time
     pending  nothing on disk yet
 
@@ -40,20 +39,22 @@ class Progress:
 
 
 def lock_path(stage_dir: Path) -> Path:
-    """The per-stage lock a running build holds (builder.store takes it)."""
+    """The per-stage lock (StageStore.locked takes it)."""
     return stage_dir.with_name(stage_dir.name + ".lock")
 
 
-def is_locked(lock_file: Path) -> bool:
-    """True when another process holds a lock on the file. Probes with a non-blocking
-    exclusive lock, released at once (so a build taking the lock waits that instant only)."""
+def is_running(lock_file: Path) -> bool:
+    """True when a process holds the lock exclusively, as a build running the stage does.
+    Probes with a non-blocking shared lock, released at once: readers' shared locks do not
+    conflict with it, and a build that wants the lock in that instant waits for it (it
+    never gives up), so the probe cannot disturb a build."""
     try:
         handle = open(lock_file, "rb")
     except FileNotFoundError:
         return False
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -64,7 +65,7 @@ def stage_state(store: StageStore, stage: Stage) -> str:
     folder = store.path(stage.key)
     if (folder / MANIFEST).exists():
         return "done"
-    if is_locked(lock_path(folder)) or is_locked(stage_log_path(folder)):
+    if is_running(lock_path(folder)):
         return "running"
     return "partial" if folder.exists() else "pending"
 

@@ -1,4 +1,4 @@
-"""Run `builder.distill`'s training loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
+"""Run `builder.training`'s loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
 
     result = run_on_ray_train("distill", teacher_dir, student_dir, blocks_path, out_dir,
                               TrainSettings(tokens=...), num_workers=2, use_gpu=False)
@@ -6,9 +6,10 @@
 The caller (the runner) has already connected to a Ray cluster. Ray Train starts
 `num_workers` actors, sets up torch.distributed (gloo on CPU, NCCL on GPU) and runs the same
 loop as a single process; the loop reads rank and world size from torch.distributed. Every
-worker reads the models and the blocks file from `out_dir`'s shared disk, and rank 0 writes
-checkpoints, metrics and the final model there itself, so resuming works exactly as in one
-process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
+worker reads the models from shared disk and memory-maps the token shards of `blocks_path`
+(the acquire-data stage dir), reading only its own slice of each step's batch; every rank
+writes its checkpoint shards into `out_dir` and rank 0 the metrics and the final model, so
+resuming works exactly as in one process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
 its run records go to `out_dir/ray_train/`.
 """
 from __future__ import annotations
@@ -20,10 +21,10 @@ import ray.train
 import torch
 import ray.train.torch
 
-from builder.distill import (
+from builder.stage_log import captured_output, stage_log_path
+from builder.training import (
     Parallel, TrainingDiverged, TrainResult, TrainSettings, correct_teacher, distill, load_result,
 )  # fmt: skip
-from builder.stage_log import captured_output, stage_log_path
 
 Kind = Literal["distill", "correct"]
 

@@ -1,88 +1,104 @@
-"""The family report: report.json (the machine-readable contract), report.md and one
-model card per student, all derived from finished stages' manifests (nothing recomputed).
+"""The family report: report.json (one typed contract, builder/report_model.py), report.md
+and one model card per student, all derived from finished stages' manifests (nothing
+recomputed).
+
+A report never replaces a better one: when the family folder holds a complete report, an
+incomplete one (a failed or partial build, `report` on a spec never built here) is not
+written over it, and no student's complete card is replaced by an incomplete one. With no
+finished stage at all there is nothing to report (`NothingToReport`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder.plan import TEACHER, Plan
-from builder.store import Manifest, StageStore, write_json_atomic
+from builder.report_model import (Candidate, Distillation, FamilyReport, Lineage, ModelRecord, Perplexity,
+                                  Pruning, SearchRecord, StageCost, StudentRecord, TaskResult, TeacherRecord,
+                                  Throughput, difference, format_perplexity, format_score, format_speedup,
+                                  perplexity_difference, read_completeness)
+from builder.spec import FamilySpec, StudentSpec
+from builder.store import Manifest, StageStore
 from builder.units import format_count
 
 log = logging.getLogger(__name__)
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+class NothingToReport(RuntimeError):
+    """No stage of the plan has finished: a report would describe work that never happened."""
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    report: FamilyReport  # this build's report, written or not
+    path: Path  # report.json in the family folder
+    written: bool  # False: a complete report was there and this one is incomplete
+    note: str  # one line for the user: what was written or kept, and why
 
 
 def _manifests(plan: Plan, store: StageStore) -> dict[str, Manifest | None]:
     return {stage_id: store.manifest(stage.key) for stage_id, stage in plan.stages.items()}
 
 
-def stage_record(manifest: Manifest | None, flops_per_token: float = 0.0) -> dict | None:
+def stage_cost(manifest: Manifest | None, flops_per_token: float = 0.0) -> StageCost | None:
     if manifest is None:
         return None
-    return {"tokens": manifest.tokens, "wall_s": round(manifest.wall_s, 2),
-            "flops": flops_per_token * manifest.tokens, "path": manifest.path}
+    return StageCost(tokens=manifest.tokens, wall_s=round(manifest.wall_s, 2),
+                     flops=flops_per_token * manifest.tokens, path=manifest.path)
 
 
-def _metrics(manifest: Manifest | None) -> dict:
+# -- evaluation and throughput, from the stages' summaries ----------------------------------------
+def _tasks(manifest: Manifest | None) -> dict[str, TaskResult]:
     if manifest is None:
         return {}
     tasks = (manifest.summary.get("metrics") or {}).get("tasks", {})
-    metrics = {name: _task_metrics(task) for name, task in tasks.items()}
-    if "perplexity" in manifest.summary:
-        metrics["perplexity"] = manifest.summary["perplexity"]["perplexity"]
-    return metrics
+    return {name: TaskResult.from_lm_eval(task) for name, task in tasks.items()}
 
 
-def _task_metrics(task: dict) -> dict:
-    """lm-eval's numbers for one task, flat, with the settings that produced them."""
-    settings = {key: task.get(key) for key in ("num_fewshot", "limit", "samples", "source", "version")}
-    return {**task.get("metrics", {}), **settings}
+def _perplexity(manifest: Manifest | None) -> Perplexity | None:
+    found = manifest.summary.get("perplexity") if manifest else None
+    if not found:
+        return None
+    return Perplexity(**{key: found.get(key) for key in ("perplexity", "nll", "nll_stderr", "tokens", "blocks")})
 
 
-def _throughput(plan: Plan, manifests: dict, failures: dict, name: str) -> dict | None:
+def throughput_record(result: dict) -> Throughput:
+    """One model's result from `evaluators.throughput.measure_throughput`, made portable:
+    the hardware in words, the engine arguments without the local model path."""
+    from evaluators.throughput import describe_hardware
+
+    load = result.get("load") or {}
+    return Throughput(
+        **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes",
+                                            "ratio_to_teacher", "ratio_to_teacher_std", "ratio_note", "error")},
+        cpu_per_wall=load.get("cpu_per_wall"), cores_given=load.get("cores_given"),
+        load_avg_1m=load.get("load_avg_1m_max"), contended=load.get("contended"),
+        contention_note=load.get("note"),
+        hardware=describe_hardware(result["hardware"]) if result.get("hardware") else None,
+        engine=result.get("vllm_version"),
+        engine_args={k: v for k, v in (result.get("engine_args") or {}).items() if k != "model"},
+    )
+
+
+def _throughput(plan: Plan, manifests: dict, failures: dict, name: str) -> Throughput | None:
     if plan.throughput_stage is None:
         return None
     if plan.throughput_stage in failures:
-        return {"error": failures[plan.throughput_stage]}
+        return Throughput(error=failures[plan.throughput_stage].strip().splitlines()[-1])
     manifest = manifests.get(plan.throughput_stage)
-    return manifest.summary["results"].get(name) if manifest else None
+    found = manifest.summary["results"].get(name) if manifest else None
+    return throughput_record(found) if found else None
 
 
-def _model_record(plan: Plan, manifests: dict, failures: dict, name: str, model_stage: str) -> dict:
-    model = manifests.get(model_stage)
-    evaluation = manifests.get(plan.eval_stages[name])
-    return {
-        "name": name,
-        "path": model.summary.get("model_dir") if model else None,
-        "metrics": _metrics(evaluation),
-        "evaluation_error": failures.get(plan.eval_stages[name]),
-        "throughput": _throughput(plan, manifests, failures, name),
-    }
-
-
-def teacher_record(plan: Plan, manifests: dict, failures: dict) -> dict:
-    acquired = manifests.get(plan.original_teacher_stage)
-    record = _model_record(plan, manifests, failures, TEACHER, plan.teacher_stage)
-    n = plan.teacher_params
-    record.update({
-        "source": plan.spec.teacher.source,
-        "repo_id": acquired.summary.get("repo_id") if acquired else plan.spec.teacher.repo_id,
-        "license": (acquired.summary.get("license") if acquired else None) or plan.spec.teacher.license,
-        "params": n,
-        "shape": plan.teacher_shape.as_dict(),
-        "corrected": plan.teacher_stage != plan.original_teacher_stage,
-        "stages": {
-            "acquire-teacher": stage_record(acquired),
-            "correct": stage_record(manifests.get(plan.teacher_stage), 6 * n) if plan.teacher_stage != plan.original_teacher_stage else None,
-            "score": stage_record(_find(plan, manifests, "score"), 2 * n),
-        },
-    })
-    scores = _find(plan, manifests, "score")
-    record["block_importance"] = scores.summary.get("block_importance") if scores else None
-    return record
+def _model_fields(plan: Plan, manifests: dict, failures: dict, name: str, model_stage: str) -> dict:
+    model, evaluation = manifests.get(model_stage), manifests.get(plan.eval_stages[name])
+    return {"name": name, "path": model.summary.get("model_dir") if model else None,
+            "tasks": _tasks(evaluation), "perplexity": _perplexity(evaluation),
+            "evaluation_error": failures.get(plan.eval_stages[name]),
+            "throughput": _throughput(plan, manifests, failures, name)}
 
 
 def _find(plan: Plan, manifests: dict, stage_name: str, student: str | None = None) -> Manifest | None:
@@ -92,74 +108,102 @@ def _find(plan: Plan, manifests: dict, stage_name: str, student: str | None = No
     return None
 
 
-def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher: dict) -> dict:
+# -- the teacher ----------------------------------------------------------------------------------
+def teacher_record(plan: Plan, manifests: dict, failures: dict) -> TeacherRecord:
+    spec, n = plan.spec.teacher, plan.teacher_params
+    acquired = manifests.get(plan.original_teacher_stage)
+    corrected = plan.teacher_stage != plan.original_teacher_stage
+    scores = _find(plan, manifests, "score")
+    return TeacherRecord(
+        **_model_fields(plan, manifests, failures, TEACHER, plan.teacher_stage),
+        source=spec.source, local_source=spec.reference.kind == "path",
+        repo_id=(acquired.summary.get("repo_id") if acquired else None) or spec.repo_id,
+        license=(acquired.summary.get("license") if acquired else None) or spec.license,
+        params=n, shape=plan.teacher_shape.as_dict(), corrected=corrected,
+        stages={"acquire-teacher": stage_cost(acquired),
+                "correct": stage_cost(manifests.get(plan.teacher_stage), 6 * n) if corrected else None,
+                "score": stage_cost(scores, 2 * n)},
+        block_importance=scores.summary.get("block_importance") if scores else None,
+    )
+
+
+# -- the students -----------------------------------------------------------------------------------
+def student_repo_id(spec: FamilySpec, student: StudentSpec) -> str | None:
+    """The student's Hub repo: its own repo_id, else publish.org/NAME; None without an owner."""
+    if student.repo_id:
+        return student.repo_id
+    return f"{spec.publish.org}/{student.name}" if spec.publish.org else None
+
+
+def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher: TeacherRecord) -> StudentRecord:
     name = planned.spec.name
-    record = _model_record(plan, manifests, failures, name, planned.final_stage)
     # A searched student's shape is the one its `select` stage chose (unknown until then).
     pruned = manifests.get(planned.select_stage) if planned.searched else _find(plan, manifests, "prune", name)
     shape = planned.shape.as_dict() if planned.shape else (pruned.summary["shape"] if pruned else None)
     params = pruned.summary["params"] if planned.searched and pruned else planned.params
     distilled = manifests.get(planned.final_stage)
-    section = plan.spec.distill_for(planned.spec)
+    return StudentRecord(
+        **_model_fields(plan, manifests, failures, name, planned.final_stage),
+        params=params, shape=shape, repo_id=student_repo_id(plan.spec, planned.spec),
+        why=_why(planned, manifests),
+        lineage=Lineage(correction=teacher.stages["correct"], pruning=_pruning(plan, manifests, planned, pruned, shape),
+                        distillation=_distillation(plan, planned, distilled)),
+        stages={"prune": stage_cost(pruned), "distill": stage_cost(distilled, 6 * params + 2 * plan.teacher_params),
+                "evaluate": stage_cost(manifests.get(plan.eval_stages[name]), 2 * params)},
+        complete=all(manifests.get(stage_id) for stage_id in _student_stages(plan, planned)),
+    )
+
+
+def _student_stages(plan: Plan, planned) -> list[str]:
+    stages = [planned.final_stage, plan.eval_stages[planned.spec.name], planned.select_stage, plan.throughput_stage]
+    return [stage_id for stage_id in stages if stage_id]
+
+
+def _pruning(plan: Plan, manifests: dict, planned, pruned: Manifest | None, shape: dict | None) -> Pruning:
     teacher_shape = plan.teacher_shape.as_dict()
-    record.update({
-        "params": params,
-        "shape": shape,
-        "repo_id": planned.spec.repo_id or (f"{plan.spec.publish.org}/{name}" if plan.spec.publish.org else name),
-        "why": _why(planned, manifests),
-        "lineage": {
-            "correction": teacher["stages"]["correct"],
-            "pruning": {
-                "axes": {axis: [teacher_shape[axis], value] for axis, value in (shape or {}).items()
-                         if value != teacher_shape[axis]},
-                "depth_method": planned.spec.depth_method,
-                "layers_kept": pruned.summary.get("layers_kept") if pruned else None,
-                "calibration_samples": plan.spec.scoring.samples,
-                "search": search_record(plan, manifests, planned) if planned.searched else None,
-            },
-            "distillation": {
-                "tokens": distilled.tokens if distilled else None,
-                "steps": distilled.summary.get("steps") if distilled else None,
-                "loss": section.loss, "temperature": section.temperature,
-                "final_loss": distilled.summary.get("final_loss") if distilled else None,
-                "loss_curve": distilled.summary.get("metrics_file") if distilled else None,
-            },
-        },
-        "stages": {
-            "prune": stage_record(pruned),
-            "distill": stage_record(distilled, 6 * params + 2 * plan.teacher_params),
-            "evaluate": stage_record(manifests.get(plan.eval_stages[name]), 2 * params),
-        },
-    })
-    return record
+    axes = {axis: (teacher_shape[axis], value) for axis, value in (shape or {}).items() if value != teacher_shape[axis]}
+    return Pruning(axes=axes, depth_method=planned.spec.depth_method if "num_hidden_layers" in axes else None,
+                   layers_kept=pruned.summary.get("layers_kept") if pruned else None,
+                   calibration_samples=plan.spec.scoring.samples if axes else None,
+                   search=search_record(plan, manifests, planned) if planned.searched else None)
+
+
+def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillation:
+    section = plan.spec.distill_for(planned.spec)
+    summary = distilled.summary if distilled else {}
+    return Distillation(tokens=distilled.tokens if distilled else None, steps=summary.get("steps"),
+                        loss=section.loss, temperature=section.temperature, final_loss=summary.get("final_loss"),
+                        loss_curve=summary.get("metrics_file"))
 
 
 def _why(planned, manifests: dict) -> str | None:
     """The spec's reason for the shape; for a searched student, also how the search chose it."""
     selected = manifests.get(planned.select_stage) if planned.searched else None
+    why = " ".join(planned.spec.why.split()) if planned.spec.why else None
     if selected is None:
-        return planned.spec.why
+        return why
     found = len(selected.summary["candidates"])
     chosen = selected.summary["candidates"][selected.summary["chosen"]]
     search = (f"Chosen by architecture search: of {found} candidate shapes near {format_count(planned.params)} "
               f"parameters, each pruned and distilled on {format_count(chosen['tokens'])} tokens, this one had the "
               f"lowest held-out loss ({chosen['heldout_loss']:.3f}).")
-    return f"{planned.spec.why.strip()} {search}" if planned.spec.why else search
+    return f"{why} {search}" if why else search
 
 
-def search_record(plan: Plan, manifests: dict, planned) -> dict:
+def search_record(plan: Plan, manifests: dict, planned) -> SearchRecord:
     """The architecture search as run: every candidate, its held-out loss, the choice."""
     search = plan.spec.search
     selected = manifests.get(planned.select_stage)
     results = selected.summary["candidates"] if selected else [{} for _ in planned.candidates]
-    candidates = [{"tag": c.tag, "shape": c.shape.as_dict(), "params": c.params,
-                   "heldout_loss": result.get("heldout_loss"), "train_loss": result.get("train_loss")}
+    candidates = [Candidate(tag=c.tag, shape=c.shape.as_dict(), params=c.params,
+                            heldout_loss=result.get("heldout_loss"), train_loss=result.get("train_loss"))
                   for c, result in zip(planned.candidates, results)]
-    return {"budget": planned.params, "tolerance": search.tolerance, "tokens_per_candidate": search.tokens,
-            "heldout_tokens": search.heldout_tokens, "candidates": candidates,
-            "chosen": selected.summary["chosen"] if selected else None}
+    return SearchRecord(budget=planned.params, tolerance=search.tolerance, tokens_per_candidate=search.tokens,
+                        heldout_tokens=search.heldout_tokens, candidates=candidates,
+                        chosen=selected.summary["chosen"] if selected else None)
 
 
+# -- the family ----------------------------------------------------------------------------------
 def hardware() -> str:
     import os
 
@@ -170,140 +214,224 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict[str, str]) -> dict:
+def _local_references(spec: FamilySpec) -> dict[str, str]:
+    """The spec's local paths and what each is, for the portable spec."""
+    found = {spec.teacher.source: "the teacher checkpoint"} if spec.teacher.reference.kind == "path" else {}
+    if spec.data.reference.kind == "path":
+        found[spec.data.source] = "the training data"
+    return found
+
+
+def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict[str, str],
+                   skipped: dict[str, str] | None = None) -> FamilyReport:
+    from publish.portable import portable_spec_yaml
+
     manifests = _manifests(plan, store)
     teacher = teacher_record(plan, manifests, failures)
-    students = [student_record(plan, manifests, failures, planned, teacher) for planned in plan.students]
-    report = {"family": plan.spec.family, "description": plan.spec.description, "teacher": teacher,
-              "students": students, "hardware": hardware(), "spec_yaml": spec_text,
-              "license": plan.spec.publish.license or teacher["license"],
-              "failures": failures,
-              "complete": all(manifests.values())}
+    original = None
     if plan.teacher_stage != plan.original_teacher_stage:
-        report["teacher_original"] = _model_record(plan, manifests, failures, "teacher-original",
-                                                   plan.original_teacher_stage)
-    return report
+        original = ModelRecord(**_model_fields(plan, manifests, failures, "teacher-original",
+                                               plan.original_teacher_stage))
+    spec = plan.spec
+    return FamilyReport(
+        family=spec.family, description=spec.description, teacher=teacher, teacher_original=original,
+        students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
+        hardware=hardware(), spec_yaml=spec_text,
+        portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec)),
+        data_source="a local corpus" if spec.data.reference.kind == "path" else spec.data.source,
+        license=spec.publish.license or teacher.license, publish=spec.publish,
+        failures=failures, skipped=skipped or {},
+        missing=[stage_id for stage_id, manifest in manifests.items() if manifest is None],
+        complete=all(manifests.values()),
+    )
 
 
+# -- writing, never over a better report ---------------------------------------------------------
 def write_report_files(plan: Plan, store: StageStore, family_dir: Path, spec_text: str,
-                       failures: dict[str, str]) -> Path:
+                       failures: dict[str, str], skipped: dict[str, str] | None = None) -> ReportOutcome:
+    """Write report.json, report.md, plots and cards unless that would replace a complete
+    report with an incomplete one; raises NothingToReport when no stage has finished."""
+    report = collect_report(plan, store, spec_text, failures, skipped)
+    if len(report.missing) == len(plan.stages):
+        raise NothingToReport(f"nothing to report for {plan.spec.family!r}: none of its {len(plan.stages)} stages "
+                              f"has finished in {store.root}; build it first (build-family SPEC), or pass the "
+                              "--workdir it was built in")
+    path = family_dir / REPORT_JSON
+    was_complete, complete_students = read_completeness(path)
+    if was_complete and not report.complete:
+        note = (f"kept the complete report {path}: this one is incomplete ({len(report.missing)} stage(s) "
+                f"missing: {', '.join(report.missing)}), so it was not written")
+        log.warning("%s", note)
+        return ReportOutcome(report, path, False, note)
     family_dir.mkdir(parents=True, exist_ok=True)
-    report = collect_report(plan, store, spec_text, failures)
-    for student in report["students"]:
-        student["card"] = str(write_card(report, student, family_dir))
-    report["plots"] = draw_plots(report, family_dir / "plots")
-    write_json_atomic(family_dir / "report.json", report)
-    (family_dir / "report.md").write_text(render_markdown(report, family_dir))
-    log.info("report: %s", family_dir / "report.md")
-    return family_dir / "report.json"
+    report = _write_cards(report, family_dir, keep=complete_students)
+    report = report.model_copy(update={"plots": draw_plots(report, family_dir / "plots")})
+    report.save(path)
+    (family_dir / REPORT_MD).write_text(render_markdown(report, family_dir))
+    state = "complete" if report.complete else f"incomplete, {len(report.missing)} stage(s) missing"
+    return ReportOutcome(report, path, True, f"wrote {family_dir / REPORT_MD} ({state})")
 
 
-def draw_plots(report: dict, folder: Path) -> dict[str, str]:
+def _write_cards(report: FamilyReport, family_dir: Path, keep: set[str]) -> FamilyReport:
+    """A card for each student with a checkpoint, except where a complete card would be
+    replaced by an incomplete one; a student never built gets none (it has no story yet)."""
+    students = []
+    for student in report.students:
+        folder = family_dir / "students" / student.name
+        if student.path and (student.complete or student.name not in keep):
+            write_card(report, student, folder)
+        card = folder / "README.md"
+        students.append(student.model_copy(update={"card": str(card) if card.is_file() else None}))
+    return report.model_copy(update={"students": students})
+
+
+def write_card(report: FamilyReport, student: StudentRecord, folder: Path) -> Path:
+    from publish.card import render_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(render_card(report, student.name))
+    (folder / "spec.yaml").write_text(report.spec_yaml)
+    return folder / "README.md"
+
+
+def draw_plots(report: FamilyReport, folder: Path) -> dict[str, str]:
     from builder import plots
 
-    def throughput_of(model: dict) -> float | None:
-        return (model.get("throughput") or {}).get("output_tokens_per_s")
-
     drawn = {
-        "accuracy vs parameters": plots.accuracy_vs(report, headline, lambda m: m["params"], "parameters",
+        "accuracy vs parameters": plots.accuracy_vs(report, plots.params_of, "parameters",
                                                     folder / "accuracy_vs_params.png"),
-        "accuracy vs throughput": plots.accuracy_vs(report, headline, throughput_of, "vLLM output tokens/s",
+        "accuracy vs throughput": plots.accuracy_vs(report, plots.throughput_of, "vLLM output tokens/s",
                                                     folder / "accuracy_vs_throughput.png"),
         "distillation loss": plots.loss_curves(report, folder / "distillation_loss.png"),
-        "layer importance": plots.importance_profile(report["teacher"].get("block_importance"),
+        "layer importance": plots.importance_profile(report.teacher.block_importance,
                                                      folder / "layer_importance.png"),
     }
     return {title: str(path) for title, path in drawn.items() if path is not None}
 
 
-def write_card(report: dict, student: dict, family_dir: Path) -> Path:
-    from publish.card import render_card_from_report
-
-    folder = family_dir / "students" / student["name"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text(render_card_from_report(report, student["name"]))
-    (folder / "spec.yaml").write_text(report["spec_yaml"])
-    return folder / "README.md"
-
-
-def _task_names(report: dict) -> list[str]:
+# -- report.md ---------------------------------------------------------------------------------------
+def _task_names(report: FamilyReport) -> list[str]:
     names: list[str] = []
-    for record in [report["teacher"], *report["students"]]:
-        names += [n for n in record["metrics"] if n != "perplexity" and n not in names]
+    for record in [report.teacher, *report.students]:
+        names += [n for n in record.tasks if n not in names]
     return names
 
 
-def headline(metrics: dict, task: str) -> float | None:
-    """The number a table shows for a task: acc_norm where lm-eval reports it, else acc."""
-    result = metrics.get(task)
-    if not isinstance(result, dict):
-        return None
-    for key in ("acc_norm", "acc", "exact_match"):
-        if key in result:
-            return result[key]
-    return None
-
-
-def render_markdown(report: dict, family_dir: Path) -> str:
+def render_markdown(report: FamilyReport, family_dir: Path) -> str:
     tasks = _task_names(report)
-    teacher = report["teacher"]
-    models = [m for m in (report.get("teacher_original"), teacher, *report["students"]) if m]
+    teacher = report.teacher
+    models = [m for m in (report.teacher_original, teacher, *report.students) if m]
     header = ["model", "params", *tasks, "perplexity", "output tok/s", "speed-up"]
-    lines = [f"# {report['family']}", "", report.get("description", "").strip(), "",
-             f"Teacher `{teacher['source']}`; measured on {report['hardware']}. Deltas are against the teacher "
-             "the students were distilled from (accuracy: acc_norm where the task has it, else acc).", "",
+    lines = [f"# {report.family}", "", *_incomplete_notice(report), report.description.strip(), "",
+             f"Teacher `{teacher.source}`; measured on {report.hardware}. Scores are lm-eval's (acc_norm where the "
+             "task has it, else acc) ± one standard error; a student's Δ is against the teacher it was distilled "
+             "from, and a Δ within two standard errors is marked *noise*.", "",
+             *_examples_line(report, tasks),
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model in models:
-        lines.append("| " + " | ".join(_row(model, teacher, tasks)) + " |")
+    lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
+    lines += _throughput_notes(models)
     lines += _search_sections(report)
-    if report["failures"]:
-        lines += ["", "## Problems", ""] + [f"- `{stage}`: {error.strip().splitlines()[-1]}"
-                                            for stage, error in report["failures"].items()]
-    if report.get("plots"):
+    lines += _problems(report)
+    if report.plots:
         lines += ["", "## Plots", ""]
-        lines += [f"![{title}]({Path(path).relative_to(family_dir)})" for title, path in report["plots"].items()]
+        lines += [f"![{title}]({Path(path).relative_to(family_dir)})" for title, path in report.plots.items()]
     lines += ["", "Machine-readable: `report.json`. Model cards: `students/<name>/README.md`.", ""]
     return "\n".join(lines)
 
 
-def _search_sections(report: dict) -> list[str]:
-    lines = []
-    for student in report["students"]:
-        search = student["lineage"]["pruning"].get("search")
-        if not search:
-            continue
-        lines += ["", f"## Architecture search: {student['name']}", "",
-                  f"{len(search['candidates'])} candidates within {search['tolerance']:.0%} of "
-                  f"{format_count(search['budget'])} parameters, each distilled "
-                  f"{format_count(search['tokens_per_candidate'])} tokens, ranked on "
-                  f"{format_count(search['heldout_tokens'])} held-out tokens; the lowest loss continues.", "",
-                  "| # | params | layers | hidden | heads/kv | MLP | held-out loss | |", "|---" * 8 + "|"]
-        for index, candidate in enumerate(search["candidates"]):
-            shape, loss = candidate["shape"], candidate["heldout_loss"]
-            lines.append(
-                f"| {index} | {format_count(candidate['params'])} | {shape['num_hidden_layers']} | "
-                f"{shape['hidden_size']} | {shape['num_attention_heads']}/{shape['num_key_value_heads']} | "
-                f"{shape['intermediate_size']} | {'-' if loss is None else f'{loss:.4f}'} | "
-                f"{'chosen' if search['chosen'] == index else ''} |")
-    return lines
+def _incomplete_notice(report: FamilyReport) -> list[str]:
+    if report.complete:
+        return []
+    why = [f"`{stage}` ({_missing_reason(report, stage)})" for stage in report.missing]
+    return [f"> **Incomplete:** {len(report.missing)} stage(s) have no result, so the numbers below are partial: "
+            + ", ".join(why) + ". Rerun the build to finish them.", ""]
 
 
-def _row(model: dict, teacher: dict, tasks: list[str]) -> list[str]:
-    cells = [model["name"], format_count(model.get("params") or teacher["params"])]
+def _missing_reason(report: FamilyReport, stage: str) -> str:
+    if stage in report.failures:
+        return "failed: " + report.failures[stage].strip().splitlines()[-1]
+    if stage in report.skipped:
+        return "skipped: " + report.skipped[stage]
+    return "not run"
+
+
+def _examples_line(report: FamilyReport, tasks: list[str]) -> list[str]:
+    counts = {}
     for task in tasks:
-        value, base = headline(model["metrics"], task), headline(teacher["metrics"], task)
-        cells.append("-" if value is None else f"{value:.3f}" + (f" ({value - base:+.3f})" if model is not teacher and base is not None else ""))
-    perplexity = model["metrics"].get("perplexity")
-    cells.append("-" if perplexity is None else f"{perplexity:.2f}")
-    throughput = model.get("throughput") or {}
-    cells.append(f"{throughput['output_tokens_per_s']:.0f}" if "output_tokens_per_s" in throughput else "-")
-    cells.append(f"{throughput['ratio_to_teacher']:.2f}x" if "ratio_to_teacher" in throughput else "-")
+        found = next((m.tasks[task] for m in (report.teacher, *report.students) if task in m.tasks), None)
+        counts[task] = found.examples if found else "?"
+    perplexity = next((m.perplexity for m in (report.teacher, *report.students) if m.perplexity), None)
+    if perplexity and perplexity.tokens:
+        counts["perplexity"] = f"{format_count(perplexity.tokens)} held-out tokens in {perplexity.blocks} blocks"
+    if not counts:
+        return []
+    return ["Examples: " + "; ".join(f"{task} {text}" for task, text in counts.items()) + ".", ""]
+
+
+def _row(model: ModelRecord, teacher: TeacherRecord, tasks: list[str]) -> list[str]:
+    cells = [model.name, format_count(model.params or teacher.params)]
+    is_student = isinstance(model, StudentRecord)
+    for task in tasks:
+        result, base = model.tasks.get(task), teacher.tasks.get(task)
+        score = result.score(result.headline) if result and result.headline else None
+        cell = format_score(score)
+        base_score = base.score(base.headline) if base and base.headline else None
+        if is_student and score and base_score:
+            diff = difference(score, base_score)
+            cell += " (Δ noise)" if diff.noise else (f" (Δ {diff.value:+.3f})" if diff.noise is False else "")
+        cells.append(cell if score else "-")
+    perplexity = format_perplexity(model.perplexity) if model.perplexity else "-"
+    if is_student and model.perplexity and teacher.perplexity:
+        delta = perplexity_difference(model.perplexity, teacher.perplexity)
+        perplexity += " (Δ noise)" if delta.startswith("noise") else f" (Δ {delta})"
+    throughput = model.throughput
+    rate = throughput.rate if throughput else None
+    speedup = format_speedup(throughput) if is_student else "1.00× (reference)"
+    cells += [perplexity, f"{rate.value:.0f} ± {rate.stderr or 0:.0f}" if rate else "-",
+              speedup if throughput and throughput.speedup else "-"]
     return cells
 
 
-def publish_family(plan: Plan, family_dir: Path, dry_run: bool, force: bool) -> int:
-    """Publish every student of a finished build (see publish.hub); 0 when all went up."""
-    from publish.hub import publish_report
+def _throughput_notes(models: list[ModelRecord]) -> list[str]:
+    measured = [m for m in models if m.throughput and m.throughput.rate]
+    if not measured:
+        return []
+    first = measured[0].throughput
+    lines = ["", f"Throughput: mean ± standard deviation over {first.passes or 1} timed pass(es) after a warm-up, "
+                 f"{first.hardware or 'hardware not recorded'}."]
+    contended = [f"{m.name} ({m.throughput.contention_note or 'contended'})" for m in measured if m.throughput.contended]
+    if contended:
+        lines.append("**Contended:** other work competed for the cores while measuring " + "; ".join(contended)
+                     + ". Treat those numbers and their speed-ups as lower bounds; measure again on a quiet machine.")
+    return lines
 
-    report = json.loads((family_dir / "report.json").read_text())
-    return publish_report(report, plan.spec.publish, dry_run=dry_run, force=force)
+
+def _problems(report: FamilyReport) -> list[str]:
+    if not report.failures and not report.skipped:
+        return []
+    lines = ["", "## Problems", ""]
+    lines += [f"- `{stage}`: {error.strip().splitlines()[-1]}" for stage, error in report.failures.items()]
+    lines += [f"- `{stage}` skipped: {why}" for stage, why in report.skipped.items()]
+    return lines
+
+
+def _search_sections(report: FamilyReport) -> list[str]:
+    lines = []
+    for student in report.students:
+        search = student.lineage.pruning.search
+        if not search:
+            continue
+        lines += ["", f"## Architecture search: {student.name}", "",
+                  f"{len(search.candidates)} candidates within {search.tolerance:.0%} of "
+                  f"{format_count(search.budget)} parameters, each distilled "
+                  f"{format_count(search.tokens_per_candidate)} tokens, ranked on "
+                  f"{format_count(search.heldout_tokens)} held-out tokens; the lowest loss continues.", "",
+                  "| # | params | layers | hidden | heads/kv | MLP | held-out loss | |", "|---" * 8 + "|"]
+        for index, candidate in enumerate(search.candidates):
+            shape, loss = candidate.shape, candidate.heldout_loss
+            lines.append(
+                f"| {index} | {format_count(candidate.params)} | {shape['num_hidden_layers']} | "
+                f"{shape['hidden_size']} | {shape['num_attention_heads']}/{shape['num_key_value_heads']} | "
+                f"{shape['intermediate_size']} | {'-' if loss is None else f'{loss:.4f}'} | "
+                f"{'chosen' if search.chosen == index else ''} |")
+    return lines

@@ -2,24 +2,27 @@
 
 Each unfinished stage becomes one Ray task; upstream results travel as ObjectRefs, so Ray
 starts a stage as soon as its inputs are done, and independent student branches run
-concurrently when the cluster has room. Finished stages (manifest on disk) are not
+concurrently when the cluster has room. Finished, intact stages (builder.reuse) are not
 submitted at all, so a build that is already complete never even starts Ray.
+
+Each stage task holds the stage's lock while it runs (builder.store), so two builds on one
+work dir never run a stage twice at once: the second waits, then reuses the first's result.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import tempfile
 import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
+from builder.reuse import Decision, check_inputs, decide
 from builder.spec import FamilySpec
 from builder.store import Manifest, StageStore
 
@@ -46,6 +49,8 @@ class BuildResult:
     failures: dict[str, str] = field(default_factory=dict)  # stage id -> error text
     optional_failures: dict[str, str] = field(default_factory=dict)  # same, for OPTIONAL_STAGES
     reused: list[str] = field(default_factory=list)  # stage ids found finished on disk
+    # stage id -> "skipped: upstream <id> failed", for stages that could not run (not failures)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -101,14 +106,18 @@ class BuildObserver:
         print(text, file=sys.stderr)
 
 
-def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, observer: BuildObserver | None = None) -> BuildResult:
-    store = StageStore(options.workdir)
+def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset(),
+             observer: BuildObserver | None = None) -> BuildResult:
+    """Run every stage that is not finished and intact; `rebuild` holds stage ids to redo
+    (what reads them is redone too). `observer` hears of each stage's progress."""
+    decisions = decide(plan, StageStore(options.workdir), rebuild)
     result = BuildResult()
-    for stage_id, stage in plan.stages.items():
-        manifest = store.manifest(stage.key)
-        if manifest is not None:
-            result.manifests[stage_id] = manifest
+    for stage_id, decision in decisions.items():
+        if decision.reuse:
+            result.manifests[stage_id] = decision.manifest
             result.reused.append(stage_id)
+        elif decision.reason:
+            log.warning("redo     %s: %s", stage_id, decision.reason)
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
     if not pending:
         return result
@@ -116,14 +125,15 @@ def run_plan(plan: Plan, options: RunOptions, spec_dir: Path, observer: BuildObs
     connected = init_ray(options)
     try:
         with _ray_messages_to(observer, enabled=not options.verbose):
-            _run_pending(pending, plan.spec, options, spec_dir, result, observer)
+            _run_pending(pending, decisions, plan.spec, options, result, observer)
     finally:
         if connected:
             ray.shutdown()
+    skip_downstream_of_failures(plan, result)
     return result
 
 
-@contextlib.contextmanager
+@contextmanager
 def _ray_messages_to(observer: BuildObserver, enabled: bool):
     """Hand the messages Ray prints on the driver to the observer. The raylet pushes its
     errors (a worker killed for lack of memory and retried: 60 lines with a table of
@@ -140,16 +150,34 @@ def _ray_messages_to(observer: BuildObserver, enabled: bool):
         ray._private.worker.print_to_stdstream = original
 
 
-def _run_pending(pending: list[Stage], spec: FamilySpec, options: RunOptions, spec_dir: Path,
+def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
                  result: BuildResult, observer: BuildObserver) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
                                                                               name=stage.id)
-        refs[stage.id] = remote.remote(stage, spec, options, str(spec_dir), list(stage.inputs), *upstream)
+        refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
+                                       decisions[stage.id], *upstream)
         observer.queued(stage.id)
     _collect(refs, {stage.id: stage for stage in pending}, result, observer)
+
+
+def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
+    """A stage whose input failed never ran: Ray hands it the upstream's error. Report it as
+    skipped, naming the failed stage at the root, instead of as a failure of its own."""
+    failed = set(result.failures) | set(result.optional_failures)
+    roots: dict[str, str] = {}
+    for stage_id, stage in plan.stages.items():  # dependency order: upstream roots are known
+        for upstream in stage.inputs.values():
+            root = roots.get(upstream) or (upstream if upstream in failed else None)
+            if root is not None:
+                roots[stage_id] = root
+                break
+    for stage_id, root in roots.items():
+        result.failures.pop(stage_id, None)
+        result.optional_failures.pop(stage_id, None)
+        result.skipped[stage_id] = f"skipped: upstream {root} failed"
 
 
 def _resources(stage: Stage, options: RunOptions) -> dict:
@@ -188,20 +216,51 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
 
 
-def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: str, roles: list[str],
-             *upstream: Manifest) -> Manifest:
-    from builder.stage_log import captured_output, stage_log_path
+def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
+             decision: Decision, *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
     os.environ.update({k: v for k, v in RAY_TRAIN_QUIET.items() if k not in os.environ})
-    log_file = stage_log_path(StageStore(options.workdir).path(stage.key))
-    with captured_output(log_file, tee=options.verbose):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
+    with store.locked(stage.id):  # another build running this stage: wait, then look again
+        finished = store.reusable(stage.key, replaces=decision.replaces)
+        if finished is not None:
+            log.info("reused   %s: another build finished it", stage.id)
+            return finished
+        if decision.fresh or store.manifest(stage.key) is not None:  # stale or damaged: start over
+            store.discard(stage.key)
+        with _inputs_locked(store, inputs), _stage_log(store, stage, options):
+            check_inputs(stage.id, inputs)
+            return execute_stage(stage, spec, options, inputs)
+
+
+@contextmanager
+def _stage_log(store: StageStore, stage: Stage, options: RunOptions):
+    """Everything the stage's process prints goes to its stage.log (see builder.stage_log),
+    opened after a discard so the log is the one in the stage's folder; a failure's
+    traceback is written there too, and the driver prints only its last line."""
+    from builder.stage_log import captured_output, stage_log_path
+
+    with captured_output(stage_log_path(store.path(stage.key)), tee=options.verbose):
+        # Handlers bound to the captured stderr (a reused light worker had others before).
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
         try:
-            return execute_stage(stage, spec, options, Path(spec_dir), dict(zip(roles, upstream)))
+            yield
         except BaseException:
-            traceback.print_exc()  # the whole story in stage.log; the driver prints its last line
+            traceback.print_exc()
             raise
+
+
+@contextmanager
+def _inputs_locked(store: StageStore, inputs: dict[str, Manifest]):
+    """Shared locks on the stages read, so no other build replaces them mid-read. No deadlock:
+    a task waits only on stages upstream of the one it holds, and the DAG has no cycles."""
+    with ExitStack() as stack:
+        for stage_id in sorted({manifest.stage_id for manifest in inputs.values()}):
+            stack.enter_context(store.locked(stage_id, shared=True))
+        yield
+
 
 
 _execute_light = ray.remote(_execute)

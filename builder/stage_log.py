@@ -7,14 +7,12 @@ Capturing works on file descriptors 1 and 2, not on `sys.stdout`: transformers, 
 vLLM's engine processes and torch's C++ warnings all write there, and child processes
 inherit them. The runner's Ray task and every Ray Train worker capture into the same file
 (opened for appending, so their lines interleave instead of overwriting each other), and a
-resumed stage appends to the log of its earlier attempt. Every writer holds a shared
-flock on the log while it runs, which `build-family status` reads as "running". With `tee` (`--verbose`), the
+resumed stage appends to the log of its earlier attempt. With `tee` (`--verbose`), the
 output also still goes where it went before: Ray streams it to the driver's terminal.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
 import threading
@@ -36,8 +34,6 @@ def captured_output(path: Path, tee: bool = False) -> Iterator[None]:
     _flush_python_streams()
     saved = os.dup(1), os.dup(2)
     with open(path, "ab", buffering=0) as log:
-        # Held while the stage runs: `build-family status` reads a held lock as "running".
-        fcntl.flock(log, fcntl.LOCK_SH)
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} ====\n".encode())
         target, copier = _tee(log, saved[0]) if tee else (log.fileno(), None)
         os.dup2(target, 1)

@@ -7,23 +7,26 @@ they run (Ray tasks); these functions never import Ray.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
+from pydantic import BaseModel
 
 from builder.options import RunOptions
-from builder.plan import Stage
 from builder.shape import Shape
 from builder.spec import DistillSpec, EvaluationSpec, FamilySpec, TrainingSpec
 from builder.store import Manifest, StageStore
 
+if TYPE_CHECKING:  # builder.plan reads STAGE_VERSIONS from here
+    from builder.training import TrainSettings
+    from builder.plan import Stage
+
+Section = TypeVar("Section", bound=BaseModel)
+
 log = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,6 @@ class StageContext:
     stage: Stage
     spec: FamilySpec
     options: RunOptions
-    spec_dir: Path
     out_dir: Path
     inputs: dict[str, Manifest]  # role -> finished upstream stage
 
@@ -43,19 +45,27 @@ class StageContext:
 
     @property
     def config(self) -> dict:
-        """The settings this stage was planned with: exactly what its hash covers."""
+        """The settings this stage's result depends on: what its hash covers."""
         return self.stage.key.config
+
+    def section(self, model: type[Section]) -> Section:
+        """The spec section this stage was planned with, execution-only fields included."""
+        return model.model_validate({**self.stage.key.config, **self.stage.key.execution})
+
+    @property
+    def precision(self) -> str:
+        """The training precision the planner resolved and hashed (never re-resolved here)."""
+        return self.stage.key.options["precision"]
 
 
 StageResult = tuple[dict, int]  # (summary, tokens processed)
 
 
-def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, spec_dir: Path,
-                  inputs: dict[str, Manifest]) -> Manifest:
+def execute_stage(stage: Stage, spec: FamilySpec, options: RunOptions, inputs: dict[str, Manifest]) -> Manifest:
     store = StageStore(options.workdir)
     if stage.heavy:  # the CPUs the runner reserved for it (see runner._resources)
         torch.set_num_threads(options.stage_cpus())
-    ctx = StageContext(stage, spec, options, spec_dir, store.prepare(stage.key), inputs)
+    ctx = StageContext(stage, spec, options, store.prepare(stage.key), inputs)
     log.info("started  %s", stage.id)
     started = time.perf_counter()
     summary, tokens = STAGE_FUNCTIONS[stage.name](ctx)
@@ -68,7 +78,7 @@ def acquire_teacher_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.acquire import config_from_json
 
-    summary = acquire_teacher(ctx.spec.teacher, ctx.out_dir, ctx.spec_dir)
+    summary = acquire_teacher(ctx.spec.teacher, ctx.out_dir)
     summary["params"] = count_params(config_from_json(Path(summary["model_dir"]) / "config.json"))
     return summary, 0
 
@@ -76,7 +86,7 @@ def acquire_teacher_stage(ctx: StageContext) -> StageResult:
 def acquire_data_stage(ctx: StageContext) -> StageResult:
     from builder.acquire import acquire_data
 
-    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir, ctx.spec_dir)
+    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir)
     return summary, sum(summary["tokens"].values())
 
 
@@ -84,24 +94,36 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
     import dataclasses
 
-    from builder.distill import TrainSettings
     from builder.ray_train import run_on_ray_train
 
     options = ctx.options
-    settings = TrainSettings.from_spec(section, dtype=options.train_dtype())
+    settings = train_settings(section, options.train_workers, ctx.precision)
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
                               parallel=options.parallel, tee_output=options.verbose,
                               cpus_per_worker=max(1, options.stage_cpus() // options.train_workers))
+    layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
+              "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
-                                            "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
+                                            "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl")}
     return summary, result.tokens_seen
 
 
-def _train_blocks(ctx: StageContext) -> Path:
-    from builder.acquire import split_file
+def train_settings(section: TrainingSpec, workers: int, precision: str) -> "TrainSettings":
+    """The training loop's per-worker settings: the spec's global batch split over `workers`
+    (builder.batching), so the step count and the data per step do not depend on them."""
+    from builder.batching import section_layout
+    from builder.training import TrainSettings
 
-    return split_file(ctx.blocks_path(), "train")
+    layout = section_layout(section, workers)
+    return TrainSettings.from_spec(section, dtype=precision, batch_size=layout.micro_batch_size,
+                                   grad_accum=layout.grad_accum)
+
+
+def _train_blocks(ctx: StageContext) -> Path:
+    """The acquire-data stage dir: training opens its train split with
+    `builder.tokens.TokenBlocks.open(path, "train")` and memory-maps the shards."""
+    return ctx.blocks_path()
 
 
 def correct_stage(ctx: StageContext) -> StageResult:
@@ -111,6 +133,7 @@ def correct_stage(ctx: StageContext) -> StageResult:
 def score_stage(ctx: StageContext) -> StageResult:
     from builder.acquire import load_blocks
     from builder.importance import score_importance
+    from builder.model_io import load_model
 
     scoring = ctx.spec.scoring
     model = load_model(ctx.model_dir("teacher"))
@@ -127,6 +150,7 @@ def score_stage(ctx: StageContext) -> StageResult:
 def prune_stage(ctx: StageContext) -> StageResult:
     from builder.arch import count_params
     from builder.importance import Importance
+    from builder.model_io import load_model, save_model
     from builder.prune import prune_model, save_pruning_map
 
     teacher_dir = ctx.model_dir("teacher")
@@ -134,7 +158,7 @@ def prune_stage(ctx: StageContext) -> StageResult:
     shape, depth_method = Shape(**ctx.config["shape"]), ctx.config["depth_method"]
     importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
     student = prune_model(model, importance, shape, depth_method=depth_method)
-    save_checkpoint(student, teacher_dir, ctx.out_dir / "model")
+    save_model(student, teacher_dir, ctx.out_dir / "model")
     kept = save_pruning_map(ctx.out_dir / "model", importance, shape, depth_method)
     summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),
                "shape": shape.as_dict(), "layers_kept": kept["teacher_layers"]}
@@ -142,7 +166,7 @@ def prune_stage(ctx: StageContext) -> StageResult:
 
 
 def distill_stage(ctx: StageContext) -> StageResult:
-    section = DistillSpec.model_validate(ctx.config)
+    section = ctx.section(DistillSpec)
     if section.tokens == 0:  # pruning only: the pruned checkpoint is the result
         return {"model_dir": str(ctx.model_dir("student")), "tokens": 0}, 0
     return _train(ctx, "distill", section, ctx.model_dir("student"))
@@ -175,7 +199,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from evaluators.lm_eval_runner import TaskRequest, evaluate_model
     from evaluators.perplexity import heldout_perplexity
 
-    evaluation = EvaluationSpec.model_validate(ctx.config)
+    evaluation = ctx.section(EvaluationSpec)
     device = ctx.options.device()
     tasks = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in evaluation.tasks]
     metrics = evaluate_model(ctx.model_dir("model"), tasks, batch_size=evaluation.batch_size, device=device,
@@ -205,19 +229,27 @@ def throughput_stage(ctx: StageContext) -> StageResult:
     return {"results": results}, 0
 
 
-def load_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def save_checkpoint(model, tokenizer_source: Path, out: Path) -> None:
-    """Weights as safetensors plus the teacher's tokenizer files, loadable with plain from_pretrained."""
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (Path(tokenizer_source) / name).exists():
-            shutil.copy(Path(tokenizer_source) / name, out / name)
-
+# Each stage's code version, part of its hash (builder.store.StageKey), so a change to one
+# stage recomputes that stage and, through the upstream hashes, what depends on it: never
+# its upstream or its siblings (a new evaluation keeps every distilled student).
+# BUMP RULE: bump a stage's version (any new string) in the commit that changes what it
+# writes for the same inputs: its outputs' values, files, or the meaning of its summary,
+# including through code it calls (builder.training for correct/distill, evaluators/ for
+# evaluate/throughput; a change to shared code bumps every stage whose output changes).
+# Refactors, speed-ups and logging need no bump. Hand-kept versions rather than a hash of
+# each stage's source: the code a stage runs spans modules shared by several stages, so a
+# source hash would either miss a change to a callee or recompute every stage for a comment.
+STAGE_VERSIONS: dict[str, str] = {
+    "acquire-teacher": "1",
+    "acquire-data": "2",  # sharded .npy token blocks (builder.tokens)
+    "correct": "1",
+    "score": "1",
+    "prune": "1",
+    "distill": "1",
+    "select": "1",
+    "evaluate": "1",
+    "throughput": "1",
+}
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {
     "acquire-teacher": acquire_teacher_stage,

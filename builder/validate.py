@@ -1,6 +1,8 @@
 """Spec validation in two phases, every problem reported at once.
 
-Phase 1 (offline): the schema (types, units, unknown fields) via pydantic.
+Phase 1 (offline): the schema (types, units, unknown fields) via pydantic; then every local
+path is made absolute against the spec's folder (`builder.spec.resolve_paths`) and checked:
+it exists, can be read and holds what it should.
 Phase 2 (needs the teacher's config, not its weights): each student's shape is reachable
 from the teacher and loadable by transformers and vLLM, each student is smaller than the
 teacher, training blocks fit the teacher's context, the lm-eval tasks exist, and a depth
@@ -10,16 +12,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import yaml
 from pydantic import ValidationError
 
 from builder.errors import Problem, SpecError, problems_from_validation
 from builder.shape import Shape
-from builder.spec import FamilySpec, StudentSpec, duplicate_students_message, duplicates, load_yaml
+from builder.spec import (FamilySpec, StudentSpec, duplicate_students_message, duplicates, load_yaml,
+                          resolve_paths)
+
+_RELATIVE_HINT = "(a relative path starts at the spec file's folder)"
 
 
 def load_spec(path: Path) -> FamilySpec:
-    """Parse and schema-check a spec file; raises SpecError listing every problem."""
+    """Parse and schema-check a spec file, its local paths made absolute; raises SpecError
+    listing every problem."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
@@ -32,10 +40,11 @@ def load_spec(path: Path) -> FamilySpec:
     if not isinstance(raw, dict):
         raise SpecError(str(path), [_not_a_mapping(raw)])
     try:
-        return FamilySpec.model_validate(raw)
+        spec = FamilySpec.model_validate(raw)
     except ValidationError as error:
         problems = problems_from_validation(error, FamilySpec)
         raise SpecError(str(path), problems + _unreached_problems(raw, problems)) from None
+    return resolve_paths(spec, path.parent)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> Problem:
@@ -70,6 +79,59 @@ def _unreached_problems(raw: dict, found: list[Problem]) -> list[Problem]:
     names = [s.get("name") for s in students if isinstance(s, dict) and isinstance(s.get("name"), str)]
     repeated = duplicates(names)
     return [Problem("students", names, duplicate_students_message(repeated))] if repeated else []
+
+
+def local_source_problems(spec: FamilySpec) -> list[Problem]:
+    """A local teacher or data path that is missing, unreadable or empty, found before any
+    stage runs (the build would otherwise fail minutes in). Paths are absolute here."""
+    problems = []
+    if spec.teacher.reference.kind == "path":
+        message = _teacher_folder_problem(Path(spec.teacher.source))
+        problems += [Problem("teacher.source", spec.teacher.source, message)] if message else []
+    if spec.data.reference.kind == "path":
+        message = _data_path_problem(Path(spec.data.source), spec.data.text_field)
+        problems += [Problem("data.source", spec.data.source, message)] if message else []
+    return problems
+
+
+def _teacher_folder_problem(folder: Path) -> str | None:
+    fix = ("point teacher.source at a Hugging Face checkpoint folder (config.json, *.safetensors and "
+           f"tokenizer files) {_RELATIVE_HINT}")
+    if not folder.exists():
+        return f"{folder} does not exist; {fix}"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder; {fix}"
+    config = folder / "config.json"
+    for readable in (folder, config):
+        if readable.exists() and not os.access(readable, os.R_OK | (os.X_OK if readable.is_dir() else 0)):
+            return f"{readable} cannot be read by this user; fix its permissions (chmod) or copy it"
+    if not config.is_file():
+        return f"{folder} has no config.json; {fix}"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return f"{folder} holds no weights (*.safetensors or *.bin); {fix}"
+    return None
+
+
+def _data_path_problem(path: Path, text_field: str) -> str | None:
+    from builder.acquire import LOCAL_DATA_SUFFIXES, local_data_files
+
+    kinds = " or ".join(LOCAL_DATA_SUFFIXES)
+    fix = f"give a {kinds} file or a folder of them ({text_field!r} holds the text of .jsonl lines) {_RELATIVE_HINT}"
+    if not path.exists():
+        return f"{path} does not exist; {fix}"
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        return f"{path} cannot be read by this user; fix its permissions (chmod) or copy it"
+    files = local_data_files(path)
+    if not files:
+        what = "holds no" if path.is_dir() else "is not a"
+        return f"{path} {what} {kinds} file; {fix}"
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        return (f"{len(unreadable)} of its {len(files)} files cannot be read by this user, e.g. {unreadable[0]}; "
+                "fix the permissions (chmod)")
+    if all(f.stat().st_size == 0 for f in files):
+        return f"{path} is empty (every {kinds} file in it has 0 bytes); {fix}"
+    return None
 
 
 def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:

@@ -29,10 +29,9 @@ def checkpoint_dir(model_dir: str | Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
-    from transformers import AutoModelForCausalLM
+    from builder.model_io import load_model as load_checkpoint
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(model_dir), dtype=torch_dtype(dtype))
-    return model.to(device).eval()
+    return load_checkpoint(checkpoint_dir(model_dir), device, torch_dtype(dtype))
 
 
 def load_tokenizer(model_dir: str | Path):

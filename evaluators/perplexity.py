@@ -10,6 +10,7 @@ Teacher and students are scored on the same blocks, so their perplexities compar
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -33,12 +34,12 @@ def _check_blocks(blocks: torch.Tensor, vocab_size: int) -> None:
                          "made with this model's tokenizer?")
 
 
-def _batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
-    """Summed next-token NLL of a batch, computed in float32 whatever the model dtype."""
+def _batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:
+    """Summed next-token NLL of each block of a batch, in float32 whatever the model dtype."""
     logits = model(input_ids=batch).logits[:, :-1].float()
     targets = batch[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           reduction="sum").item()
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return per_token.view(targets.shape).sum(dim=1).tolist()
 
 
 @torch.inference_mode()
@@ -47,7 +48,8 @@ def heldout_perplexity(model_or_dir: torch.nn.Module | str | Path, blocks: torch
                        progress: bool = True) -> dict[str, float | int]:
     """Perplexity of a causal LM (or a checkpoint folder, loaded with `device`/`dtype`)
     on `blocks`. Returns {"perplexity", "nll" (mean per token, nats), "tokens", "blocks",
-    "seq_len"}. A passed model keeps its device and dtype and gets its mode back."""
+    "seq_len", "nll_stderr": the standard error of the mean NLL, from its spread over blocks
+    (None for one block)}. A passed model keeps its device and dtype and gets its mode back."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     model = model_or_dir
@@ -58,13 +60,21 @@ def heldout_perplexity(model_or_dir: torch.nn.Module | str | Path, blocks: torch
     model.eval()  # dropout off; restored below so a training loop can call this mid-run
     try:
         model_device = next(model.parameters()).device
-        total = 0.0
+        per_block: list[float] = []
         for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity",
                           disable=not progress):
-            total += _batch_nll(model, blocks[start:start + batch_size].to(model_device))
+            per_block += _batch_nll(model, blocks[start:start + batch_size].to(model_device))
     finally:
         model.train(was_training)
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    nll = total / tokens
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens,
-            "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
+    nll = sum(per_block) / tokens
+    return {"perplexity": math.exp(nll), "nll": nll, "nll_stderr": _stderr(per_block, blocks.shape[1] - 1),
+            "tokens": tokens, "blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1])}
+
+
+def _stderr(block_sums: list[float], tokens_per_block: int) -> float | None:
+    """Standard error of the mean NLL: blocks, not tokens, are the independent samples
+    (tokens within a block share their context)."""
+    if len(block_sums) < 2:
+        return None
+    return statistics.stdev(s / tokens_per_block for s in block_sums) / math.sqrt(len(block_sums))

@@ -17,6 +17,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -75,10 +76,12 @@ class ThroughputSettings:
     cpu_threads_bind: str | None = None
     seed: int = 0
     timeout_s: float = 1800.0  # per model, engine start included
+    passes: int = 5  # timed passes of the whole workload: their spread is the rate's uncertainty
+    warmup_passes: int = 1  # untimed passes first (compilation, caches, allocator)
 
     def __post_init__(self) -> None:
         problems = [f"{name}={getattr(self, name)!r} must be a positive number"
-                    for name in ("input_len", "output_len", "num_prompts", "kv_cache_gib", "timeout_s")
+                    for name in ("input_len", "output_len", "num_prompts", "kv_cache_gib", "timeout_s", "passes")
                     if not getattr(self, name) > 0]
         problems += [f"engine_args sets {key!r}, which ThroughputSettings sets itself: "
                      f"use the field {key!r} instead (the model comes from the models dict)"
@@ -181,7 +184,9 @@ def measure_model(name: str, path: Path, settings: ThroughputSettings,
 
 
 def add_ratios(results: dict[str, dict[str, Any]], teacher: str = TEACHER) -> dict[str, dict[str, Any]]:
-    """Add `ratio_to_teacher` (output tokens/s over the teacher's) to every measured model.
+    """Add `ratio_to_teacher` (output tokens/s over the teacher's) to every measured model,
+    with `ratio_to_teacher_std`, the spread of both rates carried into the ratio (relative
+    spreads add in quadrature; the teacher's own ratio is exactly 1).
 
     Ratios are only meaningful for the same workload, so a model whose prompts differ
     from the teacher's (another tokenizer) gets None and a note instead.
@@ -197,7 +202,34 @@ def add_ratios(results: dict[str, dict[str, Any]], teacher: str = TEACHER) -> di
             result["ratio_note"] = "prompts differ from the teacher's (different tokenizer)"
         else:
             result["ratio_to_teacher"] = result["output_tokens_per_s"] / base["output_tokens_per_s"]
+            result["ratio_to_teacher_std"] = 0.0 if result is base else _ratio_spread(result, base)
     return results
+
+
+def _ratio_spread(result: dict[str, Any], base: dict[str, Any]) -> float | None:
+    spreads = [r.get("output_tokens_per_s_std") for r in (result, base)]
+    if None in spreads:
+        return None
+    relative = [spread / r["output_tokens_per_s"] for spread, r in zip(spreads, (result, base))]
+    return result["ratio_to_teacher"] * math.hypot(*relative)
+
+
+def describe_hardware(hardware: dict[str, Any]) -> str:
+    """The worker's hardware record in words: "AMD EPYC 7B13, 2 of 2 CPUs (avx2)", "1 x NVIDIA H100"."""
+    if hardware.get("device") != "cpu":
+        return f"{hardware.get('gpu_count') or 1} x {hardware.get('gpu_name') or hardware.get('device', 'accelerator')}"
+    cores = _count_cpus(hardware.get("usable_cpus") or "")
+    flags = f" ({', '.join(hardware['cpu_flags'])})" if hardware.get("cpu_flags") else ""
+    return f"{hardware.get('cpu_model', 'CPU')}, {cores or '?'} of {hardware.get('logical_cpus', '?')} CPUs{flags}"
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """"0-2,5" -> 4: the inverse count of cpu_list_string."""
+    count = 0
+    for part in filter(None, cpu_list.split(",")):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 def cpu_list_string(cpus: set[int]) -> str:

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,17 +28,23 @@ import numpy as np
 from evaluators.throughput import ThroughputSettings, cpu_list_string
 
 _REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-_WARMUP_TOKENS = 4  # one short request first: the timed run should not pay one-off setup
+# A pass that kept fewer than this share of its cores busy lost them to other work.
+_BUSY_SHARE = 0.75
+# A 1-minute load average above this many runnable tasks per core means others were running.
+_LOAD_PER_CORE = 1.5
 
 
 def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
-    """Start an engine for `model`, generate the random workload, return the numbers:
+    """Start an engine for `model`, generate the random workload `settings.warmup_passes`
+    times untimed, then `settings.passes` times timed, and return the numbers:
 
-    requests_per_s, output_tokens_per_s, total_tokens_per_s (input + output over the
-    timed generate), elapsed_s, engine_start_s (the `vllm.LLM(...)` call), num_prompts,
-    input_tokens, output_tokens, cpu_seconds and cpu_per_wall (this process tree during
-    the timed generate), load_avg_1m_before, prompts_sha256, engine_args (as passed to
-    vllm.LLM), settings, vllm_version, hardware, warnings.
+    output_tokens_per_s, requests_per_s, total_tokens_per_s (input + output): means over
+    the timed passes, with output_tokens_per_s_std (sample standard deviation) and the
+    per-pass values in pass_results; elapsed_s (all timed passes), engine_start_s (the
+    `vllm.LLM(...)` call), passes, num_prompts, input_tokens and output_tokens (per pass),
+    cpu_per_wall (mean), load (cores_given, cpu_per_wall, load_avg_1m_max, contended, note),
+    prompts_sha256, engine_args (as passed to vllm.LLM), settings, vllm_version, hardware,
+    warnings.
     """
     import vllm
     from vllm.platforms import current_platform
@@ -49,11 +56,13 @@ def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
 
     prompts = random_prompts(_vocab(llm), settings.num_prompts, settings.input_len, settings.seed)
     _check_fits(llm, settings)
-    _generate(llm, prompts[:1], _WARMUP_TOKENS)
-    timing = _timed_generate(llm, prompts, settings.output_len)
+    for _ in range(settings.warmup_passes):  # the timed passes should not pay one-off setup
+        _generate(llm, prompts, settings.output_len)
+    passes = [_rates(_timed_generate(llm, prompts, settings.output_len), settings.num_prompts)
+              for _ in range(settings.passes)]
     hardware = _hardware(current_platform)
     return {
-        **_rates(timing, settings.num_prompts),
+        **summarize_passes(passes, cores_given=len(os.sched_getaffinity(0)), on_cpu=hardware["device"] == "cpu"),
         "engine_start_s": engine_start_s,
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "engine_args": engine_args,
@@ -121,9 +130,40 @@ def _timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict
     elapsed = time.perf_counter() - started
     cpu = _tree_cpu_seconds() - cpu_before
     return {"elapsed_s": elapsed, "cpu_seconds": cpu, "cpu_per_wall": cpu / elapsed,
-            "load_avg_1m_before": load_before,
+            "load_avg_1m": max(load_before, os.getloadavg()[0]),
             "input_tokens": sum(len(o.prompt_token_ids) for o in outputs),
             "output_tokens": sum(len(c.token_ids) for o in outputs for c in o.outputs)}
+
+
+def summarize_passes(passes: list[dict[str, float]], cores_given: int, on_cpu: bool) -> dict[str, Any]:
+    """Means over the timed passes, the spread of the headline rate, and the machine's load."""
+    rates = [p["output_tokens_per_s"] for p in passes]
+    mean = {key: statistics.fmean(p[key] for p in passes)
+            for key in ("output_tokens_per_s", "requests_per_s", "total_tokens_per_s", "cpu_per_wall")}
+    return {**mean, "output_tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else None,
+            "passes": len(passes), "pass_results": passes, "num_prompts": passes[0]["num_prompts"],
+            "input_tokens": passes[0]["input_tokens"], "output_tokens": passes[0]["output_tokens"],
+            "elapsed_s": sum(p["elapsed_s"] for p in passes), "cpu_seconds": sum(p["cpu_seconds"] for p in passes),
+            "load": machine_load(passes, cores_given, on_cpu)}
+
+
+def machine_load(passes: list[dict[str, float]], cores_given: int, on_cpu: bool) -> dict[str, Any]:
+    """Whether other work competed with the measurement, and how we know.
+
+    On a CPU the engine should keep the cores it was given busy, so a pass whose CPU time
+    over wall time falls below _BUSY_SHARE of them lost cores to someone else; on any
+    device, a load average above _LOAD_PER_CORE per core means others were running.
+    """
+    busy = min(p["cpu_per_wall"] for p in passes)
+    load = max(p["load_avg_1m"] for p in passes)
+    reasons = []
+    if on_cpu and busy < _BUSY_SHARE * cores_given:
+        reasons.append(f"a timed pass kept only {busy:.2f} of its {cores_given} cores busy")
+    if load > _LOAD_PER_CORE * (os.cpu_count() or 1):
+        reasons.append(f"the 1-minute load average reached {load:.1f} on {os.cpu_count()} cores")
+    return {"cores_given": cores_given, "cpu_per_wall": statistics.fmean(p["cpu_per_wall"] for p in passes),
+            "cpu_per_wall_min": busy, "load_avg_1m_max": load, "contended": bool(reasons),
+            "note": "; ".join(reasons) or None}
 
 
 def _tree_cpu_seconds() -> float:

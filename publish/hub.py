@@ -1,13 +1,14 @@
 """Publish students to the Hugging Face Hub: one atomic commit per repo, none when unchanged.
 
-    report = json.loads(Path("runs/F/report.json").read_text())
-    publish_report(report, dry_run=True)   # --dry-run: every repo and file with sizes; no network
+    report = FamilyReport.load(Path("runs/F/report.json"))   # builder/report_model.py
+    publish_report(report, dry_run=True)   # --dry-run: every repo and file; exit code 1 if any is refused
     publish_report(report)                 # publish; returns the exit code (0: all published)
 
 How a student is published (`publish_student`):
 1. Collect the files: everything in the checkpoint folder (weights, config, tokenizer), the
-   card as README.md and the spec as minizoo.yaml. A student without evaluation results is
-   refused unless forced: a card without scores would publish a model nobody can judge.
+   card as README.md and the portable spec as minizoo.yaml. A student without evaluation
+   results is refused unless forced: a card without scores would publish a model nobody can
+   judge. A file that would publish a local path of this machine is refused, always.
 2. `create_repo(exist_ok=True)`, then read the repo's head commit with file metadata.
 3. Diff: a local file is unchanged when the remote one has the same LFS sha256 (LFS files)
    or the same git blob id (regular files); these are the ids the Hub itself stores, so the
@@ -26,17 +27,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import httpx2
-import yaml
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from publish.card import CardInputError, render_card_from_report
+from builder.report_model import FamilyReport, ModelRecord, StudentRecord
+from publish.card import render_card
+from publish.portable import find_local_paths
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,10 @@ CARD_FILENAME = "README.md"
 SPEC_FILENAME = "minizoo.yaml"
 HUB_MANAGED = frozenset({".gitattributes"})  # created by the Hub with the repo; never ours to delete
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Files whose whole text minizoo or transformers writes: any path-like string in them is a
+# leak. Other files (a tokenizer's vocabulary holds tokens such as "./") are only checked
+# for this machine's own folders.
+WRITTEN_FILES = frozenset({CARD_FILENAME, SPEC_FILENAME, "config.json", "generation_config.json"})
 DEFAULT_COMMIT_MESSAGE = "Publish with minizoo"
 
 
@@ -140,52 +147,83 @@ def _check_checkpoint(folder: Path, files: Mapping[str, LocalFile]) -> None:
         )
 
 
-def evaluation_problem(metrics: Mapping[str, Any] | None) -> str | None:
-    """Why a student's evaluation is unusable (missing or failed), or None when it is fine."""
-    if not metrics:
+def evaluation_problem(record: ModelRecord | None) -> str | None:
+    """Why a model's evaluation is unusable (missing or failed), or None when it is fine."""
+    if record is not None and record.evaluation_error:
+        return f"its evaluation failed: {record.evaluation_error.strip().splitlines()[-1]}"
+    if record is None or not record.evaluated:
         return "it has no evaluation results (the evaluate stage did not run or did not finish)"
-    if metrics.get("error"):
-        return f"its evaluation failed: {metrics['error']}"
-    failed = sorted(task for task, value in metrics.items() if isinstance(value, Mapping) and value.get("error"))
+    failed = sorted(name for name, task in record.tasks.items() if task.error)
     if failed:
         return f"evaluation failed for task(s) {', '.join(failed)}"
     return None
 
 
-def _refusal(metrics: Mapping[str, Any] | None, files: Sequence[LocalFile]) -> str | None:
+def local_paths_in(file: LocalFile, known: Iterable[str] = ()) -> list[str]:
+    """The local paths `file` would publish: any path in the files minizoo writes, this
+    machine's `known` folders in every other text (binary weights are not text)."""
+    if file.path_in_repo.endswith(WEIGHT_SUFFIXES):
+        return []
+    data = file.source if isinstance(file.source, bytes) else file.source.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    if file.path_in_repo in WRITTEN_FILES:
+        return find_local_paths(text, known)
+    return [path for path in known if path and path in text]
+
+
+def _leak_problem(files: Sequence[LocalFile], known: Iterable[str]) -> str | None:
+    known = [str(path) for path in known if path]
+    leaks = {f.path_in_repo: found for f in files if (found := local_paths_in(f, known))}
+    if not leaks:
+        return None
+    where = "; ".join(f"{name}: {', '.join(sorted(set(paths))[:3])}" for name, paths in leaks.items())
+    return (f"it would publish local paths of this machine ({where}); remove them from those files "
+            "(a card and minizoo.yaml never hold them: rewrite the report with `build-family report SPEC`)")
+
+
+def _refusal(record: ModelRecord | None, files: Sequence[LocalFile]) -> str | None:
     if CARD_FILENAME not in {f.path_in_repo for f in files}:
-        return "it has no model card (README.md); render one with publish.card.render_card_from_report"
-    return evaluation_problem(metrics)
+        return "it has no model card (README.md); rewrite the report with `build-family report SPEC`"
+    return evaluation_problem(record)
 
 
 # -- dry run ---------------------------------------------------------------------------------
 def plan_upload(
-    folder: Path, repo_id: str, *, private: bool, metrics: Mapping[str, Any] | None,
+    folder: Path, repo_id: str, *, private: bool, record: ModelRecord | None,
     card: Path | bytes | None = None, spec_yaml: str | None = None, name: str | None = None,
 ) -> RepoPlan:
     """What `publish_student` with the same arguments would upload; reads local files only."""
     files = collect_files(folder, card=card, spec_yaml=spec_yaml)
-    return RepoPlan(name or repo_id.split("/")[-1], repo_id, private, tuple(files), _refusal(metrics, files))
+    leak = _leak_problem(files, [folder])
+    return RepoPlan(name or repo_id.split("/")[-1], repo_id, private, tuple(files),
+                    leak or _refusal(record, files), forceable=leak is None)
 
 
 def plan_family(
-    report: Mapping[str, Any], *, private: bool | None = None, students: Sequence[str] | None = None,
+    report: FamilyReport, *, private: bool | None = None, students: Sequence[str] | None = None,
 ) -> list[RepoPlan]:
-    """One plan per student of a report.json dict (all of them, or those named); no network.
+    """One plan per student of the report (all of them, or those named); no network.
 
     `private` defaults to the spec's publish.private. A student that cannot be published at
-    all (no checkpoint) gets a plan with no files and a refusal that --force does not lift.
+    all (no checkpoint, no owner, local paths in a file) gets a refusal --force does not lift.
     """
-    private = _settings(report, None)[0] if private is None else private
+    private = report.publish.private if private is None else private
     plans = []
     for record in _chosen(report, students):
+        repo_id = record.repo_id or f"OWNER/{record.name}"
         try:
-            files = tuple(collect_files(_folder(record), card=_card(report, record), spec_yaml=report.get("spec_yaml")))
+            _check_owner(record)
+            plans.append(plan_upload(_folder(record), repo_id, private=private, record=record, name=record.name,
+                                     card=render_card(report, record.name).encode(),
+                                     spec_yaml=report.portable_spec_yaml))
         except PublishError as error:
-            plans.append(RepoPlan(record["name"], record["repo_id"], private, (), str(error), forceable=False))
-            continue
-        plans.append(RepoPlan(record["name"], record["repo_id"], private, files, _refusal(_eval_metrics(record), files)))
+            plans.append(RepoPlan(record.name, repo_id, private, (), str(error), forceable=False))
     return plans
+
+
+def refused(plans: Sequence[RepoPlan], force: bool = False) -> list[RepoPlan]:
+    """The plans publishing would refuse (with --force, only those it cannot lift)."""
+    return [plan for plan in plans if plan.refusal and not (force and plan.forceable)]
 
 
 def format_plan(plans: Sequence[RepoPlan]) -> str:
@@ -226,7 +264,7 @@ def publish_student(
     repo_id: str,
     *,
     private: bool,
-    metrics: Mapping[str, Any] | None,
+    record: ModelRecord | None,
     token: str | None = None,
     force: bool = False,
     card: Path | bytes | None = None,
@@ -238,14 +276,15 @@ def publish_student(
     """Make `repo_id` hold exactly this student (folder + card + spec) in one commit, or none if unchanged.
 
     `private` applies when the repo is created; an existing repo keeps its visibility.
-    `metrics` are the student's eval results from report.json (an "error" key, or a task with
-    one, marks a failure); missing or failed ones refuse the upload unless `force`.
+    `record` is the student's record in the report (its evaluation); a missing or failed
+    evaluation refuses the upload unless `force`; a local path in a file refuses it always.
     `endpoint` overrides HF_ENDPOINT (tests use a local fake Hub).
     """
-    files = collect_files(folder, card=card, spec_yaml=spec_yaml)
-    refusal = _refusal(metrics, files)
-    if refusal and not force:
-        raise PublishError(f"refusing to publish {repo_id}: {refusal}; fix that and rebuild, or pass force=True (--force)")
+    plan = plan_upload(folder, repo_id, private=private, record=record, card=card, spec_yaml=spec_yaml)
+    if refused([plan], force):
+        lift = "; fix that and rebuild, or pass force=True (--force)" if plan.forceable else ""
+        raise PublishError(f"refusing to publish {repo_id}: {plan.refusal}{lift}")
+    files = plan.files
     token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token, library_name="minizoo")
     with _hub_errors("creating the repo", repo_id, token):
@@ -301,37 +340,33 @@ def _description(operations: Sequence[Any]) -> str:
     return text + (f" Deleted (no longer in the student): {', '.join(deleted)}." if deleted else "")
 
 
-class PublishSettings(Protocol):
-    """The spec's `publish:` section as publishing needs it (builder.spec.PublishSpec fits)."""
-
-    private: bool
-    collection: bool
-
-
 def publish_report(
-    report: Mapping[str, Any], settings: PublishSettings | None = None, *, dry_run: bool = False,
-    force: bool = False, token: str | None = None, endpoint: str | None = None,
-    students: Sequence[str] | None = None,
+    report: FamilyReport, *, dry_run: bool = False, force: bool = False, token: str | None = None,
+    endpoint: str | None = None, students: Sequence[str] | None = None,
 ) -> int:
-    """The `publish` command: print the plan (dry run) or publish; the exit code (0: all published).
+    """The `publish` command: print the plan (dry run) or publish; the exit code.
 
-    `settings` default to the publish section of the report's spec.
+    0: every repo was (or, in a dry run, would be) published; 1: some were refused or
+    failed, each named on stderr with its cause and fix.
     """
-    private, collection = _settings(report, settings)
     if dry_run:
-        print(format_plan(plan_family(report, private=private, students=students)))
-        return 0
+        plans = plan_family(report, students=students)
+        print(format_plan(plans))
+        blocked = refused(plans, force)
+        if blocked:
+            print(f"error: {len(blocked)} of {len(plans)} repo(s) would be refused (see REFUSED above); "
+                  "fix the causes and rebuild, or pass --force where it is allowed", file=sys.stderr)
+        return 1 if blocked else 0
     try:
-        publish_family(report, private=private, collection=collection, token=token, force=force,
-                       students=students, endpoint=endpoint)
+        publish_family(report, token=token, force=force, students=students, endpoint=endpoint)
     except PublishError as error:
-        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
 def publish_family(
-    report: Mapping[str, Any],
+    report: FamilyReport,
     *,
     private: bool | None = None,
     collection: bool | None = None,
@@ -340,31 +375,32 @@ def publish_family(
     students: Sequence[str] | None = None,
     endpoint: str | None = None,
 ) -> list[PublishResult]:
-    """Publish every student of a report.json dict (or those named); one commit per repo.
+    """Publish every student of the report (or those named); one commit per repo.
 
     Each student is tried even when another fails; the failures are raised together at the end.
     `private` and `collection` default to the spec's publish section; `collection` also adds
     the published repos to a Hub collection named after the family.
     """
-    spec_private, spec_collection = _settings(report, None)
-    private = spec_private if private is None else private
+    private = report.publish.private if private is None else private
+    collection = report.publish.collection if collection is None else collection
     token = resolve_token(token)
     results, failures = [], []
     for record in _chosen(report, students):
         try:
+            _check_owner(record)
             results.append(publish_student(
-                _folder(record), record["repo_id"], private=private, metrics=_eval_metrics(record), token=token,
-                force=force, card=_card(report, record), spec_yaml=report.get("spec_yaml"), endpoint=endpoint,
-                commit_message=f"Publish {record['name']} ({report['family']} family) with minizoo",
+                _folder(record), record.repo_id, private=private, record=record, token=token, force=force,
+                card=render_card(report, record.name).encode(), spec_yaml=report.portable_spec_yaml,
+                endpoint=endpoint, commit_message=f"Publish {record.name} ({report.family} family) with minizoo",
             ))
         except PublishError as error:
-            failures.append(f"- {record['name']}: {error}")
-    if results and (spec_collection if collection is None else collection):
+            failures.append(f"- {record.name}: {error}")
+    if results and collection:
         try:
-            add_to_collection(report["family"], [r.repo_id for r in results], private=private,
+            add_to_collection(report.family, [r.repo_id for r in results], private=private,
                               token=token, endpoint=endpoint)
         except PublishError as error:  # the repos are up; only the grouping failed
-            failures.append(f"- collection {report['family']!r}: {error}")
+            failures.append(f"- collection {report.family!r}: {error}")
     if failures:
         done = ", ".join(r.repo_id for r in results) or "none"
         raise PublishError(f"{len(failures)} problem(s) while publishing (published: {done}):\n" + "\n".join(failures))
@@ -388,51 +424,28 @@ def add_to_collection(
     return slug
 
 
-# -- report.json helpers -----------------------------------------------------------------------
-def _settings(report: Mapping[str, Any], settings: PublishSettings | None) -> tuple[bool, bool]:
-    """(private, collection): from the given settings, else the report's spec (private by default)."""
-    if settings is not None:
-        return settings.private, settings.collection
-    section = (yaml.safe_load(report.get("spec_yaml") or "") or {}).get("publish") or {}
-    return bool(section.get("private", True)), bool(section.get("collection", False))
+# -- report helpers -----------------------------------------------------------------------------
+def _check_owner(record: StudentRecord) -> None:
+    if not record.repo_id:
+        raise PublishError(f"student {record.name!r} has no Hub owner: set publish.org (your user or organization) "
+                           f"or students[].repo_id: OWNER/{record.name} in the spec, then run publish again")
 
 
-def _folder(record: Mapping[str, Any]) -> Path:
-    if not record.get("path"):
-        raise PublishError(f"student {record['name']!r} has no checkpoint (its distill stage did not finish); "
+def _folder(record: StudentRecord) -> Path:
+    if not record.path:
+        raise PublishError(f"student {record.name!r} has no checkpoint (its distill stage did not finish); "
                            "rebuild the family, then publish")
-    return Path(record["path"])
+    return Path(record.path)
 
 
-def _eval_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The record's metrics, with the evaluate stage's failure (if any) as their "error"."""
-    metrics = dict(record.get("metrics") or {})
-    failure = (record.get("evaluation_error") or "").strip()
-    if failure:
-        metrics["error"] = failure.splitlines()[-1]  # a traceback's last line says what went wrong
-    return metrics
-
-
-def _chosen(report: Mapping[str, Any], students: Sequence[str] | None) -> list[Mapping[str, Any]]:
-    records = list(report.get("students") or [])
+def _chosen(report: FamilyReport, students: Sequence[str] | None) -> list[StudentRecord]:
     if students is None:
-        return records
-    known = {r["name"] for r in records}
+        return list(report.students)
+    known = {r.name for r in report.students}
     unknown = sorted(set(students) - known)
     if unknown:
         raise PublishError(f"unknown student(s) {unknown}; the report has {sorted(known)}")
-    return [r for r in records if r["name"] in students]
-
-
-def _card(report: Mapping[str, Any], record: Mapping[str, Any]) -> Path | bytes:
-    """The card the build wrote, or one rendered now from the report if it is missing."""
-    written = record.get("card")
-    if written and Path(written).is_file():
-        return Path(written)
-    try:
-        return render_card_from_report(report, record["name"]).encode()
-    except CardInputError as error:
-        raise PublishError(f"cannot render the card of {record['name']!r}: {error}") from None
+    return [r for r in report.students if r.name in students]
 
 
 # -- errors ------------------------------------------------------------------------------------

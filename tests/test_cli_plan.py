@@ -128,4 +128,4 @@ def test_run_flags_reach_the_run_options(tmp_path):
     options = options_from(parse_args(["spec.yaml", "--train-workers", "4", "--parallel", "fsdp",
                                        "--gpus-per-stage", "1", "--workdir", str(tmp_path)]))
     assert (options.train_workers, options.parallel, options.use_gpu) == (4, "fsdp", True)
-    assert options.train_dtype() == "bfloat16"
+    assert options.resolved_precision().dtype == "bfloat16"  # auto on GPUs

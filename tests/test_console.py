@@ -19,9 +19,10 @@ from rich.console import Console
 from builder.cli import main
 from builder.console import BuildConsole, render_status
 from builder.plan import Stage
-from builder.progress import is_locked, lock_path, stage_state, training_progress
+from builder.progress import is_running, lock_path, stage_state, training_progress
 from builder.stage_log import captured_output, stage_log_path
 from builder.store import Manifest, StageKey, StageStore
+from builder.report_model import FamilyReport
 from builder.summary import family_table, locations, print_summary
 
 
@@ -66,14 +67,19 @@ def test_stage_state_done_running_partial_pending(tmp_path):
     assert stage_state(store, stage) == "pending"
     folder = store.prepare(stage.key)
     assert stage_state(store, stage) == "partial"
-    for lock in (lock_path(folder), stage_log_path(folder)):  # the store's lock, or a stage log writer
-        holder = _hold_lock(lock, "LOCK_EX" if lock.suffix == ".lock" else "LOCK_SH")
-        try:
-            assert is_locked(lock) and stage_state(store, stage) == "running"
-        finally:
-            holder.kill()
-            holder.wait()
-        assert not is_locked(lock)  # the kernel dropped the dead process's lock
+    reader = _hold_lock(lock_path(folder), "LOCK_SH")  # a build reading the stage as its input
+    try:
+        assert not is_running(lock_path(folder)) and stage_state(store, stage) == "partial"
+    finally:
+        reader.kill()
+        reader.wait()
+    runner = _hold_lock(lock_path(folder), "LOCK_EX")  # a build running the stage (StageStore.locked)
+    try:
+        assert is_running(lock_path(folder)) and stage_state(store, stage) == "running"
+    finally:
+        runner.kill()
+        runner.wait()
+    assert not is_running(lock_path(folder))  # the kernel dropped the dead process's lock
     store.finish(stage.key, 1.0, 0, {})
     assert stage_state(store, stage) == "done"
 
@@ -143,40 +149,45 @@ def test_a_stage_is_shown_running_once_its_log_is_written(tmp_path):
     assert out.getvalue().count("running") == 1
 
 
-REPORT = {
-    "family": "fam",
-    "teacher": {"name": "teacher", "params": 135_000_000, "path": "/x/teacher",
-                "metrics": {"arc_easy": {"acc": 0.5, "acc_stderr": 0.11, "acc_norm": 0.45, "acc_norm_stderr": 0.111},
-                            "perplexity": 42.61},
-                "throughput": {"output_tokens_per_s": 20.0, "ratio_to_teacher": 1.0}},
-    "students": [{"name": "small", "params": 91_600_000, "path": "/x/stages/distill-small-1/model",
-                  "card": "/x/fam/students/small/README.md",
-                  "metrics": {"arc_easy": {"acc": 0.3, "acc_stderr": 0.153}, "perplexity": 103.7},
-                  "throughput": None}],
-}
+def _report() -> FamilyReport:
+    teacher = {"name": "teacher", "source": "embedded:smollm2-135m-instruct", "params": 135_000_000,
+               "path": "/x/teacher",
+               "tasks": {"arc_easy": {"scores": {"acc": 0.5, "acc_norm": 0.45}, "stderr": {"acc_norm": 0.111},
+                                      "samples": 20}},
+               "perplexity": {"perplexity": 42.61, "nll": 3.752, "nll_stderr": 0.03},
+               "throughput": {"output_tokens_per_s": 20.0, "ratio_to_teacher": 1.0, "ratio_to_teacher_std": 0.02}}
+    small = {"name": "small", "params": 91_600_000, "path": "/x/stages/distill-small-1/model",
+             "card": "/x/fam/students/small/README.md",
+             "tasks": {"arc_easy": {"scores": {"acc": 0.3}, "samples": 10}},  # binomial stderr
+             "perplexity": {"perplexity": 103.7}}
+    return FamilyReport.model_validate({"family": "fam", "teacher": teacher, "students": [small],
+                                        "hardware": "a CPU", "spec_yaml": "", "portable_spec_yaml": "",
+                                        "data_source": "embedded:sotu"})
 
 
 def test_family_table_shows_params_scores_with_standard_errors_perplexity_and_speed_up():
     console, out = _plain_console()
-    console.print(family_table(REPORT))
-    text = out.getvalue()
-    teacher = next(line for line in text.splitlines() if line.startswith("teacher"))
-    assert "135M" in teacher and "0.450 ± 0.111" in teacher and "42.6" in teacher and "1.00x" in teacher
-    small = next(line for line in text.splitlines() if line.startswith("small"))
-    assert "91.6M" in small and "0.300 ± 0.153" in small and "103.7" in small and small.rstrip().endswith("-")
+    console.print(family_table(_report()))
+    lines = out.getvalue().splitlines()
+    teacher = next(line for line in lines if line.startswith("teacher"))
+    assert "135M" in teacher and "0.450 ± 0.111" in teacher and "42.61 (95% CI" in teacher and "1.00×" in teacher
+    small = next(line for line in lines if line.startswith("small"))
+    # acc 0.3 of 10 examples: lm-eval's stderr of a mean of 0/1 outcomes, sqrt(0.3 * 0.7 / 9) = 0.153
+    assert "91.6M" in small and "0.300 ± 0.153" in small and "103.70 (SE unknown)" in small
+    assert small.rstrip().endswith("n/a")  # no throughput measured
 
 
-def test_locations_name_each_students_weights_and_card_and_the_report(tmp_path):
-    lines = locations(REPORT, tmp_path / "fam")
-    assert "/x/stages/distill-small-1/model" in lines[0] and "/x/fam/students/small/README.md" in lines[0]
-    assert lines[-1].startswith("report: ") and "report.md" in lines[-1]
+def test_locations_name_each_students_weights_and_card():
+    (line,) = locations(_report())
+    assert "weights /x/stages/distill-small-1/model" in line and "card /x/fam/students/small/README.md" in line
 
 
-def test_print_summary_reads_report_json(tmp_path):
-    (tmp_path / "report.json").write_text(json.dumps(REPORT))
+def test_print_summary_ends_with_the_reports_own_line():
     console, out = _plain_console()
-    print_summary(console, tmp_path)
-    assert "0.300 ± 0.153" in out.getvalue() and "weights" in out.getvalue()
+    print_summary(console, _report(), "wrote /x/fam/report.md (complete)")
+    text = out.getvalue()
+    assert "0.300 ± 0.153" in text and "weights" in text
+    assert text.splitlines()[-1] == "report: wrote /x/fam/report.md (complete)"
 
 
 def test_render_status_counts_and_details(tmp_path):

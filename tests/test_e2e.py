@@ -1,6 +1,7 @@
 """The whole pipeline through the CLI with every real component: a local Ray instance on
 127.0.0.1, real pruning and distillation, real lm-eval on a bundled offline task, real vLLM
-(when installed), cards and the family report; then a second run that reuses everything.
+throughput (always on: without vLLM its test skips, and fails under MINIZOO_REQUIRE_VLLM=1),
+cards and the family report; then a second run that reuses everything.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ data:
   seq_len: 64
   max_tokens: 60K
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
-correction: {{tokens: 1K, batch_size: 4, checkpoint_every: 2}}
+correction: {{tokens: 1K, global_batch_size: 4, checkpoint_every: 2}}
 scoring: {{samples: 16, batch_size: 8}}
-distill: {{tokens: 2K, batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
+distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}
@@ -39,7 +40,7 @@ evaluation:
   batch_size: 8
   perplexity_tokens: 1K
 throughput:
-  enabled: {throughput}
+  enabled: true
   input_len: 16
   output_len: 16
   num_prompts: 4
@@ -61,7 +62,7 @@ def built_family(tmp_path_factory):
     # head_dim 32: vLLM's CPU attention kernels have no head_dim 16 (the tiny default).
     teacher = save_tiny_checkpoint(root / "teacher", seed=3, head_dim=32)
     spec = root / "tiny.yaml"
-    spec.write_text(SPEC.format(teacher=teacher, throughput=str(_vllm_installed()).lower()))
+    spec.write_text(SPEC.format(teacher=teacher))
     workdir = root / "runs"
     started = time.perf_counter()
     code = main([str(spec), "--workdir", str(workdir)])
@@ -72,12 +73,12 @@ def test_build_succeeds_and_writes_the_report(built_family):
     spec, workdir, code, _ = built_family
     assert code == 0
     report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
-    assert report["family"] == "tiny-e2e" and report["complete"]
+    assert report["family"] == "tiny-e2e"
     assert [s["name"] for s in report["students"]] == ["tiny-width", "tiny-depth"]
     for student in report["students"]:
         assert student["params"] < report["teacher"]["params"]
-        assert 0.0 <= student["metrics"]["arc_easy"]["acc"] <= 1.0
-        assert student["metrics"]["perplexity"] > 1.0
+        assert 0.0 <= student["tasks"]["arc_easy"]["scores"]["acc"] <= 1.0
+        assert student["perplexity"]["perplexity"] > 1.0
         assert student["stages"]["distill"]["tokens"] >= 2000
         assert Path(student["card"]).read_text().startswith("---")
     assert (workdir / "tiny-e2e" / "report.md").exists()
@@ -96,11 +97,17 @@ def test_students_load_with_plain_from_pretrained(built_family):
 
 @pytest.mark.skipif(not _vllm_installed(), reason="vLLM is not installed")
 def test_throughput_measured_with_vllm(built_family):
+    """The one stage allowed to fail without failing the build: its numbers must be there."""
     _, workdir, _, _ = built_family
     report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    assert report["complete"]
     assert report["teacher"]["throughput"]["ratio_to_teacher"] == pytest.approx(1.0)
-    for student in report["students"]:
-        assert student["throughput"]["output_tokens_per_s"] > 0
+    for model in [report["teacher"], *report["students"]]:
+        numbers = model["throughput"] or {"error": f"no throughput recorded for {model['name']}"}
+        assert "error" not in numbers, numbers["error"]
+        # ignore_eos: every prompt generates exactly output_len tokens.
+        assert numbers["output_tokens"] == 4 * 16 and numbers["num_prompts"] == 4
+        assert numbers["output_tokens_per_s"] > 0 and numbers["requests_per_s"] > 0
 
 
 def test_second_run_reuses_every_stage(built_family):

@@ -65,8 +65,8 @@ def test_the_build_ends_with_the_family_table_and_where_things_are(built):
     where = next(line for line in lines if line.startswith("smollm2-108m-mlp ") and "weights" in line)
     weights, card = re.search(r"weights (\S+)\s+card (\S+)", where).groups()
     assert (ROOT / weights / "config.json").exists() and (ROOT / card).read_text().startswith("---")
-    report = next(line for line in lines if line.startswith("report: "))
-    assert (ROOT / report.split()[1]).exists()
+    assert lines[-2] == f"report: wrote {workdir.resolve() / 'my-first-family' / 'report.md'} (complete)"
+    assert lines[-1].startswith("build-family finished in ") and lines[-1].endswith("(exit code 0)")
 
 
 def test_every_stage_kept_its_full_log(built):

@@ -18,13 +18,16 @@ import torch
 from huggingface_hub import HfApi, snapshot_download
 from transformers import AutoModelForCausalLM
 
+from builder.report_model import FamilyReport, StudentRecord, TaskResult
 from hub_server import GOOD_TOKEN, READ_TOKEN, fake_hub  # noqa: F401 (fake_hub is a fixture)
-from publish.hub import PublishError, format_plan, plan_family, publish_report, publish_student, resolve_token
+from publish.hub import (PublishError, format_plan, local_paths_in, plan_family, publish_report, publish_student,
+                         resolve_token)
 from test_card import sample_report
 from tiny_models import save_tiny_checkpoint
 
 REPO = "my-org/tiny-student"
-METRICS = {"hellaswag": {"acc": 0.3, "acc_stderr": 0.05, "num_fewshot": 0, "limit": 50}, "perplexity": 20.0}
+RECORD = StudentRecord(name="tiny-student", tasks={"hellaswag": TaskResult(scores={"acc": 0.3}, stderr={"acc": 0.05},
+                                                                           num_fewshot=0, limit=50, samples=50)})
 CARD = b"---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlibrary_name: transformers\n---\n\n# tiny\n"
 SPEC = "family: tiny\n"
 
@@ -51,7 +54,7 @@ def student(checkpoint, tmp_path) -> Path:
 
 
 def publish(hub, folder: Path, **overrides):
-    args = dict(private=True, metrics=METRICS, token=GOOD_TOKEN, card=CARD, spec_yaml=SPEC, endpoint=hub.url)
+    args = dict(private=True, record=RECORD, token=GOOD_TOKEN, card=CARD, spec_yaml=SPEC, endpoint=hub.url)
     return publish_student(folder, overrides.pop("repo_id", REPO), **{**args, **overrides})
 
 
@@ -175,38 +178,49 @@ def test_a_concurrent_push_makes_ours_fail_instead_of_mixing_versions(fake_hub, 
 
 
 @pytest.mark.parametrize(
-    ("metrics", "problem"),
+    ("record", "problem"),
     [(None, "no evaluation results"),
-     ({"hellaswag": {"error": "lm-eval crashed"}}, "evaluation failed for task.*hellaswag"),
-     ({"error": "out of memory"}, "evaluation failed: out of memory")],
+     (StudentRecord(name="s", tasks={"hellaswag": TaskResult(error="lm-eval crashed")}),
+      "evaluation failed for task.*hellaswag"),
+     (StudentRecord(name="s", evaluation_error="out of memory"), "evaluation failed: out of memory")],
 )
-def test_student_without_good_evaluation_is_refused_unless_forced(fake_hub, student, metrics, problem):
+def test_student_without_good_evaluation_is_refused_unless_forced(fake_hub, student, record, problem):
     with pytest.raises(PublishError, match=f"refusing to publish {REPO}: .*{problem}.*force"):
-        publish(fake_hub, student, metrics=metrics)
+        publish(fake_hub, student, record=record)
     assert fake_hub.requests == []  # refused before any request
 
-    assert publish(fake_hub, student, metrics=metrics, force=True).changed
+    assert publish(fake_hub, student, record=record, force=True).changed
 
 
-def family_report(student: Path, card_dir: Path) -> dict:
+def test_a_file_naming_a_local_path_is_refused_even_when_forced(fake_hub, student):
+    config = student / "config.json"
+    config.write_text(config.read_text().replace("{", f'{{"_name_or_path": "{student}",', 1))
+    with pytest.raises(PublishError, match=r"local paths of this machine \(config\.json: /"):
+        publish(fake_hub, student, force=True)
+    assert fake_hub.requests == []
+
+
+def family_report(student: Path) -> FamilyReport:
     """The sample report pointed at a real checkpoint, plus a student whose evaluation crashed
     and one whose checkpoint was never made."""
     report = sample_report()
-    ready = {**report["students"][0], "path": str(student), "card": str(card_dir / "README.md")}
-    crashed = {**ready, "name": "smollm2-60m", "repo_id": "my-org/smollm2-60m", "metrics": {},
-               "evaluation_error": "Traceback (most recent call last):\n  ...\nRuntimeError: lm-eval crashed\n"}
-    unbuilt = {**ready, "name": "smollm2-30m", "repo_id": "my-org/smollm2-30m", "path": None}
-    report["students"] = [ready, crashed, unbuilt]
-    report["spec_yaml"] += "  collection: true\n"  # under publish:, the spec's last section
-    return report
+    ready = report.students[0].model_copy(update={"path": str(student)})
+    crashed = ready.model_copy(update={
+        "name": "smollm2-60m", "repo_id": "my-org/smollm2-60m", "tasks": {}, "perplexity": None,
+        "evaluation_error": "Traceback (most recent call last):\n  ...\nRuntimeError: lm-eval crashed\n"})
+    unbuilt = ready.model_copy(update={"name": "smollm2-30m", "repo_id": "my-org/smollm2-30m", "path": None})
+    return report.model_copy(update={"students": [ready, crashed, unbuilt],
+                                     "publish": report.publish.model_copy(update={"collection": True})})
 
 
-def test_dry_run_lists_every_repo_and_file_with_sizes_and_refusals(student, tmp_path, capsys):
-    report = family_report(student, tmp_path)  # no card was written: the dry run renders it
+def test_dry_run_lists_every_repo_and_file_with_sizes_and_refusals(student, capsys):
+    report = family_report(student)
 
-    assert publish_report(report, dry_run=True) == 0
+    assert publish_report(report, dry_run=True) == 1  # two repos would be refused
 
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "error: 2 of 3 repo(s) would be refused" in captured.err
+    text = captured.out
     plans = plan_family(report)
     assert text.strip() == format_plan(plans)
     assert [p.repo_id for p in plans] == ["my-org/smollm2-90m-depth", "my-org/smollm2-60m", "my-org/smollm2-30m"]
@@ -220,16 +234,44 @@ def test_dry_run_lists_every_repo_and_file_with_sizes_and_refusals(student, tmp_
     assert not plans[2].forceable and text.rstrip().endswith("then publish")
 
 
-def test_publish_report_publishes_the_ready_students_and_names_the_rest(fake_hub, student, tmp_path, caplog):
-    report = family_report(student, tmp_path)
+def test_dry_run_exit_code_follows_the_refusals(student, capsys):
+    report = family_report(student)
+    ready = report.model_copy(update={"students": report.students[:1]})
+    assert publish_report(ready, dry_run=True) == 0
+    crashed = report.model_copy(update={"students": report.students[:2]})
+    assert publish_report(crashed, dry_run=True) == 1
+    assert publish_report(crashed, dry_run=True, force=True) == 0  # --force lifts an evaluation refusal
+    assert publish_report(report, dry_run=True, force=True) == 1  # but never a missing checkpoint
+    assert "error: 1 of 3 repo(s) would be refused" in capsys.readouterr().err
+
+
+def test_a_student_without_owner_is_refused_with_the_fields_to_set(student, capsys):
+    report = family_report(student)
+    ownerless = report.students[0].model_copy(update={"repo_id": None})
+    assert publish_report(report.model_copy(update={"students": [ownerless]}), dry_run=True) == 1
+    out = capsys.readouterr().out
+    assert "OWNER/smollm2-90m-depth" in out and "set publish.org" in out and "students[].repo_id" in out
+
+
+def test_no_file_of_a_dry_run_upload_names_a_local_path(student):
+    """Every file that would go up: the card, minizoo.yaml and the checkpoint's files."""
+    [plan] = plan_family(family_report(student), students=["smollm2-90m-depth"])
+    assert {"README.md", "minizoo.yaml", "config.json", "model.safetensors"} <= {f.path_in_repo for f in plan.files}
+    assert {f.path_in_repo: local_paths_in(f, [str(student), str(student.parent)]) for f in plan.files} == {
+        f.path_in_repo: [] for f in plan.files}
+
+
+def test_publish_report_publishes_the_ready_students_and_names_the_rest(fake_hub, student, capsys):
+    report = family_report(student)
 
     assert publish_report(report, token=GOOD_TOKEN, endpoint=fake_hub.url) == 1
 
-    assert "2 problem(s) while publishing (published: my-org/smollm2-90m-depth)" in caplog.text
-    assert "- smollm2-60m: refusing to publish my-org/smollm2-60m: its evaluation failed" in caplog.text
-    assert "- smollm2-30m: student 'smollm2-30m' has no checkpoint" in caplog.text
+    err = capsys.readouterr().err
+    assert "2 problem(s) while publishing (published: my-org/smollm2-90m-depth)" in err
+    assert "- smollm2-60m: refusing to publish my-org/smollm2-60m: its evaluation failed" in err
+    assert "- smollm2-30m: student 'smollm2-30m' has no checkpoint" in err
     stored = fake_hub.files("my-org/smollm2-90m-depth")
-    assert stored["minizoo.yaml"].decode() == report["spec_yaml"]
+    assert stored["minizoo.yaml"].decode() == report.portable_spec_yaml
     assert b"base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in stored["README.md"]
     assert set(fake_hub.repos) == {"my-org/smollm2-90m-depth"}
     [collection] = fake_hub.collections.values()  # the spec asks for one

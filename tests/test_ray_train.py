@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import builder.ray_train
-from builder.distill import TrainingDiverged, TrainSettings, distill, load_model
+from builder.model_io import load_model
+from builder.training import TrainingDiverged, TrainSettings, distill
 from builder.ray_train import run_on_ray_train
+from block_files import write_blocks
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint
 
 SEQ_LEN, STEPS, EVERY = 32, 6, 4
@@ -56,10 +58,10 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_checkpoint(root / "teacher", seed=0), save_tiny_checkpoint(root / "student", seed=1)
 
 
-def settings(batch_size: int) -> TrainSettings:
+def settings(batch_size: int, **overrides) -> TrainSettings:
     # 4 sequences per step in one process, or 2 per worker on 2 workers: the same steps.
     return TrainSettings(tokens=STEPS * 4 * SEQ_LEN, batch_size=batch_size, checkpoint_every=EVERY,
-                         learning_rate=3e-3, warmup_steps=2)  # fmt: skip
+                         learning_rate=3e-3, warmup_steps=2, **overrides)  # fmt: skip
 
 
 @pytest.fixture
@@ -72,13 +74,13 @@ def one_thread():
 
 def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models, tmp_path, one_thread):
     blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(0))
-    save_file({"input_ids": blocks}, str(tmp_path / "blocks.safetensors"))
+    write_blocks(tmp_path / "data", blocks)
     single = distill(*models, blocks, tmp_path / "single", settings(batch_size=4))
     # Ray starts from the single-process run's step-4 checkpoint: its global batch and
     # data positions are the same, so it must finish where that run finished.
     shutil.copytree(tmp_path / "single" / "checkpoints", tmp_path / "ray" / "checkpoints")
 
-    result = run_on_ray_train("distill", *models, tmp_path / "blocks.safetensors", tmp_path / "ray",
+    result = run_on_ray_train("distill", *models, tmp_path / "data", tmp_path / "ray",
                               settings(batch_size=2), num_workers=2, use_gpu=False)  # fmt: skip
 
     assert (result.start_step, result.steps, result.tokens_seen) == (EVERY, STEPS, single.tokens_seen)
@@ -86,15 +88,25 @@ def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models,
     assert_same_weights(tmp_path / "ray" / "model", tmp_path / "single" / "model")
 
 
-def test_fsdp_on_two_workers_matches_one_process(cluster, models, tmp_path, one_thread):
+def test_fsdp_on_two_workers_matches_one_process_and_resumes_on_one(cluster, models, tmp_path, one_thread):
     blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(1))
-    save_file({"input_ids": blocks}, str(tmp_path / "blocks.safetensors"))
+    write_blocks(tmp_path / "data", blocks)
     single = distill(*models, blocks, tmp_path / "single", settings(batch_size=4))
-    result = run_on_ray_train("distill", *models, tmp_path / "blocks.safetensors", tmp_path / "fsdp",
-                              settings(batch_size=2), num_workers=2, use_gpu=False, parallel="fsdp")
+    result = run_on_ray_train("distill", *models, tmp_path / "data", tmp_path / "fsdp",
+                              settings(batch_size=2, max_shard_size="100KB"), num_workers=2, use_gpu=False,
+                              parallel="fsdp")
     assert (result.steps, result.tokens_seen) == (STEPS, single.tokens_seen)
     assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
     assert_same_weights(tmp_path / "fsdp" / "model", tmp_path / "single" / "model")
+    assert len(list((tmp_path / "fsdp" / "model").glob("model-*-of-*.safetensors"))) > 1
+
+    # Its step-4 checkpoint holds each rank's shards; one process loads them re-sharded
+    # (DCP) and finishes the run where the single-process run finished.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "one" / "checkpoints")
+    resumed = distill(*models, tmp_path / "data", tmp_path / "one", settings(batch_size=4))
+    assert resumed.start_step == EVERY
+    assert resumed.final_loss == pytest.approx(single.final_loss, rel=1e-4)
+    assert_same_weights(tmp_path / "one" / "model", tmp_path / "single" / "model")
 
 
 def assert_same_weights(trained: Path, reference: Path) -> None:

@@ -17,6 +17,7 @@ from builder.acquire import config_from_json
 from builder.arch import count_params, shape_problems, student_config
 from builder.cli import main
 from builder.plan import make_plan
+from builder.precision import Precision
 from builder.search import candidates, search_problem
 from builder.shape import Shape
 from builder.spec import FamilySpec, SearchSpec
@@ -116,8 +117,11 @@ def budget_spec(**search_fields) -> FamilySpec:
     })
 
 
+FLOAT32 = Precision("float32", "the tests' choice")
+
+
 def test_each_candidate_gets_prune_distill_and_evaluate_stages_then_select():
-    plan = make_plan(budget_spec(max_candidates=3), tiny_config())
+    plan = make_plan(budget_spec(max_candidates=3), tiny_config(), FLOAT32)
     [student] = plan.students
     assert student.searched and student.shape is None and len(student.candidates) == 3
     names = [(stage.name, stage.key.label) for stage in plan.stages.values()]
@@ -132,7 +136,7 @@ def test_each_candidate_gets_prune_distill_and_evaluate_stages_then_select():
 
 
 def test_candidate_training_uses_the_search_tokens_and_the_students_settings():
-    plan = make_plan(budget_spec(max_candidates=2), tiny_config())
+    plan = make_plan(budget_spec(max_candidates=2), tiny_config(), FLOAT32)
     light = [s for s in plan.stages.values() if s.name == "distill" and s.student is None]
     assert len(light) == 2 and all(s.key.config["tokens"] == 1000 for s in light)
     assert light[0].key.config["learning_rate"] == plan.spec.distill.learning_rate
@@ -143,7 +147,7 @@ def manifest(stage: str, summary: dict, tokens: int = 0) -> Manifest:
 
 
 def test_select_keeps_the_lowest_heldout_loss(tmp_path):
-    plan = make_plan(budget_spec(max_candidates=3), tiny_config())
+    plan = make_plan(budget_spec(max_candidates=3), tiny_config(), FLOAT32)
     [student] = plan.students
     losses = [3.2, 2.9, 3.0]
     inputs = {}
@@ -153,7 +157,7 @@ def test_select_keeps_the_lowest_heldout_loss(tmp_path):
         inputs[f"trained-{index}"] = manifest("distill", {"model_dir": f"/m{index}", "final_loss": loss + 1}, 1000)
         inputs[f"ranked-{index}"] = manifest("evaluate", {"perplexity": {"nll": loss, "tokens": 512}})
     stage = plan.stages[student.select_stage]
-    summary, _ = select_stage(StageContext(stage, plan.spec, None, tmp_path, tmp_path, inputs))
+    summary, _ = select_stage(StageContext(stage, plan.spec, None, tmp_path, inputs))
     assert summary["chosen"] == 1 and summary["model_dir"] == "/m1"
     assert summary["shape"] == student.candidates[1].shape.as_dict()
     assert [row["heldout_loss"] for row in summary["candidates"]] == losses
@@ -170,7 +174,7 @@ data:
   max_tokens: 40K
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
 scoring: {{samples: 8, batch_size: 8}}
-distill: {{tokens: 512, batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 10}}
+distill: {{tokens: 512, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 10}}
 search: {{tokens: 256, max_candidates: 2, width_multiple: 8, heldout_tokens: 512}}
 students:
   - name: auto

@@ -22,7 +22,7 @@ data:
   max_tokens: 30K
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
 scoring: {{samples: 8, batch_size: 8}}
-distill: {{tokens: 1K, batch_size: 4}}
+distill: {{tokens: 1K, global_batch_size: 4}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48}}

@@ -1,0 +1,97 @@
+"""What `--precision auto` trains in, decided once, in the planning process, before any
+stage is hashed (the precision is part of the training stages' hashes, so the same spec
+built on a GPU and on a CPU never shares a training stage).
+
+    auto on a GPU  -> bfloat16 (autocast; tensor cores)
+    auto on a CPU  -> bfloat16 only where the CPU has native bf16 instructions (avx512_bf16
+                      or amx_bf16) AND a short matmul probe shows bf16 faster than float32
+                      here; float32 elsewhere (CPUs without them emulate bf16, 3-70x slower)
+
+`choose_precision` is the decision alone, with the CPU's flags and the probe injected, so
+it is tested without depending on the machine that runs the tests.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+PRECISIONS = ("float32", "bfloat16")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_PROBE_SIZE = 512  # a 512^3 matmul: ~5 ms in native bf16 on 2 cores, so the probe stays well under 1 s
+_PROBE_REPEATS = 5
+_PROBE_BUDGET_S = 0.3  # per precision: an emulated bf16 matmul stops the probe early
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: str  # one of PRECISIONS: what training stages run in and are hashed with
+    reason: str  # why, for the dry run
+
+    def __str__(self) -> str:
+        return f"{self.dtype} ({self.reason})"
+
+
+def choose_precision(requested: str, use_gpu: bool, cpu_flags: Callable[[], frozenset[str]],
+                     bf16_speedup: Callable[[], float]) -> Precision:
+    """The concrete precision for `--precision REQUESTED`. The flags and the probe are
+    called only when the decision needs them (the probe costs a few hundred ms)."""
+    if requested in PRECISIONS:
+        return Precision(requested, f"--precision {requested}")
+    if requested != "auto":
+        raise ValueError(f"precision {requested!r} is not one of auto, {', '.join(PRECISIONS)}")
+    if use_gpu:
+        return Precision("bfloat16", "auto: training on GPUs")
+    native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
+    if not native:
+        return Precision("float32", "auto: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)")
+    speedup = bf16_speedup()
+    if speedup > 1.0:
+        return Precision("bfloat16", f"auto: this CPU has {native[0]}; a bf16 matmul ran {speedup:.1f}x float32")
+    return Precision("float32", f"auto: this CPU has {native[0]}, but a bf16 matmul ran only "
+                                f"{speedup:.2f}x float32")
+
+
+def resolve_precision(requested: str, use_gpu: bool) -> Precision:
+    """`choose_precision` on this machine: its /proc/cpuinfo flags and a timed matmul."""
+    return choose_precision(requested, use_gpu, cpu_flags, bf16_speedup)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (Linux x86); empty where the file or its `flags` line is missing."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache
+def bf16_speedup() -> float:
+    """float32 time / bfloat16 time of one square matmul on this process's threads (> 1:
+    bf16 is faster). Cached: one probe per process, so every stage of a plan sees the same answer."""
+    import torch
+
+    a = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+    return _best_time(a) / _best_time(a.bfloat16())
+
+
+def _best_time(a) -> float:
+    """The fastest of a few timed a @ a (the first call, which sets up kernels, is not timed);
+    stops early once the budget is spent, so an emulated bf16 cannot stretch the probe."""
+    a @ a
+    best, spent = float("inf"), 0.0
+    for _ in range(_PROBE_REPEATS):
+        started = time.perf_counter()
+        a @ a
+        elapsed = time.perf_counter() - started
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > _PROBE_BUDGET_S:
+            break
+    return best

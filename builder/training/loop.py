@@ -1,0 +1,162 @@
+"""The training loop, top to bottom, and its two public faces: distill and correct_teacher."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from builder.model_io import load_model
+from builder.prune import read_pruning_map
+from builder.store import write_text_atomic
+from builder.training.aligner import HiddenStateAligner
+from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
+from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of
+from builder.training.metrics import MetricsLog, step_metrics
+from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
+from builder.training.parallel import (
+    World, default_device, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
+)  # fmt: skip
+from builder.training.settings import DTYPES, Parallel, TrainResult, TrainSettings
+from builder.training.step import accumulate_gradients, check_finite
+
+
+def distill(
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+    train_blocks: TrainBlocks,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    device: torch.device | None = None,
+    parallel: Parallel = "ddp",
+) -> TrainResult:
+    """Train the student to match the frozen teacher's next-token distributions."""
+    if settings.loss == "cross_entropy":
+        raise ValueError(
+            "settings.loss='cross_entropy' ignores the teacher; use forward_kl (the Minitron "
+            "default), reverse_kl or jsd to distill, or correct_teacher() to fine-tune"
+        )
+    return train(student_dir, Path(teacher_dir), train_blocks, out_dir, settings, device, parallel)
+
+
+def correct_teacher(
+    teacher_dir: str | Path,
+    train_blocks: TrainBlocks,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    device: torch.device | None = None,
+    parallel: Parallel = "ddp",
+) -> TrainResult:
+    """Fine-tune the teacher on the distillation data (next-token cross-entropy).
+
+    Whatever `settings.loss` says, the loss is cross_entropy: there is no teacher to match.
+    """
+    settings = dataclasses.replace(settings, loss="cross_entropy", lm_loss_weight=0.0, hidden_loss_weight=0.0)
+    return train(teacher_dir, None, train_blocks, out_dir, settings, device, parallel)
+
+
+def load_result(out_dir: str | Path) -> TrainResult:
+    return TrainResult(**json.loads((Path(out_dir) / "result.json").read_text()))
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop, top to bottom
+
+
+def train(
+    model_dir: str | Path,
+    teacher_dir: Path | None,
+    train_blocks: TrainBlocks,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    device: torch.device | None = None,
+    parallel: Parallel = "ddp",
+) -> TrainResult:
+    """Train the model in `model_dir` (against the teacher's logits when one is given)."""
+    started = time.perf_counter()
+    out_dir, world = Path(out_dir), World.current()
+    device = device or default_device()
+    if device.type == "cuda":  # NCCL collectives run on the current device
+        torch.cuda.set_device(device)
+    warn_if_bf16_is_emulated(settings, device)
+    blocks = open_blocks(train_blocks)  # memory-mapped: nothing is read yet
+    total_steps = settings.steps(seq_len_of(blocks), world.size)
+    tokens_per_step = settings.batch_size * settings.grad_accum * world.size * seq_len_of(blocks)
+
+    # Same seed on every rank: every replica starts from identical weights (FSDP shards them).
+    torch.manual_seed(settings.seed)
+    student = load_model(model_dir, device, torch.float32, trainable=True,
+                         activation_checkpointing=settings.activation_checkpointing)
+    teacher = None
+    if teacher_dir is not None:
+        teacher = load_model(teacher_dir, device, DTYPES[settings.dtype], trainable=False)
+        _check_same_vocab(teacher, student, teacher_dir, model_dir)
+    if teacher is not None and settings.hidden_loss_weight > 0:
+        student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
+    model = wrap_for_distributed(student, device, world, parallel)
+    optimizer = make_optimizer(model, settings)
+    scheduler = warmup_cosine_schedule(optimizer, settings, total_steps)
+
+    # What a checkpoint must agree with to be resumed: same steps over the same data.
+    plan = {"total_steps": total_steps, "tokens_per_step": tokens_per_step, "seed": settings.seed,
+            "blocks": len(blocks)}
+    resumed = resume_from_checkpoint(out_dir, model, optimizer, scheduler, world, plan)
+    start_step, last_loss = resumed.get("step", 0), resumed.get("loss", float("nan"))
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=world.is_main, keep_up_to=start_step)
+    batches = BlockStream(blocks, settings, world, vocab_size=student_of(model).config.vocab_size)
+    desc = "distill" if teacher is not None else "correct"
+    progress_bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not world.is_main)
+    loop_started = time.perf_counter()
+
+    model.train()
+    with progress_bar as progress:  # closed on errors too
+        for step in range(start_step + 1, total_steps + 1):
+            step_started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            losses = accumulate_gradients(model, teacher, batches, step, settings, device)
+            losses = world.mean(losses)  # LOSS_PARTS, the same on all ranks
+            grad_norm = clip_gradients(model, settings.max_grad_norm)
+            check_finite(step, losses[0].item(), grad_norm, settings)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+
+            last_loss, seconds = losses[0].item(), time.perf_counter() - step_started
+            if step % settings.log_every == 0 or step == total_steps:
+                record = step_metrics(step, losses, lr, grad_norm, tokens_per_step, seconds, settings)
+                metrics_log.write(record)
+            progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step / seconds:.0f}")
+            progress.update(1)
+            if step % settings.checkpoint_every == 0 and step < total_steps:
+                done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1)}
+                save_checkpoint(out_dir, model, optimizer, scheduler, world, plan, done)
+    loop_seconds = time.perf_counter() - loop_started
+
+    model_out = save_final_model(out_dir, model, model_dir, world, settings.max_shard_size)
+    result = TrainResult(
+        tokens_seen=total_steps * tokens_per_step,
+        steps=total_steps,
+        final_loss=last_loss,
+        wall_seconds=time.perf_counter() - started,
+        tokens_per_second=(total_steps - start_step) * tokens_per_step / max(loop_seconds, 1e-9),
+        start_step=start_step,
+        model_dir=str(model_out),
+    )
+    if world.is_main:  # written last: its presence means the model and metrics are complete
+        write_text_atomic(out_dir / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
+    world.barrier()
+    return result
+
+
+def _check_same_vocab(teacher, student, teacher_dir, student_dir) -> None:
+    t, s = teacher.config.vocab_size, student.config.vocab_size
+    if t != s:
+        raise ValueError(
+            f"teacher {teacher_dir} has vocab_size {t} but student {student_dir} has {s}; "
+            "logit distillation needs the same vocabulary (prune the student from this teacher)"
+        )

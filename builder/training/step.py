@@ -1,0 +1,91 @@
+"""One optimizer step's forward and backward passes, and the check that stops a diverged run."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from builder.training.aligner import HiddenStateAligner, hidden_state_loss, recording
+from builder.training.data import BlockStream
+from builder.training.losses import chunked_losses
+from builder.training.parallel import gradient_sync, unwrap
+from builder.training.settings import TrainingDiverged, TrainSettings
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batches: "BlockStream",
+    step: int,
+    settings: TrainSettings,
+    device: torch.device,
+) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches; returns their mean losses."""
+    means = torch.zeros(len(LOSS_PARTS), device=device)
+    for micro in range(settings.grad_accum):
+        input_ids = batches.micro_batch(step, micro).to(device)
+        with gradient_sync(model, enabled=micro == settings.grad_accum - 1):
+            losses = forward_loss(model, teacher, input_ids, settings, device)
+            # Micro-batches hold equal token counts, so the mean of their means is the
+            # step's mean.
+            (losses[0] / settings.grad_accum).backward()
+        means += losses.detach() / settings.grad_accum
+    return means
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    input_ids: torch.Tensor,
+    settings: TrainSettings,
+    device: torch.device,
+) -> torch.Tensor:
+    """The LOSS_PARTS for one micro-batch: [total, divergence, cross-entropy, hidden] (NaN
+    for a part that is not used)."""
+    aligner = unwrap(model)  # a HiddenStateAligner when the hidden-state loss is on
+    aligned = isinstance(aligner, HiddenStateAligner)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.dtype == "bfloat16")
+    with autocast:
+        teacher_logits = teacher_hidden = None
+        if teacher is not None:
+            with torch.no_grad(), recording(aligner.teacher_layers(teacher) if aligned else []) as teacher_hidden:
+                teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
+        if aligned:
+            student_logits, student_hidden = model(input_ids)
+        else:
+            student_logits = model(input_ids=input_ids, use_cache=False).logits
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # next token; none after the last
+    divergence, ce = chunked_losses(
+        student_logits.flatten(0, 1),
+        None if teacher_logits is None else teacher_logits.flatten(0, 1),
+        labels.flatten(),
+        kind=settings.loss,
+        temperature=settings.temperature,
+        with_ce=settings.loss == "cross_entropy" or settings.lm_loss_weight > 0,
+    )
+    hidden = hidden_state_loss(student_hidden, teacher_hidden) if aligned else divergence.new_tensor(float("nan"))
+    if settings.loss == "cross_entropy":
+        total = ce
+    else:
+        total = divergence
+        if settings.lm_loss_weight > 0:
+            total = total + settings.lm_loss_weight * ce
+        if aligned:
+            total = total + settings.hidden_loss_weight * hidden
+    return torch.stack([total, divergence, ce, hidden])
+
+
+LOSS_PARTS = ("loss", "divergence", "cross_entropy", "hidden")
+
+
+def check_finite(step: int, loss: float, grad_norm: float, settings: TrainSettings) -> None:
+    """Stop before a NaN reaches the weights. Every rank sees the same values, so all stop."""
+    hint = (
+        f"lower learning_rate (now {settings.learning_rate:g}), keep max_grad_norm > 0, or use "
+        "dtype='float32'; the last checkpoint in out_dir is from before the divergence"
+    )
+    if not math.isfinite(loss):
+        raise TrainingDiverged(step, "the loss", loss, hint)
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(step, "the gradient norm", grad_norm, hint)

@@ -1,0 +1,39 @@
+"""Suite-wide hooks.
+
+MINIZOO_REQUIRE_VLLM=1 turns every vLLM-related skip into a failure, so a machine where vLLM
+should work (the Makefile sets it wherever it installs vLLM) cannot quietly drop the vLLM
+tests: a broken or missing install fails the suite instead of shrinking it. A skip is
+vLLM-related when its reason names vLLM, so every such skip must say "vLLM" in its reason
+(they all do: it is also what tells the reader what to install).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["pytester"]  # tests/test_suite_modes.py runs this hook on small suites of its own
+REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
+
+
+def vllm_required() -> bool:
+    return os.environ.get(REQUIRE_VLLM, "0") not in ("", "0")
+
+
+def skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (file, line, "Skipped: reason")
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    expected_failure = hasattr(report, "wasxfail")
+    if report.skipped and not expected_failure and vllm_required() and "vllm" in skip_reason(report).lower():
+        report.outcome = "failed"
+        report.longrepr = (f"{REQUIRE_VLLM}=1 but this vLLM test was skipped: {skip_reason(report)}\n"
+                           f"Install vLLM (`make setup` does, with a CPU torch), or run with {REQUIRE_VLLM}=0 "
+                           "on a machine meant to go without it.")

@@ -1,0 +1,172 @@
+"""Integrity checks (builder.integrity) and the stage store's use of them: recorded outputs,
+verification before reuse, one holder of a stage's lock at a time, discarding a stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.acquire import acquire_teacher
+from builder.integrity import DamagedFile, check_checkpoint, file_record, find_damage, record_outputs
+from builder.spec import TeacherSpec
+from builder.store import StageKey, StageStore
+from tiny_models import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "model")
+
+
+def copy_of(checkpoint: Path, to: Path) -> Path:
+    to.mkdir(parents=True)
+    for file in checkpoint.iterdir():
+        (to / file.name).write_bytes(file.read_bytes())
+    return to
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    os.truncate(path, int(path.stat().st_size * keep))
+
+
+# --- a checkpoint folder -------------------------------------------------------------------
+
+
+def test_a_good_checkpoint_passes(checkpoint):
+    check_checkpoint(checkpoint)
+
+
+def test_a_truncated_teacher_is_rejected_at_acquisition_naming_the_file(checkpoint, tmp_path):
+    teacher = copy_of(checkpoint, tmp_path / "teacher")
+    truncate(teacher / "model.safetensors")
+    started = time.perf_counter()
+    with pytest.raises(DamagedFile) as caught:
+        acquire_teacher(TeacherSpec(source=str(teacher)), tmp_path / "stage")
+    assert caught.value.path == teacher / "model.safetensors"
+    assert "model.safetensors" in str(caught.value) and "teacher.source" in str(caught.value)
+    # At once: only the header is read (the bound is loose for a shared, busy machine).
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("fault", ["config", "index", "tokenizer", "header"])
+def test_each_damaged_part_of_a_checkpoint_is_named(checkpoint, tmp_path, fault):
+    model = copy_of(checkpoint, tmp_path / "model")
+    if fault == "config":
+        (model / "config.json").write_text("{not json")
+        bad = model / "config.json"
+    elif fault == "index":
+        bad = model / "model.safetensors.index.json"
+        bad.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    elif fault == "tokenizer":
+        (model / "tokenizer.json").write_text("{broken")
+        bad = model
+    else:  # a header that claims more bytes than the file has
+        path = bad = model / "model.safetensors"
+        path.write_bytes((2**40).to_bytes(8, "little") + path.read_bytes()[8:])
+    with pytest.raises(DamagedFile) as caught:
+        check_checkpoint(model)
+    assert caught.value.path == bad
+    if fault == "index":
+        assert "model-00002-of-00002.safetensors" in str(caught.value)
+
+
+# --- recorded outputs ------------------------------------------------------------------------
+
+
+def test_safetensors_are_recorded_by_header_digest_and_other_files_by_content(checkpoint):
+    weights, config = file_record(checkpoint / "model.safetensors"), file_record(checkpoint / "config.json")
+    assert set(weights) == {"size", "header_sha256"} and set(config) == {"size", "sha256"}
+
+
+@pytest.mark.parametrize("change", ["truncate", "remove", "rewrite"])
+def test_a_changed_output_is_found_by_name(checkpoint, tmp_path, change):
+    stage = copy_of(checkpoint, tmp_path / "stage" / "model").parent
+    outputs = record_outputs(stage)
+    assert find_damage(stage, outputs) is None
+    if change == "truncate":
+        truncate(stage / "model" / "model.safetensors")
+        name = "model/model.safetensors"
+    elif change == "remove":
+        (stage / "model" / "tokenizer.json").unlink()
+        name = "model/tokenizer.json"
+    else:  # same size, other content
+        text = (stage / "model" / "config.json").read_text()
+        (stage / "model" / "config.json").write_text(text.replace('"llama"', '"LLAMA"'))
+        name = "model/config.json"
+    assert find_damage(stage, outputs)[0] == name
+
+
+def test_a_linked_file_is_recorded_once_under_the_links_name(checkpoint, tmp_path):
+    # The Hub cache: snapshots/<rev>/model.safetensors -> ../../blobs/<sha> (no suffix).
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    blob.write_bytes((checkpoint / "model.safetensors").read_bytes())
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.safetensors").symlink_to(blob)
+    outputs = record_outputs(tmp_path)
+    assert list(outputs) == ["snapshot/model.safetensors"] and "header_sha256" in outputs["snapshot/model.safetensors"]
+
+
+# --- the stage store ---------------------------------------------------------------------------
+
+
+def finished_stage(store: StageStore, checkpoint: Path, label: str = "x") -> StageKey:
+    key = StageKey("prune", label, {"n": 1})
+    copy_of(checkpoint, store.prepare(key) / "model")
+    (store.path(key) / "checkpoints").mkdir()
+    (store.path(key) / "checkpoints" / "latest").write_text("step-1")
+    store.finish(key, 1.0, 0, {"model_dir": str(store.path(key) / "model")})
+    return key
+
+
+def test_a_manifest_records_outputs_but_not_resume_state(checkpoint, tmp_path):
+    store = StageStore(tmp_path)
+    key = finished_stage(store, checkpoint)
+    manifest = store.manifest(key)
+    assert "model/model.safetensors" in manifest.outputs and "model/config.json" in manifest.outputs
+    assert not any(name.startswith("checkpoints/") or name == "manifest.json" for name in manifest.outputs)
+    assert manifest.damage() is None and store.reusable(key) is not None
+    truncate(store.path(key) / "model" / "model.safetensors")
+    path, fault = manifest.damage()
+    assert path == str(store.path(key) / "model" / "model.safetensors") and "bytes" in fault
+    assert store.reusable(key) is None
+
+
+def test_the_finish_a_build_replaces_is_not_reused_but_a_newer_one_is(checkpoint, tmp_path):
+    store = StageStore(tmp_path)
+    key = finished_stage(store, checkpoint)
+    seen = store.manifest(key).finished_at
+    assert store.reusable(key, replaces=seen) is None
+    store.finish(key, 1.0, 0, {})  # another build redid it meanwhile
+    assert store.reusable(key, replaces=seen) is not None
+
+
+def test_discard_removes_the_stage_folder_and_leaves_no_trash(checkpoint, tmp_path):
+    store = StageStore(tmp_path)
+    key = finished_stage(store, checkpoint)
+    store.discard(key)
+    assert not store.path(key).exists() and store.manifest(key) is None
+    assert list((store.root / ".trash").iterdir()) == []
+
+
+def test_a_second_holder_of_a_stage_lock_waits_for_the_first(tmp_path):
+    store = StageStore(tmp_path)
+    events = []
+
+    def hold(name: str, seconds: float, shared: bool = False) -> None:
+        with store.locked("prune-x-0123", shared=shared):
+            events.append(f"{name} in")
+            time.sleep(seconds)
+            events.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=("first", 0.5))
+    first.start()
+    time.sleep(0.1)  # the first holds the lock by now
+    hold("second", 0.0, shared=True)
+    first.join()
+    assert events == ["first in", "first out", "second in", "second out"]
