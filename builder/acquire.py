@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import struct
@@ -31,7 +32,7 @@ EMBEDDED_TEACHER_META = {
     "smollm2-135m-instruct": {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
 }
 SPLITS = ("calibration", "train", "heldout")
-LOCAL_DATA_SUFFIXES = (".txt", ".jsonl")  # the document files a local data.source may hold
+LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")  # the document files a local data.source may hold
 
 
 def package_dir(package: str) -> Path:
@@ -130,6 +131,14 @@ def _check_local_checkpoint(folder: Path) -> Path:
 
 
 # --- data ----------------------------------------------------------------------------
+# Documents come out of `iter_documents` in one fixed order with stable ids; `split_of`
+# hashes the id, so a document's split never depends on how the work was parallelised.
+# builder/ray_data.py tokenizes batches of them on Ray Data; `SplitPacker` packs the
+# tokens, in document order, into the shards of builder/tokens.py.
+
+# Text per document batch (one Ray Data block, one tokenizer call): small enough that even
+# a 1x SOTU corpus spreads over every CPU, large enough that per-batch overhead is noise.
+BATCH_CHARS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,8 @@ class Document:
 
 
 def iter_documents(data: DataSpec) -> Iterator[Document]:
+    """Every document of the source, streamed (never the whole corpus in memory); a local
+    source's path is absolute (builder.spec.resolve_paths)."""
     ref = data.reference
     if ref.kind == "embedded":
         yield from _sotu_documents()
@@ -148,8 +159,16 @@ def iter_documents(data: DataSpec) -> Iterator[Document]:
         yield from _local_documents(Path(ref.name), data.text_field)
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A `datasets` save_to_disk folder (a Dataset or a DatasetDict)."""
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
 def local_data_files(path: Path) -> list[Path]:
-    """The document files of a local data source (a file, or every one under a folder)."""
+    """The document files of a local data source (a file, or every one under a folder; a
+    save_to_disk folder's Arrow files)."""
+    if is_saved_dataset(path):
+        return sorted(path.rglob("*.arrow"))
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     return [f for f in files if f.suffix in LOCAL_DATA_SUFFIXES and f.is_file()]
 
@@ -160,19 +179,42 @@ def _sotu_documents() -> Iterator[Document]:
 
 
 def _local_documents(path: Path, text_field: str) -> Iterator[Document]:
+    if is_saved_dataset(path):
+        yield from _saved_hf_documents(path, text_field)
+        return
     files = local_data_files(path)
     if not files:
         raise FileNotFoundError(
-            f"data.source {str(path)!r} holds no .txt or .jsonl files; give a folder of .txt "
-            f"documents or JSON-lines files with a {text_field!r} field"
+            f"data.source {str(path)!r} holds no .txt, .jsonl or .parquet files; give a folder of "
+            f".txt documents, JSON-lines or parquet files with a {text_field!r} field, or a "
+            "datasets.save_to_disk folder"
         )
     for file in files:
-        if file.suffix == ".txt":
-            yield Document(file.name, file.read_text(encoding="utf-8"))
-            continue
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines()):
+        yield from FILE_READERS[file.suffix](file, text_field)
+
+
+def _text_file(file: Path, text_field: str) -> Iterator[Document]:
+    yield Document(file.name, file.read_text(encoding="utf-8"))
+
+
+def _jsonl_file(file: Path, text_field: str) -> Iterator[Document]:
+    with open(file, encoding="utf-8") as lines:  # line by line: a file may be larger than memory
+        for number, line in enumerate(lines):
             if line.strip():
                 yield Document(f"{file.name}:{number}", json.loads(line)[text_field])
+
+
+def _parquet_file(file: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(file).iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield Document(f"{file.name}:{number}", text)
+            number += 1
+
+
+FILE_READERS = {".txt": _text_file, ".jsonl": _jsonl_file, ".parquet": _parquet_file}
 
 
 def _hf_documents(ref: Reference, data: DataSpec) -> Iterator[Document]:
@@ -182,6 +224,32 @@ def _hf_documents(ref: Reference, data: DataSpec) -> Iterator[Document]:
                                    streaming=True)
     for number, row in enumerate(stream):
         yield Document(str(number), row[data.text_field])
+
+
+def _saved_hf_documents(path: Path, text_field: str) -> Iterator[Document]:
+    """A `datasets.save_to_disk` folder (its train split if it holds several): rows are
+    memory-mapped Arrow, read in order with the same ids as a streamed hf: dataset."""
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset["train"]
+    for number, row in enumerate(dataset.select_columns([text_field])):
+        yield Document(str(number), row[text_field])
+
+
+def document_batches(documents: Iterable[Document], max_chars: int = BATCH_CHARS) -> Iterator[list[Document]]:
+    """Consecutive documents in batches of about `max_chars` characters (a longer document
+    is a batch of its own): the reader's blocks, fixed by the corpus alone."""
+    batch, chars = [], 0
+    for document in documents:
+        if batch and chars + len(document.text) > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(document)
+        chars += len(document.text)
+    if batch:
+        yield batch
 
 
 def split_of(doc_id: str, data: DataSpec) -> str:
@@ -196,46 +264,111 @@ def split_of(doc_id: str, data: DataSpec) -> str:
     return "train"
 
 
-def tokenize_splits(documents: Iterable[Document], tokenizer, data: DataSpec) -> dict[str, torch.Tensor]:
-    """Tokenize documents into packed blocks of `data.seq_len` tokens per split.
+@dataclass(frozen=True)
+class TokenizedBatch:
+    """A batch of documents, tokenized: document i is split SPLITS[splits[i]] and holds
+    ids[offsets[i]:offsets[i + 1]] (its tokens, then EOS)."""
 
-    Each document ends with the EOS token, so packed blocks mark document boundaries.
+    splits: np.ndarray  # uint8 [documents]
+    offsets: np.ndarray  # int64 [documents + 1]
+    ids: np.ndarray  # int32 [tokens]
+
+
+def tokenize_batch(tokenizer, doc_ids: list[str], texts: list[str], data: DataSpec) -> TokenizedBatch:
+    """One fast-tokenizer call for a batch of documents; each document ends with EOS, so
+    packed blocks mark document boundaries."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ends = np.cumsum([len(ids) for ids in encoded], dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(ends[-1]) if len(ends) else 0)
+    ids = np.insert(tokens, ends, tokenizer.eos_token_id)  # EOS after each document
+    splits = np.array([SPLITS.index(split_of(doc_id, data)) for doc_id in doc_ids], dtype=np.uint8)
+    return TokenizedBatch(splits, np.concatenate([[0], ends + np.arange(1, len(ends) + 1)]), ids)
+
+
+class SplitPacker:
+    """Packs tokenized batches, in document order, into the shards of every split.
+
+    Tokens are counted over all splits in document order, and the document that reaches
+    `data.max_tokens` is the last one kept: the cut depends on the corpus alone, never on
+    how batches were formed or scheduled. Memory: one shard buffer per split.
     """
-    streams: dict[str, list[int]] = {split: [] for split in SPLITS}
-    total = 0
-    for document in documents:
-        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        streams[split_of(document.doc_id, data)].extend(ids)
-        total += len(ids)
-        if data.max_tokens and total >= data.max_tokens:
-            break
-    return {split: _pack(ids, data.seq_len) for split, ids in streams.items()}
+
+    def __init__(self, data: DataSpec, out_dir: Path, vocab_size: int, shard_blocks: int | None = None):
+        self.data, self.out_dir, self.total = data, Path(out_dir), 0
+        self.index = BlocksIndex(data.seq_len, token_dtype(vocab_size).name, vocab_size)
+        self.writers = {split: ShardWriter(out_dir, split, data.seq_len, np.dtype(self.index.dtype),
+                                           shard_blocks) for split in SPLITS}
+
+    @property
+    def full(self) -> bool:
+        return bool(self.data.max_tokens) and self.total >= self.data.max_tokens
+
+    def add(self, batch: TokenizedBatch) -> None:
+        """Append the batch's documents (up to the max_tokens cut) to their splits."""
+        documents = self._documents_within_budget(batch)
+        for code, split in enumerate(SPLITS):
+            for doc in np.nonzero(batch.splits[:documents] == code)[0]:
+                self.writers[split].add(batch.ids[batch.offsets[doc]:batch.offsets[doc + 1]])
+        self.total += int(batch.offsets[documents])
+
+    def _documents_within_budget(self, batch: TokenizedBatch) -> int:
+        if not self.data.max_tokens:
+            return len(batch.splits)
+        reached = np.nonzero(self.total + batch.offsets[1:] >= self.data.max_tokens)[0]
+        return int(reached[0]) + 1 if len(reached) else len(batch.splits)
+
+    def finish(self) -> BlocksIndex:
+        """Write the last shards and the index (last: it marks the data complete)."""
+        for split, writer in self.writers.items():
+            self.index.splits[split] = writer.close()
+        for split in SPLITS:
+            if self.index.splits[split].blocks == 0:
+                raise ValueError(
+                    f"data: the {split} split is empty (seq_len {self.data.seq_len}); give more documents, "
+                    f"or raise data.split.{split if split != 'train' else 'calibration'} / lower data.seq_len"
+                )
+        self.index.write(self.out_dir)
+        return self.index
 
 
-def _pack(ids: list[int], seq_len: int) -> torch.Tensor:
-    usable = len(ids) // seq_len * seq_len
-    return torch.tensor(ids[:usable], dtype=torch.int32).view(-1, seq_len)
-
-
-def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path) -> dict:
+def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, cpus: int = 0,
+                 batch_chars: int = BATCH_CHARS, shard_blocks: int | None = None) -> dict:
+    """Tokenize the source on Ray Data over `cpus` CPUs (0: every CPU of the cluster) into
+    the sharded token blocks of builder/tokens.py. `batch_chars` and `shard_blocks` change
+    how the work is cut, never the tokens (tests shrink them to cross batch and shard edges)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks = tokenize_splits(iter_documents(data), tokenizer, data)
-    for split, tensor in blocks.items():
-        if len(tensor) == 0:
-            raise ValueError(
-                f"data: the {split} split is empty (seq_len {data.seq_len}); give more documents, "
-                f"or raise data.split.{split if split != 'train' else 'calibration'} / lower data.seq_len"
-            )
-    index = BlocksIndex(data.seq_len, token_dtype(len(tokenizer)).name, len(tokenizer))
-    for split, tensor in blocks.items():
-        writer = ShardWriter(out_dir, split, data.seq_len, np.dtype(index.dtype))
-        writer.add(tensor.flatten().numpy())
-        index.splits[split] = writer.close()
-    index.write(out_dir)
+    from builder.ray_data import tokenized_batches
+
+    packer = SplitPacker(data, out_dir, len(AutoTokenizer.from_pretrained(tokenizer_dir)), shard_blocks)
+    for batch in tokenized_batches(data, tokenizer_dir, cpus, batch_chars):
+        packer.add(batch)
+        if packer.full:
+            break  # leaving the loop stops the Ray Data pipeline
+    index = packer.finish()
     counts = {split: s.tokens for split, s in index.splits.items()}
     return {"blocks": str(out_dir), "tokens": counts, "seq_len": data.seq_len}
+
+
+def tokenize_splits(documents: Iterable[Document], tokenizer, data: DataSpec) -> dict[str, torch.Tensor]:
+    """The same packed blocks as acquire_data, in memory and in this process: for benchmarks
+    and tests on small corpora (the SOTU's few million tokens)."""
+    streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    total = 0
+    for batch in document_batches(documents):
+        tokenized = tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
+        for doc, code in enumerate(tokenized.splits):
+            if data.max_tokens and total >= data.max_tokens:
+                break
+            streams[SPLITS[code]].append(tokenized.ids[tokenized.offsets[doc]:tokenized.offsets[doc + 1]])
+            total += int(tokenized.offsets[doc + 1] - tokenized.offsets[doc])
+    return {split: _pack(np.concatenate(ids or [np.empty(0, np.int32)]), data.seq_len)
+            for split, ids in streams.items()}
+
+
+def _pack(ids: np.ndarray, seq_len: int) -> torch.Tensor:
+    usable = len(ids) // seq_len * seq_len
+    return torch.from_numpy(ids[:usable].astype(np.int64)).view(-1, seq_len)
 
 
 def load_blocks(blocks_dir: Path | str, split: str, limit: int | None = None) -> torch.Tensor:

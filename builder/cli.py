@@ -16,6 +16,8 @@ exit codes:
   1  a stage failed (its log path is printed; run again to resume), or report/publish
      could not do their work (the message says why)
   2  the spec has problems (all are listed; nothing ran)
+  143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
+     nothing half-written)
 
 Each stage's full output is in <workdir>/stages/<stage>/stage.log. Writing a spec:
 README.md, section "Write your own family".
@@ -29,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from builder import interrupt
 from builder.errors import SpecError
 from builder.options import RunOptions
 
@@ -121,11 +124,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command in ("build", "report"):  # they write the family's files: stop between writes
+        interrupt.install()
     try:
-        return _run_command(args)
+        code = _run_command(args)
     except SpecError as error:
         print(error, file=sys.stderr)
         return 2
+    except interrupt.BuildStopped as stop:
+        code = _stopped(stop)
+    if interrupt.stop_requested():  # a SIGTERM that came while a file was being written
+        code = _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
+    return code
+
+
+def _stopped(stop: interrupt.BuildStopped) -> int:
+    log.warning("build-family %s; finished stages are kept, run the same command to resume (exit code %d)",
+                stop, interrupt.STOPPED_EXIT_CODE)
+    return interrupt.STOPPED_EXIT_CODE
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from builder.arch import count_params, student_config
 from builder.precision import Precision
 from builder.search import Candidate, candidates
 from builder.shape import Shape
-from builder.spec import EvaluationSpec, FamilySpec, StudentSpec, split_execution
+from builder.spec import EvaluationSpec, FamilySpec, StudentSpec, TrainingSpec, split_execution
 from builder.stages import STAGE_VERSIONS
 from builder.store import StageKey, StageStore
 
@@ -124,6 +124,10 @@ def training_options(precision: Precision) -> dict:
     return {"precision": precision.dtype}
 
 
+def _if_trained(section: TrainingSpec, trains: dict) -> dict | None:
+    return trains if section.tokens > 0 else None  # 0 tokens passes the pruned checkpoint on as is
+
+
 def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
     """Lay out every stage of the family build (no work is done here). `precision` is
     already resolved (builder.precision): `auto` never reaches a hash."""
@@ -169,9 +173,9 @@ def prune_config(shape: Shape, depth_method: str) -> dict:
 
 def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher: str, pruned: str,
                  data: str, trains: dict) -> str:
-    return dag.add("distill", student.name, spec.distill_for(student),
-                   {TEACHER: teacher, "student": pruned, "data": data}, student=student.name, heavy=True,
-                   options=trains)
+    section = spec.distill_for(student)
+    return dag.add("distill", student.name, section, {TEACHER: teacher, "student": pruned, "data": data},
+                   student=student.name, heavy=True, options=_if_trained(section, trains))
 
 
 def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
@@ -188,7 +192,7 @@ def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: Stude
         pruned = dag.add("prune", label, prune_config(candidate.shape, student.depth_method),
                          {TEACHER: teacher, "scores": scores})
         trained = dag.add("distill", label, light_training, {TEACHER: teacher, "student": pruned, "data": data},
-                          heavy=True, options=trains)
+                          heavy=True, options=_if_trained(light_training, trains))
         ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, heavy=True)
         roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
     select_config = {"params": student.params, "candidates": [c.tag for c in found]}

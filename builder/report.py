@@ -322,7 +322,8 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
     teacher = report.teacher
     models = [m for m in (report.teacher_original, teacher, *report.students) if m]
     header = ["model", "params", *tasks, "perplexity", "output tok/s", "speed-up"]
-    lines = [f"# {report.family}", "", *_incomplete_notice(report), report.description.strip(), "",
+    description = [report.description.strip(), ""] if report.description.strip() else []
+    lines = [f"# {report.family}", "", *_incomplete_notice(report), *description,
              f"Teacher `{teacher.source}`; measured on {report.hardware}. Scores are lm-eval's (acc_norm where the "
              "task has it, else acc) ± one standard error; a student's Δ is against the teacher it was distilled "
              "from, and a Δ within two standard errors is marked *noise*.", "",
@@ -435,3 +436,20 @@ def _search_sections(report: FamilyReport) -> list[str]:
                 f"{shape['intermediate_size']} | {'-' if loss is None else f'{loss:.4f}'} | "
                 f"{'chosen' if search.chosen == index else ''} |")
     return lines
+
+
+# -- the end-of-build table (the console prints it) -------------------------------------------------
+def family_table(report: FamilyReport) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): each model's params, headline scores ± SE, perplexity, speed-up, and
+    where its weights and card are; the same wording as report.md and the cards."""
+    tasks = _task_names(report)
+    header = ["model", "params", *tasks, "perplexity", "speed-up", "weights", "card"]
+    rows = []
+    for model in (report.teacher, *report.students):
+        scores = [format_score(model.tasks[t].score(model.tasks[t].headline))
+                  if t in model.tasks and model.tasks[t].headline else "-" for t in tasks]
+        speedup = format_speedup(model.throughput) if isinstance(model, StudentRecord) else "1.00×"
+        rows.append([model.name, format_count(model.params or 0), *scores, format_perplexity(model.perplexity),
+                     speedup if model.throughput and model.throughput.speedup else "-", model.path or "-",
+                     getattr(model, "card", None) or "-"])
+    return header, rows

@@ -7,19 +7,27 @@ submitted at all, so a build that is already complete never even starts Ray.
 
 Each stage task holds the stage's lock while it runs (builder.store), so two builds on one
 work dir never run a stage twice at once: the second waits, then reuses the first's result.
+
+A build stopped by SIGTERM (builder.interrupt) cancels the stages in flight; a local
+instance is shut down and its temp dir removed however the build ends (short of SIGKILL).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import traceback
 from contextlib import ExitStack, contextmanager
+import threading
 from dataclasses import dataclass, field
 
 import ray
 
+from builder.interrupt import interruptible
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.reuse import Decision, check_inputs, decide
@@ -57,9 +65,12 @@ class BuildResult:
         return not self.failures
 
 
+_own_temp_dirs: list[str] = []  # Ray temp dirs this process made for its local instances
+
+
 def init_ray(options: RunOptions) -> bool:
     """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback.
-    Returns whether this call connected (and so should disconnect when done).
+    Returns whether this call connected (and so should disconnect, `shutdown_ray`, when done).
 
     Without `--verbose` the driver's console stays quiet: every stage captures its own
     output into its stage.log (builder.stage_log), so nothing is lost by not streaming
@@ -69,6 +80,25 @@ def init_ray(options: RunOptions) -> bool:
     address = options.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
+    with _sigterm_handler_kept():
+        _connect(options, address)
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept():
+    """ray.init() replaces the driver's SIGTERM handler with sys.exit, and a SIGTERM then
+    ended the build with rc 134; the build's own handler (builder.interrupt) stops it in
+    order, so it is put back."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _connect(options: RunOptions, address: str | None) -> None:
     quiet = {"log_to_driver": options.verbose, "logging_level": logging.INFO if options.verbose else logging.ERROR}
     if address:
         ray.init(address=address, **quiet)
@@ -79,7 +109,6 @@ def init_ray(options: RunOptions) -> bool:
         # (without it, it logs a warning every second); on 127.0.0.1 only.
         ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
-    return True
 
 
 def _keep_on_loopback() -> None:
@@ -93,6 +122,16 @@ def _keep_on_loopback() -> None:
     # polls from inside the cluster, finds "the" local cluster by its temp dir and fails
     # when another build or test runs one beside it.
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="mz-ray-", dir="/tmp")
+    _own_temp_dirs.append(os.environ["RAY_TMPDIR"])
+    log.info("Ray temp dir %s (removed at shutdown)", os.environ["RAY_TMPDIR"])
+
+
+def shutdown_ray() -> None:
+    """Disconnect; a local instance's processes are stopped by ray.shutdown(), after which
+    its temp dir (sockets, logs, session files: tens of MB a build) is removed."""
+    ray.shutdown()
+    while _own_temp_dirs:
+        shutil.rmtree(_own_temp_dirs.pop(), ignore_errors=True)
 
 
 class BuildObserver:
@@ -128,7 +167,7 @@ def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset(),
             _run_pending(pending, decisions, plan.spec, options, result, observer)
     finally:
         if connected:
-            ray.shutdown()
+            shutdown_ray()
     skip_downstream_of_failures(plan, result)
     return result
 
@@ -160,7 +199,25 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
                                        decisions[stage.id], *upstream)
         observer.queued(stage.id)
-    _collect(refs, {stage.id: stage for stage in pending}, result, observer)
+    try:
+        with interruptible():
+            _collect(refs, {stage.id: stage for stage in pending}, result, observer)
+    except BaseException:  # SIGTERM (BuildStopped), Ctrl-C, or a bug here: stop what still runs
+        _cancel([ref for stage_id, ref in refs.items() if stage_id not in result.manifests])
+        raise
+
+
+def _cancel(refs: list[ray.ObjectRef]) -> None:
+    """Stop the stages still queued or running: force kills their worker processes (their
+    own children follow by their parent-death signal), recursive the tasks they started.
+    A stage's manifest is written last and atomically, so a killed stage leaves no
+    manifest, only what it can resume from."""
+    log.warning("stopping: cancelling %d unfinished stage(s)", len(refs))
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True, recursive=True)
+        except Exception as error:  # noqa: BLE001 (already finished, or its worker is gone)
+            log.debug("cancel: %s", error)
 
 
 def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
@@ -183,7 +240,8 @@ def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
 def _resources(stage: Stage, options: RunOptions) -> dict:
     """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
     so a model's memory is returned to the OS when the stage ends). Training stages hand
-    their CPUs to their Ray Train workers, so the coordinating task itself takes none."""
+    their CPUs to their Ray Train workers, so the coordinating task itself takes none; so
+    does acquire-data (a light stage) to its Ray Data tokenizer actors (builder/ray_data.py)."""
     if not stage.heavy or stage.name in {"distill", "correct"}:
         return {"num_cpus": 0}
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}

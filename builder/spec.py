@@ -258,8 +258,8 @@ class TrainingSpec(Strict):
     warmup_steps: Count = 10
     weight_decay: float = Field(0.0, ge=0)
     checkpoint_every: PositiveCount = Field(
-        25, description="Steps between resumable checkpoints (execution only: a resumed run ends with the "
-        "same weights)", json_schema_extra=EXECUTION_ONLY)
+        25, description="Steps between resumable checkpoints (execution only: the trained weights do not "
+        "depend on it)", json_schema_extra=EXECUTION_ONLY)
     seed: int = 0
 
     @model_validator(mode="before")

@@ -86,7 +86,10 @@ def acquire_teacher_stage(ctx: StageContext) -> StageResult:
 def acquire_data_stage(ctx: StageContext) -> StageResult:
     from builder.acquire import acquire_data
 
-    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir)
+    # Tokenizes on Ray Data actors, one per CPU of the stage (cpus_per_stage; 0: the whole
+    # cluster); this coordinating task holds no CPU itself (runner._resources: light stage).
+    summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir,
+                           cpus=ctx.options.cpus_per_stage)
     return summary, sum(summary["tokens"].values())
 
 

@@ -4,7 +4,8 @@ Every model is measured in a fresh subprocess (`python -m evaluators.vllm_worker
 after another, on the same machine and with the same prompts, so that the teacher and
 its students can be compared as ratios. The subprocess keeps vLLM's spawned engine
 processes, its memory and its global state away from the caller (a Ray task), and a model
-vLLM cannot run costs one failed subprocess, not the whole measurement.
+vLLM cannot run costs one failed subprocess, not the whole measurement. None of them
+outlives the caller, and their shared memory goes with them (evaluators.process_tree).
 
     from evaluators.throughput import ThroughputSettings, measure_throughput
     results = measure_throughput({"teacher": t, "s1": s}, ThroughputSettings(), work_dir)
@@ -21,13 +22,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evaluators.process_tree import PARENT_PID_ENV, PidFile, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +169,16 @@ def measure_model(name: str, path: Path, settings: ThroughputSettings,
     """Measure one model in a fresh worker subprocess; raises ThroughputError on failure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     request, result = out_dir / "request.json", out_dir / "result.json"
+    pid_file = PidFile(out_dir / "worker.pid")
+    if pid_file.clean():  # an earlier run was killed with no chance to stop its worker
+        log.warning("cleaned up after an earlier, interrupted measurement of %r", name)
     result.unlink(missing_ok=True)  # its existence must mean *this* run completed
-    request.write_text(json.dumps({"model": str(Path(path).resolve()),
-                                   "settings": settings.to_json()}, indent=2))
+    request.write_text(json.dumps({"model": str(Path(path).resolve()), "settings": settings.to_json(),
+                                   "pid_file": str(pid_file.path)}, indent=2))
     command = [sys.executable, "-m", "evaluators.vllm_worker", str(request), str(result)]
     with _rpc_dir(out_dir) as rpc_dir:
         env = _worker_env(settings, cache_root=out_dir.parent / "vllm-cache", rpc_dir=rpc_dir)
-        returncode = _run_worker(command, env, out_dir / "worker.log", settings.timeout_s)
+        returncode = _run_worker(command, env, out_dir / "worker.log", settings.timeout_s, pid_file)
     # The result is written last, so it stands even if vLLM then failed to shut down cleanly.
     if not result.exists():
         why = ("timed out after %.0f s" % settings.timeout_s if returncode is None
@@ -280,31 +285,37 @@ class _rpc_dir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _run_worker(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float) -> int | None:
+def _run_worker(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float,
+                pid_file: PidFile) -> int | None:
     """Run the worker in its own session; returns its exit status, None on timeout.
 
     vLLM's engine processes are the worker's children: the whole session is killed
-    afterwards so that no straggler keeps memory while the next model is measured.
+    afterwards (its shared memory unlinked) so that no straggler keeps memory while the
+    next model is measured; on any exit of this function, an exception included. If this
+    process dies first, the worker gets SIGTERM from the kernel (it asks for it, naming us
+    in PARENT_PID_ENV) and stops the session itself: the death signal follows the thread
+    that starts the worker, and this thread waits for the worker until it is stopped, so
+    it ends before the worker only when the whole process dies.
     stdout and stderr share one log because vLLM's engine processes report their errors
     as log lines on stdout, while the worker's own traceback goes to stderr.
     """
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, env={**env, PARENT_PID_ENV: str(os.getpid())}, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        pid_file.write(proc.pid)
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return None
         finally:
-            _kill_session(proc)
+            _stop_session(proc, pid_file)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we created: only our processes
-    except ProcessLookupError:
-        pass
+def _stop_session(proc: subprocess.Popen, pid_file: PidFile) -> None:
+    record = pid_file.read() or {"shm": []}
+    kill_group(proc.pid, set(record["shm"]))  # the session we created: only our processes
     proc.wait()
+    pid_file.path.unlink(missing_ok=True)
 
 
 def _failure_summary(log_path: Path) -> str:

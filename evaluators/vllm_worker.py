@@ -5,10 +5,16 @@ processes, which re-import the main module: this file has the `__main__` guard t
 
     python -m evaluators.vllm_worker REQUEST.json RESULT.json
 
-REQUEST.json is {"model": "<checkpoint dir>", "settings": {ThroughputSettings fields}}.
+REQUEST.json is {"model": "<checkpoint dir>", "settings": {ThroughputSettings fields},
+"pid_file": "<the caller's record of this worker's process group>"}.
 RESULT.json is written last and only on success, so its existence means the measurement
 completed. A failure exits non-zero; vLLM's engine processes log their errors on stdout,
 so the caller keeps stdout and stderr in one log.
+
+Lifetime (see evaluators.process_tree): the worker leads its own process group, which
+vLLM's engine processes join. When the caller dies (even by SIGKILL) the kernel sends the
+worker SIGTERM, and the worker unlinks the group's shared memory and kills the group,
+itself included; each engine process gets SIGKILL when the worker dies, whatever kills it.
 """
 from __future__ import annotations
 
@@ -18,13 +24,17 @@ import json
 import os
 import platform
 import statistics
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evaluators.process_tree import PidFile, die_with_parent, die_with_parent_from_env, group_members, kill_group, \
+    mapped_shm
 from evaluators.throughput import ThroughputSettings, cpu_list_string
 
 _REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -34,7 +44,10 @@ _BUSY_SHARE = 0.75
 _LOAD_PER_CORE = 1.5
 
 
-def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
+_PARENT_POLL_S = 1.0
+
+
+def measure(model: Path, settings: ThroughputSettings, engine_started=lambda: None) -> dict[str, Any]:
     """Start an engine for `model`, generate the random workload `settings.warmup_passes`
     times untimed, then `settings.passes` times timed, and return the numbers:
 
@@ -53,6 +66,7 @@ def measure(model: Path, settings: ThroughputSettings) -> dict[str, Any]:
     started = time.perf_counter()
     llm = vllm.LLM(**engine_args)
     engine_start_s = time.perf_counter() - started
+    engine_started()
 
     prompts = random_prompts(_vocab(llm), settings.num_prompts, settings.input_len, settings.seed)
     _check_fits(llm, settings)
@@ -245,18 +259,57 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def stop_group(*_: object) -> None:
+    """Unlink the shared memory of this worker's process group and kill the group (this
+    process included): what the worker does when its caller is gone."""
+    kill_group(os.getpgrp())
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A second watch on the caller, for when the SIGTERM handler cannot run: Python runs
+    signal handlers on the main thread only, which may sit in a long call into C."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+    stop_group()
+
+
+def _engines_die_with_this_process() -> None:
+    """Each engine process vLLM forks (its default on CPU) or spawns gets SIGKILL when this
+    process dies. vLLM starts them from the main thread, which lives as long as this process,
+    so the death signal (which follows the forking thread) means this process's death; forks
+    from other threads are left alone, their thread may end first."""
+    state = {}
+    os.register_at_fork(before=lambda: state.update(main=threading.current_thread() is threading.main_thread()),
+                        after_in_child=lambda: die_with_parent() if state.get("main") else None)
+
+
+def _record_shared_memory(pid_file: Path) -> None:
+    """Add the engine's /dev/shm segments to the caller's pid file: if the whole tree is
+    killed at once, the next run still knows what to unlink."""
+    PidFile(pid_file).add_shm(mapped_shm(group_members(os.getpgrp())))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m evaluators.vllm_worker REQUEST.json RESULT.json", file=sys.stderr)
         return 2
+    # The caller's thread that started this process waits for it until it ends: that thread
+    # ends early only if the caller dies, which is when this process must go.
+    signal.signal(signal.SIGTERM, stop_group)
+    die_with_parent_from_env(signal.SIGTERM)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    _engines_die_with_this_process()
     request_path, result_path = map(Path, argv)
     request = json.loads(request_path.read_text())
-    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]))
+    record = (lambda: _record_shared_memory(Path(request["pid_file"]))) if request.get("pid_file") else (lambda: None)
+    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]), engine_started=record)
     partial = result_path.with_suffix(".tmp")
     partial.write_text(json.dumps(result, indent=2))
     partial.replace(result_path)  # written last: its existence means success
     return 0
 
 
+if __name__ == "__mp_main__":  # an engine process vLLM spawned (re-imports this module)
+    die_with_parent()
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

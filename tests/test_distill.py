@@ -276,8 +276,31 @@ def test_a_non_finite_loss_stops_training_and_names_the_step(models, blocks, tmp
     with pytest.raises(TrainingDiverged, match="step 3") as error:
         distill(*models, blocks, tmp_path, steps_settings(5, checkpoint_every=2))
     assert error.value.step == 3
+    assert "the checkpoint of step 2" in str(error.value)  # promised only because it exists
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000002"
     assert not (tmp_path / "model").exists() and not (tmp_path / "result.json").exists()
+
+
+def test_an_exploding_loss_stops_training_naming_the_spec_fields(models, blocks, tmp_path):
+    """lr 0.99 (the spec allows it) sent the loss up 190x and training went on to print a
+    132-digit perplexity; now it stops like a NaN, with fixes a spec can express."""
+    with pytest.raises(TrainingDiverged) as error:
+        distill(*models, blocks, tmp_path, steps_settings(24, learning_rate=0.99, warmup_steps=0,
+                                                          checkpoint_every=100))
+    message = str(error.value)
+    before = metrics(tmp_path)[:step_module.LOSS_BASELINE_STEPS]  # the steps that set the bar
+    assert len(before) == min(error.value.step - 1, step_module.LOSS_BASELINE_STEPS)
+    start = sum(line["loss"] for line in before) / len(before)
+    assert error.value.value > step_module.EXPLODED_LOSS_FACTOR * start
+    assert "distill.learning_rate (now 0.99)" in message and "--precision float32" in message
+    assert "max_grad_norm" not in message  # not a spec field
+    assert "checkpoint" not in message  # none was saved before it diverged
+    assert not (tmp_path / "model").exists() and not (tmp_path / "result.json").exists()
+
+
+def test_a_healthy_run_is_never_taken_for_an_explosion(models, blocks, tmp_path):
+    result = distill(*models, blocks, tmp_path, steps_settings(12))
+    assert result.steps == 12
 
 
 @contextlib.contextmanager

@@ -170,3 +170,10 @@ def test_a_second_holder_of_a_stage_lock_waits_for_the_first(tmp_path):
     hold("second", 0.0, shared=True)
     first.join()
     assert events == ["first in", "first out", "second in", "second out"]
+
+
+def test_an_unreadable_manifest_counts_as_unfinished(checkpoint, tmp_path):
+    store = StageStore(tmp_path)
+    key = finished_stage(store, checkpoint)
+    (store.path(key) / "manifest.json").write_text('{"stage": "pru')
+    assert store.manifest(key) is None and store.reusable(key) is None

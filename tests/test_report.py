@@ -272,3 +272,15 @@ def test_report_json_round_trips_through_the_model(family, checkpoint):
     outcome = write(family, finish(plan, options, checkpoint))
     assert FamilyReport.load(outcome.path) == outcome.report
     assert json.loads(outcome.path.read_text())["version"] == 2
+
+
+def test_the_end_of_build_table_comes_from_the_report(family, checkpoint):
+    from builder.report import family_table
+
+    spec, options, plan = family
+    report = write(family, finish(plan, options, checkpoint)).report
+    header, rows = family_table(report)
+    assert header == ["model", "params", "arc_easy", "perplexity", "speed-up", "weights", "card"]
+    teacher, width, _ = rows
+    assert teacher[2] == "0.500 ± 0.189" and teacher[4] == "1.00×"
+    assert width[4] == "1.10× ± 0.03" and width[5].endswith("/model") and width[6].endswith("tiny-width/README.md")

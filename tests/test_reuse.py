@@ -145,3 +145,16 @@ def test_a_stage_refuses_a_damaged_input_naming_the_file_and_its_maker(plan, tmp
         check_inputs(distill.id, inputs)
     assert caught.value.path == store.path(prune.key) / "model.safetensors"
     assert f"made by stage {prune.id}, read by {distill.id}" in str(caught.value)
+
+
+def test_the_dry_run_labels_each_stage_as_the_build_will_treat_it(plan, tmp_path):
+    from builder.describe import render_plan
+
+    store = StageStore(tmp_path)
+    finish_all(plan, store)
+    os.truncate(store.root / stage_id(plan, "distill-w") / "model.safetensors", 100)
+    rows = {Path(line.split()[-1]).name: line.split()[0]  # stage folder -> label
+            for line in render_plan(plan, store, tmp_path).splitlines() if line.startswith("  [")}
+    assert rows.pop(stage_id(plan, "distill-w")) == "[damaged]"
+    assert rows.pop(stage_id(plan, "evaluate-w")) == rows.pop(plan.throughput_stage) == "[todo]"
+    assert set(rows.values()) == {"[done]"} and len(rows) == len(plan.stages) - 3

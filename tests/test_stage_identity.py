@@ -112,6 +112,32 @@ def test_each_step_reads_the_same_sequences_on_any_number_of_workers():
         assert len(step_rows(1, step)) == 12
 
 
+def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tmp_path, monkeypatch):
+    import builder.ray_train
+    from builder.distill import TrainResult
+    from builder.stages import distill_stage
+    from builder.store import Manifest
+
+    calls = []
+
+    def fake_ray_train(kind, teacher_dir, student_dir, blocks, out_dir, settings, **how):
+        calls.append((settings, how))
+        return TrainResult(16 * 12 * 256, 16, 1.0, 1.0, 1.0, 0, str(out_dir / "model"))
+
+    monkeypatch.setattr(builder.ray_train, "run_on_ray_train", fake_ray_train)
+    plan = plan_of(spec(distill={**SPEC["distill"], "checkpoint_every": 7}), BFLOAT16)
+    stage = next(s for s in plan.stages.values() if s.name == "distill")
+    inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path)})
+              for role in stage.inputs}
+    run = RunOptions(train_workers=2, precision="float32")  # the stage must not re-resolve this
+    summary, _ = distill_stage(StageContext(stage, plan.spec, run, tmp_path, tmp_path, inputs))
+    [(settings, how)] = calls
+    assert (settings.dtype, settings.batch_size, settings.grad_accum, how["num_workers"]) == ("bfloat16", 3, 2, 2)
+    assert settings.checkpoint_every == 7  # an execution-only field still reaches the loop
+    assert summary["dtype"] == "bfloat16"  # recorded in the manifest
+    assert summary["batch"] == {"workers": 2, "micro_batch_size": 3, "grad_accum": 2, "global_batch_size": 12}
+
+
 @pytest.mark.parametrize("total, workers, cap, layout", [
     (1152, 8, 4, (8, 4, 36)),  # the Llama-3.1-Minitron batch on 8 GPUs
     (1152, 6, 4, (6, 4, 48)),
@@ -172,6 +198,11 @@ def test_precision_reaches_teacher_correction_and_search_candidates():
     assert len(candidates) == 2 and all(s.key.options["precision"] == "bfloat16" for s in candidates)
 
 
+def test_a_student_that_is_not_distilled_ignores_the_precision():
+    pruned_only = spec(distill={"tokens": 0})
+    assert changed(plan_of(pruned_only, FLOAT32), plan_of(pruned_only, BFLOAT16)) == set()
+
+
 def test_a_resume_under_another_precision_starts_its_own_stage(tmp_path):
     store, family = StageStore(tmp_path / "runs"), spec()
     fp32, bf16 = plan_of(family, FLOAT32), plan_of(family, BFLOAT16)
@@ -204,13 +235,12 @@ def test_auto_is_resolved_before_hashing(tmp_path, monkeypatch, flags, expected)
 
 def test_report_plans_with_the_precision_the_build_resolved(tmp_path, monkeypatch):
     """A build on GPUs resolved auto to bf16; `report` on a CPU node must find its stages."""
-    from builder.family import BUILT_PRECISION, family_dir
-    from builder.store import write_json_atomic
+    from builder.family import record_precision
 
     path = write_spec(tmp_path, SPEC)
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset())
     gpu_build = load_and_plan(path, options(tmp_path, precision="auto", gpus_per_stage=1))
-    write_json_atomic(family_dir(gpu_build.spec, options(tmp_path)) / BUILT_PRECISION, vars(gpu_build.precision))
+    record_precision(gpu_build, options(tmp_path))  # as `build` does before running
     reported = load_and_plan(path, options(tmp_path, precision="auto"), built=True)
     assert reported.precision == gpu_build.precision and digests(reported) == digests(gpu_build)
     pinned = load_and_plan(path, options(tmp_path, precision="float32"), built=True)

@@ -92,8 +92,10 @@ def test_a_hung_worker_is_killed_with_its_children(tmp_path):
               "print(p.pid, flush=True); time.sleep(120)")
     log = tmp_path / "worker.log"
     started = time.perf_counter()
-    status = throughput._run_worker([sys.executable, "-c", parent], dict(os.environ), log, timeout_s=3)
+    pid_file = throughput.PidFile(tmp_path / "worker.pid")
+    status = throughput._run_worker([sys.executable, "-c", parent], dict(os.environ), log, 3, pid_file)
     assert status is None and time.perf_counter() - started < 30
+    assert not pid_file.path.exists()  # stopped in order: nothing for the next run to clean
     grandchild = int(log.read_text().split()[0])
     time.sleep(0.2)
     assert not Path(f"/proc/{grandchild}").exists() or "Z" in _proc_state(grandchild)

@@ -21,7 +21,7 @@ from builder.training.parallel import (
     World, default_device, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
 )  # fmt: skip
 from builder.training.settings import DTYPES, Parallel, TrainResult, TrainSettings
-from builder.training.step import accumulate_gradients, check_finite
+from builder.training.step import LOSS_BASELINE_STEPS, accumulate_gradients, check_finite
 
 
 def distill(
@@ -114,6 +114,7 @@ def train(
     loop_started = time.perf_counter()
 
     model.train()
+    start_losses: list[float] = []  # the first LOSS_BASELINE_STEPS losses of this run (or since its resume)
     with progress_bar as progress:  # closed on errors too
         for step in range(start_step + 1, total_steps + 1):
             step_started = time.perf_counter()
@@ -121,7 +122,11 @@ def train(
             losses = accumulate_gradients(model, teacher, batches, step, settings, device)
             losses = world.mean(losses)  # LOSS_PARTS, the same on all ranks
             grad_norm = clip_gradients(model, settings.max_grad_norm)
-            check_finite(step, losses[0].item(), grad_norm, settings)
+            last_checkpoint = max(start_step, (step - 1) // settings.checkpoint_every * settings.checkpoint_every)
+            check_finite(step, losses[0].item(), grad_norm, settings, start_losses,
+                         "distill" if teacher is not None else "correction", last_checkpoint)
+            if len(start_losses) < LOSS_BASELINE_STEPS:
+                start_losses.append(losses[0].item())
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
             optimizer.step()
             scheduler.step()

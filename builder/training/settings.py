@@ -20,7 +20,8 @@ _FILE_SIZE = re.compile(r"[0-9]+(KB|MB|GB|KIB|MIB|GIB)", re.IGNORECASE)  # what 
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; `step` says when."""
+    """The loss or the gradient norm became NaN or infinite, or the loss exploded (grew past
+    EXPLODED_LOSS_FACTOR times its starting value, builder.training.step); `step` says when."""
 
     def __init__(self, step: int, what: str, value: float, settings_hint: str = ""):
         self.step, self.what, self.value, self.settings_hint = step, what, value, settings_hint

@@ -79,13 +79,39 @@ def forward_loss(
 LOSS_PARTS = ("loss", "divergence", "cross_entropy", "hidden")
 
 
-def check_finite(step: int, loss: float, grad_norm: float, settings: TrainSettings) -> None:
-    """Stop before a NaN reaches the weights. Every rank sees the same values, so all stop."""
-    hint = (
-        f"lower learning_rate (now {settings.learning_rate:g}), keep max_grad_norm > 0, or use "
-        "dtype='float32'; the last checkpoint in out_dir is from before the divergence"
-    )
+# A loss this many times its starting value (the mean of the run's first LOSS_BASELINE_STEPS
+# steps; before those are in, of the steps so far) has exploded. A healthy run's loss falls
+# from its start; step-to-step noise and a warm-up overshoot stay within a few times it, while
+# a too-high learning rate sends it up by 100x and more (lr 0.99: 190x, within 3 steps). For
+# cross-entropy, 10x any realistic start is far beyond log(vocabulary), worse than guessing
+# uniformly. Averaging a few steps keeps one unusually easy batch from setting the bar.
+EXPLODED_LOSS_FACTOR = 10.0
+LOSS_BASELINE_STEPS = 3
+
+
+def check_finite(step: int, loss: float, grad_norm: float, settings: TrainSettings,
+                 start_losses: list[float] = (), section: str = "distill", last_checkpoint: int = 0) -> None:
+    """Stop before a NaN, or a loss that exploded, reaches the weights. Every rank sees the
+    same values, so all stop. `section` names the spec section that configured the run."""
+    hint = _divergence_hint(settings, section, last_checkpoint)
     if not math.isfinite(loss):
         raise TrainingDiverged(step, "the loss", loss, hint)
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(step, "the gradient norm", grad_norm, hint)
+    if start_losses:  # the steps before this one: an exploding step never raises its own bar
+        start = sum(start_losses) / len(start_losses)
+        if start > 0 and loss > EXPLODED_LOSS_FACTOR * start:
+            raise TrainingDiverged(step, "the loss", loss, f"{loss / start:.0f}x its starting {start:.4g} "
+                                   f"(the limit is {EXPLODED_LOSS_FACTOR:g}x); {hint}")
+
+
+def _divergence_hint(settings: TrainSettings, section: str, last_checkpoint: int) -> str:
+    """The spec fields to change (never knobs the spec does not have), and a checkpoint only
+    when one was saved."""
+    hint = f"lower {section}.learning_rate (now {settings.learning_rate:g})"
+    if section == "distill":
+        hint += " (or the student's own students[].distill.learning_rate if it sets one)"
+    hint += ", or train in float32 (`--precision float32`)"
+    if last_checkpoint > 0:
+        hint += f"; the checkpoint of step {last_checkpoint} in the stage's folder is from before the divergence"
+    return hint

@@ -1,0 +1,132 @@
+"""The data runner: tokenization on Ray Data (with runner.py and ray_train.py, the only
+modules that import Ray).
+
+    for batch in tokenized_batches(data_spec, tokenizer_dir, cpus=0):
+        packer.add(batch)          # builder.acquire.SplitPacker: blocks into shards
+
+The pipeline is read -> map_batches(tokenize) -> this process, streaming:
+
+- one read task walks `acquire.iter_documents` (every source kind) and emits blocks of
+  consecutive documents of about `acquire.BATCH_CHARS` characters. One reader, because
+  document ids (a jsonl line number, an hf: stream's row number) and the order they are
+  numbered in must not depend on the cluster; reading is two orders of magnitude faster
+  than tokenizing, so it is not the bottleneck;
+- a pool of actors, one per CPU the stage gets (`cpus`, or every CPU of the cluster), each
+  holding the fast tokenizer and tokenizing one block per call on one thread;
+- the caller packs what comes back.
+
+Why the shards are identical on 1 or N CPUs: `preserve_order` makes Ray Data hand batches
+back in document order, and packing concatenates documents in that order, so neither how
+Ray groups blocks nor which actor finished first can change a byte; `data.max_tokens` is cut
+by the packer at the same document (see SplitPacker). Why memory stays flat: Ray Data's
+streaming executor keeps at most `OBJECT_STORE_BUDGET` of blocks in flight and pauses the
+reader when the tokenizers or the packer fall behind, and the packer holds one shard per
+split, so neither grows with the corpus.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from builder.acquire import BATCH_CHARS, TokenizedBatch, document_batches, iter_documents, tokenize_batch
+from builder.spec import DataSpec
+
+# Blocks in flight between reader, tokenizers and packer (Ray Data backpressure).
+OBJECT_STORE_BUDGET = 256 << 20
+
+
+def tokenized_batches(data: DataSpec, tokenizer_dir: Path | str, cpus: int = 0,
+                      batch_chars: int = BATCH_CHARS) -> Iterator[TokenizedBatch]:
+    """Tokenized document batches in document order. Runs inside the cluster this process
+    is connected to (the acquire-data stage's Ray task), or starts a local one on loopback."""
+    connected = _connect(cpus)
+    try:
+        cpus = cpus or int(ray.cluster_resources().get("CPU", 1))
+        source = DocumentSource(data, batch_chars)
+        dataset = _pipeline(source, Path(tokenizer_dir), data, cpus)
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from _from_table(table)
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def _connect(cpus: int) -> bool:
+    if ray.is_initialized():
+        return False
+    from builder.options import RunOptions
+    from builder.runner import init_ray
+
+    return init_ray(RunOptions(local_cpus=cpus))
+
+
+def _pipeline(source: "DocumentSource", tokenizer_dir: Path, data: DataSpec, cpus: int) -> ray.data.Dataset:
+    # The reader takes no CPU slot: with every slot given to a tokenizer it could not start.
+    # One output block per document batch (Ray Data would otherwise cut them into ~200).
+    documents = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=1)
+    tokens = documents.map_batches(Tokenizer, fn_constructor_args=(str(tokenizer_dir), data), batch_size=None,
+                                   batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpus), num_cpus=1)
+    context = tokens.context
+    context.enable_progress_bars = False
+    # A row is a whole document batch; a block of one row lets every batch go to whichever
+    # tokenizer is free (Ray Data would otherwise concatenate rows into 128 MiB blocks).
+    context.target_max_block_size = 1
+    context.execution_options.preserve_order = True
+    context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+        object_store_memory=OBJECT_STORE_BUDGET)
+    return tokens
+
+
+class DocumentSource(Datasource):
+    """The documents of a DataSpec as one streaming read task (see the module docstring)."""
+
+    def __init__(self, data: DataSpec, batch_chars: int = BATCH_CHARS):
+        super().__init__()
+        self.data, self.batch_chars = data, batch_chars
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # a stream: unknown until read
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(self._read, metadata)]
+
+    def _read(self) -> Iterator[pa.Table]:
+        for batch in document_batches(iter_documents(self.data), self.batch_chars):
+            yield pa.table({"doc_ids": [[d.doc_id for d in batch]], "texts": [[d.text for d in batch]]})
+
+
+class Tokenizer:
+    """A Ray Data actor: the fast tokenizer, loaded once, on the one CPU it reserved."""
+
+    def __init__(self, tokenizer_dir: str, data: DataSpec):
+        # Batch encoding would otherwise fan out over every core, on top of the other actors.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from transformers import AutoTokenizer
+
+        self.tokenizer, self.data = AutoTokenizer.from_pretrained(tokenizer_dir), data
+
+    def __call__(self, batches: pa.Table) -> pa.Table:
+        """Document batches (rows) to tokenized batches (rows of raw numpy buffers)."""
+        rows = [tokenize_batch(self.tokenizer, doc_ids, texts, self.data)
+                for doc_ids, texts in zip(batches.column("doc_ids").to_pylist(), batches.column("texts").to_pylist())]
+        return pa.table({name: pa.array([getattr(row, name).tobytes() for row in rows], pa.large_binary())
+                         for name in FIELDS})
+
+
+FIELDS = {"splits": np.uint8, "offsets": np.int64, "ids": np.int32}  # TokenizedBatch's arrays
+
+
+def _from_table(table: pa.Table) -> Iterator[TokenizedBatch]:
+    columns = {name: table.column(name).to_pylist() for name in FIELDS}
+    for row in range(table.num_rows):
+        yield TokenizedBatch(**{name: np.frombuffer(columns[name][row], dtype) for name, dtype in FIELDS.items()})

