@@ -1,5 +1,6 @@
-"""A stage that fails, seen from the console: the teacher's folder lacks its config.json
-(planned from --teacher-config, so the spec is valid), and the first stage fails. The build
+"""A stage that fails, seen from the console: the teacher's weights file is truncated (the
+spec is valid: the folder has a config and a weights file), and the first stage, which
+checks the checkpoint, fails. The build
 prints one failure message with the cause and the stage's log path, counts the six stages
 after it as skipped instead of repeating the error, exits 1, and `status` shows what is
 left to do.
@@ -34,12 +35,12 @@ throughput: {{enabled: false}}
 @pytest.fixture(scope="module")
 def failed_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("broken")
-    teacher = save_tiny_checkpoint(root / "teacher", seed=1)
-    config = (teacher / "config.json").rename(root / "config.json")  # an incomplete download, say
+    weights = save_tiny_checkpoint(root / "teacher", seed=1) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted download, say
     spec = root / "broken.yaml"
     spec.write_text(SPEC.format())  # ./teacher: resolved against the spec's folder
-    common = ("--workdir", root / "runs", "--teacher-config", config)
-    return root / "runs", build_family(spec, *common), build_family("status", spec, *common)
+    workdir = root / "runs"
+    return workdir, build_family(spec, "--workdir", workdir), build_family("status", spec, "--workdir", workdir)
 
 
 def test_one_failure_message_with_cause_and_log_path(failed_build):
@@ -47,9 +48,8 @@ def test_one_failure_message_with_cause_and_log_path(failed_build):
     assert build.returncode == 1, build.stdout + build.stderr
     output = build.stdout + build.stderr
     failures = [line for line in output.splitlines() if "FAILED" in line]
-    assert len(failures) == 1 and "acquire-teacher" in failures[0] and "has no config.json" in failures[0], output
-    (stage_dir,) = workdir.glob("stages/acquire-teacher-*")
-    log = stage_dir / "stage.log"
+    assert len(failures) == 1 and "acquire-teacher" in failures[0] and "model.safetensors" in failures[0], output
+    (log,) = workdir.glob("stages/acquire-teacher-*/stage.log")
     assert f"full log: {log}" in output
     assert "Traceback" in log.read_text()  # the whole story is in the log, not on the console
     assert "Traceback" not in output
