@@ -31,8 +31,7 @@ from builder.stage_log import stage_log_path
 from builder.store import Manifest, StageStore
 from builder.units import format_count, format_duration
 
-STYLES = {"queued": "dim", "running": "cyan", "done": "green", "reused": "green dim", "failed": "bold red",
-          "skipped": "yellow"}
+STYLES = {"queued": "dim", "running": "cyan", "done": "green", "failed": "bold red", "skipped": "yellow"}
 
 
 def make_console() -> Console:
@@ -103,10 +102,11 @@ class BuildConsole:
 
     def failed(self, stage_id: str, error: str) -> None:
         row = self.rows[stage_id]
-        blocked_by = [upstream for upstream in row.stage.inputs.values()
-                      if self.rows.get(upstream) and self.rows[upstream].state in ("failed", "skipped")]
-        if blocked_by:  # Ray hands a failed input's error on: its cause was printed already,
-            row.state = "skipped"  # and the end of the build counts the skipped stages
+        if any(self.rows.get(upstream) and self.rows[upstream].state in ("failed", "skipped")
+               for upstream in row.stage.inputs.values()):
+            # Ray hands a failed input's error on: its cause was printed already, and the
+            # end of the build counts the skipped stages (runner.skip_downstream_of_failures)
+            row.state = "skipped"
             return
         row.state, row.wall_s = "failed", row.elapsed()
         self._print_failure(row, error)
@@ -164,9 +164,6 @@ class BuildConsole:
             table.add_row(Text(row.state, style=STYLES[row.state]), stage_title(row.stage),
                           format_seconds(row.elapsed()), _bar(row.progress), format_seconds(row.eta()))
         return table
-
-    def skipped(self) -> list[str]:
-        return [stage_id for stage_id, row in self.rows.items() if row.state == "skipped"]
 
 
 def stage_title(stage: Stage) -> str:

@@ -128,7 +128,7 @@ def test_plain_lines_one_failure_message_and_skipped_downstream(tmp_path):
     assert "\x1b[" not in text  # no escape codes off a terminal
     assert text.count("FAILED") == 1 and "RuntimeError: the student diverged" in text
     assert str(stage_log_path(store.path(broken.key))) in text or "stage.log" in text
-    assert view.skipped() == [after.id]
+    assert view.rows[after.id].state == "skipped"
     lines = text.splitlines()
     assert any("done" in line and "score" in line and "2.5 s" in line for line in lines)
 
