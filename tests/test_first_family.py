@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+# The build runs inside the first test's fixture: a few minutes on a quiet 2-core machine,
+# over the suite's 900 s per-test limit when seven builds share those cores.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "families" / "my-first-family.yaml"
