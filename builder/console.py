@@ -31,6 +31,9 @@ from builder.stage_log import stage_log_path
 from builder.store import Manifest, StageStore
 from builder.units import format_count, format_duration
 
+# Ray messages that are routine, not news: Ray Data kills its map actors when a dataset is
+# done (acquire-data's tokenizers), and the raylet reports each queued call on them as failed.
+ROUTINE_RAY_MESSAGES = ("killed by `ray.kill`",)
 STYLES = {"queued": "dim", "running": "cyan", "done": "green", "failed": "bold red", "skipped": "yellow"}
 
 
@@ -121,8 +124,8 @@ class BuildConsole:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
         first = text.strip().splitlines()[0]
         kind = re.sub(r"\d+", "#", first)  # "5 worker(s) were killed" and "2 worker(s)": one kind
-        if kind in self.ray_kinds:  # said once; every repeat is in ray.log
-            return
+        if kind in self.ray_kinds or any(routine in text for routine in ROUTINE_RAY_MESSAGES):
+            return  # said once already, or routine: ray.log has it
         self.ray_kinds.add(kind)
         first = first if len(first) <= 160 else first[:157] + "..."
         self.console.print(Text.assemble(_clock(), Text("ray     ", style="yellow"), f" {first} "

@@ -226,6 +226,10 @@ def test_ray_messages_print_one_line_per_kind_and_keep_everything_in_ray_log(tmp
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and "5 worker(s) were killed" in lines[0] and "ray.log" in lines[0]
     assert (tmp_path / "fam" / "ray.log").read_text().count("Top 10 memory users") == 2
+    routine = ("Task MapWorker(MapBatches(Tokenizer)).submit failed. There are infinite retries remaining, so the "
+               "task will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
+    view.ray_message(routine)  # Ray Data tearing down its tokenizer actors: ray.log only
+    assert len(out.getvalue().splitlines()) == 1 and "MapWorker" in (tmp_path / "fam" / "ray.log").read_text()
 
 
 def test_verbose_reaches_the_run_options():
