@@ -15,7 +15,7 @@ Measures, in one run, and writes bench/results/distill.json (with `"quick": true
 1. Matmul peak: torch.mm of square matrices (2048^3 fp32; bf16 for the record, 512^3 on
    the CPU because bf16 is emulated on AVX2 and ~50x slower), with the torch thread count the
    training uses. The median over uncontended repetitions is the peak MFU divides by.
-2. One minizoo distillation step, exactly the body of `builder.training.loop.train`'s loop:
+2. One minizoo distillation step, `builder.training.step.optimizer_step` as `train` runs it:
    zero_grad, `accumulate_gradients` (teacher forward under no_grad, student forward,
    `chunked_losses` forward KL, backward), `clip_gradients`, `check_finite`, fused AdamW
    from `make_optimizer`, scheduler step.
@@ -69,10 +69,10 @@ from bench.common import (
 )  # fmt: skip
 from builder.arch import count_params, student_config
 from builder.training.data import BlockStream
-from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
+from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
-from builder.training.step import accumulate_gradients, check_finite
+from builder.training.step import optimizer_step
 from builder.shape import Shape
 
 LEARNING_RATE = 1e-4
@@ -229,17 +229,10 @@ class MinizooLoop:
 
     def step(self) -> float:
         self.step_number += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = accumulate_gradients(
-            self.student, self.teacher, self.batches, self.step_number, self.settings, self.setup.device
-        )
-        grad_norm = clip_gradients(self.student, self.settings.max_grad_norm)
-        loss = losses[0].item()
-        check_finite(self.step_number, loss, grad_norm, self.settings)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.losses.append(loss)
-        return loss
+        losses, _, _ = optimizer_step(self.student, self.teacher, self.optimizer, self.scheduler, self.batches,
+                                      self.step_number, self.settings, self.setup.device, World.current())
+        self.losses.append(losses[0].item())
+        return self.losses[-1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ scratch run's first D tokens are exactly the distilled run's D tokens; both use 
 next-token cross-entropy on held-out blocks (documents disjoint from training and
 calibration), at 0 tokens and every K steps.
 
-Why one loop built from `builder.training`'s pieces (`BlockStream`, `accumulate_gradients`,
-`forward_loss`, `make_optimizer`, `warmup_cosine_schedule`) rather than successive
+Why one loop built from `builder.training`'s pieces (`BlockStream`, `optimizer_step`,
+`make_optimizer`, `warmup_cosine_schedule`) rather than successive
 `distill()` calls: each `distill()` call starts a new optimizer and a new warmup/cosine
 schedule, so the losses between calls would not lie on one run's curve. One loop that pauses
 every K steps to evaluate gives the curve of a single run with a single schedule, and the
@@ -55,10 +55,10 @@ import torch
 
 from bench.common import WIDTH_STUDENT, load_teacher, print_table, sotu_splits, teacher_dir, write_result
 from builder.training.data import BlockStream
-from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
+from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
-from builder.training.step import accumulate_gradients, check_finite
+from builder.training.step import optimizer_step
 from builder.importance import lm_loss, score_importance
 from builder.prune import prune_model
 from builder.shape import Shape
@@ -153,12 +153,7 @@ def train_with_evals(model, teacher, train: torch.Tensor, heldout: torch.Tensor,
     for step in range(1, total_steps + 1):
         started = time.perf_counter()
         model.train()
-        optimizer.zero_grad(set_to_none=True)
-        losses = accumulate_gradients(model, teacher, batches, step, settings, device)
-        grad_norm = clip_gradients(model, settings.max_grad_norm)
-        check_finite(step, losses[0].item(), grad_norm, settings)
-        optimizer.step()
-        scheduler.step()
+        losses, _, _ = optimizer_step(model, teacher, optimizer, scheduler, batches, step, settings, device, world)
         seconds["train_s"] += time.perf_counter() - started
         if step % eval_every == 0 or step == total_steps:
             curve.append(evaluate(step, losses[0].item()))

@@ -25,6 +25,7 @@ README.md, section "Write your own family".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -124,18 +125,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(json_schema(), indent=2))
         return 0
-    if args.command in ("build", "report"):  # they write the family's files: stop between writes
-        interrupt.install()
-    try:
-        code = _run_command(args)
-    except SpecError as error:
-        print(error, file=sys.stderr)
-        return 2
-    except interrupt.BuildStopped as stop:
-        code = _stopped(stop)
-    if interrupt.stop_requested():  # a SIGTERM that came while a file was being written
-        code = _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
-    return code
+    # SIGTERM is noted, and acted on where a build can stop cleanly (builder.interrupt); a
+    # publish is left to die at once (its Hub commits are atomic).
+    noted = args.command in ("build", "report")
+    with interrupt.sigterm_noted() if noted else contextlib.nullcontext():
+        try:
+            code = _run_command(args)
+        except SpecError as error:
+            print(error, file=sys.stderr)
+            return 2
+        except interrupt.BuildStopped as stop:
+            return _stopped(stop)
+        if interrupt.stop_requested():  # it came while files were written: they were finished first
+            return _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
+        return code
 
 
 def _stopped(stop: interrupt.BuildStopped) -> int:

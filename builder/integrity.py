@@ -8,17 +8,22 @@ A *.safetensors file is fingerprinted by its size plus a digest of its 8-byte he
 length and JSON header, never by hashing its data: weights run to many GB, and reading
 them all on every reuse would cost minutes. The header lists every tensor's byte range,
 so a truncated or overwritten-header file fails the check; a flipped byte inside the data
-does not (that would need the full read this check exists to avoid).
+does not (that would need the full read this check exists to avoid). Token shards (*.npy)
+get the same treatment from numpy's header (shape and dtype give the size). Any other file
+is hashed whole up to FULL_HASH_LIMIT; above it only its first and last MiB are.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
 
 SAFETENSORS = ".safetensors"
+NPY = ".npy"
+FULL_HASH_LIMIT = 64 * 2**20  # larger files of other formats: size + first and last MiB
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header (100 MB)
 _CHUNK = 2**20
@@ -67,6 +72,25 @@ def _data_end(path: Path, header: dict) -> int:
         raise DamagedFile(path, f"safetensors header without valid data_offsets ({error!r})") from error
 
 
+def npy_header(path: Path) -> bytes:
+    """The raw bytes of a .npy file's header; raises DamagedFile when it is unreadable or the
+    file's size disagrees with the shape and dtype it declares."""
+    import numpy as np
+
+    size = path.stat().st_size
+    try:  # maps the file without reading its data; numpy parses every header version
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        raise DamagedFile(path, f"unreadable .npy file ({error})") from error
+    offset, shape, dtype = array.offset, array.shape, array.dtype
+    del array
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise DamagedFile(path, f"{size} bytes, but its header declares {shape} {dtype} ({expected} bytes)")
+    with open(path, "rb") as handle:
+        return handle.read(offset)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -75,13 +99,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sampled_sha256(path: Path) -> str:
+    """A digest of the first and last MiB: bounded work for a large file of unknown format."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(_CHUNK))
+        handle.seek(-_CHUNK, os.SEEK_END)
+        digest.update(handle.read(_CHUNK))
+    return digest.hexdigest()
+
+
 def file_record(path: Path) -> dict:
-    """What identifies a file cheaply: size plus header digest (safetensors) or content digest."""
+    """What identifies a file cheaply: its size plus a digest of its header (safetensors,
+    npy), of its content, or of its ends (other files over FULL_HASH_LIMIT)."""
     path = Path(path)
+    size = path.stat().st_size
     if path.name.endswith(SAFETENSORS):
-        _, raw = safetensors_header(path)
-        return {"size": path.stat().st_size, "header_sha256": hashlib.sha256(raw).hexdigest()}
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        return {"size": size, "header_sha256": hashlib.sha256(safetensors_header(path)[1]).hexdigest()}
+    if path.name.endswith(NPY):
+        return {"size": size, "header_sha256": hashlib.sha256(npy_header(path)).hexdigest()}
+    if size > FULL_HASH_LIMIT:
+        return {"size": size, "ends_sha256": sampled_sha256(path)}
+    return {"size": size, "sha256": sha256_file(path)}
 
 
 def file_damage(path: Path, record: dict) -> str | None:

@@ -72,8 +72,9 @@ def throughput_record(result: dict) -> Throughput:
 
     load = result.get("load") or {}
     return Throughput(
-        **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes",
-                                            "ratio_to_teacher", "ratio_to_teacher_std", "ratio_note", "error")},
+        **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes", "num_prompts",
+                                            "output_tokens", "ratio_to_teacher", "ratio_to_teacher_std", "ratio_note",
+                                            "error")},
         cpu_per_wall=load.get("cpu_per_wall"), cores_given=load.get("cores_given"),
         load_avg_1m=load.get("load_avg_1m_max"), contended=load.get("contended"),
         contention_note=load.get("note"),
@@ -214,11 +215,17 @@ def hardware() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
-def _local_references(spec: FamilySpec) -> dict[str, str]:
-    """The spec's local paths and what each is, for the portable spec."""
-    found = {spec.teacher.source: "the teacher checkpoint"} if spec.teacher.reference.kind == "path" else {}
-    if spec.data.reference.kind == "path":
-        found[spec.data.source] = "the training data"
+def _local_references(spec: FamilySpec, spec_text: str) -> dict[str, str]:
+    """The spec's local paths and what each is, for the portable spec: as written in the
+    text (often relative) and as resolved (absolute), so either spelling is replaced."""
+    import yaml
+
+    written = yaml.safe_load(spec_text) or {}
+    found = {}
+    for section, what in (("teacher", "the teacher checkpoint"), ("data", "the training data")):
+        if getattr(spec, section).reference.kind == "path":
+            raw = (written.get(section) or {}).get("source")
+            found |= {path: what for path in (raw, getattr(spec, section).source) if isinstance(path, str)}
     return found
 
 
@@ -237,7 +244,7 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         family=spec.family, description=spec.description, teacher=teacher, teacher_original=original,
         students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
         hardware=hardware(), spec_yaml=spec_text,
-        portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec)),
+        portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec, spec_text)),
         data_source="a local corpus" if spec.data.reference.kind == "path" else spec.data.source,
         license=spec.publish.license or teacher.license, publish=spec.publish,
         failures=failures, skipped=skipped or {},

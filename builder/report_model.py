@@ -146,6 +146,8 @@ class Throughput(Record):
     output_tokens_per_s: float | None = None  # mean over passes
     output_tokens_per_s_std: float | None = None  # sample standard deviation over passes
     passes: int | None = None
+    num_prompts: int | None = None  # the workload of each pass
+    output_tokens: int | None = None  # generated in each pass (all prompts)
     ratio_to_teacher: float | None = None
     ratio_to_teacher_std: float | None = None
     ratio_note: str | None = None

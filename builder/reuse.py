@@ -15,8 +15,8 @@ from builder.integrity import DamagedFile
 from builder.plan import Plan, Stage
 from builder.store import Manifest, StageStore
 
-# Stages that keep resumable training state; builder.distill writes `checkpoints/latest`
-# last, so it names a complete checkpoint.
+# Stages that keep resumable training state; builder.training.checkpoints writes
+# `checkpoints/latest` last, so it names a complete checkpoint.
 RESUMABLE_STAGES = {"distill", "correct"}
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from builder.interrupt import interruptible
+from builder.interrupt import raise_if_stopped
 from builder.options import RunOptions
 from builder.plan import Plan, Stage
 from builder.reuse import Decision, check_inputs, decide
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # A failure in these stages is recorded in the report; the rest of the family still builds.
 OPTIONAL_STAGES = {"throughput"}
+_STOP_POLL_S = 0.5  # how often the wait for stages looks for a SIGTERM (builder.interrupt) and
+# the console (the observer's tick) for stages that started or progressed
 
 # Ray Train settings for the stage processes that call TrainerV2.fit(); Ray Train passes
 # them on to its controller and workers (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
@@ -81,7 +83,11 @@ def init_ray(options: RunOptions) -> bool:
     if ray.is_initialized():
         return False
     with _sigterm_handler_kept():
-        _connect(options, address)
+        try:
+            _connect(options, address)
+        except BaseException:  # e.g. "node timed out during startup" on a busy machine
+            shutdown_ray()  # what did start, and the temp dir, go
+            raise
     return True
 
 
@@ -160,6 +166,7 @@ def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset(),
     pending = [stage for stage_id, stage in plan.stages.items() if stage_id not in result.manifests]
     if not pending:
         return result
+    raise_if_stopped()  # a SIGTERM during planning: do not even start Ray
     observer = observer or BuildObserver()
     connected = init_ray(options)
     try:
@@ -200,8 +207,7 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
                                        decisions[stage.id], *upstream)
         observer.queued(stage.id)
     try:
-        with interruptible():
-            _collect(refs, {stage.id: stage for stage in pending}, result, observer)
+        _collect(refs, {stage.id: stage for stage in pending}, result, observer)
     except BaseException:  # SIGTERM (BuildStopped), Ctrl-C, or a bug here: stop what still runs
         _cancel([ref for stage_id, ref in refs.items() if stage_id not in result.manifests])
         raise
@@ -252,7 +258,8 @@ def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: B
     by_ref = {ref: stage_id for stage_id, ref in refs.items()}
     waiting = list(by_ref)
     while waiting:
-        ready, waiting = ray.wait(waiting, num_returns=1, timeout=0.5)
+        ready, waiting = ray.wait(waiting, num_returns=1, timeout=_STOP_POLL_S)
+        raise_if_stopped()
         observer.tick()
         if not ready:
             continue

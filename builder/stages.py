@@ -250,8 +250,8 @@ STAGE_VERSIONS: dict[str, str] = {
     "prune": "1",
     "distill": "1",
     "select": "1",
-    "evaluate": "1",
-    "throughput": "1",
+    "evaluate": "2",  # perplexity's nll_stderr
+    "throughput": "2",  # several timed passes: mean, spread, machine load
 }
 
 STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {

@@ -133,6 +133,8 @@ class StageStore:
         expires (NFSv4: about 90 s). Mounts with `local_lock=flock` or `nolock` (and Lustre
         without `-o flock`) keep locks per node: there, run one build per work dir."""
         self.root.mkdir(parents=True, exist_ok=True)
+        # Lock files are never deleted: a waiter still holding a deleted file's inode would
+        # "lock" a file that the next build, creating a new one, never sees.
         with open(self.root / f"{stage_id}.lock", "a") as handle:
             mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             try:

@@ -10,9 +10,8 @@ method that needs LM-loss scores has them.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
@@ -102,9 +101,9 @@ def _teacher_folder_problem(folder: Path) -> str | None:
     if not folder.is_dir():
         return f"{folder} is a file, not a folder; {fix}"
     config = folder / "config.json"
-    for readable in (folder, config):
-        if readable.exists() and not os.access(readable, os.R_OK | (os.X_OK if readable.is_dir() else 0)):
-            return f"{readable} cannot be read by this user; fix its permissions (chmod) or copy it"
+    for path in (folder, config):
+        if path.exists() and not _readable(path):
+            return _unreadable(path)
     if not config.is_file():
         return f"{folder} has no config.json; {fix}"
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
@@ -115,23 +114,33 @@ def _teacher_folder_problem(folder: Path) -> str | None:
 def _data_path_problem(path: Path, text_field: str) -> str | None:
     from builder.acquire import LOCAL_DATA_SUFFIXES, local_data_files
 
-    kinds = " or ".join(LOCAL_DATA_SUFFIXES)
+    kinds = ", ".join(LOCAL_DATA_SUFFIXES[:-1]) + " or " + LOCAL_DATA_SUFFIXES[-1]
     fix = f"give a {kinds} file or a folder of them ({text_field!r} holds the text of .jsonl lines) {_RELATIVE_HINT}"
     if not path.exists():
         return f"{path} does not exist; {fix}"
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        return f"{path} cannot be read by this user; fix its permissions (chmod) or copy it"
+    if not _readable(path):
+        return _unreadable(path)
     files = local_data_files(path)
     if not files:
         what = "holds no" if path.is_dir() else "is not a"
         return f"{path} {what} {kinds} file; {fix}"
-    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    unreadable = [f for f in files if not _readable(f)]
     if unreadable:
         return (f"{len(unreadable)} of its {len(files)} files cannot be read by this user, e.g. {unreadable[0]}; "
                 "fix the permissions (chmod)")
     if all(f.stat().st_size == 0 for f in files):
-        return f"{path} is empty (every {kinds} file in it has 0 bytes); {fix}"
+        sizes = f"every {kinds} file in it has 0 bytes" if path.is_dir() else "0 bytes"
+        return f"{path} is empty ({sizes}); {fix}"
     return None
+
+
+def _readable(path: Path) -> bool:
+    """Readable by this user (a folder also searchable: its files can be opened)."""
+    return os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
+
+
+def _unreadable(path: Path) -> str:
+    return f"{path} cannot be read by this user; fix its permissions (chmod) or copy it"
 
 
 def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:

@@ -21,6 +21,7 @@ memory maps of the group's processes: whatever they map under /dev/shm is theirs
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -42,15 +43,24 @@ def die_with_parent(sig: int = signal.SIGKILL, expected_parent: int | None = Non
     `expected_parent` closes the race of a parent that died before this call: then the
     signal would never come, so it is sent now. No-op where prctl does not exist (not Linux).
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-            return
-    except (OSError, AttributeError):  # no libc prctl: not Linux
+    prctl = libc_prctl()
+    if prctl is None:  # not Linux
+        return
+    if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
         return
     if expected_parent is not None and os.getppid() != expected_parent:
         os.kill(os.getpid(), sig)
+
+
+@functools.lru_cache(maxsize=1)
+def libc_prctl():
+    """libc's prctl, or None where there is none. Looked up once: a child forked from a
+    threaded process should call it without entering the dynamic loader."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def die_with_parent_from_env(sig: int = signal.SIGKILL) -> None:
@@ -81,8 +91,12 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def mapped_shm(pids: list[int]) -> set[str]:
-    """Names of the /dev/shm files the processes have mapped (shared memory, semaphores)."""
-    names = set()
+    """Names of the /dev/shm files the processes have mapped (shared memory, semaphores).
+
+    Matched by inode, not by the path in the maps: glibc's sem_open maps a temporary file
+    and then links it under the semaphore's name (loky's `sem.loky-*`), so the maps show
+    the temporary name, deleted, while the file that stays behind has another."""
+    inodes = set()
     for pid in pids:
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
@@ -90,10 +104,9 @@ def mapped_shm(pids: list[int]) -> set[str]:
             continue
         for line in maps.splitlines():
             parts = line.split(maxsplit=5)  # address perms offset dev inode [path]
-            path = parts[5] if len(parts) == 6 else ""
-            if path.startswith(f"{SHM_DIR}/"):
-                names.add(path.removeprefix(f"{SHM_DIR}/").removesuffix(" (deleted)"))
-    return names
+            if len(parts) == 6 and parts[5].startswith(f"{SHM_DIR}/"):
+                inodes.add(int(parts[4]))
+    return {entry.name for entry in os.scandir(SHM_DIR) if entry.inode() in inodes}
 
 
 def unlink_shm(names: set[str] | list[str]) -> None:

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluators.process_tree import PidFile, die_with_parent, die_with_parent_from_env, group_members, kill_group, \
-    mapped_shm
+from evaluators.process_tree import (PidFile, die_with_parent, die_with_parent_from_env, group_members, kill_group,
+                                     libc_prctl, mapped_shm)
 from evaluators.throughput import ThroughputSettings, cpu_list_string
 
 _REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -279,30 +279,36 @@ def _engines_die_with_this_process() -> None:
     so the death signal (which follows the forking thread) means this process's death; forks
     from other threads are left alone, their thread may end first."""
     state = {}
+    libc_prctl()  # looked up here, not in the forked child
     os.register_at_fork(before=lambda: state.update(main=threading.current_thread() is threading.main_thread()),
                         after_in_child=lambda: die_with_parent() if state.get("main") else None)
 
 
-def _record_shared_memory(pid_file: Path) -> None:
+def _record_shared_memory(pid_file: str | None) -> None:
     """Add the engine's /dev/shm segments to the caller's pid file: if the whole tree is
     killed at once, the next run still knows what to unlink."""
-    PidFile(pid_file).add_shm(mapped_shm(group_members(os.getpgrp())))
+    if pid_file:
+        PidFile(Path(pid_file)).add_shm(mapped_shm(group_members(os.getpgrp())))
+
+
+def _stop_with_caller() -> None:
+    """The caller's thread that started this process waits for it until it ends: that thread
+    ends early only if the caller dies, which is when this process (and its group) must go."""
+    signal.signal(signal.SIGTERM, stop_group)
+    die_with_parent_from_env(signal.SIGTERM)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m evaluators.vllm_worker REQUEST.json RESULT.json", file=sys.stderr)
         return 2
-    # The caller's thread that started this process waits for it until it ends: that thread
-    # ends early only if the caller dies, which is when this process must go.
-    signal.signal(signal.SIGTERM, stop_group)
-    die_with_parent_from_env(signal.SIGTERM)
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    _stop_with_caller()
     _engines_die_with_this_process()
     request_path, result_path = map(Path, argv)
     request = json.loads(request_path.read_text())
-    record = (lambda: _record_shared_memory(Path(request["pid_file"]))) if request.get("pid_file") else (lambda: None)
-    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]), engine_started=record)
+    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]),
+                     engine_started=lambda: _record_shared_memory(request.get("pid_file")))
     partial = result_path.with_suffix(".tmp")
     partial.write_text(json.dumps(result, indent=2))
     partial.replace(result_path)  # written last: its existence means success

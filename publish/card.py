@@ -237,9 +237,11 @@ def _throughput_section(report: FamilyReport, s: StudentRecord) -> str:
     if mine is None or mine.error or mine.rate is None:
         reason = mine.error if mine and mine.error else "no measurement in the report"
         return "\n".join(lines + [f"Not measured: {_cell(reason)}."])
+    workload = (f" (each pass: {mine.num_prompts} prompts, {mine.output_tokens} output tokens)"
+                if mine.num_prompts and mine.output_tokens else "")
     lines += [
         f"Output tokens per second in vLLM's offline engine: mean ± standard deviation over {mine.passes or 1} "
-        "timed pass(es) after a warm-up, teacher and student measured the same way in the same run.",
+        f"timed pass(es){workload} after a warm-up, teacher and student measured the same way in the same run.",
         "",
         "| | Teacher | Student |",
         "| --- | ---: | ---: |",

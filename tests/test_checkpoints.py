@@ -56,27 +56,51 @@ def train_two_steps_and_save(rank: int, world_size: int, rendezvous: str, model_
         dist.destroy_process_group()
 
 
-def test_fsdp_shards_saved_on_two_ranks_load_into_one_process(tmp_path):
-    model_dir = save_tiny_checkpoint(tmp_path / "model", num_hidden_layers=2)
-    mp.spawn(train_two_steps_and_save, args=(2, str(tmp_path / "rendezvous"), str(model_dir), str(tmp_path / "run")),
-             nprocs=2)
-    step_dir = tmp_path / "run" / "checkpoints" / "step-000002"
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"
-    assert {"rng-00000.pt", "rng-00001.pt", "trainer_state.pt", ".metadata"} <= {p.name for p in step_dir.iterdir()}
-    assert len(list(step_dir.glob("*.distcp"))) == 2  # each rank wrote its own shards
+def load_on_two_ranks(rank: int, world_size: int, rendezvous: str, model_dir: str, out_dir: str) -> None:
+    """One FSDP2 rank resuming the checkpoint; rank 0 keeps the gathered full state."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        world = World.current()
+        model, optimizer, scheduler = trainee(Path(model_dir), world)
+        resume_from_checkpoint(Path(out_dir), model, optimizer, scheduler, world, PLAN)
+        full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world.is_main:
+            torch.save(full, Path(out_dir) / "reloaded.pt")
+    finally:
+        dist.destroy_process_group()
 
-    model, optimizer, scheduler = trainee(model_dir, World(0, 1, False))
-    state = resume_from_checkpoint(tmp_path / "run", model, optimizer, scheduler, World(0, 1, False), PLAN)
-    assert (state["step"], state["samples"], state["world_size"]) == (2, 8, 2)
-    expected_model, expected_optimizer = torch.load(tmp_path / "run" / "gathered.pt", weights_only=False)
-    got_model, got_optimizer = get_state_dict(model, optimizer)
+
+def assert_same_state(got: tuple[dict, dict], expected: tuple[dict, dict]) -> None:
+    """Model tensors and optimizer moments by name, bit-identical (re-sharding only copies)."""
+    (got_model, got_optimizer), (expected_model, expected_optimizer) = got, expected
     assert got_model.keys() == expected_model.keys()
-    for name, tensor in expected_model.items():  # re-sharding copies: bit-identical
+    for name, tensor in expected_model.items():
         assert torch.equal(got_model[name], tensor), name
     assert got_optimizer["state"].keys() == expected_optimizer["state"].keys()
     for name, moments in expected_optimizer["state"].items():
         for key, tensor in moments.items():
             assert torch.equal(got_optimizer["state"][name][key], tensor), (name, key)
+
+
+def test_fsdp_shards_saved_on_two_ranks_load_on_two_ranks_and_on_one(tmp_path):
+    model_dir = save_tiny_checkpoint(tmp_path / "model", num_hidden_layers=2)
+    paths = (str(model_dir), str(tmp_path / "run"))
+    mp.spawn(train_two_steps_and_save, args=(2, str(tmp_path / "save"), *paths), nprocs=2)
+    step_dir = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000002"
+    assert {"rng-00000.pt", "rng-00001.pt", "trainer_state.pt", ".metadata"} <= {p.name for p in step_dir.iterdir()}
+    assert len(list(step_dir.glob("*.distcp"))) == 2  # each rank wrote its own shards
+
+    expected = torch.load(tmp_path / "run" / "gathered.pt", weights_only=False)
+
+    mp.spawn(load_on_two_ranks, args=(2, str(tmp_path / "load"), *paths), nprocs=2)  # the same world
+    assert_same_state(torch.load(tmp_path / "run" / "reloaded.pt", weights_only=False), expected)
+
+    model, optimizer, scheduler = trainee(model_dir, World(0, 1, False))  # one process: re-sharded
+    state = resume_from_checkpoint(tmp_path / "run", model, optimizer, scheduler, World(0, 1, False), PLAN)
+    assert (state["step"], state["samples"], state["world_size"]) == (2, 8, 2)
+    assert_same_state(get_state_dict(model, optimizer), expected)
     assert scheduler.last_epoch == 2 and optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
 
 

@@ -104,10 +104,12 @@ def test_throughput_measured_with_vllm(built_family):
     assert report["teacher"]["throughput"]["ratio_to_teacher"] == pytest.approx(1.0)
     for model in [report["teacher"], *report["students"]]:
         numbers = model["throughput"] or {"error": f"no throughput recorded for {model['name']}"}
-        assert "error" not in numbers, numbers["error"]
+        assert numbers["error"] is None, numbers["error"]
         # ignore_eos: every prompt generates exactly output_len tokens.
         assert numbers["output_tokens"] == 4 * 16 and numbers["num_prompts"] == 4
-        assert numbers["output_tokens_per_s"] > 0 and numbers["requests_per_s"] > 0
+        # several timed passes, so the rate has a spread and the machine's load is judged
+        assert numbers["output_tokens_per_s"] > 0 and numbers["passes"] > 1
+        assert numbers["output_tokens_per_s_std"] is not None and numbers["contended"] in (True, False)
 
 
 def test_second_run_reuses_every_stage(built_family):

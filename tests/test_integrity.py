@@ -101,6 +101,32 @@ def test_a_changed_output_is_found_by_name(checkpoint, tmp_path, change):
     assert find_damage(stage, outputs)[0] == name
 
 
+def test_token_shards_are_checked_by_their_npy_header(tmp_path):
+    import numpy as np
+
+    shard = tmp_path / "train" / "shard-00000.npy"
+    shard.parent.mkdir()
+    np.save(shard, np.arange(64 * 100, dtype=np.uint16).reshape(100, 64))
+    outputs = record_outputs(tmp_path)
+    assert set(outputs["train/shard-00000.npy"]) == {"size", "header_sha256"}
+    truncate(shard)
+    assert find_damage(tmp_path, outputs)[0] == "train/shard-00000.npy"
+    with pytest.raises(DamagedFile, match="shard-00000.npy"):
+        file_record(shard)
+
+
+def test_a_large_file_of_another_format_is_fingerprinted_by_its_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr("builder.integrity.FULL_HASH_LIMIT", 3 * 2**20)
+    blob = tmp_path / "state.bin"
+    blob.write_bytes(bytes(4 * 2**20))
+    outputs = record_outputs(tmp_path)
+    assert set(outputs["state.bin"]) == {"size", "ends_sha256"}
+    with open(blob, "r+b") as handle:  # the last byte changes, the size does not
+        handle.seek(-1, os.SEEK_END)
+        handle.write(b"\x01")
+    assert find_damage(tmp_path, outputs) == ("state.bin", "content differs from the recorded digest")
+
+
 def test_a_linked_file_is_recorded_once_under_the_links_name(checkpoint, tmp_path):
     # The Hub cache: snapshots/<rev>/model.safetensors -> ../../blobs/<sha> (no suffix).
     blob = tmp_path / "blobs" / "0123abcd"

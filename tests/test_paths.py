@@ -106,9 +106,9 @@ def test_the_build_acquires_a_relative_teacher_and_data_from_another_folder(
 
 @pytest.mark.parametrize("make_data, what", [
     (lambda folder: None, "does not exist"),
-    (lambda folder: (folder / "corpus").mkdir(), "holds no .txt or .jsonl file"),
+    (lambda folder: (folder / "corpus").mkdir(), "holds no .txt, .jsonl or .parquet file"),
     (lambda folder: (folder / "corpus").mkdir() or (folder / "corpus" / "a.txt").write_text(""), "is empty"),
-    (lambda folder: (folder / "corpus").write_text("a text file without the suffix"), "is not a .txt or .jsonl"),
+    (lambda folder: (folder / "corpus").write_text("a text file without the suffix"), "is not a .txt, .jsonl or .parquet"),
 ])
 def test_missing_or_empty_local_data_is_a_spec_problem_in_a_dry_run(
         family_folder, tmp_path, capsys, make_data, what):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluators.process_tree import SHM_DIR, PidFile, group_members, mapped_shm
+from evaluators.process_tree import SHM_DIR, PidFile, group_members, mapped_shm, unlink_shm
 from evaluators.throughput import vllm_available
 from tiny_models import save_tiny_checkpoint
 
@@ -107,23 +107,29 @@ def test_a_reused_pid_is_never_killed(tmp_path):
         other.wait()
 
 
-def test_mapped_shared_memory_is_read_from_the_maps():
+def test_mapped_shared_memory_and_named_semaphores_are_found():
+    """A mapped segment, and a named semaphore as loky (in vLLM's engine) makes them: its
+    maps show a deleted temporary name, so it is found by inode."""
+    pytest.importorskip("joblib")
     name = fake_segment()
     holder = python(f"""
-        import mmap, time
+        import mmap, os, time
+        from joblib.externals.loky.backend.synchronize import Lock
+        lock = Lock()
         with open("/dev/shm/{name}", "r+b") as f:
             m = mmap.mmap(f.fileno(), 4096)
-            print("mapped", flush=True)
+            print(*[n for n in os.listdir("/dev/shm") if n.startswith(f"sem.loky-{{os.getpid()}}-")], flush=True)
             time.sleep(600)
     """, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert holder.stdout.readline() == "mapped\n"
-        assert group_members(holder.pid) == [holder.pid]
-        assert name in mapped_shm([holder.pid])
+        semaphore = holder.stdout.readline().strip()
+        assert semaphore.startswith("sem.loky-")
+        assert holder.pid in group_members(holder.pid)  # with loky's resource tracker
+        assert mapped_shm([holder.pid]) == {name, semaphore}
     finally:
         holder.kill()
         holder.wait()
-        (SHM_DIR / name).unlink()
+        unlink_shm([name, semaphore])
 
 
 # The throughput stage's part, run as a process of its own that the test kills.
@@ -158,3 +164,5 @@ def test_killing_the_measuring_process_leaves_no_vllm_process_or_shared_memory(t
     parent.wait()
     wait_until(lambda: not group_members(pgid), 30, f"every process of the worker's group {members} died")
     assert not [name for name in segments if (SHM_DIR / name).exists()]
+    # Named after their creator (loky's sem.loky-PID-*): none of the group's may be left.
+    assert not [name for name in os.listdir(SHM_DIR) if any(f"-{pid}-" in name for pid in members)]

@@ -4,6 +4,8 @@ Run: .venv/bin/pytest tests/test_ray_train.py -q   (about 40 s on 2 idle cores)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pickle
 import shutil
 import tempfile
@@ -19,6 +21,8 @@ from builder.model_io import load_model
 from builder.training import TrainingDiverged, TrainSettings, distill
 from builder.ray_train import run_on_ray_train
 from block_files import write_blocks
+from builder.spec import DistillSpec
+from builder.stages import train_settings
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint
 
 SEQ_LEN, STEPS, EVERY = 32, 6, 4
@@ -58,10 +62,14 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_checkpoint(root / "teacher", seed=0), save_tiny_checkpoint(root / "student", seed=1)
 
 
-def settings(batch_size: int, **overrides) -> TrainSettings:
-    # 4 sequences per step in one process, or 2 per worker on 2 workers: the same steps.
-    return TrainSettings(tokens=STEPS * 4 * SEQ_LEN, batch_size=batch_size, checkpoint_every=EVERY,
-                         learning_rate=3e-3, warmup_steps=2, **overrides)  # fmt: skip
+SECTION = DistillSpec(tokens=STEPS * 4 * SEQ_LEN, global_batch_size=4, checkpoint_every=EVERY,
+                      learning_rate=3e-3, warmup_steps=2)
+
+
+def settings(workers: int) -> TrainSettings:
+    # The spec's global batch split as a build splits it: 4 sequences per step in one
+    # process, 2 per worker on 2 workers; the same steps over the same data.
+    return train_settings(SECTION, workers, "float32")
 
 
 @pytest.fixture
@@ -75,13 +83,13 @@ def one_thread():
 def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models, tmp_path, one_thread):
     blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     write_blocks(tmp_path / "data", blocks)
-    single = distill(*models, blocks, tmp_path / "single", settings(batch_size=4))
+    single = distill(*models, blocks, tmp_path / "single", settings(workers=1))
     # Ray starts from the single-process run's step-4 checkpoint: its global batch and
     # data positions are the same, so it must finish where that run finished.
     shutil.copytree(tmp_path / "single" / "checkpoints", tmp_path / "ray" / "checkpoints")
 
     result = run_on_ray_train("distill", *models, tmp_path / "data", tmp_path / "ray",
-                              settings(batch_size=2), num_workers=2, use_gpu=False)  # fmt: skip
+                              settings(workers=2), num_workers=2, use_gpu=False)  # fmt: skip
 
     assert (result.start_step, result.steps, result.tokens_seen) == (EVERY, STEPS, single.tokens_seen)
     assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
@@ -91,9 +99,9 @@ def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models,
 def test_fsdp_on_two_workers_matches_one_process_and_resumes_on_one(cluster, models, tmp_path, one_thread):
     blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     write_blocks(tmp_path / "data", blocks)
-    single = distill(*models, blocks, tmp_path / "single", settings(batch_size=4))
+    single = distill(*models, blocks, tmp_path / "single", settings(workers=1))
     result = run_on_ray_train("distill", *models, tmp_path / "data", tmp_path / "fsdp",
-                              settings(batch_size=2, max_shard_size="100KB"), num_workers=2, use_gpu=False,
+                              dataclasses.replace(settings(workers=2), max_shard_size="100KB"), num_workers=2, use_gpu=False,
                               parallel="fsdp")
     assert (result.steps, result.tokens_seen) == (STEPS, single.tokens_seen)
     assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
@@ -103,7 +111,7 @@ def test_fsdp_on_two_workers_matches_one_process_and_resumes_on_one(cluster, mod
     # Its step-4 checkpoint holds each rank's shards; one process loads them re-sharded
     # (DCP) and finishes the run where the single-process run finished.
     shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "one" / "checkpoints")
-    resumed = distill(*models, tmp_path / "data", tmp_path / "one", settings(batch_size=4))
+    resumed = distill(*models, tmp_path / "data", tmp_path / "one", settings(workers=1))
     assert resumed.start_step == EVERY
     assert resumed.final_loss == pytest.approx(single.final_loss, rel=1e-4)
     assert_same_weights(tmp_path / "one" / "model", tmp_path / "single" / "model")

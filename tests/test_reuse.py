@@ -122,7 +122,8 @@ def test_stages_downstream_of_a_failure_are_skipped_naming_the_root(plan):
                          optional_failures={plan.throughput_stage: "RayTaskError: loss exploded"})
     skip_downstream_of_failures(plan, result)
     assert result.failures == {distill: "ValueError: loss exploded"} and result.optional_failures == {}
-    assert result.skipped == {stage: f"skipped: upstream {distill} failed" for stage in (evaluate, plan.throughput_stage)}
+    skipped = (evaluate, plan.throughput_stage)
+    assert result.skipped == {stage: f"skipped: upstream {distill} failed" for stage in skipped}
     assert not result.ok
 
 

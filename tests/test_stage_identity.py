@@ -114,7 +114,7 @@ def test_each_step_reads_the_same_sequences_on_any_number_of_workers():
 
 def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tmp_path, monkeypatch):
     import builder.ray_train
-    from builder.distill import TrainResult
+    from builder.training import TrainResult
     from builder.stages import distill_stage
     from builder.store import Manifest
 

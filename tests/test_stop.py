@@ -14,40 +14,33 @@ from pathlib import Path
 import pytest
 
 from builder import interrupt
-from tiny_models import save_tiny_checkpoint
+from test_paths import make_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = """
 family: tiny-stop
-teacher: {{source: {teacher}}}
-data: {{source: embedded:sotu, seq_len: 32, max_tokens: 12K, split: {{calibration: 0.2, heldout: 0.2}}}}
-scoring: {{samples: 4, batch_size: 4}}
-distill: {{tokens: 128, batch_size: 2, warmup_steps: 1}}
+teacher: {source: ./teacher}
+data: {source: ./corpus, seq_len: 16, split: {calibration: 0.2, heldout: 0.2}}
+scoring: {samples: 4, batch_size: 4}
+distill: {tokens: 64, global_batch_size: 2, warmup_steps: 1}
 students:
   - name: narrow
-    shape: {{intermediate_size: 64}}
-evaluation: {{perplexity_tokens: 256}}
-throughput: {{enabled: false}}
+    shape: {intermediate_size: 64}
+evaluation: {perplexity_tokens: 256}
+throughput: {enabled: false}
 """
 
 
-def test_a_sigterm_outside_ray_waits_for_the_write_and_inside_stops_at_once(monkeypatch):
-    monkeypatch.setattr(interrupt, "_requested", [])
-    interrupt.install()
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)  # outside interruptible(): noted only
+def test_a_sigterm_is_noted_and_stops_the_build_where_it_checks():
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt.sigterm_noted():
+        interrupt.raise_if_stopped()  # nothing asked yet
+        os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: the handler only notes it
         assert interrupt.stop_requested()
-        with pytest.raises(interrupt.BuildStopped):
-            with interrupt.interruptible():  # a noted stop ends the build on entry
-                pass
-        interrupt._requested.clear()
-        with pytest.raises(interrupt.BuildStopped):
-            with interrupt.interruptible():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(5)  # the handler raises here, long before this ends
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(interrupt.BuildStopped, match="SIGTERM"):
+            interrupt.raise_if_stopped()
+    assert signal.getsignal(signal.SIGTERM) is before  # an in-process caller keeps its handler
 
 
 def start_build(spec: Path, workdir: Path, log: Path) -> subprocess.Popen:
@@ -68,9 +61,9 @@ def wait_for(condition, timeout_s: float, what: str, build: subprocess.Popen, lo
 
 @pytest.mark.slow
 def test_sigterm_mid_build_stops_cleanly_and_the_rerun_resumes(tmp_path):
-    teacher = save_tiny_checkpoint(tmp_path / "teacher")
+    make_sources(tmp_path)  # ./teacher and ./corpus
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(SPEC.format(teacher=teacher))
+    spec.write_text(SPEC)
     workdir, log = tmp_path / "runs", tmp_path / "build.log"
     build = start_build(spec, workdir, log)
     finished = lambda: sorted(workdir.glob("stages/*/manifest.json"))  # noqa: E731

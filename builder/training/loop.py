@@ -16,12 +16,12 @@ from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
 from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of
 from builder.training.metrics import MetricsLog, step_metrics
-from builder.training.optim import clip_gradients, make_optimizer, warmup_cosine_schedule
+from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import (
     World, default_device, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
 )  # fmt: skip
 from builder.training.settings import DTYPES, Parallel, TrainResult, TrainSettings
-from builder.training.step import LOSS_BASELINE_STEPS, accumulate_gradients, check_finite
+from builder.training.step import DivergenceGuard, optimizer_step
 
 
 def distill(
@@ -79,26 +79,12 @@ def train(
 ) -> TrainResult:
     """Train the model in `model_dir` (against the teacher's logits when one is given)."""
     started = time.perf_counter()
-    out_dir, world = Path(out_dir), World.current()
-    device = device or default_device()
-    if device.type == "cuda":  # NCCL collectives run on the current device
-        torch.cuda.set_device(device)
-    warn_if_bf16_is_emulated(settings, device)
+    out_dir, world, device = Path(out_dir), World.current(), _prepared_device(device, settings)
     blocks = open_blocks(train_blocks)  # memory-mapped: nothing is read yet
     total_steps = settings.steps(seq_len_of(blocks), world.size)
     tokens_per_step = settings.batch_size * settings.grad_accum * world.size * seq_len_of(blocks)
 
-    # Same seed on every rank: every replica starts from identical weights (FSDP shards them).
-    torch.manual_seed(settings.seed)
-    student = load_model(model_dir, device, torch.float32, trainable=True,
-                         activation_checkpointing=settings.activation_checkpointing)
-    teacher = None
-    if teacher_dir is not None:
-        teacher = load_model(teacher_dir, device, DTYPES[settings.dtype], trainable=False)
-        _check_same_vocab(teacher, student, teacher_dir, model_dir)
-    if teacher is not None and settings.hidden_loss_weight > 0:
-        student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
-    model = wrap_for_distributed(student, device, world, parallel)
+    model, teacher = _load_models(Path(model_dir), teacher_dir, settings, device, world, parallel)
     optimizer = make_optimizer(model, settings)
     scheduler = warmup_cosine_schedule(optimizer, settings, total_steps)
 
@@ -114,23 +100,12 @@ def train(
     loop_started = time.perf_counter()
 
     model.train()
-    start_losses: list[float] = []  # the first LOSS_BASELINE_STEPS losses of this run (or since its resume)
+    guard = DivergenceGuard(settings, "distill" if teacher is not None else "correction", checkpoint_step=start_step)
     with progress_bar as progress:  # closed on errors too
         for step in range(start_step + 1, total_steps + 1):
             step_started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            losses = accumulate_gradients(model, teacher, batches, step, settings, device)
-            losses = world.mean(losses)  # LOSS_PARTS, the same on all ranks
-            grad_norm = clip_gradients(model, settings.max_grad_norm)
-            last_checkpoint = max(start_step, (step - 1) // settings.checkpoint_every * settings.checkpoint_every)
-            check_finite(step, losses[0].item(), grad_norm, settings, start_losses,
-                         "distill" if teacher is not None else "correction", last_checkpoint)
-            if len(start_losses) < LOSS_BASELINE_STEPS:
-                start_losses.append(losses[0].item())
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
-
+            losses, grad_norm, lr = optimizer_step(model, teacher, optimizer, scheduler, batches, step, settings,
+                                                   device, world, guard)
             last_loss, seconds = losses[0].item(), time.perf_counter() - step_started
             if step % settings.log_every == 0 or step == total_steps:
                 record = step_metrics(step, losses, lr, grad_norm, tokens_per_step, seconds, settings)
@@ -140,6 +115,7 @@ def train(
             if step % settings.checkpoint_every == 0 and step < total_steps:
                 done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1)}
                 save_checkpoint(out_dir, model, optimizer, scheduler, world, plan, done)
+                guard.checkpoint_step = step
     loop_seconds = time.perf_counter() - loop_started
 
     model_out = save_final_model(out_dir, model, model_dir, world, settings.max_shard_size)
@@ -156,6 +132,32 @@ def train(
         write_text_atomic(out_dir / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
     world.barrier()
     return result
+
+
+def _prepared_device(device: torch.device | None, settings: TrainSettings) -> torch.device:
+    device = device or default_device()
+    if device.type == "cuda":  # NCCL collectives run on the current device
+        torch.cuda.set_device(device)
+    warn_if_bf16_is_emulated(settings, device)
+    return device
+
+
+def _load_models(
+    model_dir: Path, teacher_dir: Path | None, settings: TrainSettings, device: torch.device, world: World,
+    parallel: Parallel,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(the model to train, wrapped for this world; the frozen teacher or None)."""
+    # Same seed on every rank: every replica starts from identical weights (FSDP shards them).
+    torch.manual_seed(settings.seed)
+    student = load_model(model_dir, device, torch.float32, trainable=True,
+                         activation_checkpointing=settings.activation_checkpointing)
+    teacher = None
+    if teacher_dir is not None:
+        teacher = load_model(teacher_dir, device, DTYPES[settings.dtype], trainable=False)
+        _check_same_vocab(teacher, student, teacher_dir, model_dir)
+    if teacher is not None and settings.hidden_loss_weight > 0:
+        student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
+    return wrap_for_distributed(student, device, world, parallel), teacher
 
 
 def _check_same_vocab(teacher, student, teacher_dir, student_dir) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -9,14 +10,41 @@ import torch.nn.functional as F
 from builder.training.aligner import HiddenStateAligner, hidden_state_loss, recording
 from builder.training.data import BlockStream
 from builder.training.losses import chunked_losses
-from builder.training.parallel import gradient_sync, unwrap
+from builder.training.optim import clip_gradients
+from builder.training.parallel import World, gradient_sync, unwrap
 from builder.training.settings import TrainingDiverged, TrainSettings
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: BlockStream,
+    step: int,
+    settings: TrainSettings,
+    device: torch.device,
+    world: World,
+    guard: "DivergenceGuard | None" = None,
+) -> tuple[torch.Tensor, float, float]:
+    """One training step; returns (LOSS_PARTS averaged over ranks, gradient norm, the
+    learning rate the step used). `guard` stops a diverging run before the update (without
+    one: NaN and infinity only)."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = accumulate_gradients(model, teacher, batches, step, settings, device)
+    losses = world.mean(losses)  # the same on all ranks
+    grad_norm = clip_gradients(model, settings.max_grad_norm)
+    (guard or DivergenceGuard(settings)).check(step, losses[0].item(), grad_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    optimizer.step()
+    scheduler.step()
+    return losses, grad_norm, lr
 
 
 def accumulate_gradients(
     model: torch.nn.Module,
     teacher: torch.nn.Module | None,
-    batches: "BlockStream",
+    batches: BlockStream,
     step: int,
     settings: TrainSettings,
     device: torch.device,
@@ -87,6 +115,22 @@ LOSS_PARTS = ("loss", "divergence", "cross_entropy", "hidden")
 # uniformly. Averaging a few steps keeps one unusually easy batch from setting the bar.
 EXPLODED_LOSS_FACTOR = 10.0
 LOSS_BASELINE_STEPS = 3
+
+
+@dataclass
+class DivergenceGuard:
+    """check_finite with the run's memory: its first losses set the explosion bar, and the
+    last checkpoint saved is what the hint may promise. `section` names the spec section."""
+
+    settings: TrainSettings
+    section: str = "distill"
+    checkpoint_step: int = 0  # the newest checkpoint this run can restart from (0: none)
+    start_losses: list[float] = field(default_factory=list)
+
+    def check(self, step: int, loss: float, grad_norm: float) -> None:
+        check_finite(step, loss, grad_norm, self.settings, self.start_losses, self.section, self.checkpoint_step)
+        if len(self.start_losses) < LOSS_BASELINE_STEPS:
+            self.start_losses.append(loss)
 
 
 def check_finite(step: int, loss: float, grad_norm: float, settings: TrainSettings,
