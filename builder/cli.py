@@ -1,16 +1,26 @@
 """`build-family`: build, plan, report or publish a model family from one YAML spec.
 
-    build-family families/smollm2-135m.yaml --dry-run   # the plan: stages, shapes, params
-    build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
-    build-family families/x.yaml --address ray://head:10001   # on a cluster
-    build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
-    build-family report families/x.yaml                 # rewrite the report from the run dir
-    build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
-    build-family schema                                 # the spec's JSON schema
+examples:
+  build-family families/smollm2-135m.yaml --dry-run   # the plan: stages, shapes, params
+  build-family families/smollm2-135m.yaml             # build it (local Ray on 127.0.0.1)
+  build-family families/x.yaml --verbose              # ... showing every process's output
+  build-family families/x.yaml --address ray://head:10001 --gpus-per-stage 1   # on a cluster
+  build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
+  build-family status families/x.yaml                 # which stages are done, running, pending
+  build-family report families/x.yaml                 # rewrite the report from the run dir
+  build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
+  build-family schema                                 # the spec's JSON schema
 
-Exit codes: 0 built, 1 a stage failed, 2 the spec has problems (all listed, nothing ran),
-143 stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
-nothing half-written).
+exit codes:
+  0  done (built, printed, published)
+  1  a stage failed (its log path is printed; run again to resume), or report/publish
+     could not do their work (the message says why)
+  2  the spec has problems (all are listed; nothing ran)
+  143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
+     nothing half-written)
+
+Each stage's full output is in <workdir>/stages/<stage>/stage.log. Writing a spec:
+README.md, section "Write your own family".
 """
 from __future__ import annotations
 
@@ -26,17 +36,23 @@ from builder import interrupt
 from builder.errors import SpecError
 from builder.options import RunOptions
 
-log = logging.getLogger("build-family")
-COMMANDS = ("build", "report", "publish", "schema")
+COMMANDS = ("build", "status", "report", "publish", "schema")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help", "--version"):
         argv = ["build", *argv]  # `build-family SPEC` is the common case
-    parser = argparse.ArgumentParser(prog="build-family", description=__doc__.split("\n")[0])
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="build-family", description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="build the family (default command)")
+    build = commands.add_parser("build", help="build the family (default command)", epilog=details,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(build)
+    build.add_argument("--verbose", action="store_true",
+                       help="also print every process's output (Ray, transformers, lm-eval, vLLM) and the "
+                            "whole plan; without it they go to each stage's stage.log only")
     build.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     build.add_argument("--gpu", choices=("h100", "h200", "a100", "l40s"), default="h100",
                        help="the accelerator --dry-run estimates time and memory for (bf16 peak, memory)")
@@ -59,6 +75,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--rebuild", action="append", default=[], metavar="STAGE",
                        help="redo this stage and every stage that reads it, although finished: a stage "
                             "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
+    status = commands.add_parser("status", help="which stages are done, running (in a live build) or pending")
+    _add_common(status)
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
     _add_common(report)
     publish = commands.add_parser("publish", help="publish an existing run's students to the Hub")
@@ -80,6 +98,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "and publish: what the last build resolved)")
 
 
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"build-family {version('minizoo')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "build-family (version unknown: minizoo is not installed; `pip install -e .`)"
+
+
 def options_from(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         workdir=args.workdir.resolve(),
@@ -92,12 +119,16 @@ def options_from(args: argparse.Namespace) -> RunOptions:
         precision=getattr(args, "precision", "auto"),
         gpu=getattr(args, "gpu", "h100"),
         mfu=getattr(args, "mfu", 0.4),
+        verbose=getattr(args, "verbose", False),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # The console view (builder.console) reports progress; the driver's own log lines are
+    # for --verbose, and warnings always.
+    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "schema":
         from builder.spec import json_schema
 
@@ -120,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stopped(stop: interrupt.BuildStopped) -> int:
-    log.warning("build-family %s; finished stages are kept, run the same command to resume (exit code %d)",
-                stop, interrupt.STOPPED_EXIT_CODE)
+    print(f"build-family {stop}; finished stages are kept, run the same command to resume "
+          f"(exit code {interrupt.STOPPED_EXIT_CODE})", file=sys.stderr)
     return interrupt.STOPPED_EXIT_CODE
 
 
@@ -130,6 +161,9 @@ def _run_command(args: argparse.Namespace) -> int:
 
     options = options_from(args)
     started = time.perf_counter()
+    if args.command == "status":
+        print(family.status(args.spec, options))
+        return 0
     if args.command == "report":
         return family.write_report(args.spec, options)
     if args.command == "publish":
@@ -142,7 +176,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
         return rehearse(args.spec, options)
     code = family.build(args.spec, options, publish=args.publish, rebuild=tuple(args.rebuild))
-    log.info("build-family finished in %.1f s (exit code %d)", time.perf_counter() - started, code)
+    print(f"build-family finished in {time.perf_counter() - started:.1f} s (exit code {code})")
     return code
 
 

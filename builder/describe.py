@@ -26,12 +26,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[str] = frozenset()) -> str:
     spec = plan.spec
     lines = [f"Family {spec.family}: teacher {spec.teacher.source}, data {spec.data.source}", ""]
-    header = ["model", "params", "x teacher", *SHAPE_COLUMNS, "depth method"]
-    rows = [["teacher", format_count(plan.teacher_params), "1.00", *_shape_cells(plan.teacher_shape), "-"]]
-    for student in plan.students:
-        rows.append(_student_row(plan, student))
-    lines += ["Models (shapes in config.json names; head_dim is kept and written explicitly)"]
-    lines += _table(header, rows) + [""]
+    lines += render_models(plan) + [""]
     for student in plan.students:
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
@@ -44,6 +39,15 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
                     [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)
+
+
+def render_models(plan: Plan) -> list[str]:
+    """The teacher and every student: parameters and shape (the build prints this too)."""
+    header = ["model", "params", "x teacher", *SHAPE_COLUMNS, "depth method"]
+    rows = [["teacher", format_count(plan.teacher_params), "1.00", *_shape_cells(plan.teacher_shape), "-"]]
+    rows += [_student_row(plan, student) for student in plan.students]
+    title = "Models (shapes in config.json names; head_dim is kept and written explicitly)"
+    return [title] + _table(header, rows)
 
 
 def _student_row(plan: Plan, student: PlannedStudent) -> list[str]:

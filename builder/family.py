@@ -88,24 +88,62 @@ def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...]
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
     """Build what is not finished; `rebuild` names stages to redo (see reuse.stages_to_rebuild)."""
-    from builder.describe import render_plan
+    from builder.console import BuildConsole, make_console
     from builder.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
     redo = stages_to_rebuild(plan, list(rebuild))
     store = StageStore(options.workdir)
-    log.info("\n%s", render_plan(plan, store, family_dir(plan.spec, options), redo))
+    console = make_console()
+    _announce(console, plan, store, options, redo)
     _save_spec(spec_path, family_dir(plan.spec, options))
     record_precision(plan, options)
-    result = run_plan(plan, options, redo)
-    for stage_id, error in {**result.failures, **result.optional_failures}.items():
-        log.error("stage %s failed: %s", stage_id, error)
-    for stage_id, why in result.skipped.items():
-        log.warning("stage %s %s", stage_id, why)
-    write_family_view(plan, spec_path, options, result.failures | result.optional_failures, result.skipped)
+    with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log",
+                      live=not options.verbose) as view:
+        result = run_plan(plan, options, redo, observer=view)
+    outcome = write_family_view(plan, spec_path, options, result.failures | result.optional_failures,
+                                result.skipped)
+    _conclude(console, plan, options, result, outcome)
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
+
+
+def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str]) -> None:
+    """The models to build and how much is already done; `--verbose` prints the whole plan."""
+    from builder.describe import render_models, render_plan
+
+    if options.verbose:
+        console.print(render_plan(plan, store, family_dir(plan.spec, options), redo), highlight=False)
+        return
+    finished = sum(stage_id not in redo and store.manifest(stage.key) is not None
+                   for stage_id, stage in plan.stages.items())
+    console.print(f"Building {plan.spec.family}: {len(plan.stages) - finished} stages to run, {finished} "
+                  f"finished earlier (reused); work dir {options.workdir}", highlight=False)
+    console.print("\n".join(render_models(plan)[1:]), highlight=False)
+
+
+def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None:
+    """The family table and where things are; after a failure, what did not run."""
+    from builder.summary import print_summary
+
+    if outcome is not None:
+        print_summary(console, outcome.report, outcome.note)
+    if result.optional_failures:
+        console.print(f"{len(result.optional_failures)} optional stage(s) failed (see above); the report "
+                      "leaves their numbers out", highlight=False)
+    if not result.ok:
+        console.print(f"Build failed: {len(result.failures)} stage(s) failed (see above), {len(result.skipped)} "
+                      "skipped because an input failed. Fix the cause and run the same command again: "
+                      "finished stages are reused.", highlight=False)
+
+
+def status(spec_path: Path, options: RunOptions) -> str:
+    """Which stages are done, running or pending, from the store alone (no Ray)."""
+    from builder.console import render_status
+
+    plan = load_and_plan(spec_path, options, built=True)
+    return render_status(plan, StageStore(options.workdir))
 
 
 def _save_spec(spec_path: Path, out: Path) -> None:

@@ -22,6 +22,7 @@ class RunOptions:
     gpu: str = "h100"  # the accelerator the estimate (builder.estimate) is for
     mfu: float = 0.4  # the model-FLOPs utilisation it assumes
     rehearsal: bool = False  # a `--rehearse` build (builder.rehearse): its manifests say so
+    verbose: bool = False  # stream every process's output to the console too (stage.log gets it anyway)
 
     def stage_cpus(self) -> int:
         return self.cpus_per_stage or self.local_cpus or os.cpu_count() or 1

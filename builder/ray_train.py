@@ -24,6 +24,7 @@ import ray.train
 import torch
 import ray.train.torch
 
+from builder.stage_log import captured_output, stage_log_path
 from builder.training import (
     Parallel, TrainingDiverged, TrainResult, TrainSettings, correct_teacher, distill, load_result,
 )  # fmt: skip
@@ -44,11 +45,13 @@ def run_on_ray_train(
     parallel: Parallel = "ddp",
     cpus_per_worker: float = 1,
     max_failures: int = 0,
+    tee_output: bool = False,
 ) -> TrainResult:
     """Train on `num_workers` Ray Train workers; returns what rank 0 wrote to out_dir.
 
     `max_failures` > 0 lets Ray Train restart a failed worker group; the restarted loop
-    resumes from the newest checkpoint in out_dir.
+    resumes from the newest checkpoint in out_dir. Every worker's output goes to
+    out_dir/stage.log (and, with `tee_output`, also where Ray sends it: the driver).
     """
     _check_arguments(kind, student_dir, num_workers, parallel)
     out_dir = Path(out_dir).absolute()
@@ -65,6 +68,7 @@ def run_on_ray_train(
             "settings": settings,  # a small frozen dataclass: cheap to pickle
             "parallel": parallel,
             "threads": max(1, int(cpus_per_worker)),
+            "tee_output": tee_output,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
@@ -81,6 +85,11 @@ def run_on_ray_train(
 
 def _train_worker(config: dict) -> None:
     """Runs on every Ray Train worker, inside the process group Ray Train set up."""
+    with captured_output(stage_log_path(config["out_dir"]), tee=config["tee_output"]):
+        _train(config)
+
+
+def _train(config: dict) -> None:
     # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have sized
     # its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
     torch.set_num_threads(config["threads"])

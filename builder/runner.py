@@ -19,7 +19,9 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+import traceback
 from contextlib import ExitStack, contextmanager
 import threading
 from dataclasses import dataclass, field
@@ -41,7 +43,19 @@ log = logging.getLogger(__name__)
 
 # A failure in these stages is recorded in the report; the rest of the family still builds.
 OPTIONAL_STAGES = {"throughput"}
-_STOP_POLL_S = 1.0  # how often the wait for stages looks for a SIGTERM (builder.interrupt)
+_STOP_POLL_S = 0.5  # how often the wait for stages looks for a SIGTERM (builder.interrupt) and
+# the console (the observer's tick) for stages that started or progressed
+
+# Ray Train settings for the stage processes that call TrainerV2.fit(); Ray Train passes
+# them on to its controller and workers (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE).
+# A user's own setting wins. On a loaded machine the defaults print tracebacks that are not
+# failures: the worker group's 60 s start timeout expires while workers import torch (the
+# controller logs a traceback and retries), and the state actor's 10 s State API query
+# times out (it logs a traceback and polls again; it only keeps the dashboard's run list).
+RAY_TRAIN_QUIET = {
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+}
 
 
 @dataclass
@@ -63,7 +77,13 @@ _own_temp_dirs: list[str] = []  # Ray temp dirs this process made for its local 
 
 def init_ray(options: RunOptions) -> bool:
     """Connect to `--address`/RAY_ADDRESS, or start a local instance bound to loopback.
-    Returns whether this call connected (and so should disconnect, `shutdown_ray`, when done)."""
+    Returns whether this call connected (and so should disconnect, `shutdown_ray`, when done).
+
+    Without `--verbose` the driver's console stays quiet: every stage captures its own
+    output into its stage.log (builder.stage_log), so nothing is lost by not streaming
+    workers' output to the driver (log_to_driver). Ray's own driver messages are shown from
+    ERROR up: its warnings at start-up (token authentication, /dev/shm size) are advice, and
+    a real failure reaches the build as a stage's exception."""
     address = options.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return False
@@ -90,15 +110,16 @@ def _sigterm_handler_kept():
 
 
 def _connect(options: RunOptions, address: str | None) -> None:
+    quiet = {"log_to_driver": options.verbose, "logging_level": logging.INFO if options.verbose else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
         _keep_on_loopback()
         # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
         # (without it, it logs a warning every second); on 127.0.0.1 only.
         ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
 
 
 def _keep_on_loopback() -> None:
@@ -124,9 +145,21 @@ def shutdown_ray() -> None:
         shutil.rmtree(_own_temp_dirs.pop(), ignore_errors=True)
 
 
-def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -> BuildResult:
+class BuildObserver:
+    """What the runner tells whoever shows the build (builder.console); by default, nobody."""
+
+    def queued(self, stage_id: str) -> None: ...
+    def finished(self, stage_id: str, manifest: Manifest) -> None: ...
+    def failed(self, stage_id: str, error: str) -> None: ...
+    def tick(self) -> None: ...  # called about twice a second while stages run
+    def ray_message(self, text: str) -> None:  # Ray's own message to the driver (e.g. an OOM kill)
+        print(text, file=sys.stderr)
+
+
+def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset(),
+             observer: BuildObserver | None = None) -> BuildResult:
     """Run every stage that is not finished and intact; `rebuild` holds stage ids to redo
-    (what reads them is redone too)."""
+    (what reads them is redone too). `observer` hears of each stage's progress."""
     decisions = decide(plan, StageStore(options.workdir), rebuild)
     result = BuildResult()
     for stage_id, decision in decisions.items():
@@ -139,10 +172,12 @@ def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset()) -
     if not pending:
         return result
     raise_if_stopped()  # a SIGTERM during planning: do not even start Ray
+    observer = observer or BuildObserver()
     connected = init_ray(options)
     try:
         options = fit_to_cluster(options)
-        _run_pending(pending, decisions, plan.spec, options, result)
+        with _ray_messages_to(observer, enabled=not options.verbose):
+            _run_pending(pending, decisions, plan.spec, options, result, observer)
     finally:
         if connected:
             shutdown_ray()
@@ -185,8 +220,25 @@ def _on_node(node: Node, function):
     return ray.remote(function).options(num_cpus=0, scheduling_strategy=strategy)
 
 
+@contextmanager
+def _ray_messages_to(observer: BuildObserver, enabled: bool):
+    """Hand the messages Ray prints on the driver to the observer. The raylet pushes its
+    errors (a worker killed for lack of memory and retried: 60 lines with a table of
+    processes) to every driver, which prints them whatever log_to_driver says; Ray has no
+    setting for it, so its printing function (Ray is pinned to 2.60) is swapped for the
+    build's duration. With --verbose they print as Ray prints them."""
+    original = ray._private.worker.print_to_stdstream
+    if enabled:
+        ray._private.worker.print_to_stdstream = lambda data, ignore_prefix=False: observer.ray_message(
+            "\n".join(str(line) for line in data.get("lines", [])))
+    try:
+        yield
+    finally:
+        ray._private.worker.print_to_stdstream = original
+
+
 def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
-                 result: BuildResult) -> None:
+                 result: BuildResult, observer: BuildObserver) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
@@ -194,9 +246,9 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
                                                                               name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
                                        decisions[stage.id], *upstream)
-        log.info("queued   %s", stage.id)
+        observer.queued(stage.id)
     try:
-        _collect(refs, {stage.id: stage for stage in pending}, result)
+        _collect(refs, {stage.id: stage for stage in pending}, result, observer)
     except BaseException:  # SIGTERM (BuildStopped), Ctrl-C, or a bug here: stop what still runs
         _cancel([ref for stage_id, ref in refs.items() if stage_id not in result.manifests])
         raise
@@ -242,12 +294,14 @@ def _resources(stage: Stage, options: RunOptions) -> dict:
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
 
 
-def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult) -> None:
+def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult,
+             observer: BuildObserver) -> None:
     by_ref = {ref: stage_id for stage_id, ref in refs.items()}
     waiting = list(by_ref)
     while waiting:
         ready, waiting = ray.wait(waiting, num_returns=1, timeout=_STOP_POLL_S)
         raise_if_stopped()
+        observer.tick()
         if not ready:
             continue
         stage_id = by_ref[ready[0]]
@@ -257,10 +311,10 @@ def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: B
             optional = stages[stage_id].name in OPTIONAL_STAGES
             failures = result.optional_failures if optional else result.failures
             failures[stage_id] = _error_text(error)
-            log.error("FAILED   %s: %s", stage_id, failures[stage_id].strip().splitlines()[-1])
+            observer.failed(stage_id, failures[stage_id])
             continue
         result.manifests[stage_id] = manifest
-        log.info("finished %s in %.1f s", stage_id, manifest.wall_s)
+        observer.finished(stage_id, manifest)
 
 
 def _error_text(error: Exception) -> str:
@@ -272,7 +326,8 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[st
              decision: Decision, *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.update({k: v for k, v in RAY_TRAIN_QUIET.items() if k not in os.environ})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
     with store.locked(stage.id):  # another build running this stage: wait, then look again
         finished = store.reusable(stage.key, replaces=decision.replaces)
@@ -281,10 +336,27 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[st
             return finished
         if decision.fresh or store.manifest(stage.key) is not None:  # stale or damaged: start over
             store.discard(stage.key)
-        with _inputs_locked(store, inputs):
+        with _inputs_locked(store, inputs), _stage_log(store, stage, options):
             check_inputs(stage.id, inputs)
             node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
             return execute_stage(stage, spec, options, inputs, node=node)
+
+
+@contextmanager
+def _stage_log(store: StageStore, stage: Stage, options: RunOptions):
+    """Everything the stage's process prints goes to its stage.log (see builder.stage_log),
+    opened after a discard so the log is the one in the stage's folder; a failure's
+    traceback is written there too, and the driver prints only its last line."""
+    from builder.stage_log import captured_output, stage_log_path
+
+    with captured_output(stage_log_path(store.path(stage.key)), tee=options.verbose):
+        # Handlers bound to the captured stderr (a reused light worker had others before).
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc()
+            raise
 
 
 @contextmanager

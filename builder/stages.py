@@ -109,7 +109,7 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     settings = train_settings(section, options.train_workers, ctx.precision)
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, _train_blocks(ctx), ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
-                              parallel=options.parallel,
+                              parallel=options.parallel, tee_output=options.verbose,
                               cpus_per_worker=train_cpus_per_worker(options))
     layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
               "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}

@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from builder.integrity import find_damage, record_outputs
+from builder.stage_log import STAGE_LOG
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# Not outputs: resumable training state (large, read by no other stage) and the manifest itself.
-NOT_OUTPUTS = (MANIFEST, "checkpoints")
+# Not outputs: resumable training state (large, read by no other stage), the manifest itself,
+# and the stage's log (its writers may still flush a line after the manifest is written).
+NOT_OUTPUTS = (MANIFEST, "checkpoints", STAGE_LOG)
 TRASH = ".trash"  # replaced stage folders are moved here, then deleted
 
 

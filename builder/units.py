@@ -38,3 +38,14 @@ def format_count(value: int | float) -> str:
 
 def _three_digits(number: float) -> str:
     return f"{number:.3g}" if abs(number) < 100 else f"{number:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    """12.34 -> '12.3 s', 185 -> '3 min 05 s', 7500 -> '2 h 05 min' (consoles, reports, cards)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

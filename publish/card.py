@@ -23,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCardData
 from builder.report_model import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
                                   format_speedup, perplexity_difference)
-from builder.units import format_count
+from builder.units import format_count, format_duration
 from publish.portable import find_local_paths
 
 TAGS = ("minitron", "pruned", "distilled", "minizoo")
@@ -292,15 +292,7 @@ def _flops(value: float) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "time not recorded"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    return "time not recorded" if seconds is None else format_duration(seconds)
 
 
 # -- usage, limitations, recipe ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ SCHEMA = FAMILIES / "spec.schema.json"
 TEACHER_CONFIGS = {
     "llama-3.1-8b-minitron.yaml": "Llama-3.1-8B.json",
     "mistral-nemo-12b-minitron.yaml": "Mistral-Nemo-Base-2407.json",
+    "my-first-family.yaml": "SmolLM2-135M-Instruct.json",
     "qwen3-family.yaml": "Qwen3-8B-Base.json",
     "smollm2-135m.yaml": "SmolLM2-135M-Instruct.json",
 }
@@ -38,6 +39,7 @@ PUBLISHED = {
     "mistral-nemo-12b-minitron.yaml": {"teacher": 12.2e9, "mistral-nemo-minitron-8b": 8.4e9},
     "qwen3-family.yaml": {"teacher": 8.2e9, "qwen3-4b-width": 4.02e9 + 151_936 * 2_560},
     "smollm2-135m.yaml": {"teacher": 135e6},
+    "my-first-family.yaml": {"teacher": 135e6},
 }
 
 

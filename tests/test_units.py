@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from builder.units import COUNT_PATTERN, format_count, parse_count
+from builder.units import COUNT_PATTERN, format_count, format_duration, parse_count
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -81,3 +81,9 @@ def test_the_schema_pattern_agrees_with_parse_count(text, accepted):
     else:
         with pytest.raises(ValueError):
             parse_count(text)
+
+
+@pytest.mark.parametrize("seconds, text", [(12.34, "12.3 s"), (59.94, "59.9 s"), (185, "3 min 05 s"),
+                                           (7500, "2 h 05 min")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
