@@ -1,4 +1,5 @@
-"""Runs a plan on Ray: the only module of the builder that imports Ray.
+"""Runs a plan on Ray. Ray is imported here and in two runners of one kind of work each:
+builder/ray_train.py (training on Ray Train) and builder/ray_data.py (tokenizing on Ray Data).
 
 Each unfinished stage becomes one Ray task; upstream results travel as ObjectRefs, so Ray
 starts a stage as soon as its inputs are done, and independent student branches run
