@@ -31,8 +31,9 @@ Measures, in one run, and writes bench/results/data.json:
    the datasets.map rate.
 
 Tokens/s counts every token tokenized (EOS included), the same for every contender. Ray Data
-times include starting the tokenizer actors (each imports transformers and loads the
-tokenizer): that is what a build pays; the rate after the first batch came back (the
+times include starting the reader and the tokenizer actors (each actor loads the Rust
+tokenizer the driver serialized, without importing torch or transformers): that is what a
+build pays; the rate after the first batch came back (the
 actors running) is recorded too. One unmeasured Ray Data run comes first, so that every
 measured run finds Ray's worker pool and the file cache in the same state.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import itertools
 import json
 import logging
 import struct
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from builder.spec import DataSpec, Reference, TeacherSpec
+from builder.token_ids import ids_with_eos
 from builder.tokens import BlocksIndex, ShardWriter, TokenBlocks, token_dtype
 
 log = logging.getLogger(__name__)
@@ -278,12 +278,13 @@ class TokenizedBatch:
 def tokenize_batch(tokenizer, doc_ids: list[str], texts: list[str], data: DataSpec) -> TokenizedBatch:
     """One fast-tokenizer call for a batch of documents; each document ends with EOS, so
     packed blocks mark document boundaries."""
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    ends = np.cumsum([len(ids) for ids in encoded], dtype=np.int64)
-    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(ends[-1]) if len(ends) else 0)
-    ids = np.insert(tokens, ends, tokenizer.eos_token_id)  # EOS after each document
-    splits = np.array([SPLITS.index(split_of(doc_id, data)) for doc_id in doc_ids], dtype=np.uint8)
-    return TokenizedBatch(splits, np.concatenate([[0], ends + np.arange(1, len(ends) + 1)]), ids)
+    offsets, ids = ids_with_eos(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
+    return TokenizedBatch(split_codes(doc_ids, data), offsets, ids)
+
+
+def split_codes(doc_ids: list[str], data: DataSpec) -> np.ndarray:
+    """Each document's split as its index in SPLITS (uint8 [documents])."""
+    return np.array([SPLITS.index(split_of(doc_id, data)) for doc_id in doc_ids], dtype=np.uint8)
 
 
 class SplitPacker:

@@ -10,9 +10,13 @@ The pipeline is read -> map_batches(tokenize) -> this process, streaming:
   consecutive documents of about `acquire.BATCH_CHARS` characters. One reader, because
   document ids (a jsonl line number, an hf: stream's row number) and the order they are
   numbered in must not depend on the cluster; reading is two orders of magnitude faster
-  than tokenizing, so it is not the bottleneck;
+  than tokenizing, so it is not the bottleneck. It also assigns each document its split
+  (`acquire.split_codes`, a hash of the id), so actors see only texts;
 - a pool of actors, one per CPU the stage gets (`cpus`, or every CPU of the cluster), each
-  holding the fast tokenizer and tokenizing one block per call on one thread;
+  holding the fast tokenizer and tokenizing one block per call on one thread. The actor
+  (`builder.token_ids.BatchTokenizer`) imports neither torch nor transformers: it gets the
+  driver's Rust tokenizer serialized and the EOS id read here (`tokenizer_args`), so it
+  starts without the torch import (seconds, ~400 MB) each actor used to pay;
 - the caller packs what comes back.
 
 Why the shards are identical on 1 or N CPUs: `preserve_order` makes Ray Data hand batches
@@ -25,7 +29,6 @@ split, so neither grows with the corpus.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -36,8 +39,9 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from builder.acquire import BATCH_CHARS, TokenizedBatch, document_batches, iter_documents, tokenize_batch
+from builder.acquire import BATCH_CHARS, TokenizedBatch, document_batches, iter_documents, split_codes
 from builder.spec import DataSpec
+from builder.token_ids import FIELDS, BatchTokenizer
 
 # Blocks in flight between reader, tokenizers and packer (Ray Data backpressure).
 OBJECT_STORE_BUDGET = 256 << 20
@@ -51,7 +55,7 @@ def tokenized_batches(data: DataSpec, tokenizer_dir: Path | str, cpus: int = 0,
     try:
         cpus = cpus or int(ray.cluster_resources().get("CPU", 1))
         source = DocumentSource(data, batch_chars)
-        dataset = _pipeline(source, Path(tokenizer_dir), data, cpus)
+        dataset = _pipeline(source, tokenizer_args(Path(tokenizer_dir)), cpus)
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from _from_table(table)
     finally:
@@ -68,11 +72,22 @@ def _connect(cpus: int) -> bool:
     return init_ray(RunOptions(local_cpus=cpus))
 
 
-def _pipeline(source: "DocumentSource", tokenizer_dir: Path, data: DataSpec, cpus: int) -> ray.data.Dataset:
+def tokenizer_args(tokenizer_dir: Path) -> tuple:
+    """BatchTokenizer's constructor arguments, read here with transformers, once: the
+    tokenizer's Rust backend serialized (None if it has none: a slow-only tokenizer), its
+    folder, the EOS id and the split_special_tokens setting its __call__ applies."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    backend = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else None
+    return backend, str(tokenizer_dir), tokenizer.eos_token_id, bool(getattr(tokenizer, "split_special_tokens", False))
+
+
+def _pipeline(source: "DocumentSource", tokenizer: tuple, cpus: int) -> ray.data.Dataset:
     # The reader takes no CPU slot: with every slot given to a tokenizer it could not start.
     # One output block per document batch (Ray Data would otherwise cut them into ~200).
     documents = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=1)
-    tokens = documents.map_batches(Tokenizer, fn_constructor_args=(str(tokenizer_dir), data), batch_size=None,
+    tokens = documents.map_batches(BatchTokenizer, fn_constructor_args=tokenizer, batch_size=None,
                                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpus), num_cpus=1)
     context = tokens.context
     context.enable_progress_bars = False
@@ -102,28 +117,8 @@ class DocumentSource(Datasource):
 
     def _read(self) -> Iterator[pa.Table]:
         for batch in document_batches(iter_documents(self.data), self.batch_chars):
-            yield pa.table({"doc_ids": [[d.doc_id for d in batch]], "texts": [[d.text for d in batch]]})
-
-
-class Tokenizer:
-    """A Ray Data actor: the fast tokenizer, loaded once, on the one CPU it reserved."""
-
-    def __init__(self, tokenizer_dir: str, data: DataSpec):
-        # Batch encoding would otherwise fan out over every core, on top of the other actors.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from transformers import AutoTokenizer
-
-        self.tokenizer, self.data = AutoTokenizer.from_pretrained(tokenizer_dir), data
-
-    def __call__(self, batches: pa.Table) -> pa.Table:
-        """Document batches (rows) to tokenized batches (rows of raw numpy buffers)."""
-        rows = [tokenize_batch(self.tokenizer, doc_ids, texts, self.data)
-                for doc_ids, texts in zip(batches.column("doc_ids").to_pylist(), batches.column("texts").to_pylist())]
-        return pa.table({name: pa.array([getattr(row, name).tobytes() for row in rows], pa.large_binary())
-                         for name in FIELDS})
-
-
-FIELDS = {"splits": np.uint8, "offsets": np.int64, "ids": np.int32}  # TokenizedBatch's arrays
+            splits = split_codes([d.doc_id for d in batch], self.data).tobytes()
+            yield pa.table({"splits": pa.array([splits], pa.large_binary()), "texts": [[d.text for d in batch]]})
 
 
 def _from_table(table: pa.Table) -> Iterator[TokenizedBatch]:

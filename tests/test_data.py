@@ -8,8 +8,11 @@ tokenizer call each, concatenate per split, cut into blocks), not from the code 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +22,13 @@ import ray
 import torch
 
 from builder.acquire import (
-    SPLITS, _hf_documents, acquire_data, iter_documents, load_blocks, split_of, tokenize_splits,
+    EMBEDDED_TEACHER_FILES, SPLITS, _hf_documents, acquire_data, document_batches, iter_documents, load_blocks,
+    package_dir, split_of, tokenize_batch, tokenize_splits,
 )  # fmt: skip
 from builder.options import RunOptions
 from builder.runner import init_ray
 from builder.spec import DataSpec, Reference
+from builder.token_ids import BatchTokenizer
 from builder.tokens import BlocksIndex
 from tiny_models import tiny_tokenizer
 
@@ -142,6 +147,71 @@ def test_in_process_packing_equals_the_plain_loop(corpus, max_tokens):
     blocks = tokenize_splits(iter_documents(data), tokenizer, data)
     expected = expected_blocks(data, tokenizer)
     assert all(torch.equal(blocks[split], expected[split]) for split in SPLITS)
+
+
+# --- the tokenizer actor's code path (no Ray) ---------------------------------------------
+
+
+def smollm2_tokenizer():
+    """The shipped teacher's tokenizer (SmolLM2, a 49152-entry byte-level BPE), read from its GGUF."""
+    from transformers import AutoTokenizer
+
+    package, filename = EMBEDDED_TEACHER_FILES["smollm2-135m-instruct"]
+    return AutoTokenizer.from_pretrained(package_dir(package), gguf_file=filename)
+
+
+def actor_rows(actor: BatchTokenizer, batch, splits: np.ndarray) -> pa.Table:
+    return actor(pa.table({"splits": pa.array([splits.tobytes()], pa.large_binary()),
+                           "texts": [[d.text for d in batch]]}))
+
+
+@pytest.mark.parametrize("make_tokenizer", [tiny_tokenizer, smollm2_tokenizer])
+def test_the_actor_gives_the_in_process_ids_on_sotu(make_tokenizer):
+    """The actor's Rust tokenizer (the driver's backend, serialized) against tokenize_batch's
+    transformers call, byte for byte, on the first ~1M characters of the SOTU speeches."""
+    tokenizer, data = make_tokenizer(), DataSpec()
+    actor = BatchTokenizer(tokenizer.backend_tokenizer.to_str(), "", tokenizer.eos_token_id)
+    for batch in itertools.islice(document_batches(iter_documents(data)), 4):
+        expected = tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
+        row = actor_rows(actor, batch, expected.splits)
+        assert row.column("ids")[0].as_py() == expected.ids.tobytes()
+        assert row.column("offsets")[0].as_py() == expected.offsets.tobytes()
+        assert row.column("splits")[0].as_py() == expected.splits.tobytes()
+
+
+def test_without_a_rust_backend_the_actor_loads_the_tokenizer_with_transformers(corpus, tokenizer_dir):
+    """The slow-only fallback (no serialized backend): the same ids from the folder."""
+    tokenizer, data = tiny_tokenizer(), spec(str(corpus["root"] / "txt"))
+    batch = list(iter_documents(data))
+    expected = tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
+    row = actor_rows(BatchTokenizer(None, str(tokenizer_dir), tokenizer.eos_token_id), batch, expected.splits)
+    assert row.column("ids")[0].as_py() == expected.ids.tobytes()
+
+
+def test_the_actor_imports_neither_torch_nor_transformers(tokenizer_dir):
+    """What an actor process runs (import the actor's module, construct it, tokenize a
+    batch), in a fresh interpreter: torch or transformers there cost seconds and ~400 MB per actor."""
+    backend = tiny_tokenizer().backend_tokenizer.to_str()
+    script = (
+        "import sys, pyarrow as pa\n"
+        "from builder.token_ids import BatchTokenizer\n"
+        "actor = BatchTokenizer(sys.stdin.read(), '', 2)\n"
+        "out = actor(pa.table({'splits': pa.array([b'\\x00'], pa.large_binary()), 'texts': [['state of the union']]}))\n"
+        "assert len(out.column('ids')[0].as_py()) > 4\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=backend, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_sotu_shards_on_ray_data_equal_the_in_process_path(cluster, tokenizer_dir, tmp_path):
+    """The SOTU (its first 600K tokens, ~20 speeches) through the actors on 2 CPUs: the
+    blocks tokenize_splits packs in this process with the transformers tokenizer."""
+    data = DataSpec(seq_len=SEQ_LEN, max_tokens=600_000, split={"calibration": 0.2, "heldout": 0.2})
+    acquire_data(data, tokenizer_dir, tmp_path, cpus=2, batch_chars=50_000)
+    expected = tokenize_splits(iter_documents(data), tiny_tokenizer(), data)
+    for split in SPLITS:
+        assert torch.equal(load_blocks(tmp_path, split), expected[split]), split
 
 
 # --- Ray Data --------------------------------------------------------------------------
