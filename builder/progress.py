@@ -1,7 +1,7 @@
 """What a stage is doing, read from the store alone: no Ray, cheap enough to poll.
 
     done     its manifest exists (written last, so the stage is complete)
-    running  a live build holds the stage's lock exclusively (`<stage dir>.lock`, see
+    running  a live build holds the stage's lock exclusively (`stages/.locks/<stage>.lock`, see
              StageStore.locked; builds reading a stage as input hold it shared). flock
              locks die with their process, so a killed build never leaves a stale "running".
     partial  its folder exists without a manifest: an interrupted stage, resumed next time
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from builder.plan import Stage
 from builder.stage_log import stage_log_path
-from builder.store import MANIFEST, StageStore
+from builder.store import MANIFEST, StageStore, lock_path
 
 TRAINING_STAGES = {"distill", "correct"}
 
@@ -36,11 +36,6 @@ class Progress:
     @property
     def fraction(self) -> float:
         return min(1.0, self.done / self.total) if self.total else 0.0
-
-
-def lock_path(stage_dir: Path) -> Path:
-    """The per-stage lock (StageStore.locked takes it)."""
-    return stage_dir.with_name(stage_dir.name + ".lock")
 
 
 def is_running(lock_file: Path) -> bool:

@@ -35,6 +35,7 @@ MANIFEST = "manifest.json"
 # Not outputs: resumable training state (large, read by no other stage), the manifest itself,
 # and the stage's log (its writers may still flush a line after the manifest is written).
 NOT_OUTPUTS = (MANIFEST, "checkpoints", STAGE_LOG)
+LOCKS = ".locks"  # per-stage lock files, beside the stage folders (never deleted: see locked)
 TRASH = ".trash"  # replaced stage folders are moved here, then deleted
 
 
@@ -122,7 +123,8 @@ class StageStore:
 
     @contextmanager
     def locked(self, stage_id: str, shared: bool = False) -> Iterator[None]:
-        """Hold a stage's lock, `<stage dir>.lock` (`stage_id` is the folder's name):
+        """Hold a stage's lock, `stages/.locks/<stage id>.lock` (`stage_id` is the folder's
+        name; the locks live apart so `stages/distill-x-*` globs match only stage folders):
         exclusive while running or replacing the stage, shared while reading it as an input.
         A build that finds it held waits.
 
@@ -135,7 +137,9 @@ class StageStore:
         self.root.mkdir(parents=True, exist_ok=True)
         # Lock files are never deleted: a waiter still holding a deleted file's inode would
         # "lock" a file that the next build, creating a new one, never sees.
-        with open(self.root / f"{stage_id}.lock", "a") as handle:
+        lock = lock_path(self.root / stage_id)
+        lock.parent.mkdir(exist_ok=True)
+        with open(lock, "a") as handle:
             mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             try:
                 fcntl.flock(handle, mode | fcntl.LOCK_NB)
@@ -165,6 +169,11 @@ class StageStore:
         os.replace(self.path(key), trash)
         for old in trash.parent.iterdir():  # this one, and any a killed build left behind
             shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_path(stage_dir: Path) -> Path:
+    """The file StageStore.locked locks for the stage in `stage_dir`."""
+    return stage_dir.parent / LOCKS / f"{stage_dir.name}.lock"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -50,8 +50,8 @@ def concurrent_builds(tmp_path_factory):
     first = build_process(spec, workdir, logs[0])
     # The second starts once the first's Ray instance is up: two starting at the same moment
     # on a busy 2-core machine can miss Ray's fixed 30 s raylet registration limit. The first
-    # has then just queued its stages, so the two builds still contend for every stage.
-    _wait_for(logs[0], "queued", first)
+    # has then just started its first stage, so the two builds still contend for every stage.
+    _wait_for(logs[0], "running", first)
     builds = [first, build_process(spec, workdir, logs[1])]
     try:  # minutes on a quiet machine; a shared, busy one has taken 12
         codes = [build.wait(timeout=1500) for build in builds]
@@ -77,7 +77,8 @@ def test_two_builds_at_once_run_each_stage_once(concurrent_builds):
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     finished = manifests(workdir)
     assert len(finished) == 7  # acquire x2, score, prune, distill, evaluate x2
-    started = re.findall(r"started\s+(\S+)", "".join(logs))
+    # Each stage logs its start into its own stage.log (whichever build ran it).
+    started = re.findall(r"started\s+(\S+)", "".join(p.read_text() for p in workdir.glob("stages/*/stage.log")))
     assert sorted(started) == sorted(finished), "a stage ran twice (or its start was not logged)"
     (distill,) = [name for name in finished if name.startswith("distill-")]
     metrics = (workdir / "stages" / distill / "metrics.jsonl").read_text().splitlines()

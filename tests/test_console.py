@@ -50,6 +50,7 @@ def test_tee_writes_the_log_and_still_shows_the_output(tmp_path, capfd):
 
 def _hold_lock(path: Path, mode: str = "LOCK_EX") -> subprocess.Popen:
     """Another process holding an flock on `path` until killed (as a running build does)."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # stages/.locks/, made by the store's first lock
     code = (f"import fcntl, sys, time; f = open({str(path)!r}, 'ab'); fcntl.flock(f, fcntl.{mode}); "
             "print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

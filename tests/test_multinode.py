@@ -32,7 +32,7 @@ data:
   max_tokens: 60K
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
 scoring: {{samples: 8, batch_size: 4}}
-distill: {{tokens: 512, batch_size: 2, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 4}}
+distill: {{tokens: 512, global_batch_size: 2, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 4}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}

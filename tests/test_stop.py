@@ -44,11 +44,12 @@ def test_a_sigterm_is_noted_and_stops_the_build_where_it_checks():
 
 
 def start_build(spec: Path, workdir: Path, log: Path) -> subprocess.Popen:
+    # --verbose: the driver's log lines (the Ray temp dir among them) reach the log too.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                         os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "builder.cli", str(spec), "--workdir", str(workdir),
-                                 "--cpus-per-stage", "1"], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 "--cpus-per-stage", "1", "--verbose"], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_for(condition, timeout_s: float, what: str, build: subprocess.Popen, log: Path) -> None:
