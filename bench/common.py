@@ -122,8 +122,18 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "code": code_version(),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(portable_paths(json.dumps(payload, indent=2, default=str)) + "\n")
     return path
+
+
+def portable_paths(text: str) -> str:
+    """Results are committed: this checkout's folder and the temp dir become <repo> and <tmp>,
+    so no file names the machine that measured it."""
+    import tempfile
+
+    for prefix, name in ((ROOT.resolve(), "<repo>"), (Path(tempfile.gettempdir()).resolve(), "<tmp>")):
+        text = text.replace(f'"{prefix}/', f'"{name}/').replace(f'"{prefix}"', f'"{name}"')
+    return text
 
 
 def print_table(header: list[str], rows: list[list]) -> None:
