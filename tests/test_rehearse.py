@@ -109,7 +109,7 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MINIZOO_REHEARSE_ALL") != "1",
                     reason="rehearsing all three families takes 25-35 min each on 2 cores (lm-eval's 57 MMLU "
-                           "subtasks, vLLM start-ups), past the suite's 20-minute budget; MINIZOO_REHEARSE_ALL=1 runs it")
+                           "subtasks, inference-engine start-ups), past the suite's 20-minute budget; MINIZOO_REHEARSE_ALL=1 runs it")
 def test_every_family_rehearses_end_to_end_offline(tmp_path, monkeypatch):
     """One local Ray instance for the three rehearsals (starting one takes ~10 s here)."""
     import ray
