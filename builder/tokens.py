@@ -91,16 +91,9 @@ class BlocksIndex:
         return cls(splits=splits, **values)
 
     def write(self, stage_dir: Path | str) -> None:
-        atomic_write_bytes(Path(stage_dir) / INDEX_FILE, self.to_json().encode())
+        from builder.store import write_bytes_atomic  # the project's one atomic writer
 
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        file.write(payload)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+        write_bytes_atomic(Path(stage_dir) / INDEX_FILE, self.to_json().encode())
 
 
 def save_shard(path: Path, blocks: np.ndarray) -> None:
