@@ -1,7 +1,9 @@
-"""Distillation losses on logits [tokens, vocab], computed chunk by chunk."""
+"""Distillation losses on logits [tokens, vocab], computed chunk by chunk, against the
+teacher's full logits or its stored top-k signal (`TopKTarget`)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,56 @@ from builder.training.settings import Loss
 # (see _ChunkedLosses) instead of keeping its temporaries alive for backward.
 LOSS_CHUNK_TOKENS = 256
 
+# A log-probability this low is an empty bin: exp() of it is exactly 0 in fp32 and fp64 (both
+# underflow far above it), yet it is finite, so an empty bin (the tail when k == vocab) adds
+# exactly 0 to every divergence and to its gradient, where -inf would make 0 * inf = NaN.
+EMPTY_LOG_PROB = -1e4
+
+
+@dataclass(frozen=True)
+class TopKTarget:
+    """The teacher's stored signal for T tokens, at the distillation temperature."""
+
+    indices: torch.Tensor  # [T, k] int64 token ids (the teacher's k most likely)
+    logprobs: torch.Tensor  # [T, k] log softmax(teacher_logits / temperature) at those ids (fp16 from disk)
+    tail_logprob: torch.Tensor  # [T] log of the mass outside the top k; -inf (or very negative) when k == vocab
+
+    def __getitem__(self, rows: slice) -> TopKTarget:
+        return TopKTarget(self.indices[rows], self.logprobs[rows], self.tail_logprob[rows])
+
+    @property
+    def top_k(self) -> int:
+        return self.indices.shape[-1]
+
+
+def topk_target(
+    teacher_logits: torch.Tensor, top_k: int, temperature: float = 1.0, chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> TopKTarget:
+    """What the teach pass stores, from teacher logits [T, vocab]: the k most likely ids, their
+    log-probabilities at `temperature` and the log of the rest's mass, in fp32, chunk by chunk
+    (like the losses, so a 150k vocabulary does not hold several fp32 copies of all logits)."""
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k} is outside 1..{vocab} (the vocabulary size); pick a k in that range")
+    with torch.no_grad():
+        chunks = [_topk_chunk(teacher_logits[start : start + chunk_tokens], top_k, temperature)
+                  for start in range(0, teacher_logits.shape[0], chunk_tokens)]  # fmt: skip
+    return TopKTarget(*(torch.cat(parts) for parts in zip(*chunks)))
+
+
+def _topk_chunk(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, ...]:
+    softened = _softened(logits, temperature)
+    log_z = softened.logsumexp(-1)
+    values, indices = softened.topk(top_k, dim=-1)
+    # The tail is a log-sum-exp over the ids outside the top k, not log1p(-sum(top-k probs)):
+    # when the top k hold all but 1e-9 of the mass, that difference cancels to 0 (-inf) in fp32.
+    outside = softened.scatter(-1, indices, float("-inf"))  # all -inf when k == vocab: tail -inf
+    return indices, values - log_z.unsqueeze(-1), outside.logsumexp(-1) - log_z
+
 
 def chunked_losses(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher: torch.Tensor | TopKTarget | None,
     labels: torch.Tensor,
     kind: Loss = "forward_kl",
     temperature: float = 1.0,
@@ -27,11 +75,13 @@ def chunked_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence, cross-entropy) means over tokens, from logits [tokens, vocab].
 
-    The divergence is per token, averaged over all tokens and scaled by T^2 (so gradients
+    `teacher` is the teacher's logits [tokens, vocab] or its stored top-k signal (`TopKTarget`,
+    already at `temperature`); with the latter the divergence is taken between the two
+    distributions coarsened to k+1 bins (see `coarse_log_probs`). The divergence is per token, averaged over all tokens and scaled by T^2 (so gradients
     keep their size as T changes, Hinton et al.); the cross-entropy is averaged over the
     tokens whose label is not -100. A part that is not asked for is NaN.
     """
-    return _ChunkedLosses.apply(student_logits, teacher_logits, labels, kind, temperature, with_ce, chunk_tokens)
+    return _ChunkedLosses.apply(student_logits, teacher, labels, kind, temperature, with_ce, chunk_tokens)
 
 
 class _ChunkedLosses(torch.autograd.Function):
@@ -45,12 +95,14 @@ class _ChunkedLosses(torch.autograd.Function):
     checkpointing) ran the loss forward twice and summed one zero-filled logits-sized gradient
     per chunk: with the division by T = 1 that is now skipped, about 18% of a CPU distillation
     step (SmolLM2-135M -> 90M student, 4 x 256 tokens, torch.profiler). forward_kl, the
-    default, has its gradient written out; the other losses get theirs from autograd.
+    default, has its gradient written out against full teacher logits; the other losses, and
+    all three against a top-k target, get theirs from autograd.
     """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, kind, temperature, with_ce, chunk_tokens):
         tokens, has_teacher = student_logits.shape[0], teacher_logits is not None
+        stored = isinstance(teacher_logits, TopKTarget)
         wants_grad = ctx.needs_input_grad[0]
         ce_count = (labels != -100).sum().clamp(min=1)  # a tensor: no GPU sync
         # Each buffer holds d(mean loss) / d(logits); the scales turn chunk sums into means.
@@ -61,9 +113,10 @@ class _ChunkedLosses(torch.autograd.Function):
         for start in range(0, tokens, chunk_tokens):
             chunk = slice(start, start + chunk_tokens)
             student = student_logits[chunk].detach()
-            teacher = teacher_logits[chunk].detach() if has_teacher else None
+            teacher = teacher_logits[chunk] if has_teacher else None  # a TopKTarget slices rows too
+            teacher = teacher if stored or teacher is None else teacher.detach()
             grads = (None if div_grad is None else div_grad[chunk], None if ce_grad is None else ce_grad[chunk])
-            if has_teacher and kind == "forward_kl":  # the default: a hand-written gradient
+            if has_teacher and not stored and kind == "forward_kl":  # the default: a hand-written gradient
                 div, grad = _forward_kl_sum_and_grad(student, teacher, temperature)
                 if grads[0] is not None:
                     torch.mul(grad, scales[0], out=grads[0])
@@ -94,7 +147,7 @@ class _ChunkedLosses(torch.autograd.Function):
 
 def _chunk_sums_and_grads(
     student: torch.Tensor,
-    teacher: torch.Tensor | None,
+    teacher: torch.Tensor | TopKTarget | None,
     labels: torch.Tensor,
     kind: str,
     temperature: float,
@@ -118,7 +171,7 @@ def _chunk_sums_and_grads(
 
 def _chunk_loss_sums(
     student: torch.Tensor,
-    teacher: torch.Tensor | None,
+    teacher: torch.Tensor | TopKTarget | None,
     labels: torch.Tensor,
     kind: str,
     temperature: float,
@@ -129,7 +182,9 @@ def _chunk_loss_sums(
     log_p = None
     if teacher is not None or temperature == 1:
         log_p = F.log_softmax(_softened(student, temperature), dim=-1)
-    if teacher is not None:
+    if isinstance(teacher, TopKTarget):
+        div = divergence_sum(*coarse_log_probs(log_p, teacher), kind)
+    elif teacher is not None:
         log_q = F.log_softmax(_softened(teacher, temperature), dim=-1)
         div = divergence_sum(log_p, log_q, kind)
     if with_ce:
@@ -153,6 +208,40 @@ def _forward_kl_sum_and_grad(
     div = torch.sub(log_q, log_p).mul_(q).sum()  # what kl_div(log_target=True, "sum") computes
     grad = log_p.exp_().sub_(q)  # p - q, in log_p's memory
     return div, grad if temperature == 1 else grad.div_(temperature)
+
+
+def coarse_log_probs(log_p: torch.Tensor, target: TopKTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) log-probabilities [tokens, k+1] over the k+1 bins of a top-k target:
+    the teacher's k stored ids, then one tail bin for every other id.
+
+    A divergence between these is the divergence between the (k+1)-bin coarsenings of both
+    distributions: a proper divergence (>= 0, 0 when they agree), exactly the full-vocabulary
+    one when k == vocab, and below it otherwise by the tail term of the chain rule of KL
+    (full = coarse + tail mass * KL between the two distributions within the tail). Giving the
+    student's whole tail one bin, instead of dropping it, is what keeps the loss a divergence:
+    a student that only matched the top-k ids' relative sizes would otherwise score 0.
+    `log_p` is the student's log-softmax at the target's temperature, [tokens, vocab].
+    """
+    return _student_bins(log_p, target.indices), _teacher_bins(target, log_p.dtype)
+
+
+def _student_bins(log_p: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    # log p_tail is a log-sum-exp over the ids outside the top k (not log1p(-sum), which
+    # cancels). The top-k ids are pushed EMPTY_LOG_PROB below the row's smallest log-prob
+    # rather than to -inf: they then add exactly 0 to the sum, and when the tail is empty
+    # (k == vocab) it is a finite, zero-mass bin whose log-sum-exp gradient is finite (an
+    # all -inf log-sum-exp has a NaN gradient).
+    floor = (log_p.detach().amin(-1, keepdim=True) + EMPTY_LOG_PROB).expand_as(indices)
+    tail = log_p.scatter(-1, indices, floor).logsumexp(-1, keepdim=True)
+    return torch.cat([log_p.gather(-1, indices), tail], dim=-1)
+
+
+def _teacher_bins(target: TopKTarget, dtype: torch.dtype) -> torch.Tensor:
+    bins = torch.cat([target.logprobs.to(dtype), target.tail_logprob.to(dtype).unsqueeze(-1)], dim=-1)
+    bins = bins.clamp_min(EMPTY_LOG_PROB)  # a -inf tail (k == vocab) becomes a finite empty bin
+    # Stored in fp16, each log-prob is rounded by up to 2^-11 of itself, so the bins no longer
+    # sum to 1 and a KL could come out negative; renormalized over the k+1 bins it cannot.
+    return bins - bins.logsumexp(-1, keepdim=True)
 
 
 def _softened(logits: torch.Tensor, temperature: float) -> torch.Tensor:
