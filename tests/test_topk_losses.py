@@ -238,6 +238,28 @@ def test_the_coarse_divergence_passes_gradcheck(kind, top_k):
     assert torch.autograd.gradcheck(loss, (student,))
 
 
+@pytest.mark.parametrize("top_k", [1, 5, VOCAB])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_written_out_forward_kl_gradient_equals_autograd_through_the_bins(top_k, temperature):
+    student, teacher = random_logits(7)
+    target = topk_target(teacher, top_k, temperature)
+    # In the first rows the student puts all but e^-150 of its mass on the teacher's top k: a
+    # tail that underflows fp32 (below e^-104), which the written-out gradient must survive.
+    student[:4].scatter_(-1, target.indices[:4], 150.0 * temperature)
+    div, grad = divergence_and_grad(student, target, "forward_kl", temperature)
+    ref_student = student.clone().requires_grad_()
+    log_p = F.log_softmax(ref_student / temperature, dim=-1)
+    ref = divergence_sum(*coarse_log_probs(log_p, target), "forward_kl") * temperature**2 / TOKENS
+    (ref_grad,) = torch.autograd.grad(ref, ref_student)
+    assert torch.isfinite(grad).all()
+    # The same fp32 quantities, formed in another order: a few ulps of the per-token sums
+    # (VOCAB terms). Each gradient entry is T (p - q~) / TOKENS with |p - q~| <= 1, and a log-
+    # softmax of softened logits of size x is off by ulps of x: each p by that much relatively.
+    torch.testing.assert_close(div, ref, rtol=VOCAB * FP32_EPS, atol=0)
+    log_p_error = 2 * FP32_EPS * (student / temperature).abs().max().clamp(min=1).item()
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=log_p_error * temperature / TOKENS)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunking_does_not_change_the_loss_or_its_gradient(kind):
     student, teacher = random_logits(4)
