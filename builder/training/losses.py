@@ -77,7 +77,9 @@ def chunked_losses(
 
     `teacher` is the teacher's logits [tokens, vocab] or its stored top-k signal (`TopKTarget`,
     already at `temperature`); with the latter the divergence is taken between the two
-    distributions coarsened to k+1 bins (see `coarse_log_probs`). The divergence is per token, averaged over all tokens and scaled by T^2 (so gradients
+    distributions coarsened to k+1 bins (see `coarse_log_probs`).
+
+    The divergence is per token, averaged over all tokens and scaled by T^2 (so gradients
     keep their size as T changes, Hinton et al.); the cross-entropy is averaged over the
     tokens whose label is not -100. A part that is not asked for is NaN.
     """
