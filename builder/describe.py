@@ -7,6 +7,7 @@ from builder.plan import Plan, PlannedStudent
 from builder.reuse import Decision, decide
 from builder.shape import Shape
 from builder.store import StageStore
+from builder.teacher_signal import bytes_per_token
 from builder.units import format_count
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
@@ -30,7 +31,7 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
     for student in plan.students:
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
-    lines += [f"Training precision: {plan.precision}", ""]
+    lines += [f"Training precision: {plan.precision}"] + signal_lines(plan) + [""]
     lines += ["Stages in run order ([done] = finished earlier, reused as is; [resume] = continues from "
               "its last checkpoint; [damaged] = finished but its outputs fail the check, runs again; "
               "[todo] = runs)"]
@@ -39,6 +40,25 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
                     [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)
+
+
+def signal_lines(plan: Plan) -> list[str]:
+    """What each student learns from: the online teacher or a stored top-k signal, and why a
+    student with the hidden-state loss stays online."""
+    lines = []
+    for student in plan.students:
+        section = plan.spec.distill_for(student.spec)
+        if not section.tokens:
+            continue
+        if section.stored_signal:
+            size = bytes_per_token(section.top_k, plan.teacher_vocab_size)
+            how = f"the teacher's stored top-{section.top_k} log-probabilities ({size} bytes per token, one teach pass)"
+        elif section.hidden_loss_weight > 0:
+            how = "the online teacher (its hidden-state loss needs the teacher's hidden states, which no signal stores)"
+        else:
+            how = "the online teacher (teacher_signal: online)"
+        lines.append(f"Teacher signal for {student.spec.name}: {how}")
+    return lines
 
 
 def render_models(plan: Plan) -> list[str]:
@@ -80,11 +100,13 @@ def _candidate_lines(plan: Plan, student: PlannedStudent, store: StageStore) -> 
 def _stage_row(plan: Plan, stage_id: str, store: StageStore, decision: Decision) -> list[str]:
     stage = plan.stages[stage_id]
     return [f"[{decision.state}]", stage.name + (f" ({stage.key.label})" if stage.key.label else ""),
-            _planned_tokens(plan, stage.name, stage.student), str(store.path(stage.key))]
+            _planned_tokens(plan, stage, stage.student), str(store.path(stage.key))]
 
 
-def _planned_tokens(plan: Plan, stage_name: str, student: str | None) -> str:
-    spec = plan.spec
+def _planned_tokens(plan: Plan, stage, student: str | None) -> str:
+    spec, stage_name = plan.spec, stage.name
+    if stage_name == "teach":  # at most: the train split may hold fewer blocks
+        return format_count(stage.key.config["positions"] * spec.data.seq_len)
     if stage_name == "correct":
         return format_count(spec.correction.tokens)
     if stage_name == "score":

@@ -223,10 +223,13 @@ def _work(name: str, config: dict, model, teacher_config, seq_len: int, measured
     if name == "correct":
         tokens = config["tokens"]
         return tokens, 3 * teacher_forward * tokens, _memory_of(teacher_config, None, seq_len)
-    if name == "distill":
-        tokens = config["tokens"]
-        return tokens, kd_flops_per_token(teacher_config, model, seq_len)["total"] * tokens, \
-            _memory_of(model, teacher_config, seq_len)
+    if name == "distill":  # from a stored signal (teacher_signal: topk) without the teacher's forward
+        tokens, stored = config["tokens"], config.get("teacher_signal") == "topk"
+        flops = kd_flops_per_token(teacher_config, model, seq_len)["total"] - (teacher_forward if stored else 0)
+        return tokens, flops * tokens, _memory_of(model, None if stored else teacher_config, seq_len)
+    if name == "teach":  # the teacher's forward pass, once, over every position a student reads
+        tokens = config["positions"] * seq_len
+        return tokens, teacher_forward * tokens, None
     if name == "score":
         tokens = (config["samples"] + config["lm_loss_samples"] * Shape.of(teacher_config).num_hidden_layers) * seq_len
         return tokens, teacher_forward * tokens, None

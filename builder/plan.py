@@ -18,7 +18,7 @@ from builder.arch import count_params, student_config
 from builder.precision import Precision
 from builder.search import Candidate, candidates
 from builder.shape import Shape
-from builder.spec import EvaluationSpec, FamilySpec, StudentSpec, TrainingSpec, split_execution
+from builder.spec import DistillSpec, EvaluationSpec, FamilySpec, StudentSpec, TrainingSpec, split_execution
 from builder.stages import STAGE_VERSIONS
 from builder.store import StageKey, StageStore
 
@@ -69,6 +69,8 @@ class Plan:
     throughput_stage: str | None
     eval_stages: dict[str, str]  # model name -> evaluate stage id
     precision: Precision  # what the training stages run in (and are hashed with)
+    teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk)
+    teacher_vocab_size: int = 0
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
@@ -140,7 +142,9 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
         teacher = dag.add("correct", "", spec.correction, {TEACHER: original_teacher, "data": data}, heavy=True,
                           options=trains)
     scores = dag.add("score", "", spec.scoring, {TEACHER: teacher, "data": data}, heavy=True)
-    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data, trains) for s in spec.students]
+    signals = _plan_teach(dag, spec, teacher, data, trains)
+    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data, trains, signals)
+                for s in spec.students]
 
     models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
     if teacher != original_teacher:
@@ -153,17 +157,18 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
         throughput = dag.add("throughput", "", spec.throughput, measured, heavy=True)
     shape = Shape.of(teacher_config)
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
-                original_teacher, throughput, eval_stages, precision)
+                original_teacher, throughput, eval_stages, precision, tuple(signals.values()),
+                teacher_config.vocab_size)
 
 
 def _plan_student(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
-                  teacher: str, scores: str, data: str, trains: dict) -> PlannedStudent:
+                  teacher: str, scores: str, data: str, trains: dict, signals: Signals) -> PlannedStudent:
     if student.params is not None:
-        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data, trains)
+        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data, trains, signals)
     shape = student_shape(teacher_config, student)
     pruned = dag.add("prune", student.name, prune_config(shape, student.depth_method),
                      {TEACHER: teacher, "scores": scores}, student=student.name)
-    distilled = _add_distill(dag, spec, student, teacher, pruned, data, trains)
+    distilled = _add_distill(dag, spec, student, teacher, pruned, data, trains, signals)
     return PlannedStudent(student, shape, student_params(teacher_config, shape), distilled)
 
 
@@ -172,14 +177,55 @@ def prune_config(shape: Shape, depth_method: str) -> dict:
 
 
 def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher: str, pruned: str,
-                 data: str, trains: dict) -> str:
+                 data: str, trains: dict, signals: Signals) -> str:
     section = spec.distill_for(student)
-    return dag.add("distill", student.name, section, {TEACHER: teacher, "student": pruned, "data": data},
+    return dag.add("distill", student.name, section, _distill_inputs(section, teacher, pruned, data, signals),
                    student=student.name, heavy=True, options=_if_trained(section, trains))
 
 
+def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, signals: Signals) -> dict[str, str]:
+    inputs = {TEACHER: teacher, "student": pruned, "data": data}
+    if section.stored_signal:  # it reads the teach stage's tokens and signal, not the data's
+        inputs["signal"] = signals[signal_key(section)]
+    return inputs
+
+
+# -- the teach stages: one per (top_k, temperature) that some distillation reads -----------------
+Signals = dict[tuple[int, float], str]  # (top_k, temperature) -> teach stage id
+
+
+def signal_key(section: DistillSpec) -> tuple[int, float]:
+    return section.top_k, section.temperature
+
+
+def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains: dict) -> Signals:
+    """A teach stage covers the most stream positions any of its readers reads (so every
+    reader, whatever its seed, samples its steps from the same taught rows)."""
+    positions: dict[tuple[int, float], int] = {}
+    for section in _distill_sections(spec):
+        if section.stored_signal:
+            key = signal_key(section)
+            positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
+    return {key: dag.add("teach", f"k{key[0]}", {"top_k": key[0], "temperature": key[1], "positions": count},
+                         {TEACHER: teacher, "data": data}, heavy=True, options=trains)
+            for key, count in positions.items()}
+
+
+def _distill_sections(spec: FamilySpec) -> list[DistillSpec]:
+    """Every distillation the family runs: each student's, and its search candidates'."""
+    sections = [spec.distill_for(student) for student in spec.students]
+    return sections + [spec.search_training(s) for s in spec.students if s.params is not None]
+
+
+def stream_positions(section: TrainingSpec, seq_len: int) -> int:
+    """Blocks a training run reads: its steps (builder.training TrainSettings.steps) times
+    the global batch."""
+    steps = max(1, -(-section.tokens // (section.global_batch_size * seq_len)))
+    return steps * section.global_batch_size
+
+
 def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
-                 teacher: str, scores: str, data: str, trains: dict) -> PlannedStudent:
+                 teacher: str, scores: str, data: str, trains: dict, signals: Signals) -> PlannedStudent:
     """Architecture search (builder.search): each candidate is pruned, lightly distilled and
     scored on held-out loss by stages of its own (so Ray runs candidates side by side and a
     killed search resumes per candidate); `select` keeps the best, which distills on."""
@@ -191,11 +237,12 @@ def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: Stude
         label = f"{student.name}.{candidate.tag}"
         pruned = dag.add("prune", label, prune_config(candidate.shape, student.depth_method),
                          {TEACHER: teacher, "scores": scores})
-        trained = dag.add("distill", label, light_training, {TEACHER: teacher, "student": pruned, "data": data},
+        trained = dag.add("distill", label, light_training,
+                          _distill_inputs(light_training, teacher, pruned, data, signals),
                           heavy=True, options=_if_trained(light_training, trains))
         ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, heavy=True)
         roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
     select_config = {"params": student.params, "candidates": [c.tag for c in found]}
     chosen = dag.add("select", student.name, select_config, roles, student=student.name)
-    distilled = _add_distill(dag, spec, student, teacher, chosen, data, trains)
+    distilled = _add_distill(dag, spec, student, teacher, chosen, data, trains, signals)
     return PlannedStudent(student, None, student.params, distilled, found, chosen)

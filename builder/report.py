@@ -123,9 +123,16 @@ def teacher_record(plan: Plan, manifests: dict, failures: dict) -> TeacherRecord
         params=n, shape=plan.teacher_shape.as_dict(), corrected=corrected,
         stages={"acquire-teacher": stage_cost(acquired),
                 "correct": stage_cost(manifests.get(plan.teacher_stage), 6 * n) if corrected else None,
-                "score": stage_cost(scores, 2 * n)},
+                "score": stage_cost(scores, 2 * n)} | _teach_costs(plan, manifests),
         block_importance=scores.summary.get("block_importance") if scores else None,
     )
+
+
+def _teach_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
+    """Each stored teacher signal: the teacher's forward pass once, shared by its readers."""
+    return {f"teach (top-{plan.stages[stage_id].key.config['top_k']})": stage_cost(manifests.get(stage_id),
+                                                                                   2 * plan.teacher_params)
+            for stage_id in plan.teach_stages}
 
 
 # -- the students -----------------------------------------------------------------------------------
@@ -149,7 +156,7 @@ def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher
         why=_why(planned, manifests),
         lineage=Lineage(correction=teacher.stages["correct"], pruning=_pruning(plan, manifests, planned, pruned, shape),
                         distillation=_distillation(plan, planned, distilled)),
-        stages={"prune": stage_cost(pruned), "distill": stage_cost(distilled, 6 * params + 2 * plan.teacher_params),
+        stages={"prune": stage_cost(pruned), "distill": stage_cost(distilled, _distill_flops(plan, planned, params)),
                 "evaluate": stage_cost(manifests.get(plan.eval_stages[name]), 2 * params)},
         complete=all(manifests.get(stage_id) for stage_id in _student_stages(plan, planned)),
     )
@@ -169,12 +176,21 @@ def _pruning(plan: Plan, manifests: dict, planned, pruned: Manifest | None, shap
                    search=search_record(plan, manifests, planned) if planned.searched else None)
 
 
+def _distill_flops(plan: Plan, planned, params: int) -> float:
+    """Per token: the student's forward and backward, plus the teacher's forward unless a
+    teach stage ran it (then it is in that shared stage)."""
+    stored = plan.spec.distill_for(planned.spec).stored_signal
+    return 6 * params + (0 if stored else 2 * plan.teacher_params)
+
+
 def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillation:
     section = plan.spec.distill_for(planned.spec)
     summary = distilled.summary if distilled else {}
     return Distillation(tokens=distilled.tokens if distilled else None, steps=summary.get("steps"),
                         loss=section.loss, temperature=section.temperature, final_loss=summary.get("final_loss"),
-                        loss_curve=summary.get("metrics_file"))
+                        loss_curve=summary.get("metrics_file"),
+                        teacher_signal="topk" if section.stored_signal else "online",
+                        top_k=section.top_k if section.stored_signal else None)
 
 
 def _why(planned, manifests: dict) -> str | None:

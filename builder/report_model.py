@@ -254,6 +254,8 @@ class Distillation(Record):
     temperature: float | None = None
     final_loss: float | None = None
     loss_curve: str | None = None  # metrics.jsonl on this machine (plots read it)
+    teacher_signal: Literal["online", "topk"] = "online"  # topk: read from the shared teach stage
+    top_k: int | None = None
 
 
 class Lineage(Record):

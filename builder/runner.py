@@ -289,8 +289,9 @@ def _resources(stage: Stage, options: RunOptions) -> dict:
     """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
     so a model's memory is returned to the OS when the stage ends). Training stages hand
     their CPUs to their Ray Train workers, so the coordinating task itself takes none; so
-    does acquire-data (a light stage) to its Ray Data tokenizer actors (builder/ray_data.py)."""
-    if not stage.heavy or stage.name in {"distill", "correct"}:
+    do teach, to its teacher actors (builder/ray_teach.py), and acquire-data (a light stage),
+    to its Ray Data tokenizer actors (builder/ray_data.py)."""
+    if not stage.heavy or stage.name in {"distill", "correct", "teach"}:
         return {"num_cpus": 0}
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
 

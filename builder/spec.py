@@ -283,6 +283,12 @@ class CorrectionSpec(TrainingSpec):
     learning_rate: float = Field(1e-5, gt=0, lt=1)
 
 
+TeacherSignalKind = Literal["online", "topk"]
+# The defaults bench/teach.py chose (its README section says why).
+DEFAULT_TEACHER_SIGNAL: TeacherSignalKind = "online"
+DEFAULT_TOP_K = 64
+
+
 class DistillSpec(TrainingSpec):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
@@ -291,6 +297,42 @@ class DistillSpec(TrainingSpec):
         0.0, ge=0, description="Weight of the intermediate-state loss: 1 - cosine between each student "
         "layer's output (through a learned projection to the teacher's width) and the teacher layer it was "
         "pruned from. The first paper uses it only after heavy depth pruning")
+    teacher_signal: TeacherSignalKind = Field(
+        DEFAULT_TEACHER_SIGNAL, description="online: every distillation runs the teacher's forward pass. topk: a "
+        "teach stage runs the teacher once over the training stream and stores its top_k log-probabilities per "
+        "token; every student and search candidate of the family (and later builds with the same teacher, data "
+        "and top_k) learns from that. A student with hidden_loss_weight > 0 needs the teacher's hidden states "
+        "and distills online")
+    top_k: PositiveCount = Field(
+        DEFAULT_TOP_K, description="Teacher log-probabilities stored per token with teacher_signal: topk, plus the "
+        "mass of the rest (so the loss stays a proper divergence); at most the vocabulary size. Stored bytes per "
+        "token: top_k x 4 (x 6 above 65536 ids) + 2")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hidden_states_need_the_teacher(cls, data: Any) -> Any:
+        # The stored signal has no hidden states: a student with the hidden-state loss keeps
+        # the online teacher (an unset teacher_signal follows; an explicit topk is an error).
+        if isinstance(data, dict) and _positive(data.get("hidden_loss_weight")):
+            if data.get("teacher_signal", "online") != "online":
+                raise ValueError(
+                    f"teacher_signal {data['teacher_signal']!r} stores only the teacher's log-probabilities, but "
+                    f"hidden_loss_weight {data['hidden_loss_weight']} needs its hidden states; set teacher_signal: "
+                    "online (or remove it: with the hidden-state loss the default is online), or hidden_loss_weight: 0")
+            data = {**data, "teacher_signal": "online"}
+        return data
+
+    @property
+    def stored_signal(self) -> bool:
+        """Whether this distillation reads a teach stage's signal (tokens > 0 and topk)."""
+        return self.teacher_signal == "topk" and self.tokens > 0
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False  # pydantic reports the bad value itself
 
 
 class ShapeSpec(Strict):

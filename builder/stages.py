@@ -116,6 +116,8 @@ def _train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Pat
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
                                             "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl"),
                                             "train_nodes": worker_nodes(ctx.out_dir)}
+    if kind == "distill":  # what the student learned from: the online teacher or a stored signal
+        summary["teacher_signal"] = str(_train_blocks(ctx)) if "signal" in ctx.inputs else "online"
     return summary, result.tokens_seen
 
 
@@ -132,12 +134,37 @@ def train_settings(section: TrainingSpec, workers: int, precision: str) -> "Trai
 
 def _train_blocks(ctx: StageContext) -> Path:
     """The acquire-data stage dir: training opens its train split with
-    `builder.tokens.TokenBlocks.open(path, "train")` and memory-maps the shards."""
+    `builder.tokens.TokenBlocks.open(path, "train")` and memory-maps the shards; for a
+    distillation with a stored teacher signal, the teach stage dir (its taught rows, with the
+    signal of each: builder.teacher_signal)."""
+    if "signal" in ctx.inputs:
+        return Path(ctx.inputs["signal"].summary["signal"])
     return ctx.blocks_path()
 
 
 def correct_stage(ctx: StageContext) -> StageResult:
     return _train(ctx, "correct", ctx.spec.correction, None)
+
+
+def teach_stage(ctx: StageContext) -> StageResult:
+    """The teacher's top-k signal over the rows its students will read, computed once, on Ray
+    actors (builder.ray_teach), resuming at the first shard a killed pass left unwritten."""
+    from builder.acquire import config_from_json
+    from builder.ray_teach import teach_on_ray
+    from builder.teach import TeachJob, finish
+    from builder.teacher_signal import SignalLayout
+    from builder.tokens import TokenBlocks
+
+    config, teacher_dir = ctx.config, ctx.model_dir("teacher")
+    train = TokenBlocks.open(ctx.blocks_path(), "train")
+    vocab_size = config_from_json(teacher_dir / "config.json").vocab_size
+    layout = SignalLayout.plan(config["positions"], len(train), train.seq_len, config["top_k"],
+                               config["temperature"], vocab_size)
+    # Forward passes only: the scoring section's batch size (execution only) sizes them.
+    job = TeachJob(str(teacher_dir), str(ctx.blocks_path()), str(ctx.out_dir), layout, dtype=ctx.precision,
+                   batch_size=ctx.spec.scoring.batch_size, device=ctx.options.device())
+    workers = teach_on_ray(job, ctx.options)
+    return finish(job) | {"workers": workers}, layout.rows * layout.seq_len
 
 
 def score_stage(ctx: StageContext) -> StageResult:
@@ -254,6 +281,7 @@ STAGE_VERSIONS: dict[str, str] = {
     "acquire-data": "2",  # sharded .npy token blocks (builder.tokens)
     "correct": "1",
     "score": "1",
+    "teach": "1",
     "prune": "1",
     "distill": "1",
     "select": "1",
@@ -266,6 +294,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], StageResult]] = {
     "acquire-data": acquire_data_stage,
     "correct": correct_stage,
     "score": score_stage,
+    "teach": teach_stage,
     "prune": prune_stage,
     "distill": distill_stage,
     "select": select_stage,

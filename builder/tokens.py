@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -162,7 +163,7 @@ class TokenBlocks:
         self.shards = index.splits[split].shards
         # starts[i] is the global index of shard i's first block; starts[-1] the total.
         self.starts = np.cumsum([0] + [shard.blocks for shard in self.shards])
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps = MappedFiles()
 
     @classmethod
     def open(cls, stage_dir: Path | str, split: str) -> "TokenBlocks":
@@ -220,9 +221,30 @@ class TokenBlocks:
         return torch.from_numpy(out)
 
     def _map(self, shard: int) -> np.ndarray:
-        if shard not in self._maps:
-            self._maps[shard] = np.load(self.stage_dir / self.shards[shard].file, mmap_mode="r")
-        return self._maps[shard]
+        return self._maps.open(self.stage_dir / self.shards[shard].file)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": MappedFiles()}
+
+
+class MappedFiles:
+    """Memory-mapped .npy files, the most recently used `capacity` kept open.
+
+    Each open map holds a file descriptor: a reader that kept every shard of a 100B-token
+    corpus open (~3000 shards, four files each for a teacher signal) would pass the usual
+    limit of 1024 open files. A step samples rows from few shards at a time, and reopening
+    an evicted one costs a header read, so a small cache loses nothing.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._open: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+    def open(self, path: Path) -> np.ndarray:
+        if path in self._open:
+            self._open.move_to_end(path)
+        else:
+            self._open[path] = np.load(path, mmap_mode="r")
+            if len(self._open) > self.capacity:
+                self._open.popitem(last=False)
+        return self._open[path]

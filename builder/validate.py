@@ -157,6 +157,7 @@ def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
         problems += _student_problems(spec, index, student, teacher_config, teacher_params)
     problems += _depth_method_problems(spec)
     problems += _context_problems(spec, teacher_config)
+    problems += _top_k_problems(spec, teacher_config)
     problems += _task_problems(spec)
     return problems
 
@@ -219,6 +220,17 @@ def _context_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
     return [Problem("data.seq_len", spec.data.seq_len,
                     f"{spec.data.seq_len:,} tokens per block is longer than the teacher's context "
                     f"(max_position_embeddings={limit:,}); use data.seq_len <= {limit}")]
+
+
+def _top_k_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
+    """A stored signal keeps at most the teacher's whole vocabulary."""
+    sections = [("distill", spec.distill)] + [(f"students[{index}].distill", student.distill)
+                                              for index, student in enumerate(spec.students) if student.distill]
+    vocab = teacher_config.vocab_size
+    return [Problem(f"{field}.top_k", section.top_k,
+                    f"top_k {section.top_k:,} is more than the teacher's vocabulary ({vocab:,} token ids); use "
+                    f"top_k <= {vocab} (64 keeps ~258 bytes per token), or teacher_signal: online")
+            for field, section in sections if section.teacher_signal == "topk" and section.top_k > vocab]
 
 
 def _task_problems(spec: FamilySpec) -> list[Problem]:

@@ -163,6 +163,13 @@ def _pruning_text(s: StudentRecord) -> str:
     return "; ".join(parts) + "."
 
 
+def _signal_text(d) -> str:
+    if d.teacher_signal == "topk":
+        return (f"the teacher's stored top-{d.top_k} log-probabilities per token and the mass of the rest (one "
+                "teacher pass shared by the family, the *teach* stage below)")
+    return "the teacher's logits (run online, alongside the student)"
+
+
 def _distill_text(s: StudentRecord) -> str:
     d = s.lineage.distillation
     if not d.tokens:
@@ -170,7 +177,7 @@ def _distill_text(s: StudentRecord) -> str:
     text = f"{format_count(d.tokens)} tokens"
     if d.steps:
         text += f" over {d.steps} steps"
-    text += f", loss `{d.loss}` on the teacher's logits"
+    text += f", loss `{d.loss}` on {_signal_text(d)}"
     if d.temperature is not None:
         text += f" at temperature {d.temperature:g}"
     if d.final_loss is not None:

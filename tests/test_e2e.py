@@ -1,5 +1,6 @@
 """The whole pipeline through the CLI with every real component: a local Ray instance on
-127.0.0.1, real pruning and distillation, real lm-eval on a bundled offline task, real vLLM
+127.0.0.1, real pruning and distillation (one student with the online teacher, one from its
+stored top-k signal), real lm-eval on a bundled offline task, real vLLM
 throughput (always on: without vLLM its test skips, and fails under MINIZOO_REQUIRE_VLLM=1),
 cards and the family report; then a second run that reuses everything.
 """
@@ -35,6 +36,9 @@ students:
   - name: tiny-depth
     shape: {{num_hidden_layers: 2}}
     depth_method: contiguous
+    # from the teacher's stored top-k signal (a teach stage), where tiny-width runs it online
+    distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3,
+              teacher_signal: topk, top_k: 32}}
 evaluation:
   tasks: [{{name: arc_easy, limit: 8}}]
   batch_size: 8
@@ -82,6 +86,24 @@ def test_build_succeeds_and_writes_the_report(built_family):
         assert student["stages"]["distill"]["tokens"] >= 2000
         assert Path(student["card"]).read_text().startswith("---")
     assert (workdir / "tiny-e2e" / "report.md").exists()
+
+
+def test_the_teacher_teaches_once_and_the_topk_student_reads_its_signal(built_family):
+    _, workdir, _, _ = built_family
+    (teach,) = workdir.glob("stages/teach-k32-*")
+    manifest = json.loads((teach / "manifest.json").read_text())
+    assert manifest["summary"]["top_k"] == 32 and manifest["summary"]["bytes_per_token"] == 32 * 4 + 2
+    assert manifest["summary"]["workers"] >= 1 and manifest["tokens"] > 0
+    summary = lambda name: json.loads(next(workdir.glob(f"stages/distill-{name}-*/manifest.json")).read_text())[  # noqa: E731
+        "summary"]
+    assert summary("tiny-depth")["teacher_signal"] == str(teach) and summary("tiny-width")["teacher_signal"] == "online"
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    assert report["teacher"]["stages"]["teach (top-32)"]["tokens"] == manifest["tokens"]
+    by_name = {s["name"]: s for s in report["students"]}
+    assert by_name["tiny-depth"]["lineage"]["distillation"]["teacher_signal"] == "topk"
+    assert by_name["tiny-width"]["lineage"]["distillation"]["teacher_signal"] == "online"
+    card = Path(by_name["tiny-depth"]["card"]).read_text()
+    assert "stored top-32 log-probabilities" in card and "| teach (top-32) (shared) |" in card
 
 
 def test_students_load_with_plain_from_pretrained(built_family):

@@ -13,6 +13,7 @@ from typing import Protocol, Union
 import numpy as np
 import torch
 
+from builder.teacher_signal import TeacherSignal, is_teacher_signal
 from builder.tokens import TokenBlocks
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
@@ -57,26 +58,42 @@ class BlockStream:
         return (step - 1) * self.samples_per_step
 
     def micro_batch(self, step: int, micro: int) -> torch.Tensor:
+        return self.read(self.micro_rows(step, micro))
+
+    def micro_rows(self, step: int, micro: int) -> torch.Tensor:
+        """The block indices of this rank's micro-batch `micro` of step `step` (a stored
+        teacher signal is read at the same rows as the tokens)."""
         offset = (micro * self.world.size + self.world.rank) * self.batch_size
-        return self.take(self.samples_before(step) + offset, self.batch_size)
+        return self.rows_at(self.samples_before(step) + offset, self.batch_size)
 
     def take(self, first: int, count: int) -> torch.Tensor:
         """Blocks at stream positions [first, first + count), as int64 [count, seq_len]."""
+        return self.read(self.rows_at(first, count))
+
+    def rows_at(self, first: int, count: int) -> torch.Tensor:
+        """The block indices at stream positions [first, first + count)."""
         epochs, within = np.divmod(np.arange(first, first + count, dtype=np.int64), len(self.blocks))
         rows = np.empty(count, dtype=np.int64)
         for epoch in np.unique(epochs):  # a batch may straddle an epoch boundary
             here = epochs == epoch
             # Built per call: a few microseconds, and nothing kept that grows with N.
             rows[here] = Permutation(len(self.blocks), (self.seed, int(epoch)))(within[here])
-        batch = self.blocks[torch.from_numpy(rows)].long()
+        return torch.from_numpy(rows)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        batch = self.blocks[rows].long()
         if self.vocab_size is not None:
             check_token_ids(batch, self.vocab_size)
         return batch
 
 
 def open_blocks(train_blocks: TrainBlocks) -> Blocks:
-    """The blocks to train on: a tensor as it is, a stage dir's train split memory-mapped."""
-    if isinstance(train_blocks, (str, Path)):
+    """The blocks to train on: a tensor as it is, a stage dir memory-mapped: an acquire-data
+    stage's train split, or a teach stage's taught rows (a TeacherSignal: the blocks with the
+    teacher's stored top-k signal for each)."""
+    if isinstance(train_blocks, (str, Path)) and is_teacher_signal(Path(train_blocks)):
+        blocks = TeacherSignal.open(train_blocks)
+    elif isinstance(train_blocks, (str, Path)):
         blocks = TokenBlocks.open(train_blocks, TRAIN_SPLIT)
     else:
         blocks = train_blocks

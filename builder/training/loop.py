@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from builder.model_io import load_model
 from builder.prune import read_pruning_map
 from builder.store import write_text_atomic
+from builder.teacher_signal import TeacherSignal
 from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
 from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of
@@ -34,7 +35,9 @@ def distill(
     device: torch.device | None = None,
     parallel: Parallel = "ddp",
 ) -> TrainResult:
-    """Train the student to match the frozen teacher's next-token distributions."""
+    """Train the student to match the frozen teacher's next-token distributions: the online
+    teacher in `teacher_dir`, or, when `train_blocks` is a teach stage's dir (or an opened
+    TeacherSignal), the teacher's stored top-k signal for each block (no teacher is loaded)."""
     if settings.loss == "cross_entropy":
         raise ValueError(
             "settings.loss='cross_entropy' ignores the teacher; use forward_kl (the Minitron "
@@ -84,7 +87,11 @@ def train(
     total_steps = settings.steps(seq_len_of(blocks), world.size)
     tokens_per_step = settings.batch_size * settings.grad_accum * world.size * seq_len_of(blocks)
 
-    model, teacher = _load_models(Path(model_dir), teacher_dir, settings, device, world, parallel)
+    signal = blocks if isinstance(blocks, TeacherSignal) else None  # the teacher's stored top-k signal
+    model, teacher = _load_models(Path(model_dir), None if signal else teacher_dir, settings, device, world, parallel)
+    if signal is not None:
+        _check_signal(signal, student_of(model), settings, model_dir)
+        teacher = signal
     optimizer = make_optimizer(model, settings)
     scheduler = warmup_cosine_schedule(optimizer, settings, total_steps)
 
@@ -158,6 +165,23 @@ def _load_models(
     if teacher is not None and settings.hidden_loss_weight > 0:
         student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
     return wrap_for_distributed(student, device, world, parallel), teacher
+
+
+def _check_signal(signal: TeacherSignal, student, settings: TrainSettings, student_dir) -> None:
+    """A stored signal is only the online teacher's if it was taught for this vocabulary and
+    temperature, and it has no hidden states to align."""
+    layout, vocab = signal.layout, student.config.vocab_size
+    problems = [
+        f"it was taught for vocab_size {layout.vocab_size} but student {student_dir} has {vocab}"
+        if layout.vocab_size != vocab else "",
+        f"it holds log-probabilities at temperature {layout.temperature:g}, not {settings.temperature:g}"
+        if layout.temperature != settings.temperature else "",
+        "hidden_loss_weight > 0 needs the teacher's hidden states (distill with teacher_signal: online)"
+        if settings.hidden_loss_weight > 0 else "",
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"the teacher signal in {signal.stage_dir} cannot train this student: " + "; ".join(problems))
 
 
 def _check_same_vocab(teacher, student, teacher_dir, student_dir) -> None:

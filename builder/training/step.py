@@ -3,21 +3,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 
 from builder.training.aligner import HiddenStateAligner, hidden_state_loss, recording
 from builder.training.data import BlockStream
-from builder.training.losses import chunked_losses
+from builder.teacher_signal import TeacherSignal
+from builder.training.losses import TopKTarget, chunked_losses
 from builder.training.optim import clip_gradients
 from builder.training.parallel import World, gradient_sync, unwrap
 from builder.training.settings import TrainingDiverged, TrainSettings
 
 
+# What a student learns from: the online teacher model, its stored top-k signal (a teach
+# stage's output, read at the rows of each micro-batch), or None (teacher correction).
+Teacher = Union[torch.nn.Module, TeacherSignal, None]
+
+
 def optimizer_step(
     model: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: Teacher,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: BlockStream,
@@ -43,7 +50,7 @@ def optimizer_step(
 
 def accumulate_gradients(
     model: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: Teacher,
     batches: BlockStream,
     step: int,
     settings: TrainSettings,
@@ -52,9 +59,9 @@ def accumulate_gradients(
     """Forward and backward over the step's micro-batches; returns their mean losses."""
     means = torch.zeros(len(LOSS_PARTS), device=device)
     for micro in range(settings.grad_accum):
-        input_ids = batches.micro_batch(step, micro).to(device)
+        input_ids, target = micro_batch(batches, teacher, step, micro)
         with gradient_sync(model, enabled=micro == settings.grad_accum - 1):
-            losses = forward_loss(model, teacher, input_ids, settings, device)
+            losses = forward_loss(model, target, input_ids.to(device), settings, device)
             # Micro-batches hold equal token counts, so the mean of their means is the
             # step's mean.
             (losses[0] / settings.grad_accum).backward()
@@ -62,21 +69,41 @@ def accumulate_gradients(
     return means
 
 
+def micro_batch(batches: BlockStream, teacher: Teacher, step: int,
+                micro: int) -> tuple[torch.Tensor, torch.nn.Module | TopKTarget | None]:
+    """(input ids, what the student learns from): the online teacher, or the stored signal
+    of the very rows the tokens come from."""
+    if not isinstance(teacher, TeacherSignal):
+        return batches.micro_batch(step, micro), teacher
+    rows = batches.micro_rows(step, micro)
+    return batches.read(rows), stored_target(teacher, rows)
+
+
+def stored_target(signal: TeacherSignal, rows: torch.Tensor) -> TopKTarget:
+    """The stored top-k signal of `rows`, one row per token as the losses take it."""
+    indices, logprobs, tail = signal.targets(rows)
+    return TopKTarget(indices.flatten(0, 1), logprobs.flatten(0, 1), tail.flatten())
+
+
 def forward_loss(
     model: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: torch.nn.Module | TopKTarget | None,
     input_ids: torch.Tensor,
     settings: TrainSettings,
     device: torch.device,
 ) -> torch.Tensor:
     """The LOSS_PARTS for one micro-batch: [total, divergence, cross-entropy, hidden] (NaN
-    for a part that is not used)."""
+    for a part that is not used). `teacher`: the online teacher, its stored top-k signal
+    for these tokens, or None (correction)."""
     aligner = unwrap(model)  # a HiddenStateAligner when the hidden-state loss is on
     aligned = isinstance(aligner, HiddenStateAligner)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.dtype == "bfloat16")
     with autocast:
         teacher_logits = teacher_hidden = None
-        if teacher is not None:
+        if isinstance(teacher, TopKTarget):
+            parts = (teacher.indices, teacher.logprobs, teacher.tail_logprob)
+            teacher_logits = TopKTarget(*(part.to(device) for part in parts))
+        elif teacher is not None:
             with torch.no_grad(), recording(aligner.teacher_layers(teacher) if aligned else []) as teacher_hidden:
                 teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
         if aligned:
@@ -84,9 +111,11 @@ def forward_loss(
         else:
             student_logits = model(input_ids=input_ids, use_cache=False).logits
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # next token; none after the last
+    if isinstance(teacher_logits, torch.Tensor):
+        teacher_logits = teacher_logits.flatten(0, 1)
     divergence, ce = chunked_losses(
         student_logits.flatten(0, 1),
-        None if teacher_logits is None else teacher_logits.flatten(0, 1),
+        teacher_logits,
         labels.flatten(),
         kind=settings.loss,
         temperature=settings.temperature,

@@ -1,0 +1,80 @@
+"""`distill.teacher_signal: topk` in the spec and the plan: one teach stage per (top_k,
+temperature) that every reading student and search candidate shares, covering the most any
+of them reads; a student with the hidden-state loss stays online; the validator names the
+field when the spec asks for what cannot work."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from builder.plan import make_plan, stream_positions
+from builder.precision import Precision
+from builder.spec import DistillSpec, FamilySpec
+from builder.validate import check_against_teacher
+from tests.tiny_models import TINY_VOCAB, tiny_config
+
+FP32 = Precision("float32", "requested")
+
+
+def _spec(distill: dict, students: list[dict] | None = None, search: dict | None = None) -> FamilySpec:
+    students = students or [{"name": "w", "shape": {"hidden_size": 48}}, {"name": "d", "shape": {"num_hidden_layers": 2}}]
+    return FamilySpec.model_validate({
+        "family": "tiny", "teacher": {"source": "embedded:smollm2-135m-instruct"}, "data": {"seq_len": 64},
+        "distill": {"tokens": "4K", "global_batch_size": 4, **distill}, "students": students,
+        **({"search": search} if search else {})})
+
+
+def _stages(plan, name: str) -> list:
+    return [stage for stage in plan.stages.values() if stage.name == name]
+
+
+def test_every_student_and_candidate_reads_one_shared_teach_stage():
+    budget = {"name": "s", "params": 150_000}
+    spec = _spec({"teacher_signal": "topk", "top_k": 16}, [{"name": "w", "shape": {"hidden_size": 48}}, budget],
+                 search={"tokens": "1K", "max_candidates": 3, "width_multiple": 16})
+    plan = make_plan(spec, tiny_config(), FP32)
+    (teach,) = _stages(plan, "teach")
+    distills = _stages(plan, "distill")
+    candidates = len(plan.students[1].candidates)
+    assert candidates >= 2 and len(distills) == 1 + candidates + 1 and all(stage.inputs["signal"] == teach.id for stage in distills)
+    assert plan.teach_stages == (teach.id,)
+    # It covers the most any reader reads: a student's 4K tokens = 16 steps x 4 blocks of 64.
+    assert teach.key.config == {"top_k": 16, "temperature": 1.0, "positions": 64}
+    assert stream_positions(spec.distill, 64) == 64 and stream_positions(spec.search_training(spec.students[1]), 64) == 16
+
+
+def test_the_teach_stage_does_not_depend_on_who_reads_it():
+    """A later build of the family (other students, other seeds) with the same teacher, data,
+    top_k and budget reuses the stored signal: its hash holds none of the students."""
+    first = make_plan(_spec({"teacher_signal": "topk"}), tiny_config(), FP32)
+    other = _spec({"teacher_signal": "topk", "seed": 7, "learning_rate": 1e-3},
+                  [{"name": "x", "shape": {"intermediate_size": 64}}])
+    (a,), (b,) = _stages(first, "teach"), _stages(make_plan(other, tiny_config(), FP32), "teach")
+    assert a.id == b.id
+    (bigger,) = _stages(make_plan(_spec({"teacher_signal": "topk", "top_k": 32}), tiny_config(), FP32), "teach")
+    assert bigger.id != a.id
+
+
+def test_online_students_have_no_teach_stage_and_read_the_data():
+    plan = make_plan(_spec({}), tiny_config(), FP32)
+    assert not _stages(plan, "teach") and all("signal" not in s.inputs for s in _stages(plan, "distill"))
+
+
+def test_a_student_with_the_hidden_state_loss_distills_online():
+    hidden = {"name": "d", "shape": {"num_hidden_layers": 2},
+              "distill": {"tokens": "4K", "global_batch_size": 4, "hidden_loss_weight": 1.0}}
+    spec = _spec({"teacher_signal": "topk"}, [{"name": "w", "shape": {"hidden_size": 48}}, hidden])
+    plan = make_plan(spec, tiny_config(), FP32)
+    signal = {stage.student: "signal" in stage.inputs for stage in _stages(plan, "distill")}
+    assert signal == {"w": True, "d": False} and spec.students[1].distill.teacher_signal == "online"
+
+
+def test_topk_with_the_hidden_state_loss_is_an_error_naming_both_fields():
+    with pytest.raises(ValidationError, match="teacher_signal 'topk' .* hidden_loss_weight 1.0 .*set teacher_signal: online"):
+        DistillSpec(tokens=100, teacher_signal="topk", hidden_loss_weight=1.0)
+
+
+def test_top_k_above_the_vocabulary_is_a_spec_problem():
+    spec = _spec({"teacher_signal": "topk", "top_k": TINY_VOCAB + 1})
+    (problem,) = [p for p in check_against_teacher(spec, tiny_config()) if p.field.endswith("top_k")]
+    assert problem.field == "distill.top_k" and f"top_k <= {TINY_VOCAB}" in problem.message
