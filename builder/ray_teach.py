@@ -22,25 +22,29 @@ from builder.teach import ShardTeacher, TeachJob
 log = logging.getLogger(__name__)
 
 
-def teach_on_ray(job: TeachJob, options: RunOptions) -> int:
+def teach_on_ray(job: TeachJob, options: RunOptions) -> list[dict]:
     """Teach every shard `job` still lacks on as many actors as the cluster has room for (one
-    per GPU, or per `train_cpus_per_worker` CPUs, at most one per shard); returns their count."""
+    per GPU, or per `train_cpus_per_worker` CPUs, at most one per shard); returns what each
+    shard's actor reported (shard, rows, seconds, worker)."""
     pending = job.pending()
     if not pending:
-        return 0
+        return []
     cpus = train_cpus_per_worker(options)
     gpus = 1 if options.use_gpu else 0
     workers = min(len(pending), _room(cpus, gpus))
     actor = ray.remote(ShardTeacher).options(num_cpus=cpus, num_gpus=gpus)
     actors = [actor.remote(job, cpus) for _ in range(workers)]
+    taught = []
     try:
         pool = ActorPool(actors)
         for done in pool.map_unordered(lambda teacher, shard: teacher.teach.remote(shard), pending):
-            log.info("taught shard %d (%d rows) in %.1f s", done["shard"], done["rows"], done["seconds"])
+            log.info("taught shard %d (%d rows) in %.1f s on %s", done["shard"], done["rows"], done["seconds"],
+                     done["worker"])
+            taught.append(done)
     finally:
         for teacher in actors:
             ray.kill(teacher)
-    return workers
+    return taught
 
 
 def _room(cpus: int, gpus: int) -> int:

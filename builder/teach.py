@@ -17,6 +17,8 @@ the float16 storage of the log-probabilities (tests/test_teach.py bounds that).
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +69,8 @@ class ShardTeacher:
         arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("indices", "logprobs", "tail")}
         arrays["tokens"] = tokens.numpy().astype(self.blocks.dtype)
         write_shard(Path(self.job.out_dir), shard, arrays)
-        return {"shard": shard, "rows": len(rows), "seconds": time.perf_counter() - started}
+        return {"shard": shard, "rows": len(rows), "seconds": time.perf_counter() - started,
+                "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
     @torch.no_grad()
     def _signal(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:

@@ -101,6 +101,32 @@ def test_a_killed_pass_resumes_at_the_missing_shard_only(teacher_dir, data_dir, 
     assert len(TeacherSignal.open(tmp_path / "signal")) == 12
 
 
+def test_the_pass_runs_data_parallel_on_ray_actors(teacher_dir, data_dir, tmp_path, monkeypatch):
+    """Two 1-CPU actors on a 2-CPU local Ray instance share the shards, and the signal is the
+    one a single process writes."""
+    from builder.options import RunOptions
+    from builder.ray_teach import teach_on_ray
+    from builder.runner import init_ray, shutdown_ray
+
+    for name in ("RAY_ADDRESS", "RAY_TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    options = RunOptions(local_cpus=2, cpus_per_stage=2, train_workers=2)
+    job = _job(teacher_dir, data_dir, tmp_path / "ray", positions=20, shard_rows=2)
+    init_ray(options)
+    try:
+        taught = teach_on_ray(job, options)
+    finally:
+        shutdown_ray()
+    assert sorted(done["shard"] for done in taught) == list(range(10))
+    assert len({done["worker"] for done in taught}) == 2
+    alone = _job(teacher_dir, data_dir, tmp_path / "alone", positions=20, shard_rows=2)
+    teach_locally(alone)
+    for name in ("tokens", "indices", "logprobs", "tail"):
+        for shard in range(10):
+            assert np.array_equal(np.load(shard_dir(tmp_path / "ray", shard) / f"{name}.npy"),
+                                  np.load(shard_dir(tmp_path / "alone", shard) / f"{name}.npy"))
+
+
 def test_a_student_learns_from_the_full_stored_signal_what_it_learns_online(teacher_dir, data_dir, tmp_path):
     """With k = the whole vocabulary the stored signal is the teacher's distribution, up to
     float16: the same steps on the same rows give the same losses as the online teacher."""
