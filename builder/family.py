@@ -15,7 +15,7 @@ from builder.acquire import read_teacher_config
 from builder.batching import batch_problems
 from builder.options import RunOptions
 from builder.plan import Plan, make_plan, teacher_acquire_key
-from builder.precision import Precision
+from builder.precision import Precision, machine_signature
 from builder.reuse import stages_to_rebuild
 from builder.spec import FamilySpec
 from builder.store import StageStore, write_json_atomic
@@ -47,21 +47,38 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
     problems += check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
     if problems:
         raise SpecError(str(spec_path), problems)
-    precision = _built_precision(spec, options) if built else options.resolved_precision()
+    precision = _built_precision(spec, options) if built else _build_precision(spec, options)
     return make_plan(spec, teacher_config, precision)
 
 
 def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
     """`auto` resolves per machine (GPU or CPU, bf16 or not), and training stages are hashed
     with the result: `report` on a login node must find the stages a GPU build made."""
-    record = family_dir(spec, options) / BUILT_PRECISION
-    if options.precision != "auto" or not record.exists():
+    record = _precision_record(spec, options)
+    if options.precision != "auto" or record is None:
         return options.resolved_precision()
-    return Precision(**json.loads(record.read_text()))
+    return Precision(record["dtype"], record["reason"])
+
+
+def _build_precision(spec: FamilySpec, options: RunOptions) -> Precision:
+    """`auto` for a build: what the last build decided on this same kind of machine, else a
+    fresh decision. The CPU probe times a matmul, and on a loaded machine its answer can flip;
+    a flip would change every training stage's hash and redo finished work for nothing."""
+    record = _precision_record(spec, options)
+    if options.precision == "auto" and record and record.get("machine") == machine_signature(options.use_gpu):
+        return Precision(record["dtype"], record["reason"] + "; decided by an earlier build on this machine")
+    return options.resolved_precision()
+
+
+def _precision_record(spec: FamilySpec, options: RunOptions) -> dict | None:
+    record = family_dir(spec, options) / BUILT_PRECISION
+    return json.loads(record.read_text()) if record.exists() else None
 
 
 def record_precision(plan: Plan, options: RunOptions) -> None:
-    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION, vars(plan.precision))
+    reason = plan.precision.reason.split("; decided by an earlier build")[0]
+    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION,
+                      {"dtype": plan.precision.dtype, "reason": reason, "machine": machine_signature(options.use_gpu)})
 
 
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):

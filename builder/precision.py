@@ -59,13 +59,27 @@ def resolve_precision(requested: str, use_gpu: bool) -> Precision:
     return choose_precision(requested, use_gpu, cpu_flags, bf16_speedup)
 
 
+def machine_signature(use_gpu: bool) -> str:
+    """What `auto`'s decision depends on, as a short digest: GPU or not, and the CPU's flags
+    and model (a build on another kind of machine decides afresh)."""
+    import hashlib
+
+    model = next((line.partition(":")[2].strip() for line in _cpuinfo().splitlines()
+                  if line.startswith("model name")), "")
+    text = f"gpu={use_gpu};model={model};flags={' '.join(sorted(cpu_flags()))}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     """The CPU's feature flags (Linux x86); empty where the file or its `flags` line is missing."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+    for line in _cpuinfo(cpuinfo).splitlines():
         name, _, value = line.partition(":")
         if name.strip() == "flags":
             return frozenset(value.split())

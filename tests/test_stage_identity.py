@@ -247,6 +247,26 @@ def test_report_plans_with_the_precision_the_build_resolved(tmp_path, monkeypatc
     assert pinned.precision.dtype == "float32"  # an explicit flag still wins
 
 
+def test_a_build_keeps_the_precision_auto_chose_on_this_machine(tmp_path, monkeypatch):
+    """The CPU probe times a matmul: on a loaded machine it may flip. The next build on the
+    same machine keeps the recorded decision (else every training stage would be redone);
+    another kind of machine decides afresh."""
+    from builder.family import record_precision
+
+    path = write_spec(tmp_path, SPEC)
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(precision_module, "bf16_speedup", lambda: 2.0)
+    first = load_and_plan(path, options(tmp_path, precision="auto"))
+    record_precision(first, options(tmp_path))
+    monkeypatch.setattr(precision_module, "bf16_speedup", lambda: 0.8)  # a busy machine's probe
+    again = load_and_plan(path, options(tmp_path, precision="auto"))
+    assert again.precision.dtype == "bfloat16" and "earlier build on this machine" in again.precision.reason
+    assert digests(again) == digests(first)
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    elsewhere = load_and_plan(path, options(tmp_path, precision="auto"))
+    assert elsewhere.precision.dtype == "float32"  # the other machine's own probe (0.8x) decides
+
+
 def never_called():
     raise AssertionError("the decision did not need this")
 
