@@ -162,7 +162,7 @@ def teach_stage(ctx: StageContext) -> StageResult:
                                config["temperature"], vocab_size)
     # Forward passes only: the scoring section's batch size (execution only) sizes them.
     job = TeachJob(str(teacher_dir), str(ctx.blocks_path()), str(ctx.out_dir), layout, dtype=ctx.precision,
-                   batch_size=ctx.spec.scoring.batch_size, device=ctx.options.device())
+                   batch_size=ctx.spec.scoring.batch_size, use_gpu=ctx.options.use_gpu)
     taught = teach_on_ray(job, ctx.options)  # [] when every shard was there (a resumed stage)
     return finish(job) | {"workers": len({shard["worker"] for shard in taught}),
                           "taught_shards": len(taught)}, layout.rows * layout.seq_len

@@ -38,7 +38,7 @@ class TeachJob:
     layout: SignalLayout
     dtype: str = "float32"  # the training precision (builder.precision), as the online teacher runs
     batch_size: int = 8  # sequences per teacher forward pass (no gradients: larger than training's)
-    device: str = "cpu"
+    use_gpu: bool = False  # each worker then holds one GPU (and finds it: see ShardTeacher)
 
     def pending(self) -> list[int]:
         """Shards not written yet, in order: what a (resumed) pass still has to do."""
@@ -55,7 +55,10 @@ class ShardTeacher:
 
         if threads:
             torch.set_num_threads(threads)
-        self.job, self.device = job, torch.device(job.device)
+        # Decided here, in the worker: Ray shows a process only the GPUs it reserved, so the
+        # stage task that planned the job (holding none) could not see one.
+        self.job = job
+        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model(job.teacher_dir, self.device, DTYPES[job.dtype], trainable=False)
         self.blocks = TokenBlocks.open(job.data_dir, "train")
 
