@@ -166,8 +166,8 @@ class Costs:
         return replace(self, read_gbps=options.disk_gbps, write_gbps=options.disk_gbps)
 
     def notes(self) -> list[str]:
-        return [f"disk {self.read_gbps:g} GB/s read per worker, {self.write_gbps:g} GB/s written (assumed: one client "
-                "of a shared file system; --disk-gbps overrides both)",
+        return [f"disk {self.read_gbps:g} GB/s read per worker, {self.write_gbps:g} GB/s written (1 is one client of a "
+                "shared file system, node-local NVMe does 2-7; --disk-gbps sets both)",
                 f"start-up: {self.stage_start_s:g} s per stage, {self.train_start_s:g} s per Ray Train worker "
                 f"group or teach pass, lm-eval {self.lm_eval_start_s:g} s + {self.lm_eval_task_s:g} s per task, "
                 f"{self.vllm_start_s:g} s per vLLM engine (measured on a 2-core CPU; builder.estimate.Costs)",
@@ -376,7 +376,7 @@ class _Inputs:
         self.model = models.get(stage.key.label or "teacher", teacher_config)  # the stage's own model
 
     def config(self, role: str):
-        return self.models.get(role, self.teacher_config if role == "teacher" else self.model)
+        return self.models.get(role, self.model)  # "student", "model": the stage's own
 
     def stored_bytes(self, role: str) -> float:
         """An acquired teacher is stored as its config says (bf16 for most Hub models); what a
@@ -575,7 +575,7 @@ def _row(stage: StageEstimate) -> list[str]:
 
 
 def _fixed(hours: float, checkpoints: int) -> str:
-    return _hours(hours) + (f" ({checkpoints} checkpoints)" if checkpoints else "")
+    return _hours(hours) + (f" ({checkpoints} checkpoint{'s' * (checkpoints > 1)})" if checkpoints else "")
 
 
 def _hours(hours: float) -> str:
