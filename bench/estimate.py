@@ -1,6 +1,8 @@
 """How good is the dry run's estimate? Predicted vs measured time per stage of the demo family.
 
-    .venv/bin/python -m bench.estimate     # seconds: reads recorded results, times this disk
+    .venv/bin/python -m bench.estimate          # seconds: reads recorded results, times this disk
+    .venv/bin/python -m bench.estimate --tasks  # ~2 min: lm-eval's tokens per bundled task, the
+                                                # numbers of builder.estimate.LM_EVAL_TASKS
 
 The measured side is one real build: bench/results/demo.json (`bench.demo`, the exact `make
 demo` spec on this 2-core CPU; its stages' wall times as each manifest recorded them). The
@@ -91,6 +93,70 @@ def measure_disk() -> dict[str, float]:
     return {"read_gbps": DISK_TEST_BYTES / read_s / 1e9, "write_gbps": DISK_TEST_BYTES / write_s / 1e9}
 
 
+# (task, few-shot count): zero shots and the counts the Minitron families use (or 5 / 25).
+TASK_SHOTS = [("hellaswag", 0), ("hellaswag", 10), ("arc_easy", 0), ("arc_easy", 25), ("arc_challenge", 0),
+              ("arc_challenge", 25), ("piqa", 0), ("piqa", 5), ("winogrande", 0), ("winogrande", 5), ("mmlu", 0),
+              ("mmlu", 5), ("boolq", 0), ("lambada_openai", 0)]
+TASK_SAMPLE = 40  # documents per task (per subtask of a group) whose requests are tokenized
+
+
+def measure_task_tokens() -> dict:
+    """Per bundled task and few-shot count: documents, forward passes per document and tokens
+    per forward, from lm-eval's own request building (a model that only records requests)
+    with the demo teacher's tokenizer."""
+    from lm_eval import simple_evaluate
+    from transformers import AutoTokenizer
+
+    from bench.common import teacher_dir
+    from evaluators.lm_eval_runner import SEEDS, task_manager
+
+    tokenizer, manager = AutoTokenizer.from_pretrained(teacher_dir()), task_manager("bundled", ROOT / "runs" / "cache")
+    found = {}
+    for name, shots in TASK_SHOTS:
+        recorder = _request_recorder(tokenizer)
+        result = simple_evaluate(model=recorder, tasks=[name], num_fewshot=shots, limit=TASK_SAMPLE,
+                                 task_manager=manager, bootstrap_iters=0, **SEEDS)
+        counts = result["n-samples"].values()
+        used = sum(count["effective"] for count in counts)
+        found[f"{name}:{shots}"] = {"docs": sum(count["original"] for count in counts),
+                                    "requests": round(len(recorder.lengths) / used, 2),
+                                    "tokens": round(sum(recorder.lengths) / len(recorder.lengths), 1)}
+        print(name, shots, found[f"{name}:{shots}"], flush=True)
+    return found
+
+
+def _request_recorder(tokenizer):
+    """An lm-eval model that answers nothing and records each forward pass's length. Like
+    lm-eval's HF model, one-token continuations of the same context share one forward."""
+    from lm_eval.api.model import LM
+
+    def length(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    class Recorder(LM):
+        lengths: list[int] = []
+
+        def loglikelihood(self, requests):
+            shared = {(r.args[0], r.args[1]) for r in requests if length(r.args[1]) == 1}
+            contexts = {context for context, _ in shared}
+            self.lengths += [length(r.args[0]) + length(r.args[1]) for r in requests if (r.args[0], r.args[1])
+                             not in shared]
+            self.lengths += [length(context) + 1 for context in contexts]
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests):
+            self.lengths += [length(r.args[0]) for r in requests]
+            return [0.0] * len(requests)
+
+        def generate_until(self, requests):
+            self.lengths += [length(r.args[0]) for r in requests]
+            return [""] * len(requests)
+
+    recorder = Recorder()
+    recorder.lengths = []
+    return recorder
+
+
 def _compare(model: str, name: str, tokens: int, wall_s: float, estimate) -> dict | None:
     label = "" if model == "teacher" and name in ("correct", "score") else model
     matches = [s for s in estimate.stages if s.name == name and s.label == label]
@@ -103,4 +169,9 @@ def _compare(model: str, name: str, tokens: int, wall_s: float, estimate) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--tasks" in sys.argv[1:]:
+        write_result("estimate_tasks", {"sample": TASK_SAMPLE, "tasks": measure_task_tokens()})
+    else:
+        main()

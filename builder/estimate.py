@@ -138,7 +138,8 @@ class Costs:
 
     # GB/s (1e9 bytes) each worker reads and the work directory takes in writes. 1: what one
     # client of a shared file system (NFS, a cloud filestore) sustains; node-local NVMe does
-    # 2-7 (--disk-gbps). The 2-core dev VM measured 0.22 cold reads, 0.09 fsync'd writes.
+    # 2-7 (--disk-gbps). The 2-core dev VM: 0.2-2 cold reads, 0.1-0.3 fsync'd writes
+    # (bench.estimate times it).
     read_gbps: float = 1.0
     write_gbps: float = 1.0
     # A stage's set-up in its Ray worker: transformers' first model instantiation in a process
@@ -199,17 +200,18 @@ class TaskCost:
     subtasks: int = 1
 
 
-# Measured with lm-eval 0.4's own request building (simple_evaluate with a model that only
-# records its requests; 40 documents a task, 57 x 40 for MMLU; at zero shots and at the few-shot
-# count of families/llama-3.1-8b-minitron.yaml or 5/25) on the bundled tasks (evaluators/tasks)
-# with SmolLM2's tokenizer; other tokenizers differ by some 10-20%. boolq and lambada_openai:
+# Measured with lm-eval 0.4's own request building (`python -m bench.estimate --tasks`:
+# simple_evaluate with a model that only records its requests; 40 documents a task, 57 x 40 for
+# MMLU; at zero shots and at the few-shot count of families/llama-3.1-8b-minitron.yaml or 5/25)
+# on the bundled tasks (evaluators/tasks) with SmolLM2's tokenizer; other tokenizers differ by
+# some 10-20%. boolq and lambada_openai:
 # zero-shot only, a shot taken as long as a request. truthfulqa_mc2 and gsm8k are not bundled:
 # stated from their lm-eval YAMLs (six fixed QA pairs before each question; five worked
 # examples of about 180 tokens, ~130 generated), not measured.
 LM_EVAL_TASKS = {
     "hellaswag": TaskCost(10042, 4.0, 41.8, 81.3),
     "arc_easy": TaskCost(2376, 3.3, 30.7, 33.8),
-    "arc_challenge": TaskCost(1172, 4.0, 43.8, 38.5),
+    "arc_challenge": TaskCost(1172, 3.95, 43.8, 38.5),
     "piqa": TaskCost(1838, 2.0, 36.7, 39.2),
     "winogrande": TaskCost(1267, 2.0, 22.5, 24.7),
     "mmlu": TaskCost(14042, 1.0, 112.5, 103.8, subtasks=57),
