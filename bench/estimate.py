@@ -67,9 +67,23 @@ def main() -> None:
     heavy = [row for row in rows if row["stage"] in HEAVY]
     within = all(0.5 <= row["ratio"] <= 2 for row in heavy)
     print(f"heavy stages within 2x: {within}")
+    mismatch = _precision_mismatch(plan.precision.dtype, speed["dtype"])
+    if mismatch:
+        print(f"WARNING: {mismatch}")
     write_result("estimate", {"demo_finished": demo["finished"], "peak_gflops": speed["peak_gflops"], "mfu": mfu,
                               "costs": estimate.costs, "stages": rows, "heavy_within_2x": within,
+                              "precision_mismatch": mismatch,
                               "measured_whole_build_peak_pss_gib": demo["peak_pss_gib"]})
+
+
+def _precision_mismatch(build: str, measured: str) -> str | None:
+    """The peak and MFU must be those of the precision the demo's training ran in: on a CPU
+    with native bf16, `--precision auto` trains in bfloat16, while bench.distill times float32."""
+    if build == measured:
+        return None
+    return (f"the demo plans its training in {build} on this machine but bench.distill measured {measured}: the "
+            f"predicted compute of correct and distill is off; build the demo with --precision {measured}, or "
+            f"measure the KD step in {build}")
 
 
 def measure_disk() -> dict[str, float]:
