@@ -1,33 +1,47 @@
 """How good is the dry run's estimate? Predicted vs measured time per stage of the demo family.
 
-    .venv/bin/python -m bench.estimate     # seconds: reads recorded results, runs nothing heavy
+    .venv/bin/python -m bench.estimate          # seconds: reads recorded results, times this disk
+    .venv/bin/python -m bench.estimate --tasks  # ~2 min: lm-eval's tokens per bundled task, the
+                                                # numbers of builder.estimate.LM_EVAL_TASKS
 
 The measured side is one real build: bench/results/demo.json (`bench.demo`, the exact `make
 demo` spec on this 2-core CPU; its stages' wall times as each manifest recorded them). The
 predicted side is `builder.estimate` for the same plan with this CPU as the accelerator:
 its fp32 matmul peak and the distillation step's MFU, both measured by `bench.distill`
-(bench/results/distill.json), so the only calibration is the speed of one KD step. The
-ratio measured / predicted per stage is the estimate's error; goal: within 2x for every
-heavy stage (correct, score, distill, evaluate).
+(bench/results/distill.json), and this disk's bandwidth (timed here: an fsync'd write and a
+cold read of 256 MiB). Everything else is builder.estimate's stated constants (`Costs`: stage,
+Ray Train, lm-eval and vLLM start-up; checkpoint bytes; lm-eval's tokens per task). The ratio
+measured / predicted per stage is the estimate's error; goal: within 2x for every heavy stage
+(correct, score, distill, evaluate).
 
-What the estimate leaves out shows up in these ratios: model loading and Ray Train start-up
-(a fixed cost per stage, dominant at the demo's tiny budgets, negligible at 94B tokens),
-lm-eval's tokens (evaluation counts only its held-out perplexity tokens), and contention
-(the demo build ran two students side by side on 2 cores). Peak memory per stage is not
-compared: the build records only the whole process tree's peak (demo.json: peak_pss_gib).
-Calibrating on GPUs needs the same two numbers from a GPU (`bench.gpu` measures them:
-bf16 matmul peak and the KD step's MFU) and one real GPU build's stage times.
+What the estimate models: per stage, start-up + reading its checkpoints + compute + writing
+(training checkpoints every checkpoint_every steps, the final model, a teacher signal), and
+lm-eval's own tokens. What it leaves out: contention (demo.json's build ran on a shared
+machine, and its students side by side), the first steps' warm-up (allocator, thread pools:
+a large share of a 4-step run), and the page cache (a model written by the previous stage is
+usually read from memory, not disk). Peak memory per stage is not compared: the build
+records only the whole process tree's peak (demo.json: peak_pss_gib).
+
+Calibrating on GPUs needs: the bf16 matmul peak and the KD step's MFU from a GPU (`bench.gpu`
+measures them), the start-up constants on GPUs (Ray Train with NCCL and a CUDA context,
+vLLM with CUDA graphs: `Costs.train_start_s`, `vllm_start_s`), the cluster's file system
+bandwidth per worker (`--disk-gbps`), and one real GPU build's stage times to compare with.
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import time
+from dataclasses import replace
 
 from bench.common import RESULTS, ROOT, print_table, write_result
 from builder import family
-from builder.estimate import Accelerator, estimate_plan
+from builder.estimate import COSTS, Accelerator, estimate_plan
 from builder.options import RunOptions
 
 HEAVY = ("correct", "score", "distill", "evaluate")
+DISK_TEST_BYTES = 256 * 2**20
 
 
 def main() -> None:
@@ -36,32 +50,142 @@ def main() -> None:
     mfu = speed["loops"]["minizoo"]["mfu"]
     cpu = Accelerator(f"{speed['machine']['cpu']} CPU, {speed['threads']} threads, fp32", speed["peak_gflops"] / 1000,
                       24)
+    disk = measure_disk()
+    costs = replace(COSTS, **disk)
     spec = ROOT / "families" / demo["spec"]
     options = RunOptions(workdir=ROOT / "runs", mfu=mfu)
     plan = family.load_and_plan(spec, options)
-    estimate = estimate_plan(plan, family._teacher_config(plan.spec, spec, options), options, cpu)
+    estimate = estimate_plan(plan, family._teacher_config(plan.spec, spec, options), options, cpu, costs)
     rows = [_compare(model, name, tokens, wall_s, estimate) for model, name, tokens, wall_s in demo["stages"]]
     rows = [row for row in rows if row is not None]
-    print(f"predicted on {cpu.name}: peak {cpu.bf16_tflops * 1000:.1f} GFLOP/s, MFU {mfu:.0%} (bench.distill)")
-    print_table(["model", "stage", "tokens", "predicted s", "measured s", "measured / predicted"],
-                [[r["model"], r["stage"], r["tokens"], r["predicted_s"], r["measured_s"], r["ratio"]] for r in rows])
+    print(f"predicted on {cpu.name}: peak {cpu.bf16_tflops * 1000:.1f} GFLOP/s, MFU {mfu:.0%} (bench.distill); "
+          f"disk {disk['read_gbps']:.2f} GB/s read, {disk['write_gbps']:.2f} GB/s written (timed here)")
+    print_table(["model", "stage", "tokens", "start s", "read s", "compute s", "write s", "predicted s", "measured s",
+                 "measured / predicted"],
+                [[r["model"], r["stage"], r["tokens"], *r["predicted_parts_s"].values(), r["predicted_s"],
+                  r["measured_s"], r["ratio"]] for r in rows])
     heavy = [row for row in rows if row["stage"] in HEAVY]
     within = all(0.5 <= row["ratio"] <= 2 for row in heavy)
     print(f"heavy stages within 2x: {within}")
+    mismatch = _precision_mismatch(plan.precision.dtype, speed["dtype"])
+    if mismatch:
+        print(f"WARNING: {mismatch}")
     write_result("estimate", {"demo_finished": demo["finished"], "peak_gflops": speed["peak_gflops"], "mfu": mfu,
-                              "stages": rows, "heavy_within_2x": within,
+                              "costs": estimate.costs, "stages": rows, "heavy_within_2x": within,
+                              "precision_mismatch": mismatch,
                               "measured_whole_build_peak_pss_gib": demo["peak_pss_gib"]})
+
+
+def _precision_mismatch(build: str, measured: str) -> str | None:
+    """The peak and MFU must be those of the precision the demo's training ran in: on a CPU
+    with native bf16, `--precision auto` trains in bfloat16, while bench.distill times float32."""
+    if build == measured:
+        return None
+    return (f"the demo plans its training in {build} on this machine but bench.distill measured {measured}: the "
+            f"predicted compute of correct and distill is off; build the demo with --precision {measured}, or "
+            f"measure the KD step in {build}")
+
+
+def measure_disk() -> dict[str, float]:
+    """GB/s of an fsync'd write and a cold read (its pages dropped from the page cache with
+    posix_fadvise, which touches only this file) in the build's work directory."""
+    (ROOT / "runs").mkdir(exist_ok=True)
+    block = os.urandom(16 * 2**20)
+    with tempfile.NamedTemporaryFile(dir=ROOT / "runs") as file:
+        started = time.perf_counter()
+        for _ in range(DISK_TEST_BYTES // len(block)):
+            file.write(block)
+        file.flush()
+        os.fsync(file.fileno())
+        write_s = time.perf_counter() - started
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        started = time.perf_counter()
+        with open(file.name, "rb") as again:
+            while again.read(len(block)):
+                pass
+        read_s = time.perf_counter() - started
+    return {"read_gbps": DISK_TEST_BYTES / read_s / 1e9, "write_gbps": DISK_TEST_BYTES / write_s / 1e9}
+
+
+# (task, few-shot count): zero shots and the counts the Minitron families use (or 5 / 25).
+TASK_SHOTS = [("hellaswag", 0), ("hellaswag", 10), ("arc_easy", 0), ("arc_easy", 25), ("arc_challenge", 0),
+              ("arc_challenge", 25), ("piqa", 0), ("piqa", 5), ("winogrande", 0), ("winogrande", 5), ("mmlu", 0),
+              ("mmlu", 5), ("boolq", 0), ("lambada_openai", 0)]
+TASK_SAMPLE = 40  # documents per task (per subtask of a group) whose requests are tokenized
+
+
+def measure_task_tokens() -> dict:
+    """Per bundled task and few-shot count: documents, forward passes per document and tokens
+    per forward, from lm-eval's own request building (a model that only records requests)
+    with the demo teacher's tokenizer."""
+    from lm_eval import simple_evaluate
+    from transformers import AutoTokenizer
+
+    from bench.common import teacher_dir
+    from evaluators.lm_eval_runner import SEEDS, task_manager
+
+    tokenizer, manager = AutoTokenizer.from_pretrained(teacher_dir()), task_manager("bundled", ROOT / "runs" / "cache")
+    found = {}
+    for name, shots in TASK_SHOTS:
+        recorder = _request_recorder(tokenizer)
+        result = simple_evaluate(model=recorder, tasks=[name], num_fewshot=shots, limit=TASK_SAMPLE,
+                                 task_manager=manager, bootstrap_iters=0, **SEEDS)
+        counts = result["n-samples"].values()
+        used = sum(count["effective"] for count in counts)
+        found[f"{name}:{shots}"] = {"docs": sum(count["original"] for count in counts),
+                                    "requests": round(len(recorder.lengths) / used, 2),
+                                    "tokens": round(sum(recorder.lengths) / len(recorder.lengths), 1)}
+        print(name, shots, found[f"{name}:{shots}"], flush=True)
+    return found
+
+
+def _request_recorder(tokenizer):
+    """An lm-eval model that answers nothing and records each forward pass's length. Like
+    lm-eval's HF model, one-token continuations of the same context share one forward."""
+    from lm_eval.api.model import LM
+
+    def length(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    class Recorder(LM):
+        lengths: list[int] = []
+
+        def loglikelihood(self, requests):
+            shared = {(r.args[0], r.args[1]) for r in requests if length(r.args[1]) == 1}
+            contexts = {context for context, _ in shared}
+            self.lengths += [length(r.args[0]) + length(r.args[1]) for r in requests if (r.args[0], r.args[1])
+                             not in shared]
+            self.lengths += [length(context) + 1 for context in contexts]
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests):
+            self.lengths += [length(r.args[0]) for r in requests]
+            return [0.0] * len(requests)
+
+        def generate_until(self, requests):
+            self.lengths += [length(r.args[0]) for r in requests]
+            return [""] * len(requests)
+
+    recorder = Recorder()
+    recorder.lengths = []
+    return recorder
 
 
 def _compare(model: str, name: str, tokens: int, wall_s: float, estimate) -> dict | None:
     label = "" if model == "teacher" and name in ("correct", "score") else model
     matches = [s for s in estimate.stages if s.name == name and s.label == label]
-    if not matches or not matches[0].flops:
+    if not matches or not matches[0].wall_hours:
         return None
     predicted = matches[0].wall_hours * 3600
-    return {"model": model, "stage": name, "tokens": tokens, "predicted_s": round(predicted, 1),
-            "measured_s": wall_s, "ratio": round(wall_s / predicted, 2)}
+    return {"model": model, "stage": name, "tokens": tokens,
+            "predicted_parts_s": {part: round(s, 1) for part, s in matches[0].seconds.items()},
+            "predicted_s": round(predicted, 1), "measured_s": wall_s, "ratio": round(wall_s / predicted, 2)}
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--tasks" in sys.argv[1:]:
+        write_result("estimate_tasks", {"sample": TASK_SAMPLE, "tasks": measure_task_tokens()})
+    else:
+        main()

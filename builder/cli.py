@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="the accelerator --dry-run estimates time and memory for (bf16 peak, memory)")
     build.add_argument("--mfu", type=float, default=0.4,
                        help="model-FLOPs utilisation the estimate assumes (default 0.4)")
+    build.add_argument("--disk-gbps", type=float,
+                       help="disk bandwidth in GB/s per worker the estimate assumes for loading models and "
+                            "writing checkpoints (default: printed in the dry run's notes)")
     build.add_argument("--rehearse", action="store_true",
                        help="run the whole plan on a small random model of the teacher's architecture with tiny "
                             "budgets, on a CPU in minutes, in WORKDIR/rehearsal/ (labelled a rehearsal)")
@@ -119,6 +122,7 @@ def options_from(args: argparse.Namespace) -> RunOptions:
         precision=getattr(args, "precision", "auto"),
         gpu=getattr(args, "gpu", "h100"),
         mfu=getattr(args, "mfu", 0.4),
+        disk_gbps=getattr(args, "disk_gbps", None),
         verbose=getattr(args, "verbose", False),
     )
 

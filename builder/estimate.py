@@ -6,9 +6,17 @@
 FLOPs are analytic (PaLM appendix B: matmuls only, 2 per multiply-add, attention over the full
 sequence): a forward pass costs `forward_flops_per_token` per token, a training step three
 forwards' worth for the trained model (forward + backward), and distillation adds the frozen
-teacher's forward. Time is FLOPs / (GPUs x bf16 peak x MFU); the MFU is an assumption, printed
-with every estimate and overridable (`--mfu`). lm-eval's own tokens depend on the task files
-and are not counted (its stages show only their held-out perplexity tokens).
+teacher's forward. lm-eval's tokens come from a table of the known tasks (documents x
+requests x tokens, measured with lm-eval's own request building).
+
+A stage's wall time is what it physically does, so it holds for a 135M demo on a CPU and for
+an 8B family on GPUs alike: start-up (a process, a Ray Train worker group, lm-eval's tasks, a
+vLLM engine), reading its checkpoints (bytes on disk / disk bandwidth, each worker its own
+copy side by side), compute (FLOPs / (GPUs x bf16 peak x MFU)) and writing (training
+checkpoints every `checkpoint_every` steps, the final model, a stored teacher signal). Every
+constant is in `Costs` with its source and is printed with the estimate; the MFU (`--mfu`)
+and the disk bandwidth (`--disk-gbps`) are overridable. GPU-hours count the whole wall time
+of every GPU a stage holds.
 
 Memory per GPU of a training stage, for DDP and for FSDP (student state sharded, frozen
 teacher replicated, as builder.distill does): fp32 master weights, fp32 gradients and AdamW's
@@ -20,7 +28,7 @@ layer's input) is shown for comparison: minizoo does not implement it yet.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from builder.arch import count_params, student_config
 from builder.options import RunOptions
@@ -120,6 +128,110 @@ def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: in
         logits=logits_per_token * tokens)
 
 
+# --- what a stage costs beyond its FLOPs: stated constants, each with its source --------------
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The fixed and I/O costs the wall time adds to compute. Printed with every estimate
+    (`notes`); bench/estimate.py checks them against one real build's stage times."""
+
+    # GB/s (1e9 bytes) each worker reads and the work directory takes in writes. 1: what one
+    # client of a shared file system (NFS, a cloud filestore) sustains; node-local NVMe does
+    # 2-7 (--disk-gbps). The 2-core dev VM: 0.2-2 cold reads, 0.1-0.3 fsync'd writes
+    # (bench.estimate times it).
+    read_gbps: float = 1.0
+    write_gbps: float = 1.0
+    # A stage's set-up in its Ray worker: transformers' first model instantiation in a process
+    # (4.8 s for SmolLM2-135M on the 2-core dev VM; 0.1 s the second time). The worker's imports
+    # of torch and transformers (10.6 s there) are paid once per worker process, before a
+    # stage's clock (its manifest's wall_s) starts, and are not counted.
+    stage_start_s: float = 5.0
+    # A Ray Train worker group (correct, distill) or the teach pass's actors: worker processes,
+    # torch.distributed, imports, the result's return. Manifests' wall_s minus the loop's own
+    # wall_seconds for the correct and distill stages of five rehearsal/e2e builds on the
+    # 2-core dev VM: 13-25 s, median 20 (contended). GPUs add a CUDA context and NCCL set-up.
+    train_start_s: float = 20.0
+    # lm-eval: importing it, its TaskManager and building the first task (12 s on the dev
+    # VM), then each (sub)task's documents and requests (0.5-1 s; MMLU's 57 subtasks 25 s).
+    lm_eval_start_s: float = 12.0
+    lm_eval_task_s: float = 0.5
+    # A vLLM engine per measured model: engine_start_s of the demo's three throughput runs
+    # (bench/results/demo.json: 64, 47, 43 s on a 2-core CPU). On GPUs, CUDA graph capture
+    # and the model's load replace the CPU's set-up: expect the same order.
+    vllm_start_s: float = 47.0
+
+    def with_options(self, options: RunOptions) -> "Costs":
+        if options.disk_gbps is None:
+            return self
+        return replace(self, read_gbps=options.disk_gbps, write_gbps=options.disk_gbps)
+
+    def notes(self) -> list[str]:
+        return [f"disk {self.read_gbps:g} GB/s read per worker, {self.write_gbps:g} GB/s written (1 is one client of a "
+                "shared file system, node-local NVMe does 2-7; --disk-gbps sets both)",
+                f"start-up: {self.stage_start_s:g} s per stage, {self.train_start_s:g} s per Ray Train worker "
+                f"group or teach pass, lm-eval {self.lm_eval_start_s:g} s + {self.lm_eval_task_s:g} s per task, "
+                f"{self.vllm_start_s:g} s per vLLM engine (measured on a 2-core CPU; builder.estimate.Costs)",
+                f"a training checkpoint writes {CHECKPOINT_BYTES_PER_PARAM} bytes per trained parameter (fp32 weights "
+                "and AdamW's two moments) every checkpoint_every steps; the final model "
+                f"{STORED_BYTES_PER_PARAM} (fp32)"]
+
+
+COSTS = Costs()
+# builder.training.checkpoints saves get_state_dict(model, optimizer): the fp32 model (it is
+# the master copy; bf16 is autocast only) and AdamW's exp_avg and exp_avg_sq in fp32.
+CHECKPOINT_BYTES_PER_PARAM = 12
+# Every model a stage writes (correct, prune, distill) is saved in fp32, as it was trained.
+STORED_BYTES_PER_PARAM = 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """What lm-eval forwards for one task: `docs` documents over `subtasks` tasks (lm-eval's
+    limit applies to each), `requests` forward passes per document (one per choice; choices
+    of one token after a shared context are computed once), `tokens` per forward at
+    zero-shot, plus `tokens_per_shot` for each few-shot example."""
+
+    docs: int
+    requests: float
+    tokens: float
+    tokens_per_shot: float
+    subtasks: int = 1
+
+
+# Measured with lm-eval 0.4's own request building (`python -m bench.estimate --tasks`:
+# simple_evaluate with a model that only records its requests; 40 documents a task, 57 x 40 for
+# MMLU; at zero shots and at the few-shot count of families/llama-3.1-8b-minitron.yaml or 5/25)
+# on the bundled tasks (evaluators/tasks) with SmolLM2's tokenizer; other tokenizers differ by
+# some 10-20%. boolq and lambada_openai:
+# zero-shot only, a shot taken as long as a request. truthfulqa_mc2 and gsm8k are not bundled:
+# stated from their lm-eval YAMLs (six fixed QA pairs before each question; five worked
+# examples of about 180 tokens, ~130 generated), not measured.
+LM_EVAL_TASKS = {
+    "hellaswag": TaskCost(10042, 4.0, 41.8, 81.3),
+    "arc_easy": TaskCost(2376, 3.3, 30.7, 33.8),
+    "arc_challenge": TaskCost(1172, 3.95, 43.8, 38.5),
+    "piqa": TaskCost(1838, 2.0, 36.7, 39.2),
+    "winogrande": TaskCost(1267, 2.0, 22.5, 24.7),
+    "mmlu": TaskCost(14042, 1.0, 112.5, 103.8, subtasks=57),
+    "boolq": TaskCost(3270, 1.0, 154.6, 154.6),
+    "lambada_openai": TaskCost(5153, 1.0, 77.7, 77.7),
+    "truthfulqa_mc2": TaskCost(817, 7.0, 210.0, 35.0),
+    "gsm8k": TaskCost(1319, 1.0, 190.0, 180.0),
+}
+UNKNOWN_TASK = TaskCost(1000, 4.0, 50.0, 100.0)  # a multiple-choice task of typical size
+
+
+def lm_eval_tokens(task: dict) -> tuple[int, int]:
+    """(tokens, tokens per forward pass) of one evaluation task entry {name, num_fewshot, limit}."""
+    cost = LM_EVAL_TASKS.get(task["name"], UNKNOWN_TASK)
+    per_subtask = cost.docs / cost.subtasks
+    docs = cost.subtasks * min(task.get("limit") or per_subtask, per_subtask)
+    length = cost.tokens + task.get("num_fewshot", 0) * cost.tokens_per_shot
+    return round(docs * cost.requests * length), round(length)
+
+
 # --- stages -----------------------------------------------------------------------------
 
 
@@ -133,6 +245,10 @@ class StageEstimate:
     gpus: int
     gpu_hours: float
     wall_hours: float
+    seconds: dict[str, float] = field(default_factory=dict)  # start, read, compute, write
+    read_bytes: float = 0.0  # by all its workers together
+    write_bytes: float = 0.0
+    checkpoints: int = 0  # training checkpoints written
     memory: dict[str, dict] = field(default_factory=dict)  # parallel -> TrainingMemory as a dict, + fits
     micro_batch: int | None = None
     advice: str | None = None
@@ -148,6 +264,7 @@ class FamilyEstimate:
     parallel: str
     stages: list[StageEstimate]
     notes: list[str]
+    costs: dict = field(default_factory=dict)  # the Costs the wall times assume
 
     @property
     def gpu_hours(self) -> float:
@@ -161,22 +278,34 @@ class FamilyEstimate:
         return asdict(self) | {"gpu_hours": self.gpu_hours, "serial_wall_hours": self.serial_wall_hours}
 
 
-def estimate_plan(plan: Plan, teacher_config, options: RunOptions,
-                  accelerator: Accelerator | None = None) -> FamilyEstimate:
-    """`accelerator`: another than `options.gpu`'s (bench.estimate uses this CPU's measured peak)."""
+def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: Accelerator | None = None,
+                  costs: Costs | None = None) -> FamilyEstimate:
+    """`accelerator`, `costs`: others than `options.gpu`'s and the stated ones (bench.estimate
+    uses this CPU's measured peak)."""
     accelerator = accelerator or ACCELERATORS[options.gpu]
+    costs = (costs or COSTS).with_options(options)
     models = _model_configs(plan, teacher_config)
-    stages = [_stage_estimate(plan, stage_id, models, teacher_config, options, accelerator)
+    stages = [_stage_estimate(plan, stage_id, models, teacher_config, options, accelerator, costs)
               for stage_id in plan.stages]
     notes = [f"MFU {options.mfu:.0%} of the {accelerator.name}'s {accelerator.bf16_tflops:g} TFLOP/s bf16 peak "
-             "(assumed; --mfu overrides)",
-             "lm-eval's own tokens are not counted; evaluation shows its held-out perplexity tokens only",
+             "(assumed; --mfu overrides)", *costs.notes(), *_task_notes(plan),
              "wall time is per stage on its GPUs; the family's is at most their sum (students run side by side "
              "when the cluster has room)"]
     notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
               if student.searched]
     return FamilyEstimate(accelerator.name, accelerator.bf16_tflops, accelerator.memory_gib, options.mfu,
-                          options.train_workers, options.parallel, stages, notes)
+                          options.train_workers, options.parallel, stages, notes, asdict(costs))
+
+
+def _task_notes(plan: Plan) -> list[str]:
+    names = [task.name for task in plan.spec.evaluation.tasks]
+    unknown = [name for name in names if name not in LM_EVAL_TASKS]
+    notes = [f"lm-eval tokens: documents x requests x tokens per task (builder.estimate.LM_EVAL_TASKS); "
+             "generated tokens (gsm8k) are counted at the same MFU, which decoding does not reach"] if names else []
+    if unknown:
+        notes.append(f"{', '.join(unknown)}: not in the task table, estimated as {UNKNOWN_TASK.docs} documents of "
+                     f"{UNKNOWN_TASK.requests:g} requests of {UNKNOWN_TASK.tokens:g} tokens")
+    return notes
 
 
 def _model_configs(plan: Plan, teacher_config) -> dict[str, object]:
@@ -190,20 +319,45 @@ def _model_configs(plan: Plan, teacher_config) -> dict[str, object]:
     return configs
 
 
+@dataclass(frozen=True)
+class Work:
+    """What one stage does, in the units its wall time follows from."""
+
+    tokens: int = 0
+    flops: float = 0.0
+    start_s: float = 0.0
+    read_bytes: float = 0.0  # per worker: workers read their copies side by side
+    write_bytes: float = 0.0  # in all
+    split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
+    checkpoints: int = 0
+    memory_of: object = None  # (micro_batch, workers, parallel) -> TrainingMemory, for training stages
+
+
 def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, options: RunOptions,
-                    accelerator: Accelerator) -> StageEstimate:
+                    accelerator: Accelerator, costs: Costs) -> StageEstimate:
     stage = plan.stages[stage_id]
-    config, seq_len = stage.key.config, plan.spec.data.seq_len
-    model = models.get(stage.key.label or "teacher", teacher_config)
-    tokens, flops, memory_of = _work(stage.name, config, model, teacher_config, seq_len,
-                                     [models[role] for role in stage.inputs if role in models])
-    gpus = options.train_workers if stage.name in ("distill", "correct") else 1
-    gpu_hours = flops / (accelerator.bf16_tflops * 1e12 * options.mfu) / 3600
-    estimate = StageEstimate(stage_id, stage.name, stage.key.label, tokens, flops, gpus if flops else 0, gpu_hours,
-                             gpu_hours / gpus)
-    if memory_of is not None and tokens:
-        _add_memory(estimate, memory_of, _micro_batch(stage, options), options, accelerator)
+    inputs = _Inputs(plan, stage, models, teacher_config)
+    work = _work(stage, inputs, costs, plan.spec.data.seq_len)
+    workers = options.train_workers if stage.name in WORKER_STAGES else 1
+    gpus = workers if stage.heavy else 0
+    seconds = stage_seconds(work, workers, accelerator, options.mfu, costs)
+    wall_hours = sum(seconds.values()) / 3600
+    estimate = StageEstimate(stage_id, stage.name, stage.key.label, work.tokens, work.flops, gpus, gpus * wall_hours,
+                             wall_hours, seconds, work.read_bytes * workers + work.split_read_bytes, work.write_bytes,
+                             work.checkpoints)
+    if work.memory_of is not None and work.tokens:
+        _add_memory(estimate, work.memory_of, _micro_batch(stage, options), options, accelerator)
     return estimate
+
+
+WORKER_STAGES = ("correct", "distill", "teach")  # run on --train-workers workers
+
+
+def stage_seconds(work: Work, workers: int, accelerator: Accelerator, mfu: float, costs: Costs) -> dict[str, float]:
+    """Wall seconds of each part of a stage: its workers start, read and compute side by side."""
+    return {"start": work.start_s, "read": (work.read_bytes + work.split_read_bytes / workers) / (costs.read_gbps * 1e9),
+            "compute": work.flops / (workers * accelerator.bf16_tflops * 1e12 * mfu),
+            "write": work.write_bytes / (costs.write_gbps * 1e9)}
 
 
 def _micro_batch(stage, options: RunOptions) -> int:
@@ -216,31 +370,135 @@ def _micro_batch(stage, options: RunOptions) -> int:
                         execution.get("micro_batch_size", config["global_batch_size"])).micro_batch_size
 
 
-def _work(name: str, config: dict, model, teacher_config, seq_len: int, measured: list):
-    """(tokens, FLOPs, memory function of (micro_batch, workers, parallel) or None) of one stage;
-    `measured`: the configs of the models a throughput stage runs."""
-    teacher_forward = forward_flops_per_token(teacher_config, seq_len)
-    if name == "correct":
-        tokens = config["tokens"]
-        return tokens, 3 * teacher_forward * tokens, _memory_of(teacher_config, None, seq_len)
-    if name == "distill":  # from a stored signal (teacher_signal: topk) without the teacher's forward
-        tokens, stored = config["tokens"], config.get("teacher_signal") == "topk"
-        flops = kd_flops_per_token(teacher_config, model, seq_len)["total"] - (teacher_forward if stored else 0)
-        return tokens, flops * tokens, _memory_of(model, None if stored else teacher_config, seq_len)
-    if name == "teach":  # the teacher's forward pass, once, over every position a student reads
-        tokens = config["positions"] * seq_len
-        return tokens, teacher_forward * tokens, None
-    if name == "score":
-        tokens = (config["samples"] + config["lm_loss_samples"] * Shape.of(teacher_config).num_hidden_layers) * seq_len
-        return tokens, teacher_forward * tokens, None
-    if name == "evaluate":
-        tokens = config["perplexity_tokens"]
-        return tokens, forward_flops_per_token(model, seq_len) * tokens, None
-    if name == "throughput":
-        length = config["input_len"] + config["output_len"]
-        per_model = config["num_prompts"] * length
-        return per_model * len(measured), sum(per_model * forward_flops_per_token(m, length) for m in measured), None
-    return 0, 0.0, None  # acquire, prune, select: reading and writing files
+class _Inputs:
+    """A stage's input models: their configs and the bytes their checkpoints take on disk."""
+
+    def __init__(self, plan: Plan, stage, models: dict, teacher_config):
+        self.plan, self.stage, self.models, self.teacher_config = plan, stage, models, teacher_config
+        self.model = models.get(stage.key.label or "teacher", teacher_config)  # the stage's own model
+
+    def config(self, role: str):
+        return self.models.get(role, self.model)  # "student", "model": the stage's own
+
+    def stored_bytes(self, role: str) -> float:
+        """An acquired teacher is stored as its config says (bf16 for most Hub models); what a
+        stage wrote, in fp32."""
+        producer = self.plan.stages[self.stage.inputs[role]]
+        per_param = _config_dtype_bytes(self.teacher_config) if producer.name == "acquire-teacher" \
+            else STORED_BYTES_PER_PARAM
+        return per_param * count_params(self.config(role))
+
+    def measured(self) -> list[str]:
+        """The roles of a throughput stage: the models it measures."""
+        return [role for role in self.stage.inputs if role in self.models]
+
+
+def _config_dtype_bytes(config) -> int:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2)
+
+
+def _work(stage, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    kind = WORK.get(stage.name)
+    return kind(stage.key.config, stage.key.execution, inputs, costs, seq_len) if kind else Work()
+
+
+def _correct(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    teacher = inputs.teacher_config
+    tokens, checkpoints = _trained_tokens(config, execution, seq_len)
+    return Work(tokens, 3 * forward_flops_per_token(teacher, seq_len) * tokens, costs.train_start_s,
+                inputs.stored_bytes("teacher"), _training_writes(teacher, checkpoints), checkpoints=checkpoints,
+                memory_of=_memory_of(teacher, None, seq_len))
+
+
+def _distill(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    """Online: the teacher's forward each step; from a stored signal (teacher_signal: topk):
+    no teacher, each worker reads its slice of the signal instead."""
+    student, teacher = inputs.model, inputs.teacher_config
+    tokens, checkpoints = _trained_tokens(config, execution, seq_len)
+    stored = config.get("teacher_signal") == "topk"
+    per_token = kd_flops_per_token(teacher, student, seq_len)
+    flops = per_token["total"] - (per_token["teacher_forward"] if stored else 0)
+    signal = _signal_bytes(tokens, config["top_k"], teacher.vocab_size) if stored else 0.0
+    teacher_read = 0.0 if stored else inputs.stored_bytes("teacher")
+    return Work(tokens, flops * tokens, costs.train_start_s, inputs.stored_bytes("student") + teacher_read,
+                _training_writes(student, checkpoints), split_read_bytes=signal, checkpoints=checkpoints,
+                memory_of=_memory_of(student, None if stored else teacher, seq_len))
+
+
+def _teach(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    """The teacher's forward pass, once, over every position a student reads; every worker
+    loads the teacher once, and the stage writes the top-k signal."""
+    teacher = inputs.teacher_config
+    tokens = config["positions"] * seq_len
+    return Work(tokens, forward_flops_per_token(teacher, seq_len) * tokens, costs.train_start_s,
+                inputs.stored_bytes("teacher"), _signal_bytes(tokens, config["top_k"], teacher.vocab_size))
+
+
+def _score(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    teacher = inputs.teacher_config
+    layers = Shape.of(teacher).num_hidden_layers
+    tokens = (config["samples"] + config["lm_loss_samples"] * layers) * seq_len
+    return Work(tokens, forward_flops_per_token(teacher, seq_len) * tokens, costs.stage_start_s,
+                inputs.stored_bytes("teacher"))
+
+
+def _prune(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    """Reads the teacher, writes the student (fp32): file work, no FLOPs worth counting."""
+    return Work(start_s=costs.stage_start_s, read_bytes=inputs.stored_bytes("teacher"),
+                write_bytes=STORED_BYTES_PER_PARAM * count_params(inputs.model))
+
+
+def _evaluate(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    """lm-eval's tasks (each forward at its own length) and the held-out perplexity."""
+    model, tasks = inputs.model, config.get("tasks", [])
+    tokens = config["perplexity_tokens"]
+    flops = forward_flops_per_token(model, seq_len) * tokens
+    for task in tasks:
+        task_tokens, length = lm_eval_tokens(task)
+        tokens, flops = tokens + task_tokens, flops + forward_flops_per_token(model, length) * task_tokens
+    start = costs.stage_start_s + (costs.lm_eval_start_s + costs.lm_eval_task_s * _subtasks(tasks) if tasks else 0)
+    return Work(tokens, flops, start, inputs.stored_bytes("model"))
+
+
+def _subtasks(tasks: list[dict]) -> int:
+    return sum(LM_EVAL_TASKS.get(task["name"], UNKNOWN_TASK).subtasks for task in tasks)
+
+
+def _throughput(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
+    """One vLLM engine per measured model, one after another."""
+    length = config["input_len"] + config["output_len"]
+    roles = inputs.measured()
+    per_model = config["num_prompts"] * length
+    flops = sum(per_model * forward_flops_per_token(inputs.config(role), length) for role in roles)
+    return Work(per_model * len(roles), flops, costs.stage_start_s + costs.vllm_start_s * len(roles),
+                sum(inputs.stored_bytes(role) for role in roles))
+
+
+WORK = {"correct": _correct, "distill": _distill, "teach": _teach, "score": _score, "prune": _prune,
+        "evaluate": _evaluate, "throughput": _throughput}  # acquire and select: downloads and copies
+
+
+def _trained_tokens(config: dict, execution: dict, seq_len: int) -> tuple[int, int]:
+    """(tokens, checkpoints) of a training run: whole steps of the global batch
+    (builder.training TrainSettings.steps), a checkpoint every `checkpoint_every` steps but
+    the last (builder.training.loop writes the final model instead)."""
+    per_step = config["global_batch_size"] * seq_len
+    steps = max(1, -(-config["tokens"] // per_step))
+    return steps * per_step, (steps - 1) // execution["checkpoint_every"]
+
+
+def _training_writes(trained_config, checkpoints: int) -> float:
+    params = count_params(trained_config)
+    return checkpoints * CHECKPOINT_BYTES_PER_PARAM * params + STORED_BYTES_PER_PARAM * params
+
+
+def _signal_bytes(tokens: int, top_k: int, vocab_size: int) -> float:
+    """A stored teacher signal: its top-k entries and the token ids (builder.teacher_signal)."""
+    from builder.teacher_signal import bytes_per_token
+    from builder.tokens import token_dtype
+
+    return tokens * (bytes_per_token(top_k, vocab_size) + token_dtype(vocab_size).itemsize)
 
 
 def _memory_of(trained, frozen, seq_len: int):
@@ -296,8 +554,9 @@ def _gib(count: float) -> str:
 def render_estimate(estimate: FamilyEstimate) -> list[str]:
     lines = [f"Estimate on {estimate.accelerator} at {estimate.mfu:.0%} MFU, {estimate.train_workers} training "
              f"GPU(s) per training stage ({estimate.parallel}):"]
-    header = ["stage", "tokens", "FLOPs", "GPUs", "GPU-hours", "wall", "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
-    rows = [_row(stage) for stage in estimate.stages if stage.flops]
+    header = ["stage", "tokens", "FLOPs", "GPUs", "GPU-hours", "wall", "of which start + I/O",
+              "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
+    rows = [_row(stage) for stage in estimate.stages if stage.wall_hours]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in [header, *rows]]
     lines += [f"  family: {estimate.gpu_hours:,.1f} GPU-hours, at most {_hours(estimate.serial_wall_hours)} of "
@@ -312,13 +571,20 @@ def _row(stage: StageEstimate) -> list[str]:
     if stage.memory:
         ddp, fsdp = stage.memory["ddp"], stage.memory["fsdp"]
         memory = f"{_gib(ddp['total'])} / {_gib(fsdp['total'])} / {_gib(fsdp['total_checkpointed'])}"
+    fixed = stage.wall_hours - stage.seconds.get("compute", 0.0) / 3600
     return [stage.stage, format_count(stage.tokens), f"{stage.flops:.2e}", str(stage.gpus),
-            f"{stage.gpu_hours:,.2f}", _hours(stage.wall_hours), memory]
+            f"{stage.gpu_hours:,.2f}", _hours(stage.wall_hours), _fixed(fixed, stage.checkpoints), memory]
+
+
+def _fixed(hours: float, checkpoints: int) -> str:
+    return _hours(hours) + (f" ({checkpoints} checkpoint{'s' * (checkpoints > 1)})" if checkpoints else "")
 
 
 def _hours(hours: float) -> str:
     if hours >= 48:
         return f"{hours / 24:.1f} d"
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
     return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
 
 

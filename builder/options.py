@@ -21,6 +21,7 @@ class RunOptions:
     precision: str = "auto"  # training autocast: auto, float32 or bfloat16 (see builder.precision)
     gpu: str = "h100"  # the accelerator the estimate (builder.estimate) is for
     mfu: float = 0.4  # the model-FLOPs utilisation it assumes
+    disk_gbps: float | None = None  # its disk bandwidth in GB/s; None: builder.estimate.Costs's
     rehearsal: bool = False  # a `--rehearse` build (builder.rehearse): its manifests say so
     verbose: bool = False  # stream every process's output to the console too (stage.log gets it anyway)
 

@@ -1,17 +1,21 @@
 """The dry run's estimate (builder.estimate): FLOPs checked against the architecture table's
-parameter count, memory terms against their definitions, advice against the 80 GB limit."""
+parameter count, memory terms against their definitions, advice against the 80 GB limit,
+wall time's fixed costs (start-up, checkpoints read and written, lm-eval's tokens) against
+the bytes and constants they follow from."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder import family
 from builder.acquire import config_from_json
 from builder.arch import count_params, student_config
-from builder.estimate import (ACCELERATORS, GIB, estimate_plan, fit_advice, forward_flops_per_token,
-                              render_estimate, training_memory)
+from builder.estimate import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, estimate_plan, fit_advice,
+                              forward_flops_per_token, lm_eval_tokens, render_estimate, training_memory)
 from builder.options import RunOptions
 from builder.shape import Shape
 
@@ -72,18 +76,114 @@ def llama_plan(tmp_path_factory):
     return family.load_and_plan(ROOT / "families" / "llama-3.1-8b-minitron.yaml", options), options
 
 
-def test_gpu_hours_follow_flops_peak_and_mfu(llama_plan):
+def test_gpu_hours_follow_flops_peak_mfu_and_fixed_costs(llama_plan):
     plan, options = llama_plan
     estimate = estimate_plan(plan, LLAMA, options)
     (correct,) = [stage for stage in estimate.stages if stage.name == "correct"]
-    assert correct.tokens == 100_000_000_000 and correct.gpus == 8
+    section = plan.spec.correction
+    steps = -(-section.tokens // (section.global_batch_size * 8192))  # whole steps, as the loop runs
+    assert correct.tokens == steps * section.global_batch_size * 8192 >= 100_000_000_000 and correct.gpus == 8
     assert correct.flops == 3 * forward_flops_per_token(LLAMA, 8192) * correct.tokens
-    assert correct.gpu_hours == pytest.approx(correct.flops / (989e12 * 0.4) / 3600)
-    assert correct.wall_hours == pytest.approx(correct.gpu_hours / 8)
+    assert correct.seconds["compute"] == pytest.approx(correct.flops / (8 * 989e12 * 0.4))
+    assert correct.wall_hours * 3600 == pytest.approx(sum(correct.seconds.values()))
+    assert correct.gpu_hours == pytest.approx(8 * correct.wall_hours)  # a stage holds its GPUs throughout
     slower = estimate_plan(plan, LLAMA, RunOptions(train_workers=8, mfu=0.2, gpu="a100"))
-    assert slower.gpu_hours == pytest.approx(estimate.gpu_hours * 2 * 989 / 312)
+    (slow,) = [stage for stage in slower.stages if stage.name == "correct"]
+    assert slow.seconds["compute"] == pytest.approx(correct.seconds["compute"] * 2 * 989 / 312)
+    assert slow.seconds["write"] == correct.seconds["write"]  # the disk does not speed up with the GPU
     text = "\n".join(render_estimate(estimate))
     assert "40% MFU" in text and "GPU-hours" in text and "does not fit on 80 GB" in text
+    assert "GB/s" in text and "per Ray Train worker group" in text  # the constants are printed
+
+
+def _stage(estimate, name: str, label: str = ""):
+    (stage,) = [s for s in estimate.stages if s.name == name and s.label == label]
+    return stage
+
+
+def test_checkpoint_io_is_bytes_over_bandwidth(llama_plan):
+    """An 8B model: fp32 weights + AdamW's two fp32 moments per checkpoint (12 bytes a
+    parameter), one every checkpoint_every steps but the last, plus the fp32 final model."""
+    plan, options = llama_plan
+    slow_disk = replace(options, disk_gbps=0.5)
+    correct = _stage(estimate_plan(plan, LLAMA, slow_disk), "correct")
+    every = plan.stages[correct.stage].key.execution["checkpoint_every"]
+    steps = correct.tokens // (plan.spec.correction.global_batch_size * 8192)
+    checkpoints = (steps - 1) // every
+    assert correct.checkpoints == checkpoints > 0
+    params = count_params(LLAMA)
+    assert correct.write_bytes == (12 * checkpoints + 4) * params
+    assert correct.seconds["write"] == pytest.approx((12 * checkpoints + 4) * params / 0.5e9)
+    assert correct.seconds["read"] == pytest.approx(2 * params / 0.5e9)  # the acquired teacher: bf16 on disk
+    assert 60 < 12 * params / 1e9 < 120  # about 96 GB a checkpoint: minutes at any file system's speed
+
+
+def test_no_checkpoint_when_checkpoint_every_exceeds_the_steps(tmp_path):
+    """The demo's correction: 4 steps, checkpoint_every 25: only the final model is written."""
+    from builder.estimate import _trained_tokens
+
+    assert _trained_tokens({"tokens": 4000, "global_batch_size": 4}, {"checkpoint_every": 25}, 256) == (4096, 0)
+    assert _trained_tokens({"tokens": 8192, "global_batch_size": 4}, {"checkpoint_every": 4}, 256) == (8192, 1)
+    assert _trained_tokens({"tokens": 8193, "global_batch_size": 4}, {"checkpoint_every": 4}, 256) == (9216, 2)
+    plan, config = demo_plan(tmp_path)
+    correct = _stage(estimate_plan(plan, config, RunOptions()), "correct")
+    assert correct.checkpoints == 0 and correct.write_bytes == 4 * count_params(config)
+
+
+def demo_plan(tmp_path, spec: str = "smollm2-135m.yaml", **changes):
+    """The demo family planned against the Llama-shaped SmolLM2 config (no teacher needed)."""
+    config = student_config(LLAMA, Shape.of(LLAMA).replace(hidden_size=576, intermediate_size=1536,
+                            num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30, head_dim=64))
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    options = RunOptions(workdir=tmp_path, teacher_config=path, **changes)
+    return family.load_and_plan(ROOT / "families" / spec, options), config
+
+
+def test_teach_loads_the_teacher_once_per_worker_and_stored_signal_distill_none(tmp_path):
+    spec = yaml.safe_load((ROOT / "families" / "smollm2-135m.yaml").read_text())
+    spec["distill"] |= {"teacher_signal": "topk", "top_k": 32}
+    (tmp_path / "topk.yaml").write_text(yaml.safe_dump(spec))
+    options = dict(train_workers=4, disk_gbps=2.0)
+    plan, config = demo_plan(tmp_path, str(tmp_path / "topk.yaml"), **options)
+    estimate = estimate_plan(plan, config, RunOptions(**options))
+    teach = _stage(estimate, "teach", "k32")
+    teacher_bytes = 4 * count_params(config)  # the corrected teacher, written in fp32
+    assert teach.read_bytes == 4 * teacher_bytes  # one load per worker ...
+    assert teach.seconds["read"] == pytest.approx(teacher_bytes / 2e9)  # ... side by side
+    assert teach.gpus == 4 and teach.seconds["start"] == COSTS.train_start_s
+    per_token = 32 * (4 + 2) + 2 + 4  # Llama's 128K vocabulary: uint32 ids, fp16 log-probs, fp16 tail, the token
+    assert teach.write_bytes == teach.tokens * per_token
+    distill = _stage(estimate, "distill", "smollm2-90m-width")
+    student_bytes = 4 * count_params(student_config(config, plan.students[0].shape))
+    # No teacher: the student, and each worker its quarter of the signal it trains on.
+    assert distill.read_bytes == pytest.approx(4 * student_bytes + distill.tokens * per_token)
+    (tmp_path / "online").mkdir()
+    online = _stage(estimate_plan(*demo_plan(tmp_path / "online"), RunOptions(train_workers=4)), "distill",
+                    "smollm2-90m-width")
+    assert online.read_bytes == 4 * (student_bytes + teacher_bytes)
+
+
+def test_lm_eval_tokens_follow_the_task_table():
+    """documents (limited per subtask) x requests x tokens per request, with few-shot examples."""
+    hellaswag = LM_EVAL_TASKS["hellaswag"]
+    tokens, length = lm_eval_tokens({"name": "hellaswag", "num_fewshot": 10, "limit": None})
+    assert length == round(hellaswag.tokens + 10 * hellaswag.tokens_per_shot)
+    assert tokens == round(hellaswag.docs * hellaswag.requests * (hellaswag.tokens + 10 * hellaswag.tokens_per_shot))
+    mmlu = LM_EVAL_TASKS["mmlu"]
+    limited, _ = lm_eval_tokens({"name": "mmlu", "num_fewshot": 0, "limit": 10})
+    assert limited == round(57 * 10 * mmlu.requests * mmlu.tokens)  # lm-eval limits each of the 57 subjects
+    assert lm_eval_tokens({"name": "no-such-task", "limit": 5})[0] == round(5 * UNKNOWN_TASK.requests *
+                                                                           UNKNOWN_TASK.tokens)
+
+
+def test_evaluation_counts_lm_eval_tokens_and_its_start_up(tmp_path):
+    plan, config = demo_plan(tmp_path)
+    evaluate = _stage(estimate_plan(plan, config, RunOptions()), "evaluate", "teacher")
+    tasks = plan.stages[evaluate.stage].key.config["tasks"]
+    lm_eval = sum(lm_eval_tokens(task)[0] for task in tasks)
+    assert evaluate.tokens == 8000 + lm_eval and lm_eval > 0
+    assert evaluate.seconds["start"] == COSTS.stage_start_s + COSTS.lm_eval_start_s + 4 * COSTS.lm_eval_task_s
 
 
 def test_the_estimate_is_what_report_json_keeps(llama_plan, tmp_path):
