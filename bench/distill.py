@@ -101,14 +101,17 @@ class Setup:
     batch_size: int
     seq_len: int
     threads: int
+    # builder.training's name, as a build resolves --precision (builder.precision): bf16
+    # autocast on GPUs and on CPUs with native bf16 where it is faster, fp32 elsewhere
+    dtype: str = "float32"
 
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
     @property
-    def dtype(self) -> str:  # builder.training's name: bf16 autocast on GPUs, fp32 on this CPU
-        return "bfloat16" if self.is_cuda else "float32"
+    def bf16(self) -> bool:
+        return self.dtype == "bfloat16"
 
     @property
     def tokens_per_step(self) -> int:
@@ -162,6 +165,9 @@ def measure_peaks(setup: Setup, repeats: int) -> dict:
     if setup.is_cuda:
         return {"bfloat16": matmul_peak(setup, torch.bfloat16, 8192, repeats),
                 "float32": matmul_peak(setup, torch.float32, 8192, repeats)}
+    if setup.bf16:  # native bf16 (avx512_bf16, amx): as large as float32's
+        return {"float32": matmul_peak(setup, torch.float32, 2048, repeats),
+                "bfloat16": matmul_peak(setup, torch.bfloat16, 2048, repeats)}
     # bf16 is emulated on AVX2 (about 1 GFLOP/s): a small matrix and few repeats, for the record.
     return {"float32": matmul_peak(setup, torch.float32, 2048, repeats),
             "bfloat16": matmul_peak(setup, torch.bfloat16, 512, max(2, repeats // 3))}
@@ -169,7 +175,7 @@ def measure_peaks(setup: Setup, repeats: int) -> dict:
 
 def training_peak(peaks: dict, setup: Setup) -> dict:
     """The peak of the precision the training's matmuls run in."""
-    return peaks["bfloat16" if setup.is_cuda else "float32"]
+    return peaks[setup.dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ def build_models(setup: Setup) -> tuple[torch.nn.Module, torch.nn.Module, torch.
 
     teacher, tokenizer = load_teacher(teacher_dir())
     # As builder.model_io.load_model: the teacher in the training dtype, frozen, eval mode.
-    teacher = teacher.to(setup.device, torch.bfloat16 if setup.is_cuda else torch.float32)
+    teacher = teacher.to(setup.device, torch.bfloat16 if setup.bf16 else torch.float32)
     teacher.eval().requires_grad_(False)
     shape = Shape.of(teacher.config).replace(**WIDTH_STUDENT)
     torch.manual_seed(0)
@@ -325,7 +331,7 @@ def trainer_arguments(setup: Setup, steps: int, output_dir: str):
         learning_rate=LEARNING_RATE, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
         weight_decay=0.0, max_grad_norm=1.0, warmup_steps=WARMUP_LR_STEPS,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        optim="adamw_torch_fused", bf16=setup.is_cuda, use_cpu=not setup.is_cuda,
+        optim="adamw_torch_fused", bf16=setup.bf16, use_cpu=not setup.is_cuda,
         train_sampling_strategy="sequential",  # minizoo's block order, fed in that order
         logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_pin_memory=False, seed=0,
@@ -452,6 +458,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="as the build's --precision (auto: what a build on this machine trains in)")
     return parser.parse_args()
 
 
@@ -462,7 +470,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here")
-    setup = Setup(torch.device(args.device), args.batch_size, args.seq_len, torch.get_num_threads())
+    from builder.precision import resolve_precision
+
+    precision = resolve_precision(args.precision, use_gpu=args.device == "cuda")
+    setup = Setup(torch.device(args.device), args.batch_size, args.seq_len, torch.get_num_threads(), precision.dtype)
+    print(f"training precision: {precision}", flush=True)
     started = time.perf_counter()
 
     peaks = measure_peaks(setup, settings.peak_repeats)
