@@ -243,8 +243,7 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
-        remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
-                                                                              name=stage.id)
+        remote = _remote_for(stage, options).options(**_resources(stage, options), name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
                                        decisions[stage.id], *upstream)
         observer.queued(stage.id)
@@ -283,6 +282,13 @@ def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
         result.failures.pop(stage_id, None)
         result.optional_failures.pop(stage_id, None)
         result.skipped[stage_id] = f"skipped: upstream {root} failed"
+
+
+def _remote_for(stage: Stage, options: RunOptions):
+    """A heavy stage gets a fresh worker process, except in a rehearsal: its models are a few
+    MB, so there is no memory to return, and a reused worker skips the 5-10 s of starting
+    Python and importing torch, transformers and lm-eval again for each of its many stages."""
+    return _execute_heavy if stage.heavy and not options.rehearsal else _execute_light
 
 
 def _resources(stage: Stage, options: RunOptions) -> dict:
