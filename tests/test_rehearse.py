@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder import family, rehearse_scale
 from builder.acquire import config_from_json
@@ -124,17 +125,22 @@ def test_every_family_rehearses_end_to_end_offline(tmp_path, monkeypatch):
         for spec_name, config in FAMILIES.items():
             options = RunOptions(workdir=tmp_path / spec_name, teacher_config=CONFIGS / config, cpus_per_stage=1)
             assert rehearse(ROOT / "families" / spec_name, options) == 0, spec_name
-            _check_rehearsal(tmp_path / spec_name / "rehearsal")
+            _check_rehearsal(tmp_path / spec_name / "rehearsal", ROOT / "families" / spec_name)
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _check_rehearsal(folder: Path) -> None:
+def _check_rehearsal(folder: Path, spec_path: Path) -> None:
     (report_file,) = folder.glob("*-rehearsal/report.json")
     report = json.loads(report_file.read_text())
     assert report["complete"] and not report["failures"]
     assert report["description"].startswith("REHEARSAL")
+    # lm-eval scored every model on the spec's tasks, but those with no offline data
+    left_out = json.loads((folder / "REHEARSAL.json").read_text())["tasks_left_out"]
+    tasks = {task["name"] for task in yaml.safe_load(spec_path.read_text())["evaluation"]["tasks"]} - set(left_out)
+    for model in [report["teacher"], *report["students"]]:
+        assert set(model["tasks"]) == tasks and all(task["samples"] >= 1 for task in model["tasks"].values())
     for student in report["students"]:
         assert student["perplexity"]["perplexity"] > 1.0
         assert "REHEARSAL" in Path(student["card"]).read_text() or "rehearsal" in Path(student["card"]).read_text()
