@@ -57,6 +57,13 @@ RAY_TRAIN_QUIET = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
+# A rehearsal's training lasts a second or two: the preemption watcher (one more actor, so one
+# more process to start per fit) has no node drain to wait for, and the controller's 2 s
+# poll of its workers would add a second to each fit on average.
+RAY_TRAIN_REHEARSAL = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 @dataclass
@@ -243,8 +250,7 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
     refs: dict[str, ray.ObjectRef] = {}
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
-        remote = (_execute_heavy if stage.heavy else _execute_light).options(**_resources(stage, options),
-                                                                              name=stage.id)
+        remote = _remote_for(stage, options).options(**_resources(stage, options), name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
                                        decisions[stage.id], *upstream)
         observer.queued(stage.id)
@@ -283,6 +289,13 @@ def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
         result.failures.pop(stage_id, None)
         result.optional_failures.pop(stage_id, None)
         result.skipped[stage_id] = f"skipped: upstream {root} failed"
+
+
+def _remote_for(stage: Stage, options: RunOptions):
+    """A heavy stage gets a fresh worker process, except in a rehearsal: its models are a few
+    MB, so there is no memory to return, and a reused worker skips the 5-10 s of starting
+    Python and importing torch, transformers and lm-eval again for each of its many stages."""
+    return _execute_heavy if stage.heavy and not options.rehearsal else _execute_light
 
 
 def _resources(stage: Stage, options: RunOptions) -> dict:
@@ -328,7 +341,8 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[st
              decision: Decision, *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
-    os.environ.update({k: v for k, v in RAY_TRAIN_QUIET.items() if k not in os.environ})
+    quiet = RAY_TRAIN_QUIET | (RAY_TRAIN_REHEARSAL if options.rehearsal else {})
+    os.environ.update({k: v for k, v in quiet.items() if k not in os.environ})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
     with store.locked(stage.id):  # another build running this stage: wait, then look again

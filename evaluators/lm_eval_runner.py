@@ -222,6 +222,30 @@ def score_documents(lm, manager, task: str, indices: Sequence[int], num_fewshot:
                        for s in samples]}
 
 
+# Built lm-eval tasks (datasets loaded, few-shot samplers made: most of the cost of a small
+# evaluation, 5 s for MMLU's 57 subjects) kept for the next evaluation in this process, as
+# when a rehearsal's reused stage worker evaluates model after model. Reuse is safe:
+# lm-eval's evaluate() rebuilds all per-run state of a task (build_all_requests replaces its
+# requests, responses live on them) and simple_evaluate re-seeds its few-shot sampler; the
+# num_fewshot it writes into a task's config is part of the key, and so is the folder the
+# tasks come from. Entries are a few MB (the datasets are memory-mapped).
+_BUILT_TASKS: dict[tuple, list] = {}
+_MAX_BUILT_TASKS = 8
+
+
+def _built_tasks(manager, names: list[str], num_fewshot: int) -> list:
+    """The Task/Group objects for `names`, built once per (task folder, names, shots)."""
+    key = (str(manager.include_path), tuple(names), num_fewshot)
+    if key not in _BUILT_TASKS:
+        loaded = manager.load(list(names))
+        # names are tasks or groups, never tags (check_task_names): one object each
+        built = [loaded["groups"].get(name) or loaded["tasks"][name] for name in names]
+        if len(_BUILT_TASKS) >= _MAX_BUILT_TASKS:
+            _BUILT_TASKS.pop(next(iter(_BUILT_TASKS)))
+        _BUILT_TASKS[key] = built
+    return _BUILT_TASKS[key]
+
+
 def _simple_evaluate(lm, manager, names: list[str], num_fewshot: int, limit: int | None,
                      samples: dict[str, list[int]] | None = None) -> dict:
     from lm_eval import simple_evaluate
@@ -230,7 +254,8 @@ def _simple_evaluate(lm, manager, names: list[str], num_fewshot: int, limit: int
     # a process that holds a model (maybe inside a Ray worker) is not worth 1,000 draws.
     with _env(DISABLE_MULTIPROC="1"):
         return simple_evaluate(
-            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, samples=samples,
+            model=lm, tasks=_built_tasks(manager, names, num_fewshot), num_fewshot=num_fewshot, limit=limit,
+            samples=samples,
             task_manager=manager, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=samples is not None,
             **SEEDS,
         )

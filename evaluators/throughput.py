@@ -265,6 +265,11 @@ def _worker_env(settings: ThroughputSettings, cache_root: Path, rpc_dir: Path) -
     env.update(VLLM_HOST_IP="127.0.0.1", VLLM_CPU_OMP_THREADS_BIND=bind, VLLM_CACHE_ROOT=str(cache_root),
                VLLM_RPC_BASE_PATH=str(rpc_dir),
                PYTHONPATH=os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")])))
+    if settings.engine_args.get("distributed_executor_backend") == "uni":
+        # "uni" asks for no process per model worker; vLLM on a CPU quietly replaces it by
+        # "mp" unless its engine core runs in the calling process too. Honour it: the whole
+        # engine in the worker, no process to start (each costs seconds of imports).
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 

@@ -199,6 +199,34 @@ def test_chosen_documents_score_like_the_naive_scorer(tmp_path, cache_dir, rende
     assert [(s["acc"], s["acc_norm"]) for s in result["scores"]] == expected
 
 
+def test_a_second_evaluation_in_a_process_reuses_the_built_tasks_and_scores_as_a_fresh_one(
+        tmp_path, cache_dir, monkeypatch):
+    """A reused task object must carry nothing over: not the last model's responses (lambada's
+    perplexity would repeat the first model's), not its few-shot draws (a group and a task
+    with one shot), not its limit."""
+    from lm_eval.tasks import TaskManager
+
+    first, second = save_tiny_checkpoint(tmp_path / "a", seed=0), save_tiny_checkpoint(tmp_path / "b", seed=1)
+    tasks = [TaskRequest("mmlu_humanities", num_fewshot=1, limit=1), TaskRequest("arc_easy", num_fewshot=1, limit=2),
+             TaskRequest("lambada_openai", limit=2)]
+    monkeypatch.setattr(lm_eval_runner, "_BUILT_TASKS", {})
+    of_first = evaluate_model(first, tasks, batch_size=4, cache_dir=cache_dir)
+    loads = []
+    real_load = TaskManager.load
+    def load(self, names):  # lm-eval passes built tasks through load() too: count names only
+        loads.extend(name for name in names if isinstance(name, str))
+        return real_load(self, names)
+
+    monkeypatch.setattr(TaskManager, "load", load)
+    reused = evaluate_model(second, tasks, batch_size=4, cache_dir=cache_dir)
+    assert loads == []  # every task came from the process's cache
+    monkeypatch.setattr(lm_eval_runner, "_BUILT_TASKS", {})
+    fresh = evaluate_model(second, tasks, batch_size=4, cache_dir=cache_dir)
+    assert reused["tasks"] == fresh["tasks"]
+    assert reused["tasks"]["arc_easy"]["samples"] == 2 and reused["tasks"]["arc_easy"]["num_fewshot"] == 1
+    assert reused["tasks"]["lambada_openai"]["metrics"] != of_first["tasks"]["lambada_openai"]["metrics"]
+
+
 @pytest.fixture
 def builtin_names(monkeypatch) -> tuple[str, ...]:
     """lm-eval's real index of a few built-in folders, standing in for all ~15,000 YAMLs

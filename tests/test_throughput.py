@@ -66,6 +66,15 @@ def test_settings_reject_engine_args_that_they_set_themselves():
         ThroughputSettings(num_prompts=0)
 
 
+def test_a_uni_executor_runs_the_whole_engine_in_the_worker(tmp_path):
+    """On a CPU vLLM turns "uni" into "mp" unless its engine core runs in-process too."""
+    uni = ThroughputSettings(engine_args={"distributed_executor_backend": "uni"})
+    env = throughput._worker_env(uni, cache_root=tmp_path, rpc_dir=tmp_path)
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    default = throughput._worker_env(ThroughputSettings(), cache_root=tmp_path, rpc_dir=tmp_path)
+    assert default.get("VLLM_ENABLE_V1_MULTIPROCESSING") == os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
 def test_cpu_list_string_is_vllm_bind_syntax():
     assert cpu_list_string({0, 1}) == "0-1"
     assert cpu_list_string({5, 0, 2, 1, 7, 8}) == "0-2,5,7-8"
