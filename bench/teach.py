@@ -413,8 +413,14 @@ def main() -> None:
         measured, quick = {name: saved[name] for name in RAW_FIELDS}, saved["quick"]
     else:
         measured, quick = measure(QUICK if args.quick else FULL), args.quick
-    path = write_result("teach", {"quick": quick, **measured, **summarize(measured)})
+    path = write_result("teach", {"quick": quick, "versions": package_versions(), **measured, **summarize(measured)})
     print(f"\n{measured['elapsed_s']:.0f} s; wrote {path}")
+
+
+def package_versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "numpy", "safetensors")}
 
 
 def cpu_flags_of_interest() -> set[str]:
