@@ -90,7 +90,7 @@ def stage_rows(report: dict) -> list[list]:
     for model in [report["teacher"], *report["students"]]:
         for stage, record in (model.get("stages") or {}).items():
             if record:
-                rows.append([model["name"], stage, record["tokens"], record["wall_s"]])
+                rows.append([model["name"], stage, record["tokens"], record["wall_s"], record.get("before_workers_s")])
     return rows
 
 
@@ -103,7 +103,7 @@ def main() -> None:
         result = run_build(spec, Path(tmp) / "runs")
         family = yaml.safe_load(spec.read_text())["family"]
         report = json.loads((Path(tmp) / "runs" / family / "report.json").read_text())
-    print_table(["model", "stage", "tokens", "wall s"], stage_rows(report))
+    print_table(["model", "stage", "tokens", "wall s", "of which before its workers ran"], stage_rows(report))
     print(f"\nexit code {result['exit_code']}, wall {result['wall_s'] / 60:.1f} min, "
           f"peak PSS {result['peak_pss_gib']:.2f} GiB")
     name = "demo-quick" if args.quick else "demo"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -107,7 +108,8 @@ def _train(config: dict) -> None:
 def _record_node(out_dir: Path) -> None:
     """Each worker notes where it runs (hostname, Ray node id), for the stage's manifest."""
     rank = ray.train.get_context().get_world_rank()
-    record = {"rank": rank, "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+    record = {"rank": rank, "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+              "started_at": time.time()}  # the stage's time before this is start-up and waiting for CPUs
     folder = out_dir / "ray_train" / "nodes"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{rank}.json").write_text(json.dumps(record))

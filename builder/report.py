@@ -47,7 +47,15 @@ def stage_cost(manifest: Manifest | None, flops_per_token: float = 0.0) -> Stage
     if manifest is None:
         return None
     return StageCost(tokens=manifest.tokens, wall_s=round(manifest.wall_s, 2),
-                     flops=flops_per_token * manifest.tokens, path=manifest.path)
+                     flops=flops_per_token * manifest.tokens, path=manifest.path,
+                     before_workers_s=_before_workers(manifest))
+
+
+def _before_workers(manifest: Manifest) -> float | None:
+    starts = [node["started_at"] for node in manifest.summary.get("train_nodes") or [] if "started_at" in node]
+    if not starts:
+        return None
+    return round(min(starts) - (manifest.finished_at - manifest.wall_s), 2)
 
 
 # -- evaluation and throughput, from the stages' summaries ----------------------------------------

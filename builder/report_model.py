@@ -185,6 +185,9 @@ class StageCost(Record):
     tokens: int = 0
     wall_s: float = 0.0
     flops: float = 0.0
+    # Training stages: of wall_s, the time before its first Ray Train worker ran (Ray Train's
+    # start-up, and waiting for CPUs or GPUs that other stages held)
+    before_workers_s: float | None = None
     path: str | None = None  # the stage's folder on this machine (never printed in a card)
 
 
