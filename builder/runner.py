@@ -261,11 +261,18 @@ def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: Fam
         raise
 
 
+CANCEL_GRACE_S = 0.5  # how long a stopping build lets finishing stages deliver their results
+
+
 def _cancel(refs: list[ray.ObjectRef]) -> None:
     """Stop the stages still queued or running: force kills their worker processes (their
     own children follow by their parent-death signal), recursive the tasks they started.
     A stage's manifest is written last and atomically, so a killed stage leaves no
     manifest, only what it can resume from."""
+    # A stage whose reply is already on its way is left to finish: cancelling a task whose
+    # result is arriving trips a check in Ray's core worker ("Tried to complete task that was
+    # not pending"), which aborted a stopped build with exit code 1 instead of 143.
+    _, refs = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S) if refs else ([], [])
     log.warning("stopping: cancelling %d unfinished stage(s)", len(refs))
     for ref in refs:
         try:
