@@ -218,9 +218,11 @@ def _distill_sections(spec: FamilySpec) -> list[DistillSpec]:
 
 
 def stream_positions(section: TrainingSpec, seq_len: int) -> int:
-    """Blocks a training run reads: its steps (builder.training TrainSettings.steps) times
-    the global batch."""
-    steps = max(1, -(-section.tokens // (section.global_batch_size * seq_len)))
+    """Blocks a training run reads: its steps times the global batch (the training loop's
+    own step count, for the whole global batch as one worker's)."""
+    from builder.training import TrainSettings
+
+    steps = TrainSettings(tokens=section.tokens, batch_size=section.global_batch_size).steps(seq_len, world_size=1)
     return steps * section.global_batch_size
 
 
