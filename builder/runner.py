@@ -298,20 +298,28 @@ def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
         result.skipped[stage_id] = f"skipped: upstream {root} failed"
 
 
+# Stages whose task only coordinates: the work, and the models, are in their Ray Train workers
+# (distill, correct) or teacher actors (teach, builder/ray_teach.py), each a process of its own.
+COORDINATING_STAGES = {"distill", "correct", "teach"}
+
+
 def _remote_for(stage: Stage, options: RunOptions):
-    """A heavy stage gets a fresh worker process, except in a rehearsal: its models are a few
-    MB, so there is no memory to return, and a reused worker skips the 5-10 s of starting
-    Python and importing torch, transformers and lm-eval again for each of its many stages."""
-    return _execute_heavy if stage.heavy and not options.rehearsal else _execute_light
+    """A heavy stage gets a fresh worker process, so its model's memory goes back to the OS
+    when it ends. A reused worker skips the 5-10 s of starting Python and importing torch,
+    transformers and Ray Train again: a coordinating stage takes one (it loads no model), and
+    so does every stage of a rehearsal (its models are a few MB: no memory to return)."""
+    fresh = stage.heavy and stage.name not in COORDINATING_STAGES and not options.rehearsal
+    return _execute_heavy if fresh else _execute_light
+
+
 
 
 def _resources(stage: Stage, options: RunOptions) -> dict:
-    """Heavy stages take the per-stage CPUs/GPUs and a fresh worker process (max_calls=1,
-    so a model's memory is returned to the OS when the stage ends). Training stages hand
-    their CPUs to their Ray Train workers, so the coordinating task itself takes none; so
-    do teach, to its teacher actors (builder/ray_teach.py), and acquire-data (a light stage),
-    to its Ray Data tokenizer actors (builder/ray_data.py)."""
-    if not stage.heavy or stage.name in {"distill", "correct", "teach"}:
+    """Heavy stages take the per-stage CPUs/GPUs (a fresh worker process: _remote_for).
+    Training stages hand their CPUs to their Ray Train workers, so the coordinating task
+    itself takes none; so do teach, to its teacher actors (builder/ray_teach.py), and
+    acquire-data (a light stage), to its Ray Data tokenizer actors (builder/ray_data.py)."""
+    if not stage.heavy or stage.name in COORDINATING_STAGES:
         return {"num_cpus": 0}
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
 
