@@ -57,10 +57,13 @@ RAY_TRAIN_QUIET = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
-# A rehearsal's training lasts a second or two: the preemption watcher (one more actor, so one
-# more process to start per fit) has no node drain to wait for, and the controller's 2 s
-# poll of its workers would add a second to each fit on average.
-RAY_TRAIN_REHEARSAL = {
+# On a local instance (and in a rehearsal, whose training lasts a second or two): the
+# preemption watcher (one more actor, so one more process to start per fit) has no node
+# drain to wait for (the only node is this machine), and the controller's 2 s poll of its
+# workers adds a second to each fit on average, more while they start (measured once,
+# contended: 13 s -> 10 s a fit of 1 worker on 2 cores); polling a few local workers every
+# 0.5 s costs nothing.
+RAY_TRAIN_LOCAL = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
@@ -248,11 +251,12 @@ def _ray_messages_to(observer: BuildObserver, enabled: bool):
 def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
                  result: BuildResult, observer: BuildObserver) -> None:
     refs: dict[str, ray.ObjectRef] = {}
+    train_env = ray_train_env(options)
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = _remote_for(stage, options).options(**_resources(stage, options), name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
-                                       decisions[stage.id], *upstream)
+                                       decisions[stage.id], train_env, *upstream)
         observer.queued(stage.id)
     try:
         _collect(refs, {stage.id: stage for stage in pending}, result, observer)
@@ -312,8 +316,6 @@ def _remote_for(stage: Stage, options: RunOptions):
     return _execute_heavy if fresh else _execute_light
 
 
-
-
 def _resources(stage: Stage, options: RunOptions) -> dict:
     """Heavy stages take the per-stage CPUs/GPUs (a fresh worker process: _remote_for).
     Training stages hand their CPUs to their Ray Train workers, so the coordinating task
@@ -352,12 +354,18 @@ def _error_text(error: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
 
 
+def ray_train_env(options: RunOptions) -> dict[str, str]:
+    """The Ray Train settings a stage sets before it trains; decided on the driver, which
+    knows whether it runs on a local instance (a stage's worker cannot tell)."""
+    local = not (options.address or os.environ.get("RAY_ADDRESS"))
+    return RAY_TRAIN_QUIET | (RAY_TRAIN_LOCAL if local or options.rehearsal else {})
+
+
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
-             decision: Decision, *upstream: Manifest) -> Manifest:
+             decision: Decision, train_env: dict[str, str], *upstream: Manifest) -> Manifest:
     from builder.stages import execute_stage  # imported in the worker: torch loads there
 
-    quiet = RAY_TRAIN_QUIET | (RAY_TRAIN_REHEARSAL if options.rehearsal else {})
-    os.environ.update({k: v for k, v in quiet.items() if k not in os.environ})
+    os.environ.update({k: v for k, v in train_env.items() if k not in os.environ})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
     with store.locked(stage.id):  # another build running this stage: wait, then look again
