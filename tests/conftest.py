@@ -37,3 +37,14 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (f"{REQUIRE_VLLM}=1 but this vLLM test was skipped: {skip_reason(report)}\n"
                            f"Install vLLM (`make setup` does, with a CPU torch), or run with {REQUIRE_VLLM}=0 "
                            "on a machine meant to go without it.")
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray instance for a module's in-process builds, which run on it instead of
+    each starting and stopping its own (tests/ray_instance.py); for builds that need no
+    fresh instance."""
+    from ray_instance import local_ray
+
+    with local_ray():
+        yield

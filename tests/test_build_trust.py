@@ -87,7 +87,7 @@ def test_two_builds_at_once_run_each_stage_once(concurrent_builds):
     assert not list((workdir / "stages" / ".trash").glob("*"))
 
 
-def test_a_damaged_finished_stage_is_named_and_recomputed(concurrent_builds, caplog):
+def test_a_damaged_finished_stage_is_named_and_recomputed(concurrent_builds, shared_ray, caplog):
     spec, workdir, _, _ = concurrent_builds
     (distill,) = workdir.glob("stages/distill-*/model/model.safetensors")
     original = {name: tensor.clone() for name, tensor in load_file(distill).items()}  # not a view of the file
@@ -106,7 +106,7 @@ def test_a_damaged_finished_stage_is_named_and_recomputed(concurrent_builds, cap
     assert all((repaired[name] == original[name]).all() for name in original)
 
 
-def test_rebuild_redoes_the_stage_and_what_reads_it(concurrent_builds):
+def test_rebuild_redoes_the_stage_and_what_reads_it(concurrent_builds, shared_ray):
     spec, workdir, _, _ = concurrent_builds
     before = manifests(workdir)
     assert main([str(spec), "--workdir", str(workdir), "--rebuild", "prune"]) == 0

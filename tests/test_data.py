@@ -26,10 +26,10 @@ from builder.acquire import (
     package_dir, split_of, tokenize_batch, tokenize_splits,
 )  # fmt: skip
 from builder.options import RunOptions
-from builder.runner import init_ray
 from builder.spec import DataSpec, Reference
 from builder.token_ids import BatchTokenizer
 from builder.tokens import BlocksIndex
+from ray_instance import local_ray
 from tiny_models import tiny_tokenizer
 
 SEQ_LEN = 16
@@ -42,13 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray instance for the module, on loopback, started the way builds start it."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR"):
-            patch.setenv(name, "")  # init_ray sets them; restored afterwards
-        patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", True)
-        init_ray(RunOptions(local_cpus=2))
+    with local_ray(RunOptions(local_cpus=2)):
         yield
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

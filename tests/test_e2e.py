@@ -61,7 +61,7 @@ def _vllm_installed() -> bool:
 
 
 @pytest.fixture(scope="module")
-def built_family(tmp_path_factory):
+def built_family(tmp_path_factory, shared_ray):
     root = tmp_path_factory.mktemp("e2e")
     # head_dim 32: vLLM's CPU attention kernels have no head_dim 16 (the tiny default).
     teacher = save_tiny_checkpoint(root / "teacher", seed=3, head_dim=32)
@@ -144,7 +144,7 @@ def test_second_run_reuses_every_stage(built_family):
     assert [m.stat().st_mtime_ns for m in sorted(workdir.glob("stages/*/manifest.json"))] == stamps
 
 
-def test_a_lost_stage_is_rebuilt_alone(built_family):
+def test_a_lost_stage_is_rebuilt_alone(built_family, shared_ray):  # on the first build's Ray instance
     spec, workdir, _, _ = built_family
     (evaluate_depth,) = workdir.glob("stages/evaluate-tiny-depth-*")
     (evaluate_depth / "manifest.json").unlink()
