@@ -7,7 +7,7 @@ from builder.plan import Plan, PlannedStudent
 from builder.reuse import Decision, decide
 from builder.shape import Shape
 from builder.store import StageStore
-from builder.teacher_signal import bytes_per_token
+from builder.teacher_signal import bytes_per_token, signal_name
 from builder.units import format_count
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
@@ -51,8 +51,9 @@ def signal_lines(plan: Plan) -> list[str]:
         if not section.tokens:
             continue
         if section.stored_signal:
-            size = bytes_per_token(section.top_k, plan.teacher_vocab_size)
-            how = f"the teacher's stored top-{section.top_k} log-probabilities ({size} bytes per token, one teach pass)"
+            size = bytes_per_token(section.top_k, plan.teacher_vocab_size, section.tail_samples)
+            how = (f"the teacher's stored {signal_name(section.top_k, section.tail_samples)} ({size} bytes per token, "
+                   "one teach pass)")
         elif section.hidden_loss_weight > 0:
             how = "the online teacher (its hidden-state loss needs the teacher's hidden states, which no signal stores)"
         else:

@@ -190,25 +190,32 @@ def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, 
     return inputs
 
 
-# -- the teach stages: one per (top_k, temperature) that some distillation reads -----------------
-Signals = dict[tuple[int, float], str]  # (top_k, temperature) -> teach stage id
+# -- the teach stages: one per (top_k, temperature, tail_samples) that some distillation reads ---
+SignalKey = tuple[int, float, int]  # (top_k, temperature, tail_samples)
+Signals = dict[SignalKey, str]  # -> teach stage id
 
 
-def signal_key(section: DistillSpec) -> tuple[int, float]:
-    return section.top_k, section.temperature
+def signal_key(section: DistillSpec) -> SignalKey:
+    return section.top_k, section.temperature, section.tail_samples
 
 
 def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains: dict) -> Signals:
     """A teach stage covers the most stream positions any of its readers reads (so every
     reader, whatever its seed, samples its steps from the same taught rows)."""
-    positions: dict[tuple[int, float], int] = {}
+    positions: dict[SignalKey, int] = {}
     for section in _distill_sections(spec):
         if section.stored_signal:
             key = signal_key(section)
             positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
-    return {key: dag.add("teach", f"k{key[0]}", {"top_k": key[0], "temperature": key[1], "positions": count},
+    return {key: dag.add("teach", _teach_label(key), {"top_k": key[0], "temperature": key[1], "tail_samples": key[2],
+                                                     "positions": count},
                          {TEACHER: teacher, "data": data}, heavy=True, options=trains)
-            for key, count in positions.items()}
+            for key, count in positions.items()}  # fmt: skip
+
+
+def _teach_label(key: SignalKey) -> str:
+    top_k, _, tail_samples = key
+    return f"k{top_k}" + (f"+{tail_samples}" if tail_samples else "")
 
 
 def _distill_sections(spec: FamilySpec) -> list[DistillSpec]:

@@ -287,6 +287,7 @@ TeacherSignalKind = Literal["online", "topk"]
 # The defaults bench/teach.py chose (its README section says why).
 DEFAULT_TEACHER_SIGNAL: TeacherSignalKind = "online"
 DEFAULT_TOP_K = 64
+DEFAULT_TAIL_SAMPLES = 64
 
 
 class DistillSpec(TrainingSpec):
@@ -306,7 +307,12 @@ class DistillSpec(TrainingSpec):
     top_k: PositiveCount = Field(
         DEFAULT_TOP_K, description="Teacher log-probabilities stored per token with teacher_signal: topk, plus the "
         "mass of the rest (so the loss stays a proper divergence); at most the vocabulary size. Stored bytes per "
-        "token: top_k x 4 (x 6 above 65536 ids) + 2")
+        "token: top_k x 4 (x 6 above 65536 ids) + 2 + tail_samples x 2 (x 4)")
+    tail_samples: Count = Field(
+        DEFAULT_TAIL_SAMPLES, description="Token ids drawn per token from the teacher's distribution outside its "
+        "top_k, each carrying an equal share of that mass: forward KL's gradient is then the full-vocabulary one "
+        "in expectation (without them the student never learns the teacher's shape there). Only forward_kl "
+        "reads them: with reverse_kl or jsd an unset tail_samples is 0")
 
     @model_validator(mode="before")
     @classmethod
@@ -320,6 +326,21 @@ class DistillSpec(TrainingSpec):
                     f"hidden_loss_weight {data['hidden_loss_weight']} needs its hidden states; set teacher_signal: "
                     "online (or remove it: with the hidden-state loss the default is online), or hidden_loss_weight: 0")
             data = {**data, "teacher_signal": "online"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_forward_kl_reads_tail_samples(cls, data: Any) -> Any:
+        # Reverse KL and JSD weigh every id by the student's probability: they need the
+        # teacher's at ids the draws may miss, and use the (k+1)-bin form instead.
+        if isinstance(data, dict) and data.get("loss", "forward_kl") != "forward_kl":
+            if "tail_samples" not in data:
+                return {**data, "tail_samples": 0}
+            if _positive(data["tail_samples"]):
+                raise ValueError(
+                    f"tail_samples {data['tail_samples']} is read only by loss forward_kl, not by loss "
+                    f"{data['loss']!r} (it needs the teacher's probability of every id, which the draws do not "
+                    "carry); set tail_samples: 0 or loss: forward_kl")
         return data
 
     @property

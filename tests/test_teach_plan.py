@@ -30,7 +30,7 @@ def _stages(plan, name: str) -> list:
 
 def test_every_student_and_candidate_reads_one_shared_teach_stage():
     budget = {"name": "s", "params": 150_000}
-    spec = _spec({"teacher_signal": "topk", "top_k": 16}, [{"name": "w", "shape": {"hidden_size": 48}}, budget],
+    spec = _spec({"teacher_signal": "topk", "top_k": 16, "tail_samples": 8}, [{"name": "w", "shape": {"hidden_size": 48}}, budget],
                  search={"tokens": "1K", "max_candidates": 3, "width_multiple": 16})
     plan = make_plan(spec, tiny_config(), FP32)
     (teach,) = _stages(plan, "teach")
@@ -39,7 +39,7 @@ def test_every_student_and_candidate_reads_one_shared_teach_stage():
     assert candidates >= 2 and len(distills) == 1 + candidates + 1 and all(stage.inputs["signal"] == teach.id for stage in distills)
     assert plan.teach_stages == (teach.id,)
     # It covers the most any reader reads: a student's 4K tokens = 16 steps x 4 blocks of 64.
-    assert teach.key.config == {"top_k": 16, "temperature": 1.0, "positions": 64}
+    assert teach.key.config == {"top_k": 16, "temperature": 1.0, "tail_samples": 8, "positions": 64}
     assert stream_positions(spec.distill, 64) == 64 and stream_positions(spec.search_training(spec.students[1]), 64) == 16
 
 
@@ -52,7 +52,8 @@ def test_the_teach_stage_does_not_depend_on_who_reads_it():
     (a,), (b,) = _stages(first, "teach"), _stages(make_plan(other, tiny_config(), FP32), "teach")
     assert a.id == b.id
     (bigger,) = _stages(make_plan(_spec({"teacher_signal": "topk", "top_k": 32}), tiny_config(), FP32), "teach")
-    assert bigger.id != a.id
+    (more_draws,) = _stages(make_plan(_spec({"teacher_signal": "topk", "tail_samples": 3}), tiny_config(), FP32), "teach")
+    assert len({a.id, bigger.id, more_draws.id}) == 3
 
 
 def test_online_students_have_no_teach_stage_and_read_the_data():
@@ -78,3 +79,14 @@ def test_top_k_above_the_vocabulary_is_a_spec_problem():
     spec = _spec({"teacher_signal": "topk", "top_k": TINY_VOCAB + 1})
     (problem,) = [p for p in check_against_teacher(spec, tiny_config()) if p.field.endswith("top_k")]
     assert problem.field == "distill.top_k" and f"top_k <= {TINY_VOCAB}" in problem.message
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+def test_tail_samples_are_for_forward_kl_only(loss):
+    """Reverse KL and JSD use the (k+1)-bin form: unset, tail_samples follows the loss (0 draws
+    stored); asked for, it is an error naming both fields and the fix."""
+    assert DistillSpec(tokens=100, teacher_signal="topk", loss=loss).tail_samples == 0
+    assert DistillSpec(tokens=100, teacher_signal="topk").tail_samples > 0  # forward_kl: the default draws
+    with pytest.raises(ValidationError, match=f"tail_samples 8 is read only by loss forward_kl, not by loss '{loss}'"
+                                              ".*set tail_samples: 0 or loss: forward_kl"):
+        DistillSpec(tokens=100, teacher_signal="topk", loss=loss, tail_samples=8)
