@@ -91,30 +91,29 @@ def topk_target(
 def _topk_chunk(
     logits: torch.Tensor, top_k: int, temperature: float, tail_samples: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, ...]:
-    softened = _softened(logits, temperature)
-    log_z = softened.logsumexp(-1, keepdim=True)
-    values, indices = softened.topk(top_k, dim=-1)
-    # The tail is a log-sum-exp over the ids outside the top k, not log1p(-sum(top-k probs)):
-    # when the top k hold all but 1e-9 of the mass, that difference cancels to 0 (-inf) in fp32.
-    outside = softened.scatter(-1, indices, float("-inf"))  # all -inf when k == vocab: tail -inf
-    tail = outside.logsumexp(-1) - log_z.squeeze(-1)
-    drawn = _draw_tail(outside, log_z, indices, tail_samples, generator)
-    return indices, values - log_z, tail, drawn
+    log_q = F.log_softmax(_softened(logits, temperature), dim=-1)
+    values, indices = log_q.topk(top_k, dim=-1)
+    # The tail's mass is the sum of its probabilities, not 1 - sum(top-k probs): when the top
+    # k hold all but 1e-9 of the mass, that difference cancels to 0 in fp32, and a sum of
+    # positive terms cannot cancel. One exp pass serves the sum and the draws; a tail whose
+    # every probability underflows fp32 (all below e^-103) is stored as empty (-inf).
+    tail_probs = log_q.exp_().scatter_(-1, indices, 0.0)  # in log_q's memory
+    tail = tail_probs.sum(-1).log()  # -inf when k == vocab
+    return indices, values, tail, _draw_tail(tail_probs, tail, indices, tail_samples, generator)
 
 
 def _draw_tail(
-    outside: torch.Tensor, log_z: torch.Tensor, indices: torch.Tensor, count: int, generator: torch.Generator | None
+    tail_probs: torch.Tensor, tail: torch.Tensor, indices: torch.Tensor, count: int, generator: torch.Generator | None
 ) -> torch.Tensor:
     """`count` ids per token drawn with replacement from the teacher's probabilities outside
-    its top k (`outside`: the softened logits with the top k at -inf)."""
+    its top k (`tail_probs`: its probabilities with the top k at 0)."""
     if count == 0:
         return indices.new_empty((indices.shape[0], 0))
-    probs = outside.sub_(log_z).exp_()  # multinomial normalizes each row itself
-    # A row with no tail mass in fp32 (k == vocab, or a tail below 1e-38) cannot be drawn
+    # A row with no tail mass in fp32 (k == vocab, or a tail below e^-103) cannot be drawn
     # from; its draws carry that zero mass, so any id does: its top-1.
-    empty = probs.sum(-1) == 0
-    probs[empty] = F.one_hot(indices[empty, 0], probs.shape[-1]).to(probs.dtype)
-    return torch.multinomial(probs, count, replacement=True, generator=generator)
+    empty = tail == float("-inf")
+    tail_probs[empty] = F.one_hot(indices[empty, 0], tail_probs.shape[-1]).to(tail_probs.dtype)
+    return torch.multinomial(tail_probs, count, replacement=True, generator=generator)  # normalizes each row
 
 
 def chunked_losses(
