@@ -29,7 +29,8 @@ data:
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
 correction: {{tokens: 1K, global_batch_size: 4, checkpoint_every: 2}}
 scoring: {{samples: 16, batch_size: 8}}
-distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
+distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3,
+          teacher_signal: online}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}

@@ -159,9 +159,11 @@ def test_teach_loads_the_teacher_once_per_worker_and_stored_signal_distill_none(
     student_bytes = 4 * count_params(student_config(config, plan.students[0].shape))
     # No teacher: the student, and each worker its quarter of the signal it trains on.
     assert distill.read_bytes == pytest.approx(4 * student_bytes + distill.tokens * per_token)
+    spec["distill"] |= {"teacher_signal": "online"}
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(spec))
     (tmp_path / "online").mkdir()
-    online = _stage(estimate_plan(*demo_plan(tmp_path / "online"), RunOptions(train_workers=4)), "distill",
-                    "smollm2-90m-width")
+    online = _stage(estimate_plan(*demo_plan(tmp_path / "online", str(tmp_path / "online.yaml")),
+                                  RunOptions(train_workers=4)), "distill", "smollm2-90m-width")
     assert online.read_bytes == 4 * (student_bytes + teacher_bytes)
 
 
