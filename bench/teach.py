@@ -1,8 +1,8 @@
 """Teach once (issue #13): the teacher online in every distillation vs its top-k signal,
 computed once by a teach pass and shared by every student of a family.
 
-    .venv/bin/python -m bench.teach           # k in {8, 64, 256}, 3 seeds, 8 steps per student
-    .venv/bin/python -m bench.teach --quick   # k in {16, 64}, 3 seeds, 2 steps: < 10 min on 2 cores
+    .venv/bin/python -m bench.teach           # five signals, 3 seeds, 8 steps per student
+    .venv/bin/python -m bench.teach --quick   # three signals, 3 seeds, 4 steps: < 10 min on 2 cores
 
 Teacher: the embedded SmolLM2-135M-Instruct. Two groups of students, all pruned from it with
 Minitron importance (one scoring on the calibration split):
@@ -13,12 +13,14 @@ Minitron importance (one scoring on the calibration split):
   (width_multiple 8), as `build-family` would light-distill them before ranking.
 
 Ways: `online` (every run loads the teacher and runs its forward pass on every batch) and
-`topk` for each k (the teach pass stores the teacher's top-k log-probabilities of the taught
-rows once; `builder.training.distill` reads them and never loads the teacher). Why these k:
-64 is the spec's default (258 bytes per token with SmolLM2's 49152-word vocabulary); the
-quick run adds 16 (66 bytes), the cheapest signal that still keeps most of the teacher's mass;
-the full run brackets 64 with 8 (34 bytes) and 256 (1026 bytes, over the 400-byte goal: what
-the budget gives up).
+one stored signal per (k, m), named `topK` or `topK+M` (the teach pass stores the teacher's
+top-k log-probabilities of the taught rows once, and m ids drawn from its distribution
+beyond them; `builder.training.distill` reads them and never loads the teacher). Why these:
+top64 without draws is the (k+1)-bin signal alone (258 bytes per token with SmolLM2's
+49152-word vocabulary), whose students the first measurement found worse than online;
+top32+32 (194 bytes, 322 with a vocabulary over 65536 ids) and top64+64 (386) add the draws
+that make forward KL's gradient unbiased (builder.training.losses). The full run adds
+top16+16 (98 bytes) and top256 (1026 bytes, over the 400-byte goal: what the budget gives up).
 
 Equal tokens, same tokens: every student trains `steps` steps of batch x seq_len tokens.
 The teach pass teaches exactly the rows the students read (SignalLayout.plan with positions =
@@ -26,7 +28,7 @@ steps x batch), and the online students train on a tensor of those very rows in 
 order, so with the same seed every way feeds every student the same tokens at every step
 (tests/test_teach.py's last test checks the losses then agree at k = vocabulary).
 
-Counting time: one teach pass per k, shared by the seeds (it does not depend on the
+Counting time: one teach pass per signal, shared by the seeds (it does not depend on the
 student's seed) and by both groups (they read the same rows). A group's wall time for one
 seed is, per way: online = the sum of its students' distill() calls; topk = the teach pass +
 the sum of its students' distill() calls (each call end to end: loading, steps, saving the
@@ -43,7 +45,7 @@ min-max over seeds, for every student.
 Contention: every distill() call records wall and CPU time; one whose CPU/wall ratio is below
 0.75 x torch threads was contended (bench.common). A seed whose group has a contended run is
 flagged and left out of the saving when uncontended seeds exist; load averages are recorded
-before and after every run. Ways run interleaved (online, then each k, student by student)
+before and after every run. Ways run interleaved (online, then each signal, student by student)
 so that background load weighs on all of them alike.
 """
 from __future__ import annotations
@@ -72,7 +74,7 @@ from builder.precision import resolve_precision
 from builder.prune import prune_model
 from builder.search import candidates
 from builder.shape import Shape
-from builder.spec import DEFAULT_TEACHER_SIGNAL, DEFAULT_TOP_K, SearchSpec
+from builder.spec import DEFAULT_TAIL_SAMPLES, DEFAULT_TEACHER_SIGNAL, DEFAULT_TOP_K, SearchSpec
 from builder.teach import TeachJob, finish, teach_locally
 from builder.teacher_signal import SignalLayout, TeacherSignal
 from builder.tokens import BlocksIndex, ShardWriter, token_dtype
@@ -91,15 +93,20 @@ EVAL_BATCH = 4
 
 @dataclass(frozen=True)
 class Settings:
-    top_ks: tuple[int, ...]
+    signals: tuple[tuple[int, int], ...]  # (top_k, tail_samples) per stored-signal way
     seeds: tuple[int, ...]
     steps: int  # per student
     heldout: int  # blocks
     calibration: int  # blocks for importance scoring
 
 
-FULL = Settings(top_ks=(8, 64, 256), seeds=(0, 1, 2), steps=8, heldout=32, calibration=64)
-QUICK = Settings(top_ks=(16, 64), seeds=(0, 1, 2), steps=2, heldout=8, calibration=16)
+FULL = Settings(signals=((64, 0), (16, 16), (32, 32), (64, 64), (256, 0)), seeds=(0, 1, 2), steps=8, heldout=32,
+                calibration=64)
+QUICK = Settings(signals=((64, 0), (32, 32), (64, 64)), seeds=(0, 1, 2), steps=4, heldout=8, calibration=16)
+
+
+def way_name(top_k: int, tail_samples: int) -> str:
+    return f"top{top_k}" + (f"+{tail_samples}" if tail_samples else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +153,7 @@ def teach(folder: Path, data_dir: Path, layout: SignalLayout, dtype: str, out_di
         teach_locally(job)
         summary = finish(job)
     stored = sum(f.stat().st_size for f in out_dir.glob("shard-*/*.npy") if f.stem != "tokens")
-    return {"top_k": layout.top_k, "wall_s": stopwatch.timings[0].wall_s, "cpu_ratio": stopwatch.timings[0].cpu_ratio,
+    return {"top_k": layout.top_k, "tail_samples": layout.tail_samples, "wall_s": stopwatch.timings[0].wall_s, "cpu_ratio": stopwatch.timings[0].cpu_ratio,
             "load_before": load, "load_after": os.getloadavg(), "bytes_per_token": summary["bytes_per_token"],
             "stored_bytes": summary["stored_bytes"], "file_bytes_per_token": stored / summary["tokens"],
             "rows": summary["rows"], "tokens": summary["tokens"], "signal": out_dir}  # fmt: skip
@@ -157,7 +164,8 @@ def warm_up_teach(folder: Path, data_dir: Path, settings: Settings, train_blocks
     """An untimed pass first: the first in a process pays one-time costs (kernel selection, the
     teacher's files into the page cache) that would otherwise land on the first k alone; the
     students run in a warm process too."""
-    layout = SignalLayout.plan(settings.steps * BATCH, train_blocks, SEQ_LEN, settings.top_ks[0], 1.0, vocab)
+    top_k, drawn = settings.signals[0]
+    layout = SignalLayout.plan(settings.steps * BATCH, train_blocks, SEQ_LEN, top_k, 1.0, vocab, drawn)
     teach(folder, data_dir, layout, dtype, out_dir)
 
 
@@ -311,14 +319,19 @@ def judged_fraction(way: dict) -> float:
 
 
 def recommendation(met: dict, teaches: dict) -> dict:
-    """The smallest k meeting every goal; topk as the default only if one does."""
-    passing = [teaches[w]["top_k"] for w, g in met.items() if all(g.values())]
-    within = [teaches[w]["top_k"] for w, g in met.items() if g["loss_within_spread"] and g["bytes_under_400"]]
+    """The smallest signal (bytes per token) meeting every goal; topk as the default only if one does."""
+    def smallest(ways: list[str]) -> dict:
+        way = min(ways, key=lambda w: teaches[w]["bytes_per_token"])
+        return {"top_k": teaches[way]["top_k"], "tail_samples": teaches[way]["tail_samples"]}
+
+    passing = [w for w, g in met.items() if all(g.values())]
+    within = [w for w, g in met.items() if g["loss_within_spread"] and g["bytes_under_400"]]
     if passing:
-        return {"teacher_signal": "topk", "top_k": min(passing), "why": "the smallest k meeting every goal"}
-    return {"teacher_signal": "online", "top_k": min(within) if within else DEFAULT_TOP_K,
-            "why": "no k met every goal; top_k is the smallest k whose students matched the online ones "
-                   "within 400 bytes per token (or the current default)"}
+        return {"teacher_signal": "topk", **smallest(passing), "why": "the smallest signal meeting every goal"}
+    fallback = smallest(within) if within else {"top_k": DEFAULT_TOP_K, "tail_samples": DEFAULT_TAIL_SAMPLES}
+    return {"teacher_signal": "online", **fallback,
+            "why": "no signal met every goal; top_k and tail_samples are the smallest signal whose students matched "
+                   "the online ones within 400 bytes per token (or the current defaults)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +362,9 @@ def print_report(groups: dict, scores: dict, teaches: dict, met: dict, advice: d
     print()
     for way, g in met.items():
         print(f"{way}: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in g.items()))
-    print(f"\nrecommendation: teacher_signal {advice['teacher_signal']}, top_k {advice['top_k']} ({advice['why']}); "
-          f"spec defaults now {DEFAULT_TEACHER_SIGNAL}, {DEFAULT_TOP_K}")
+    print(f"\nrecommendation: teacher_signal {advice['teacher_signal']}, top_k {advice['top_k']}, tail_samples "
+          f"{advice['tail_samples']} ({advice['why']}); spec defaults now {DEFAULT_TEACHER_SIGNAL}, {DEFAULT_TOP_K}, "
+          f"{DEFAULT_TAIL_SAMPLES}")
 
 
 def measure(settings: Settings) -> dict:
@@ -371,13 +385,13 @@ def measure(settings: Settings) -> dict:
         data_dir = write_data_dir(train, vocab, work / "data")
         teaches, ways = {}, {}
         warm_up_teach(folder, data_dir, settings, len(train), vocab, dtype, work / "warm-up")
-        for k in settings.top_ks:
-            layout = SignalLayout.plan(settings.steps * BATCH, len(train), SEQ_LEN, k, 1.0, vocab)
-            teaches[f"top{k}"] = teach(folder, data_dir, layout, dtype, work / f"signal-{k}")
-            ways.setdefault("online", taught_rows(layout, train))  # the same rows for every k
-            ways[f"top{k}"] = TeacherSignal.open(work / f"signal-{k}")
-            print(f"teach k={k}: {teaches[f'top{k}']['wall_s']:.1f} s, {layout.bytes_per_token} bytes/token",
-                  flush=True)
+        for k, drawn in settings.signals:
+            layout = SignalLayout.plan(settings.steps * BATCH, len(train), SEQ_LEN, k, 1.0, vocab, drawn)
+            way = way_name(k, drawn)
+            teaches[way] = teach(folder, data_dir, layout, dtype, work / f"signal-{way}")
+            ways.setdefault("online", taught_rows(layout, train))  # the same rows for every signal
+            ways[way] = TeacherSignal.open(work / f"signal-{way}")
+            print(f"teach {way}: {teaches[way]['wall_s']:.1f} s, {layout.bytes_per_token} bytes/token", flush=True)
         print(f"{sum(map(len, students.values()))} students x {len(ways)} ways x {len(settings.seeds)} seeds; "
               f"{settings.steps} steps of {BATCH} x {SEQ_LEN} tokens each ({dtype})", flush=True)
         runs = run_all(folder, students, ways, settings, dtype, evaluation, work)
@@ -414,7 +428,7 @@ RAW_FIELDS = ("settings", "seq_len", "batch", "dtype", "tokens_per_student", "ta
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two k, 2 steps per student: under 10 minutes")
+    parser.add_argument("--quick", action="store_true", help="three signals, 4 steps per student: under 10 minutes")
     parser.add_argument("--resummarize", action="store_true",
                         help="recompute the summary of bench/results/teach.json's runs (no new measurement)")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ from builder.plan import Plan, PlannedStudent
 from builder.reuse import Decision, decide
 from builder.shape import Shape
 from builder.store import StageStore
-from builder.teacher_signal import bytes_per_token
+from builder.teacher_signal import bytes_per_token, signal_name
 from builder.units import format_count
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
@@ -51,14 +51,24 @@ def signal_lines(plan: Plan) -> list[str]:
         if not section.tokens:
             continue
         if section.stored_signal:
-            size = bytes_per_token(section.top_k, plan.teacher_vocab_size)
-            how = f"the teacher's stored top-{section.top_k} log-probabilities ({size} bytes per token, one teach pass)"
+            size = bytes_per_token(section.top_k, plan.teacher_vocab_size, section.tail_samples)
+            how = (f"the teacher's stored {signal_name(section.top_k, section.tail_samples)} ({size} bytes per token, "
+                   "one teach pass)")
         elif section.hidden_loss_weight > 0:
             how = "the online teacher (its hidden-state loss needs the teacher's hidden states, which no signal stores)"
         else:
-            how = "the online teacher (teacher_signal: online)"
+            how = "the online teacher (teacher_signal online, or auto with no other distillation to share a signal with)"
         lines.append(f"Teacher signal for {student.spec.name}: {how}")
-    return lines
+    return lines + [_signal_disk_line(plan, stage_id) for stage_id in plan.teach_stages]
+
+
+def _signal_disk_line(plan: Plan, stage_id: str) -> str:
+    """A stored signal's disk: at the papers' budgets it is terabytes, worth seeing before a run."""
+    key = plan.stages[stage_id].key
+    tokens = key.config["positions"] * plan.spec.data.seq_len  # at most: the split may hold fewer blocks
+    size = bytes_per_token(key.config["top_k"], plan.teacher_vocab_size, key.config["tail_samples"])
+    return (f"Stored signal teach ({key.label}): up to {format_count(tokens * size)}B on disk ({format_count(tokens)} "
+            f"tokens x {size} bytes), shared by every student and search candidate that reads it")
 
 
 def render_models(plan: Plan) -> list[str]:

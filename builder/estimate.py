@@ -419,7 +419,7 @@ def _distill(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> 
     stored = config.get("teacher_signal") == "topk"
     per_token = kd_flops_per_token(teacher, student, seq_len)
     flops = per_token["total"] - (per_token["teacher_forward"] if stored else 0)
-    signal = _signal_bytes(tokens, config["top_k"], teacher.vocab_size) if stored else 0.0
+    signal = _signal_bytes(tokens, config, teacher.vocab_size) if stored else 0.0
     teacher_read = 0.0 if stored else inputs.stored_bytes("teacher")
     return Work(tokens, flops * tokens, costs.train_start_s, inputs.stored_bytes("student") + teacher_read,
                 _training_writes(student, checkpoints), split_read_bytes=signal, checkpoints=checkpoints,
@@ -432,7 +432,7 @@ def _teach(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Wo
     teacher = inputs.teacher_config
     tokens = config["positions"] * seq_len
     return Work(tokens, forward_flops_per_token(teacher, seq_len) * tokens, costs.train_start_s,
-                inputs.stored_bytes("teacher"), _signal_bytes(tokens, config["top_k"], teacher.vocab_size))
+                inputs.stored_bytes("teacher"), _signal_bytes(tokens, config, teacher.vocab_size))
 
 
 def _score(config, execution, inputs: _Inputs, costs: Costs, seq_len: int) -> Work:
@@ -493,12 +493,13 @@ def _training_writes(trained_config, checkpoints: int) -> float:
     return checkpoints * CHECKPOINT_BYTES_PER_PARAM * params + STORED_BYTES_PER_PARAM * params
 
 
-def _signal_bytes(tokens: int, top_k: int, vocab_size: int) -> float:
-    """A stored teacher signal: its top-k entries and the token ids (builder.teacher_signal)."""
+def _signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:
+    """A stored teacher signal: its top-k entries, tail draws and the token ids (builder.teacher_signal)."""
     from builder.teacher_signal import bytes_per_token
     from builder.tokens import token_dtype
 
-    return tokens * (bytes_per_token(top_k, vocab_size) + token_dtype(vocab_size).itemsize)
+    per_token = bytes_per_token(config["top_k"], vocab_size, config["tail_samples"])
+    return tokens * (per_token + token_dtype(vocab_size).itemsize)
 
 
 def _memory_of(trained, frozen, seq_len: int):

@@ -186,35 +186,32 @@ def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher:
 def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, signals: Signals) -> dict[str, str]:
     inputs = {TEACHER: teacher, "student": pruned, "data": data}
     if section.stored_signal:  # it reads the teach stage's tokens and signal, not the data's
-        inputs["signal"] = signals[signal_key(section)]
+        inputs["signal"] = signals[section.signal_key]
     return inputs
 
 
-# -- the teach stages: one per (top_k, temperature) that some distillation reads -----------------
-Signals = dict[tuple[int, float], str]  # (top_k, temperature) -> teach stage id
-
-
-def signal_key(section: DistillSpec) -> tuple[int, float]:
-    return section.top_k, section.temperature
+# -- the teach stages: one per (top_k, temperature, tail_samples) that some distillation reads ---
+SignalKey = tuple[int, float, int]  # (top_k, temperature, tail_samples)
+Signals = dict[SignalKey, str]  # -> teach stage id
 
 
 def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains: dict) -> Signals:
     """A teach stage covers the most stream positions any of its readers reads (so every
     reader, whatever its seed, samples its steps from the same taught rows)."""
-    positions: dict[tuple[int, float], int] = {}
-    for section in _distill_sections(spec):
+    positions: dict[SignalKey, int] = {}
+    for section in spec.distillations():
         if section.stored_signal:
-            key = signal_key(section)
+            key = section.signal_key
             positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
-    return {key: dag.add("teach", f"k{key[0]}", {"top_k": key[0], "temperature": key[1], "positions": count},
+    return {key: dag.add("teach", _teach_label(key), {"top_k": key[0], "temperature": key[1], "tail_samples": key[2],
+                                                     "positions": count},
                          {TEACHER: teacher, "data": data}, heavy=True, options=trains)
-            for key, count in positions.items()}
+            for key, count in positions.items()}  # fmt: skip
 
 
-def _distill_sections(spec: FamilySpec) -> list[DistillSpec]:
-    """Every distillation the family runs: each student's, and its search candidates'."""
-    sections = [spec.distill_for(student) for student in spec.students]
-    return sections + [spec.search_training(s) for s in spec.students if s.params is not None]
+def _teach_label(key: SignalKey) -> str:
+    top_k, _, tail_samples = key
+    return f"k{top_k}" + (f"+{tail_samples}" if tail_samples else "")
 
 
 def stream_positions(section: TrainingSpec, seq_len: int) -> int:

@@ -138,9 +138,13 @@ def teacher_record(plan: Plan, manifests: dict, failures: dict) -> TeacherRecord
 
 def _teach_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
     """Each stored teacher signal: the teacher's forward pass once, shared by its readers."""
-    return {f"teach (top-{plan.stages[stage_id].key.config['top_k']})": stage_cost(manifests.get(stage_id),
-                                                                                   2 * plan.teacher_params)
+    return {_teach_title(plan.stages[stage_id].key.config): stage_cost(manifests.get(stage_id), 2 * plan.teacher_params)
             for stage_id in plan.teach_stages}
+
+
+def _teach_title(config: dict) -> str:
+    drawn = f", {config['tail_samples']} draws" if config["tail_samples"] else ""
+    return f"teach (top-{config['top_k']}{drawn})"
 
 
 # -- the students -----------------------------------------------------------------------------------
@@ -198,7 +202,8 @@ def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillati
                         loss=section.loss, temperature=section.temperature, final_loss=summary.get("final_loss"),
                         loss_curve=summary.get("metrics_file"),
                         teacher_signal="topk" if section.stored_signal else "online",
-                        top_k=section.top_k if section.stored_signal else None)
+                        top_k=section.top_k if section.stored_signal else None,
+                        tail_samples=section.tail_samples if section.stored_signal else None)
 
 
 def _why(planned, manifests: dict) -> str | None:

@@ -259,6 +259,7 @@ class Distillation(Record):
     loss_curve: str | None = None  # metrics.jsonl on this machine (plots read it)
     teacher_signal: Literal["online", "topk"] = "online"  # topk: read from the shared teach stage
     top_k: int | None = None
+    tail_samples: int | None = None  # topk: ids drawn per token from the teacher beyond its top k
 
 
 class Lineage(Record):

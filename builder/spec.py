@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -283,10 +284,12 @@ class CorrectionSpec(TrainingSpec):
     learning_rate: float = Field(1e-5, gt=0, lt=1)
 
 
-TeacherSignalKind = Literal["online", "topk"]
-# The defaults bench/teach.py chose (its README section says why).
-DEFAULT_TEACHER_SIGNAL: TeacherSignalKind = "online"
-DEFAULT_TOP_K = 64
+TeacherSignalKind = Literal["auto", "online", "topk"]
+# The defaults bench/teach.py chose (its README section says why). auto: a stored signal
+# where two or more distillations of the family read it, online otherwise (FamilySpec).
+DEFAULT_TEACHER_SIGNAL: TeacherSignalKind = "auto"
+DEFAULT_TOP_K = 32
+DEFAULT_TAIL_SAMPLES = 32
 
 
 class DistillSpec(TrainingSpec):
@@ -299,14 +302,32 @@ class DistillSpec(TrainingSpec):
         "pruned from. The first paper uses it only after heavy depth pruning")
     teacher_signal: TeacherSignalKind = Field(
         DEFAULT_TEACHER_SIGNAL, description="online: every distillation runs the teacher's forward pass. topk: a "
-        "teach stage runs the teacher once over the training stream and stores its top_k log-probabilities per "
-        "token; every student and search candidate of the family (and later builds with the same teacher, data "
-        "and top_k) learns from that. A student with hidden_loss_weight > 0 needs the teacher's hidden states "
-        "and distills online")
+        "teach stage runs the teacher once over the training stream and stores its top_k log-probabilities and "
+        "tail_samples draws per token; every student and search candidate of the family (and later builds with "
+        "the same teacher, data and signal) learns from that. auto (the default): topk where two or more "
+        "distillations of the family (students, search candidates) would read the same signal, else online; "
+        "always online for reverse_kl and jsd (their top-k form has no draws) and with hidden_loss_weight > 0 "
+        "(no signal stores hidden states)")
     top_k: PositiveCount = Field(
         DEFAULT_TOP_K, description="Teacher log-probabilities stored per token with teacher_signal: topk, plus the "
         "mass of the rest (so the loss stays a proper divergence); at most the vocabulary size. Stored bytes per "
-        "token: top_k x 4 (x 6 above 65536 ids) + 2")
+        "token: top_k x 4 (x 6 above 65536 ids) + 2 + tail_samples x 2 (x 4)")
+    tail_samples: Count = Field(
+        DEFAULT_TAIL_SAMPLES, description="Token ids drawn per token from the teacher's distribution outside its "
+        "top_k, each carrying an equal share of that mass: forward KL's gradient is then the full-vocabulary one "
+        "in expectation (without them the student never learns the teacher's shape there). Only forward_kl "
+        "reads them: with reverse_kl or jsd an unset tail_samples is 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_signal_follows_the_loss(cls, data: Any) -> Any:
+        # bench/teach.py measured the stored signal with forward KL, whose draws make it
+        # unbiased; reverse KL and JSD read only the (k+1) bins, whose students it measured
+        # worse than online: an unset signal keeps them online (an explicit topk is allowed).
+        unset = data.get("teacher_signal", "auto") == "auto" if isinstance(data, dict) else False
+        if unset and data.get("loss", "forward_kl") != "forward_kl":
+            return {**data, "teacher_signal": "online"}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -314,7 +335,7 @@ class DistillSpec(TrainingSpec):
         # The stored signal has no hidden states: a student with the hidden-state loss keeps
         # the online teacher (an unset teacher_signal follows; an explicit topk is an error).
         if isinstance(data, dict) and _positive(data.get("hidden_loss_weight")):
-            if data.get("teacher_signal", "online") != "online":
+            if data.get("teacher_signal", "auto") not in ("auto", "online"):
                 raise ValueError(
                     f"teacher_signal {data['teacher_signal']!r} stores only the teacher's log-probabilities, but "
                     f"hidden_loss_weight {data['hidden_loss_weight']} needs its hidden states; set teacher_signal: "
@@ -322,10 +343,36 @@ class DistillSpec(TrainingSpec):
             data = {**data, "teacher_signal": "online"}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _only_forward_kl_reads_tail_samples(cls, data: Any) -> Any:
+        # Reverse KL and JSD weigh every id by the student's probability: they need the
+        # teacher's at ids the draws may miss, and use the (k+1)-bin form instead.
+        if isinstance(data, dict) and data.get("loss", "forward_kl") != "forward_kl":
+            if "tail_samples" not in data:
+                return {**data, "tail_samples": 0}
+            if _positive(data["tail_samples"]):
+                raise ValueError(
+                    f"tail_samples {data['tail_samples']} is read only by loss forward_kl, not by loss "
+                    f"{data['loss']!r} (it needs the teacher's probability of every id, which the draws do not "
+                    "carry); set tail_samples: 0 or loss: forward_kl")
+        return data
+
     @property
     def stored_signal(self) -> bool:
         """Whether this distillation reads a teach stage's signal (tokens > 0 and topk)."""
         return self.teacher_signal == "topk" and self.tokens > 0
+
+    @property
+    def signal_key(self) -> tuple[int, float, int]:
+        """What a stored signal for this distillation holds: readers with equal keys share one."""
+        return self.top_k, self.temperature, self.tail_samples
+
+    def resolved_signal(self, readers: int) -> "DistillSpec":
+        """teacher_signal auto made topk or online, given how many distillations read its signal."""
+        if self.teacher_signal != "auto":
+            return self
+        return self.model_copy(update={"teacher_signal": "topk" if readers >= 2 else "online"})
 
 
 def _positive(value: Any) -> bool:
@@ -521,12 +568,36 @@ class FamilySpec(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _teach_once_where_the_signal_is_shared(self) -> "FamilySpec":
+        # teacher_signal auto: a teach pass pays off once two distillations read its signal
+        # (bench/teach.py); a lone reader would pay the teacher's forward once either way, plus
+        # the signal's disk. A spec's sections are resolved here, once, so the plan, dry run,
+        # report and cards see only topk or online. Frozen models: set in place, as validated.
+        readers = Counter(section.signal_key for section in self.distillations() if section.teacher_signal != "online"
+                          and section.tokens > 0)  # fmt: skip
+        object.__setattr__(self, "distill", self.distill.resolved_signal(readers[self.distill.signal_key]))
+        object.__setattr__(self, "students", [_with_resolved_signal(student, readers) for student in self.students])
+        return self
+
+    def distillations(self) -> list[DistillSpec]:
+        """Every distillation the family runs: each student's, and (for a `params` student)
+        its search candidates' light one, counted once: there is at least one candidate."""
+        sections = [self.distill_for(student) for student in self.students]
+        return sections + [self.search_training(s) for s in self.students if s.params is not None and self.search]
+
     def distill_for(self, student: StudentSpec) -> DistillSpec:
         return student.distill or self.distill
 
     def search_training(self, student: StudentSpec) -> DistillSpec:
         """A search candidate's light distillation: the student's settings with the search's tokens."""
         return self.distill_for(student).model_copy(update={"tokens": self.search.tokens})
+
+
+def _with_resolved_signal(student: StudentSpec, readers: Counter) -> StudentSpec:
+    if student.distill is None:
+        return student
+    return student.model_copy(update={"distill": student.distill.resolved_signal(readers[student.distill.signal_key])})
 
 
 def duplicate_students_message(repeated: list) -> str:

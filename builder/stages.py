@@ -159,7 +159,7 @@ def teach_stage(ctx: StageContext) -> StageResult:
     train = TokenBlocks.open(ctx.blocks_path(), "train")
     vocab_size = config_from_json(teacher_dir / "config.json").vocab_size
     layout = SignalLayout.plan(config["positions"], len(train), train.seq_len, config["top_k"],
-                               config["temperature"], vocab_size)
+                               config["temperature"], vocab_size, config["tail_samples"])
     # Forward passes only: the scoring section's batch size (execution only) sizes them.
     job = TeachJob(str(teacher_dir), str(ctx.blocks_path()), str(ctx.out_dir), layout, dtype=ctx.precision,
                    batch_size=ctx.spec.scoring.batch_size, use_gpu=ctx.options.use_gpu)
@@ -282,7 +282,7 @@ STAGE_VERSIONS: dict[str, str] = {
     "acquire-data": "2",  # sharded .npy token blocks (builder.tokens)
     "correct": "1",
     "score": "1",
-    "teach": "1",
+    "teach": "2",  # 2: draws from the tail (teacher_signal format 2)
     "prune": "1",
     "distill": "1",
     "select": "1",

@@ -1,5 +1,5 @@
 """The teach pass: the teacher runs once over the rows students will read and stores its
-top-k signal (builder.teacher_signal) for all of them.
+top-k signal, and its draws from the rest (builder.teacher_signal), for all of them.
 
     job = TeachJob(teacher_dir, data_dir, out_dir, layout, dtype="bfloat16", batch_size=8)
     teach_locally(job)                  # or builder.ray_teach.teach_on_ray(job, workers)
@@ -67,27 +67,32 @@ class ShardTeacher:
         layout = self.job.layout
         rows = np.arange(layout.shard_range(shard).start, layout.shard_range(shard).stop)
         tokens = self.blocks[torch.from_numpy(layout.taught_blocks(rows))]
-        parts = [self._signal(tokens[start:start + self.job.batch_size])
+        draws = layout.draws(shard, self.device)
+        parts = [self._signal(tokens[start:start + self.job.batch_size], draws)
                  for start in range(0, len(tokens), self.job.batch_size)]
-        arrays = {name: np.concatenate([part[name] for part in parts]) for name in ("indices", "logprobs", "tail")}
+        arrays = {name: np.concatenate([part[name] for part in parts])
+                  for name in ("indices", "logprobs", "tail", "samples")}  # fmt: skip
         arrays["tokens"] = tokens.numpy().astype(self.blocks.dtype)
         write_shard(Path(self.job.out_dir), shard, arrays)
         return {"shard": shard, "rows": len(rows), "seconds": time.perf_counter() - started,
                 "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
     @torch.no_grad()
-    def _signal(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
+    def _signal(self, input_ids: torch.Tensor, draws: torch.Generator) -> dict[str, np.ndarray]:
         from builder.training.losses import topk_target
 
         layout = self.job.layout
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.job.dtype == "bfloat16")
         with autocast:
             logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
-        target = topk_target(logits.flatten(0, 1), layout.top_k, layout.temperature)
-        shape = (*input_ids.shape, layout.top_k)
-        return {"indices": target.indices.cpu().numpy().astype(layout.index_dtype).reshape(shape),
-                "logprobs": target.logprobs.cpu().numpy().astype(LOGPROB_DTYPE).reshape(shape),
-                "tail": target.tail_logprob.cpu().numpy().astype(LOGPROB_DTYPE).reshape(input_ids.shape)}
+        target = topk_target(logits.flatten(0, 1), layout.top_k, layout.temperature, layout.tail_samples, draws)
+        drawn = target.tail_ids if layout.tail_samples else target.indices[:, :0]
+
+        def stored(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+            return values.cpu().numpy().astype(dtype).reshape(*input_ids.shape, *values.shape[1:])
+
+        return {"indices": stored(target.indices, layout.index_dtype), "logprobs": stored(target.logprobs, LOGPROB_DTYPE),
+                "tail": stored(target.tail_logprob, LOGPROB_DTYPE), "samples": stored(drawn, layout.index_dtype)}
 
 
 def teach_locally(job: TeachJob) -> list[dict]:
@@ -108,6 +113,6 @@ def finish(job: TeachJob) -> dict:
     write_index(Path(job.out_dir), job.layout)
     layout = job.layout
     return {"signal": job.out_dir, "rows": layout.rows, "tokens": layout.rows * layout.seq_len,
-            "top_k": layout.top_k, "temperature": layout.temperature, "bytes_per_token": layout.bytes_per_token,
+            "top_k": layout.top_k, "tail_samples": layout.tail_samples, "temperature": layout.temperature, "bytes_per_token": layout.bytes_per_token,
             "stored_bytes": layout.rows * layout.seq_len * layout.bytes_per_token, "shards": layout.shards,
             "layout": dataclasses.asdict(layout)}

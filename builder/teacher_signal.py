@@ -2,30 +2,34 @@
 
 The teach stage dir holds
 
-    index.json                          format, version, rows, seq_len, top_k, temperature,
-                                        vocab_size, dtypes, shards, bytes per token
+    index.json                          format, version, rows, seq_len, top_k, tail_samples,
+                                        temperature, vocab_size, dtypes, shards, bytes per token
     shard-00000/tokens.npy              [rows, seq_len]        token ids (the data's dtype)
     shard-00000/indices.npy             [rows, seq_len, top_k] the teacher's top-k ids, uint16/uint32
     shard-00000/logprobs.npy            [rows, seq_len, top_k] their log-probabilities, float16
     shard-00000/tail.npy                [rows, seq_len]        log of the mass outside the top k, float16
+    shard-00000/samples.npy             [rows, seq_len, m]     m ids drawn from the teacher within
+                                                               that tail, uint16/uint32 (m may be 0)
 
     signal = TeacherSignal.open(stage_dir)
     signal[rows]                         # tokens, int64 [len(rows), seq_len]
-    signal.targets(rows)                 # (indices, logprobs, tail) tensors of those rows
+    signal.targets(rows)                 # the TopKTarget of those rows' tokens (losses.py)
 
 Row i holds train block `taught_block(i)`: the first `rows` positions of a seeded permutation
 of the train split (a uniform sample of it, unlike its prefix, which is the corpus's first
 documents). The tokens are stored beside the signal, so a student reads one place and the
 two can never drift apart; at 2 bytes a token they add <1% to the signal.
 
-Bytes per token: top_k x (2 or 4 for the id + 2 for the log-probability) + 2 for the tail:
-k = 64 is 258 bytes with a vocabulary of up to 65536 ids, 386 above. Log-probabilities in
+Bytes per token: top_k x (2 or 4 for the id + 2 for the log-probability) + 2 for the tail
++ tail_samples x (2 or 4) for the drawn ids: k = 64 with no samples is 258 bytes with a
+vocabulary of up to 65536 ids, 386 above; k = 32 with 64 samples is 258 and 386. The draws
+carry no values (each is tail mass / m: builder.training.losses says why that is unbiased). Log-probabilities in
 float16, not bfloat16: they lie in about [-30, 0], where float16's 11-bit mantissa keeps a
 relative error of the probability below 0.1% for the log-probabilities that matter (> -8),
 and bfloat16's 8 bits would not. The same plain .npy files as the token blocks
 (builder/tokens.py says why): memory-mapped, only the pages of the sampled rows are read.
 
-A shard is complete when its four files exist (each is written under a temporary name and
+A shard is complete when its five files exist (each is written under a temporary name and
 renamed), so a killed teach pass resumes at the first missing shard; index.json is written
 last, once every shard is there.
 """
@@ -41,13 +45,14 @@ import torch
 from builder.tokens import MappedFiles, save_shard, token_dtype
 
 FORMAT = "minizoo-teacher-signal"
-VERSION = 1
+VERSION = 2  # 2: samples.npy, the drawn tail ids
 INDEX_FILE = "index.json"
-ARRAYS = ("indices", "logprobs", "tail", "tokens")  # tokens last: written after the signal
+ARRAYS = ("indices", "logprobs", "tail", "samples", "tokens")  # tokens last: written after the signal
 LOGPROB_DTYPE = np.dtype(np.float16)
 # The permutation key of the taught rows: any fixed value; the data's own split seed is
 # already in the data stage's hash.
 TAUGHT_ROWS_KEY = (0x7EAC4, 0)
+TAIL_DRAWS_SEED = 0x7A11_0000  # plus the shard: the tail draws' seed (any fixed value)
 # About this many bytes per shard: small enough to rewrite on resume, few files at scale
 # (94B tokens x 386 bytes is ~36 TB: ~140k shards of 256 MiB).
 SHARD_BYTES = 256 << 20
@@ -64,15 +69,17 @@ class SignalLayout:
     temperature: float
     vocab_size: int
     shard_rows: int
+    tail_samples: int = 0
 
     @classmethod
     def plan(cls, positions: int, train_blocks: int, seq_len: int, top_k: int, temperature: float,
-             vocab_size: int) -> "SignalLayout":
+             vocab_size: int, tail_samples: int = 0) -> "SignalLayout":
         """`positions`: the most stream positions any student reads; more than the split is
         every block once (students then loop over the taught blocks, as over the split)."""
         rows = max(1, min(positions, train_blocks))
-        per_row = seq_len * bytes_per_token(top_k, vocab_size)
-        return cls(rows, train_blocks, seq_len, top_k, temperature, vocab_size, max(1, SHARD_BYTES // per_row))
+        per_row = seq_len * bytes_per_token(top_k, vocab_size, tail_samples)
+        return cls(rows, train_blocks, seq_len, top_k, temperature, vocab_size, max(1, SHARD_BYTES // per_row),
+                   tail_samples)
 
     @property
     def shards(self) -> int:
@@ -93,12 +100,24 @@ class SignalLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        return bytes_per_token(self.top_k, self.vocab_size)
+        return bytes_per_token(self.top_k, self.vocab_size, self.tail_samples)
+
+    def draws(self, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """The random source of a shard's tail draws: seeded by the shard alone, so a resumed
+        pass (or any worker) rewrites a shard with the very same draws."""
+        return torch.Generator(device=device).manual_seed(TAIL_DRAWS_SEED + shard)
 
 
-def bytes_per_token(top_k: int, vocab_size: int) -> int:
+def bytes_per_token(top_k: int, vocab_size: int, tail_samples: int = 0) -> int:
     """The signal's stored bytes per token (tokens themselves not counted)."""
-    return top_k * (token_dtype(vocab_size).itemsize + LOGPROB_DTYPE.itemsize) + LOGPROB_DTYPE.itemsize
+    id_bytes = token_dtype(vocab_size).itemsize
+    return top_k * (id_bytes + LOGPROB_DTYPE.itemsize) + LOGPROB_DTYPE.itemsize + tail_samples * id_bytes
+
+
+def signal_name(top_k: int, tail_samples: int) -> str:
+    """How reports, cards and the dry run name a stored signal."""
+    drawn = f" and {tail_samples} draws from the rest" if tail_samples else " and the mass of the rest"
+    return f"top-{top_k} log-probabilities{drawn}"
 
 
 def shard_dir(stage_dir: Path, shard: int) -> Path:
@@ -164,10 +183,17 @@ class TeacherSignal:
     def __getitem__(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self._gather(rows, "tokens").astype(np.int64))
 
-    def targets(self, rows: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(indices int64 [B, seq_len, k], logprobs float16 [B, seq_len, k], tail float16 [B, seq_len])."""
-        indices = torch.from_numpy(self._gather(rows, "indices").astype(np.int64))
-        return indices, torch.from_numpy(self._gather(rows, "logprobs")), torch.from_numpy(self._gather(rows, "tail"))
+    def targets(self, rows: torch.Tensor | np.ndarray) -> TopKTarget:
+        """The signal of every token of `rows`, one row per token as the losses take it
+        (indices [B * seq_len, k], log-probabilities in float16, tail, drawn tail ids)."""
+        from builder.training.losses import TopKTarget  # builder.training reads this module
+
+        def read(name: str, dtype=None) -> torch.Tensor:
+            values = self._gather(rows, name)
+            return torch.from_numpy(values if dtype is None else values.astype(dtype)).flatten(0, 1)
+
+        drawn = read("samples", np.int64) if self.layout.tail_samples else None
+        return TopKTarget(read("indices", np.int64), read("logprobs"), read("tail"), drawn)
 
     def _gather(self, rows, name: str) -> np.ndarray:
         rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)

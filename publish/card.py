@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCardData
 from builder.report_model import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
                                   format_speedup, perplexity_difference)
+from builder.teacher_signal import signal_name
 from builder.units import format_count, format_duration
 from publish.portable import find_local_paths
 
@@ -165,8 +166,8 @@ def _pruning_text(s: StudentRecord) -> str:
 
 def _signal_text(d) -> str:
     if d.teacher_signal == "topk":
-        return (f"the teacher's stored top-{d.top_k} log-probabilities per token and the mass of the rest (one "
-                "teacher pass shared by the family, the *teach* stage below)")
+        return (f"the teacher's stored {signal_name(d.top_k, d.tail_samples or 0)} per token (one teacher pass "
+                "shared by the family, the *teach* stage below)")
     return "the teacher's logits (run online, alongside the student)"
 
 

@@ -29,7 +29,8 @@ data:
   split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
 correction: {{tokens: 1K, global_batch_size: 4, checkpoint_every: 2}}
 scoring: {{samples: 16, batch_size: 8}}
-distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3}}
+distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3,
+          teacher_signal: online}}
 students:
   - name: tiny-width
     shape: {{hidden_size: 48, intermediate_size: 96}}
@@ -38,7 +39,7 @@ students:
     depth_method: contiguous
     # from the teacher's stored top-k signal (a teach stage), where tiny-width runs it online
     distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3,
-              teacher_signal: topk, top_k: 32}}
+              teacher_signal: topk, top_k: 32, tail_samples: 8}}
 evaluation:
   tasks: [{{name: arc_easy, limit: 8}}]
   batch_size: 8
@@ -90,20 +91,21 @@ def test_build_succeeds_and_writes_the_report(built_family):
 
 def test_the_teacher_teaches_once_and_the_topk_student_reads_its_signal(built_family):
     _, workdir, _, _ = built_family
-    (teach,) = workdir.glob("stages/teach-k32-*")
+    (teach,) = workdir.glob("stages/teach-k32+8-*")
     manifest = json.loads((teach / "manifest.json").read_text())
-    assert manifest["summary"]["top_k"] == 32 and manifest["summary"]["bytes_per_token"] == 32 * 4 + 2
+    assert manifest["summary"]["top_k"] == 32 and manifest["summary"]["bytes_per_token"] == 32 * 4 + 2 + 8 * 2
     assert manifest["summary"]["workers"] >= 1 and manifest["tokens"] > 0
     summary = lambda name: json.loads(next(workdir.glob(f"stages/distill-{name}-*/manifest.json")).read_text())[  # noqa: E731
         "summary"]
     assert summary("tiny-depth")["teacher_signal"] == str(teach) and summary("tiny-width")["teacher_signal"] == "online"
     report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
-    assert report["teacher"]["stages"]["teach (top-32)"]["tokens"] == manifest["tokens"]
+    assert report["teacher"]["stages"]["teach (top-32, 8 draws)"]["tokens"] == manifest["tokens"]
     by_name = {s["name"]: s for s in report["students"]}
     assert by_name["tiny-depth"]["lineage"]["distillation"]["teacher_signal"] == "topk"
     assert by_name["tiny-width"]["lineage"]["distillation"]["teacher_signal"] == "online"
     card = Path(by_name["tiny-depth"]["card"]).read_text()
-    assert "stored top-32 log-probabilities" in card and "| teach (top-32) (shared) |" in card
+    assert "stored top-32 log-probabilities and 8 draws from the rest" in card
+    assert "| teach (top-32, 8 draws) (shared) |" in card
 
 
 def test_students_load_with_plain_from_pretrained(built_family):

@@ -142,25 +142,28 @@ def demo_plan(tmp_path, spec: str = "smollm2-135m.yaml", **changes):
 
 def test_teach_loads_the_teacher_once_per_worker_and_stored_signal_distill_none(tmp_path):
     spec = yaml.safe_load((ROOT / "families" / "smollm2-135m.yaml").read_text())
-    spec["distill"] |= {"teacher_signal": "topk", "top_k": 32}
+    spec["distill"] |= {"teacher_signal": "topk", "top_k": 32, "tail_samples": 16}
     (tmp_path / "topk.yaml").write_text(yaml.safe_dump(spec))
     options = dict(train_workers=4, disk_gbps=2.0)
     plan, config = demo_plan(tmp_path, str(tmp_path / "topk.yaml"), **options)
     estimate = estimate_plan(plan, config, RunOptions(**options))
-    teach = _stage(estimate, "teach", "k32")
+    teach = _stage(estimate, "teach", "k32+16")
     teacher_bytes = 4 * count_params(config)  # the corrected teacher, written in fp32
     assert teach.read_bytes == 4 * teacher_bytes  # one load per worker ...
     assert teach.seconds["read"] == pytest.approx(teacher_bytes / 2e9)  # ... side by side
     assert teach.gpus == 4 and teach.seconds["start"] == COSTS.train_start_s
-    per_token = 32 * (4 + 2) + 2 + 4  # Llama's 128K vocabulary: uint32 ids, fp16 log-probs, fp16 tail, the token
+    # Llama's 128K vocabulary: uint32 ids, fp16 log-probs, fp16 tail, uint32 draws, the token
+    per_token = 32 * (4 + 2) + 2 + 16 * 4 + 4
     assert teach.write_bytes == teach.tokens * per_token
     distill = _stage(estimate, "distill", "smollm2-90m-width")
     student_bytes = 4 * count_params(student_config(config, plan.students[0].shape))
     # No teacher: the student, and each worker its quarter of the signal it trains on.
     assert distill.read_bytes == pytest.approx(4 * student_bytes + distill.tokens * per_token)
+    spec["distill"] |= {"teacher_signal": "online"}
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(spec))
     (tmp_path / "online").mkdir()
-    online = _stage(estimate_plan(*demo_plan(tmp_path / "online"), RunOptions(train_workers=4)), "distill",
-                    "smollm2-90m-width")
+    online = _stage(estimate_plan(*demo_plan(tmp_path / "online", str(tmp_path / "online.yaml")),
+                                  RunOptions(train_workers=4)), "distill", "smollm2-90m-width")
     assert online.read_bytes == 4 * (student_bytes + teacher_bytes)
 
 

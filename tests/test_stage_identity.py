@@ -127,7 +127,8 @@ def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tm
     monkeypatch.setattr(builder.ray_train, "run_on_ray_train", fake_ray_train)
     plan = plan_of(spec(distill={**SPEC["distill"], "checkpoint_every": 7}), BFLOAT16)
     stage = next(s for s in plan.stages.values() if s.name == "distill")
-    inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path)})
+    inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),
+                                                         "signal": str(tmp_path)})
               for role in stage.inputs}
     run = RunOptions(train_workers=2, precision="float32")  # the stage must not re-resolve this
     summary, _ = distill_stage(StageContext(stage, plan.spec, run, tmp_path, inputs))
@@ -180,13 +181,14 @@ def test_the_old_per_worker_batch_fields_name_their_replacement(tmp_path, capsys
 def test_precision_changes_the_training_stages_and_what_reads_them_only():
     family = spec()
     fp32, bf16 = plan_of(family, FLOAT32), plan_of(family, BFLOAT16)
-    assert changed(fp32, bf16) == with_downstream(fp32, {"distill"})
+    # The teach stage runs the teacher as an online distillation would: in the training precision.
+    assert changed(fp32, bf16) == with_downstream(fp32, {"distill", "teach"})
     unchanged = set(digests(fp32)) - changed(fp32, bf16)
     assert {name for name, _ in unchanged} == {"acquire-teacher", "acquire-data", "score", "prune", "evaluate"}
     assert ("evaluate", "teacher") in unchanged  # the teacher is not trained here
-    trained = [s for s in bf16.stages.values() if s.name == "distill"]
+    trained = [s for s in bf16.stages.values() if s.name in ("distill", "teach")]
     assert trained and all(s.key.options == {"precision": "bfloat16"} for s in trained)
-    assert all(s.key.options == {} for s in bf16.stages.values() if s.name != "distill")
+    assert all(s.key.options == {} for s in bf16.stages.values() if s.name not in ("distill", "teach"))
 
 
 def test_precision_reaches_teacher_correction_and_search_candidates():

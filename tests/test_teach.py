@@ -37,8 +37,8 @@ def teacher_dir(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "model", seed=5)
 
 
-def _job(teacher_dir, data_dir, out_dir, positions=12, top_k=8, shard_rows=5) -> TeachJob:
-    layout = SignalLayout.plan(positions, TRAIN_BLOCKS, SEQ_LEN, top_k, 1.0, TINY_VOCAB)
+def _job(teacher_dir, data_dir, out_dir, positions=12, top_k=8, shard_rows=5, tail_samples=6) -> TeachJob:
+    layout = SignalLayout.plan(positions, TRAIN_BLOCKS, SEQ_LEN, top_k, 1.0, TINY_VOCAB, tail_samples)
     layout = dataclasses.replace(layout, shard_rows=shard_rows)  # several shards of a tiny signal
     return TeachJob(str(teacher_dir), str(data_dir), str(out_dir), layout, batch_size=4)
 
@@ -56,6 +56,7 @@ def test_the_taught_rows_are_a_sample_of_the_split_not_its_prefix():
 def test_bytes_per_token_is_under_400_at_k64_for_any_vocabulary():
     assert bytes_per_token(64, 49152) == 64 * (2 + 2) + 2  # uint16 ids, fp16 log-probs, fp16 tail
     assert bytes_per_token(64, 151936) == 64 * (4 + 2) + 2 < 400  # Qwen3's vocabulary needs uint32 ids
+    assert bytes_per_token(32, 49152, 64) == 32 * (2 + 2) + 2 + 64 * 2  # the draws: an id each, no value
 
 
 def test_the_stored_signal_is_the_teachers_top_k_of_the_taught_rows(teacher_dir, data_dir, tmp_path):
@@ -71,16 +72,20 @@ def test_the_stored_signal_is_the_teachers_top_k_of_the_taught_rows(teacher_dir,
     with torch.no_grad():
         logits = tiny_model(seed=5)(input_ids=tokens).logits.flatten(0, 1)
     expected = topk_target(logits, 8)
-    indices, logprobs, tail = signal.targets(rows)
-    assert logprobs.dtype == torch.float16 and indices.shape == (4, SEQ_LEN, 8)
-    assert torch.equal(indices.flatten(0, 1), expected.indices)
+    target = signal.targets(rows)
+    assert target.logprobs.dtype == torch.float16 and target.indices.shape == (4 * SEQ_LEN, 8)
+    assert torch.equal(target.indices, expected.indices)
     # float16 keeps 11 significant bits: a log-probability of magnitude m is stored within m * 2^-11.
     bound = expected.logprobs.abs() * 2**-11 + 1e-6
-    assert (logprobs.flatten(0, 1).float() - expected.logprobs).abs().le(bound).all()
-    stored = tail.flatten().float()
+    assert (target.logprobs.float() - expected.logprobs).abs().le(bound).all()
+    stored = target.tail_logprob.float()
     assert (stored - expected.tail_logprob).abs().le(expected.tail_logprob.abs() * 2**-11 + 1e-6).all()
+    # The draws come from the tail: never one of the token's top-k ids (tests/test_topk_losses.py
+    # checks that they follow the teacher's distribution there).
+    assert target.tail_ids.shape == (4 * SEQ_LEN, 6)
+    assert not (target.tail_ids.unsqueeze(-1) == target.indices.unsqueeze(-2)).any()
     size = sum(f.stat().st_size for f in (tmp_path / "signal").glob("shard-*/*.npy") if f.stem != "tokens")
-    header_bytes = 3 * 3 * 128  # each .npy header is at most 128 bytes here
+    header_bytes = 3 * 4 * 128  # each .npy header is at most 128 bytes here
     assert abs(size - 12 * SEQ_LEN * summary["bytes_per_token"]) <= header_bytes
 
 
@@ -90,11 +95,13 @@ def test_a_killed_pass_resumes_at_the_missing_shard_only(teacher_dir, data_dir, 
     kept = shard_dir(tmp_path / "signal", 0) / "logprobs.npy"
     before = (kept.stat().st_mtime_ns, kept.read_bytes())
     lost = shard_dir(tmp_path / "signal", 1) / "tokens.npy"
-    reference = lost.read_bytes()
+    drawn = shard_dir(tmp_path / "signal", 1) / "samples.npy"
+    reference = lost.read_bytes(), drawn.read_bytes()
     lost.unlink()  # the pass died before this shard's last file was renamed into place
     assert job.pending() == [1]
     assert [d["shard"] for d in teach_locally(job)] == [1]
-    assert (kept.stat().st_mtime_ns, kept.read_bytes()) == before and lost.read_bytes() == reference
+    assert (kept.stat().st_mtime_ns, kept.read_bytes()) == before
+    assert (lost.read_bytes(), drawn.read_bytes()) == reference  # the same rows, the same tail draws
     with pytest.raises(FileNotFoundError, match="not a finished teach stage"):
         TeacherSignal.open(tmp_path / "signal")  # index.json comes with finish(), after every shard
     finish(job)
@@ -121,7 +128,7 @@ def test_the_pass_runs_data_parallel_on_ray_actors(teacher_dir, data_dir, tmp_pa
     assert len({done["worker"] for done in taught}) == 2
     alone = _job(teacher_dir, data_dir, tmp_path / "alone", positions=20, shard_rows=2)
     teach_locally(alone)
-    for name in ("tokens", "indices", "logprobs", "tail"):
+    for name in ("tokens", "indices", "logprobs", "tail", "samples"):
         for shard in range(10):
             assert np.array_equal(np.load(shard_dir(tmp_path / "ray", shard) / f"{name}.npy"),
                                   np.load(shard_dir(tmp_path / "alone", shard) / f"{name}.npy"))

@@ -1,5 +1,6 @@
 """The distillation losses against a stored top-k teacher signal (TopKTarget): equal to the
-full-vocabulary losses at k == vocab, a proper divergence below them otherwise.
+full-vocabulary losses at k == vocab, a proper divergence below them otherwise; with draws
+from the teacher's tail, forward KL's gradient is the full one's in expectation.
 
 Run: tests/loopback_only.sh .venv/bin/python -m pytest -q tests/test_topk_losses.py   (seconds)
 """
@@ -312,3 +313,78 @@ def test_a_signal_stored_in_fp16_stays_within_its_rounding_bound(kind, temperatu
     bound = ((torch.exp(2 * d) - 1) * spread + 2 * d).mean() * temperature**2
     assert abs(loss16 - loss32) <= bound
     assert loss16 >= 0 and loss16 != loss32  # the rounding is real, and the renormalization keeps it a divergence
+
+
+# ----------------------------------------------------------------------------------------
+# Draws from the tail: forward KL against the sampled estimate of the teacher
+
+
+def drawn_target(teacher, top_k, temperature, draws, seed) -> TopKTarget:
+    return topk_target(teacher, top_k, temperature, draws, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_draws_lie_in_the_tail_and_are_repeatable(temperature):
+    _, teacher = random_logits(3)
+    target = drawn_target(teacher, 5, temperature, 16, seed=0)
+    assert target.tail_ids.shape == (TOKENS, 16) and target.tail_samples == 16
+    assert not (target.tail_ids.unsqueeze(-1) == target.indices.unsqueeze(-2)).any()
+    assert torch.equal(target.tail_ids, drawn_target(teacher, 5, temperature, 16, seed=0).tail_ids)
+    assert not torch.equal(target.tail_ids, drawn_target(teacher, 5, temperature, 16, seed=1).tail_ids)
+    assert torch.equal(target[3:9].tail_ids, target.tail_ids[3:9])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_with_draws_the_forward_kl_gradient_is_unbiased_and_without_them_it_is_not(temperature):
+    """The mean gradient over many draws is the full-vocabulary gradient, within its standard
+    error; the (k+1)-bin gradient, which spreads the tail by the student's shape, is not."""
+    student, teacher = random_logits(5)
+    full, full_grad = divergence_and_grad(student, teacher, "forward_kl", temperature)
+    top_k, draws, repeats = 5, 8, 400
+    mean_grad = sum(divergence_and_grad(student, drawn_target(teacher, top_k, temperature, draws, seed),
+                                        "forward_kl", temperature)[1]
+                    for seed in range(repeats)) / repeats  # fmt: skip
+    # Per token, an id's estimated mass is q_tail * c / m with c ~ Binomial(m, pi): variance
+    # <= q_tail^2 / (4 m). Its gradient entry is that times T / TOKENS (T^2 (p - q^) / T, over the
+    # tokens of the mean), and the mean
+    # of `repeats` independent draws divides the variance by `repeats`. Six standard errors:
+    # an unbiased estimate lands inside with probability 1 - 2e-9 per entry.
+    tail_mass = topk_target(teacher, top_k, temperature).tail_logprob.exp().unsqueeze(-1)
+    standard_error = tail_mass / (2 * math.sqrt(draws * repeats)) * temperature / TOKENS
+    assert (mean_grad - full_grad).abs().le(6 * standard_error + 1e-7).all()
+    _, coarse_grad = divergence_and_grad(student, topk_target(teacher, top_k, temperature), "forward_kl", temperature)
+    assert (coarse_grad - full_grad).abs().gt(6 * standard_error + 1e-7).any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_with_draws_the_loss_is_the_kl_from_the_estimated_teacher(temperature):
+    """KL(q^ || p) with q^ = the top k's stored mass and tail / m per draw, against a float64
+    reference built by counting the draws; its gradient is (p - q^) / T."""
+    student, teacher = random_logits(8)
+    target = drawn_target(teacher, 4, temperature, 6, seed=0)
+    div, grad = divergence_and_grad(student, target, "forward_kl", temperature)
+    log_q_bins = torch.cat([target.logprobs, target.tail_logprob.unsqueeze(-1)], -1).double()
+    log_q_bins = log_q_bins - log_q_bins.logsumexp(-1, keepdim=True)
+    q_hat = torch.zeros(TOKENS, VOCAB, dtype=torch.float64)
+    q_hat.scatter_(-1, target.indices, log_q_bins[:, :-1].exp())
+    q_hat.scatter_add_(-1, target.tail_ids, (log_q_bins[:, -1:].exp() / 6).expand(-1, 6).contiguous())
+    assert torch.allclose(q_hat.sum(-1), torch.ones(TOKENS, dtype=torch.float64))
+    log_p = F.log_softmax(student.double() / temperature, dim=-1)
+    ref = (q_hat * (q_hat.clamp_min(1e-300).log() - log_p)).sum() * temperature**2 / TOKENS
+    ref_grad = (log_p.exp() - q_hat) * temperature / TOKENS
+    # fp32 against fp64: per token, sums of <= k + m terms of size <= |log q^| + |log p| <~ 40.
+    torch.testing.assert_close(div.double(), ref, rtol=0, atol=40 * 10 * FP32_EPS * temperature**2)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=4 * FP32_EPS * temperature)
+    assert div >= 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_draws_and_k_at_the_vocabulary_the_loss_is_the_full_one(kind):
+    """No tail to draw from: the draws carry zero mass (forward KL), and reverse KL and JSD
+    ignore them (they use the bins); every loss is the full-vocabulary one."""
+    student, teacher = random_logits(2)
+    full, full_grad = divergence_and_grad(student, teacher, kind, 1.0)
+    drawn, drawn_grad = divergence_and_grad(student, drawn_target(teacher, VOCAB, 1.0, 4, seed=0), kind, 1.0)
+    shift = VOCAB * FP32_EPS  # as in test_full_k_equals_the_full_vocabulary_loss_and_gradient
+    torch.testing.assert_close(drawn, full, rtol=0, atol=shift)
+    torch.testing.assert_close(drawn_grad, full_grad, rtol=0, atol=shift / TOKENS)

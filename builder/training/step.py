@@ -76,13 +76,7 @@ def micro_batch(batches: BlockStream, teacher: Teacher, step: int,
     if not isinstance(teacher, TeacherSignal):
         return batches.micro_batch(step, micro), teacher
     rows = batches.micro_rows(step, micro)
-    return batches.read(rows), stored_target(teacher, rows)
-
-
-def stored_target(signal: TeacherSignal, rows: torch.Tensor) -> TopKTarget:
-    """The stored top-k signal of `rows`, one row per token as the losses take it."""
-    indices, logprobs, tail = signal.targets(rows)
-    return TopKTarget(indices.flatten(0, 1), logprobs.flatten(0, 1), tail.flatten())
+    return batches.read(rows), teacher.targets(rows)
 
 
 def forward_loss(
@@ -101,8 +95,7 @@ def forward_loss(
     with autocast:
         teacher_logits = teacher_hidden = None
         if isinstance(teacher, TopKTarget):
-            parts = (teacher.indices, teacher.logprobs, teacher.tail_logprob)
-            teacher_logits = TopKTarget(*(part.to(device) for part in parts))
+            teacher_logits = teacher.to(device)
         elif teacher is not None:
             with torch.no_grad(), recording(aligner.teacher_layers(teacher) if aligned else []) as teacher_hidden:
                 teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
