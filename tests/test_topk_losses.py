@@ -334,6 +334,18 @@ def test_the_draws_lie_in_the_tail_and_are_repeatable(temperature):
     assert torch.equal(target[3:9].tail_ids, target.tail_ids[3:9])
 
 
+def test_each_id_is_drawn_its_expected_count_rounded_down_or_up():
+    """Systematic draws: an id holding a share pi of the tail is drawn m pi times, rounded one
+    way or the other, never scattered as independent draws would be (Binomial(m, pi))."""
+    _, teacher = random_logits(9)
+    draws = 16
+    target = drawn_target(teacher, 5, 1.0, draws, seed=0)
+    tail = F.softmax(teacher.double(), dim=-1).scatter(-1, target.indices, 0.0)
+    expected = draws * tail / tail.sum(-1, keepdim=True)
+    counts = torch.zeros_like(expected).scatter_add_(-1, target.tail_ids, torch.ones_like(target.tail_ids, dtype=expected.dtype))
+    assert (counts - expected).abs().lt(1 + 1e-9).all()  # the 1e-9: float64 rounding of m pi at an integer
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_with_draws_the_forward_kl_gradient_is_unbiased_and_without_them_it_is_not(temperature):
     """The mean gradient over many draws is the full-vocabulary gradient, within its standard
@@ -344,8 +356,9 @@ def test_with_draws_the_forward_kl_gradient_is_unbiased_and_without_them_it_is_n
     mean_grad = sum(divergence_and_grad(student, drawn_target(teacher, top_k, temperature, draws, seed),
                                         "forward_kl", temperature)[1]
                     for seed in range(repeats)) / repeats  # fmt: skip
-    # Per token, an id's estimated mass is q_tail * c / m with c ~ Binomial(m, pi): variance
-    # <= q_tail^2 / (4 m). Its gradient entry is that times T / TOKENS (T^2 (p - q^) / T, over the
+    # Per token, an id's estimated mass is q_tail * c / m, where its count c is m pi rounded
+    # down or up (systematic draws): variance <= 1/4, so q^'s <= q_tail^2 / (4 m^2) <= q_tail^2 / (4 m)
+    # (the bound independent draws, c ~ Binomial(m, pi), would give). Its gradient entry is that times T / TOKENS (T^2 (p - q^) / T, over the
     # tokens of the mean), and the mean
     # of `repeats` independent draws divides the variance by `repeats`. Six standard errors:
     # an unbiased estimate lands inside with probability 1 - 2e-9 per entry.
