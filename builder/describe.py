@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.plan import Plan, PlannedStudent
+from builder.report_model import signal_name
 from builder.reuse import Decision, decide
 from builder.shape import Shape
 from builder.store import StageStore
-from builder.teacher_signal import bytes_per_token, signal_name
+from builder.teacher_signal import bytes_per_token
 from builder.units import format_count
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")

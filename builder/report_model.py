@@ -262,6 +262,13 @@ class Distillation(Record):
     tail_samples: int | None = None  # topk: ids drawn per token from the teacher beyond its top k
 
 
+def signal_name(top_k: int, tail_samples: int) -> str:
+    """How reports, cards and the dry run name a stored teacher signal (here, not beside the
+    signal's reader in builder.teacher_signal: that module imports torch, and cards must not)."""
+    drawn = f" and {tail_samples} draws from the rest" if tail_samples else " and the mass of the rest"
+    return f"top-{top_k} log-probabilities{drawn}"
+
+
 class Lineage(Record):
     correction: StageCost | None = None
     pruning: Pruning = Pruning()

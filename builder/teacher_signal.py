@@ -114,12 +114,6 @@ def bytes_per_token(top_k: int, vocab_size: int, tail_samples: int = 0) -> int:
     return top_k * (id_bytes + LOGPROB_DTYPE.itemsize) + LOGPROB_DTYPE.itemsize + tail_samples * id_bytes
 
 
-def signal_name(top_k: int, tail_samples: int) -> str:
-    """How reports, cards and the dry run name a stored signal."""
-    drawn = f" and {tail_samples} draws from the rest" if tail_samples else " and the mass of the rest"
-    return f"top-{top_k} log-probabilities{drawn}"
-
-
 def shard_dir(stage_dir: Path, shard: int) -> Path:
     return Path(stage_dir) / f"shard-{shard:05d}"
 

@@ -22,8 +22,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from builder.report_model import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
-                                  format_speedup, perplexity_difference)
-from builder.teacher_signal import signal_name
+                                  format_speedup, perplexity_difference, signal_name)
 from builder.units import format_count, format_duration
 from publish.portable import find_local_paths
 

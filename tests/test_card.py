@@ -282,3 +282,14 @@ def test_spec_with_backticks_keeps_its_fence():
 
 def test_the_sample_card_names_no_local_path():
     assert find_local_paths(render(), [WORK]) == []
+
+
+def test_writing_a_card_imports_no_torch():
+    """Publishing runs where no model is loaded: the card and the report records it reads
+    must not pull in torch (builder.report_model says so; the teacher signal's reader does)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, publish.card; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
