@@ -8,7 +8,7 @@ from builder.report_model import signal_name
 from builder.reuse import Decision, decide
 from builder.shape import Shape
 from builder.store import StageStore
-from builder.teacher_signal import bytes_per_token
+from builder.teacher_signal import bytes_per_token, stored_bytes
 from builder.units import format_count
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
@@ -67,9 +67,9 @@ def _signal_disk_line(plan: Plan, stage_id: str) -> str:
     """A stored signal's disk: at the papers' budgets it is terabytes, worth seeing before a run."""
     key = plan.stages[stage_id].key
     tokens = key.config["positions"] * plan.spec.data.seq_len  # at most: the split may hold fewer blocks
-    size = bytes_per_token(key.config["top_k"], plan.teacher_vocab_size, key.config["tail_samples"])
-    return (f"Stored signal teach ({key.label}): up to {format_count(tokens * size)}B on disk ({format_count(tokens)} "
-            f"tokens x {size} bytes), shared by every student and search candidate that reads it")
+    size = stored_bytes(tokens, key.config["top_k"], plan.teacher_vocab_size, key.config["tail_samples"])
+    return (f"Stored signal teach ({key.label}): up to {format_count(size)}B on disk for {format_count(tokens)} "
+            "tokens (the signal and the tokens beside it), shared by every student and search candidate that reads it")
 
 
 def render_models(plan: Plan) -> list[str]:

@@ -494,12 +494,9 @@ def _training_writes(trained_config, checkpoints: int) -> float:
 
 
 def _signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:
-    """A stored teacher signal: its top-k entries, tail draws and the token ids (builder.teacher_signal)."""
-    from builder.teacher_signal import bytes_per_token
-    from builder.tokens import token_dtype
+    from builder.teacher_signal import stored_bytes
 
-    per_token = bytes_per_token(config["top_k"], vocab_size, config["tail_samples"])
-    return tokens * (per_token + token_dtype(vocab_size).itemsize)
+    return stored_bytes(tokens, config["top_k"], vocab_size, config["tail_samples"])
 
 
 def _memory_of(trained, frozen, seq_len: int):

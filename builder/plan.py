@@ -18,7 +18,8 @@ from builder.arch import count_params, student_config
 from builder.precision import Precision
 from builder.search import Candidate, candidates
 from builder.shape import Shape
-from builder.spec import DistillSpec, EvaluationSpec, FamilySpec, StudentSpec, TrainingSpec, split_execution
+from builder.spec import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
+                          split_execution)
 from builder.stages import STAGE_VERSIONS
 from builder.store import StageKey, StageStore
 
@@ -191,7 +192,6 @@ def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, 
 
 
 # -- the teach stages: one per (top_k, temperature, tail_samples) that some distillation reads ---
-SignalKey = tuple[int, float, int]  # (top_k, temperature, tail_samples)
 Signals = dict[SignalKey, str]  # -> teach stage id
 
 
@@ -203,15 +203,13 @@ def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains
         if section.stored_signal:
             key = section.signal_key
             positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
-    return {key: dag.add("teach", _teach_label(key), {"top_k": key[0], "temperature": key[1], "tail_samples": key[2],
-                                                     "positions": count},
+    return {key: dag.add("teach", _teach_label(key), {**key._asdict(), "positions": count},
                          {TEACHER: teacher, "data": data}, heavy=True, options=trains)
-            for key, count in positions.items()}  # fmt: skip
+            for key, count in positions.items()}
 
 
 def _teach_label(key: SignalKey) -> str:
-    top_k, _, tail_samples = key
-    return f"k{top_k}" + (f"+{tail_samples}" if tail_samples else "")
+    return f"k{key.top_k}" + (f"+{key.tail_samples}" if key.tail_samples else "")
 
 
 def stream_positions(section: TrainingSpec, seq_len: int) -> int:

@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator,
@@ -292,6 +292,14 @@ DEFAULT_TOP_K = 32
 DEFAULT_TAIL_SAMPLES = 32
 
 
+class SignalKey(NamedTuple):
+    """What a stored teacher signal holds: distillations with equal keys read one teach stage."""
+
+    top_k: int
+    temperature: float
+    tail_samples: int
+
+
 class DistillSpec(TrainingSpec):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
@@ -364,9 +372,8 @@ class DistillSpec(TrainingSpec):
         return self.teacher_signal == "topk" and self.tokens > 0
 
     @property
-    def signal_key(self) -> tuple[int, float, int]:
-        """What a stored signal for this distillation holds: readers with equal keys share one."""
-        return self.top_k, self.temperature, self.tail_samples
+    def signal_key(self) -> SignalKey:
+        return SignalKey(self.top_k, self.temperature, self.tail_samples)
 
     def resolved_signal(self, readers: int) -> "DistillSpec":
         """teacher_signal auto made topk or online, given how many distillations read its signal."""

@@ -114,6 +114,11 @@ def bytes_per_token(top_k: int, vocab_size: int, tail_samples: int = 0) -> int:
     return top_k * (id_bytes + LOGPROB_DTYPE.itemsize) + LOGPROB_DTYPE.itemsize + tail_samples * id_bytes
 
 
+def stored_bytes(tokens: int, top_k: int, vocab_size: int, tail_samples: int) -> int:
+    """What a teach stage writes for `tokens` taught tokens: the signal and the tokens beside it."""
+    return tokens * (bytes_per_token(top_k, vocab_size, tail_samples) + token_dtype(vocab_size).itemsize)
+
+
 def shard_dir(stage_dir: Path, shard: int) -> Path:
     return Path(stage_dir) / f"shard-{shard:05d}"
 

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from builder.plan import make_plan, stream_positions
 from builder.precision import Precision
 from builder.spec import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, DistillSpec, FamilySpec
+from builder.units import format_count
 from builder.validate import check_against_teacher
 from tests.tiny_models import TINY_VOCAB, tiny_config
 
@@ -111,3 +112,13 @@ def test_tail_samples_are_for_forward_kl_only(loss):
     with pytest.raises(ValidationError, match=f"tail_samples 8 is read only by loss forward_kl, not by loss '{loss}'"
                                               ".*set tail_samples: 0 or loss: forward_kl"):
         DistillSpec(tokens=100, teacher_signal="topk", loss=loss, tail_samples=8)
+
+
+def test_the_dry_run_names_a_stored_signals_disk_signal_and_tokens_together():
+    """The signal of 64 blocks of 64 tokens, top-32 with 32 draws (2-byte ids with the tiny
+    vocabulary): 32 x 4 + 2 + 32 x 2 bytes, plus the 2-byte token beside it, per token."""
+    from builder.describe import signal_lines
+
+    plan = make_plan(_spec({"top_k": 32, "tail_samples": 32}), tiny_config(), FP32)
+    (line,) = [line for line in signal_lines(plan) if line.startswith("Stored signal")]
+    assert f"{format_count(64 * 64 * (32 * 4 + 2 + 32 * 2 + 2))}B on disk for {format_count(64 * 64)} tokens" in line
