@@ -153,8 +153,9 @@ def teach(folder: Path, data_dir: Path, layout: SignalLayout, dtype: str, out_di
         teach_locally(job)
         summary = finish(job)
     stored = sum(f.stat().st_size for f in out_dir.glob("shard-*/*.npy") if f.stem != "tokens")
-    return {"top_k": layout.top_k, "tail_samples": layout.tail_samples, "wall_s": stopwatch.timings[0].wall_s, "cpu_ratio": stopwatch.timings[0].cpu_ratio,
-            "load_before": load, "load_after": os.getloadavg(), "bytes_per_token": summary["bytes_per_token"],
+    timing = stopwatch.timings[0]
+    return {"top_k": layout.top_k, "tail_samples": layout.tail_samples, "wall_s": timing.wall_s,
+            "cpu_ratio": timing.cpu_ratio, "load_before": load, "load_after": os.getloadavg(), "bytes_per_token": summary["bytes_per_token"],
             "stored_bytes": summary["stored_bytes"], "file_bytes_per_token": stored / summary["tokens"],
             "rows": summary["rows"], "tokens": summary["tokens"], "signal": out_dir}  # fmt: skip
 

@@ -112,9 +112,10 @@ def _draw_tail(
 
     Each id is drawn count x its share of the tail times in expectation, as with independent
     draws (so the target stays unbiased), but always that number rounded down or up, where
-    independent draws' counts scatter binomially around it. That scatter was gradient noise:
-    top-32 with 32 independent draws trained students 0.002-0.004 nats behind online
-    (bench/teach.py), about the seeds' own spread.
+    independent draws' counts scatter binomially around it, which is gradient noise on the
+    tail ids that carry the most mass. (Independent draws were measured once, by bench.teach
+    --quick at commit 8d745f9, and that result file was replaced: students came out a few
+    thousandths of a nat further behind online than with these; not a held claim.)
     """
     if count == 0:
         return indices.new_empty((indices.shape[0], 0))
