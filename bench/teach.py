@@ -39,8 +39,15 @@ ratio is the ideal saving; the goal is measured / ideal >= 0.9.
 
 Quality: each trained student's next-token cross-entropy on held-out blocks and its
 KL(teacher || student) over the full vocabulary (teacher in float32), per token, mean and
-min-max over seeds. Goal: the top-k students' mean held-out loss within the online students'
-min-max over seeds, for every student.
+min-max over seeds. Goal ("held-out loss within the seed spread of the online students"):
+the stored signal's paired gap (its student's held-out loss minus the online student's, same
+student and seed, so same data order: a gap the seeds' own noise barely moves), pooled over
+every student and seed, is below the online students' seed-to-seed standard deviation
+(the mean over students) with 95% confidence: mean gap + 2 standard errors <= that std.
+Why not "each student's stored mean inside its online min-max" (the first reading, still
+reported): with 3 seeds the mean of 3 draws falls inside the min-max of 3 others from the
+same distribution 63% of the time (simulated, 200,000 trials), so a signal identical to
+online would pass all six students only 6% of the time: it judges the seeds, not the signal.
 
 Contention: every distill() call records wall and CPU time; one whose CPU/wall ratio is below
 0.75 x torch threads was contended (bench.common). A seed whose group has a contended run is
@@ -297,8 +304,9 @@ def quality(runs: list[dict], ways: list[str]) -> dict:
             for s in students}  # fmt: skip
 
 
-def loss_within_spread(scores: dict, way: str) -> bool:
-    """Every student's mean held-out loss with this way inside the online seeds' min-max."""
+def every_student_inside_online_range(scores: dict, way: str) -> bool:
+    """Every student's mean held-out loss with this way inside the online seeds' min-max
+    (reported, not a goal: see the module docstring)."""
     def inside(student: dict) -> bool:
         online = student["online"]["heldout_loss"]
         return online["min"] <= student[way]["heldout_loss"]["mean"] <= online["max"]
@@ -306,10 +314,27 @@ def loss_within_spread(scores: dict, way: str) -> bool:
     return all(inside(s) for s in scores.values())
 
 
-def goals(groups: dict, scores: dict, teaches: dict) -> dict:
+def paired_loss_gaps(runs: list[dict], ways: list[str]) -> dict:
+    """{way: spread of (held-out loss - the online run's), over every (student, seed), with
+    its standard error `se`}."""
+    online = {(r["student"], r["seed"]): r["heldout_loss"] for r in runs if r["way"] == "online"}
+    gaps = {}
+    for way in ways:
+        gap = spread([r["heldout_loss"] - online[r["student"], r["seed"]] for r in runs if r["way"] == way])
+        gaps[way] = {**gap, "se": gap["std"] / gap["n"] ** 0.5}
+    return gaps
+
+
+def online_seed_std(scores: dict) -> float:
+    """The online students' seed-to-seed standard deviation of held-out loss, mean over students."""
+    return statistics.fmean(s["online"]["heldout_loss"]["std"] for s in scores.values())
+
+
+def goals(groups: dict, scores: dict, gaps: dict, teaches: dict) -> dict:
+    seed_std = online_seed_std(scores)
     return {way: {"saving_family": judged_fraction(groups["family"]["ways"][way]) >= GOAL_FRACTION,
                   "saving_search": judged_fraction(groups["search"]["ways"][way]) >= GOAL_FRACTION,
-                  "loss_within_spread": loss_within_spread(scores, way),
+                  "loss_within_seed_spread": gaps[way]["mean"] + 2 * gaps[way]["se"] <= seed_std,
                   "bytes_under_400": teaches[way]["bytes_per_token"] < GOAL_BYTES}
             for way in teaches}  # fmt: skip
 
@@ -326,7 +351,7 @@ def recommendation(met: dict, teaches: dict) -> dict:
         return {"top_k": teaches[way]["top_k"], "tail_samples": teaches[way]["tail_samples"]}
 
     passing = [w for w, g in met.items() if all(g.values())]
-    within = [w for w, g in met.items() if g["loss_within_spread"] and g["bytes_under_400"]]
+    within = [w for w, g in met.items() if g["loss_within_seed_spread"] and g["bytes_under_400"]]
     if passing:
         return {"teacher_signal": "topk", **smallest(passing), "why": "the smallest signal meeting every goal"}
     fallback = smallest(within) if within else {"top_k": DEFAULT_TOP_K, "tail_samples": DEFAULT_TAIL_SAMPLES}
@@ -343,7 +368,7 @@ def cell(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
-def print_report(groups: dict, scores: dict, teaches: dict, met: dict, advice: dict) -> None:
+def print_report(groups: dict, scores: dict, gaps: dict, teaches: dict, met: dict, advice: dict) -> None:
     rows = []
     for group, summary in groups.items():
         rows.append([group, "online", "-", cell(summary["online_s"], 1), f"{summary['flops']['online'] / 1e12:.2f}",
@@ -360,6 +385,11 @@ def print_report(groups: dict, scores: dict, teaches: dict, met: dict, advice: d
     print_table(["student", "way", "held-out loss [min, max]", "KL(teacher||student) [min, max]"],
                 [[s, w, cell(q["heldout_loss"]), cell(q["heldout_kl"])] for s, ways in scores.items()
                  for w, q in ways.items()])
+    print()
+    print_table(["way", "paired loss gap vs online: mean [min, max]", "standard error", "online seed std",
+                 "every student's mean inside its online min-max"],
+                [[w, cell(g), f"{g['se']:.4f}", f"{online_seed_std(scores):.4f}",
+                  every_student_inside_online_range(scores, w)] for w, g in gaps.items()])
     print()
     for way, g in met.items():
         print(f"{way}: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in g.items()))
@@ -416,11 +446,14 @@ def summarize(measured: dict) -> dict:
     runs, teaches = measured["runs"], measured["teach"]
     groups = {g: summarize_group(runs, g, teaches, flops) for g, flops in measured["flops"].items()}
     scores = quality(runs, ["online", *teaches])
-    met = goals(groups, scores, teaches)
+    gaps = paired_loss_gaps(runs, list(teaches))
+    met = goals(groups, scores, gaps, teaches)
     advice = recommendation(met, teaches)
     print()
-    print_report(groups, scores, teaches, met, advice)
-    return {"groups": groups, "quality": scores, "goals": met, "recommendation": advice}
+    print_report(groups, scores, gaps, teaches, met, advice)
+    inside = {way: every_student_inside_online_range(scores, way) for way in teaches}
+    return {"groups": groups, "quality": scores, "paired_loss_gaps": gaps, "online_seed_std": online_seed_std(scores),
+            "every_student_inside_online_range": inside, "goals": met, "recommendation": advice}
 
 
 RAW_FIELDS = ("settings", "seq_len", "batch", "dtype", "tokens_per_student", "taught_tokens", "budget", "teacher",
@@ -436,9 +469,12 @@ def main() -> None:
     if args.resummarize:
         saved = json.loads((RESULTS / "teach.json").read_text())
         measured, quick = {name: saved[name] for name in RAW_FIELDS}, saved["quick"]
+        # The code that measured (write_result records the summarizing commit as `code`).
+        measured_by = {"measured_by": saved.get("measured_by", {**saved["code"], "finished": saved["finished"]})}
     else:
-        measured, quick = measure(QUICK if args.quick else FULL), args.quick
-    path = write_result("teach", {"quick": quick, "versions": package_versions(), **measured, **summarize(measured)})
+        measured, quick, measured_by = measure(QUICK if args.quick else FULL), args.quick, {}
+    path = write_result("teach", {"quick": quick, "versions": package_versions(), **measured_by, **measured,
+                                  **summarize(measured)})
     print(f"\n{measured['elapsed_s']:.0f} s; wrote {path}")
 
 
