@@ -229,7 +229,7 @@ def _top_k_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
     vocab = teacher_config.vocab_size
     return [Problem(f"{field}.top_k", section.top_k,
                     f"top_k {section.top_k:,} is more than the teacher's vocabulary ({vocab:,} token ids); use "
-                    f"top_k <= {vocab} (the default 32, with 32 tail draws, keeps 194 bytes per token; 322 above 65536 "
+                    f"top_k <= {vocab} (the default 16, with 16 tail draws, keeps 98 bytes per token; 162 above 65536 "
                     "ids), or teacher_signal: online")
             for field, section in sections if section.teacher_signal == "topk" and section.top_k > vocab]
 
