@@ -344,12 +344,11 @@ def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, cpus: int =
     """Tokenize the source on Ray Data over `cpus` CPUs (0: every CPU of the cluster) into
     the sharded token blocks of builder/tokens.py. `batch_chars` and `shard_blocks` change
     how the work is cut, never the tokens (tests shrink them to cross batch and shard edges)."""
-    from transformers import AutoTokenizer
+    from builder.ray_data import tokenized_batches, tokenizer_args
 
-    from builder.ray_data import tokenized_batches
-
-    packer = SplitPacker(data, out_dir, len(AutoTokenizer.from_pretrained(tokenizer_dir)), shard_blocks)
-    index = packer.pack(tokenized_batches(data, tokenizer_dir, cpus, batch_chars))
+    tokenizer = tokenizer_args(tokenizer_dir)  # loaded once: for the actors and the shards' dtype
+    packer = SplitPacker(data, out_dir, tokenizer.vocab_size, shard_blocks)
+    index = packer.pack(tokenized_batches(data, tokenizer, cpus, batch_chars))
     counts = {split: s.tokens for split, s in index.splits.items()}
     return {"blocks": str(out_dir), "tokens": counts, "seq_len": data.seq_len}
 

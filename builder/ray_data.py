@@ -1,7 +1,8 @@
 """The data runner: tokenization on Ray Data (with runner.py and ray_train.py, the only
 modules that import Ray).
 
-    for batch in tokenized_batches(data_spec, tokenizer_dir, cpus=0):
+    tokenizer = tokenizer_args(tokenizer_dir)      # read once, here
+    for batch in tokenized_batches(data_spec, tokenizer, cpus=0):
         packer.add(batch)          # builder.acquire.SplitPacker: blocks into shards
 
 The pipeline is read -> map_batches(tokenize) -> this process, streaming:
@@ -41,13 +42,13 @@ from ray.data.datasource import Datasource, ReadTask
 
 from builder.acquire import BATCH_CHARS, TokenizedBatch, document_batches, iter_documents, split_codes
 from builder.spec import DataSpec
-from builder.token_ids import FIELDS, BatchTokenizer
+from builder.token_ids import FIELDS, BatchTokenizer, TokenizerArgs
 
 # Blocks in flight between reader, tokenizers and packer (Ray Data backpressure).
 OBJECT_STORE_BUDGET = 256 << 20
 
 
-def tokenized_batches(data: DataSpec, tokenizer_dir: Path | str, cpus: int = 0,
+def tokenized_batches(data: DataSpec, tokenizer: TokenizerArgs, cpus: int = 0,
                       batch_chars: int = BATCH_CHARS) -> Iterator[TokenizedBatch]:
     """Tokenized document batches in document order. Runs inside the cluster this process
     is connected to (the acquire-data stage's Ray task), or starts a local one on loopback."""
@@ -55,7 +56,7 @@ def tokenized_batches(data: DataSpec, tokenizer_dir: Path | str, cpus: int = 0,
     try:
         cpus = cpus or int(ray.cluster_resources().get("CPU", 1))
         source = DocumentSource(data, batch_chars)
-        dataset = _pipeline(source, tokenizer_args(Path(tokenizer_dir)), cpus)
+        dataset = _pipeline(source, tokenizer, cpus)
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from _from_table(table)
     finally:
@@ -72,22 +73,23 @@ def _connect(cpus: int) -> bool:
     return init_ray(RunOptions(local_cpus=cpus))
 
 
-def tokenizer_args(tokenizer_dir: Path) -> tuple:
-    """BatchTokenizer's constructor arguments, read here with transformers, once: the
-    tokenizer's Rust backend serialized (None if it has none: a slow-only tokenizer), its
-    folder, the EOS id and the split_special_tokens setting its __call__ applies."""
+def tokenizer_args(tokenizer_dir: Path | str) -> TokenizerArgs:
+    """What the actors and the packer need of a tokenizer, read with transformers once: its
+    Rust backend serialized (None if it has none: a slow-only tokenizer), its folder, the EOS
+    id, the split_special_tokens setting its __call__ applies, and its size."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     backend = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else None
-    return backend, str(tokenizer_dir), tokenizer.eos_token_id, bool(getattr(tokenizer, "split_special_tokens", False))
+    return TokenizerArgs(backend, str(tokenizer_dir), tokenizer.eos_token_id,
+                         bool(getattr(tokenizer, "split_special_tokens", False)), len(tokenizer))
 
 
-def _pipeline(source: "DocumentSource", tokenizer: tuple, cpus: int) -> ray.data.Dataset:
+def _pipeline(source: "DocumentSource", tokenizer: TokenizerArgs, cpus: int) -> ray.data.Dataset:
     # The reader takes no CPU slot: with every slot given to a tokenizer it could not start.
     # One output block per document batch (Ray Data would otherwise cut them into ~200).
     documents = ray.data.read_datasource(source, num_cpus=0, override_num_blocks=1)
-    tokens = documents.map_batches(BatchTokenizer, fn_constructor_args=tokenizer, batch_size=None,
+    tokens = documents.map_batches(BatchTokenizer, fn_constructor_args=(tokenizer,), batch_size=None,
                                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpus), num_cpus=1)
     context = tokens.context
     context.enable_progress_bars = False

@@ -11,11 +11,23 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 FIELDS = {"splits": np.uint8, "offsets": np.int64, "ids": np.int32}  # acquire.TokenizedBatch's arrays
+
+
+class TokenizerArgs(NamedTuple):
+    """What the driver reads from a tokenizer folder once (builder.ray_data.tokenizer_args),
+    for the actors and the packer: no actor has to load it with transformers."""
+
+    backend_json: str | None  # the transformers tokenizer's Rust backend, serialized; None if slow-only
+    tokenizer_dir: str
+    eos_id: int
+    split_special_tokens: bool  # what transformers' __call__ sets on the backend
+    vocab_size: int  # len(tokenizer): with added tokens, so the shards' dtype fits every id
 
 
 def ids_with_eos(encoded: list[list[int]], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,22 +43,22 @@ class BatchTokenizer:
     """A Ray Data actor: rows of document batches (`splits`, `texts`) to rows of raw numpy
     buffers (FIELDS), on one thread.
 
-    `tokenizer_json` is the driver's transformers tokenizer's own Rust backend, serialized
-    (`backend_tokenizer.to_str()`): the very object transformers encodes with, after
-    tokenizer_config.json's overrides and added tokens, so the ids are the driver's by
+    `tokenizer.backend_json` is the driver's transformers tokenizer's own Rust backend,
+    serialized (`backend_tokenizer.to_str()`): the very object transformers encodes with,
+    after tokenizer_config.json's overrides and added tokens, so the ids are the driver's by
     construction; reading <dir>/tokenizer.json again could miss those overrides. None for a
     slow-only tokenizer (no Rust backend): then, and only then, the actor loads it with
     transformers from `tokenizer_dir`, as before (paying the torch import).
     """
 
-    def __init__(self, tokenizer_json: str | None, tokenizer_dir: str, eos_id: int, split_special_tokens: bool = False):
+    def __init__(self, tokenizer: TokenizerArgs):
         # Batch encoding would otherwise fan out over every core, on top of the other actors.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.eos_id = eos_id
-        if tokenizer_json is not None:
-            self.encode = _rust_encoder(tokenizer_json, split_special_tokens)
+        self.eos_id = tokenizer.eos_id
+        if tokenizer.backend_json is not None:
+            self.encode = _rust_encoder(tokenizer.backend_json, tokenizer.split_special_tokens)
         else:
-            self.encode = _transformers_encoder(tokenizer_dir)
+            self.encode = _transformers_encoder(tokenizer.tokenizer_dir)
 
     def __call__(self, batches: pa.Table) -> pa.Table:
         rows = [ids_with_eos(self.encode(texts), self.eos_id) for texts in batches.column("texts").to_pylist()]
@@ -64,7 +76,10 @@ def _rust_encoder(tokenizer_json: str, split_special_tokens: bool):
     backend.no_truncation()
     backend.no_padding()
     backend.encode_special_tokens = split_special_tokens
-    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast: the same ids as encode_batch (tests/test_data.py compares them with
+    # transformers' call byte for byte), without the character offsets it would also compute
+    # for every token: the actors' time is nearly all encoding (bench.data records it).
+    return lambda texts: [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _transformers_encoder(tokenizer_dir: str):

@@ -27,7 +27,7 @@ from builder.acquire import (
 )  # fmt: skip
 from builder.options import RunOptions
 from builder.spec import DataSpec, Reference
-from builder.token_ids import BatchTokenizer
+from builder.token_ids import BatchTokenizer, TokenizerArgs
 from builder.tokens import BlocksIndex
 from ray_instance import local_ray
 from tiny_models import tiny_tokenizer
@@ -165,7 +165,8 @@ def test_the_actor_gives_the_in_process_ids_on_sotu(make_tokenizer):
     """The actor's Rust tokenizer (the driver's backend, serialized) against tokenize_batch's
     transformers call, byte for byte, on the first ~1M characters of the SOTU speeches."""
     tokenizer, data = make_tokenizer(), DataSpec()
-    actor = BatchTokenizer(tokenizer.backend_tokenizer.to_str(), "", tokenizer.eos_token_id)
+    backend = tokenizer.backend_tokenizer.to_str()
+    actor = BatchTokenizer(TokenizerArgs(backend, "", tokenizer.eos_token_id, False, len(tokenizer)))
     for batch in itertools.islice(document_batches(iter_documents(data)), 4):
         expected = tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
         row = actor_rows(actor, batch, expected.splits)
@@ -179,7 +180,8 @@ def test_without_a_rust_backend_the_actor_loads_the_tokenizer_with_transformers(
     tokenizer, data = tiny_tokenizer(), spec(str(corpus["root"] / "txt"))
     batch = list(iter_documents(data))
     expected = tokenize_batch(tokenizer, [d.doc_id for d in batch], [d.text for d in batch], data)
-    row = actor_rows(BatchTokenizer(None, str(tokenizer_dir), tokenizer.eos_token_id), batch, expected.splits)
+    slow_only = TokenizerArgs(None, str(tokenizer_dir), tokenizer.eos_token_id, False, len(tokenizer))
+    row = actor_rows(BatchTokenizer(slow_only), batch, expected.splits)
     assert row.column("ids")[0].as_py() == expected.ids.tobytes()
 
 
@@ -189,8 +191,8 @@ def test_the_actor_imports_neither_torch_nor_transformers(tokenizer_dir):
     backend = tiny_tokenizer().backend_tokenizer.to_str()
     script = (
         "import sys, pyarrow as pa\n"
-        "from builder.token_ids import BatchTokenizer\n"
-        "actor = BatchTokenizer(sys.stdin.read(), '', 2)\n"
+        "from builder.token_ids import BatchTokenizer, TokenizerArgs\n"
+        "actor = BatchTokenizer(TokenizerArgs(sys.stdin.read(), '', 2, False, 100))\n"
         "out = actor(pa.table({'splits': pa.array([b'\\x00'], pa.large_binary()), 'texts': [['state of the union']]}))\n"
         "assert len(out.column('ids')[0].as_py()) > 4\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
