@@ -31,7 +31,9 @@ Measures, in one run, and writes bench/results/data.json:
    `datasets.Dataset.map(batched=True, num_proc=2)`, timed from loading the tokenizer
    through `from_generator` (reading the documents) and the map, as Ray Data's time counts
    its reading (the map alone is recorded too). Goals: 2 CPUs at least 1.7x the 1-CPU
-   rate, and at least the datasets.map rate. Memory is not sampled in these runs.
+   rate, and at least the datasets.map rate. Memory is not sampled in these runs. Each
+   contender runs `repeats` times, interleaved (1 CPU, 2 CPUs, spare core, loop, map, then
+   again); the table and the goals take each one's median, and give the rate's min-max.
 
 Tokens/s counts every token tokenized (EOS included), the same for every contender. Ray Data
 times include starting the reader and the tokenizer actors (each actor loads the Rust
@@ -51,6 +53,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,13 +72,14 @@ class Settings:
     scales: tuple[int, ...]
     speeches_every: int  # 1: every SOTU speech; 8: every eighth (--quick)
     comparison_scale: int  # the corpus the 1-vs-2 CPU comparison and the baselines run on
+    repeats: int  # of every speed contender, interleaved
 
 
 # The speed comparison runs on the largest corpus: Ray Data's start-up (a second or two to
 # the first batch) is a fixed cost that a build's corpus amortizes, and at 8x (--quick: the
 # SOTU's own size, 2.8M tokens, 4 s of one core's tokenizing) it was most of the time measured.
-FULL = Settings(scales=(1, 8, 32), speeches_every=1, comparison_scale=32)
-QUICK = Settings(scales=(1, 8, 32), speeches_every=8, comparison_scale=32)
+FULL = Settings(scales=(1, 8, 32), speeches_every=1, comparison_scale=32, repeats=3)
+QUICK = Settings(scales=(1, 8, 32), speeches_every=8, comparison_scale=32, repeats=3)
 
 
 # --- corpora and tokenizer -----------------------------------------------------------
@@ -229,7 +233,9 @@ def ray_data_on_cores(cores: int, cpus: int, corpus: Path, warm_corpus: Path, to
     core for its driver, reader and raylet, and its rate overstated one CPU's (both are
     recorded). A warm-up run on `warm_corpus` first, unmeasured, as in the main process."""
     call = f"b.prepare_pinned({cpus}, {str(corpus)!r}, {str(warm_corpus)!r}, {str(tokenizer)!r}, {str(out)!r})"
-    return {"cores": cores, **in_fresh_process(call, cores=set(range(cores)))}
+    measured = {"cores": cores, **in_fresh_process(call, cores=set(range(cores)))}
+    shutil.rmtree(out, ignore_errors=True)
+    return measured
 
 
 def prepare_pinned(cpus: int, corpus: str, warm_corpus: str, tokenizer: str, out: str) -> dict:
@@ -312,6 +318,7 @@ def datasets_map(corpus: Path, tokenizer_path: Path, scratch: Path, num_proc: in
                          remove_columns=["text"], cache_file_name=str(scratch / "hf-cache" / "map.arrow"))
     ended = time.perf_counter()
     tokens = sum(tokenized["length"])
+    shutil.rmtree(scratch / "hf-cache", ignore_errors=True)  # a cache found again would skip the next map
     # The rate counts loading the tokenizer and reading the documents into the dataset, as
     # Ray Data's time counts both (and packing and writing shards besides); the map alone
     # is recorded too.
@@ -368,15 +375,31 @@ def run(settings: Settings, scratch: Path) -> dict:
         scales[scale] = {"chars": chars[scale], "prepare": prepare(folder, tokenizer, stage, cpus=2),
                          "loader": loader(stage)}
         print(f"{scale}x: {scales[scale]}", flush=True)
-    comparison, warm = corpora[settings.comparison_scale], corpora[min(corpora)]
-    speed = {"ray_data_1cpu_spare_core": prepare(comparison, tokenizer, scratch / "cmp-spare", cpus=1,
-                                                 sample_memory=False)}
-    shut_down_ray()  # the pinned runs start their own instances; two would share the cores
-    speed.update({"ray_data_1cpu": ray_data_on_cores(1, 1, comparison, warm, tokenizer, scratch / "cmp-1"),
-                  "ray_data_2cpu": ray_data_on_cores(2, 2, comparison, warm, tokenizer, scratch / "cmp-2"),
-                  "plain_loop": plain_loop(comparison, tokenizer),
-                  "datasets_map_2proc": datasets_map(comparison, tokenizer, scratch)})
+    shut_down_ray()  # the speed runs start their own instances; two would share the cores
+    corpus, warm = corpora[settings.comparison_scale], corpora[min(corpora)]
+    contenders = {
+        "ray_data_1cpu": lambda out: ray_data_on_cores(1, 1, corpus, warm, tokenizer, out),
+        "ray_data_2cpu": lambda out: ray_data_on_cores(2, 2, corpus, warm, tokenizer, out),
+        "ray_data_1cpu_spare_core": lambda out: ray_data_on_cores(2, 1, corpus, warm, tokenizer, out),
+        "plain_loop": lambda out: plain_loop(corpus, tokenizer),
+        "datasets_map_2proc": lambda out: datasets_map(corpus, tokenizer, out),
+    }
+    runs = {name: [] for name in contenders}
+    for repeat in range(settings.repeats):  # interleaved: background load weighs on every contender alike
+        for name, contender in contenders.items():
+            runs[name].append(contender(scratch / f"speed-{name}-{repeat}"))
+            print(f"{name} #{repeat}: {runs[name][-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+    speed = {name: medians(measured) for name, measured in runs.items()}
     return {"scales": scales, "comparison_scale": settings.comparison_scale, "speed": speed}
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each number's median over the repeats (robust to one disturbed run), the rate's
+    min-max, and every run."""
+    numbers = [key for key, value in runs[0].items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    rates = [run["tokens_per_s"] for run in runs]
+    return {**{key: statistics.median(run[key] for run in runs) for key in numbers},
+            "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "runs": runs}
 
 
 def goals(result: dict) -> dict:
@@ -407,9 +430,10 @@ def report(result: dict, checks: dict) -> None:
     print_table(["corpus", "tokens", "prep s", "tokens/s", "peak PSS GiB", "peak RSS GiB",
                  "batch ms", "loader RSS GiB"], rows)
     print()
-    print_table([f"tokenizer at {result['comparison_scale']}x", "tokens/s", "wall s", "1st batch s",
-                 "tokens/s after"],
-                [[name, v["tokens_per_s"], v["wall_s"], v.get("first_batch_s", "-"), v.get("steady_tokens_per_s", "-")]
+    print_table([f"tokenizer at {result['comparison_scale']}x (median of repeats)", "tokens/s [min, max]", "wall s",
+                 "1st batch s", "tokens/s after"],
+                [[name, f"{v['tokens_per_s']:.4g} [{v['tokens_per_s_min']:.4g}, {v['tokens_per_s_max']:.4g}]",
+                  v["wall_s"], v.get("first_batch_s", "-"), v.get("steady_tokens_per_s", "-")]
                  for name, v in result["speed"].items()])
     print()
     print_table(["check", "value", "goal"], [

@@ -137,9 +137,14 @@ def _check_local_checkpoint(folder: Path) -> Path:
 # builder/ray_data.py tokenizes batches of them on Ray Data; `SplitPacker` packs the
 # tokens, in document order, into the shards of builder/tokens.py.
 
-# Text per document batch (one Ray Data block, one tokenizer call): small enough that even
-# a 1x SOTU corpus spreads over every CPU, large enough that per-batch overhead is noise.
-BATCH_CHARS = 1 << 18
+# Text per document batch (one Ray Data block, one tokenizer call). Each batch costs Ray Data
+# a fixed amount of work beside the tokenizing (a task, object transfers, the streaming
+# executor's bookkeeping in the driver) on the same CPUs: at 256K characters that overhead
+# was a large share of 2 CPUs' time once tokenizing got fast (encode_batch_fast), so 1M.
+# Larger still delays the first batch (every actor waits for one) with no gain; 1M
+# characters are ~1 MB of text and ~1 MB of ids in flight per batch, and a 1x SOTU corpus
+# (1.8M characters) still makes two batches. bench.data measures the rates.
+BATCH_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
