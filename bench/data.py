@@ -200,7 +200,8 @@ def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: 
     """What acquire_data does (Ray Data, then SplitPacker), timed from the start and from
     the first batch back (after the actors started), with the tree's idle and peak memory
     when `sample_memory`. The speed runs do not sample: reading every process's smaps_rollup
-    five times a second cost this process a third of a core (py-spy), taken from the tokenizers."""
+    five times a second takes CPU from the tokenizers and stalls processes starting up (a 1x
+    run took about twice as long sampled), so the memory runs' rates are not speed results."""
     from builder.acquire import SplitPacker
     from builder.ray_data import tokenized_batches, tokenizer_args
 
@@ -427,8 +428,9 @@ def report(result: dict, checks: dict) -> None:
     rows = [[f"{scale}x", s["prepare"]["tokens"], s["prepare"]["wall_s"], s["prepare"]["tokens_per_s"],
              s["prepare"]["peak_pss_gib"], s["prepare"]["peak_rss_gib"], s["loader"]["mean_batch_s"] * 1e3,
              s["loader"]["peak_rss_gib"]] for scale, s in result["scales"].items()]
-    print_table(["corpus", "tokens", "prep s", "tokens/s", "peak PSS GiB", "peak RSS GiB",
-                 "batch ms", "loader RSS GiB"], rows)
+    # These runs sample memory, which slows them (see `prepare`): their rates are not the speed results.
+    print_table(["corpus", "tokens", "prep s (memory sampled)", "tokens/s (sampled)", "peak PSS GiB",
+                 "peak RSS GiB", "batch ms", "loader RSS GiB"], rows)
     print()
     print_table([f"tokenizer at {result['comparison_scale']}x (median of repeats)", "tokens/s [min, max]", "wall s",
                  "1st batch s", "tokens/s after"],
