@@ -50,6 +50,7 @@ machine is shared, and contended numbers say so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -155,14 +156,6 @@ def _rollup(pid: int) -> tuple[int, int]:
     return values.get("Pss", 0), values.get("Rss", 0)
 
 
-class NoSampler:
-    def __enter__(self) -> "NoSampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 class PeakSampler:
     """Samples the tree's memory in a thread while a block runs; keeps the peaks."""
 
@@ -206,7 +199,7 @@ def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: 
     from builder.ray_data import tokenized_batches, tokenizer_args
 
     spec, idle_pss, idle_rss, load = data_spec(corpus), *tree_memory(os.getpid()), os.getloadavg()[0]
-    with PeakSampler() if sample_memory else NoSampler() as memory:
+    with PeakSampler() if sample_memory else contextlib.nullcontext() as memory:
         started = time.perf_counter()
         tokenizer_read = tokenizer_args(tokenizer)
         packer = SplitPacker(spec, out, tokenizer_read.vocab_size)
