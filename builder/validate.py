@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from builder.errors import Problem, SpecError, problems_from_validation
 from builder.shape import Shape
-from builder.spec import (FamilySpec, StudentSpec, duplicate_students_message, duplicates, load_yaml,
-                          resolve_paths)
+from builder.spec import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FamilySpec, StudentSpec, duplicate_students_message,
+                          duplicates, load_yaml, resolve_paths)
 
 _RELATIVE_HINT = "(a relative path starts at the spec file's folder)"
 
@@ -227,11 +227,25 @@ def _top_k_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
     sections = [("distill", spec.distill)] + [(f"students[{index}].distill", student.distill)
                                               for index, student in enumerate(spec.students) if student.distill]
     vocab = teacher_config.vocab_size
+    oversized = [(field, section) for field, section in sections
+                 if section.teacher_signal == "topk" and section.top_k > vocab]
+    if not oversized:
+        return []
+    hint = _default_signal_size()
     return [Problem(f"{field}.top_k", section.top_k,
                     f"top_k {section.top_k:,} is more than the teacher's vocabulary ({vocab:,} token ids); use "
-                    f"top_k <= {vocab} (the default 16, with 16 tail draws, keeps 98 bytes per token; 162 above 65536 "
-                    "ids), or teacher_signal: online")
-            for field, section in sections if section.teacher_signal == "topk" and section.top_k > vocab]
+                    f"top_k <= {vocab} ({hint}), or teacher_signal: online")
+            for field, section in oversized]
+
+
+def _default_signal_size() -> str:
+    """The default signal's size, from the defaults themselves (a hint that named the numbers
+    went stale once when they changed)."""
+    from builder.teacher_signal import bytes_per_token  # imports torch: only to explain a problem
+
+    small, large = (bytes_per_token(DEFAULT_TOP_K, vocab, DEFAULT_TAIL_SAMPLES) for vocab in (1 << 16, (1 << 16) + 1))
+    return (f"the default {DEFAULT_TOP_K}, with {DEFAULT_TAIL_SAMPLES} tail draws, keeps {small} bytes per token; "
+            f"{large} above 65536 ids")
 
 
 def _task_problems(spec: FamilySpec) -> list[Problem]:

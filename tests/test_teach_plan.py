@@ -100,6 +100,11 @@ def test_top_k_above_the_vocabulary_is_a_spec_problem():
     spec = _spec({"teacher_signal": "topk", "top_k": TINY_VOCAB + 1})
     (problem,) = [p for p in check_against_teacher(spec, tiny_config()) if p.field.endswith("top_k")]
     assert problem.field == "distill.top_k" and f"top_k <= {TINY_VOCAB}" in problem.message
+    from builder.teacher_signal import bytes_per_token
+
+    default_size = bytes_per_token(DEFAULT_TOP_K, TINY_VOCAB, DEFAULT_TAIL_SAMPLES)
+    hint = f"the default {DEFAULT_TOP_K}, with {DEFAULT_TAIL_SAMPLES} tail draws, keeps {default_size} bytes"
+    assert hint in problem.message
 
 
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
