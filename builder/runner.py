@@ -60,9 +60,8 @@ RAY_TRAIN_QUIET = {
 # On a local instance (and in a rehearsal, whose training lasts a second or two): the
 # preemption watcher (one more actor, so one more process to start per fit) has no node
 # drain to wait for (the only node is this machine), and the controller's 2 s poll of its
-# workers adds a second to each fit on average, more while they start (measured once,
-# contended: 13 s -> 10 s a fit of 1 worker on 2 cores); polling a few local workers every
-# 0.5 s costs nothing.
+# workers adds a second to each fit on average, more while they start; polling a few local
+# workers every 0.5 s costs next to nothing.
 RAY_TRAIN_LOCAL = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",

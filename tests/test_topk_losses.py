@@ -357,9 +357,9 @@ def test_with_draws_the_forward_kl_gradient_is_unbiased_and_without_them_it_is_n
                                         "forward_kl", temperature)[1]
                     for seed in range(repeats)) / repeats  # fmt: skip
     # Per token, an id's estimated mass is q_tail * c / m, where its count c is m pi rounded
-    # down or up (systematic draws): variance <= 1/4, so q^'s <= q_tail^2 / (4 m^2) <= q_tail^2 / (4 m)
-    # (the bound independent draws, c ~ Binomial(m, pi), would give). Its gradient entry is that times T / TOKENS (T^2 (p - q^) / T, over the
-    # tokens of the mean), and the mean
+    # down or up (systematic draws): variance <= 1/4, so q^'s <= q_tail^2 / (4 m^2)
+    # <= q_tail^2 / (4 m) (the bound independent draws, c ~ Binomial(m, pi), would give). Its
+    # gradient entry is that times T / TOKENS (T^2 (p - q^) / T, over the tokens of the mean), and the mean
     # of `repeats` independent draws divides the variance by `repeats`. Six standard errors:
     # an unbiased estimate lands inside with probability 1 - 2e-9 per entry.
     tail_mass = topk_target(teacher, top_k, temperature).tail_logprob.exp().unsqueeze(-1)

@@ -113,9 +113,7 @@ def _draw_tail(
     Each id is drawn count x its share of the tail times in expectation, as with independent
     draws (so the target stays unbiased), but always that number rounded down or up, where
     independent draws' counts scatter binomially around it, which is gradient noise on the
-    tail ids that carry the most mass. (Independent draws were measured once, by bench.teach
-    --quick at commit 8d745f9, and that result file was replaced: students came out a few
-    thousandths of a nat further behind online than with these; not a held claim.)
+    tail ids that carry the most mass. (No current bench file compares the two ways.)
     """
     if count == 0:
         return indices.new_empty((indices.shape[0], 0))
