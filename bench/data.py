@@ -34,6 +34,8 @@ Measures, in one run, and writes bench/results/data.json:
    rate, and at least the datasets.map rate. Memory is not sampled in these runs. Each
    contender runs `repeats` times, interleaved (1 CPU, 2 CPUs, spare core, loop, map, then
    again); the table and the goals take each one's median, and give the rate's min-max.
+   One more contender, Ray Data on 2 CPUs with the former 256K-character batches, measures
+   what the batch size (builder.acquire.BATCH_CHARS) buys.
 
 Tokens/s counts every token tokenized (EOS included), the same for every contender. Ray Data
 times include starting the reader and the tokenizer actors (each actor loads the Rust
@@ -189,27 +191,30 @@ def gib(value: int) -> float:
 # --- the measurements ----------------------------------------------------------------
 
 
-def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: bool = True) -> dict:
+def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: bool = True,
+            batch_chars: int | None = None) -> dict:
     """What acquire_data does (Ray Data, then SplitPacker), timed from the start and from
     the first batch back (after the actors started), with the tree's idle and peak memory
     when `sample_memory`. The speed runs do not sample: reading every process's smaps_rollup
     five times a second takes CPU from the tokenizers and stalls processes starting up (a 1x
     run took about twice as long sampled), so the memory runs' rates are not speed results."""
-    from builder.acquire import SplitPacker
+    from builder.acquire import BATCH_CHARS, SplitPacker
     from builder.ray_data import tokenized_batches, tokenizer_args
 
-    spec, idle_pss, idle_rss, load = data_spec(corpus), *tree_memory(os.getpid()), os.getloadavg()[0]
+    spec, load = data_spec(corpus), os.getloadavg()[0]
+    idle_pss, idle_rss = tree_memory(os.getpid()) if sample_memory else (0, 0)
     with PeakSampler() if sample_memory else contextlib.nullcontext() as memory:
         started = time.perf_counter()
         tokenizer_read = tokenizer_args(tokenizer)
         packer = SplitPacker(spec, out, tokenizer_read.vocab_size)
-        batches = tokenized_batches(spec, tokenizer_read, cpus=cpus)
+        batches = tokenized_batches(spec, tokenizer_read, cpus=cpus, batch_chars=batch_chars or BATCH_CHARS)
         packer.add(next(batches))
         first_batch, first_tokens = time.perf_counter(), packer.total
         index = packer.pack(batches)
         ended = time.perf_counter()
     tokens = packer.total  # tokenized, packed or not (blocks drop each split's last partial block)
-    measured = {"cpus": cpus, "wall_s": ended - started, "tokens": tokens, "tokens_per_s": tokens / (ended - started),
+    measured = {"cpus": cpus, "batch_chars": batch_chars or BATCH_CHARS, "wall_s": ended - started, "tokens": tokens,
+                "tokens_per_s": tokens / (ended - started),
                 "first_batch_s": first_batch - started,
                 "steady_tokens_per_s": (tokens - first_tokens) / max(ended - first_batch, 1e-9),
                 "packed_tokens": sum(s.tokens for s in index.splits.values()),
@@ -220,27 +225,30 @@ def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: 
     return measured
 
 
-def ray_data_on_cores(cores: int, cpus: int, corpus: Path, warm_corpus: Path, tokenizer: Path, out: Path) -> dict:
+def ray_data_on_cores(cores: int, cpus: int, corpus: Path, warm_corpus: Path, tokenizer: Path, out: Path,
+                      batch_chars: int | None = None) -> dict:
     """`prepare` in a fresh process pinned, with every process it starts (Ray's GCS, raylet
     and workers inherit the affinity), to the first `cores` cores: a machine of that size.
     Pinning is what makes "1 CPU" mean one: unpinned, a 1-actor run still had the second
     core for its driver, reader and raylet, and its rate overstated one CPU's (both are
     recorded). A warm-up run on `warm_corpus` first, unmeasured, as in the main process."""
-    call = f"b.prepare_pinned({cpus}, {str(corpus)!r}, {str(warm_corpus)!r}, {str(tokenizer)!r}, {str(out)!r})"
+    call = (f"b.prepare_pinned({cpus}, {str(corpus)!r}, {str(warm_corpus)!r}, {str(tokenizer)!r}, {str(out)!r}, "
+            f"{batch_chars})")
     measured = {"cores": cores, **in_fresh_process(call, cores=set(range(cores)))}
     shutil.rmtree(out, ignore_errors=True)
     return measured
 
 
-def prepare_pinned(cpus: int, corpus: str, warm_corpus: str, tokenizer: str, out: str) -> dict:
+def prepare_pinned(cpus: int, corpus: str, warm_corpus: str, tokenizer: str, out: str,
+                   batch_chars: int | None = None) -> dict:
     from builder.options import RunOptions
     from builder.runner import init_ray
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     init_ray(RunOptions(local_cpus=cpus))
     try:
-        prepare(Path(warm_corpus), Path(tokenizer), Path(out) / "warm-up", cpus=cpus, sample_memory=False)
-        return prepare(Path(corpus), Path(tokenizer), Path(out) / "measured", cpus=cpus, sample_memory=False)
+        prepare(Path(warm_corpus), Path(tokenizer), Path(out) / "warm-up", cpus, False, batch_chars)
+        return prepare(Path(corpus), Path(tokenizer), Path(out) / "measured", cpus, False, batch_chars)
     finally:
         shut_down_ray()
 
@@ -375,6 +383,8 @@ def run(settings: Settings, scratch: Path) -> dict:
         "ray_data_1cpu": lambda out: ray_data_on_cores(1, 1, corpus, warm, tokenizer, out),
         "ray_data_2cpu": lambda out: ray_data_on_cores(2, 2, corpus, warm, tokenizer, out),
         "ray_data_1cpu_spare_core": lambda out: ray_data_on_cores(2, 1, corpus, warm, tokenizer, out),
+        # The batch size before this one (256K characters): what the larger batches buy.
+        "ray_data_2cpu_256k_batches": lambda out: ray_data_on_cores(2, 2, corpus, warm, tokenizer, out, 1 << 18),
         "plain_loop": lambda out: plain_loop(corpus, tokenizer),
         "datasets_map_2proc": lambda out: datasets_map(corpus, tokenizer, out),
     }
@@ -411,6 +421,7 @@ def goals(result: dict) -> dict:
         / speed["ray_data_1cpu"]["steady_tokens_per_s"],
         "speedup_2_cpus_vs_1_actor_spare_core": rate["ray_data_2cpu"] / rate["ray_data_1cpu_spare_core"],
         "ray_2cpu_vs_datasets_map": rate["ray_data_2cpu"] / rate["datasets_map_2proc"],
+        "batches_1m_vs_256k_chars": rate["ray_data_2cpu"] / rate["ray_data_2cpu_256k_batches"],
         "ray_2cpu_vs_datasets_map_alone": rate["ray_data_2cpu"] / speed["datasets_map_2proc"]["map_tokens_per_s"],
         "distill_step_s": step_s,
         "loader_overhead_of_step": worst_batch / step_s,
@@ -439,6 +450,7 @@ def report(result: dict, checks: dict) -> None:
         ["same, 1 actor with a spare core", checks["speedup_2_cpus_vs_1_actor_spare_core"], "(not pinned)"],
         ["Ray Data 2 CPUs / datasets.map", checks["ray_2cpu_vs_datasets_map"], ">= 1"],
         ["same, against the map alone", checks["ray_2cpu_vs_datasets_map_alone"], "(read not timed)"],
+        ["2 CPUs, 1M- / 256K-character batches", checks["batches_1m_vs_256k_chars"], "(the batch size)"],
         ["loader batch / distill step", checks["loader_overhead_of_step"], "< 0.02"],
     ])
 
