@@ -369,7 +369,8 @@ def cell(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
-def print_report(groups: dict, scores: dict, gaps: dict, teaches: dict, met: dict, advice: dict) -> None:
+def print_report(groups: dict, scores: dict, gaps: dict, inside: dict, teaches: dict, met: dict,
+                 advice: dict) -> None:
     rows = []
     for group, summary in groups.items():
         rows.append([group, "online", "-", cell(summary["online_s"], 1), f"{summary['flops']['online'] / 1e12:.2f}",
@@ -389,8 +390,7 @@ def print_report(groups: dict, scores: dict, gaps: dict, teaches: dict, met: dic
     print()
     print_table(["way", "paired loss gap vs online: mean [min, max]", "standard error", "online seed std",
                  "every student's mean inside its online min-max"],
-                [[w, cell(g), f"{g['se']:.4f}", f"{online_seed_std(scores):.4f}",
-                  every_student_inside_online_range(scores, w)] for w, g in gaps.items()])
+                [[w, cell(g), f"{g['se']:.4f}", f"{online_seed_std(scores):.4f}", inside[w]] for w, g in gaps.items()])
     print()
     for way, g in met.items():
         print(f"{way}: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in g.items()))
@@ -448,11 +448,11 @@ def summarize(measured: dict) -> dict:
     groups = {g: summarize_group(runs, g, teaches, flops) for g, flops in measured["flops"].items()}
     scores = quality(runs, ["online", *teaches])
     gaps = paired_loss_gaps(runs, list(teaches))
+    inside = {way: every_student_inside_online_range(scores, way) for way in teaches}
     met = goals(groups, scores, gaps, teaches)
     advice = recommendation(met, teaches)
     print()
-    print_report(groups, scores, gaps, teaches, met, advice)
-    inside = {way: every_student_inside_online_range(scores, way) for way in teaches}
+    print_report(groups, scores, gaps, inside, teaches, met, advice)
     return {"groups": groups, "quality": scores, "paired_loss_gaps": gaps, "online_seed_std": online_seed_std(scores),
             "every_student_inside_online_range": inside, "goals": met, "recommendation": advice}
 
