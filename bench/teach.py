@@ -46,9 +46,10 @@ student and seed, so same data order: a gap the seeds' own noise barely moves), 
 every student and seed, is below the online students' seed-to-seed standard deviation
 (the mean over students) with 95% confidence: mean gap + 2 standard errors <= that std.
 Why not "each student's stored mean inside its online min-max" (the first reading, still
-reported): with 3 seeds the mean of 3 draws falls inside the min-max of 3 others from the
-same distribution 63% of the time (simulated, 200,000 trials), so a signal identical to
-online would pass all six students only 6% of the time: it judges the seeds, not the signal.
+reported): with few seeds, the mean of n draws often falls outside the min-max of n others
+from the same distribution, so a signal identical to online would rarely pass it for every
+student: it judges the seeds, not the signal. The summary simulates that chance for the
+run's seeds and students (`identical_signal_passes_range_check`).
 
 Contention: every distill() call records wall and CPU time; one whose CPU/wall ratio is below
 0.75 x torch threads was contended (bench.common). A seed whose group has a contended run is
@@ -315,6 +316,19 @@ def every_student_inside_online_range(scores: dict, way: str) -> bool:
     return all(inside(s) for s in scores.values())
 
 
+def identical_signal_passes_range_check(seeds: int, students: int, trials: int = 200_000) -> dict:
+    """How often a signal whose students' losses have exactly the online ones' distribution
+    passes every_student_inside_online_range: per student (the mean of `seeds` normal draws
+    inside the min-max of `seeds` others) and for all `students` (independent), simulated."""
+    import numpy as np
+
+    draws = np.random.default_rng(0).standard_normal((2, trials, seeds))
+    online, stored = draws[0], draws[1].mean(axis=1)
+    per_student = float(((stored >= online.min(axis=1)) & (stored <= online.max(axis=1))).mean())
+    return {"seeds": seeds, "students": students, "trials": trials, "per_student": per_student,
+            "all_students": per_student**students}
+
+
 def paired_loss_gaps(runs: list[dict], ways: list[str]) -> dict:
     """{way: spread of (held-out loss - the online run's), over every (student, seed), with
     its standard error `se`}."""
@@ -369,7 +383,7 @@ def cell(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
-def print_report(groups: dict, scores: dict, gaps: dict, inside: dict, teaches: dict, met: dict,
+def print_report(groups: dict, scores: dict, gaps: dict, inside: dict, chance: dict, teaches: dict, met: dict,
                  advice: dict) -> None:
     rows = []
     for group, summary in groups.items():
@@ -391,6 +405,8 @@ def print_report(groups: dict, scores: dict, gaps: dict, inside: dict, teaches: 
     print_table(["way", "paired loss gap vs online: mean [min, max]", "standard error", "online seed std",
                  "every student's mean inside its online min-max"],
                 [[w, cell(g), f"{g['se']:.4f}", f"{online_seed_std(scores):.4f}", inside[w]] for w, g in gaps.items()])
+    print(f"a signal identical to online would pass the min-max check {chance['per_student']:.0%} of the time per "
+          f"student, {chance['all_students']:.0%} for all {chance['students']} ({chance['seeds']} seeds, simulated)")
     print()
     for way, g in met.items():
         print(f"{way}: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in g.items()))
@@ -449,12 +465,14 @@ def summarize(measured: dict) -> dict:
     scores = quality(runs, ["online", *teaches])
     gaps = paired_loss_gaps(runs, list(teaches))
     inside = {way: every_student_inside_online_range(scores, way) for way in teaches}
+    chance = identical_signal_passes_range_check(len(measured["settings"]["seeds"]), len(scores))
     met = goals(groups, scores, gaps, teaches)
     advice = recommendation(met, teaches)
     print()
-    print_report(groups, scores, gaps, inside, teaches, met, advice)
+    print_report(groups, scores, gaps, inside, chance, teaches, met, advice)
     return {"groups": groups, "quality": scores, "paired_loss_gaps": gaps, "online_seed_std": online_seed_std(scores),
-            "every_student_inside_online_range": inside, "goals": met, "recommendation": advice}
+            "every_student_inside_online_range": inside, "identical_signal_passes_range_check": chance,
+            "goals": met, "recommendation": advice}
 
 
 RAW_FIELDS = ("settings", "seq_len", "batch", "dtype", "tokens_per_student", "taught_tokens", "budget", "teacher",
