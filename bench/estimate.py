@@ -2,14 +2,14 @@
 
     .venv/bin/python -m bench.estimate          # seconds: reads recorded results, times this disk
     .venv/bin/python -m bench.estimate --tasks  # ~2 min: lm-eval's tokens per bundled task, the
-                                                # numbers of builder.estimate.LM_EVAL_TASKS
+                                                # numbers of builder.planning.cost_model.LM_EVAL_TASKS
 
 The measured side is one real build: bench/results/demo.json (`bench.demo`, the exact `make
 demo` spec on this 2-core CPU; its stages' wall times as each manifest recorded them). The
-predicted side is `builder.estimate` for the same plan with this CPU as the accelerator:
+predicted side is `builder.planning.estimate` for the same plan with this CPU as the accelerator:
 its fp32 matmul peak and the distillation step's MFU, both measured by `bench.distill`
 (bench/results/distill.json), and this disk's bandwidth (timed here: an fsync'd write and a
-cold read of 256 MiB). Everything else is builder.estimate's stated constants (`Costs`: stage,
+cold read of 256 MiB). Everything else is builder.planning.estimate's stated constants (`Costs`: stage,
 Ray Train, lm-eval and vLLM start-up; checkpoint bytes; lm-eval's tokens per task). The ratio
 measured / predicted per stage is the estimate's error; goal: within 2x for every heavy stage
 (correct, score, distill, evaluate).
@@ -37,8 +37,9 @@ from dataclasses import replace
 
 from bench.common import RESULTS, ROOT, print_table, write_result
 from builder import family
-from builder.estimate import COSTS, Accelerator, estimate_plan
-from builder.options import RunOptions
+from builder.planning.cost_model import COSTS, Accelerator
+from builder.planning.estimate import estimate_plan
+from builder.options.run_options import RunOptions
 
 HEAVY = ("correct", "score", "distill", "evaluate")
 DISK_TEST_BYTES = 256 * 2**20

@@ -10,13 +10,13 @@ Measures two things and writes bench/results/pruning.json (with `"quick": true|f
 1. Held-out LM loss right after pruning (no distillation), per importance method, for the
    same target shapes: MLP 1536->1024, hidden 576->504, heads 9/3->6/2 (whole key/value
    groups dropped) and heads 9/3->6/3 (heads dropped within every group). Methods:
-   - `minitron`: activation importance (`builder.importance.score_importance`);
+   - `minitron`: activation importance (`builder.pruning.importance.score_importance`);
    - `magnitude`: L2 weight magnitude per unit, Torch-Pruning's default
      (GroupMagnitudeImportance, p=2): the sum of squares of every weight slice the unit owns;
    - `random`: uniform random scores, several seeds (mean and spread reported);
    - `inverse`: minus the Minitron scores, a sanity floor (should be worst).
    Depth 30->26 layers (equal parameter count for every method) compares the depth methods of
-   `builder.prune.select_layers`: block_importance, lm_loss (scored with `lm_loss_samples`),
+   `builder.pruning.cuts.select_layers`: block_importance, lm_loss (scored with `lm_loss_samples`),
    contiguous, last.
 2. Wall time of importance scoring (activation hooks, no lm_loss) as a ratio to one plain
    forward pass (with LM head) of the same model over the same calibration blocks, goal <= 1.2x.
@@ -35,9 +35,9 @@ import torch
 from bench.common import (
     Stopwatch, Timing, load_teacher, print_table, sotu_splits, teacher_dir, uncontended, write_result,
 )  # fmt: skip
-from builder.importance import Importance, layer_loss_increase, lm_loss, score_importance
-from builder.prune import DEPTH_METHODS, prune_model, select_layers
-from builder.shape import Shape
+from builder.pruning.importance import Importance, layer_loss_increase, lm_loss, score_importance
+from builder.pruning.cuts import DEPTH_METHODS, prune_model, select_layers
+from builder.spec.shape import Shape
 
 SEQ_LEN = 128
 BATCH = 8

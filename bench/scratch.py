@@ -59,9 +59,9 @@ from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
 from builder.training.step import optimizer_step
-from builder.importance import lm_loss, score_importance
-from builder.prune import prune_model
-from builder.shape import Shape
+from builder.pruning.importance import lm_loss, score_importance
+from builder.pruning.cuts import prune_model
+from builder.spec.shape import Shape
 
 SEQ_LEN = 128
 BATCH = 4  # sequences per step for both runs: 512 tokens a step

@@ -8,7 +8,7 @@ The first Minitron paper (2407.14679, section 2.3) ranks its candidate shapes on
 light retraining (~400 steps), because the ranking of freshly pruned candidates changes in
 the first steps of retraining; ModelOpt skips the retraining and ranks them untrained. Here
 the candidates are exactly those `build-family` would try for a 90M student
-(`builder.search.candidates`, width_multiple 8), pruned with Minitron importance from 64
+(`builder.pruning.search.candidates`, width_multiple 8), pruned with Minitron importance from 64
 calibration blocks, then for each candidate:
 
 - held-out LM loss right after pruning (the untrained ranking);
@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 
 from bench.common import load_teacher, print_table, sotu_splits, teacher_dir, write_result
-from builder.importance import lm_loss, score_importance
-from builder.model_io import load_model
-from builder.prune import prune_model
-from builder.search import Candidate, candidates
-from builder.spec import SearchSpec
-from builder.training import TrainSettings, distill
+from builder.pruning.importance import lm_loss, score_importance
+from builder.models.loading import load_model
+from builder.pruning.cuts import prune_model
+from builder.pruning.search import Candidate, candidates
+from builder.spec.schema import SearchSpec
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings
 
 SEQ_LEN = 128
 BATCH = 8

@@ -9,7 +9,7 @@ Minitron importance (one scoring on the calibration split):
 
 - family: the demo's two students (families/smollm2-135m.yaml), width {hidden_size: 504,
   intermediate_size: 960} and depth {num_hidden_layers: 17, block_importance};
-- search: the four candidates `builder.search.candidates` proposes for a 90M budget
+- search: the four candidates `builder.pruning.search.candidates` proposes for a 90M budget
   (width_multiple 8), as `build-family` would light-distill them before ranking.
 
 Ways: `online` (every run loads the teacher and runs its forward pass on every batch) and
@@ -34,7 +34,7 @@ student's seed) and by both groups (they read the same rows). A group's wall tim
 seed is, per way: online = the sum of its students' distill() calls; topk = the teach pass +
 the sum of its students' distill() calls (each call end to end: loading, steps, saving the
 model). The saving is online / topk per seed; the table gives the mean and min-max over
-seeds. FLOPs (builder.estimate, matmuls only): online = tokens x (F_teacher + 3 F_student)
+seeds. FLOPs (builder.planning.estimate, matmuls only): online = tokens x (F_teacher + 3 F_student)
 per student; topk = taught tokens x F_teacher once + tokens x 3 F_student per student. Their
 ratio is the ideal saving; the goal is measured / ideal >= 0.9.
 
@@ -76,18 +76,19 @@ import torch.nn.functional as F
 from bench.common import (
     RESULTS, WIDTH_STUDENT, Stopwatch, load_teacher, print_table, sotu_splits, teacher_dir, write_result,
 )  # fmt: skip
-from builder.estimate import kd_flops_per_token
-from builder.importance import score_importance
-from builder.model_io import load_model
-from builder.precision import resolve_precision
-from builder.prune import prune_model
-from builder.search import candidates
-from builder.shape import Shape
-from builder.spec import DEFAULT_TAIL_SAMPLES, DEFAULT_TEACHER_SIGNAL, DEFAULT_TOP_K, SearchSpec
-from builder.teach import TeachJob, finish, teach_locally
-from builder.teacher_signal import SignalLayout, TeacherSignal
-from builder.tokens import BlocksIndex, ShardWriter, token_dtype
-from builder.training import TrainSettings, distill
+from builder.planning.cost_model import kd_flops_per_token
+from builder.pruning.importance import score_importance
+from builder.models.loading import load_model
+from builder.options.precision import resolve_precision
+from builder.pruning.cuts import prune_model
+from builder.pruning.search import candidates
+from builder.spec.shape import Shape
+from builder.spec.schema import DEFAULT_TAIL_SAMPLES, DEFAULT_TEACHER_SIGNAL, DEFAULT_TOP_K, SearchSpec
+from builder.teaching.teach_pass import TeachJob, finish, teach_locally
+from builder.teaching.signal import SignalLayout, TeacherSignal
+from builder.data.tokens import BlocksIndex, ShardWriter, token_dtype
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings
 from builder.training.losses import divergence_sum
 
 SEQ_LEN = 128
@@ -504,7 +505,7 @@ def package_versions() -> dict:
 
 
 def cpu_flags_of_interest() -> set[str]:
-    from builder.precision import cpu_flags
+    from builder.options.precision import cpu_flags
 
     return {f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))}
 

@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from builder import interrupt
+from builder.running import interrupt
 from builder.errors import SpecError
-from builder.options import RunOptions
+from builder.options.run_options import RunOptions
 
 COMMANDS = ("build", "status", "report", "publish", "schema")
 
@@ -129,16 +129,16 @@ def options_from(args: argparse.Namespace) -> RunOptions:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # The console view (builder.console) reports progress; the driver's own log lines are
+    # The console view (builder.running.console) reports progress; the driver's own log lines are
     # for --verbose, and warnings always.
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "schema":
-        from builder.spec import json_schema
+        from builder.spec.schema import json_schema
 
         print(json.dumps(json_schema(), indent=2))
         return 0
-    # SIGTERM is noted, and acted on where a build can stop cleanly (builder.interrupt); a
+    # SIGTERM is noted, and acted on where a build can stop cleanly (builder.running.interrupt); a
     # publish is left to die at once (its Hub commits are atomic).
     noted = args.command in ("build", "report")
     with interrupt.sigterm_noted() if noted else contextlib.nullcontext():

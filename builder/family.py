@@ -11,15 +11,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from builder.acquire import read_teacher_config
-from builder.batching import batch_problems
-from builder.options import RunOptions
-from builder.plan import Plan, make_plan, teacher_acquire_key
-from builder.precision import Precision, machine_signature
-from builder.reuse import stages_to_rebuild
-from builder.spec import FamilySpec
-from builder.store import StageStore, write_json_atomic
-from builder.validate import check_against_teacher, load_spec, local_source_problems
+from builder.models.teacher import read_teacher_config
+from builder.spec.batching import batch_problems
+from builder.options.run_options import RunOptions
+from builder.planning.dag import Plan, make_plan, teacher_acquire_key
+from builder.options.precision import Precision, machine_signature
+from builder.planning.reuse import stages_to_rebuild
+from builder.spec.schema import FamilySpec
+from builder.store.stage_store import StageStore, write_json_atomic
+from builder.planning.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
 
 
 def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
-    from builder.describe import render_plan
-    from builder.estimate import estimate_plan, render_estimate
+    from builder.report.dry_run import render_plan
+    from builder.planning.estimate import estimate_plan, render_estimate
 
     plan = load_and_plan(spec_path, options)
     estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
@@ -105,8 +105,8 @@ def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...]
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
     """Build what is not finished; `rebuild` names stages to redo (see reuse.stages_to_rebuild)."""
-    from builder.console import BuildConsole, make_console
-    from builder.runner import run_plan
+    from builder.running.console import BuildConsole, make_console
+    from builder.running.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
     redo = stages_to_rebuild(plan, list(rebuild))
@@ -128,7 +128,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
 
 def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str]) -> None:
     """The models to build and how much is already done; `--verbose` prints the whole plan."""
-    from builder.describe import render_models, render_plan
+    from builder.report.dry_run import render_models, render_plan
 
     if options.verbose:
         console.print(render_plan(plan, store, family_dir(plan.spec, options), redo), highlight=False)
@@ -142,7 +142,7 @@ def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo:
 
 def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None:
     """The family table and where things are; after a failure, what did not run."""
-    from builder.summary import print_summary
+    from builder.report.summary import print_summary
 
     if outcome is not None:
         print_summary(console, outcome.report, outcome.note)
@@ -157,7 +157,7 @@ def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None
 
 def status(spec_path: Path, options: RunOptions) -> str:
     """Which stages are done, running or pending, from the store alone (no Ray)."""
-    from builder.console import render_status
+    from builder.running.console import render_status
 
     plan = load_and_plan(spec_path, options, built=True)
     return render_status(plan, StageStore(options.workdir))
@@ -171,9 +171,9 @@ def _save_spec(spec_path: Path, out: Path) -> None:
 def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
                       skipped: dict[str, str] | None = None):
     """Cards and the family report, from finished stages only (cheap), never over a complete
-    report with an incomplete one. Returns builder.report.ReportOutcome (its `report` is the
+    report with an incomplete one. Returns builder.report.family_report.ReportOutcome (its `report` is the
     typed FamilyReport, its `note` one line for the user), or None when no stage finished."""
-    from builder.report import NothingToReport
+    from builder.report.family_report import NothingToReport
 
     try:
         return _write_report_files(plan, spec_path, options, failures, skipped)
@@ -184,8 +184,8 @@ def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures
 
 def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
                         skipped: dict[str, str] | None = None):
-    from builder.estimate import estimate_plan
-    from builder.report import write_report_files
+    from builder.planning.estimate import estimate_plan
+    from builder.report.family_report import write_report_files
 
     # The dry run's estimate goes into report.json, so a build compares predicted with measured time.
     estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options).to_json()
@@ -195,7 +195,7 @@ def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failur
 
 def write_report(spec_path: Path, options: RunOptions) -> int:
     """The `report` verb: rewrite the family view from the store; 1 when nothing has finished."""
-    from builder.report import NothingToReport
+    from builder.report.family_report import NothingToReport
 
     plan = load_and_plan(spec_path, options, built=True)
     try:
@@ -215,7 +215,7 @@ def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) ->
 def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
     """Publish the family's report; every refusal is a message with its cause and fix and exit
     code 1, a student without a Hub owner a spec problem (SpecError, exit 2)."""
-    from builder.report_model import FamilyReport, ReportFileError
+    from builder.report.records import FamilyReport, ReportFileError
     from publish.hub import publish_report
 
     owner_problems = _owner_problems(plan.spec)

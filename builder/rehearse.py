@@ -1,7 +1,7 @@
 """`build-family SPEC --rehearse`: the whole plan of any spec, end to end, on a CPU in minutes.
 
     <workdir>/rehearsal/
-        REHEARSAL.json     what was scaled and how (builder.rehearse_scale), what was left out
+        REHEARSAL.json     what was scaled and how (builder.spec.rehearsal_scale), what was left out
         spec.yaml          the rehearsal spec the build ran
         teacher/           a random model of the teacher's architecture, with a tokenizer
         data/standin.jsonl a stand-in corpus, when the real one is not reachable offline
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import yaml
 
-from builder import rehearse_scale
-from builder.arch import count_params
-from builder.options import RunOptions
-from builder.shape import Shape
-from builder.spec import FamilySpec
-from builder.store import write_json_atomic
+from builder.spec import rehearsal_scale
+from builder.models.arch import count_params
+from builder.options.run_options import RunOptions
+from builder.spec.shape import Shape
+from builder.spec.schema import FamilySpec
+from builder.store.stage_store import write_json_atomic
 
 log = logging.getLogger(__name__)
 STANDIN_VOCAB = 1024  # a byte-level BPE trained on the stand-in corpus
@@ -61,11 +61,11 @@ def prepare(spec: FamilySpec, teacher_config, folder: Path, options: RunOptions,
     """Write the rehearsal teacher, data and spec into `folder`; returns the spec's path."""
     folder.mkdir(parents=True, exist_ok=True)
     real_shape = Shape.of(teacher_config)
-    small_shape = rehearse_scale.rehearsal_shape(real_shape, rehearse_scale.Scale.of(real_shape))
+    small_shape = rehearsal_scale.rehearsal_shape(real_shape, rehearsal_scale.Scale.of(real_shape))
     data, data_note = rehearsal_data(spec, folder)
     teacher_dir, tokenizer_note = write_teacher(spec, teacher_config, small_shape, folder, data)
     small_config = _config_of(teacher_dir)
-    rehearsal, notes = rehearse_scale.rehearse_spec(
+    rehearsal, notes = rehearsal_scale.rehearse_spec(
         spec, real_shape, small_shape, (count_params(teacher_config), count_params(small_config)),
         teacher_dir=str(teacher_dir), data=data, train_workers=options.train_workers,
         available_tasks=_offline_tasks(spec), with_throughput=with_throughput)
@@ -85,7 +85,7 @@ def rehearsal_data(spec: FamilySpec, folder: Path) -> tuple[dict, str]:
     """The data section: the real source when reachable offline, else a stand-in of the same
     kind and format (JSON lines with the spec's text field); a few thousand tokens either way."""
     data = spec.data
-    section = {"text_field": data.text_field, "seq_len": min(data.seq_len, rehearse_scale.SEQ_LEN),
+    section = {"text_field": data.text_field, "seq_len": min(data.seq_len, rehearsal_scale.SEQ_LEN),
                "max_tokens": STANDIN_TOKENS, "split": {"calibration": 0.2, "heldout": 0.2, "seed": data.split.seed}}
     if _reachable(spec):
         return section | {"source": data.source, "subset": data.subset}, f"the real source {data.source}"
@@ -112,8 +112,8 @@ def _reachable(spec: FamilySpec) -> bool:
 
 def write_standin(path: Path, text_field: str) -> None:
     """Embedded State of the Union prose, cut into short documents."""
-    from builder.acquire import iter_documents
-    from builder.spec import DataSpec
+    from builder.data.documents import iter_documents
+    from builder.spec.schema import DataSpec
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lines, chars = [], 0
@@ -149,7 +149,7 @@ def _small_config(teacher_config, shape: Shape, tokenizer):
     """The teacher's config (every key: RoPE, norms, tying, attention layout, per-layer lists) at
     `shape`'s sizes, as a student's would be, with the tokenizer's vocabulary (rounded up to a
     multiple of 64, as real vocabularies are)."""
-    from builder.arch import student_config
+    from builder.models.arch import student_config
 
     config = student_config(teacher_config, shape)
     config.vocab_size = 64 * -(-len(tokenizer) // 64)
@@ -159,7 +159,7 @@ def _small_config(teacher_config, shape: Shape, tokenizer):
 
 
 def _config_of(model_dir: Path):
-    from builder.acquire import config_from_json
+    from builder.models.teacher import config_from_json
 
     return config_from_json(model_dir / "config.json")
 

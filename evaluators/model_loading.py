@@ -29,7 +29,7 @@ def checkpoint_dir(model_dir: str | Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
-    from builder.model_io import load_model as load_checkpoint
+    from builder.models.loading import load_model as load_checkpoint
 
     return load_checkpoint(checkpoint_dir(model_dir), device, torch_dtype(dtype))
 

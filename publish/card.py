@@ -9,7 +9,7 @@ license, tags and the eval results (`model-index`).
 
     text = render_card(FamilyReport.load(Path("runs/F/report.json")), "S")
 
-Rendering is a pure function of the typed report (builder/report_model.py): no network, no
+Rendering is a pure function of the typed report (builder/report/records.py): no network, no
 clock, so a golden file pins it. A card names no path of the machine that built it.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from builder.report_model import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
+from builder.report.records import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
                                   format_speedup, perplexity_difference, signal_name)
 from builder.units import format_count, format_duration

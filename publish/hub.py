@@ -1,6 +1,6 @@
 """Publish students to the Hugging Face Hub: one atomic commit per repo, none when unchanged.
 
-    report = FamilyReport.load(Path("runs/F/report.json"))   # builder/report_model.py
+    report = FamilyReport.load(Path("runs/F/report.json"))   # builder/report/records.py
     publish_report(report, dry_run=True)   # --dry-run: every repo and file; exit code 1 if any is refused
     publish_report(report)                 # publish; returns the exit code (0: all published)
 
@@ -37,7 +37,7 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from builder.report_model import FamilyReport, ModelRecord, StudentRecord
+from builder.report.records import FamilyReport, ModelRecord, StudentRecord
 from publish.card import render_card
 from publish.portable import find_local_paths
 

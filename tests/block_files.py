@@ -1,11 +1,11 @@
-"""Token blocks written as an acquire-data stage dir (builder.tokens), the format training reads."""
+"""Token blocks written as an acquire-data stage dir (builder.data.tokens), the format training reads."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from builder.tokens import BlocksIndex, ShardWriter, token_dtype
+from builder.data.tokens import BlocksIndex, ShardWriter, token_dtype
 
 
 def write_blocks(stage_dir: Path, blocks: torch.Tensor, split: str = "train", shard_blocks: int = 7,

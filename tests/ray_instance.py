@@ -1,5 +1,5 @@
 """A local Ray instance for a test module, on loopback, started the way builds start it
-(builder.runner.init_ray), with the variables init_ray sets restored afterwards.
+(builder.running.ray_session.init_ray), with the variables init_ray sets restored afterwards.
 
 An in-process build (builder.cli.main) that finds Ray connected runs on that instance and
 leaves it up, so a module whose builds need no fresh instance pays Ray's start-up (5-10 s on
@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import pytest
 import ray
 
-from builder.options import RunOptions
-from builder.runner import init_ray, shutdown_ray
+from builder.options.run_options import RunOptions
+from builder.running.ray_session import init_ray, shutdown_ray
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from builder.arch import (
+from builder.models.arch import (
     ARCHITECTURES,
     UnsupportedArchitecture,
     arch_for,
@@ -16,7 +16,7 @@ from builder.arch import (
     shape_problems,
     student_config,
 )
-from builder.shape import Shape
+from builder.spec.shape import Shape
 from tiny_models import ARCHITECTURES as TINY_ARCHITECTURES, tiny_config, tiny_model, one_thread  # noqa: F401 (autouse fixture)
 
 
@@ -182,6 +182,6 @@ def test_all_problems_are_reported_at_once():
     {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8, "num_hidden_layers": 0},
 ])
 def test_messages_start_with_the_field_they_are_about(changes):
-    """builder.validate points each message at `<field>=` in the user's spec."""
+    """builder.planning.validate points each message at `<field>=` in the user's spec."""
     for message in problems("qwen2", **changes):
         assert message.split("=", 1)[0] in (*Shape.__dataclass_fields__,), message

@@ -4,7 +4,7 @@ numbers carry their standard errors and noise is called noise; no local path get
     .venv/bin/python -m pytest tests/test_card.py -q
     UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_card.py -q   # after an intended change
 
-The sample report is a `FamilyReport` (builder/report_model.py), the type the build writes
+The sample report is a `FamilyReport` (builder/report/records.py), the type the build writes
 and the cards read, so it cannot drift from what a build produces.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from builder.report_model import (Distillation, FamilyReport, Lineage, ModelRecord, Perplexity, Pruning, StageCost,
+from builder.report.records import (Distillation, FamilyReport, Lineage, ModelRecord, Perplexity, Pruning, StageCost,
                                   StudentRecord, TaskResult, TeacherRecord, Throughput)
-from builder.spec import PublishSpec
+from builder.spec.schema import PublishSpec
 from publish.card import render_card
 from publish.portable import find_local_paths
 
@@ -76,7 +76,7 @@ def throughput(rate: float, std: float, ratio: float, ratio_std: float, **extra)
 
 
 def sample_report() -> FamilyReport:
-    """A report as builder/report.py writes it, with teacher correction on."""
+    """A report as builder/report/family_report.py writes it, with teacher correction on."""
     correct = cost(20000, 60.1, 1.6e13, "correct")
     teacher = TeacherRecord(
         name="teacher", path=f"{WORK}/stages/correct/model", source="embedded:smollm2-135m-instruct",
@@ -286,7 +286,7 @@ def test_the_sample_card_names_no_local_path():
 
 def test_writing_a_card_imports_no_torch():
     """Publishing runs where no model is loaded: the card and the report records it reads
-    must not pull in torch (builder.report_model says so; the teacher signal's reader does)."""
+    must not pull in torch (builder.report.records says so; the teacher signal's reader does)."""
     import subprocess
     import sys
 

@@ -14,8 +14,9 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from transformers import AutoModelForCausalLM
 
-from builder.model_io import load_model
-from builder.training import TrainSettings, distill
+from builder.models.loading import load_model
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint
 from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import World, wrap_for_distributed

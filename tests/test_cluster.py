@@ -1,13 +1,13 @@
-"""Sizing stages to the cluster's nodes and checking the shared work dir (builder.cluster),
+"""Sizing stages to the cluster's nodes and checking the shared work dir (builder.options.cluster),
 without Ray: nodes are given as `ray.nodes()` would list them."""
 from __future__ import annotations
 
 import pytest
 
-from builder.cluster import (nodes_from_ray, read_probe, size_for_cluster, train_cpus_per_worker,
+from builder.options.cluster import (nodes_from_ray, read_probe, size_for_cluster, train_cpus_per_worker,
                              workdir_problems, write_probe)
 from builder.errors import SpecError
-from builder.options import RunOptions
+from builder.options.run_options import RunOptions
 
 
 def ray_node(node_id: str, cpus: float, gpus: float = 0.0, alive: bool = True) -> dict:

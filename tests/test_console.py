@@ -17,13 +17,13 @@ import pytest
 from rich.console import Console
 
 from builder.cli import main
-from builder.console import BuildConsole, render_status
-from builder.plan import Stage
-from builder.progress import is_running, lock_path, stage_state, training_progress
-from builder.stage_log import captured_output, stage_log_path
-from builder.store import Manifest, StageKey, StageStore
-from builder.report_model import FamilyReport
-from builder.summary import family_table, locations, print_summary
+from builder.running.console import BuildConsole, render_status
+from builder.stages.base import Stage
+from builder.running.progress import is_running, lock_path, stage_state, training_progress
+from builder.store.stage_log import captured_output, stage_log_path
+from builder.store.stage_store import Manifest, StageKey, StageStore
+from builder.report.records import FamilyReport
+from builder.report.summary import family_table, locations, print_summary
 
 
 def test_captured_output_holds_python_c_level_and_child_process_output(tmp_path, capfd):
@@ -59,7 +59,7 @@ def _hold_lock(path: Path, mode: str = "LOCK_EX") -> subprocess.Popen:
 
 
 def _stage(name: str = "distill", label: str = "s", tokens: int = 1000, inputs: dict | None = None) -> Stage:
-    return Stage(StageKey(name, label, {"tokens": tokens}), inputs or {}, heavy=True)
+    return Stage(StageKey(name, label, {"tokens": tokens}), inputs or {})
 
 
 def test_stage_state_done_running_partial_pending(tmp_path):

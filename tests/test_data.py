@@ -21,14 +21,14 @@ import pytest
 import ray
 import torch
 
-from builder.acquire import (
-    EMBEDDED_TEACHER_FILES, SPLITS, _hf_documents, acquire_data, document_batches, iter_documents, load_blocks,
-    package_dir, split_of, tokenize_batch, tokenize_splits,
-)  # fmt: skip
-from builder.options import RunOptions
-from builder.spec import DataSpec, Reference
-from builder.token_ids import BatchTokenizer, TokenizerArgs
-from builder.tokens import BlocksIndex
+from builder.data.documents import SPLITS, _hf_documents, document_batches, iter_documents, split_of, tokenize_batch
+from builder.data.prepare import acquire_data, load_blocks, tokenize_splits
+from builder.embedded import package_dir
+from builder.models.teacher import EMBEDDED_TEACHER_FILES  # fmt: skip
+from builder.options.run_options import RunOptions
+from builder.spec.schema import DataSpec, Reference
+from builder.data.token_ids import BatchTokenizer, TokenizerArgs
+from builder.data.tokens import BlocksIndex
 from ray_instance import local_ray
 from tiny_models import tiny_tokenizer
 
@@ -191,7 +191,7 @@ def test_the_actor_imports_neither_torch_nor_transformers(tokenizer_dir):
     backend = tiny_tokenizer().backend_tokenizer.to_str()
     script = (
         "import sys, pyarrow as pa\n"
-        "from builder.token_ids import BatchTokenizer, TokenizerArgs\n"
+        "from builder.data.token_ids import BatchTokenizer, TokenizerArgs\n"
         "actor = BatchTokenizer(TokenizerArgs(sys.stdin.read(), '', 2, False, 100))\n"
         "out = actor(pa.table({'splits': pa.array([b'\\x00'], pa.large_binary()), 'texts': [['state of the union']]}))\n"
         "assert len(out.column('ids')[0].as_py()) > 4\n"
@@ -262,7 +262,8 @@ def test_an_empty_source_names_the_fix(cluster, tokenizer_dir, tmp_path):
 
 
 def test_large_vocabularies_are_stored_as_uint32(tmp_path):
-    from builder.acquire import SplitPacker, TokenizedBatch
+    from builder.data.prepare import SplitPacker
+    from builder.data.token_ids import TokenizedBatch
 
     packer = SplitPacker(DataSpec(seq_len=2), tmp_path, vocab_size=100_000)
     ids = np.array([99_999, 70_000, 5, 65_536, 1, 2], dtype=np.int32)  # a document per split

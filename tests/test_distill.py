@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import builder.training.step as step_module
-from builder.model_io import load_model
-from builder.training import TrainingDiverged, TrainSettings, correct_teacher, distill
+from builder.models.loading import load_model
+from builder.training.loop import correct_teacher, distill
+from builder.training.settings import TrainSettings, TrainingDiverged
 from builder.training.aligner import HiddenStateAligner, _teacher_layer_indices
 from builder.training.losses import chunked_losses
 from builder.training.step import accumulate_gradients, forward_loss
@@ -146,7 +147,7 @@ def test_step_count_follows_the_token_budget():
 
 
 def test_settings_come_from_the_spec_plus_run_options():
-    from builder.spec import CorrectionSpec, DistillSpec
+    from builder.spec.schema import CorrectionSpec, DistillSpec
 
     settings = TrainSettings.from_spec(DistillSpec(tokens="2M", loss="jsd"), dtype="bfloat16")
     assert (settings.tokens, settings.loss, settings.dtype) == (2_000_000, "jsd", "bfloat16")
@@ -396,7 +397,8 @@ def test_training_with_the_hidden_loss_resumes_exactly(models, blocks, tmp_path)
 
 KILLED_RUN = """
 import json, sys, torch
-from builder.training import distill, TrainSettings
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings
 settings = TrainSettings(**json.loads(sys.argv[5]))
 distill(sys.argv[1], sys.argv[2], torch.load(sys.argv[3]), sys.argv[4], settings)
 """

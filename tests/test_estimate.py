@@ -1,4 +1,4 @@
-"""The dry run's estimate (builder.estimate): FLOPs checked against the architecture table's
+"""The dry run's estimate (builder.planning.estimate): FLOPs checked against the architecture table's
 parameter count, memory terms against their definitions, advice against the 80 GB limit,
 wall time's fixed costs (start-up, checkpoints read and written, lm-eval's tokens) against
 the bytes and constants they follow from."""
@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from builder import family
-from builder.acquire import config_from_json
-from builder.arch import count_params, student_config
-from builder.estimate import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, estimate_plan, fit_advice,
-                              forward_flops_per_token, lm_eval_tokens, render_estimate, training_memory)
-from builder.options import RunOptions
-from builder.shape import Shape
+from builder.models.teacher import config_from_json
+from builder.models.arch import count_params, student_config
+from builder.planning.cost_model import ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, forward_flops_per_token, lm_eval_tokens, training_memory
+from builder.planning.estimate import estimate_plan, fit_advice, render_estimate
+from builder.options.run_options import RunOptions
+from builder.spec.shape import Shape
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CONFIG = ROOT / "tests" / "data" / "configs" / "Llama-3.1-8B.json"
@@ -120,7 +120,7 @@ def test_checkpoint_io_is_bytes_over_bandwidth(llama_plan):
 
 def test_no_checkpoint_when_checkpoint_every_exceeds_the_steps(tmp_path):
     """The demo's correction: 4 steps, checkpoint_every 25: only the final model is written."""
-    from builder.estimate import _trained_tokens
+    from builder.planning.cost_model import trained_tokens as _trained_tokens
 
     assert _trained_tokens({"tokens": 4000, "global_batch_size": 4}, {"checkpoint_every": 25}, 256) == (4096, 0)
     assert _trained_tokens({"tokens": 8192, "global_batch_size": 4}, {"checkpoint_every": 4}, 256) == (8192, 1)
@@ -191,7 +191,7 @@ def test_evaluation_counts_lm_eval_tokens_and_its_start_up(tmp_path):
 
 def test_the_estimate_is_what_report_json_keeps(llama_plan, tmp_path):
     """family.write_family_view hands this to the report (FamilyReport.estimate)."""
-    from builder.report_model import FamilyReport
+    from builder.report.records import FamilyReport
 
     plan, options = llama_plan
     written = json.loads(json.dumps(estimate_plan(plan, LLAMA, options).to_json()))

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from builder.cli import main
-from builder.spec import json_schema
+from builder.spec.schema import json_schema
 from builder.units import parse_count
 from test_spec import fast_lm_eval_index  # noqa: F401 (a fixture)
 

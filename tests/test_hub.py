@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import HfApi, snapshot_download
 from transformers import AutoModelForCausalLM
 
-from builder.report_model import FamilyReport, StudentRecord, TaskResult
+from builder.report.records import FamilyReport, StudentRecord, TaskResult
 from hub_server import GOOD_TOKEN, READ_TOKEN, fake_hub  # noqa: F401 (fake_hub is a fixture)
 from publish.hub import (PublishError, format_plan, local_paths_in, plan_family, publish_report, publish_student,
                          resolve_token)

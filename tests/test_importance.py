@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from builder.importance import Importance, score_importance
-from builder.shape import Shape
+from builder.pruning.importance import Importance, score_importance
+from builder.spec.shape import Shape
 from tiny_models import ARCHITECTURES, TINY_VOCAB, tiny_model, one_thread  # noqa: F401 (autouse fixture)
 
 

@@ -1,4 +1,4 @@
-"""Integrity checks (builder.integrity) and the stage store's use of them: recorded outputs,
+"""Integrity checks (builder.store.integrity) and the stage store's use of them: recorded outputs,
 verification before reuse, one holder of a stage's lock at a time, discarding a stage.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.acquire import acquire_teacher
-from builder.integrity import DamagedFile, check_checkpoint, file_record, find_damage, record_outputs
-from builder.spec import TeacherSpec
-from builder.store import StageKey, StageStore
+from builder.models.teacher import acquire_teacher
+from builder.store.integrity import DamagedFile, check_checkpoint, file_record, find_damage, record_outputs
+from builder.spec.schema import TeacherSpec
+from builder.store.stage_store import StageKey, StageStore
 from tiny_models import save_tiny_checkpoint
 
 
@@ -116,7 +116,7 @@ def test_token_shards_are_checked_by_their_npy_header(tmp_path):
 
 
 def test_a_large_file_of_another_format_is_fingerprinted_by_its_ends(tmp_path, monkeypatch):
-    monkeypatch.setattr("builder.integrity.FULL_HASH_LIMIT", 3 * 2**20)
+    monkeypatch.setattr("builder.store.integrity.FULL_HASH_LIMIT", 3 * 2**20)
     blob = tmp_path / "state.bin"
     blob.write_bytes(bytes(4 * 2**20))
     outputs = record_outputs(tmp_path)

@@ -13,9 +13,9 @@ import subprocess
 import pytest
 import torch
 
-from builder import plots
-from builder.report import throughput_record
-from builder.report_model import FamilyReport, Score
+from builder.report import plots
+from builder.report.family_report import throughput_record
+from builder.report.records import FamilyReport, Score
 from evaluators.perplexity import heldout_perplexity
 from evaluators.throughput import add_ratios
 from evaluators.vllm_worker import summarize_passes

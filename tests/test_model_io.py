@@ -1,4 +1,4 @@
-"""builder.model_io: the one loader and the one list of tokenizer files.
+"""builder.models.loading: the one loader and the one list of tokenizer files.
 
 Run: .venv/bin/pytest tests/test_model_io.py -q   (a few seconds)
 """
@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GPT2Tokenizer
 
-from builder.importance import score_importance
-from builder.model_io import TOKENIZER_FILES, load_model, save_model
-from builder.prune import prune_model
-from builder.shape import Shape
+from builder.pruning.importance import score_importance
+from builder.models.loading import TOKENIZER_FILES, load_model, save_model
+from builder.pruning.cuts import prune_model
+from builder.spec.shape import Shape
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint, tiny_tokenizer, one_thread  # noqa: F401 (autouse fixture)
 
 

@@ -11,10 +11,10 @@ import pytest
 
 from builder.cli import main
 from builder.family import load_and_plan
-from builder.options import RunOptions
-from builder.spec import absolute_source
-from builder.stages import execute_stage
-from builder.validate import load_spec
+from builder.options.run_options import RunOptions
+from builder.spec.schema import absolute_source
+from builder.stages.execute import execute_stage
+from builder.planning.validate import load_spec
 from tiny_models import one_thread, save_tiny_checkpoint  # noqa: F401 (a fixture)
 
 SPEC = """

@@ -21,8 +21,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builder.importance import Importance, score_importance, skipping_layers
-from builder.prune import (
+from builder.pruning.importance import Importance, score_importance, skipping_layers
+from builder.pruning.cuts import (
     head_channels,
     prune_model,
     read_pruning_map,
@@ -31,7 +31,7 @@ from builder.prune import (
     select_layers,
     top_indices,
 )
-from builder.shape import Shape
+from builder.spec.shape import Shape
 from tiny_models import ARCHITECTURES, TINY_VOCAB, tiny_model, tiny_tokenizer, one_thread  # noqa: F401 (autouse fixture)
 
 ARCHS = sorted(ARCHITECTURES)

@@ -16,13 +16,14 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-import builder.ray_train
-from builder.model_io import load_model
-from builder.training import TrainingDiverged, TrainSettings, distill
-from builder.ray_train import run_on_ray_train
+import builder.training.ray_train
+from builder.models.loading import load_model
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings, TrainingDiverged
+from builder.training.ray_train import run_on_ray_train
 from block_files import write_blocks
-from builder.spec import DistillSpec
-from builder.stages import train_settings
+from builder.spec.schema import DistillSpec
+from builder.stages.training_run import train_settings
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint
 
 SEQ_LEN, STEPS, EVERY = 32, 6, 4
@@ -148,6 +149,6 @@ def test_a_worker_divergence_reaches_the_caller_as_itself():
     assert (diverged.step, str(diverged)) == (7, "training diverged at step 7: the loss is nan; lower it")
     trainer = FailingTrainer({1: RuntimeError("gloo hung up"), 0: diverged})
     with pytest.raises(TrainingDiverged, match="step 7"):
-        builder.ray_train._fit(trainer)
+        builder.training.ray_train._fit(trainer)
     with pytest.raises(ray.train.WorkerGroupError):  # anything else stays Ray's error
-        builder.ray_train._fit(FailingTrainer({0: RuntimeError("out of memory")}))
+        builder.training.ray_train._fit(FailingTrainer({0: RuntimeError("out of memory")}))

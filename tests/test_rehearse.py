@@ -1,4 +1,4 @@
-"""`build-family SPEC --rehearse` (builder.rehearse, builder.rehearse_scale): the scaling
+"""`build-family SPEC --rehearse` (builder.rehearse, builder.spec.rehearsal_scale): the scaling
 arithmetic, the rehearsal spec of every committed family, and (slow) every family rehearsed
 end to end offline on one shared local Ray instance."""
 from __future__ import annotations
@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import family, rehearse_scale
-from builder.acquire import config_from_json
-from builder.options import RunOptions
+from builder import family
+from builder.spec import rehearsal_scale
+from builder.models.teacher import config_from_json
+from builder.options.run_options import RunOptions
 from builder.rehearse import prepare, rehearse
-from builder.shape import Shape
-from builder.spec import TrainingSpec
+from builder.spec.shape import Shape
+from builder.spec.schema import TrainingSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "data" / "configs"
@@ -30,8 +31,8 @@ LLAMA = Shape.of(config_from_json(CONFIGS / "Llama-3.1-8B.json"))
 
 
 def test_the_rehearsal_teacher_keeps_the_attention_layout_and_shrinks_widths_and_depth():
-    scale = rehearse_scale.Scale.of(LLAMA)
-    small = rehearse_scale.rehearsal_shape(LLAMA, scale)
+    scale = rehearsal_scale.Scale.of(LLAMA)
+    small = rehearsal_scale.rehearsal_shape(LLAMA, scale)
     assert (scale.width, scale.depth) == (16, 8)
     # 4 query heads per key/value head and head_dim 128 as in Llama-3.1-8B, 2 groups instead of 8.
     assert small == Shape(hidden_size=256, intermediate_size=896, num_attention_heads=8, num_key_value_heads=2,
@@ -39,28 +40,28 @@ def test_the_rehearsal_teacher_keeps_the_attention_layout_and_shrinks_widths_and
 
 
 def test_students_keep_their_ratio_to_the_teacher_on_every_axis():
-    small = rehearse_scale.rehearsal_shape(LLAMA, rehearse_scale.Scale.of(LLAMA))
-    width = rehearse_scale.student_changes({"hidden_size": 3072, "intermediate_size": 9216}, LLAMA, small)
+    small = rehearsal_scale.rehearsal_shape(LLAMA, rehearsal_scale.Scale.of(LLAMA))
+    width = rehearsal_scale.student_changes({"hidden_size": 3072, "intermediate_size": 9216}, LLAMA, small)
     assert width == {"hidden_size": 192, "intermediate_size": 576}  # 3/4 and 9/14 of 256 and 896
-    assert rehearse_scale.student_changes({"num_hidden_layers": 16}, LLAMA, small) == {"num_hidden_layers": 2}
+    assert rehearsal_scale.student_changes({"num_hidden_layers": 16}, LLAMA, small) == {"num_hidden_layers": 2}
     # A cut axis stays cut even when the ratio would round back to the teacher's size.
-    assert rehearse_scale.student_changes({"hidden_size": 4064}, LLAMA, small) == {"hidden_size": 248}
-    assert rehearse_scale.budget(4_000_000_000, 8_000_000_000, 10_000_000) == 5_000_000
+    assert rehearsal_scale.student_changes({"hidden_size": 4064}, LLAMA, small) == {"hidden_size": 248}
+    assert rehearsal_scale.budget(4_000_000_000, 8_000_000_000, 10_000_000) == 5_000_000
     # Heads: whole groups by their ratio (4 of 8 -> 1 of 2), query heads per group as the student has them.
-    assert rehearse_scale.student_changes({"num_attention_heads": 16, "num_key_value_heads": 4}, LLAMA, small) == \
+    assert rehearsal_scale.student_changes({"num_attention_heads": 16, "num_key_value_heads": 4}, LLAMA, small) == \
         {"num_attention_heads": 4, "num_key_value_heads": 1}
-    assert rehearse_scale.student_changes({"num_attention_heads": 24}, LLAMA, small) == \
+    assert rehearsal_scale.student_changes({"num_attention_heads": 24}, LLAMA, small) == \
         {"num_attention_heads": 6, "num_key_value_heads": 2}
 
 
 def test_budgets_shrink_to_two_steps_of_the_global_batch():
     section = TrainingSpec(tokens="94B", global_batch_size=1152, micro_batch_size=4, warmup_steps=40,
                            checkpoint_every=500)
-    scaled = rehearse_scale.training(section, workers=2)
+    scaled = rehearsal_scale.training(section, workers=2)
     # 2 steps x (micro-batch 2 x 2 accumulated x 2 workers) x 64 tokens
     assert scaled == {"tokens": 2 * 2 * 2 * 2 * 64, "global_batch_size": 8, "micro_batch_size": 2,
                       "warmup_steps": 1, "checkpoint_every": 1}
-    assert rehearse_scale.training(TrainingSpec(tokens=0), workers=2)["tokens"] == 0
+    assert rehearsal_scale.training(TrainingSpec(tokens=0), workers=2)["tokens"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 
 from builder.cli import main
 from builder.family import load_and_plan
-from builder.options import RunOptions
-from builder.report import NothingToReport, write_report_files
-from builder.report_model import FamilyReport
-from builder.store import StageStore
+from builder.options.run_options import RunOptions
+from builder.report.family_report import NothingToReport, write_report_files
+from builder.report.records import FamilyReport
+from builder.store.stage_store import StageStore
 from publish.hub import local_paths_in, plan_family
 from publish.portable import find_local_paths
 from tiny_models import save_tiny_checkpoint
@@ -275,7 +275,7 @@ def test_report_json_round_trips_through_the_model(family, checkpoint):
 
 
 def test_the_end_of_build_table_comes_from_the_report(family, checkpoint):
-    from builder.report import family_table
+    from builder.report.family_report import family_table
 
     spec, options, plan = family
     report = write(family, finish(plan, options, checkpoint)).report

@@ -1,4 +1,4 @@
-"""Which stages a build reuses (builder.reuse), `--rebuild`, and skipped stages downstream of a
+"""Which stages a build reuses (builder.planning.reuse), `--rebuild`, and skipped stages downstream of a
 failure: on a real plan with stage folders written by hand (no Ray, no training).
 """
 from __future__ import annotations
@@ -12,13 +12,13 @@ from safetensors.torch import save_file
 
 from builder.cli import main
 from builder.errors import SpecError
-from builder.plan import Plan, make_plan
-from builder.precision import Precision
-from builder.integrity import DamagedFile
-from builder.reuse import check_inputs, decide, stages_to_rebuild
-from builder.runner import BuildResult, skip_downstream_of_failures
-from builder.spec import FamilySpec
-from builder.store import StageStore
+from builder.planning.dag import Plan, make_plan
+from builder.options.precision import Precision
+from builder.store.integrity import DamagedFile
+from builder.planning.reuse import check_inputs, decide, stages_to_rebuild
+from builder.running.runner import BuildResult, skip_downstream_of_failures
+from builder.spec.schema import FamilySpec
+from builder.store.stage_store import StageStore
 from test_cli_plan import GOOD, SMOLLM2_CONFIG
 from test_spec import fast_lm_eval_index  # noqa: F401 (a fixture)
 from tiny_models import tiny_config
@@ -149,7 +149,7 @@ def test_a_stage_refuses_a_damaged_input_naming_the_file_and_its_maker(plan, tmp
 
 
 def test_the_dry_run_labels_each_stage_as_the_build_will_treat_it(plan, tmp_path):
-    from builder.describe import render_plan
+    from builder.report.dry_run import render_plan
 
     store = StageStore(tmp_path)
     finish_all(plan, store)

@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from builder.acquire import config_from_json
-from builder.arch import count_params, shape_problems, student_config
+from builder.models.teacher import config_from_json
+from builder.models.arch import count_params, shape_problems, student_config
 from builder.cli import main
-from builder.plan import make_plan
-from builder.precision import Precision
-from builder.search import candidates, search_problem
-from builder.shape import Shape
-from builder.spec import FamilySpec, SearchSpec
-from builder.stages import StageContext, select_stage
-from builder.store import Manifest
+from builder.planning.dag import make_plan
+from builder.options.precision import Precision
+from builder.pruning.search import candidates, search_problem
+from builder.spec.shape import Shape
+from builder.spec.schema import FamilySpec, SearchSpec
+from builder.stages.base import StageContext
+from builder.stages.select import run as select_stage
+from builder.store.stage_store import Manifest
 from tests.tiny_models import one_thread, save_tiny_checkpoint, tiny_config  # noqa: F401 (a fixture)
 
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.acquire import config_from_json
+from builder.models.teacher import config_from_json
 from builder.errors import Problem, SpecError
-from builder.spec import FamilySpec, Reference
-from builder.validate import check_against_teacher, load_spec
+from builder.spec.schema import FamilySpec, Reference
+from builder.planning.validate import check_against_teacher, load_spec
 from tests.tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,8 @@ models, that the execution-only fields really leave results unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -14,21 +16,24 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import builder.precision as precision_module
-from builder.acquire import config_from_json
-from builder.batching import BatchLayoutError, batch_layout
+import builder.options.precision as precision_module
+from builder.models.teacher import config_from_json
+from builder.spec.batching import BatchLayoutError, batch_layout
 from builder.cli import main
-from builder.describe import render_plan
-from builder.training import TrainSettings, distill
+from builder.report.dry_run import render_plan
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings
 from builder.training.data import BlockStream
 from builder.training.parallel import World
 from builder.family import load_and_plan
-from builder.options import RunOptions
-from builder.plan import Plan, make_plan
-from builder.precision import Precision, choose_precision, cpu_flags
-from builder.spec import DistillSpec, EvaluationSpec, FamilySpec
-from builder.stages import STAGE_FUNCTIONS, STAGE_VERSIONS, StageContext, train_settings
-from builder.store import StageStore
+from builder.options.run_options import RunOptions
+from builder.planning.dag import Plan, make_plan
+from builder.options.precision import Precision, choose_precision, cpu_flags
+from builder.spec.schema import DistillSpec, EvaluationSpec, FamilySpec
+from builder.stages.base import StageContext
+from builder.stages.registry import STAGE_KINDS
+from builder.stages.training_run import train_settings
+from builder.store.stage_store import StageStore
 from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,10 +118,10 @@ def test_each_step_reads_the_same_sequences_on_any_number_of_workers():
 
 
 def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tmp_path, monkeypatch):
-    import builder.ray_train
-    from builder.training import TrainResult
-    from builder.stages import distill_stage
-    from builder.store import Manifest
+    import builder.training.ray_train
+    from builder.training.settings import TrainResult
+    from builder.stages.distill import run as distill_stage
+    from builder.store.stage_store import Manifest
 
     calls = []
 
@@ -124,7 +129,7 @@ def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tm
         calls.append((settings, how))
         return TrainResult(16 * 12 * 256, 16, 1.0, 1.0, 1.0, 0, str(out_dir / "model"))
 
-    monkeypatch.setattr(builder.ray_train, "run_on_ray_train", fake_ray_train)
+    monkeypatch.setattr(builder.training.ray_train, "run_on_ray_train", fake_ray_train)
     plan = plan_of(spec(distill={**SPEC["distill"], "checkpoint_every": 7}), BFLOAT16)
     stage = next(s for s in plan.stages.values() if s.name == "distill")
     inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),
@@ -354,14 +359,15 @@ def test_the_throughput_engine_args_stay_in_its_hash():
 
 
 def test_every_stage_has_a_code_version():
-    assert STAGE_VERSIONS.keys() == STAGE_FUNCTIONS.keys()
+    assert all(kind.version for kind in STAGE_KINDS.values())
 
 
 @pytest.mark.parametrize("bumped", ["evaluate", "prune", "score", "distill", "throughput"])
 def test_a_version_bump_recomputes_that_stage_and_its_downstream_only(monkeypatch, bumped):
     family = spec(correction={"tokens": "8K"})
     before = plan_of(family)
-    monkeypatch.setitem(STAGE_VERSIONS, bumped, STAGE_VERSIONS[bumped] + "-bumped")
+    monkeypatch.setitem(STAGE_KINDS, bumped, dataclasses.replace(STAGE_KINDS[bumped],
+                                                                 version=STAGE_KINDS[bumped].version + "-bumped"))
     after = plan_of(family)
     assert changed(before, after) == with_downstream(before, {bumped})
     assert ("correct", "") not in changed(before, after)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import interrupt
+from builder.running import interrupt
 from test_paths import make_sources
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The teach pass and its stored signal (builder.teach, builder.teacher_signal): what it
+"""The teach pass and its stored signal (builder.teaching.teach_pass, builder.teaching.signal): what it
 stores, that it resumes per shard, and that a student learning from it learns what it
 would have learned from the online teacher."""
 from __future__ import annotations
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from builder.teach import TeachJob, finish, teach_locally
-from builder.teacher_signal import SignalLayout, TeacherSignal, bytes_per_token, shard_dir
-from builder.tokens import ShardWriter, BlocksIndex, TokenBlocks, token_dtype
-from builder.training import TrainSettings, distill
-from builder.training.losses import topk_target
+from builder.teaching.teach_pass import TeachJob, finish, teach_locally
+from builder.teaching.signal import SignalLayout, TeacherSignal, bytes_per_token, shard_dir
+from builder.data.tokens import ShardWriter, BlocksIndex, TokenBlocks, token_dtype
+from builder.training.loop import distill
+from builder.training.settings import TrainSettings
+from builder.teaching.target import topk_target
 from tests.tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint, tiny_model  # noqa: F401
 
 SEQ_LEN = 16
@@ -111,9 +112,9 @@ def test_a_killed_pass_resumes_at_the_missing_shard_only(teacher_dir, data_dir, 
 def test_the_pass_runs_data_parallel_on_ray_actors(teacher_dir, data_dir, tmp_path, monkeypatch):
     """Two 1-CPU actors on a 2-CPU local Ray instance share the shards, and the signal is the
     one a single process writes."""
-    from builder.options import RunOptions
-    from builder.ray_teach import teach_on_ray
-    from builder.runner import init_ray, shutdown_ray
+    from builder.options.run_options import RunOptions
+    from builder.teaching.ray_pool import teach_on_ray
+    from builder.running.ray_session import init_ray, shutdown_ray
 
     for name in ("RAY_ADDRESS", "RAY_TMPDIR"):
         monkeypatch.delenv(name, raising=False)

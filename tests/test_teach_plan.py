@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from builder.plan import make_plan, stream_positions
-from builder.precision import Precision
-from builder.spec import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, DistillSpec, FamilySpec
+from builder.planning.dag import make_plan, stream_positions
+from builder.options.precision import Precision
+from builder.spec.schema import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, DistillSpec, FamilySpec
 from builder.units import format_count
-from builder.validate import check_against_teacher
+from builder.planning.validate import check_against_teacher
 from tests.tiny_models import TINY_VOCAB, tiny_config
 
 FP32 = Precision("float32", "requested")
@@ -100,7 +100,7 @@ def test_top_k_above_the_vocabulary_is_a_spec_problem():
     spec = _spec({"teacher_signal": "topk", "top_k": TINY_VOCAB + 1})
     (problem,) = [p for p in check_against_teacher(spec, tiny_config()) if p.field.endswith("top_k")]
     assert problem.field == "distill.top_k" and f"top_k <= {TINY_VOCAB}" in problem.message
-    from builder.teacher_signal import bytes_per_token
+    from builder.teaching.signal import bytes_per_token
 
     default_size = bytes_per_token(DEFAULT_TOP_K, TINY_VOCAB, DEFAULT_TAIL_SAMPLES)
     hint = f"the default {DEFAULT_TOP_K}, with {DEFAULT_TAIL_SAMPLES} tail draws, keeps {default_size} bytes"
@@ -122,7 +122,7 @@ def test_tail_samples_are_for_forward_kl_only(loss):
 def test_the_dry_run_names_a_stored_signals_disk_signal_and_tokens_together():
     """The signal of 64 blocks of 64 tokens, top-32 with 32 draws (2-byte ids with the tiny
     vocabulary): 32 x 4 + 2 + 32 x 2 bytes, plus the 2-byte token beside it, per token."""
-    from builder.describe import signal_lines
+    from builder.report.dry_run import signal_lines
 
     plan = make_plan(_spec({"top_k": 32, "tail_samples": 32}), tiny_config(), FP32)
     (line,) = [line for line in signal_lines(plan) if line.startswith("Stored signal")]

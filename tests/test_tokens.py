@@ -1,4 +1,4 @@
-"""The on-disk token block format (builder.tokens): writer, index and memory-mapped reader.
+"""The on-disk token block format (builder.data.tokens): writer, index and memory-mapped reader.
 
 Run: .venv/bin/pytest tests/test_tokens.py -q   (about a second)
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from builder.tokens import BlocksIndex, ShardWriter, TokenBlocks, token_dtype
+from builder.data.tokens import BlocksIndex, ShardWriter, TokenBlocks, token_dtype
 
 SEQ_LEN = 5
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from builder.training.losses import TopKTarget, chunked_losses, coarse_log_probs, divergence_sum, topk_target
+from builder.teaching.target import TopKTarget, topk_target
+from builder.training.losses import chunked_losses, coarse_log_probs, divergence_sum
 from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 
 TOKENS, VOCAB = 37, 50

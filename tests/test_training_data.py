@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from builder.tokens import TokenBlocks
+from builder.data.tokens import TokenBlocks
 from builder.training.data import BlockStream, open_blocks
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
-from builder.training.shuffle import Permutation
+from builder.data.shuffle import Permutation
 from block_files import write_blocks
 
 SEQ_LEN = 8

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# Variables of a local instance (builder.runner._keep_on_loopback) that would put a node in
+# Variables of a local instance (builder.running.ray_session._keep_on_loopback) that would put a node in
 # Ray's single-machine mode, which cannot take a second node.
 SINGLE_MACHINE_VARS = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR", "RAY_ADDRESS")
 

@@ -4,7 +4,7 @@
     correct_teacher(teacher_dir, blocks, out_dir, TrainSettings(tokens=..., loss="cross_entropy"))
 
 The same loop runs in one process, or under torch.distributed (DDP, or FSDP2 when asked)
-when a process group is initialized: torchrun, or Ray Train via `builder.ray_train`.
+when a process group is initialized: torchrun, or Ray Train via `builder.training.ray_train`.
 `train_blocks` is the acquire-data stage dir (its train split's shards are memory-mapped;
 each rank reads only its slice of every step) or, for tests, a tensor [N, seq_len].
 `out_dir` must be on disk every rank can read:
@@ -21,12 +21,8 @@ checkpoint interval) and, because the data order, RNG states, optimizer and sche
 all restored, ends with the same weights as a run that was never interrupted.
 
 Modules, in the order the loop uses them: settings (TrainSettings, TrainResult), data (the
-block stream) and shuffle (its per-epoch permutation), parallel (World, DDP/FSDP2), aligner (the hidden-state loss), losses (chunked
+block stream; its per-epoch permutation is builder.data.shuffle), parallel (World, DDP/FSDP2), aligner (the hidden-state loss), losses (chunked
 logit losses), step (forward/backward of one step), optim, checkpoints, metrics, and loop
-(`train`, `distill`, `correct_teacher`).
+(`train`, `distill`, `correct_teacher`); ray_train runs the loop on Ray Train workers.
+Nothing is re-exported here, so reading one module (settings, losses) never imports the loop.
 """
-from builder.training.loop import correct_teacher, distill, load_result, train
-from builder.training.settings import Parallel, TrainingDiverged, TrainResult, TrainSettings
-
-__all__ = ["Parallel", "TrainResult", "TrainSettings", "TrainingDiverged", "correct_teacher", "distill",
-           "load_result", "train"]

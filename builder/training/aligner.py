@@ -16,7 +16,7 @@ class HiddenStateAligner(torch.nn.Module):
     only after heavy depth pruning; ModelOpt's version is a cosine loss on hidden states
     (HiddenStateCosineLoss). Here each student layer's output is compared with the output of
     the teacher layer it was pruned from (`pruning_map["teacher_layers"]`, written by
-    `builder.prune`). The projection starts as the pruning's own channel selection (student
+    `builder.pruning.cuts`). The projection starts as the pruning's own channel selection (student
     channel i -> the teacher channel it was cut from), so at step 0 it adds nothing the pruning
     did not; it trains with the student and is dropped when the student is saved.
     """

@@ -30,9 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )  # fmt: skip
 
-from builder.model_io import save_model
-from builder.prune import PRUNING_MAP
-from builder.store import fsync_dir, write_text_atomic
+from builder.models.loading import save_model
+from builder.pruning.cuts import PRUNING_MAP
+from builder.store.stage_store import fsync_dir, write_text_atomic
 from builder.training.aligner import HiddenStateAligner
 from builder.training.parallel import World, is_fsdp, student_of, unwrap
 

@@ -1,6 +1,6 @@
 """Data: a deterministic stream of token blocks, read from memory-mapped shards.
 
-Training reads blocks from a `builder.tokens.TokenBlocks` (the acquire-data stage's
+Training reads blocks from a `builder.data.tokens.TokenBlocks` (the acquire-data stage's
 sharded .npy files) or from an in-memory tensor [N, seq_len] (tests, benchmarks): both
 answer `len()` and `[index_tensor] -> [k, seq_len]`, and a worker reads only the blocks of
 its own micro-batches, so its memory does not grow with the corpus.
@@ -13,11 +13,11 @@ from typing import Protocol, Union
 import numpy as np
 import torch
 
-from builder.teacher_signal import TeacherSignal, is_teacher_signal
-from builder.tokens import TokenBlocks
+from builder.teaching.signal import TeacherSignal, is_teacher_signal
+from builder.data.tokens import TokenBlocks
 from builder.training.parallel import World
 from builder.training.settings import TrainSettings
-from builder.training.shuffle import Permutation
+from builder.data.shuffle import Permutation
 
 TRAIN_SPLIT = "train"  # the split a stage dir given as train_blocks is trained on
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from builder.model_io import load_model
-from builder.prune import read_pruning_map
-from builder.store import write_text_atomic
-from builder.teacher_signal import TeacherSignal
+from builder.models.loading import load_model
+from builder.pruning.cuts import read_pruning_map
+from builder.store.stage_store import write_text_atomic
+from builder.teaching.signal import TeacherSignal
 from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
 from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of

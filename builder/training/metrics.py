@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from builder.store import write_text_atomic
+from builder.store.stage_store import write_text_atomic
 
 
 class MetricsLog:

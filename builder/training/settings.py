@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from builder.model_io import MAX_SHARD_SIZE
+from builder.models.loading import MAX_SHARD_SIZE
 
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "cross_entropy"]
 Dtype = Literal["float32", "bfloat16"]
@@ -35,7 +35,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How one training run goes. Field defaults mirror `builder.spec.TrainingSpec`."""
+    """How one training run goes. Field defaults mirror `builder.spec.schema.TrainingSpec`."""
 
     tokens: int  # budget; steps = ceil(tokens / (batch_size * grad_accum * seq_len * world_size))
     batch_size: int = 4  # sequences per micro-batch per worker
@@ -66,7 +66,7 @@ class TrainSettings:
 
     @classmethod
     def from_spec(cls, spec: object, **overrides: object) -> "TrainSettings":
-        """From a `builder.spec` TrainingSpec (pydantic) plus run options (dtype, ...)."""
+        """From a `builder.spec.schema` TrainingSpec (pydantic) plus run options (dtype, ...)."""
         values = {name: value for name, value in spec.model_dump().items() if name in _FIELDS}
         return cls(**{**values, **overrides})
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from builder.training.aligner import HiddenStateAligner, hidden_state_loss, recording
 from builder.training.data import BlockStream
-from builder.teacher_signal import TeacherSignal
-from builder.training.losses import TopKTarget, chunked_losses
+from builder.teaching.signal import TeacherSignal
+from builder.teaching.target import TopKTarget
+from builder.training.losses import chunked_losses
 from builder.training.optim import clip_gradients
 from builder.training.parallel import World, gradient_sync, unwrap
 from builder.training.settings import TrainingDiverged, TrainSettings

@@ -1,0 +1,1 @@
+"""Documents, splits, tokenization on Ray Data, sharded token blocks, seeded shuffles."""

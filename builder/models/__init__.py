@@ -1,0 +1,1 @@
+"""Architecture tables, checkpoint loading and saving, the teacher (acquisition, GGUF conversion)."""

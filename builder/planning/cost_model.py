@@ -1,0 +1,307 @@
+"""The estimate's arithmetic: FLOPs, bytes, memory and the stated costs, per unit of work.
+
+Each stage kind's `estimate` (builder.stages) turns its settings into a `Work` with these;
+builder.planning.estimate adds them up for a plan and prints them.
+
+    estimate = estimate_plan(plan, teacher_config, RunOptions(gpu="h100", mfu=0.4, train_workers=8))
+    print("\n".join(render_estimate(estimate)))
+
+FLOPs are analytic (PaLM appendix B: matmuls only, 2 per multiply-add, attention over the full
+sequence): a forward pass costs `forward_flops_per_token` per token, a training step three
+forwards' worth for the trained model (forward + backward), and distillation adds the frozen
+teacher's forward. lm-eval's tokens come from a table of the known tasks (documents x
+requests x tokens, measured with lm-eval's own request building).
+
+A stage's wall time is what it physically does, so it holds for a 135M demo on a CPU and for
+an 8B family on GPUs alike: start-up (a process, a Ray Train worker group, lm-eval's tasks, a
+vLLM engine), reading its checkpoints (bytes on disk / disk bandwidth, each worker its own
+copy side by side), compute (FLOPs / (GPUs x bf16 peak x MFU)) and writing (training
+checkpoints every `checkpoint_every` steps, the final model, a stored teacher signal). Every
+constant is in `Costs` with its source and is printed with the estimate; the MFU (`--mfu`)
+and the disk bandwidth (`--disk-gbps`) are overridable. GPU-hours count the whole wall time
+of every GPU a stage holds.
+
+Memory per GPU of a training stage, for DDP and for FSDP (student state sharded, frozen
+teacher replicated, as builder.distill does): fp32 master weights, fp32 gradients and AdamW's
+two fp32 moments (16 bytes per trained parameter), the frozen teacher in the training dtype,
+activations of one micro-batch (bf16, the tensors autograd keeps per layer, counted below)
+and the logits (student in bf16, its fp32 gradient buffer, the teacher's in bf16: builder.distill
+materialises full logits and chunks only the loss). Activation checkpointing (keeping only each
+layer's input) is shown for comparison: minizoo does not implement it yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from builder.models.arch import count_params
+from builder.options.run_options import RunOptions
+from builder.spec.shape import Shape
+
+GIB = 2**30
+
+
+MEMORY_HEADROOM = 0.9  # CUDA context, allocator fragmentation and NCCL buffers take the rest
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    bf16_tflops: float  # dense bf16 tensor-core peak, from the vendor's data sheet
+    memory_gib: float
+
+
+ACCELERATORS = {
+    "h100": Accelerator("NVIDIA H100 SXM 80GB", 989.0, 80),
+    "h200": Accelerator("NVIDIA H200 SXM 141GB", 989.0, 141),
+    "a100": Accelerator("NVIDIA A100 SXM 80GB", 312.0, 80),
+    "l40s": Accelerator("NVIDIA L40S 48GB", 362.0, 48),
+}
+
+
+DEFAULT_MFU = 0.4  # what well-tuned dense training reaches on H100s; inference stages reach less
+
+
+def forward_flops_per_token(config, seq_len: int) -> int:
+    """Matmul FLOPs of one forward pass per token, LM head and attention included."""
+    shape = Shape.of(config)
+    h, d, layers = shape.hidden_size, shape.head_dim, shape.num_hidden_layers
+    q_width, kv_width = shape.num_attention_heads * d, shape.num_key_value_heads * d
+    layer_params = h * q_width + 2 * h * kv_width + q_width * h + 3 * h * shape.intermediate_size
+    lm_head = h * config.vocab_size
+    attention = 4 * layers * q_width * seq_len  # Q K^T and scores x V, 2 FLOPs per multiply-add
+    return 2 * (layers * layer_params + lm_head) + attention
+
+
+def kd_flops_per_token(teacher_config, student_config, seq_len: int) -> dict:
+    teacher = forward_flops_per_token(teacher_config, seq_len)
+    student = forward_flops_per_token(student_config, seq_len)
+    return {"teacher_forward": teacher, "student_forward": student, "total": teacher + 3 * student}
+
+
+def activation_bytes_per_token_layer(config) -> int:
+    """bf16 tensors autograd keeps per token in one decoder layer: the two norms' inputs (fp32
+    residual), the normed inputs of attention and MLP, q/k/v, the attention output, and the
+    MLP's gate, up and gated product (SDPA/flash attention keeps no seq x seq scores)."""
+    shape = Shape.of(config)
+    q_width, kv_width = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    bf16 = 2 * (2 * shape.hidden_size + q_width + 2 * kv_width + q_width + 3 * shape.intermediate_size)
+    return bf16 + 2 * 4 * shape.hidden_size
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes per GPU of one training stage under one parallelism."""
+
+    parallel: str
+    weights: float
+    gradients: float
+    optimizer: float
+    teacher: float
+    activations: float
+    activations_checkpointed: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.teacher + self.activations + self.logits
+
+    @property
+    def total_checkpointed(self) -> float:
+        return self.total - self.activations + self.activations_checkpointed
+
+
+def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: int, workers: int,
+                    parallel: str) -> TrainingMemory:
+    """`frozen_config` None: teacher correction (the teacher itself trains, no frozen model)."""
+    trained = count_params(trained_config)
+    shard = workers if parallel == "fsdp" else 1
+    tokens = micro_batch * seq_len
+    layers = Shape.of(trained_config).num_hidden_layers
+    per_layer = activation_bytes_per_token_layer(trained_config) * tokens
+    logits_per_token = (2 + 4 + (2 if frozen_config is not None else 0)) * trained_config.vocab_size
+    return TrainingMemory(
+        parallel=parallel, weights=4 * trained / shard, gradients=4 * trained / shard, optimizer=8 * trained / shard,
+        teacher=2 * count_params(frozen_config) if frozen_config is not None else 0.0,
+        activations=layers * per_layer,
+        activations_checkpointed=layers * 2 * Shape.of(trained_config).hidden_size * tokens + per_layer,
+        logits=logits_per_token * tokens)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The fixed and I/O costs the wall time adds to compute. Printed with every estimate
+    (`notes`); bench/estimate.py checks them against one real build's stage times."""
+
+    # GB/s (1e9 bytes) each worker reads and the work directory takes in writes. 1: what one
+    # client of a shared file system (NFS, a cloud filestore) sustains; node-local NVMe does
+    # 2-7 (--disk-gbps). The 2-core dev VM: 0.2-2 cold reads, 0.1-0.3 fsync'd writes
+    # (bench.estimate times it).
+    read_gbps: float = 1.0
+    write_gbps: float = 1.0
+    # A stage's set-up in its Ray worker: transformers' first model instantiation in a process
+    # (4.8 s for SmolLM2-135M on the 2-core dev VM; 0.1 s the second time). The worker's imports
+    # of torch and transformers (10.6 s there) are paid once per worker process, before a
+    # stage's clock (its manifest's wall_s) starts, and are not counted.
+    stage_start_s: float = 5.0
+    # A Ray Train worker group (correct, distill) or the teach pass's actors: worker processes,
+    # torch.distributed, imports, the result's return. Manifests' wall_s minus the loop's own
+    # wall_seconds for the correct and distill stages of five rehearsal/e2e builds on the
+    # 2-core dev VM: 13-25 s, median 20 (contended). GPUs add a CUDA context and NCCL set-up.
+    train_start_s: float = 20.0
+    # lm-eval: importing it, its TaskManager and building the first task (12 s on the dev
+    # VM), then each (sub)task's documents and requests (0.5-1 s; MMLU's 57 subtasks 25 s).
+    lm_eval_start_s: float = 12.0
+    lm_eval_task_s: float = 0.5
+    # A vLLM engine per measured model: engine_start_s of the demo's three throughput runs
+    # (bench/results/demo.json: 64, 47, 43 s on a 2-core CPU). On GPUs, CUDA graph capture
+    # and the model's load replace the CPU's set-up: expect the same order.
+    vllm_start_s: float = 47.0
+
+    def with_options(self, options: RunOptions) -> "Costs":
+        if options.disk_gbps is None:
+            return self
+        return replace(self, read_gbps=options.disk_gbps, write_gbps=options.disk_gbps)
+
+    def notes(self) -> list[str]:
+        return [f"disk {self.read_gbps:g} GB/s read per worker, {self.write_gbps:g} GB/s written (1 is one client of a "
+                "shared file system, node-local NVMe does 2-7; --disk-gbps sets both)",
+                f"start-up: {self.stage_start_s:g} s per stage, {self.train_start_s:g} s per Ray Train worker "
+                f"group or teach pass, lm-eval {self.lm_eval_start_s:g} s + {self.lm_eval_task_s:g} s per task, "
+                f"{self.vllm_start_s:g} s per vLLM engine (measured on a 2-core CPU; builder.planning.cost_model.Costs)",
+                f"a training checkpoint writes {CHECKPOINT_BYTES_PER_PARAM} bytes per trained parameter (fp32 weights "
+                "and AdamW's two moments) every checkpoint_every steps; the final model "
+                f"{STORED_BYTES_PER_PARAM} (fp32)"]
+
+
+COSTS = Costs()
+
+
+# builder.training.checkpoints saves get_state_dict(model, optimizer): the fp32 model (it is
+# the master copy; bf16 is autocast only) and AdamW's exp_avg and exp_avg_sq in fp32.
+CHECKPOINT_BYTES_PER_PARAM = 12
+
+
+# Every model a stage writes (correct, prune, distill) is saved in fp32, as it was trained.
+STORED_BYTES_PER_PARAM = 4
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class TaskCost:
+    """What lm-eval forwards for one task: `docs` documents over `subtasks` tasks (lm-eval's
+    limit applies to each), `requests` forward passes per document (one per choice; choices
+    of one token after a shared context are computed once), `tokens` per forward at
+    zero-shot, plus `tokens_per_shot` for each few-shot example."""
+
+    docs: int
+    requests: float
+    tokens: float
+    tokens_per_shot: float
+    subtasks: int = 1
+
+
+# Measured with lm-eval 0.4's own request building (`python -m bench.estimate --tasks`:
+# simple_evaluate with a model that only records its requests; 40 documents a task, 57 x 40 for
+# MMLU; at zero shots and at the few-shot count of families/llama-3.1-8b-minitron.yaml or 5/25)
+# on the bundled tasks (evaluators/tasks) with SmolLM2's tokenizer; other tokenizers differ by
+# some 10-20%. boolq and lambada_openai:
+# zero-shot only, a shot taken as long as a request. truthfulqa_mc2 and gsm8k are not bundled:
+# stated from their lm-eval YAMLs (six fixed QA pairs before each question; five worked
+# examples of about 180 tokens, ~130 generated), not measured.
+LM_EVAL_TASKS = {
+    "hellaswag": TaskCost(10042, 4.0, 41.8, 81.3),
+    "arc_easy": TaskCost(2376, 3.3, 30.7, 33.8),
+    "arc_challenge": TaskCost(1172, 3.95, 43.8, 38.5),
+    "piqa": TaskCost(1838, 2.0, 36.7, 39.2),
+    "winogrande": TaskCost(1267, 2.0, 22.5, 24.7),
+    "mmlu": TaskCost(14042, 1.0, 112.5, 103.8, subtasks=57),
+    "boolq": TaskCost(3270, 1.0, 154.6, 154.6),
+    "lambada_openai": TaskCost(5153, 1.0, 77.7, 77.7),
+    "truthfulqa_mc2": TaskCost(817, 7.0, 210.0, 35.0),
+    "gsm8k": TaskCost(1319, 1.0, 190.0, 180.0),
+}
+
+
+UNKNOWN_TASK = TaskCost(1000, 4.0, 50.0, 100.0)  # a multiple-choice task of typical size
+
+
+def lm_eval_tokens(task: dict) -> tuple[int, int]:
+    """(tokens, tokens per forward pass) of one evaluation task entry {name, num_fewshot, limit}."""
+    cost = LM_EVAL_TASKS.get(task["name"], UNKNOWN_TASK)
+    per_subtask = cost.docs / cost.subtasks
+    docs = cost.subtasks * min(task.get("limit") or per_subtask, per_subtask)
+    length = cost.tokens + task.get("num_fewshot", 0) * cost.tokens_per_shot
+    return round(docs * cost.requests * length), round(length)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one stage does, in the units its wall time follows from."""
+
+    tokens: int = 0
+    flops: float = 0.0
+    start_s: float = 0.0
+    read_bytes: float = 0.0  # per worker: workers read their copies side by side
+    write_bytes: float = 0.0  # in all
+    split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
+    checkpoints: int = 0
+    memory_of: object = None  # (micro_batch, workers, parallel) -> TrainingMemory, for training stages
+
+
+class StageInputs:
+    """A stage's input models: their configs and the bytes their checkpoints take on disk.
+    `producers`: role -> the kind of the stage that made that input ("acquire-teacher", ...)."""
+
+    def __init__(self, label: str, producers: dict[str, str], models: dict, teacher_config):
+        self.producers, self.models, self.teacher_config = producers, models, teacher_config
+        self.model = models.get(label or "teacher", teacher_config)  # the stage's own model
+
+    def config(self, role: str):
+        return self.models.get(role, self.model)  # "student", "model": the stage's own
+
+    def stored_bytes(self, role: str) -> float:
+        """An acquired teacher is stored as its config says (bf16 for most Hub models); what a
+        stage wrote, in fp32."""
+        per_param = config_dtype_bytes(self.teacher_config) if self.producers[role] == "acquire-teacher" \
+            else STORED_BYTES_PER_PARAM
+        return per_param * count_params(self.config(role))
+
+    def measured(self) -> list[str]:
+        """The roles of a throughput stage: the models it measures."""
+        return [role for role in self.producers if role in self.models]
+
+
+def config_dtype_bytes(config) -> int:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2)
+
+
+def subtasks(tasks: list[dict]) -> int:
+    return sum(LM_EVAL_TASKS.get(task["name"], UNKNOWN_TASK).subtasks for task in tasks)
+
+
+def trained_tokens(config: dict, execution: dict, seq_len: int) -> tuple[int, int]:
+    """(tokens, checkpoints) of a training run: whole steps of the global batch
+    (builder.training TrainSettings.steps), a checkpoint every `checkpoint_every` steps but
+    the last (builder.training.loop writes the final model instead)."""
+    per_step = config["global_batch_size"] * seq_len
+    steps = max(1, -(-config["tokens"] // per_step))
+    return steps * per_step, (steps - 1) // execution["checkpoint_every"]
+
+
+def training_writes(trained_config, checkpoints: int) -> float:
+    params = count_params(trained_config)
+    return checkpoints * CHECKPOINT_BYTES_PER_PARAM * params + STORED_BYTES_PER_PARAM * params
+
+
+def signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:
+    from builder.teaching.signal import stored_bytes
+
+    return stored_bytes(tokens, config["top_k"], vocab_size, config["tail_samples"])
+
+
+def memory_of(trained, frozen, seq_len: int):
+    return lambda micro_batch, workers, parallel: training_memory(trained, frozen, micro_batch, seq_len, workers,
+                                                                  parallel)

@@ -1,0 +1,226 @@
+"""The build plan: the stage DAG as data, derived from the spec and the teacher's config.
+
+Each stage is keyed by a hash of what its result depends on (see `builder.store.stage_store`), so the
+plan alone says which stages are finished, which resume, and which run. The runner
+executes it; the dry run prints it. Run options enter only as the resolved training
+precision; how many workers share a step, and with which parallelism, does not change a
+result (builder.spec.batching), so it does not change the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from builder.models.teacher import teacher_identity
+from builder.models.arch import count_params, student_config
+from builder.options.precision import Precision
+from builder.pruning.search import Candidate, candidates
+from builder.spec.shape import Shape
+from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
+                          split_execution)
+from builder.stages.base import Stage
+from builder.stages.registry import stage_kind
+from builder.store.stage_store import StageKey, StageStore
+
+TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class PlannedStudent:
+    spec: StudentSpec
+    shape: Shape | None  # None for a student by budget: its search has not chosen yet
+    params: int  # exact for a shape; the budget for a student by budget
+    final_stage: str  # id of the stage holding the finished checkpoint (distill)
+    candidates: tuple[Candidate, ...] = ()  # the architecture search's, in the select stage's order
+    select_stage: str | None = None  # the stage that picks the candidate
+
+    @property
+    def searched(self) -> bool:
+        return self.select_stage is not None
+
+
+@dataclass
+class Plan:
+    spec: FamilySpec
+    teacher_shape: Shape
+    teacher_params: int
+    students: list[PlannedStudent]
+    stages: dict[str, Stage]  # in dependency order
+    teacher_stage: str  # the teacher every student learns from (corrected or not)
+    original_teacher_stage: str
+    throughput_stage: str | None
+    eval_stages: dict[str, str]  # model name -> evaluate stage id
+    precision: Precision  # what the training stages run in (and are hashed with)
+    teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk)
+    teacher_vocab_size: int = 0
+
+    def stage_paths(self, store: StageStore) -> dict[str, Path]:
+        return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
+
+
+def student_shape(teacher_config, student: StudentSpec) -> Shape:
+    return Shape.of(teacher_config).replace(**student.shape.changes())
+
+
+def student_params(teacher_config, shape: Shape) -> int:
+    return count_params(student_config(teacher_config, shape))
+
+
+class _Builder:
+    """Accumulates stages in dependency order while the plan is made."""
+
+    def __init__(self):
+        self.stages: dict[str, Stage] = {}
+
+    def add(self, stage_name: str, label: str, settings: BaseModel | dict, inputs: dict[str, str] | None = None,
+            student: str | None = None, options: dict | None = None) -> str:
+        """`settings`: a spec section (its execution-only fields stay outside the hash) or a dict."""
+        inputs = inputs or {}
+        upstream = tuple(self.stages[i].key.digest for i in inputs.values())
+        config, execution = split_execution(settings) if isinstance(settings, BaseModel) else (settings, {})
+        key = stage_key(stage_name, label, config, upstream, options, execution)
+        return self.add_key(key, inputs, student)
+
+    def add_key(self, key: StageKey, inputs: dict[str, str] | None = None, student: str | None = None) -> str:
+        stage = Stage(key, inputs or {}, student)
+        self.stages[stage.id] = stage
+        return stage.id
+
+
+def stage_key(stage_name: str, label: str, config: dict, upstream: tuple[str, ...] = (),
+              options: dict | None = None, execution: dict | None = None) -> StageKey:
+    """Every key is made here, so none lacks its stage's code version."""
+    return StageKey(stage_name, label, config, upstream, stage_kind(stage_name).version, options or {}, execution or {})
+
+
+def teacher_acquire_key(spec: FamilySpec) -> StageKey:
+    """The first stage's key needs nothing but the spec: the planner reads the teacher's
+    config from this stage's output when it exists."""
+    return stage_key("acquire-teacher", "", teacher_identity(spec.teacher))
+
+
+def training_options(precision: Precision) -> dict:
+    """The run options a training stage's numerics depend on, hashed with it. Not the worker
+    count or `--parallel`: DDP and FSDP2 compute the same fp32 gradients (averaged over the
+    same global batch; FSDP2 only shards them, with no mixed-precision policy) and differ
+    from one process only in float summation order, as tests/test_ray_train.py checks."""
+    return {"precision": precision.dtype}
+
+
+def _if_trained(section: TrainingSpec, trains: dict) -> dict | None:
+    return trains if section.tokens > 0 else None  # 0 tokens passes the pruned checkpoint on as is
+
+
+def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
+    """Lay out every stage of the family build (no work is done here). `precision` is
+    already resolved (builder.options.precision): `auto` never reaches a hash."""
+    dag = _Builder()
+    trains = training_options(precision)
+    original_teacher = dag.add_key(teacher_acquire_key(spec))
+    data = dag.add("acquire-data", "", spec.data, {TEACHER: original_teacher})
+    teacher = original_teacher
+    if spec.correction.tokens > 0:
+        teacher = dag.add("correct", "", spec.correction, {TEACHER: original_teacher, "data": data},
+                          options=trains)
+    scores = dag.add("score", "", spec.scoring, {TEACHER: teacher, "data": data})
+    signals = _plan_teach(dag, spec, teacher, data, trains)
+    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data, trains, signals)
+                for s in spec.students]
+
+    models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
+    if teacher != original_teacher:
+        models = {"teacher-original": original_teacher} | models
+    eval_stages = {name: dag.add("evaluate", name, spec.evaluation, {"model": stage_id, "data": data})
+                   for name, stage_id in models.items()}
+    throughput = None
+    if spec.throughput.enabled:  # the corrected teacher has the original's shape, so its speed
+        measured = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
+        throughput = dag.add("throughput", "", spec.throughput, measured)
+    shape = Shape.of(teacher_config)
+    return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
+                original_teacher, throughput, eval_stages, precision, tuple(signals.values()),
+                teacher_config.vocab_size)
+
+
+def _plan_student(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
+                  teacher: str, scores: str, data: str, trains: dict, signals: Signals) -> PlannedStudent:
+    if student.params is not None:
+        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data, trains, signals)
+    shape = student_shape(teacher_config, student)
+    pruned = dag.add("prune", student.name, prune_config(shape, student.depth_method),
+                     {TEACHER: teacher, "scores": scores}, student=student.name)
+    distilled = _add_distill(dag, spec, student, teacher, pruned, data, trains, signals)
+    return PlannedStudent(student, shape, student_params(teacher_config, shape), distilled)
+
+
+def prune_config(shape: Shape, depth_method: str) -> dict:
+    return {"shape": shape.as_dict(), "depth_method": depth_method}
+
+
+def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher: str, pruned: str,
+                 data: str, trains: dict, signals: Signals) -> str:
+    section = spec.distill_for(student)
+    return dag.add("distill", student.name, section, _distill_inputs(section, teacher, pruned, data, signals),
+                   student=student.name, options=_if_trained(section, trains))
+
+
+def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, signals: Signals) -> dict[str, str]:
+    inputs = {TEACHER: teacher, "student": pruned, "data": data}
+    if section.stored_signal:  # it reads the teach stage's tokens and signal, not the data's
+        inputs["signal"] = signals[section.signal_key]
+    return inputs
+
+
+# -- the teach stages: one per (top_k, temperature, tail_samples) that some distillation reads ---
+Signals = dict[SignalKey, str]  # -> teach stage id
+
+
+def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains: dict) -> Signals:
+    """A teach stage covers the most stream positions any of its readers reads (so every
+    reader, whatever its seed, samples its steps from the same taught rows)."""
+    positions: dict[SignalKey, int] = {}
+    for section in spec.distillations():
+        if section.stored_signal:
+            key = section.signal_key
+            positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
+    return {key: dag.add("teach", _teach_label(key), {**key._asdict(), "positions": count},
+                         {TEACHER: teacher, "data": data}, options=trains)
+            for key, count in positions.items()}
+
+
+def _teach_label(key: SignalKey) -> str:
+    return f"k{key.top_k}" + (f"+{key.tail_samples}" if key.tail_samples else "")
+
+
+def stream_positions(section: TrainingSpec, seq_len: int) -> int:
+    """Blocks a training run reads: its steps times the global batch (the training loop's
+    own step count, for the whole global batch as one worker's)."""
+    from builder.training.settings import TrainSettings
+
+    steps = TrainSettings(tokens=section.tokens, batch_size=section.global_batch_size).steps(seq_len, world_size=1)
+    return steps * section.global_batch_size
+
+
+def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
+                 teacher: str, scores: str, data: str, trains: dict, signals: Signals) -> PlannedStudent:
+    """Architecture search (builder.pruning.search): each candidate is pruned, lightly distilled and
+    scored on held-out loss by stages of its own (so Ray runs candidates side by side and a
+    killed search resumes per candidate); `select` keeps the best, which distills on."""
+    found = tuple(candidates(teacher_config, student.params, spec.search))
+    light_training = spec.search_training(student)
+    ranking = EvaluationSpec(perplexity_tokens=spec.search.heldout_tokens, batch_size=spec.evaluation.batch_size)
+    roles: dict[str, str] = {}
+    for index, candidate in enumerate(found):
+        label = f"{student.name}.{candidate.tag}"
+        pruned = dag.add("prune", label, prune_config(candidate.shape, student.depth_method),
+                         {TEACHER: teacher, "scores": scores})
+        trained = dag.add("distill", label, light_training,
+                          _distill_inputs(light_training, teacher, pruned, data, signals), options=_if_trained(light_training, trains))
+        ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data})
+        roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
+    select_config = {"params": student.params, "candidates": [c.tag for c in found]}
+    chosen = dag.add("select", student.name, select_config, roles, student=student.name)
+    distilled = _add_distill(dag, spec, student, teacher, chosen, data, trains, signals)
+    return PlannedStudent(student, None, student.params, distilled, found, chosen)

@@ -1,0 +1,221 @@
+"""Before the GPU-hours: compute, time and per-GPU memory of every stage of a plan.
+
+    estimate = estimate_plan(plan, teacher_config, RunOptions(gpu="h100", mfu=0.4, train_workers=8))
+    print("\n".join(render_estimate(estimate)))
+
+Each stage kind's descriptor (builder.stages) says what work a stage does (`StageKind.estimate`,
+a `Work` in builder.planning.cost_model's units); this module adds the start-up, reading,
+compute and writing into each stage's wall time and GPU-hours, and the memory per GPU of the
+training stages, and prints them. The model, its constants and their sources:
+builder.planning.cost_model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from builder.models.arch import student_config
+from builder.options.run_options import RunOptions
+from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, MEMORY_HEADROOM, UNKNOWN_TASK,
+                                         Accelerator, Costs, StageInputs, Work)
+from builder.planning.dag import Plan
+from builder.stages.registry import stage_kind
+from builder.units import format_count
+
+@dataclass
+class StageEstimate:
+    stage: str  # the stage id
+    name: str
+    label: str  # the stage's label: its student, model or search candidate ("" for the teacher's)
+    tokens: int
+    flops: float
+    gpus: int
+    gpu_hours: float
+    wall_hours: float
+    seconds: dict[str, float] = field(default_factory=dict)  # start, read, compute, write
+    read_bytes: float = 0.0  # by all its workers together
+    write_bytes: float = 0.0
+    checkpoints: int = 0  # training checkpoints written
+    memory: dict[str, dict] = field(default_factory=dict)  # parallel -> TrainingMemory as a dict, + fits
+    micro_batch: int | None = None
+    advice: str | None = None
+
+
+@dataclass
+class FamilyEstimate:
+    accelerator: str
+    bf16_tflops: float
+    memory_gib: float
+    mfu: float
+    train_workers: int
+    parallel: str
+    stages: list[StageEstimate]
+    notes: list[str]
+    costs: dict = field(default_factory=dict)  # the Costs the wall times assume
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(stage.gpu_hours for stage in self.stages)
+
+    @property
+    def serial_wall_hours(self) -> float:
+        return sum(stage.wall_hours for stage in self.stages)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"gpu_hours": self.gpu_hours, "serial_wall_hours": self.serial_wall_hours}
+
+
+def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: Accelerator | None = None,
+                  costs: Costs | None = None) -> FamilyEstimate:
+    """`accelerator`, `costs`: others than `options.gpu`'s and the stated ones (bench.estimate
+    uses this CPU's measured peak)."""
+    accelerator = accelerator or ACCELERATORS[options.gpu]
+    costs = (costs or COSTS).with_options(options)
+    models = _model_configs(plan, teacher_config)
+    stages = [_stage_estimate(plan, stage_id, models, teacher_config, options, accelerator, costs)
+              for stage_id in plan.stages]
+    notes = [f"MFU {options.mfu:.0%} of the {accelerator.name}'s {accelerator.bf16_tflops:g} TFLOP/s bf16 peak "
+             "(assumed; --mfu overrides)", *costs.notes(), *_task_notes(plan),
+             "wall time is per stage on its GPUs; the family's is at most their sum (students run side by side "
+             "when the cluster has room)"]
+    notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
+              if student.searched]
+    return FamilyEstimate(accelerator.name, accelerator.bf16_tflops, accelerator.memory_gib, options.mfu,
+                          options.train_workers, options.parallel, stages, notes, asdict(costs))
+
+
+def _task_notes(plan: Plan) -> list[str]:
+    names = [task.name for task in plan.spec.evaluation.tasks]
+    unknown = [name for name in names if name not in LM_EVAL_TASKS]
+    notes = [f"lm-eval tokens: documents x requests x tokens per task (builder.planning.cost_model.LM_EVAL_TASKS); "
+             "generated tokens (gsm8k) are counted at the same MFU, which decoding does not reach"] if names else []
+    if unknown:
+        notes.append(f"{', '.join(unknown)}: not in the task table, estimated as {UNKNOWN_TASK.docs} documents of "
+                     f"{UNKNOWN_TASK.requests:g} requests of {UNKNOWN_TASK.tokens:g} tokens")
+    return notes
+
+
+def _model_configs(plan: Plan, teacher_config) -> dict[str, object]:
+    """Model name or candidate label -> its config (a searched student: its first candidate)."""
+    configs = {"teacher": teacher_config, "teacher-original": teacher_config}
+    for student in plan.students:
+        shape = student.shape or student.candidates[0].shape
+        configs[student.spec.name] = student_config(teacher_config, shape)
+        for candidate in student.candidates:
+            configs[f"{student.spec.name}.{candidate.tag}"] = student_config(teacher_config, candidate.shape)
+    return configs
+
+
+def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, options: RunOptions,
+                    accelerator: Accelerator, costs: Costs) -> StageEstimate:
+    stage = plan.stages[stage_id]
+    producers = {role: plan.stages[stage_id].name for role, stage_id in stage.inputs.items()}
+    inputs = StageInputs(stage.key.label, producers, models, teacher_config)
+    kind = stage_kind(stage.name)
+    work = kind.estimate(stage.key.config, stage.key.execution, inputs, costs, plan.spec.data.seq_len) \
+        if kind.estimate else Work()  # acquire and select: downloads and copies
+    workers = options.train_workers if kind.uses_workers else 1
+    gpus = workers if kind.resources != "light" else 0
+    seconds = stage_seconds(work, workers, accelerator, options.mfu, costs)
+    wall_hours = sum(seconds.values()) / 3600
+    estimate = StageEstimate(stage_id, stage.name, stage.key.label, work.tokens, work.flops, gpus, gpus * wall_hours,
+                             wall_hours, seconds, work.read_bytes * workers + work.split_read_bytes, work.write_bytes,
+                             work.checkpoints)
+    if work.memory_of is not None and work.tokens:
+        _add_memory(estimate, work.memory_of, _micro_batch(stage, options), options, accelerator)
+    return estimate
+
+
+def stage_seconds(work: Work, workers: int, accelerator: Accelerator, mfu: float, costs: Costs) -> dict[str, float]:
+    """Wall seconds of each part of a stage: its workers start, read and compute side by side."""
+    return {"start": work.start_s, "read": (work.read_bytes + work.split_read_bytes / workers) / (costs.read_gbps * 1e9),
+            "compute": work.flops / (workers * accelerator.bf16_tflops * 1e12 * mfu),
+            "write": work.write_bytes / (costs.write_gbps * 1e9)}
+
+
+def _micro_batch(stage, options: RunOptions) -> int:
+    """The per-worker micro-batch a build would run (builder.spec.batching splits the spec's global
+    batch over --train-workers, capped by the execution-only micro_batch_size)."""
+    from builder.spec.batching import batch_layout
+
+    config, execution = stage.key.config, stage.key.execution
+    return batch_layout(config["global_batch_size"], options.train_workers,
+                        execution.get("micro_batch_size", config["global_batch_size"])).micro_batch_size
+
+
+def _add_memory(estimate: StageEstimate, memory_of, micro_batch: int, options: RunOptions,
+                accelerator: Accelerator) -> None:
+    budget = accelerator.memory_gib * GIB * MEMORY_HEADROOM
+    for parallel in ("ddp", "fsdp"):
+        memory = memory_of(micro_batch, options.train_workers, parallel)
+        estimate.memory[parallel] = asdict(memory) | {"total": memory.total, "total_checkpointed":
+                                                      memory.total_checkpointed, "fits": memory.total <= budget}
+    estimate.micro_batch = micro_batch
+    estimate.advice = fit_advice(memory_of, micro_batch, options, accelerator)
+
+
+def fit_advice(memory_of, micro_batch: int, options: RunOptions, accelerator: Accelerator) -> str:
+    """'fits on 80 GB ...' or 'does not fit on 80 GB ...; try --parallel fsdp with micro_batch_size 1 ...':
+    the first change that fits, per parallelism (the chosen one first), largest micro-batch first."""
+    budget = accelerator.memory_gib * GIB * MEMORY_HEADROOM
+    chosen = memory_of(micro_batch, options.train_workers, options.parallel)
+    where = f"{accelerator.memory_gib:g} GB ({_gib(chosen.total)} per GPU with {options.parallel})"
+    if chosen.total <= budget:
+        return f"fits on {where}"
+    tries = []
+    for parallel in dict.fromkeys([options.parallel, "fsdp"]):
+        fitting = [b for b in range(micro_batch, 0, -1)
+                   if memory_of(b, options.train_workers, parallel).total <= budget]
+        if fitting:
+            tries.append(_change(parallel, fitting[0], options.parallel, micro_batch))
+    if not tries:
+        tries.append("more --train-workers with --parallel fsdp, a GPU with more memory, or activation "
+                     f"checkpointing (not in minizoo yet: {_gib(chosen.total_checkpointed)})")
+    return f"does not fit on {where}; try " + ", or ".join(tries)
+
+
+def _change(parallel: str, batch: int, chosen_parallel: str, chosen_batch: int) -> str:
+    parts = [f"--parallel {parallel}"] if parallel != chosen_parallel else []
+    if batch != chosen_batch:
+        parts.append(f"micro_batch_size {batch} (accumulation keeps the global batch)")
+    return " with ".join(parts)
+
+
+def _gib(count: float) -> str:
+    return f"{count / GIB:.1f} GiB"
+
+
+def render_estimate(estimate: FamilyEstimate) -> list[str]:
+    lines = [f"Estimate on {estimate.accelerator} at {estimate.mfu:.0%} MFU, {estimate.train_workers} training "
+             f"GPU(s) per training stage ({estimate.parallel}):"]
+    header = ["stage", "tokens", "FLOPs", "GPUs", "GPU-hours", "wall", "of which start + I/O",
+              "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
+    rows = [_row(stage) for stage in estimate.stages if stage.wall_hours]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in [header, *rows]]
+    lines += [f"  family: {estimate.gpu_hours:,.1f} GPU-hours, at most {_hours(estimate.serial_wall_hours)} of "
+              "wall time"]
+    lines += [f"  {stage.stage}: {stage.advice}" for stage in estimate.stages if stage.advice]
+    lines += [f"  note: {note}" for note in estimate.notes]
+    return lines
+
+
+def _row(stage: StageEstimate) -> list[str]:
+    memory = "-"
+    if stage.memory:
+        ddp, fsdp = stage.memory["ddp"], stage.memory["fsdp"]
+        memory = f"{_gib(ddp['total'])} / {_gib(fsdp['total'])} / {_gib(fsdp['total_checkpointed'])}"
+    fixed = stage.wall_hours - stage.seconds.get("compute", 0.0) / 3600
+    return [stage.stage, format_count(stage.tokens), f"{stage.flops:.2e}", str(stage.gpus),
+            f"{stage.gpu_hours:,.2f}", _hours(stage.wall_hours), _fixed(fixed, stage.checkpoints), memory]
+
+
+def _fixed(hours: float, checkpoints: int) -> str:
+    return _hours(hours) + (f" ({checkpoints} checkpoint{'s' * (checkpoints > 1)})" if checkpoints else "")
+
+
+def _hours(hours: float) -> str:
+    if hours >= 48:
+        return f"{hours / 24:.1f} d"
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"

@@ -1,0 +1,276 @@
+"""Spec validation in two phases, every problem reported at once.
+
+Phase 1 (offline): the schema (types, units, unknown fields) via pydantic; then every local
+path is made absolute against the spec's folder (`builder.spec.schema.resolve_paths`) and checked:
+it exists, can be read and holds what it should.
+Phase 2 (needs the teacher's config, not its weights): each student's shape is reachable
+from the teacher and loadable by transformers and vLLM, each student is smaller than the
+teacher, training blocks fit the teacher's context, the lm-eval tasks exist, and a depth
+method that needs LM-loss scores has them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from builder.errors import Problem, SpecError, problems_from_validation
+from builder.spec.shape import Shape
+from builder.spec.schema import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FamilySpec, StudentSpec, duplicate_students_message,
+                          duplicates, load_yaml, resolve_paths)
+
+_RELATIVE_HINT = "(a relative path starts at the spec file's folder)"
+
+
+def load_spec(path: Path) -> FamilySpec:
+    """Parse and schema-check a spec file, its local paths made absolute; raises SpecError
+    listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise SpecError(str(path), [Problem("(file)", str(path), f"{path} {what}; give the path of a family "
+                                            "YAML file, e.g. families/smollm2-135m.yaml")])
+    try:
+        raw = load_yaml(path)
+    except yaml.YAMLError as error:
+        raise SpecError(str(path), [_yaml_problem(error)]) from None
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), [_not_a_mapping(raw)])
+    try:
+        spec = FamilySpec.model_validate(raw)
+    except ValidationError as error:
+        problems = problems_from_validation(error, FamilySpec)
+        raise SpecError(str(path), problems + _unreached_problems(raw, problems)) from None
+    return resolve_paths(spec, path.parent)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> Problem:
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
+    what = getattr(error, "problem", None) or str(error)
+    if isinstance(error, yaml.constructor.ConstructorError):  # e.g. a repeated key: says its fix
+        return Problem(where, None, what)
+    context = getattr(error, "context", None)
+    detail = f"{what} ({context})" if context else what
+    return Problem(where, None, f"is not valid YAML: {detail}; fix the syntax there (indentation, "
+                                "a missing ':', an unclosed quote or bracket)")
+
+
+def _not_a_mapping(raw: object) -> Problem:
+    if raw is None:
+        return Problem("(spec)", None, "the file is empty; write a family spec "
+                                       "(start from families/smollm2-135m.yaml)")
+    return Problem("(spec)", raw, f"the file holds a {type(raw).__name__}, not a mapping; a family spec is "
+                                  "`key: value` lines: family, teacher, data, distill, students, ...")
+
+
+def _unreached_problems(raw: dict, found: list[Problem]) -> list[Problem]:
+    """Checks pydantic skips when a student has an error: repeated student names.
+
+    The family-level uniqueness check only runs once every student is valid, yet a
+    user fixing one student should hear about the repeated name in the same run.
+    """
+    students = raw.get("students")
+    if not isinstance(students, list) or any(p.field == "students" for p in found):
+        return []
+    names = [s.get("name") for s in students if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    repeated = duplicates(names)
+    return [Problem("students", names, duplicate_students_message(repeated))] if repeated else []
+
+
+def local_source_problems(spec: FamilySpec) -> list[Problem]:
+    """A local teacher or data path that is missing, unreadable or empty, found before any
+    stage runs (the build would otherwise fail minutes in). Paths are absolute here."""
+    problems = []
+    if spec.teacher.reference.kind == "path":
+        message = _teacher_folder_problem(Path(spec.teacher.source))
+        problems += [Problem("teacher.source", spec.teacher.source, message)] if message else []
+    if spec.data.reference.kind == "path":
+        message = _data_path_problem(Path(spec.data.source), spec.data.text_field)
+        problems += [Problem("data.source", spec.data.source, message)] if message else []
+    return problems
+
+
+def _teacher_folder_problem(folder: Path) -> str | None:
+    fix = ("point teacher.source at a Hugging Face checkpoint folder (config.json, *.safetensors and "
+           f"tokenizer files) {_RELATIVE_HINT}")
+    if not folder.exists():
+        return f"{folder} does not exist; {fix}"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder; {fix}"
+    config = folder / "config.json"
+    for path in (folder, config):
+        if path.exists() and not _readable(path):
+            return _unreadable(path)
+    if not config.is_file():
+        return f"{folder} has no config.json; {fix}"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return f"{folder} holds no weights (*.safetensors or *.bin); {fix}"
+    return None
+
+
+def _data_path_problem(path: Path, text_field: str) -> str | None:
+    from builder.data.documents import LOCAL_DATA_SUFFIXES, local_data_files
+
+    kinds = ", ".join(LOCAL_DATA_SUFFIXES[:-1]) + " or " + LOCAL_DATA_SUFFIXES[-1]
+    fix = f"give a {kinds} file or a folder of them ({text_field!r} holds the text of .jsonl lines) {_RELATIVE_HINT}"
+    if not path.exists():
+        return f"{path} does not exist; {fix}"
+    if not _readable(path):
+        return _unreadable(path)
+    files = local_data_files(path)
+    if not files:
+        what = "holds no" if path.is_dir() else "is not a"
+        return f"{path} {what} {kinds} file; {fix}"
+    unreadable = [f for f in files if not _readable(f)]
+    if unreadable:
+        return (f"{len(unreadable)} of its {len(files)} files cannot be read by this user, e.g. {unreadable[0]}; "
+                "fix the permissions (chmod)")
+    if all(f.stat().st_size == 0 for f in files):
+        sizes = f"every {kinds} file in it has 0 bytes" if path.is_dir() else "0 bytes"
+        return f"{path} is empty ({sizes}); {fix}"
+    return None
+
+
+def _readable(path: Path) -> bool:
+    """Readable by this user (a folder also searchable: its files can be opened)."""
+    return os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
+
+
+def _unreadable(path: Path) -> str:
+    return f"{path} cannot be read by this user; fix its permissions (chmod) or copy it"
+
+
+def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
+    """Phase 2: every problem the teacher's config reveals (it needs no weights)."""
+    from builder.models.arch import UnsupportedArchitecture, arch_for, count_params
+
+    try:
+        arch_for(teacher_config)
+    except UnsupportedArchitecture as error:
+        return [Problem("teacher.source", spec.teacher.source, str(error))]
+    teacher_params = count_params(teacher_config)
+    problems = []
+    for index, student in enumerate(spec.students):
+        problems += _student_problems(spec, index, student, teacher_config, teacher_params)
+    problems += _depth_method_problems(spec)
+    problems += _context_problems(spec, teacher_config)
+    problems += _top_k_problems(spec, teacher_config)
+    problems += _task_problems(spec)
+    return problems
+
+
+def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config,
+                      teacher_params: int) -> list[Problem]:
+    from builder.models.arch import shape_problems
+    from builder.planning.dag import student_params, student_shape
+    from builder.pruning.search import search_problem
+
+    field = f"students[{index}]"
+    if student.shape is None:  # a budget: the architecture search must have candidates
+        message = search_problem(teacher_config, student.params, spec.search)
+        return [Problem(f"{field}.params", student.params, message)] if message else []
+    shape = student_shape(teacher_config, student)
+    problems = [_shape_problem(field, student, message) for message in shape_problems(teacher_config, shape)]
+    if not problems:
+        params = student_params(teacher_config, shape)
+        if params >= teacher_params:
+            problems.append(Problem(f"{field}.shape", student.shape.changes(),
+                                    f"{student.shape.changes()} gives {params:,} parameters, not fewer than "
+                                    f"the teacher's {teacher_params:,}; set at least one field below the "
+                                    f"teacher's {_teacher_values(teacher_config, student)}"))
+    return problems
+
+
+def _shape_problem(field: str, student: StudentSpec, message: str) -> Problem:
+    """Point at the shape field a message is about when the user set that field.
+
+    builder.models.arch's messages start with `name=value`; a field the user did not set (it keeps
+    the teacher's value) is reported on the whole shape.
+    """
+    name = message.split("=", 1)[0]
+    if name in student.shape.changes():
+        return Problem(f"{field}.shape.{name}", student.shape.changes()[name], message)
+    return Problem(f"{field}.shape", student.shape.changes(), message)
+
+
+def _teacher_values(teacher_config, student: StudentSpec) -> str:
+    teacher = Shape.of(teacher_config)
+    return ", ".join(f"{name}={getattr(teacher, name)}" for name in student.shape.changes())
+
+
+def _depth_method_problems(spec: FamilySpec) -> list[Problem]:
+    """The LM-loss depth metric exists only when scoring measured it (one spec section
+    depends on another, so pydantic's per-section checks cannot see it)."""
+    if spec.scoring.lm_loss_samples > 0:
+        return []
+    return [Problem(f"students[{index}].depth_method", student.depth_method,
+                    "depth_method 'lm_loss' needs LM-loss layer scores, but scoring.lm_loss_samples is 0; "
+                    "set scoring.lm_loss_samples (e.g. 64) or pick another depth_method")
+            for index, student in enumerate(spec.students) if student.depth_method == "lm_loss"]
+
+
+def _context_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
+    """Blocks longer than the teacher's context would train positions it never learned."""
+    limit = getattr(teacher_config, "max_position_embeddings", None)
+    if limit is None or spec.data.seq_len <= limit:
+        return []
+    return [Problem("data.seq_len", spec.data.seq_len,
+                    f"{spec.data.seq_len:,} tokens per block is longer than the teacher's context "
+                    f"(max_position_embeddings={limit:,}); use data.seq_len <= {limit}")]
+
+
+def _top_k_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
+    """A stored signal keeps at most the teacher's whole vocabulary."""
+    sections = [("distill", spec.distill)] + [(f"students[{index}].distill", student.distill)
+                                              for index, student in enumerate(spec.students) if student.distill]
+    vocab = teacher_config.vocab_size
+    oversized = [(field, section) for field, section in sections
+                 if section.teacher_signal == "topk" and section.top_k > vocab]
+    if not oversized:
+        return []
+    hint = _default_signal_size()
+    return [Problem(f"{field}.top_k", section.top_k,
+                    f"top_k {section.top_k:,} is more than the teacher's vocabulary ({vocab:,} token ids); use "
+                    f"top_k <= {vocab} ({hint}), or teacher_signal: online")
+            for field, section in oversized]
+
+
+def _default_signal_size() -> str:
+    """The default signal's size, from the defaults themselves (a hint that named the numbers
+    went stale once when they changed)."""
+    from builder.teaching.signal import bytes_per_token  # imports torch: only to explain a problem
+
+    small, large = (bytes_per_token(DEFAULT_TOP_K, vocab, DEFAULT_TAIL_SAMPLES) for vocab in (1 << 16, (1 << 16) + 1))
+    return (f"the default {DEFAULT_TOP_K}, with {DEFAULT_TAIL_SAMPLES} tail draws, keeps {small} bytes per token; "
+            f"{large} above 65536 ids")
+
+
+def _task_problems(spec: FamilySpec) -> list[Problem]:
+    from evaluators.lm_eval_runner import check_task_names
+
+    names = [task.name for task in spec.evaluation.tasks]
+    messages = check_task_names(names, source=spec.evaluation.task_source)
+    return [_task_problem(names, message) for message in messages]
+
+
+def _task_problem(names: list[str], message: str) -> Problem:
+    """Locate a message at the task it is about: the name quoted first in it (the runner's
+    messages open with the task's name; later quotes are suggestions)."""
+    positions = {index: message.find(repr(name)) for index, name in enumerate(names)}
+    found = {index: position for index, position in positions.items() if position >= 0}
+    if not found:
+        return Problem("evaluation.tasks", names, message)
+    index = min(found, key=lambda i: (found[i], -i))  # a repeated name: point at its last entry
+    return Problem(f"evaluation.tasks[{index}].name", names[index], message)
+
+
+def validate(spec_path: Path, teacher_config) -> FamilySpec:
+    """Both phases for one spec file; raises SpecError listing every problem."""
+    spec = load_spec(spec_path)
+    problems = check_against_teacher(spec, teacher_config)
+    if problems:
+        raise SpecError(str(spec_path), problems)
+    return spec

@@ -1,0 +1,1 @@
+"""Minitron importance, structured cuts, and the architecture search over candidate shapes."""

@@ -1,0 +1,120 @@
+"""The dry run: the plan as a human reads it (stages, shapes, parameters, outputs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.planning.dag import Plan, PlannedStudent
+from builder.report.records import signal_name
+from builder.planning.reuse import Decision, decide
+from builder.spec.shape import Shape
+from builder.stages.registry import stage_kind
+from builder.store.stage_store import StageStore
+from builder.teaching.signal import bytes_per_token, stored_bytes
+from builder.units import format_count
+
+SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
+
+
+def _shape_cells(shape: Shape) -> list[str]:
+    return [str(v) for v in (shape.hidden_size, shape.intermediate_size, shape.num_attention_heads,
+                             shape.num_key_value_heads, shape.head_dim, shape.num_hidden_layers)]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return [line(header)] + [line(row) for row in rows]
+
+
+def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[str] = frozenset()) -> str:
+    spec = plan.spec
+    lines = [f"Family {spec.family}: teacher {spec.teacher.source}, data {spec.data.source}", ""]
+    lines += render_models(plan) + [""]
+    for student in plan.students:
+        if student.searched:
+            lines += _candidate_lines(plan, student, store) + [""]
+    lines += [f"Training precision: {plan.precision}"] + signal_lines(plan) + [""]
+    lines += ["Stages in run order ([done] = finished earlier, reused as is; [resume] = continues from "
+              "its last checkpoint; [damaged] = finished but its outputs fail the check, runs again; "
+              "[todo] = runs)"]
+    decisions = decide(plan, store, rebuild)
+    lines += _table(["state", "stage", "tokens", "output"],
+                    [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
+    lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
+    return "\n".join(lines)
+
+
+def signal_lines(plan: Plan) -> list[str]:
+    """What each student learns from: the online teacher or a stored top-k signal, and why a
+    student with the hidden-state loss stays online."""
+    lines = []
+    for student in plan.students:
+        section = plan.spec.distill_for(student.spec)
+        if not section.tokens:
+            continue
+        if section.stored_signal:
+            size = bytes_per_token(section.top_k, plan.teacher_vocab_size, section.tail_samples)
+            how = (f"the teacher's stored {signal_name(section.top_k, section.tail_samples)} ({size} bytes per token, "
+                   "one teach pass)")
+        elif section.hidden_loss_weight > 0:
+            how = "the online teacher (its hidden-state loss needs the teacher's hidden states, which no signal stores)"
+        else:
+            how = "the online teacher (teacher_signal online, or auto with no other distillation to share a signal with)"
+        lines.append(f"Teacher signal for {student.spec.name}: {how}")
+    return lines + [_signal_disk_line(plan, stage_id) for stage_id in plan.teach_stages]
+
+
+def _signal_disk_line(plan: Plan, stage_id: str) -> str:
+    """A stored signal's disk: at the papers' budgets it is terabytes, worth seeing before a run."""
+    key = plan.stages[stage_id].key
+    tokens = key.config["positions"] * plan.spec.data.seq_len  # at most: the split may hold fewer blocks
+    size = stored_bytes(tokens, key.config["top_k"], plan.teacher_vocab_size, key.config["tail_samples"])
+    return (f"Stored signal teach ({key.label}): up to {format_count(size)}B on disk for {format_count(tokens)} "
+            "tokens (the signal and the tokens beside it), shared by every student and search candidate that reads it")
+
+
+def render_models(plan: Plan) -> list[str]:
+    """The teacher and every student: parameters and shape (the build prints this too)."""
+    header = ["model", "params", "x teacher", *SHAPE_COLUMNS, "depth method"]
+    rows = [["teacher", format_count(plan.teacher_params), "1.00", *_shape_cells(plan.teacher_shape), "-"]]
+    rows += [_student_row(plan, student) for student in plan.students]
+    title = "Models (shapes in config.json names; head_dim is kept and written explicitly)"
+    return [title] + _table(header, rows)
+
+
+def _student_row(plan: Plan, student: PlannedStudent) -> list[str]:
+    share = f"{student.params / plan.teacher_params:.2f}"
+    if student.searched:  # the shape is the search's to choose: see the candidate table
+        return [student.spec.name, f"~{format_count(student.params)}", share,
+                *["search"] + ["-"] * (len(SHAPE_COLUMNS) - 1), student.spec.depth_method]
+    layers_cut = student.shape.num_hidden_layers < plan.teacher_shape.num_hidden_layers
+    return [student.spec.name, format_count(student.params), share, *_shape_cells(student.shape),
+            student.spec.depth_method if layers_cut else "-"]
+
+
+def _candidate_lines(plan: Plan, student: PlannedStudent, store: StageStore) -> list[str]:
+    """The search's candidates; once `select` has run, their held-out losses and the choice."""
+    search = plan.spec.search
+    selected = store.manifest(plan.stages[student.select_stage].key)
+    results = selected.summary["candidates"] if selected else [None] * len(student.candidates)
+    rows = []
+    for index, (candidate, result) in enumerate(zip(student.candidates, results)):
+        loss = f"{result['heldout_loss']:.4f}" if result else "-"
+        chosen = "<- chosen" if selected and selected.summary["chosen"] == index else ""
+        rows.append([str(index), format_count(candidate.params), f"{candidate.params / student.params:.3f}",
+                     *_shape_cells(candidate.shape), loss, chosen])
+    title = (f"Architecture search for {student.spec.name}: {len(rows)} candidates within "
+             f"{search.tolerance:.0%} of {format_count(student.params)}, each distilled "
+             f"{format_count(search.tokens)} tokens, ranked on held-out loss")
+    return [title] + _table(["#", "params", "x budget", *SHAPE_COLUMNS, "held-out loss", ""], rows)
+
+
+def _stage_row(plan: Plan, stage_id: str, store: StageStore, decision: Decision) -> list[str]:
+    stage = plan.stages[stage_id]
+    return [f"[{decision.state}]", stage.name + (f" ({stage.key.label})" if stage.key.label else ""),
+            _planned_tokens(plan, stage), str(store.path(stage.key))]
+
+
+def _planned_tokens(plan: Plan, stage) -> str:
+    tokens = stage_kind(stage.name).planned_tokens(plan.spec, stage)
+    return "-" if tokens is None else format_count(tokens)

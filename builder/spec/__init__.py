@@ -1,0 +1,1 @@
+"""The family spec: what to build (the pydantic schema, shapes, batch layout, rehearsal scaling)."""

@@ -1,0 +1,56 @@
+"""What the two training stages (correct, distill) share: a run of builder.training's loop on
+Ray Train workers, resuming from the stage's last checkpoint, and its work estimate."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from builder.options.cluster import train_cpus_per_worker
+from builder.spec.batching import section_layout
+from builder.spec.schema import TrainingSpec
+from builder.stages.base import StageContext, StageResult
+
+if TYPE_CHECKING:
+    from builder.training.settings import TrainSettings
+
+
+def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path | None) -> StageResult:
+    """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
+    from builder.training.ray_train import run_on_ray_train, worker_nodes  # Ray and torch: when it runs
+
+    options = ctx.options
+    settings = train_settings(section, options.train_workers, ctx.precision)
+    blocks = train_blocks(ctx)
+    result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, blocks, ctx.out_dir,
+                              settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
+                              parallel=options.parallel, tee_output=options.verbose,
+                              cpus_per_worker=train_cpus_per_worker(options))
+    layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
+              "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
+    summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
+                                            "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl"),
+                                            "train_nodes": worker_nodes(ctx.out_dir)}
+    if kind == "distill":  # what the student learned from: the online teacher or a stored signal
+        summary["teacher_signal"] = str(blocks) if "signal" in ctx.inputs else "online"
+    return summary, result.tokens_seen
+
+
+def train_settings(section: TrainingSpec, workers: int, precision: str) -> TrainSettings:
+    """The training loop's per-worker settings: the spec's global batch split over `workers`
+    (builder.spec.batching), so the step count and the data per step do not depend on them."""
+    from builder.training.settings import TrainSettings  # torch: when a stage runs
+
+    layout = section_layout(section, workers)
+    return TrainSettings.from_spec(section, dtype=precision, batch_size=layout.micro_batch_size,
+                                   grad_accum=layout.grad_accum)
+
+
+def train_blocks(ctx: StageContext) -> Path:
+    """The acquire-data stage dir: training opens its train split with
+    `builder.data.tokens.TokenBlocks.open(path, "train")` and memory-maps the shards; for a
+    distillation with a stored teacher signal, the teach stage dir (its taught rows, with the
+    signal of each: builder.teaching.signal)."""
+    if "signal" in ctx.inputs:
+        return Path(ctx.inputs["signal"].summary["signal"])
+    return ctx.blocks_path()

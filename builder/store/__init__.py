@@ -1,0 +1,1 @@
+"""The content-addressed stage store: stage folders, manifests, locks, integrity checks, stage logs."""

@@ -1,0 +1,207 @@
+"""Content-addressed stage outputs.
+
+Every stage writes into `<workdir>/stages/<stage>-<hash>/`, where the hash covers what
+the stage's result depends on: the settings it reads (its spec section, less the fields
+marked execution-only), the run options that change its numerics (the resolved training
+precision), its upstream hashes and its own code version (its kind's `version`, builder.stages). The stage's
+`manifest.json` is written last, atomically: its existence means the stage finished, so a
+finished stage is never recomputed, and a directory without one is a stage that was
+interrupted (long stages keep resumable checkpoints inside it).
+
+The manifest also records the stage's output files (builder.store.integrity), checked before the
+stage is reused, and one build at a time runs a stage: see `StageStore.locked`.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from builder.store.integrity import find_damage, record_outputs
+from builder.store.stage_log import STAGE_LOG
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Not outputs: resumable training state (large, read by no other stage), the manifest itself,
+# and the stage's log (its writers may still flush a line after the manifest is written).
+NOT_OUTPUTS = (MANIFEST, "checkpoints", STAGE_LOG)
+LOCKS = ".locks"  # per-stage lock files, beside the stage folders (never deleted: see locked)
+TRASH = ".trash"  # replaced stage folders are moved here, then deleted
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """A stage's identity: equal digests promise equal results (up to float summation order)."""
+
+    stage: str  # e.g. "distill"
+    label: str  # human part of the directory name, e.g. the student's name
+    config: dict[str, Any]  # the settings its result depends on (spec section less execution-only fields)
+    upstream: tuple[str, ...] = ()  # hashes of the stages it reads
+    version: str = ""  # its code's version, builder.stages: its kind's `version`
+    options: dict[str, Any] = field(default_factory=dict)  # resolved run options that change its numerics
+    # How it runs, not what it computes (batch sizes, checkpoint interval): NOT hashed.
+    execution: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        payload = {"stage": self.stage, "version": self.version, "config": self.config,
+                   "options": self.options, "upstream": list(self.upstream)}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.stage}-{self.label}-{self.digest}" if self.label else f"{self.stage}-{self.digest}"
+
+
+@dataclass
+class Manifest:
+    """What a finished stage records; `summary` holds its stage-specific results."""
+
+    stage: str
+    digest: str
+    path: str
+    wall_s: float
+    tokens: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+    # relative file name -> {"size", "sha256"} or, for *.safetensors, {"size", "header_sha256"};
+    # None in manifests written before outputs were recorded (nothing to check)
+    outputs: dict[str, dict] | None = None
+    finished_at: float = 0.0  # time.time() when written: tells one finish of a stage from another
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    @property
+    def stage_id(self) -> str:
+        return Path(self.path).name
+
+    def damage(self) -> tuple[str, str] | None:
+        """The first recorded output that is missing or changed, as (path, fault); None if intact."""
+        found = find_damage(Path(self.path), self.outputs or {})
+        return (str(Path(self.path) / found[0]), found[1]) if found else None
+
+
+class StageStore:
+    def __init__(self, workdir: Path):
+        self.root = Path(workdir).resolve() / "stages"
+
+    def path(self, key: StageKey) -> Path:
+        return self.root / key.dirname
+
+    def manifest(self, key: StageKey) -> Manifest | None:
+        file = self.path(key) / MANIFEST
+        if not file.exists():
+            return None
+        try:
+            return Manifest(**json.loads(file.read_text()))
+        except (ValueError, TypeError) as error:  # damaged by hand or by the disk: not finished
+            log.warning("%s is unreadable (%s); the stage counts as unfinished", file, error)
+            return None
+
+    def prepare(self, key: StageKey) -> Path:
+        out = self.path(key)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def finish(self, key: StageKey, wall_s: float, tokens: int, summary: dict[str, Any]) -> Manifest:
+        outputs = record_outputs(self.path(key), skip=NOT_OUTPUTS)
+        manifest = Manifest(key.stage, key.digest, str(self.path(key)), wall_s, tokens, summary,
+                            outputs, time.time())
+        write_json_atomic(self.path(key) / MANIFEST, manifest.to_json())
+        return manifest
+
+    @contextmanager
+    def locked(self, stage_id: str, shared: bool = False) -> Iterator[None]:
+        """Hold a stage's lock, `stages/.locks/<stage id>.lock` (`stage_id` is the folder's
+        name; the locks live apart so `stages/distill-x-*` globs match only stage folders):
+        exclusive while running or replacing the stage, shared while reading it as an input.
+        A build that finds it held waits.
+
+        flock is released by the kernel when the holder dies, even by SIGKILL, so a killed
+        build never leaves a stale lock. On NFS, Linux clients implement flock with the
+        server's byte-range locks (NLM for v3, built into v4), so builds on several nodes
+        exclude each other too; a node that dies holding a lock releases it when its lease
+        expires (NFSv4: about 90 s). Mounts with `local_lock=flock` or `nolock` (and Lustre
+        without `-o flock`) keep locks per node: there, run one build per work dir."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Lock files are never deleted: a waiter still holding a deleted file's inode would
+        # "lock" a file that the next build, creating a new one, never sees.
+        lock = lock_path(self.root / stage_id)
+        lock.parent.mkdir(exist_ok=True)
+        with open(lock, "a") as handle:
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting  %s: another build holds it", stage_id)
+                fcntl.flock(handle, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def reusable(self, key: StageKey, replaces: float | None = None) -> Manifest | None:
+        """The stage's manifest if it is finished, intact and not the finish `replaces`
+        (the one a build decided to redo); call it holding the stage's lock."""
+        manifest = self.manifest(key)
+        if manifest is None or manifest.finished_at == replaces or manifest.damage() is not None:
+            return None
+        return manifest
+
+    def discard(self, key: StageKey) -> None:
+        """Remove a stage's folder (hold its exclusive lock). It is first renamed into the
+        trash, one atomic step, so nobody ever sees a half-deleted stage as resumable."""
+        if not self.path(key).exists():
+            return
+        trash = self.root / TRASH / f"{key.dirname}.{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(key), trash)
+        for old in trash.parent.iterdir():  # this one, and any a killed build left behind
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_path(stage_dir: Path) -> Path:
+    """The file StageStore.locked locks for the stage in `stage_dir`."""
+    return stage_dir.parent / LOCKS / f"{stage_dir.name}.lock"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write a temporary file in the same folder, fsync, rename it over `path`, fsync the
+    folder: after a crash `path` holds either the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # one writer per process
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

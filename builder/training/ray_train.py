@@ -1,0 +1,146 @@
+"""Run `builder.training`'s loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
+
+    result = run_on_ray_train("distill", teacher_dir, student_dir, blocks_path, out_dir,
+                              TrainSettings(tokens=...), num_workers=2, use_gpu=False)
+
+The caller (the runner) has already connected to a Ray cluster. Ray Train starts
+`num_workers` actors, sets up torch.distributed (gloo on CPU, NCCL on GPU) and runs the same
+loop as a single process; the loop reads rank and world size from torch.distributed. Every
+worker reads the models from shared disk and memory-maps the token shards of `blocks_path`
+(the acquire-data stage dir), reading only its own slice of each step's batch; every rank
+writes its checkpoint shards into `out_dir` and rank 0 the metrics and the final model, so
+resuming works exactly as in one process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
+its run records go to `out_dir/ray_train/`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Literal
+
+import ray.train
+import torch
+import ray.train.torch
+
+from builder.store.stage_log import captured_output, stage_log_path
+from builder.training.loop import correct_teacher, distill, load_result
+from builder.training.settings import Parallel, TrainResult, TrainSettings, TrainingDiverged  # fmt: skip
+
+Kind = Literal["distill", "correct"]
+
+
+def run_on_ray_train(
+    kind: Kind,
+    teacher_dir: str | Path,
+    student_dir: str | Path | None,
+    blocks_path: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    parallel: Parallel = "ddp",
+    cpus_per_worker: float = 1,
+    max_failures: int = 0,
+    tee_output: bool = False,
+) -> TrainResult:
+    """Train on `num_workers` Ray Train workers; returns what rank 0 wrote to out_dir.
+
+    `max_failures` > 0 lets Ray Train restart a failed worker group; the restarted loop
+    resumes from the newest checkpoint in out_dir. Every worker's output goes to
+    out_dir/stage.log (and, with `tee_output`, also where Ray sends it: the driver).
+    """
+    _check_arguments(kind, student_dir, num_workers, parallel)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
+    trainer = ray.train.torch.TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "kind": kind,
+            "teacher_dir": str(Path(teacher_dir).absolute()),
+            "student_dir": None if student_dir is None else str(Path(student_dir).absolute()),
+            "blocks_path": str(Path(blocks_path).absolute()),
+            "out_dir": str(out_dir),
+            "settings": settings,  # a small frozen dataclass: cheap to pickle
+            "parallel": parallel,
+            "threads": max(1, int(cpus_per_worker)),
+            "tee_output": tee_output,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=kind,
+            storage_path=str(out_dir / "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    _fit(trainer)
+    return load_result(out_dir)
+
+
+def _train_worker(config: dict) -> None:
+    """Runs on every Ray Train worker, inside the process group Ray Train set up."""
+    with captured_output(stage_log_path(config["out_dir"]), tee=config["tee_output"]):
+        _train(config)
+
+
+def _train(config: dict) -> None:
+    # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have sized
+    # its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
+    torch.set_num_threads(config["threads"])
+    _record_node(Path(config["out_dir"]))
+    device = ray.train.torch.get_device()
+    common = dict(device=device, parallel=config["parallel"])
+    if config["kind"] == "distill":
+        distill(config["teacher_dir"], config["student_dir"], config["blocks_path"],
+                config["out_dir"], config["settings"], **common)  # fmt: skip
+    else:
+        correct_teacher(config["teacher_dir"], config["blocks_path"], config["out_dir"],
+                        config["settings"], **common)  # fmt: skip
+
+
+def _record_node(out_dir: Path) -> None:
+    """Each worker notes where it runs (hostname, Ray node id), for the stage's manifest."""
+    rank = ray.train.get_context().get_world_rank()
+    record = {"rank": rank, "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+              "started_at": time.time()}  # the stage's time before this is start-up and waiting for CPUs
+    folder = out_dir / "ray_train" / "nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def worker_nodes(out_dir: Path) -> list[dict]:
+    """Where the last run's Ray Train workers ran, by rank."""
+    files = sorted((Path(out_dir) / "ray_train" / "nodes").glob("rank-*.json"), key=lambda f: int(f.stem[5:]))
+    return [json.loads(file.read_text()) for file in files]
+
+
+def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
+    """trainer.fit(), re-raising our own errors (divergence, bad input) as themselves."""
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as error:
+        ours = [e for _, e in sorted(error.worker_failures.items()) if _is_ours(e)]
+        if ours:
+            raise ours[0] from error
+        raise
+
+
+def _is_ours(error: BaseException) -> bool:
+    return isinstance(error, (TrainingDiverged, ValueError))
+
+
+def _check_arguments(kind: str, student_dir, num_workers: int, parallel: str) -> None:
+    if kind not in ("distill", "correct"):
+        raise ValueError(f"kind={kind!r} is not a training kind; use 'distill' or 'correct'")
+    if kind == "distill" and student_dir is None:
+        raise ValueError("kind='distill' needs student_dir (the pruned student's checkpoint)")
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers} must be at least 1")
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"parallel={parallel!r} is not supported; use 'ddp' or 'fsdp'")
