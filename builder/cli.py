@@ -35,6 +35,7 @@ from pathlib import Path
 from builder.running import interrupt
 from builder.errors import SpecError
 from builder.options.run_options import RunOptions
+from builder.spec.schema import json_schema
 
 COMMANDS = ("build", "status", "report", "publish", "schema")
 
@@ -134,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "schema":
-        from builder.spec.schema import json_schema
-
         print(json.dumps(json_schema(), indent=2))
         return 0
     # SIGTERM is noted, and acted on where a build can stop cleanly (builder.running.interrupt); a
@@ -161,6 +160,7 @@ def _stopped(stop: interrupt.BuildStopped) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    # torch and transformers load with planning: not for --help, --version or schema
     from builder import family
 
     options = options_from(args)
@@ -176,6 +176,7 @@ def _run_command(args: argparse.Namespace) -> int:
         print(family.describe_plan(args.spec, options, tuple(args.rebuild)))
         return 0
     if args.rehearse:
+        # transformers: only for a rehearsal
         from builder.rehearse import rehearse
 
         return rehearse(args.spec, options)

@@ -21,6 +21,12 @@ from builder.spec.schema import FamilySpec
 from builder.store.stage_store import StageStore, write_json_atomic
 from builder.planning.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
+from builder.planning.estimate import estimate_plan, render_estimate
+from builder.report.dry_run import render_models, render_plan
+from builder.report.family_report import NothingToReport, write_report_files
+from builder.report.records import FamilyReport, ReportFileError
+from builder.report.summary import print_summary
+from builder.running.console import BuildConsole, make_console, render_status
 
 log = logging.getLogger(__name__)
 BUILT_PRECISION = "precision.json"  # in the family dir: what the last build resolved --precision to
@@ -94,9 +100,6 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
 
 
 def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
-    from builder.report.dry_run import render_plan
-    from builder.planning.estimate import estimate_plan, render_estimate
-
     plan = load_and_plan(spec_path, options)
     estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
     return "\n".join([render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
@@ -105,7 +108,7 @@ def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...]
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
     """Build what is not finished; `rebuild` names stages to redo (see reuse.stages_to_rebuild)."""
-    from builder.running.console import BuildConsole, make_console
+    # Ray: only when a build runs
     from builder.running.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
@@ -128,8 +131,6 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
 
 def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str]) -> None:
     """The models to build and how much is already done; `--verbose` prints the whole plan."""
-    from builder.report.dry_run import render_models, render_plan
-
     if options.verbose:
         console.print(render_plan(plan, store, family_dir(plan.spec, options), redo), highlight=False)
         return
@@ -142,8 +143,6 @@ def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo:
 
 def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None:
     """The family table and where things are; after a failure, what did not run."""
-    from builder.report.summary import print_summary
-
     if outcome is not None:
         print_summary(console, outcome.report, outcome.note)
     if result.optional_failures:
@@ -157,8 +156,6 @@ def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None
 
 def status(spec_path: Path, options: RunOptions) -> str:
     """Which stages are done, running or pending, from the store alone (no Ray)."""
-    from builder.running.console import render_status
-
     plan = load_and_plan(spec_path, options, built=True)
     return render_status(plan, StageStore(options.workdir))
 
@@ -173,8 +170,6 @@ def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures
     """Cards and the family report, from finished stages only (cheap), never over a complete
     report with an incomplete one. Returns builder.report.family_report.ReportOutcome (its `report` is the
     typed FamilyReport, its `note` one line for the user), or None when no stage finished."""
-    from builder.report.family_report import NothingToReport
-
     try:
         return _write_report_files(plan, spec_path, options, failures, skipped)
     except NothingToReport as error:
@@ -184,8 +179,6 @@ def write_family_view(plan: Plan, spec_path: Path, options: RunOptions, failures
 
 def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failures: dict[str, str],
                         skipped: dict[str, str] | None = None):
-    from builder.planning.estimate import estimate_plan
-    from builder.report.family_report import write_report_files
 
     # The dry run's estimate goes into report.json, so a build compares predicted with measured time.
     estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options).to_json()
@@ -195,8 +188,6 @@ def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failur
 
 def write_report(spec_path: Path, options: RunOptions) -> int:
     """The `report` verb: rewrite the family view from the store; 1 when nothing has finished."""
-    from builder.report.family_report import NothingToReport
-
     plan = load_and_plan(spec_path, options, built=True)
     try:
         outcome = _write_report_files(plan, spec_path, options, failures={})
@@ -215,7 +206,7 @@ def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) ->
 def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
     """Publish the family's report; every refusal is a message with its cause and fix and exit
     code 1, a student without a Hub owner a spec problem (SpecError, exit 2)."""
-    from builder.report.records import FamilyReport, ReportFileError
+    # huggingface_hub: only when publishing
     from publish.hub import publish_report
 
     owner_problems = _owner_problems(plan.spec)

@@ -30,6 +30,10 @@ from builder.options.run_options import RunOptions
 from builder.spec.shape import Shape
 from builder.spec.schema import FamilySpec
 from builder.store.stage_store import write_json_atomic
+from builder.models.arch import student_config
+from builder.models.teacher import config_from_json
+from builder.spec.schema import DataSpec
+from evaluators.offline_tasks import bundled_task_names
 
 log = logging.getLogger(__name__)
 STANDIN_VOCAB = 1024  # a byte-level BPE trained on the stand-in corpus
@@ -43,6 +47,7 @@ def rehearsal_dir(options: RunOptions) -> Path:
 
 def rehearse(spec_path: Path, options: RunOptions, with_throughput: bool | None = None) -> int:
     """Build the rehearsal of `spec_path`, then a publish dry run; the build's exit code."""
+    # torch and transformers load with planning: after the rehearsal spec is written
     from builder import family
 
     plan = family.load_and_plan(spec_path, options)  # the real spec, checked against the real teacher
@@ -112,8 +117,8 @@ def _reachable(spec: FamilySpec) -> bool:
 
 def write_standin(path: Path, text_field: str) -> None:
     """Embedded State of the Union prose, cut into short documents."""
+    # pyarrow: only when the real data is read
     from builder.data.documents import iter_documents
-    from builder.spec.schema import DataSpec
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lines, chars = [], 0
@@ -149,8 +154,6 @@ def _small_config(teacher_config, shape: Shape, tokenizer):
     """The teacher's config (every key: RoPE, norms, tying, attention layout, per-layer lists) at
     `shape`'s sizes, as a student's would be, with the tokenizer's vocabulary (rounded up to a
     multiple of 64, as real vocabularies are)."""
-    from builder.models.arch import student_config
-
     config = student_config(teacher_config, shape)
     config.vocab_size = 64 * -(-len(tokenizer) // 64)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -159,8 +162,6 @@ def _small_config(teacher_config, shape: Shape, tokenizer):
 
 
 def _config_of(model_dir: Path):
-    from builder.models.teacher import config_from_json
-
     return config_from_json(model_dir / "config.json")
 
 
@@ -204,7 +205,6 @@ def _offline_tasks(spec: FamilySpec) -> tuple[str, ...] | None:
         return None
     if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")):
         return None
-    from evaluators.offline_tasks import bundled_task_names
 
     return bundled_task_names()
 

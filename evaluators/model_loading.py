@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from builder.models.loading import load_model as load_checkpoint
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -29,8 +30,6 @@ def checkpoint_dir(model_dir: str | Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
-    from builder.models.loading import load_model as load_checkpoint
-
     return load_checkpoint(checkpoint_dir(model_dir), device, torch_dtype(dtype))
 
 

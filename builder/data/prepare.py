@@ -72,6 +72,7 @@ def acquire_data(data: DataSpec, tokenizer_dir: Path, out_dir: Path, cpus: int =
     """Tokenize the source on Ray Data over `cpus` CPUs (0: every CPU of the cluster) into
     the sharded token blocks of builder/data/tokens.py. `batch_chars` and `shard_blocks` change
     how the work is cut, never the tokens (tests shrink them to cross batch and shard edges)."""
+    # Ray Data: only when tokenizing a source
     from builder.data.ray_data import tokenized_batches, tokenizer_args
 
     tokenizer = tokenizer_args(tokenizer_dir)  # loaded once: for the actors and the shards' dtype

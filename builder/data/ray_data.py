@@ -44,6 +44,8 @@ from builder.data.documents import BATCH_CHARS, document_batches, iter_documents
 from builder.data.token_ids import TokenizedBatch
 from builder.spec.schema import DataSpec
 from builder.data.token_ids import FIELDS, BatchTokenizer, TokenizerArgs
+from builder.options.run_options import RunOptions
+from builder.running.ray_session import init_ray
 
 # Blocks in flight between reader, tokenizers and packer (Ray Data backpressure).
 OBJECT_STORE_BUDGET = 256 << 20
@@ -68,8 +70,6 @@ def tokenized_batches(data: DataSpec, tokenizer: TokenizerArgs, cpus: int = 0,
 def _connect(cpus: int) -> bool:
     if ray.is_initialized():
         return False
-    from builder.options.run_options import RunOptions
-    from builder.running.ray_session import init_ray
 
     return init_ray(RunOptions(local_cpus=cpus))
 

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from builder.store.stage_store import write_bytes_atomic
 
 FORMAT = "minizoo-token-blocks"
 VERSION = 1
@@ -92,8 +93,6 @@ class BlocksIndex:
         return cls(splits=splits, **values)
 
     def write(self, stage_dir: Path | str) -> None:
-        from builder.store.stage_store import write_bytes_atomic  # the project's one atomic writer
-
         write_bytes_atomic(Path(stage_dir) / INDEX_FILE, self.to_json().encode())
 
 

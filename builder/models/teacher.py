@@ -13,6 +13,7 @@ from pathlib import Path
 
 from builder.embedded import CONFIGS, package_dir
 from builder.spec.schema import Reference, TeacherSpec
+from builder.store.integrity import DamagedFile, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ def acquire_teacher(teacher: TeacherSpec, out_dir: Path) -> dict:
 def _check_teacher_files(model_dir: Path, source: str) -> None:
     """Reject a damaged teacher now, naming the file, not minutes later in whichever stage
     first reads it (a truncated download or copy is the usual cause)."""
-    from builder.store.integrity import DamagedFile, check_checkpoint
-
     try:
         check_checkpoint(model_dir)
     except DamagedFile as error:

@@ -297,6 +297,7 @@ def training_writes(trained_config, checkpoints: int) -> float:
 
 
 def signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:
+    # torch: only when a stored signal is sized
     from builder.teaching.signal import stored_bytes
 
     return stored_bytes(tokens, config["top_k"], vocab_size, config["tail_samples"])

@@ -23,6 +23,7 @@ from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, Signal
 from builder.stages.base import Stage
 from builder.stages.registry import stage_kind
 from builder.store.stage_store import StageKey, StageStore
+from builder.training.settings import TrainSettings
 
 TEACHER = "teacher"
 
@@ -197,8 +198,6 @@ def _teach_label(key: SignalKey) -> str:
 def stream_positions(section: TrainingSpec, seq_len: int) -> int:
     """Blocks a training run reads: its steps times the global batch (the training loop's
     own step count, for the whole global batch as one worker's)."""
-    from builder.training.settings import TrainSettings
-
     steps = TrainSettings(tokens=section.tokens, batch_size=section.global_batch_size).steps(seq_len, world_size=1)
     return steps * section.global_batch_size
 

@@ -20,6 +20,7 @@ from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS
 from builder.planning.dag import Plan
 from builder.stages.registry import stage_kind
 from builder.units import format_count
+from builder.spec.batching import batch_layout
 
 @dataclass
 class StageEstimate:
@@ -135,8 +136,6 @@ def stage_seconds(work: Work, workers: int, accelerator: Accelerator, mfu: float
 def _micro_batch(stage, options: RunOptions) -> int:
     """The per-worker micro-batch a build would run (builder.spec.batching splits the spec's global
     batch over --train-workers, capped by the execution-only micro_batch_size)."""
-    from builder.spec.batching import batch_layout
-
     config, execution = stage.key.config, stage.key.execution
     return batch_layout(config["global_batch_size"], options.train_workers,
                         execution.get("micro_batch_size", config["global_batch_size"])).micro_batch_size

@@ -112,6 +112,7 @@ def _teacher_folder_problem(folder: Path) -> str | None:
 
 
 def _data_path_problem(path: Path, text_field: str) -> str | None:
+    # pyarrow: only for a local data source
     from builder.data.documents import LOCAL_DATA_SUFFIXES, local_data_files
 
     kinds = ", ".join(LOCAL_DATA_SUFFIXES[:-1]) + " or " + LOCAL_DATA_SUFFIXES[-1]
@@ -145,6 +146,7 @@ def _unreadable(path: Path) -> str:
 
 def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
     """Phase 2: every problem the teacher's config reveals (it needs no weights)."""
+    # transformers: phase 2 only (phase 1 checks the schema without it)
     from builder.models.arch import UnsupportedArchitecture, arch_for, count_params
 
     try:
@@ -164,6 +166,7 @@ def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
 
 def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config,
                       teacher_params: int) -> list[Problem]:
+    # transformers: phase 2 only (phase 1 checks the schema without it)
     from builder.models.arch import shape_problems
     from builder.planning.dag import student_params, student_shape
     from builder.pruning.search import search_problem
@@ -249,6 +252,7 @@ def _default_signal_size() -> str:
 
 
 def _task_problems(spec: FamilySpec) -> list[Problem]:
+    # lm-eval and torch: only when the spec names tasks
     from evaluators.lm_eval_runner import check_task_names
 
     names = [task.name for task in spec.evaluation.tasks]

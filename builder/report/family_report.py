@@ -22,6 +22,8 @@ from builder.report.records import (Candidate, Distillation, FamilyReport, Linea
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore
 from builder.units import format_count
+from evaluators.throughput import describe_hardware
+from publish.portable import portable_spec_yaml
 
 log = logging.getLogger(__name__)
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -76,8 +78,6 @@ def _perplexity(manifest: Manifest | None) -> Perplexity | None:
 def throughput_record(result: dict) -> Throughput:
     """One model's result from `evaluators.throughput.measure_throughput`, made portable:
     the hardware in words, the engine arguments without the local model path."""
-    from evaluators.throughput import describe_hardware
-
     load = result.get("load") or {}
     return Throughput(
         **{key: result.get(key) for key in ("output_tokens_per_s", "output_tokens_per_s_std", "passes", "num_prompts",
@@ -260,8 +260,6 @@ def _local_references(spec: FamilySpec, spec_text: str) -> dict[str, str]:
 
 def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict[str, str],
                    skipped: dict[str, str] | None = None) -> FamilyReport:
-    from publish.portable import portable_spec_yaml
-
     manifests = _manifests(plan, store)
     teacher = teacher_record(plan, manifests, failures)
     original = None
@@ -324,6 +322,7 @@ def _write_cards(report: FamilyReport, family_dir: Path, keep: set[str]) -> Fami
 
 
 def write_card(report: FamilyReport, student: StudentRecord, folder: Path) -> Path:
+    # huggingface_hub (through publish.card): only when cards are written
     from publish.card import render_card
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -333,6 +332,7 @@ def write_card(report: FamilyReport, student: StudentRecord, folder: Path) -> Pa
 
 
 def draw_plots(report: FamilyReport, folder: Path) -> dict[str, str]:
+    # matplotlib: only when plots are drawn
     from builder.report import plots
 
     drawn = {

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from builder.spec.schema import PublishSpec
+from builder.store.stage_store import write_json_atomic
 
 REPORT_VERSION = 2  # bump when a field changes meaning; older report.json files are refused
 # lm-eval metrics that are a mean of 0/1 outcomes, so a binomial standard error applies.
@@ -326,8 +327,6 @@ class FamilyReport(Record):
             "throughput": original.throughput or self.teacher.throughput})
 
     def save(self, path: Path) -> None:
-        from builder.store.stage_store import write_json_atomic
-
         write_json_atomic(Path(path), self.model_dump(mode="json"))
 
     @classmethod

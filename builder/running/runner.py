@@ -37,6 +37,8 @@ from builder.planning.reuse import Decision, check_inputs, decide
 from builder.spec.schema import FamilySpec
 from builder.stages.registry import stage_kind
 from builder.store.stage_store import Manifest, StageStore
+from builder.stages.execute import execute_stage
+from builder.store.stage_log import captured_output, stage_log_path
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +283,6 @@ def ray_train_env(options: RunOptions) -> dict[str, str]:
 
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
              decision: Decision, train_env: dict[str, str], *upstream: Manifest) -> Manifest:
-    from builder.stages.execute import execute_stage  # imported in the worker: torch loads there
-
     os.environ.update({k: v for k, v in train_env.items() if k not in os.environ})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
@@ -304,8 +304,6 @@ def _stage_log(store: StageStore, stage: Stage, options: RunOptions):
     """Everything the stage's process prints goes to its stage.log (see builder.store.stage_log),
     opened after a discard so the log is the one in the stage's folder; a failure's
     traceback is written there too, and the driver prints only its last line."""
-    from builder.store.stage_log import captured_output, stage_log_path
-
     with captured_output(stage_log_path(store.path(stage.key)), tee=options.verbose):
         # Handlers bound to the captured stderr (a reused light worker had others before).
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)

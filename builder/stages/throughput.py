@@ -6,11 +6,10 @@ from pathlib import Path
 
 from builder.planning.cost_model import Costs, StageInputs, Work, forward_flops_per_token
 from builder.stages.base import StageContext, StageKind, StageResult
+from evaluators.throughput import ThroughputSettings, measure_throughput
 
 
 def run(ctx: StageContext) -> StageResult:
-    from evaluators.throughput import ThroughputSettings, measure_throughput  # vLLM: when the stage runs
-
     section = ctx.spec.throughput
     settings = ThroughputSettings(input_len=section.input_len, output_len=section.output_len,
                                   num_prompts=section.num_prompts, dtype=section.dtype,

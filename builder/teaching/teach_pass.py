@@ -28,6 +28,9 @@ import torch
 
 from builder.teaching.signal import LOGPROB_DTYPE, SignalLayout, shard_complete, write_index, write_shard
 from builder.data.tokens import TokenBlocks
+from builder.models.loading import load_model
+from builder.teaching.target import topk_target
+from builder.training.settings import DTYPES
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,6 @@ class ShardTeacher:
     builder/teaching/ray_pool.py makes it a Ray actor, `teach_locally` calls it in-process."""
 
     def __init__(self, job: TeachJob, threads: int | None = None):
-        from builder.models.loading import load_model
-        from builder.training.settings import DTYPES
-
         if threads:
             torch.set_num_threads(threads)
         # Decided here, in the worker: Ray shows a process only the GPUs it reserved, so the
@@ -79,8 +79,6 @@ class ShardTeacher:
 
     @torch.no_grad()
     def _signal(self, input_ids: torch.Tensor, draws: torch.Generator) -> dict[str, np.ndarray]:
-        from builder.teaching.target import topk_target
-
         layout = self.job.layout
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.job.dtype == "bfloat16")
         with autocast:
