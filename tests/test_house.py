@@ -58,6 +58,7 @@ def test_the_cli_starts_without_heavy_packages():
 # One stage kind, one module, one descriptor
 
 from builder.report import records  # noqa: E402
+from publish import card  # noqa: E402
 from builder.stages.registry import STAGE_KINDS  # noqa: E402
 
 SUPPORT_MODULES = {"__init__", "base", "registry", "execute", "training_run"}
@@ -75,6 +76,7 @@ def test_every_stage_kind_is_described(name):
     kind = STAGE_KINDS[name]
     assert kind.name == name and kind.version and kind.title
     assert kind.resources in ("light", "heavy", "coordinating")
-    assert isinstance(getattr(records, kind.report), type), f"{kind.report} is not a builder.report.records class"
+    assert isinstance(getattr(records, kind.record), type), f"{kind.record} is not a builder.report.records class"
+    assert callable(getattr(card, kind.card_section)), f"{kind.card_section} is not a publish.card function"
     if kind.resources != "light":  # what holds CPUs or GPUs is priced by the estimate
         assert kind.estimate is not None

@@ -1,6 +1,6 @@
 """The stage kinds: one module per kind, each with one descriptor (`KIND`, a
 builder.stages.base.StageKind: name, code version, run function, resources, optional,
-resumable, estimate, description, report record), listed once in `registry.STAGE_KINDS`.
+resumable, estimate, description, report record and card section), listed once in `registry.STAGE_KINDS`.
 
 A stage function is a plain function from a StageContext to (summary, tokens processed): it
 reads its upstream stages' manifests, writes only inside `ctx.out_dir`, and returns a
@@ -23,7 +23,7 @@ Adding a stage kind:
 3. its place in the plan: `dag.add("<kind>", label, section, inputs)` in builder/planning/dag.py;
 4. its spec section, if it has settings: a `Strict` model in builder/spec/schema.py and a field
    of FamilySpec (execution-only fields marked, so they stay out of its hash);
-5. its report record: a class in builder/report/records.py (named by `KIND.report`), filled by
-   builder/report/family_report.py and shown by publish/card.py.
-tests/test_stage_kinds.py checks that every kind is registered, versioned and described.
+5. its report record: a class in builder/report/records.py (`KIND.record`), filled by
+   builder/report/family_report.py and shown by a section of publish/card.py (`KIND.card_section`).
+tests/test_house.py checks that every kind is registered, versioned and described.
 """

@@ -13,4 +13,5 @@ def run(ctx: StageContext) -> StageResult:
 
 
 KIND = StageKind("acquire-data", version="2",  # 2: sharded .npy token blocks (builder.data.tokens)
-                 run=run, resources="light", title="documents tokenized into token blocks per split")
+                 run=run, resources="light", title="documents tokenized into token blocks per split",
+                 record="FamilyReport", card_section="_data_name")  # the data source, by name

@@ -16,4 +16,4 @@ def run(ctx: StageContext) -> StageResult:
 
 
 KIND = StageKind("acquire-teacher", version="1", run=run, resources="light",
-                 title="the teacher as a local safetensors checkpoint", report="TeacherRecord")
+                 title="the teacher as a local safetensors checkpoint", record="TeacherRecord", card_section="_intro")

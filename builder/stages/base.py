@@ -91,8 +91,8 @@ class StageKind:
     resumable  a killed run resumes from its checkpoints instead of starting over
     estimate   its work for the dry-run estimate (builder.planning.estimate); None: file work only
     planned_tokens  the tokens the dry run shows for it, from the spec and the planned stage
-    report     where its record lives in report.json (a builder.report.records class name),
-               and so which card section shows it
+    record     the builder.report.records class that holds its results in report.json
+    card_section  the publish.card function that shows that record in a model card
     """
 
     name: str
@@ -104,7 +104,8 @@ class StageKind:
     resumable: bool = False
     estimate: WorkEstimate | None = None
     planned_tokens: Callable[[FamilySpec, Stage], int | None] = lambda spec, stage: None
-    report: str = "StageCost"
+    record: str = "StageCost"
+    card_section: str = "_compute_section"
 
     @property
     def uses_workers(self) -> bool:

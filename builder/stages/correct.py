@@ -27,4 +27,4 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
 
 KIND = StageKind("correct", version="1", run=run, resources="coordinating", resumable=True,
                  title="teacher correction on the family's data", estimate=estimate,
-                 planned_tokens=planned_tokens, report="StageCost")
+                 planned_tokens=planned_tokens, record="StageCost", card_section="_compute_section")

@@ -40,4 +40,4 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
 
 KIND = StageKind("distill", version="1", run=run, resources="coordinating", resumable=True,
                  title="a student distilled from the teacher", estimate=estimate, planned_tokens=planned_tokens,
-                 report="Distillation")
+                 record="Distillation", card_section="_distill_text")

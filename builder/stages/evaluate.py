@@ -47,4 +47,4 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
 
 KIND = StageKind("evaluate", version="2",  # 2: perplexity's nll_stderr
                  run=run, resources="heavy", title="lm-eval benchmarks and held-out perplexity",
-                 estimate=estimate, report="ModelRecord")
+                 estimate=estimate, record="ModelRecord", card_section="_eval_section")

@@ -35,4 +35,4 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
 
 
 KIND = StageKind("prune", version="1", run=run, resources="light", title="a student's shape cut out of the teacher",
-                 estimate=estimate, report="Pruning")
+                 estimate=estimate, record="Pruning", card_section="_pruning_text")

@@ -40,4 +40,4 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
 
 KIND = StageKind("score", version="1", run=run, resources="heavy",
                  title="importance of every head, neuron, channel and layer", estimate=estimate,
-                 planned_tokens=planned_tokens, report="StageCost")
+                 planned_tokens=planned_tokens, record="StageCost", card_section="_compute_section")

@@ -30,4 +30,4 @@ def _candidate_row(ctx: StageContext, index: int) -> dict:
 
 
 KIND = StageKind("select", version="1", run=run, resources="light",
-                 title="the search's candidate with the lowest held-out loss", report="SearchRecord")
+                 title="the search's candidate with the lowest held-out loss", record="SearchRecord", card_section="_lineage_section")

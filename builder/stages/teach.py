@@ -44,4 +44,4 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
 
 KIND = StageKind("teach", version="2",  # 2: draws from the tail (builder.teaching.signal format 2)
                  run=run, resources="coordinating", title="the teacher's stored top-k signal, shared by its readers",
-                 estimate=estimate, planned_tokens=planned_tokens, report="StageCost")
+                 estimate=estimate, planned_tokens=planned_tokens, record="StageCost", card_section="_compute_section")
