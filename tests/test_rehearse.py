@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from builder import family
+from conftest import vllm_required
 from builder.spec import rehearsal_scale
 from builder.models.teacher import config_from_json
 from builder.options.run_options import RunOptions
@@ -108,18 +109,11 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
     assert notes["rehearsal"] and notes["tasks_left_out"] == ["truthfulqa_mc2", "gsm8k"]
 
 
-# vLLM's throughput stage runs in one family's rehearsal here (Mistral-NeMo: two models, the
-# fewest), to keep the suite within its budget: each engine start costs ~12 s, and every
-# architecture's pruned students are already served by vLLM in test_prune.py and test_e2e.py.
-# `build-family --rehearse` itself measures throughput in every family where vLLM is installed.
-THROUGHPUT_FAMILY = "mistral-nemo-12b-minitron.yaml"
-
-
 @pytest.mark.slow
 def test_every_family_rehearses_end_to_end_offline(tmp_path, monkeypatch):
     """Every stage of each family for real (pruning, Ray Train distillation, lm-eval on the
-    spec's tasks, vLLM in one of them, cards, publish dry run), on one local Ray instance for
-    the three (starting one takes ~10 s here); a rehearsal reuses its stage processes."""
+    spec's tasks, vLLM throughput of the teacher and every student, cards, publish dry run),
+    on one local Ray instance for the three; a rehearsal reuses its stage processes."""
     import ray
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -132,7 +126,9 @@ def test_every_family_rehearses_end_to_end_offline(tmp_path, monkeypatch):
     try:
         for spec_name, config in FAMILIES.items():
             options = RunOptions(workdir=tmp_path / spec_name, teacher_config=CONFIGS / config, cpus_per_stage=1)
-            throughput = spec_name == THROUGHPUT_FAMILY and importlib.util.find_spec("vllm") is not None
+            throughput = importlib.util.find_spec("vllm") is not None
+            if not throughput and vllm_required():
+                pytest.fail("MINIZOO_REQUIRE_VLLM=1 but vLLM is not installed: no rehearsal can measure throughput")
             assert rehearse(ROOT / "families" / spec_name, options, with_throughput=throughput) == 0, spec_name
             _check_rehearsal(tmp_path / spec_name / "rehearsal", ROOT / "families" / spec_name, throughput)
     finally:
