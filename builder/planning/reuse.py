@@ -3,6 +3,11 @@
 A finished stage is reused only when its recorded outputs are intact and nothing it reads
 runs again: a stage that runs (damaged, asked for by `--rebuild`, or never finished) makes
 every stage downstream of it run too, since their inputs change.
+
+Package versions do not decide reuse: a stage's hash does, and its code part is its kind's
+`version` (builder/stages/__init__.py's bump rule). A finished stage made with another torch
+build, transformers, ray, lm-eval or vLLM than the running one is reused as is, and reported
+by `status` and the dry run (builder.store.provenance says why).
 """
 from __future__ import annotations
 

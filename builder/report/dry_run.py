@@ -7,7 +7,9 @@ from builder.planning.dag import Plan, PlannedStudent
 from builder.report.records import signal_name
 from builder.planning.reuse import Decision, decide
 from builder.spec.shape import Shape
+from builder.stages.base import Stage
 from builder.stages.registry import stage_kind
+from builder.store.provenance import REUSED, running_provenance, version_changes
 from builder.store.stage_store import StageStore
 from builder.teaching.signal import bytes_per_token, stored_bytes
 from builder.units import format_count
@@ -40,6 +42,7 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
     decisions = decide(plan, store, rebuild)
     lines += _table(["state", "stage", "tokens", "output"],
                     [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
+    lines += _provenance_notes(plan, decisions)
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)
 
@@ -111,8 +114,22 @@ def _candidate_lines(plan: Plan, student: PlannedStudent, store: StageStore) -> 
 
 def _stage_row(plan: Plan, stage_id: str, store: StageStore, decision: Decision) -> list[str]:
     stage = plan.stages[stage_id]
-    return [f"[{decision.state}]", stage.name + (f" ({stage.key.label})" if stage.key.label else ""),
-            _planned_tokens(plan, stage), str(store.path(stage.key))]
+    return [f"[{decision.state}]", _stage_name(stage), _planned_tokens(plan, stage), str(store.path(stage.key))]
+
+
+def _stage_name(stage: Stage) -> str:
+    return stage.name + (f" ({stage.key.label})" if stage.key.label else "")
+
+
+def _provenance_notes(plan: Plan, decisions: dict[str, Decision]) -> list[str]:
+    """One note per reused stage made with other package versions than this build runs (or
+    before they were recorded): reported, never deciding reuse (builder.store.provenance)."""
+    running = running_provenance()
+    changes = {stage_id: version_changes(decision.manifest.provenance, running)
+               for stage_id, decision in decisions.items() if decision.reuse}
+    notes = [f"{_stage_name(plan.stages[stage_id])}: {change}; {REUSED}"
+             for stage_id, change in changes.items() if change]
+    return ["", *notes] if notes else []
 
 
 def _planned_tokens(plan: Plan, stage) -> str:

@@ -28,6 +28,7 @@ from rich.text import Text
 from builder.planning.dag import Plan
 from builder.stages.base import Stage
 from builder.running.progress import Progress, stage_state, started_since, training_progress
+from builder.store.provenance import running_provenance, version_changes
 from builder.store.stage_log import stage_log_path
 from builder.store.stage_store import Manifest, StageStore
 from builder.units import format_count, format_duration
@@ -207,7 +208,8 @@ def display_path(path: str | Path) -> str:
 
 
 def render_status(plan: Plan, store: StageStore) -> str:
-    """Every stage's state from the store alone (no Ray): done, running, partial, pending."""
+    """Every stage's state from the store alone (no Ray): done, running, partial, pending; a
+    done stage made with other package versions than this install has says so."""
     rows = [(stage_state(store, stage), stage) for stage in plan.stages.values()]
     counts = {state: sum(s == state for s, _ in rows) for state in ("done", "running", "partial", "pending")}
     title = f"{plan.spec.family}: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
@@ -220,7 +222,7 @@ def render_status(plan: Plan, store: StageStore) -> str:
 def _status_detail(store: StageStore, state: str, stage: Stage) -> str:
     if state == "done":
         manifest = store.manifest(stage.key)
-        return f"took {format_seconds(manifest.wall_s)}" if manifest else ""
+        return _done_detail(manifest) if manifest else ""
     if state == "pending":
         return ""
     progress = training_progress(store, stage)
@@ -229,3 +231,8 @@ def _status_detail(store: StageStore, state: str, stage: Stage) -> str:
     if state == "partial":
         return "interrupted" + (f" at {trained}" if trained else "") + "; the next build resumes it"
     return trained + ("; " if trained else "") + f"log {display_path(stage_log_path(store.path(stage.key)))}"
+
+
+def _done_detail(manifest: Manifest) -> str:
+    changes = version_changes(manifest.provenance, running_provenance())
+    return f"took {format_seconds(manifest.wall_s)}" + (f"; {changes}" if changes else "")

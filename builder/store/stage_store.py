@@ -9,7 +9,8 @@ finished stage is never recomputed, and a directory without one is a stage that 
 interrupted (long stages keep resumable checkpoints inside it).
 
 The manifest also records the stage's output files (builder.store.integrity), checked before the
-stage is reused, and one build at a time runs a stage: see `StageStore.locked`.
+stage is reused, and what made it (builder.store.provenance: versions and commit, reported but
+not deciding reuse); one build at a time runs a stage: see `StageStore.locked`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from builder.store.integrity import find_damage, record_outputs
+from builder.store.provenance import Provenance, running_provenance
 from builder.store.stage_log import STAGE_LOG
 
 log = logging.getLogger(__name__)
@@ -78,9 +80,19 @@ class Manifest:
     # None in manifests written before outputs were recorded (nothing to check)
     outputs: dict[str, dict] | None = None
     finished_at: float = 0.0  # time.time() when written: tells one finish of a stage from another
+    provenance: Provenance | None = None  # what made it; None in manifests written before it was recorded
 
     def to_json(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        provenance = self.provenance.model_dump() if self.provenance is not None else None
+        return {**self.__dict__, "provenance": provenance}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """A manifest.json as read; raises TypeError or ValueError when it is not one."""
+        fields = dict(data)
+        if fields.get("provenance") is not None:
+            fields["provenance"] = Provenance.model_validate(fields["provenance"])
+        return cls(**fields)
 
     @property
     def stage_id(self) -> str:
@@ -104,7 +116,7 @@ class StageStore:
         if not file.exists():
             return None
         try:
-            return Manifest(**json.loads(file.read_text()))
+            return Manifest.from_json(json.loads(file.read_text()))
         except (ValueError, TypeError) as error:  # damaged by hand or by the disk: not finished
             log.warning("%s is unreadable (%s); the stage counts as unfinished", file, error)
             return None
@@ -117,7 +129,7 @@ class StageStore:
     def finish(self, key: StageKey, wall_s: float, tokens: int, summary: dict[str, Any]) -> Manifest:
         outputs = record_outputs(self.path(key), skip=NOT_OUTPUTS)
         manifest = Manifest(key.stage, key.digest, str(self.path(key)), wall_s, tokens, summary,
-                            outputs, time.time())
+                            outputs, time.time(), running_provenance())
         write_json_atomic(self.path(key) / MANIFEST, manifest.to_json())
         return manifest
 
