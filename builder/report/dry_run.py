@@ -43,8 +43,17 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
     lines += _table(["state", "stage", "tokens", "output"],
                     [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
     lines += _provenance_notes(plan, decisions)
+    lines += ["", "What each kind of stage does (light: a share of a CPU; heavy: the per-stage CPUs and GPUs; "
+              "coordinating: its Ray Train workers or actors hold them)"]
+    lines += _table(["stage", "resources", "does"], _kind_rows(plan))
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)
+
+
+def _kind_rows(plan: Plan) -> list[list[str]]:
+    kinds = dict.fromkeys(stage.name for stage in plan.stages.values())  # in run order, once each
+    return [[kind.name, kind.resources + (", optional" if kind.optional else ""), kind.title]
+            for kind in map(stage_kind, kinds)]
 
 
 def signal_lines(plan: Plan) -> list[str]:
