@@ -65,7 +65,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, TEACHER_CACHE, print_table, write_result
+from bench.common import ROOT, TEACHER_CACHE, print_table, speed_cpu_flags, write_result
 
 LOADER_BATCHES, LOADER_BATCH_SIZE, SEQ_LEN = 200, 4, 256
 
@@ -351,12 +351,10 @@ def provenance() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
     packages = ("ray", "datasets", "pyarrow", "numpy", "tokenizers", "transformers", "torch")
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "packages": {name: version(name) for name in packages},
-            "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))}
+            "cpu_flags": speed_cpu_flags()}
 
 
 # --- the run -------------------------------------------------------------------------
