@@ -80,7 +80,7 @@ class Settings:
 
 # The speed comparison runs on the largest corpus: Ray Data's start-up (a second or two to
 # the first batch) is a fixed cost that a build's corpus amortizes, and at 8x (--quick: the
-# SOTU's own size, 2.8M tokens, 4 s of one core's tokenizing) it was most of the time measured.
+# SOTU's own size, 2.8M tokens, seconds of one core's tokenizing) it was most of the time measured.
 FULL = Settings(scales=(1, 8, 32), speeches_every=1, comparison_scale=32, repeats=3)
 QUICK = Settings(scales=(1, 8, 32), speeches_every=8, comparison_scale=32, repeats=3)
 
@@ -197,8 +197,8 @@ def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: 
     """What acquire_data does (Ray Data, then SplitPacker), timed from the start and from
     the first batch back (after the actors started), with the tree's idle and peak memory
     when `sample_memory`. The speed runs do not sample: reading every process's smaps_rollup
-    five times a second takes CPU from the tokenizers and stalls processes starting up (a 1x
-    run took about twice as long sampled), so the memory runs' rates are not speed results."""
+    five times a second takes CPU from the tokenizers and stalls processes starting up, so
+    the memory runs' rates are not speed results."""
     from builder.data.documents import BATCH_CHARS
     from builder.data.prepare import SplitPacker
     from builder.data.ray_data import tokenized_batches, tokenizer_args
