@@ -13,6 +13,24 @@ and forward KL's gradient an unbiased estimate of the full-vocabulary gradient (
 random-sampling KD of Anshumann et al. 2025, "Sparse Logit Sampling", here on top of the
 exact top k). Reverse KL and JSD weigh every id by the student's probability and need the
 teacher's at ids the samples may miss: they use the (k+1)-bin form.
+
+Adding a distillation loss:
+1. its name in `Loss` and `LOSSES` (builder/training/settings.py) and in `DistillSpec.loss`
+   (builder/spec/schema.py); regenerate families/spec.schema.json (`build-family schema`);
+2. its per-chunk sum in `divergence_sum(log_p, log_q, kind)` here, from the student's and the
+   teacher's log-probabilities: the same function serves full logits and a stored signal's
+   (k+1) bins (`coarse_log_probs`), and autograd gives its gradient (`_chunk_sums_and_grads`;
+   only forward_kl has a written-out one);
+3. its teacher signal: DistillSpec's validators keep every loss but forward_kl online unless
+   `teacher_signal: topk` is asked for, and give it no tail draws; a loss that uses the draws
+   needs its own sampled form (as `_sampled_forward_kl_sum_and_grad`) and those validators
+   changed;
+4. tests: the per-token reference in tests/test_distill.py (`per_token`, the parametrized
+   kinds) and `KINDS` in tests/test_topk_losses.py, which check it against a plain
+   computation in value and gradient, and its (k+1)-bin form against the full one.
+A new loss changes no existing stage's output, so no stage version is bumped; changing an
+existing divergence's values bumps `distill` (cross-entropy's: `correct` too), by the rule in
+builder/stages/__init__.py.
 """
 from __future__ import annotations
 
