@@ -26,7 +26,7 @@ WIDTH_STUDENT = {"hidden_size": 504, "intermediate_size": 960}
 
 
 def teacher_dir() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors checkpoint (converted on first use, ~30 s)."""
+    """SmolLM2-135M-Instruct as a safetensors checkpoint (converted from its GGUF on first use)."""
     if not (TEACHER_CACHE / "config.json").exists():
         from builder.models.teacher import convert_gguf_teacher
 
@@ -53,7 +53,21 @@ def sotu_splits(tokenizer, seq_len: int) -> dict:
     return tokenize_splits(iter_documents(DataSpec()), tokenizer, DataSpec(seq_len=seq_len))
 
 
+# The CPU features a benchmark's speed depends on: vector widths (avx, avx2, avx512f), native
+# bf16 and matrix units (avx512_bf16, amx_bf16, amx_tile: what `--precision auto` looks for),
+# fused multiply-add and the SSE4 string ops tokenizers use.
+SPEED_FLAG_PREFIXES = ("avx", "amx", "fma", "sse4")
+
+
+def speed_cpu_flags() -> list[str]:
+    """This CPU's flags that bear on speed, sorted; empty where /proc/cpuinfo has none (macOS)."""
+    from builder.options.precision import cpu_flags
+
+    return sorted(flag for flag in cpu_flags() if flag.startswith(SPEED_FLAG_PREFIXES))
+
+
 def machine() -> dict:
+    """The CPU (model, cores and the flags its speed depends on), the GPU and torch's build."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -65,8 +79,8 @@ def machine() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": speed_cpu_flags(), "gpu": gpu,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Teacher correction on shifted data: does a teacher fine-tuned on the corpus give a better student?
 
-    .venv/bin/python -m bench.correction           # correct 64K tokens, distill 64K per student (~45 min on 2 quiet cores)
+    .venv/bin/python -m bench.correction           # correct 64K tokens, distill 64K per student
     .venv/bin/python -m bench.correction --quick   # correct 8K, distill 8K per student: < 10 min on 2 cores
 
 The second Minitron paper (2408.11796) fine-tunes the teacher on the distillation data before

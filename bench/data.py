@@ -65,7 +65,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, TEACHER_CACHE, print_table, write_result
+from bench.common import ROOT, TEACHER_CACHE, print_table, speed_cpu_flags, write_result
 
 LOADER_BATCHES, LOADER_BATCH_SIZE, SEQ_LEN = 200, 4, 256
 
@@ -80,7 +80,7 @@ class Settings:
 
 # The speed comparison runs on the largest corpus: Ray Data's start-up (a second or two to
 # the first batch) is a fixed cost that a build's corpus amortizes, and at 8x (--quick: the
-# SOTU's own size, 2.8M tokens, 4 s of one core's tokenizing) it was most of the time measured.
+# SOTU's own size, 2.8M tokens, seconds of one core's tokenizing) it was most of the time measured.
 FULL = Settings(scales=(1, 8, 32), speeches_every=1, comparison_scale=32, repeats=3)
 QUICK = Settings(scales=(1, 8, 32), speeches_every=8, comparison_scale=32, repeats=3)
 
@@ -197,8 +197,8 @@ def prepare(corpus: Path, tokenizer: Path, out: Path, cpus: int, sample_memory: 
     """What acquire_data does (Ray Data, then SplitPacker), timed from the start and from
     the first batch back (after the actors started), with the tree's idle and peak memory
     when `sample_memory`. The speed runs do not sample: reading every process's smaps_rollup
-    five times a second takes CPU from the tokenizers and stalls processes starting up (a 1x
-    run took about twice as long sampled), so the memory runs' rates are not speed results."""
+    five times a second takes CPU from the tokenizers and stalls processes starting up, so
+    the memory runs' rates are not speed results."""
     from builder.data.documents import BATCH_CHARS
     from builder.data.prepare import SplitPacker
     from builder.data.ray_data import tokenized_batches, tokenizer_args
@@ -351,12 +351,10 @@ def provenance() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
     packages = ("ray", "datasets", "pyarrow", "numpy", "tokenizers", "transformers", "torch")
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "packages": {name: version(name) for name in packages},
-            "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))}
+            "cpu_flags": speed_cpu_flags()}
 
 
 # --- the run -------------------------------------------------------------------------

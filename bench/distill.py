@@ -13,7 +13,7 @@ with random weights: speed depends on its shapes, not its weights. Data: real bl
 Measures, in one run, and writes bench/results/distill.json (with `"quick": true|false`):
 
 1. Matmul peak: torch.mm of square matrices (2048^3 fp32; bf16 for the record, 512^3 on
-   the CPU because bf16 is emulated on AVX2 and ~50x slower), with the torch thread count the
+   the CPU where bf16 is emulated, far slower), with the torch thread count the
    training uses. The median over uncontended repetitions is the peak MFU divides by.
 2. One minizoo distillation step, `builder.training.step.optimizer_step` as `train` runs it:
    zero_grad, `accumulate_gradients` (teacher forward under no_grad, student forward,
@@ -168,7 +168,7 @@ def measure_peaks(setup: Setup, repeats: int) -> dict:
     if setup.bf16:  # native bf16 (avx512_bf16, amx): as large as float32's
         return {"float32": matmul_peak(setup, torch.float32, 2048, repeats),
                 "bfloat16": matmul_peak(setup, torch.bfloat16, 2048, repeats)}
-    # bf16 is emulated on AVX2 (about 1 GFLOP/s): a small matrix and few repeats, for the record.
+    # bf16 is emulated without avx512_bf16 or amx: a small matrix and few repeats, for the record.
     return {"float32": matmul_peak(setup, torch.float32, 2048, repeats),
             "bfloat16": matmul_peak(setup, torch.bfloat16, 512, max(2, repeats // 3))}
 

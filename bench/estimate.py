@@ -1,7 +1,7 @@
 """How good is the dry run's estimate? Predicted vs measured time per stage of the demo family.
 
     .venv/bin/python -m bench.estimate          # seconds: reads recorded results, times this disk
-    .venv/bin/python -m bench.estimate --tasks  # ~2 min: lm-eval's tokens per bundled task, the
+    .venv/bin/python -m bench.estimate --tasks  # minutes: lm-eval's tokens per bundled task, the
                                                 # numbers of builder.planning.cost_model.LM_EVAL_TASKS
 
 The measured side is one real build: bench/results/demo.json (`bench.demo`, the exact `make

@@ -1,6 +1,6 @@
 """Pruned-and-distilled student vs the same shape trained from scratch: Minitron's headline, small.
 
-    .venv/bin/python -m bench.scratch           # distill 64K tokens, scratch 256K (~45 min on 2 quiet cores)
+    .venv/bin/python -m bench.scratch           # distill 64K tokens, scratch 256K
     .venv/bin/python -m bench.scratch --quick   # distill 8K tokens, scratch 32K: < 10 min on 2 cores
 
 The first Minitron paper (2407.14679) reports that a pruned-and-distilled student reaches a

@@ -74,7 +74,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (
-    RESULTS, WIDTH_STUDENT, Stopwatch, load_teacher, print_table, sotu_splits, teacher_dir, write_result,
+    RESULTS, WIDTH_STUDENT, Stopwatch, load_teacher, print_table, sotu_splits, speed_cpu_flags, teacher_dir,
+    write_result,
 )  # fmt: skip
 from builder.planning.cost_model import kd_flops_per_token
 from builder.pruning.importance import score_importance
@@ -450,7 +451,7 @@ def measure(settings: Settings) -> dict:
     return {
         "settings": asdict(settings), "seq_len": SEQ_LEN, "batch": BATCH, "dtype": dtype,
         "tokens_per_student": tokens, "taught_tokens": taught, "budget": BUDGET, "teacher": str(folder),
-        "cpu_flags": sorted(cpu_flags_of_interest()), "load_at_start": load_at_start, "load_at_end": os.getloadavg(),
+        "cpu_flags": speed_cpu_flags(), "load_at_start": load_at_start, "load_at_end": os.getloadavg(),
         "students": {g: {t: Shape.of(c).as_dict() for t, (_, c) in m.items()} for g, m in students.items()},
         "flops": {g: group_flops([c for _, c in m.values()], teacher_config, tokens, taught)
                   for g, m in students.items()},
@@ -502,12 +503,6 @@ def package_versions() -> dict:
     from importlib.metadata import version
 
     return {name: version(name) for name in ("torch", "transformers", "numpy", "safetensors")}
-
-
-def cpu_flags_of_interest() -> set[str]:
-    from builder.options.precision import cpu_flags
-
-    return {f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))}
 
 
 if __name__ == "__main__":

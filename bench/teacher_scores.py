@@ -76,8 +76,8 @@ CACHE = ROOT / "runs" / "cache" / "teacher-scores"
 # HellaSwag. (task, documents to reach in this stage; None: the whole target.)
 STAGES = (("winogrande", None), ("piqa", None), ("arc_easy", None), ("hellaswag", 512),
           ("arc_challenge", None), ("hellaswag", None))
-# Documents per cached range: ~500 loglikelihood requests, under 2 minutes when the machine
-# is quiet, so a lock hold of --max-minutes wastes little at its end.
+# Documents per cached range: ~500 loglikelihood requests, a small part of a --max-minutes
+# lock hold, so little is wasted at its end.
 CHUNK_DOCS = {"winogrande": 256, "piqa": 256, "arc_easy": 128, "arc_challenge": 128, "hellaswag": 128}
 EXIT_UNFINISHED = 3  # the budget ran out with ranges left: run again to resume
 # HellaSwag's validation split is ordered by source: its first 3,243 documents are all

@@ -20,7 +20,7 @@ exit codes:
      nothing half-written)
 
 Each stage's full output is in <workdir>/stages/<stage>/stage.log. Writing a spec:
-README.md, section "Write your own family".
+docs/writing-a-family.md.
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ class TaskRequest:
 def _builtin_task_names(folder: str | None = None) -> tuple[str, ...]:
     """Task and group names (no tags) of lm-eval's built-in YAMLs, or of one folder of them.
 
-    Indexing all ~15,000 takes 8-30 s of CPU: done only when asked for built-in names or
+    Indexing all ~15,000 takes seconds of CPU: done only when asked for built-in names or
     when a bundled name is missing, and once per process."""
     from lm_eval.tasks import TaskManager
 
@@ -223,7 +223,7 @@ def score_documents(lm, manager, task: str, indices: Sequence[int], num_fewshot:
 
 
 # Built lm-eval tasks (datasets loaded, few-shot samplers made: most of the cost of a small
-# evaluation, 5 s for MMLU's 57 subjects) kept for the next evaluation in this process, as
+# evaluation, seconds for MMLU's 57 subjects) kept for the next evaluation in this process, as
 # when a rehearsal's reused stage worker evaluates model after model. Reuse is safe:
 # lm-eval's evaluate() rebuilds all per-run state of a task (build_all_requests replaces its
 # requests, responses live on them) and simple_evaluate re-seeds its few-shot sampler; the

@@ -319,8 +319,8 @@ if __name__ == "__mp_main__":  # an engine process vLLM spawned (re-imports this
     die_with_parent()
 if __name__ == "__main__":
     status = main(sys.argv[1:])
-    # The result is on disk. vLLM's own shutdown at exit takes seconds (5 s for a tiny model
-    # on a small CPU) and adds nothing: the caller kills this process group and unlinks its
+    # The result is on disk. vLLM's own shutdown at exit takes seconds, even for a tiny
+    # model, and adds nothing: the caller kills this process group and unlinks its
     # shared memory (evaluators.process_tree) as soon as this process ends.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -2,8 +2,8 @@
 (builder.running.ray_session.init_ray), with the variables init_ray sets restored afterwards.
 
 An in-process build (builder.cli.main) that finds Ray connected runs on that instance and
-leaves it up, so a module whose builds need no fresh instance pays Ray's start-up (5-10 s on
-2 cores) once instead of once per build.
+leaves it up, so a module whose builds need no fresh instance pays Ray's start-up once
+instead of once per build.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Distillation and teacher correction on tiny CPU models: losses, loop, determinism, resume.
 
-Run: .venv/bin/pytest tests/test_distill.py -q   (about 40 s on 2 cores)
+Run: .venv/bin/pytest tests/test_distill.py -q
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def test_gradient_accumulation_matches_one_large_batch(models, blocks, tmp_path)
       order sums differently. 1e-5 of each tensor's largest gradient is ~100 ulps of headroom.
     - weights are NOT compared element-wise after training: AdamW divides each gradient by
       its own running RMS, so an element whose gradient is at the rounding level can take a
-      visibly different step (one element in 4096 moved 1.6e-6 apart on an AVX-512 CPU). The
+      visibly different step. The
       per-step losses, which average over every weight, must agree to float32 precision.
     """
     teacher_dir, student_dir = models

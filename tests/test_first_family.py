@@ -1,7 +1,8 @@
-"""The README's example, families/my-first-family.yaml, built end to end through the CLI as
-a user runs it in CI: a separate process whose stdout is a pipe, not a terminal. One build,
-shared by every assertion: `status` before and after, a quiet console (a line budget, no
-escape codes, no traceback), the family table at the end, and the paths it prints.
+"""The guide's example (docs/writing-a-family.md), families/my-first-family.yaml, built end
+to end through the CLI as a user runs it in CI: a separate process whose stdout is a pipe,
+not a terminal. One build, shared by every assertion: `status` before and after, a quiet
+console (a line budget, no escape codes, no traceback), the family table at the end, and
+the paths it prints.
 """
 from __future__ import annotations
 

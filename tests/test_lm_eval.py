@@ -230,7 +230,7 @@ def test_a_second_evaluation_in_a_process_reuses_the_built_tasks_and_scores_as_a
 @pytest.fixture
 def builtin_names(monkeypatch) -> tuple[str, ...]:
     """lm-eval's real index of a few built-in folders, standing in for all ~15,000 YAMLs
-    (8-30 s to index): enough built-in names that are and are not bundled."""
+    (seconds to index): enough built-in names that are and are not bundled."""
     names = tuple(sorted(n for folder in ("gsm8k", "hellaswag", "arc")
                          for n in lm_eval_runner._builtin_task_names(str(LM_EVAL_TASKS / folder))))
     monkeypatch.setattr(lm_eval_runner, "_builtin_task_names", lambda folder=None: names)

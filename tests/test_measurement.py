@@ -1,6 +1,6 @@
 """Numbers with their uncertainty: perplexity's standard error, throughput over several
 passes with its spread and the machine's load, speed-ups that carry the spread, plots with
-error bars, bench results that say which code measured them.
+error bars, bench results that say which code and which CPU measured them.
 
     .venv/bin/python -m pytest tests/test_measurement.py -q
 """
@@ -128,3 +128,14 @@ def test_bench_results_record_the_commit_and_a_dirty_tree(monkeypatch, tmp_path)
     assert len(clean["commit"]) == 40 and clean["dirty"] is False
     (tmp_path / "a.py").write_text("x = 2\n")
     assert common.code_version() == {"commit": clean["commit"], "dirty": True}
+
+
+def test_bench_results_record_the_cpu_flags_speed_depends_on(monkeypatch):
+    from bench import common
+    from builder.options import precision
+
+    flags = frozenset({"fpu", "ht", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "sse4_2"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    assert common.machine()["cpu_flags"] == ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f", "fma", "sse4_2"]
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset())  # no /proc/cpuinfo (macOS)
+    assert common.machine()["cpu_flags"] == []

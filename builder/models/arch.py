@@ -11,6 +11,21 @@ Every tensor is described by the *units* along its dimensions:
 
 That one description gives the exact parameter count of any shape (`count_params`) and tells
 `builder.pruning.cuts` which rows and columns to keep in each tensor, so the two cannot disagree.
+
+Adding an architecture (a decoder with Llama's projections: q/k/v/o, gate/up/down):
+1. an `Arch` in `ARCHITECTURES`, keyed by the config's `model_type`: which projections carry
+   biases (given the config), per-head q/k norms, whether vLLM derives `head_dim` from
+   hidden_size / heads (`derives_head_dim`), and module names where they differ from Llama's.
+   A layout outside `PROJECTIONS` (fused qkv, experts) needs new units there first;
+2. its tiny model in tests/tiny_models.py's `ARCHITECTURES` (config class, model class, extra
+   config keys): tests/test_arch.py then checks that `count_params` equals the instantiated
+   model and that the table names every tensor, and tests/test_prune.py that each pruned axis
+   acts exactly like the teacher with those units zeroed, for every architecture;
+3. that vLLM serves its pruned students: add it to the architectures of
+   tests/test_prune.py::test_pruned_students_generate_in_vllm;
+4. the supported list in docs/writing-a-family.md; validation (`arch_for`) and rehearsals
+   (which keep `model_type`) need no change. A family of it in families/ takes its teacher's
+   config in tests/data/configs/ (tests/test_families.py, tests/test_rehearse.py).
 """
 from __future__ import annotations
 

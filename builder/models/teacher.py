@@ -121,7 +121,7 @@ def read_teacher_config(teacher: TeacherSpec, acquired_model_dir: Path | None = 
     ref = teacher.reference
     if ref.kind == "embedded":
         # The config the conversion writes, shipped with minizoo: reading it from the GGUF
-        # means parsing the whole 98 MB file (20-30 s), too slow for a dry run.
+        # means parsing the whole GGUF file, too slow for a dry run.
         return config_from_json(CONFIGS / f"{ref.name}.config.json")
     if ref.kind == "hf":
         return AutoConfig.from_pretrained(ref.name, revision=ref.revision)

@@ -5,7 +5,7 @@ built on a GPU and on a CPU never shares a training stage).
     auto on a GPU  -> bfloat16 (autocast; tensor cores)
     auto on a CPU  -> bfloat16 only where the CPU has native bf16 instructions (avx512_bf16
                       or amx_bf16) AND a short matmul probe shows bf16 faster than float32
-                      here; float32 elsewhere (CPUs without them emulate bf16, 3-70x slower)
+                      here; float32 elsewhere (CPUs without them emulate bf16, many times slower than float32)
 
 `choose_precision` is the decision alone, with the CPU's flags and the probe injected, so
 it is tested without depending on the machine that runs the tests.
@@ -20,7 +20,7 @@ from typing import Callable
 
 PRECISIONS = ("float32", "bfloat16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-_PROBE_SIZE = 512  # a 512^3 matmul: ~5 ms in native bf16 on 2 cores, so the probe stays well under 1 s
+_PROBE_SIZE = 512  # 512^3 multiply-adds: milliseconds where bf16 is native, so the probe stays short
 _PROBE_REPEATS = 5
 _PROBE_BUDGET_S = 0.3  # per precision: an emulated bf16 matmul stops the probe early
 

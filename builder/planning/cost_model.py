@@ -22,10 +22,10 @@ and the disk bandwidth (`--disk-gbps`) are overridable. GPU-hours count the whol
 of every GPU a stage holds.
 
 Memory per GPU of a training stage, for DDP and for FSDP (student state sharded, frozen
-teacher replicated, as builder.distill does): fp32 master weights, fp32 gradients and AdamW's
+teacher replicated, as builder.training does): fp32 master weights, fp32 gradients and AdamW's
 two fp32 moments (16 bytes per trained parameter), the frozen teacher in the training dtype,
 activations of one micro-batch (bf16, the tensors autograd keeps per layer, counted below)
-and the logits (student in bf16, its fp32 gradient buffer, the teacher's in bf16: builder.distill
+and the logits (student in bf16, its fp32 gradient buffer, the teacher's in bf16: builder.training
 materialises full logits and chunks only the loss). Activation checkpointing (keeping only each
 layer's input) is shown for comparison: minizoo does not implement it yet.
 """

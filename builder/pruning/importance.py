@@ -15,9 +15,8 @@ Table 11, is mean over the sequence and L2 over the batch). This follows NVIDIA 
 Minitron hooks (`modelopt/torch/nas/plugins/megatron.py`).
 
 The forward runs the decoder without its LM head: no score needs logits, and at small model
-sizes the vocabulary projection is the largest matmul, which pays for the hooks: on a
-SmolLM2-135M-shaped model scoring took 0.76x the CPU time of a plain forward pass (one
-thread), and about 1.1x its wall time on two contended cores. The optional `lm_loss` depth
+sizes the vocabulary projection is the largest matmul, which pays for the hooks
+(`bench.pruning` times scoring against a plain forward pass). The optional `lm_loss` depth
 metric (the loss increase when one layer is skipped) does need logits and costs one extra
 forward pass per layer over its samples.
 """
@@ -110,8 +109,8 @@ class Importance:
 def reduce_sequence(activations: torch.Tensor, how: str) -> torch.Tensor:
     """[batch, seq, channels] -> [batch, channels] in float32.
 
-    Written as elementwise ops then a plain sum over the sequence: on CPU that is about ten
-    times faster than `vector_norm(dim=1)` or `var(dim=1)`, which reduce over a strided axis.
+    Written as elementwise ops then a plain sum over the sequence: on CPU that is much
+    faster than `vector_norm(dim=1)` or `var(dim=1)`, which reduce over a strided axis.
     """
     x = activations.float()
     if how == "mean":  # of |x|

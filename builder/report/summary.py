@@ -1,9 +1,9 @@
 """The end of a build: the family table and where everything is.
 
     my-first-family (± one standard error; perplexity with its 95% interval)
-    model             params  arc_easy        perplexity                   speed-up
-    teacher           135M    0.450 ± 0.114   42.61 (95% CI 40.10-45.28)   n/a
-    smollm2-108m-mlp  108M    0.350 ± 0.109   61.02 (95% CI 57.31-64.97)   n/a
+    model             params  arc_easy        perplexity               speed-up
+    teacher           135M    S ± E           P (95% CI LOW-HIGH)      n/a
+    smollm2-108m-mlp  108M    S ± E           P (95% CI LOW-HIGH)      n/a
     smollm2-108m-mlp  weights runs/stages/distill-.../model  card runs/my-first-family/students/.../README.md
     report: wrote runs/my-first-family/report.md (complete)
 

@@ -228,7 +228,7 @@ def skip_downstream_of_failures(plan: Plan, result: BuildResult) -> None:
 
 def _remote_for(stage: Stage, options: RunOptions):
     """A heavy stage gets a fresh worker process, so its model's memory goes back to the OS
-    when it ends. A reused worker skips the 5-10 s of starting Python and importing torch,
+    when it ends. A reused worker skips starting Python and importing torch,
     transformers and Ray Train again: a coordinating stage takes one (it loads no model), and
     so does every stage of a rehearsal (its models are a few MB: no memory to return)."""
     fresh = stage_kind(stage.name).resources == "heavy" and not options.rehearsal

@@ -133,7 +133,7 @@ def evaluation(section: EvaluationSpec, available: tuple[str, ...] | None) -> tu
 def throughput(section: ThroughputSpec, enabled: bool) -> ThroughputSpec:
     """A few short prompts, eager mode, float32 (bf16 is emulated on many CPUs), and the
     engine in the measuring process ("uni"): the model still loads and generates in vLLM,
-    without starting two more processes per model (~12 s of imports each on a small CPU)."""
+    without starting two more processes per model (each imports torch and vLLM again)."""
     return ThroughputSpec(enabled=section.enabled and enabled, input_len=16, output_len=8, num_prompts=2,
                           dtype="float32", engine_args={"enforce_eager": True, "max_model_len": 128,
                                                         "distributed_executor_backend": "uni"})

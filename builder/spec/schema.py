@@ -285,7 +285,7 @@ class CorrectionSpec(TrainingSpec):
 
 
 TeacherSignalKind = Literal["auto", "online", "topk"]
-# The defaults bench/teach.py chose (its README section says why): top-16 with 16 draws is
+# The defaults bench/teach.py chose (docs/teach-once.md says why): top-16 with 16 draws is
 # the smallest signal that met every goal of its full run (98 bytes per token; top-32 and
 # top-64 with as many draws met them too, at 2x and 4x the disk). auto: a stored signal
 # where two or more distillations of the family read it, online otherwise (FamilySpec).
@@ -503,8 +503,8 @@ class ThroughputSpec(Strict):
     output_len: PositiveCount = 128
     num_prompts: PositiveCount = 32
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="vLLM's dtype; auto follows the checkpoint (bf16 is emulated, 3-4x slower, "
-                            "on CPUs without AVX512-BF16)")
+        "auto", description="vLLM's dtype; auto follows the checkpoint (bf16 is emulated, several times "
+                            "slower, on CPUs without avx512_bf16 or amx_bf16)")
     # Not execution-only, unlike the batch sizes elsewhere: this stage's result *is* a speed,
     # and engine_args change it (enforce_eager turns CUDA graphs off, several times slower
     # on a GPU), so a changed engine_args re-measures. The stage is a leaf: nothing else reruns.

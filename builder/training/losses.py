@@ -5,13 +5,32 @@ A stored signal is the teacher's k most likely ids with their log-probabilities,
 the mass of every other id (the tail), and optionally `tail_ids`: m ids drawn from the
 teacher's own distribution within the tail. Without them, forward KL sees the tail as one
 bin and spreads its mass over the student's tail in the student's own proportions, so the
-student never learns the teacher's shape there (a bias: bench/teach.py measured held-out
-loss 0.02-0.06 nats worse than online at k = 64). With them, each drawn id carries tail
-mass / m, which makes the target an unbiased estimate of the teacher's full distribution
+student never learns the teacher's shape there (a bias: in bench/results/teach.json the
+students of top-64 without draws end +0.029 +- 0.004 nats of held-out loss behind online
+ones, those of top-16 with 16 draws +0.006 +- 0.002). With them, each drawn id carries
+tail mass / m, which makes the target an unbiased estimate of the teacher's full distribution
 and forward KL's gradient an unbiased estimate of the full-vocabulary gradient (the
 random-sampling KD of Anshumann et al. 2025, "Sparse Logit Sampling", here on top of the
 exact top k). Reverse KL and JSD weigh every id by the student's probability and need the
 teacher's at ids the samples may miss: they use the (k+1)-bin form.
+
+Adding a distillation loss:
+1. its name in `Loss` and `LOSSES` (builder/training/settings.py) and in `DistillSpec.loss`
+   (builder/spec/schema.py); regenerate families/spec.schema.json (`build-family schema`);
+2. its per-chunk sum in `divergence_sum(log_p, log_q, kind)` here, from the student's and the
+   teacher's log-probabilities: the same function serves full logits and a stored signal's
+   (k+1) bins (`coarse_log_probs`), and autograd gives its gradient (`_chunk_sums_and_grads`;
+   only forward_kl has a written-out one);
+3. its teacher signal: DistillSpec's validators keep every loss but forward_kl online unless
+   `teacher_signal: topk` is asked for, and give it no tail draws; a loss that uses the draws
+   needs its own sampled form (as `_sampled_forward_kl_sum_and_grad`) and those validators
+   changed;
+4. tests: the per-token reference in tests/test_distill.py (`per_token`, the parametrized
+   kinds) and `KINDS` in tests/test_topk_losses.py, which check it against a plain
+   computation in value and gradient, and its (k+1)-bin form against the full one.
+A new loss changes no existing stage's output, so no stage version is bumped; changing an
+existing divergence's values bumps `distill` (cross-entropy's: `correct` too), by the rule in
+builder/stages/__init__.py.
 """
 from __future__ import annotations
 
@@ -60,11 +79,9 @@ class _ChunkedLosses(torch.autograd.Function):
     scales that buffer by the incoming gradient (the losses are scalars). So the loss runs
     forward once, no chunk-sized temporary outlives its chunk, and neither set of logits has
     to be kept for backward. Recomputing each chunk in backward instead (activation
-    checkpointing) ran the loss forward twice and summed one zero-filled logits-sized gradient
-    per chunk: with the division by T = 1 that is now skipped, about 18% of a CPU distillation
-    step (SmolLM2-135M -> 90M student, 4 x 256 tokens, torch.profiler). forward_kl, the
-    default, has its gradient written out (against full logits or a top-k target); the other
-    losses get theirs from autograd.
+    checkpointing) would run the loss forward twice and sum one zero-filled logits-sized
+    gradient per chunk. forward_kl, the default, has its gradient written out (against full
+    logits or a top-k target); the other losses get theirs from autograd.
     """
 
     @staticmethod
@@ -167,8 +184,8 @@ def _forward_kl_sum_and_grad(
     """KL(teacher || student) summed over a chunk, and its gradient with respect to `student`.
 
     The gradient is (softmax(s/T) - softmax(t/T)) / T per token: written out, it takes one
-    exp per model, where autograd through kl_div and log_softmax made three more passes over
-    the chunk (about a third of the loss's time on a CPU).
+    exp per model, where autograd through kl_div and log_softmax makes three more passes over
+    the chunk.
     """
     log_p = F.log_softmax(softened(student, temperature), dim=-1)
     log_q = F.log_softmax(softened(teacher, temperature), dim=-1)
@@ -227,8 +244,8 @@ def _stored_forward_kl_sum_and_grad(
     The gradient is (softmax(s/T) - q~) / T per token, where q~ is the teacher's mass as the
     loss sees it: its stored probability at each top-k id, and its tail mass spread over the
     other ids in proportion to the student's own probabilities there (q_tail * p_v / p_tail).
-    Written out, like the full-logits one: autograd through the bins took 1.6x as long (1024
-    tokens x 49152 vocabulary, k = 64, forward and backward, one CPU thread on a shared machine).
+    Written out, like the full-logits one: autograd through the bins would add passes over
+    the chunk for the gather, scatter and log-sum-exp of the bins.
     """
     log_p = F.log_softmax(softened(student, temperature), dim=-1)
     log_p_bins, log_q_bins = coarse_log_probs(log_p, target)

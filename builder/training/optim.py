@@ -17,7 +17,8 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
         {"params": decay, "weight_decay": settings.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # The fused kernel (CPU and CUDA) is about 6x faster than the default foreach one on CPU.
+    # The fused kernel (CPU and CUDA) updates every parameter in one pass, where the default
+    # foreach one makes several over the optimizer state.
     return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 

@@ -58,8 +58,8 @@ def default_device() -> torch.device:
 
 
 def warn_if_bf16_is_emulated(settings: TrainSettings, device: torch.device) -> None:
-    # A CPU without AVX-512 has no bf16 instructions: bf16 matmuls are emulated, and were
-    # 70x slower than fp32 on an AVX2 machine (0.5 vs 38 GFLOP/s per core).
+    # A CPU without AVX-512 has no bf16 instructions: bf16 matmuls are emulated, far slower
+    # than fp32.
     if settings.dtype == "bfloat16" and device.type == "cpu":
         capability = torch.backends.cpu.get_cpu_capability()
         if not capability.startswith("AVX512"):

@@ -133,7 +133,7 @@ LOSS_PARTS = ("loss", "divergence", "cross_entropy", "hidden")
 # A loss this many times its starting value (the mean of the run's first LOSS_BASELINE_STEPS
 # steps; before those are in, of the steps so far) has exploded. A healthy run's loss falls
 # from its start; step-to-step noise and a warm-up overshoot stay within a few times it, while
-# a too-high learning rate sends it up by 100x and more (lr 0.99: 190x, within 3 steps). For
+# a too-high learning rate sends it up by orders of magnitude within a few steps. For
 # cross-entropy, 10x any realistic start is far beyond log(vocabulary), worse than guessing
 # uniformly. Averaging a few steps keeps one unusually easy batch from setting the bar.
 EXPLODED_LOSS_FACTOR = 10.0
