@@ -4,6 +4,9 @@
     results = evaluate_model("runs/x/student-0", [TaskRequest("hellaswag", limit=50)],
                              cache_dir="runs/x/cache")
 
+`LmEval` is the same run as an evaluator (evaluators.base), on a model handle that other
+evaluators may share (the evaluate stage's perplexity runs on the same loaded model).
+
 Every model of a family goes through the same function with the same settings (seeds,
 batch size, dtype, task sources), so teacher and students are evaluated identically.
 `source="bundled"` (the default) uses the task YAMLs in `evaluators/tasks/` over the files
@@ -13,17 +16,18 @@ tasks, which download their data from the Hub.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.planning.cost_model import Costs, Work, forward_flops_per_token, lm_eval_tokens, subtasks
 from evaluators import offline_tasks
-from evaluators.model_loading import load_model, load_tokenizer
+from evaluators.base import Evaluator, ModelHandle, Record
+from evaluators.names import did_you_mean
 
 SOURCES = ("bundled", "builtin")
 # Fixed seeds, lm-eval's own defaults, passed explicitly so every run is reproducible.
@@ -92,8 +96,7 @@ def _name_problem(name: str, source: str) -> str | None:
         return (f"Task {name!r} is an lm-eval built-in task but is not bundled for offline "
                 "use. Use source='builtin' (needs Hub access) or a bundled task: "
                 f"{', '.join(_top_level(names))}.")
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, names)
     if source == "builtin":  # thousands of names: point at the list instead
         return (f"Unknown task {name!r}.{hint} lm-eval has {len(names)} built-in tasks: "
                 "list them with evaluators.lm_eval_runner.available_tasks('builtin').")
@@ -126,6 +129,51 @@ def task_manager(source: str = "bundled", cache_dir: str | Path | None = None):
 
 
 # ---------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class LmEvalSettings:
+    """What the lm-eval evaluator runs: `tasks` from `source` at `batch_size`, bundled tasks
+    rendered under `cache_dir` (None: default_cache_dir())."""
+
+    tasks: tuple[TaskRequest, ...]
+    source: str = "bundled"
+    batch_size: int = 8
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tasks, tuple) or not all(isinstance(t, TaskRequest) for t in self.tasks):
+            raise ValueError(f"LmEvalSettings: tasks={self.tasks!r} must be a tuple of TaskRequest, "
+                             "e.g. (TaskRequest('hellaswag', limit=50),).")
+        _check_source(self.source)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"LmEvalSettings: batch_size={self.batch_size!r} must be an integer >= 1.")
+
+
+class LmEval(Evaluator[LmEvalSettings]):
+    """lm-eval's tasks on the loaded model (evaluate_loaded), plus the model's folder and dtype."""
+
+    name = "lm-eval"
+    settings_type = LmEvalSettings
+
+    def run(self, model: ModelHandle, settings: LmEvalSettings, device: str) -> Record:
+        """evaluate_loaded's record, with "model" (the folder) and settings["dtype"] (the load's)."""
+        _raise_on_problems(settings.tasks, settings.source)  # before the (slow) model load
+        results = evaluate_loaded(model.module(device), model.tokenizer(), settings.tasks,
+                                  batch_size=settings.batch_size, cache_dir=settings.cache_dir,
+                                  source=settings.source)
+        results["model"] = str(model.path)
+        results["settings"]["dtype"] = model.dtype
+        return results
+
+    def estimate(self, settings: LmEvalSettings, model_config, costs: Costs, seq_len: int) -> Work:
+        """Each task forwards its own length (cost_model.LM_EVAL_TASKS), whatever `seq_len`."""
+        tasks = [asdict(task) for task in settings.tasks]
+        tokens = flops = 0
+        for task in tasks:
+            task_tokens, length = lm_eval_tokens(task)
+            tokens, flops = tokens + task_tokens, flops + forward_flops_per_token(model_config, length) * task_tokens
+        return Work(tokens, flops, costs.lm_eval_start_s + costs.lm_eval_task_s * subtasks(tasks))
+
+
 def evaluate_model(
     model_dir: str | Path,
     tasks: Sequence[TaskRequest],
@@ -136,14 +184,8 @@ def evaluate_model(
     source: str = "bundled",
 ) -> dict[str, Any]:
     """Load the checkpoint once and evaluate it on `tasks`; see `evaluate_loaded`."""
-    _raise_on_problems(tasks, source)  # before the (slow) model load
-    model = load_model(model_dir, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(model_dir)
-    results = evaluate_loaded(model, tokenizer, tasks, batch_size=batch_size,
-                              cache_dir=cache_dir, source=source)
-    results["model"] = str(model_dir)
-    results["settings"]["dtype"] = dtype
-    return results
+    settings = LmEvalSettings(tuple(tasks), source, batch_size, Path(cache_dir) if cache_dir else None)
+    return LmEval().run(ModelHandle(model_dir, dtype=dtype), settings, device)
 
 
 def evaluate_loaded(model, tokenizer, tasks: Sequence[TaskRequest], batch_size: int = 8,

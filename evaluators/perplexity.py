@@ -6,18 +6,61 @@
 Every block is scored on its own (no state carried between blocks): position 0 is
 context only, positions 1..seq_len-1 are predicted, so N * (seq_len - 1) tokens count.
 Teacher and students are scored on the same blocks, so their perplexities compare.
+
+`Perplexity` is the evaluator (evaluators.base): it reads the first blocks of a token
+store's "heldout" split (builder.data.tokens) and scores them on a model handle.
 """
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from builder.data.tokens import TokenBlocks
+from builder.planning.cost_model import Costs, Work, forward_flops_per_token
+from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.model_loading import load_model
+
+HELDOUT = "heldout"  # the token store's split that no stage trains on
+
+
+@dataclass(frozen=True)
+class PerplexitySettings:
+    """Score `tokens` held-out tokens, rounded down to whole blocks (at least one), from the
+    token store in `heldout` (an acquire-data stage's folder), `batch_size` blocks a forward.
+    `heldout` may be None where nothing runs: the estimate needs only the count."""
+
+    tokens: int
+    batch_size: int = 8
+    heldout: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"PerplexitySettings: {name}={getattr(self, name)!r} must be an integer >= 1.")
+
+
+class Perplexity(Evaluator[PerplexitySettings]):
+    name = "perplexity"
+    settings_type = PerplexitySettings
+
+    def run(self, model: ModelHandle, settings: PerplexitySettings, device: str) -> Record:
+        """heldout_perplexity's record, on the model loaded on `device`."""
+        if settings.heldout is None:
+            raise ValueError("PerplexitySettings.heldout is None: pass the token store to read the "
+                             f"{HELDOUT!r} blocks from (an acquire-data stage's folder).")
+        blocks = TokenBlocks.open(settings.heldout, HELDOUT)
+        return heldout_perplexity(model.module(device), blocks.head(max(1, settings.tokens // blocks.seq_len)),
+                                  batch_size=settings.batch_size)
+
+    def estimate(self, settings: PerplexitySettings, model_config, costs: Costs, seq_len: int) -> Work:
+        """`tokens` forwarded in blocks of `seq_len`; no start-up of its own."""
+        return Work(settings.tokens, forward_flops_per_token(model_config, seq_len) * settings.tokens)
 
 
 def _check_blocks(blocks: torch.Tensor, vocab_size: int) -> None:

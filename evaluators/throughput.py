@@ -10,7 +10,10 @@ outlives the caller, and their shared memory goes with them (evaluators.process_
     from evaluators.throughput import ThroughputSettings, measure_throughput
     results = measure_throughput({"teacher": t, "s1": s}, ThroughputSettings(), work_dir)
 
-This module never imports vLLM or torch; only the worker does.
+`VllmThroughput` is the evaluator (evaluators.base) that measures one model of them; the
+ratios to the teacher (`add_ratios`) come after all are measured.
+
+This module never imports vLLM; only the worker does.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.planning.cost_model import Costs, Work, forward_flops_per_token
+from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.process_tree import PARENT_PID_ENV, PidFile, kill_group
 
 log = logging.getLogger(__name__)
@@ -139,28 +144,68 @@ def vllm_available(python: str = sys.executable) -> str | None:
     return f"vLLM cannot be imported by {python} ({last}); {fix}"
 
 
+@dataclass(frozen=True)
+class ThroughputRun:
+    """One model's measurement: the workload, and the folder its worker writes its request,
+    result and log in (`model_work_dir`: its parent holds vLLM's compile cache, shared by the
+    models measured beside it). `work_dir` may be None where nothing runs: the estimate needs
+    only the workload."""
+
+    workload: ThroughputSettings
+    work_dir: Path | None = None
+
+
+class VllmThroughput(Evaluator[ThroughputRun]):
+    name = "vllm-throughput"
+    settings_type = ThroughputRun
+
+    def run(self, model: ModelHandle, settings: ThroughputRun, device: str) -> Record:
+        """The worker's numbers for `model.path` (see `evaluators.vllm_worker.measure`), or
+        {"error": "<model, root cause, last lines of the worker's log>"} when vLLM cannot
+        measure it, so that the family's other models go on. Raises VllmUnavailable when vLLM
+        cannot be imported. vLLM takes the machine's accelerator itself: `device` is not passed on."""
+        if settings.work_dir is None:
+            raise ValueError(f"ThroughputRun.work_dir is None: pass a folder for the worker measuring "
+                             f"{model.name!r} (model_work_dir(stage_dir, index, name)).")
+        _require_vllm()
+        try:
+            return measure_model(model.name, model.path, settings.workload, settings.work_dir)
+        except ThroughputError as err:
+            log.warning("%s", err)
+            return {"error": str(err)}
+
+    def estimate(self, settings: ThroughputRun, model_config, costs: Costs, seq_len: int) -> Work:
+        """num_prompts sequences of input_len + output_len tokens, each token forwarded at that
+        length; one engine start."""
+        length = settings.workload.input_len + settings.workload.output_len
+        tokens = settings.workload.num_prompts * length
+        return Work(tokens, tokens * forward_flops_per_token(model_config, length), costs.vllm_start_s)
+
+
+def _require_vllm() -> None:
+    reason = vllm_available()
+    if reason is not None:
+        raise VllmUnavailable(reason)
+
+
+def model_work_dir(work_dir: Path, index: int, name: str) -> Path:
+    """The worker folder of the index-th model measured in `work_dir`: "00-teacher", ..."""
+    return Path(work_dir).resolve() / f"{index:02d}-{_slug(name)}"
+
+
 def measure_throughput(models: dict[str, Path], settings: ThroughputSettings,
                        work_dir: Path) -> dict[str, dict[str, Any]]:
     """Measure every model in turn, each in a fresh subprocess, with the same prompts.
 
-    Returns {name: result} in the order of `models`. A result holds the worker's numbers
-    (see `evaluators.vllm_worker.measure`) plus `ratio_to_teacher` when a model named
-    "teacher" was measured with the same prompts. A model that cannot be measured gets
-    {"error": "<model, root cause, last lines of the worker's log>"} and the rest go on.
+    Returns {name: result} in the order of `models`: VllmThroughput's record of each, plus
+    `ratio_to_teacher` when a model named "teacher" was measured with the same prompts.
     Raises VllmUnavailable (before measuring anything) when vLLM cannot be imported.
     """
-    reason = vllm_available()
-    if reason is not None:
-        raise VllmUnavailable(reason)
-    work_dir = Path(work_dir).resolve()
-    results: dict[str, dict[str, Any]] = {}
+    _require_vllm()
+    evaluator, results = VllmThroughput(), {}
     for index, (name, path) in enumerate(models.items()):
-        model_dir = work_dir / f"{index:02d}-{_slug(name)}"
-        try:
-            results[name] = measure_model(name, Path(path), settings, model_dir)
-        except ThroughputError as err:
-            log.warning("%s", err)
-            results[name] = {"error": str(err)}
+        measurement = ThroughputRun(settings, model_work_dir(work_dir, index, name))
+        results[name] = evaluator.run(ModelHandle(path, name), measurement, device="cpu")  # not passed on to vLLM
     return add_ratios(results)
 
 

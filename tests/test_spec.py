@@ -289,6 +289,20 @@ def test_throughput_prompts_longer_than_max_model_len(tmp_path):
     assert problem.field == "throughput" and "exceeds engine_args.max_model_len 512" in problem.message
 
 
+def test_engine_args_may_not_set_what_the_throughput_worker_sets():
+    from pydantic import ValidationError
+
+    from builder.spec.schema import ThroughputSpec
+    from evaluators.throughput import _RESERVED_ENGINE_ARGS
+
+    # the worker's own list: a key it adds later must be refused here too, or a spec setting it
+    # would load and then fail in the dry run's estimate (which builds ThroughputSettings)
+    for key in _RESERVED_ENGINE_ARGS:
+        with pytest.raises(ValidationError, match=f"engine_args sets '{key}' .*which minizoo sets itself"):
+            ThroughputSpec(engine_args={key: 1, "enforce_eager": True})
+    assert ThroughputSpec(engine_args={"enforce_eager": True}).engine_args == {"enforce_eager": True}
+
+
 def test_yaml_syntax_error_gives_line_and_column(tmp_path):
     problem = only_problem(tmp_path, "family: tiny\nstudents:\n  - name: a\n   shape: {hidden_size: 48}\n")
     assert problem.field == "line 4, column 4" and "is not valid YAML" in problem.message

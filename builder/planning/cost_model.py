@@ -250,6 +250,13 @@ class Work:
     memory_of: object = None  # (micro_batch, workers, parallel) -> TrainingMemory, for training stages
 
 
+def one_after_another(works: list[Work], start_s: float, read_bytes: float) -> Work:
+    """The works one stage does in turn (its evaluators'), added up after the stage's own
+    start-up (`start_s`) and the checkpoints it reads (`read_bytes`)."""
+    return Work(sum(work.tokens for work in works), sum(work.flops for work in works),
+                start_s + sum(work.start_s for work in works), read_bytes)
+
+
 class StageInputs:
     """A stage's input models: their configs and the bytes their checkpoints take on disk.
     `producers`: role -> the kind of the stage that made that input ("acquire-teacher", ...)."""

@@ -510,6 +510,18 @@ class ThroughputSpec(Strict):
     # on a GPU), so a changed engine_args re-measures. The stage is a leaf: nothing else reruns.
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM as is")
 
+    @field_validator("engine_args")
+    @classmethod
+    def _leaves_the_workers_own_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # The throughput worker sets these itself (evaluators.throughput.ThroughputSettings
+        # refuses them too); refused here, a spec fails when it loads, not in its dry run's estimate.
+        owned = {"model": "it is each measured model's folder", "dtype": "use throughput.dtype",
+                 "seed": "it is fixed, so that teacher and students get the same prompts"}
+        clashes = [f"{key!r} ({why})" for key, why in owned.items() if key in value]
+        if clashes:
+            raise ValueError(f"engine_args sets {', '.join(clashes)}, which minizoo sets itself; remove it")
+        return value
+
     @model_validator(mode="after")
     def _fits_max_model_len(self) -> "ThroughputSpec":
         limit = self.engine_args.get("max_model_len")

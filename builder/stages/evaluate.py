@@ -1,48 +1,50 @@
-"""evaluate: a model's lm-eval benchmarks and held-out perplexity."""
+"""evaluate: a model's lm-eval benchmarks and held-out perplexity, both on one load of the model."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from builder.planning.cost_model import (Costs, StageInputs, Work, forward_flops_per_token, lm_eval_tokens,
-                                         subtasks)
+from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
 from builder.spec.schema import EvaluationSpec
 from builder.stages.base import StageContext, StageKind, StageResult
+from evaluators.base import Evaluator, ModelHandle
+from evaluators.lm_eval_runner import LmEvalSettings, TaskRequest
+from evaluators.perplexity import PerplexitySettings
+from evaluators.registry import get_evaluator
+
+
+def _evaluations(section: EvaluationSpec, heldout: Path | None = None,
+                cache_dir: Path | None = None) -> list[tuple[str, Evaluator, object]]:
+    """(summary key, evaluator, its settings) of what `section` asks for, in the order they run.
+    `heldout` (the token store) and `cache_dir` (lm-eval's rendered tasks) only where they run."""
+    planned: list[tuple[str, Evaluator, object]] = []
+    if section.tasks:
+        tasks = tuple(TaskRequest(t.name, t.num_fewshot, t.limit) for t in section.tasks)
+        planned.append(("metrics", get_evaluator("lm-eval"),
+                        LmEvalSettings(tasks, section.task_source, section.batch_size, cache_dir)))
+    if section.perplexity_tokens:
+        planned.append(("perplexity", get_evaluator("perplexity"),
+                        PerplexitySettings(section.perplexity_tokens, section.batch_size, heldout)))
+    return planned
 
 
 def run(ctx: StageContext) -> StageResult:
-    # torch, lm-eval and the models: imported when the stage runs, never when the CLI plans
-    from builder.data.prepare import load_blocks
-    from evaluators.lm_eval_runner import TaskRequest, evaluate_model
-    from evaluators.perplexity import heldout_perplexity
-
-    evaluation = ctx.section(EvaluationSpec)
+    model = ModelHandle(ctx.model_dir("model"))  # loaded once (float32), by the first evaluator that needs it
     device = ctx.options.device()
-    tasks = [TaskRequest(t.name, t.num_fewshot, t.limit) for t in evaluation.tasks]
-    metrics = evaluate_model(ctx.model_dir("model"), tasks, batch_size=evaluation.batch_size, device=device,
-                             source=evaluation.task_source,
-                             # rendered once per work dir and shared: the files are immutable
-                             cache_dir=Path(ctx.options.workdir) / "cache" / "lm-eval") if tasks else {}
-    summary = {"metrics": metrics}
-    tokens = 0
-    if evaluation.perplexity_tokens:
-        seq_len = ctx.spec.data.seq_len
-        blocks = load_blocks(ctx.blocks_path(), "heldout", max(1, evaluation.perplexity_tokens // seq_len))
-        summary["perplexity"] = heldout_perplexity(ctx.model_dir("model"), blocks, batch_size=evaluation.batch_size,
-                                                   device=device)
-        tokens = int(blocks.numel())
-    return summary, tokens
+    # rendered once per work dir and shared: the files are immutable
+    cache_dir = Path(ctx.options.workdir) / "cache" / "lm-eval"
+    summary: dict = {"metrics": {}}  # no tasks: empty metrics, as the report expects
+    for key, evaluator, settings in _evaluations(ctx.section(EvaluationSpec), ctx.blocks_path(), cache_dir):
+        summary[key] = evaluator.run(model, settings, device)
+    perplexity = summary.get("perplexity")  # the tokens counted: the held-out blocks'
+    return summary, (perplexity["blocks"] * perplexity["seq_len"] if perplexity else 0)
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
-    """lm-eval's tasks (each forward at its own length) and the held-out perplexity."""
-    model, tasks = inputs.model, config.get("tasks", [])
-    tokens = config["perplexity_tokens"]
-    flops = forward_flops_per_token(model, seq_len) * tokens
-    for task in tasks:
-        task_tokens, length = lm_eval_tokens(task)
-        tokens, flops = tokens + task_tokens, flops + forward_flops_per_token(model, length) * task_tokens
-    start = costs.stage_start_s + (costs.lm_eval_start_s + costs.lm_eval_task_s * subtasks(tasks) if tasks else 0)
-    return Work(tokens, flops, start, inputs.stored_bytes("model"))
+    """The evaluators' work on this stage's model, after the stage's start and its checkpoint's read."""
+    section = EvaluationSpec.model_validate({**config, **execution})
+    works = [evaluator.estimate(settings, inputs.model, costs, seq_len)
+             for _, evaluator, settings in _evaluations(section)]
+    return one_after_another(works, costs.stage_start_s, inputs.stored_bytes("model"))
 
 
 KIND = StageKind("evaluate", version="2",  # 2: perplexity's nll_stderr

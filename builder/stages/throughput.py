@@ -2,33 +2,37 @@
 run so the speed-ups are ratios; optional (its failure is reported, the family still builds)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from builder.planning.cost_model import Costs, StageInputs, Work, forward_flops_per_token
+from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
+from builder.spec.schema import ThroughputSpec
 from builder.stages.base import StageContext, StageKind, StageResult
-from evaluators.throughput import ThroughputSettings, measure_throughput
+from evaluators.base import ModelHandle
+from evaluators.registry import get_evaluator
+from evaluators.throughput import ThroughputRun, ThroughputSettings, add_ratios, model_work_dir
+
+
+def _workload(section: ThroughputSpec) -> ThroughputSettings:
+    return ThroughputSettings(input_len=section.input_len, output_len=section.output_len,
+                              num_prompts=section.num_prompts, dtype=section.dtype,
+                              engine_args=dict(section.engine_args))
 
 
 def run(ctx: StageContext) -> StageResult:
-    section = ctx.spec.throughput
-    settings = ThroughputSettings(input_len=section.input_len, output_len=section.output_len,
-                                  num_prompts=section.num_prompts, dtype=section.dtype,
-                                  engine_args=dict(section.engine_args))
-    models = {name: Path(manifest.summary["model_dir"]) for name, manifest in ctx.inputs.items()}
-    results = measure_throughput(models, settings, ctx.out_dir)
-    return {"results": results}, 0
+    evaluator, workload = get_evaluator("vllm-throughput"), _workload(ctx.section(ThroughputSpec))
+    device = ctx.options.device()
+    results = {role: evaluator.run(ModelHandle(ctx.model_dir(role), role),
+                                   ThroughputRun(workload, model_work_dir(ctx.out_dir, index, role)), device)
+               for index, role in enumerate(ctx.inputs)}
+    return {"results": add_ratios(results)}, 0
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
     """One vLLM engine per measured model, one after another."""
-    length = config["input_len"] + config["output_len"]
-    roles = inputs.measured()
-    per_model = config["num_prompts"] * length
-    flops = sum(per_model * forward_flops_per_token(inputs.config(role), length) for role in roles)
-    return Work(per_model * len(roles), flops, costs.stage_start_s + costs.vllm_start_s * len(roles),
-                sum(inputs.stored_bytes(role) for role in roles))
+    evaluator, roles = get_evaluator("vllm-throughput"), inputs.measured()
+    settings = ThroughputRun(_workload(ThroughputSpec.model_validate({**config, **execution})))
+    works = [evaluator.estimate(settings, inputs.config(role), costs, seq_len) for role in roles]
+    return one_after_another(works, costs.stage_start_s, sum(inputs.stored_bytes(role) for role in roles))
 
 
 KIND = StageKind("throughput", version="2",  # 2: several timed passes: mean, spread, machine load
                  run=run, resources="heavy", optional=True, title="vLLM tokens/s of the teacher and every student",
-                 estimate=estimate, record="Throughput", card_section="_throughput_section")
+                 estimate=estimate, report="Throughput")
