@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from builder.models.loading import load_model as load_checkpoint
+
+from builder.models import loading
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -30,7 +31,7 @@ def checkpoint_dir(model_dir: str | Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
-    return load_checkpoint(checkpoint_dir(model_dir), device, torch_dtype(dtype))
+    return loading.load_model(checkpoint_dir(model_dir), device, torch_dtype(dtype))
 
 
 def load_tokenizer(model_dir: str | Path):

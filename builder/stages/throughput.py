@@ -35,4 +35,4 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
 
 KIND = StageKind("throughput", version="2",  # 2: several timed passes: mean, spread, machine load
                  run=run, resources="heavy", optional=True, title="vLLM tokens/s of the teacher and every student",
-                 estimate=estimate, report="Throughput")
+                 estimate=estimate, record="Throughput", card_section="_throughput_section")
