@@ -28,9 +28,10 @@ import ray.train
 import torch
 import ray.train.torch
 
+from builder.options.run_options import Parallel
 from builder.store.stage_log import captured_output, stage_log_path
 from builder.training.loop import correct_teacher, distill, load_result
-from builder.training.settings import Parallel, TrainResult, TrainSettings, TrainingDiverged  # fmt: skip
+from builder.training.settings import TrainResult, TrainSettings, TrainingDiverged
 
 Kind = Literal["distill", "correct"]
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "cross_entropy"]
 Dtype = Literal["float32", "bfloat16"]
-Parallel = Literal["ddp", "fsdp"]
 LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FILE_SIZE = re.compile(r"[0-9]+(KB|MB|GB|KIB|MIB|GIB)", re.IGNORECASE)  # what save_pretrained parses
