@@ -34,6 +34,7 @@ from pathlib import Path
 
 from builder.running import interrupt
 from builder.errors import SpecError
+from builder.options.flags import add_flags, options_from
 from builder.options.run_options import RunOptions
 from builder.spec.schema import json_schema
 
@@ -50,56 +51,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the family (default command)", epilog=details,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(build)
-    build.add_argument("--verbose", action="store_true",
-                       help="also print every process's output (Ray, transformers, lm-eval, vLLM) and the "
-                            "whole plan; without it they go to each stage's stage.log only")
+    _add_spec(build)
+    add_flags(build, every_command_only=False)  # the run options (builder.options.run_options)
     build.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    build.add_argument("--gpu", choices=("h100", "h200", "a100", "l40s"), default="h100",
-                       help="the accelerator --dry-run estimates time and memory for (bf16 peak, memory)")
-    build.add_argument("--mfu", type=float, default=0.4,
-                       help="model-FLOPs utilisation the estimate assumes (default 0.4)")
-    build.add_argument("--disk-gbps", type=float,
-                       help="disk bandwidth in GB/s per worker the estimate assumes for loading models and "
-                            "writing checkpoints (default: printed in the dry run's notes)")
-    build.add_argument("--rehearse", action="store_true",
-                       help="run the whole plan on a small random model of the teacher's architecture with tiny "
-                            "budgets, on a CPU in minutes, in WORKDIR/rehearsal/ (labelled a rehearsal)")
-    build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
-    build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
-    build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
-    build.add_argument("--train-workers", type=int, default=1,
-                       help="Ray Train workers per training stage; they split the spec's global_batch_size, "
-                            "so the result does not change (it must divide global_batch_size)")
-    build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
-                       help="how training workers share the models: ddp (a full replica each) or fsdp "
-                            "(FSDP2 shards parameters, gradients and optimizer state across workers, for "
-                            "models that do not fit one device)")
     build.add_argument("--publish", action="store_true", help="publish evaluated students after the build")
     build.add_argument("--rebuild", action="append", default=[], metavar="STAGE",
                        help="redo this stage and every stage that reads it, although finished: a stage "
                             "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
-    status = commands.add_parser("status", help="which stages are done, running (in a live build) or pending")
-    _add_common(status)
-    report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
-    _add_common(report)
-    publish = commands.add_parser("publish", help="publish an existing run's students to the Hub")
-    _add_common(publish)
+    _run_reader(commands, "status", "which stages are done, running (in a live build) or pending")
+    _run_reader(commands, "report", "rewrite report.json/report.md/cards from the run directory")
+    publish = _run_reader(commands, "publish", "publish an existing run's students to the Hub")
     publish.add_argument("--dry-run", action="store_true", help="list repos and files, upload nothing")
     publish.add_argument("--force", action="store_true", help="publish students whose evaluation failed")
     commands.add_parser("schema", help="print the spec's JSON schema")
     return parser.parse_args(argv)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _run_reader(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command that reads a run: the spec and the run options every command takes."""
+    parser = commands.add_parser(name, help=help_text)
+    _add_spec(parser)
+    add_flags(parser, every_command_only=True)
+    return parser
+
+
+def _add_spec(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="the family YAML, e.g. families/smollm2-135m.yaml")
-    parser.add_argument("--workdir", type=Path, default=Path("runs"), help="run directory (default: runs/)")
-    parser.add_argument("--teacher-config", type=Path,
-                        help="the teacher's config.json, to plan without fetching the teacher")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and "
-                             "on CPUs with native bf16 where a probe shows it faster, else float32; report "
-                             "and publish: what the last build resolved)")
 
 
 def version_text() -> str:
@@ -111,28 +88,12 @@ def version_text() -> str:
         return "build-family (version unknown: minizoo is not installed; `pip install -e .`)"
 
 
-def options_from(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(
-        workdir=args.workdir.resolve(),
-        address=getattr(args, "address", None),
-        cpus_per_stage=getattr(args, "cpus_per_stage", 0),
-        gpus_per_stage=getattr(args, "gpus_per_stage", 0.0),
-        train_workers=getattr(args, "train_workers", 1),
-        parallel=getattr(args, "parallel", "ddp"),
-        teacher_config=args.teacher_config,
-        precision=getattr(args, "precision", "auto"),
-        gpu=getattr(args, "gpu", "h100"),
-        mfu=getattr(args, "mfu", 0.4),
-        disk_gbps=getattr(args, "disk_gbps", None),
-        verbose=getattr(args, "verbose", False),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    options = options_from(args)
     # The console view (builder.running.console) reports progress; the driver's own log lines are
     # for --verbose, and warnings always.
-    level = logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    level = logging.INFO if options.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
@@ -142,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     noted = args.command in ("build", "report")
     with interrupt.sigterm_noted() if noted else contextlib.nullcontext():
         try:
-            code = _run_command(args)
+            code = _run_command(args, options)
         except SpecError as error:
             print(error, file=sys.stderr)
             return 2
@@ -159,11 +120,10 @@ def _stopped(stop: interrupt.BuildStopped) -> int:
     return interrupt.STOPPED_EXIT_CODE
 
 
-def _run_command(args: argparse.Namespace) -> int:
+def _run_command(args: argparse.Namespace, options: RunOptions) -> int:
     # torch and transformers load with planning: not for --help, --version or schema
     from builder import family
 
-    options = options_from(args)
     started = time.perf_counter()
     if args.command == "status":
         print(family.status(args.spec, options))
@@ -175,7 +135,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(family.describe_plan(args.spec, options, tuple(args.rebuild)))
         return 0
-    if args.rehearse:
+    if options.rehearsal:
         # transformers: only for a rehearsal
         from builder.rehearse import rehearse
 

@@ -16,7 +16,6 @@ every manifest says `"rehearsal": true`, and it lives in its own work directory.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ def rehearse(spec_path: Path, options: RunOptions, with_throughput: bool | None 
     folder = rehearsal_dir(options)
     spec_file = prepare(plan.spec, family._teacher_config(plan.spec, spec_path, options), folder, options,
                         _vllm_installed() if with_throughput is None else with_throughput)
-    rehearsal_options = dataclasses.replace(options, workdir=folder, teacher_config=None, rehearsal=True)
+    rehearsal_options = options.model_copy(update={"workdir": folder, "teacher_config": None, "rehearsal": True})
     code = family.build(spec_file, rehearsal_options)
     if code == 0:
         code = family.publish(spec_file, rehearsal_options, dry_run=True, force=False)

@@ -5,6 +5,7 @@ Run: .venv/bin/pytest tests/test_distill.py -q
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -153,6 +154,35 @@ def test_settings_come_from_the_spec_plus_run_options():
     assert (settings.tokens, settings.loss, settings.dtype) == (2_000_000, "jsd", "bfloat16")
     correction = TrainSettings.from_spec(CorrectionSpec(tokens="1M"))
     assert correction.learning_rate == CorrectionSpec(tokens="1M").learning_rate
+
+
+def test_a_spec_field_the_loop_does_not_know_is_refused_by_name():
+    from builder.spec.schema import DistillSpec
+
+    class SmoothedDistillSpec(DistillSpec):  # a new spec field, with no way into the loop yet
+        label_smoothing: float = 0.1
+
+    with pytest.raises(ValueError, match=r"SmoothedDistillSpec label_smoothing=0\.1 would not reach the "
+                                         r"training loop.*add it to PLANNING_ONLY"):
+        TrainSettings.from_spec(SmoothedDistillSpec(tokens="1M"))
+
+
+def test_planning_only_names_spec_fields_the_loop_does_not_have():
+    from builder.spec.schema import CorrectionSpec, DistillSpec
+    from builder.training.settings import PLANNING_ONLY
+
+    spec_fields = DistillSpec.model_fields.keys() | CorrectionSpec.model_fields.keys()
+    loop_fields = {field.name for field in dataclasses.fields(TrainSettings)}
+    assert PLANNING_ONLY.keys() <= spec_fields and not PLANNING_ONLY.keys() & loop_fields
+
+
+def test_settings_defaults_are_the_specs():
+    """TrainSettings built directly (benches, tests) trains as an unset spec field would."""
+    from builder.spec.schema import DistillSpec
+
+    defaulted = [f for f in dataclasses.fields(TrainSettings) if f.default is not dataclasses.MISSING]
+    shared = [f for f in defaulted if f.name in DistillSpec.model_fields]
+    assert shared and all(f.default == DistillSpec.model_fields[f.name].default for f in shared)
 
 
 def test_cross_entropy_distillation_is_refused(models, blocks, tmp_path):

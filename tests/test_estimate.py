@@ -5,7 +5,6 @@ the bytes and constants they follow from."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,7 +104,7 @@ def test_checkpoint_io_is_bytes_over_bandwidth(llama_plan):
     """An 8B model: fp32 weights + AdamW's two fp32 moments per checkpoint (12 bytes a
     parameter), one every checkpoint_every steps but the last, plus the fp32 final model."""
     plan, options = llama_plan
-    slow_disk = replace(options, disk_gbps=0.5)
+    slow_disk = options.model_copy(update={"disk_gbps": 0.5})
     correct = _stage(estimate_plan(plan, LLAMA, slow_disk), "correct")
     every = plan.stages[correct.stage].key.execution["checkpoint_every"]
     steps = correct.tokens // (plan.spec.correction.global_batch_size * 8192)

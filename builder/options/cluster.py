@@ -9,7 +9,6 @@ stages hand checkpoints to each other as paths in it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import secrets
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ def size_for_cluster(options: RunOptions, nodes: list[Node], where: str) -> RunO
     problems = [*_stage_problems(options, nodes, cpus), *_worker_problems(options, nodes, cpus)]
     if problems:
         raise SpecError(where, problems + [Problem("(cluster)", None, describe_nodes(nodes))])
-    return dataclasses.replace(options, cpus_per_stage=cpus)
+    return options.model_copy(update={"cpus_per_stage": cpus})
 
 
 def describe_nodes(nodes: list[Node]) -> str:
@@ -78,7 +77,7 @@ def train_cpus_per_worker(options: RunOptions) -> int:
 
 def _worker_problems(options: RunOptions, nodes: list[Node], cpus: int) -> list[Problem]:
     """Ray Train places each worker on one node; all of them must fit at once."""
-    per_worker = train_cpus_per_worker(dataclasses.replace(options, cpus_per_stage=cpus))
+    per_worker = train_cpus_per_worker(options.model_copy(update={"cpus_per_stage": cpus}))
     slots = sum(math.floor(node.cpus / per_worker) for node in nodes)
     what = f"{per_worker} CPU"
     if options.use_gpu:  # Ray Train gives each worker one GPU

@@ -1,29 +1,72 @@
-"""How to run a build (never what to build: that is the spec). Filled from CLI flags."""
+"""How to run a build (never what to build: that is the spec): the one model of the run
+options. Every field is a `build-family` flag, made from the field by builder.options.flags
+(name, type, choices, default, help), so each default and help text is written here only.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from builder.options.precision import Precision, resolve_precision
 
+Gpu = Literal["h100", "h200", "a100", "l40s"]  # the keys of builder.planning.cost_model.ACCELERATORS
+Parallel = Literal["ddp", "fsdp"]
+RequestedPrecision = Literal["auto", "float32", "bfloat16"]  # auto or one of builder.options.precision.PRECISIONS
 
-@dataclass(frozen=True)
-class RunOptions:
-    workdir: Path = Path("runs")
-    address: str | None = None  # a Ray cluster; None starts a local one on 127.0.0.1
-    cpus_per_stage: int = 0  # CPUs for each heavy stage; 0 = every CPU of the local machine
-    gpus_per_stage: float = 0.0  # GPUs for each heavy stage (training, evaluation, vLLM)
-    train_workers: int = 1  # Ray Train data-parallel workers per training stage
-    parallel: str = "ddp"  # how those workers share the models: ddp (replicas) or fsdp (shards)
-    local_cpus: int = 0  # CPUs for a local Ray instance; 0 = os.cpu_count()
-    teacher_config: Path | None = None  # read the teacher's config here instead of its source
-    precision: str = "auto"  # training autocast: auto, float32 or bfloat16 (see builder.options.precision)
-    gpu: str = "h100"  # the accelerator the estimate (builder.planning.estimate) is for
-    mfu: float = 0.4  # the model-FLOPs utilisation it assumes
-    disk_gbps: float | None = None  # its disk bandwidth in GB/s; None: builder.planning.cost_model.Costs's
-    rehearsal: bool = False  # a `--rehearse` build (builder.rehearse): its manifests say so
-    verbose: bool = False  # stream every process's output to the console too (stage.log gets it anyway)
+# Marks an option that status, report and publish take too, not only build: they read a
+# finished run, so they need where it is, the teacher config it was planned with and its
+# precision.
+EVERY_COMMAND = {"every_command": True}
+
+
+def _flag(name: str) -> dict:
+    """Marks an option whose flag is not --FIELD-NAME."""
+    return {"flag": name}
+
+
+class RunOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Resolved once, here: stages in other processes (Ray workers, with another working
+    # directory) read the same run directory.
+    workdir: Annotated[Path, AfterValidator(Path.resolve)] = Field(
+        Path("runs"), validate_default=True, description="run directory", json_schema_extra=EVERY_COMMAND)
+    teacher_config: Path | None = Field(
+        None, description="the teacher's config.json, to plan without fetching the teacher",
+        json_schema_extra=EVERY_COMMAND)
+    precision: RequestedPrecision = Field(
+        "auto", description="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and on "
+        "CPUs with native bf16 where a probe shows it faster, else float32; report and publish: what the last "
+        "build resolved)", json_schema_extra=EVERY_COMMAND)
+    verbose: bool = Field(
+        False, description="also print every process's output (Ray, transformers, lm-eval, vLLM) and the whole "
+        "plan; without it they go to each stage's stage.log only")
+    gpu: Gpu = Field("h100", description="the accelerator --dry-run estimates time and memory for (bf16 peak, "
+                     "memory)")
+    mfu: float = Field(0.4, description="model-FLOPs utilisation the estimate assumes; 0.4 is what well-tuned "
+                       "dense training reaches on H100s, inference stages reach less")
+    disk_gbps: float | None = Field(
+        None, description="disk bandwidth in GB/s per worker the estimate assumes for loading models and writing "
+        "checkpoints (default: printed in the dry run's notes)")
+    rehearsal: bool = Field(
+        False, description="run the whole plan on a small random model of the teacher's architecture with tiny "
+        "budgets, on a CPU in minutes, in WORKDIR/rehearsal/ (labelled a rehearsal: builder.rehearse)",
+        json_schema_extra=_flag("--rehearse"))
+    address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local "
+                                "instance)")
+    cpus_per_stage: int = Field(0, description="CPUs per heavy stage; 0: all local CPUs")
+    gpus_per_stage: float = Field(0.0, description="GPUs per heavy stage (training, evaluation, vLLM)")
+    train_workers: int = Field(
+        1, description="Ray Train workers per training stage; they split the spec's global_batch_size, so the "
+        "result does not change (it must divide global_batch_size)")
+    parallel: Parallel = Field(
+        "ddp", description="how training workers share the models: ddp (a full replica each) or fsdp (FSDP2 "
+        "shards parameters, gradients and optimizer state across workers, for models that do not fit one device)")
+    local_cpus: int = Field(0, description="CPUs of the local Ray instance started without --address; 0: every "
+                            "CPU of this machine")
 
     def stage_cpus(self) -> int:
         return self.cpus_per_stage or self.local_cpus or os.cpu_count() or 1

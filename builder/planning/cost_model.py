@@ -58,9 +58,6 @@ ACCELERATORS = {
 }
 
 
-DEFAULT_MFU = 0.4  # what well-tuned dense training reaches on H100s; inference stages reach less
-
-
 def forward_flops_per_token(config, seq_len: int) -> int:
     """Matmul FLOPs of one forward pass per token, LM head and attention included."""
     shape = Shape.of(config)

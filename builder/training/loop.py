@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from builder.models.loading import load_model
+from builder.options.run_options import Parallel
 from builder.pruning.cuts import read_pruning_map
 from builder.store.stage_store import write_text_atomic
 from builder.teaching.signal import TeacherSignal
@@ -21,7 +22,7 @@ from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import (
     World, default_device, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
 )  # fmt: skip
-from builder.training.settings import DTYPES, Parallel, TrainResult, TrainSettings
+from builder.training.settings import DTYPES, TrainResult, TrainSettings
 from builder.training.step import DivergenceGuard, optimizer_step
 
 

@@ -10,8 +10,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from builder.options.run_options import Parallel
 from builder.training.aligner import HiddenStateAligner
-from builder.training.settings import Parallel, TrainSettings
+from builder.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,17 @@ worker reads the models from shared disk and memory-maps the token shards of `bl
 (the acquire-data stage dir), reading only its own slice of each step's batch; every rank
 writes its checkpoint shards into `out_dir` and rank 0 the metrics and the final model, so
 resuming works exactly as in one process: run again with the same `out_dir`. Ray Train's own checkpoint storage is not used;
-its run records go to `out_dir/ray_train/`.
+its run records go to `out_dir/ray_train/`. Each worker is handed one TrainJob (a frozen
+dataclass, like builder.teaching.teach_pass.TeachJob), never an untyped config dict.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,11 +28,45 @@ import ray.train
 import torch
 import ray.train.torch
 
+from builder.options.run_options import Parallel
 from builder.store.stage_log import captured_output, stage_log_path
 from builder.training.loop import correct_teacher, distill, load_result
-from builder.training.settings import Parallel, TrainResult, TrainSettings, TrainingDiverged  # fmt: skip
+from builder.training.settings import TrainResult, TrainSettings, TrainingDiverged
 
 Kind = Literal["distill", "correct"]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run, as every Ray Train worker runs it: handed to the worker function
+    whole (Ray pickles it), so the worker reads typed fields, never a config dict."""
+
+    kind: Kind
+    teacher_dir: str
+    student_dir: str | None  # the pruned student (distill); None for a teacher correction
+    blocks_path: str  # the acquire-data stage dir, or a teach stage's (a stored teacher signal)
+    out_dir: str
+    settings: TrainSettings  # a small frozen dataclass: cheap to pickle
+    parallel: Parallel = "ddp"
+    threads: int = 1  # torch threads per worker: the CPUs it reserved
+    tee_output: bool = False  # the worker's output also where Ray sends it (the driver), not only stage.log
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("distill", "correct"):
+            raise ValueError(f"kind={self.kind!r} is not a training kind; use 'distill' or 'correct'")
+        if self.kind == "distill" and self.student_dir is None:
+            raise ValueError("kind='distill' needs student_dir (the pruned student's checkpoint)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel={self.parallel!r} is not supported; use 'ddp' or 'fsdp'")
+
+    def run(self, device: torch.device) -> None:
+        """The loop, on this worker, inside the process group Ray Train set up."""
+        if self.kind == "distill":
+            distill(self.teacher_dir, self.student_dir, self.blocks_path, self.out_dir, self.settings,
+                    device=device, parallel=self.parallel)
+        else:
+            correct_teacher(self.teacher_dir, self.blocks_path, self.out_dir, self.settings, device=device,
+                            parallel=self.parallel)
 
 
 def run_on_ray_train(
@@ -53,55 +90,40 @@ def run_on_ray_train(
     resumes from the newest checkpoint in out_dir. Every worker's output goes to
     out_dir/stage.log (and, with `tee_output`, also where Ray sends it: the driver).
     """
-    _check_arguments(kind, student_dir, num_workers, parallel)
-    out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers} must be at least 1")
+    job = TrainJob(kind, _absolute(teacher_dir), None if student_dir is None else _absolute(student_dir),
+                   _absolute(blocks_path), _absolute(out_dir), settings, parallel,
+                   threads=max(1, int(cpus_per_worker)), tee_output=tee_output)
+    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(Path(job.out_dir) / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
     trainer = ray.train.torch.TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "kind": kind,
-            "teacher_dir": str(Path(teacher_dir).absolute()),
-            "student_dir": None if student_dir is None else str(Path(student_dir).absolute()),
-            "blocks_path": str(Path(blocks_path).absolute()),
-            "out_dir": str(out_dir),
-            "settings": settings,  # a small frozen dataclass: cheap to pickle
-            "parallel": parallel,
-            "threads": max(1, int(cpus_per_worker)),
-            "tee_output": tee_output,
-        },
+        functools.partial(_train_worker, job),  # no train_loop_config: the job is the whole config
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=kind,
-            storage_path=str(out_dir / "ray_train"),
+            storage_path=str(Path(job.out_dir) / "ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
     _fit(trainer)
-    return load_result(out_dir)
+    return load_result(job.out_dir)
 
 
-def _train_worker(config: dict) -> None:
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).absolute())  # every worker, on any node, reads the same shared path
+
+
+def _train_worker(job: TrainJob) -> None:
     """Runs on every Ray Train worker, inside the process group Ray Train set up."""
-    with captured_output(stage_log_path(config["out_dir"]), tee=config["tee_output"]):
-        _train(config)
-
-
-def _train(config: dict) -> None:
-    # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have sized
-    # its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
-    torch.set_num_threads(config["threads"])
-    _record_node(Path(config["out_dir"]))
-    device = ray.train.torch.get_device()
-    common = dict(device=device, parallel=config["parallel"])
-    if config["kind"] == "distill":
-        distill(config["teacher_dir"], config["student_dir"], config["blocks_path"],
-                config["out_dir"], config["settings"], **common)  # fmt: skip
-    else:
-        correct_teacher(config["teacher_dir"], config["blocks_path"], config["out_dir"],
-                        config["settings"], **common)  # fmt: skip
+    with captured_output(stage_log_path(job.out_dir), tee=job.tee_output):
+        # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have
+        # sized its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
+        torch.set_num_threads(job.threads)
+        _record_node(Path(job.out_dir))
+        job.run(ray.train.torch.get_device())
 
 
 def _record_node(out_dir: Path) -> None:
@@ -133,14 +155,3 @@ def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
 
 def _is_ours(error: BaseException) -> bool:
     return isinstance(error, (TrainingDiverged, ValueError))
-
-
-def _check_arguments(kind: str, student_dir, num_workers: int, parallel: str) -> None:
-    if kind not in ("distill", "correct"):
-        raise ValueError(f"kind={kind!r} is not a training kind; use 'distill' or 'correct'")
-    if kind == "distill" and student_dir is None:
-        raise ValueError("kind='distill' needs student_dir (the pruned student's checkpoint)")
-    if num_workers < 1:
-        raise ValueError(f"num_workers={num_workers} must be at least 1")
-    if parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel={parallel!r} is not supported; use 'ddp' or 'fsdp'")

@@ -1,19 +1,35 @@
-"""What one training run is asked to do (TrainSettings) and what it reports (TrainResult)."""
+"""What one training run is asked to do (TrainSettings) and what it reports (TrainResult).
+
+A spec training section (builder.spec.schema.TrainingSpec, strict pydantic) becomes the
+loop's TrainSettings in one place, `TrainSettings.from_spec`, and in one step: every field
+of the section is either a TrainSettings field of the same name or named in PLANNING_ONLY
+with what reads it instead; a section field that is neither is refused, naming the field,
+never dropped (a new spec field would otherwise change the stage hash and nothing else).
+
+TrainSettings stays a frozen dataclass rather than a second pydantic model: the section
+already validated the user's YAML, and the loop's own checks (`_settings_problems`) list
+every problem at once in the loop's words, also for settings the benches and tests build
+directly, without pydantic's wording around them; `dataclasses.replace` derives the
+correction run's settings. The one thing a pydantic model would add here, refusing unknown
+fields, the explicit mapping does.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from builder.models.loading import MAX_SHARD_SIZE
 
+if TYPE_CHECKING:
+    from builder.spec.schema import TrainingSpec
+
 Loss = Literal["forward_kl", "reverse_kl", "jsd", "cross_entropy"]
 Dtype = Literal["float32", "bfloat16"]
-Parallel = Literal["ddp", "fsdp"]
 LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FILE_SIZE = re.compile(r"[0-9]+(KB|MB|GB|KIB|MIB|GIB)", re.IGNORECASE)  # what save_pretrained parses
@@ -65,10 +81,17 @@ class TrainSettings:
             raise ValueError("invalid TrainSettings: " + "; ".join(problems))
 
     @classmethod
-    def from_spec(cls, spec: object, **overrides: object) -> "TrainSettings":
-        """From a `builder.spec.schema` TrainingSpec (pydantic) plus run options (dtype, ...)."""
-        values = {name: value for name, value in spec.model_dump().items() if name in _FIELDS}
-        return cls(**{**values, **overrides})
+    def from_spec(cls, section: TrainingSpec, **run_values: object) -> "TrainSettings":
+        """From a spec training section plus what the run decides, which the section does not
+        hold: dtype (the planned precision), batch_size and grad_accum (its global batch split
+        over the workers: builder.spec.batching); a run value never replaces a section's
+        (TypeError). Raises ValueError naming any section field that is neither a
+        TrainSettings field nor in PLANNING_ONLY."""
+        values = section.model_dump()
+        unknown = {name: values[name] for name in sorted(values.keys() - _FIELDS - PLANNING_ONLY.keys())}
+        if unknown:
+            raise ValueError(_unknown_fields_message(type(section).__name__, unknown))
+        return cls(**{name: value for name, value in values.items() if name in _FIELDS}, **run_values)
 
     def steps(self, seq_len: int, world_size: int) -> int:
         per_step = self.batch_size * self.grad_accum * seq_len * world_size
@@ -109,6 +132,24 @@ def _settings_problems(s: TrainSettings) -> list[str]:
 
 
 _FIELDS = {field.name for field in dataclasses.fields(TrainSettings)}
+
+# The spec training fields the loop does not read, and what does: `from_spec` skips these
+# and refuses any other section field that is not a TrainSettings field.
+PLANNING_ONLY: dict[str, str] = {
+    "global_batch_size": "split over the workers into batch_size x grad_accum (builder.spec.batching)",
+    "micro_batch_size": "caps batch_size in that split (builder.spec.batching)",
+    "teacher_signal": "the planner's choice of the online teacher or a teach stage's stored signal, "
+                      "which the loop is handed as its train_blocks",
+    "top_k": "the teach stage's; the loop reads the stored signal's own layout",
+    "tail_samples": "the teach stage's; the loop reads the stored signal's own layout",
+}
+
+
+def _unknown_fields_message(section: str, unknown: dict[str, object]) -> str:
+    fields = ", ".join(f"{name}={value!r}" for name, value in unknown.items())
+    return (f"{section} {fields} would not reach the training loop: TrainSettings has no such field; add it "
+            "to TrainSettings (builder/training/settings.py) and read it in the loop, or, if the loop is not "
+            "meant to read it, add it to PLANNING_ONLY there with what reads it instead")
 
 
 @dataclass(frozen=True)
