@@ -12,7 +12,22 @@ import os
 
 import pytest
 
-pytest_plugins = ["pytester"]  # tests/test_suite_modes.py runs this hook on small suites of its own
+pytest_plugins = ["pytester"]
+# The slowest groups of tests, slowest first (measured: see docs/development.md). Under
+# pytest-xdist (`make test` runs two workers with --dist loadgroup) they are queued first, so
+# no long one starts last and ends the run alone; the rest follow in file order.
+SLOWEST_FIRST = (
+    "test_multinode.py",
+    "test_e2e.py",
+    "rehearse-llama-3.1-8b-minitron.yaml",
+    "rehearse-qwen3-family.yaml",
+    "test_first_family.py",
+    "rehearse-mistral-nemo-12b-minitron.yaml",
+    "test_build_trust.py",
+    "test_throughput.py",
+    "test_prune.py",
+    "test_stage_failure.py",
+)  # tests/test_suite_modes.py runs this hook on small suites of its own
 REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
 
 
@@ -48,3 +63,21 @@ def shared_ray():
 
     with local_ray():
         yield
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Each test module runs whole on one xdist worker (its module-scoped builds and Ray
+    instance are made once), unless a test names its own `xdist_group`; slowest groups first."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=lambda item: _queue_position(_group(item)))  # stable: file order within a group
+
+
+def _group(item) -> str:
+    return next(item.iter_markers("xdist_group")).args[0]
+
+
+def _queue_position(group: str) -> int:
+    return SLOWEST_FIRST.index(group) if group in SLOWEST_FIRST else len(SLOWEST_FIRST)

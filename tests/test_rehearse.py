@@ -109,31 +109,42 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
     assert notes["rehearsal"] and notes["tasks_left_out"] == ["truthfulqa_mc2", "gsm8k"]
 
 
-@pytest.mark.slow
-def test_every_family_rehearses_end_to_end_offline(tmp_path, monkeypatch):
-    """Every stage of each family for real (pruning, Ray Train distillation, lm-eval on the
-    spec's tasks, vLLM throughput of the teacher and every student, cards, publish dry run),
-    on one local Ray instance for the three; a rehearsal reuses its stage processes."""
+@pytest.fixture(scope="module")
+def rehearsal_ray():
+    """One local Ray instance for the rehearsals that run in this process (under xdist each
+    family may run in another worker, which starts its own)."""
     import ray
 
+    temp_dir = tempfile.mkdtemp(prefix="mzrh-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", temp_dir)
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp_dir)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # three rehearsals with vLLM share two cores with the rest of the suite
+@pytest.mark.parametrize("spec_name", [pytest.param(name, marks=pytest.mark.xdist_group(f"rehearse-{name}"))
+                                       for name in sorted(FAMILIES)])
+def test_every_family_rehearses_end_to_end_offline(rehearsal_ray, spec_name, tmp_path, monkeypatch):
+    """Every stage of the family for real (pruning, Ray Train distillation, lm-eval on the
+    spec's tasks, vLLM throughput of the teacher and every student, cards, publish dry run);
+    a rehearsal reuses its stage processes."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    temp_dir = tempfile.mkdtemp(prefix="mzrh-", dir="/tmp")
-    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir)
-    try:
-        for spec_name, config in FAMILIES.items():
-            options = RunOptions(workdir=tmp_path / spec_name, teacher_config=CONFIGS / config, cpus_per_stage=1)
-            throughput = importlib.util.find_spec("vllm") is not None
-            if not throughput and vllm_required():
-                pytest.fail("MINIZOO_REQUIRE_VLLM=1 but vLLM is not installed: no rehearsal can measure throughput")
-            assert rehearse(ROOT / "families" / spec_name, options, with_throughput=throughput) == 0, spec_name
-            _check_rehearsal(tmp_path / spec_name / "rehearsal", ROOT / "families" / spec_name, throughput)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    throughput = importlib.util.find_spec("vllm") is not None
+    if not throughput and vllm_required():
+        pytest.fail("MINIZOO_REQUIRE_VLLM=1 but vLLM is not installed: no rehearsal can measure throughput")
+    options = RunOptions(workdir=tmp_path, teacher_config=CONFIGS / FAMILIES[spec_name], cpus_per_stage=1)
+    assert rehearse(ROOT / "families" / spec_name, options, with_throughput=throughput) == 0, spec_name
+    _check_rehearsal(tmp_path / "rehearsal", ROOT / "families" / spec_name, throughput)
 
 
 def _check_rehearsal(folder: Path, spec_path: Path, throughput: bool) -> None:
