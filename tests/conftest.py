@@ -13,7 +13,7 @@ import os
 import pytest
 
 pytest_plugins = ["pytester"]
-# The slowest groups of tests, slowest first (measured: see docs/development.md). Under
+# The slowest groups of tests, slowest first (from the durations `make test` prints). Under
 # pytest-xdist (`make test` runs two workers with --dist loadgroup) they are queued first, so
 # no long one starts last and ends the run alone; the rest follow in file order.
 SLOWEST_FIRST = (
