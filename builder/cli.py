@@ -98,8 +98,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="the teacher's config.json, to plan without fetching the teacher")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and "
-                             "on CPUs with native bf16 where a probe shows it faster, else float32; report "
-                             "and publish: what the last build resolved)")
+                             "on CPUs with native bf16 where a probe shows it faster, else float32; report, "
+                             "status and publish: the build the family view describes)")
 
 
 def version_text() -> str:
