@@ -1,11 +1,10 @@
 """The user-facing verbs: plan, build, report and publish one family.
 
     spec file --load/validate--> FamilySpec --make_plan--> Plan --run_plan (Ray)--> stages
-    on disk --write_family_view--> runs/<family>/{report.json, report.md, students/*/README.md}
+    on disk --write_family_view--> runs/<family>/{report.json, report.md, precision.json, students/*/README.md}
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -18,18 +17,18 @@ from builder.planning.dag import Plan, make_plan, teacher_acquire_key
 from builder.options.precision import Precision, machine_signature
 from builder.planning.reuse import stages_to_rebuild
 from builder.spec.schema import FamilySpec
-from builder.store.stage_store import StageStore, write_json_atomic
+from builder.store.stage_store import StageStore
 from builder.planning.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
 from builder.planning.estimate import estimate_plan, render_estimate
 from builder.report.dry_run import render_models, render_plan
-from builder.report.family_report import NothingToReport, write_report_files
+from builder.report.family_report import REPORT_JSON, NothingToReport, write_report_files
+from builder.report.family_view import started_precision, view_precision, write_started
 from builder.report.records import FamilyReport, ReportFileError
 from builder.report.summary import print_summary
 from builder.running.console import BuildConsole, make_console, render_status
 
 log = logging.getLogger(__name__)
-BUILT_PRECISION = "precision.json"  # in the family dir: what the last build resolved --precision to
 
 
 def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
@@ -38,7 +37,8 @@ def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
 
 def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
     """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
-    `built`: plan what the last build ran (report, publish), not what this machine would run.
+    `built`: plan the build the family view describes (report, status, publish), not what this
+    machine would build.
 
     Local teacher and data paths are checked first (the dry run, the build and the report
     all come here), so a missing or empty one is a spec problem before anything runs."""
@@ -58,33 +58,30 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
 
 
 def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
-    """`auto` resolves per machine (GPU or CPU, bf16 or not), and training stages are hashed
-    with the result: `report` on a login node must find the stages a GPU build made."""
-    record = _precision_record(spec, options)
-    if options.precision != "auto" or record is None:
+    """For `report`, `status` and `publish`: --precision when given, else the build the family
+    view describes, else the last build started here (builder.report.family_view). `auto`
+    resolves per machine and training stages are hashed with the result, so `report` on a
+    login node must not re-resolve: it would look for stages no GPU build made."""
+    if options.precision != "auto":
         return options.resolved_precision()
-    return Precision(record["dtype"], record["reason"])
+    folder = family_dir(spec, options)
+    return view_precision(folder) or started_precision(folder) or options.resolved_precision()
 
 
 def _build_precision(spec: FamilySpec, options: RunOptions) -> Precision:
     """`auto` for a build: what the last build decided on this same kind of machine, else a
     fresh decision. The CPU probe times a matmul, and on a loaded machine its answer can flip;
     a flip would change every training stage's hash and redo finished work for nothing."""
-    record = _precision_record(spec, options)
-    if options.precision == "auto" and record and record.get("machine") == machine_signature(options.use_gpu):
-        return Precision(record["dtype"], record["reason"] + "; decided by an earlier build on this machine")
-    return options.resolved_precision()
+    if options.precision != "auto":
+        return options.resolved_precision()
+    kept = started_precision(family_dir(spec, options), machine_signature(options.use_gpu))
+    return kept or options.resolved_precision()
 
 
-def _precision_record(spec: FamilySpec, options: RunOptions) -> dict | None:
-    record = family_dir(spec, options) / BUILT_PRECISION
-    return json.loads(record.read_text()) if record.exists() else None
-
-
-def record_precision(plan: Plan, options: RunOptions) -> None:
-    reason = plan.precision.reason.split("; decided by an earlier build")[0]
-    write_json_atomic(family_dir(plan.spec, options) / BUILT_PRECISION,
-                      {"dtype": plan.precision.dtype, "reason": reason, "machine": machine_signature(options.use_gpu)})
+def record_start(plan: Plan, options: RunOptions) -> None:
+    """Before any stage runs: a killed build resumes with this precision, and `report` before
+    the first view finds its stages."""
+    write_started(family_dir(plan.spec, options), plan.precision, machine_signature(options.use_gpu))
 
 
 def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
@@ -117,7 +114,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     console = make_console()
     _announce(console, plan, store, options, redo)
     _save_spec(spec_path, family_dir(plan.spec, options))
-    record_precision(plan, options)
+    record_start(plan, options)
     with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log",
                       live=not options.verbose) as view:
         result = run_plan(plan, options, redo, observer=view)
@@ -204,20 +201,35 @@ def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) ->
 
 
 def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
-    """Publish the family's report; every refusal is a message with its cause and fix and exit
-    code 1, a student without a Hub owner a spec problem (SpecError, exit 2)."""
+    """Publish the family's report, if it is of the build `plan` resolved; every refusal is a
+    message with its cause and fix and exit code 1, a student without a Hub owner a spec
+    problem (SpecError, exit 2)."""
     # huggingface_hub: only when publishing
     from publish.hub import publish_report
 
     owner_problems = _owner_problems(plan.spec)
     if owner_problems:
         raise SpecError(str(spec_path), owner_problems)
+    path = family_dir(plan.spec, options) / REPORT_JSON
     try:
-        report = FamilyReport.load(family_dir(plan.spec, options) / "report.json")
+        report = FamilyReport.load(path)
     except ReportFileError as error:
         print(f"error: cannot publish {plan.spec.family!r}: {error}", file=sys.stderr)
         return 1
+    if report.build.precision != plan.precision.dtype:
+        print(_other_build(report, path, plan, spec_path), file=sys.stderr)
+        return 1
     return publish_report(report, dry_run=dry_run, force=force)
+
+
+def _other_build(report: FamilyReport, path: Path, plan: Plan, spec_path: Path) -> str:
+    """Publishing reads the view, and the view is of another build than the one resolved:
+    another build wrote it since, writing it was interrupted, or --precision names another."""
+    dtype = plan.precision.dtype
+    return (f"error: cannot publish {plan.spec.family!r}: {path} is of {report.build.describe()}, not of the "
+            f"{dtype} build this command resolved ({plan.precision.reason}); another build of the family wrote "
+            f"the view since, or writing it was interrupted. Write the view of the {dtype} build with "
+            f"`build-family report {spec_path} --precision {dtype}`, then publish with --precision {dtype}")
 
 
 def _owner_problems(spec: FamilySpec) -> list[Problem]:

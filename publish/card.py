@@ -22,7 +22,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from builder.report.records import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
-                                  format_speedup, perplexity_difference, signal_name)
+                                  format_speedup, perplexity_difference, precision_text, signal_name)
 from builder.units import format_count, format_duration
 from publish.portable import find_local_paths
 
@@ -279,7 +279,8 @@ def _compute_section(report: FamilyReport, s: StudentRecord) -> str:
     lines += [f"| {name} | {format_count(c.tokens)} | {_flops(c.flops)} | {_duration(c.wall_s)} |" for name, c in stages]
     lines.append(f"| **total** | {format_count(sum(c.tokens for _, c in stages))} | "
                  f"{_flops(sum(c.flops for _, c in stages))} | {_duration(sum(c.wall_s for _, c in stages))} |")
-    lines += ["", f"Hardware: {report.hardware}."]
+    lines += ["", f"Hardware: {report.hardware}. Training precision: {precision_text(report.build.precision)}; "
+                  f"chosen by {report.build.precision_reason}."]
     if report.teacher.stages:
         lines[-1] += (" Stages marked *shared* prepared the teacher once for the whole family; every "
                       "student's card lists them, and its total counts them in full.")

@@ -347,8 +347,9 @@ def publish_report(
     """The `publish` command: print the plan (dry run) or publish; the exit code.
 
     0: every repo was (or, in a dry run, would be) published; 1: some were refused or
-    failed, each named on stderr with its cause and fix.
+    failed, each named on stderr with its cause and fix. The first line names the build.
     """
+    print(f"{'would publish' if dry_run else 'publishing'} {report.family}: {report.build.describe()}")
     if dry_run:
         plans = plan_family(report, students=students)
         print(format_plan(plans))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from builder.report.records import (Distillation, FamilyReport, Lineage, ModelRecord, Perplexity, Pruning, StageCost,
-                                  StudentRecord, TaskResult, TeacherRecord, Throughput)
+from builder.report.records import (BuildRecord, Distillation, FamilyReport, Lineage, ModelRecord, Perplexity, Pruning,
+                                    StageCost, StudentRecord, TaskResult, TeacherRecord, Throughput)
 from builder.spec.schema import PublishSpec
 from publish.card import render_card
 from publish.portable import find_local_paths
@@ -117,7 +117,9 @@ def sample_report() -> FamilyReport:
         card=f"{WORK}/smollm2-135m-sotu/students/smollm2-90m-depth/README.md", complete=True,
     )
     return FamilyReport(
-        family="smollm2-135m-sotu", description="Two students.", teacher=teacher, teacher_original=original,
+        family="smollm2-135m-sotu", build=BuildRecord(precision="bfloat16", precision_reason="auto: training on GPUs",
+                                                      finished_at=1765090800.0),
+        description="Two students.", teacher=teacher, teacher_original=original,
         students=[student], hardware="AMD EPYC 7B13 CPU, 2 cores", spec_yaml=SPEC_YAML,
         portable_spec_yaml=SPEC_YAML, data_source="embedded:sotu", license="mit",
         publish=PublishSpec(org="my-org", license="mit", usage_prompt="The state of the union is"),
@@ -192,6 +194,14 @@ def test_a_speedup_within_its_spread_is_noise_and_contention_is_flagged():
     text = render(report)
     assert "| speed-up | 1.00× | 1.01× ± 0.06 (noise) (contended) |" in text
     assert "**Contended:** a timed pass kept only 0.9 of its 2 cores busy" in text
+
+
+def test_the_card_states_the_training_precision_and_how_it_was_chosen():
+    assert ("Training precision: bfloat16 autocast, with the student's weights and optimizer state in float32; "
+            "chosen by auto: training on GPUs.") in render()
+    float32 = BuildRecord(precision="float32", precision_reason="--precision float32")
+    assert "Training precision: float32; chosen by --precision float32." in render(
+        sample_report().model_copy(update={"build": float32}))
 
 
 def test_license_comes_from_the_report():

@@ -161,7 +161,8 @@ def _report() -> FamilyReport:
              "card": "/x/fam/students/small/README.md",
              "tasks": {"arc_easy": {"scores": {"acc": 0.3}, "samples": 10}},  # binomial stderr
              "perplexity": {"perplexity": 103.7}}
-    return FamilyReport.model_validate({"family": "fam", "teacher": teacher, "students": [small],
+    build = {"precision": "float32", "precision_reason": "--precision float32"}
+    return FamilyReport.model_validate({"family": "fam", "build": build, "teacher": teacher, "students": [small],
                                         "hardware": "a CPU", "spec_yaml": "", "portable_spec_yaml": "",
                                         "data_source": "embedded:sotu"})
 

@@ -68,7 +68,9 @@ def test_the_build_ends_with_the_family_table_and_where_things_are(built):
     where = next(line for line in lines if line.startswith("smollm2-108m-mlp ") and "weights" in line)
     weights, card = re.search(r"weights (\S+)\s+card (\S+)", where).groups()
     assert (ROOT / weights / "config.json").exists() and (ROOT / card).read_text().startswith("---")
-    assert lines[-2] == f"report: wrote {workdir.resolve() / 'my-first-family' / 'report.md'} (complete)"
+    report_md = re.escape(str(workdir.resolve() / "my-first-family" / "report.md"))
+    assert re.fullmatch(rf"report: wrote {report_md} \(complete\) of the (float32|bfloat16) build \(.+\), "
+                        r"finished \d{4}-\d\d-\d\d \d\d:\d\d UTC", lines[-2]), lines[-2]
     assert lines[-1].startswith("build-family finished in ") and lines[-1].endswith("(exit code 0)")
 
 

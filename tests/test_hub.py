@@ -220,7 +220,9 @@ def test_dry_run_lists_every_repo_and_file_with_sizes_and_refusals(student, caps
 
     captured = capsys.readouterr()
     assert "error: 2 of 3 repo(s) would be refused" in captured.err
-    text = captured.out
+    first, text = captured.out.split("\n", 1)
+    assert first == ("would publish smollm2-135m-sotu: the bfloat16 build (auto: training on GPUs), "
+                     "finished 2025-12-07 07:00 UTC")
     plans = plan_family(report)
     assert text.strip() == format_plan(plans)
     assert [p.repo_id for p in plans] == ["my-org/smollm2-90m-depth", "my-org/smollm2-60m", "my-org/smollm2-30m"]
@@ -266,7 +268,8 @@ def test_publish_report_publishes_the_ready_students_and_names_the_rest(fake_hub
 
     assert publish_report(report, token=GOOD_TOKEN, endpoint=fake_hub.url) == 1
 
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out.startswith("publishing smollm2-135m-sotu: the bfloat16 build (auto: training on GPUs)")
     assert "2 problem(s) while publishing (published: my-org/smollm2-90m-depth)" in err
     assert "- smollm2-60m: refusing to publish my-org/smollm2-60m: its evaluation failed" in err
     assert "- smollm2-30m: student 'smollm2-30m' has no checkpoint" in err

@@ -271,7 +271,7 @@ def test_report_json_round_trips_through_the_model(family, checkpoint):
     spec, options, plan = family
     outcome = write(family, finish(plan, options, checkpoint))
     assert FamilyReport.load(outcome.path) == outcome.report
-    assert json.loads(outcome.path.read_text())["version"] == 2
+    assert json.loads(outcome.path.read_text())["version"] == 3
 
 
 def test_the_end_of_build_table_comes_from_the_report(family, checkpoint):

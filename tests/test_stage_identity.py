@@ -242,12 +242,12 @@ def test_auto_is_resolved_before_hashing(tmp_path, monkeypatch, flags, expected)
 
 def test_report_plans_with_the_precision_the_build_resolved(tmp_path, monkeypatch):
     """A build on GPUs resolved auto to bf16; `report` on a CPU node must find its stages."""
-    from builder.family import record_precision
+    from builder.family import record_start
 
     path = write_spec(tmp_path, SPEC)
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset())
     gpu_build = load_and_plan(path, options(tmp_path, precision="auto", gpus_per_stage=1))
-    record_precision(gpu_build, options(tmp_path))  # as `build` does before running
+    record_start(gpu_build, options(tmp_path))  # as `build` does before running
     reported = load_and_plan(path, options(tmp_path, precision="auto"), built=True)
     assert reported.precision == gpu_build.precision and digests(reported) == digests(gpu_build)
     pinned = load_and_plan(path, options(tmp_path, precision="float32"), built=True)
@@ -258,13 +258,13 @@ def test_a_build_keeps_the_precision_auto_chose_on_this_machine(tmp_path, monkey
     """The CPU probe times a matmul: on a loaded machine it may flip. The next build on the
     same machine keeps the recorded decision (else every training stage would be redone);
     another kind of machine decides afresh."""
-    from builder.family import record_precision
+    from builder.family import record_start
 
     path = write_spec(tmp_path, SPEC)
     monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     monkeypatch.setattr(precision_module, "bf16_speedup", lambda: 2.0)
     first = load_and_plan(path, options(tmp_path, precision="auto"))
-    record_precision(first, options(tmp_path))
+    record_start(first, options(tmp_path))
     monkeypatch.setattr(precision_module, "bf16_speedup", lambda: 0.8)  # a busy machine's probe
     again = load_and_plan(path, options(tmp_path, precision="auto"))
     assert again.precision.dtype == "bfloat16" and "earlier build on this machine" in again.precision.reason

@@ -39,8 +39,8 @@ class RunOptions(BaseModel):
         json_schema_extra=EVERY_COMMAND)
     precision: RequestedPrecision = Field(
         "auto", description="training autocast, part of the training stages' hash (auto: bfloat16 on GPUs and on "
-        "CPUs with native bf16 where a probe shows it faster, else float32; report and publish: what the last "
-        "build resolved)", json_schema_extra=EVERY_COMMAND)
+        "CPUs with native bf16 where a probe shows it faster, else float32; report, status and publish: the build "
+        "the family view describes)", json_schema_extra=EVERY_COMMAND)
     verbose: bool = Field(
         False, description="also print every process's output (Ray, transformers, lm-eval, vLLM) and the whole "
         "plan; without it they go to each stage's stage.log only")

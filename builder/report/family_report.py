@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.options.precision import Precision
 from builder.planning.dag import TEACHER, Plan
-from builder.report.records import (Candidate, Distillation, FamilyReport, Lineage, ModelRecord, Perplexity,
-                                  Pruning, SearchRecord, StageCost, StudentRecord, TaskResult, TeacherRecord,
-                                  Throughput, difference, format_perplexity, format_score, format_speedup,
-                                  perplexity_difference, read_completeness)
+from builder.report.family_view import first_reason, record_view, view_precision, view_turn
+from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
+                                    Perplexity, Pruning, SearchRecord, StageCost, StudentRecord, TaskResult,
+                                    TeacherRecord, Throughput, difference, format_perplexity, format_score,
+                                    format_speedup, perplexity_difference, precision_text, read_completeness)
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore
 from builder.units import format_count
@@ -26,7 +29,7 @@ from evaluators.throughput import describe_hardware
 from publish.portable import portable_spec_yaml
 
 log = logging.getLogger(__name__)
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REPORT_JSON, REPORT_MD, PLOTS, STUDENTS = "report.json", "report.md", "plots", "students"
 
 
 class NothingToReport(RuntimeError):
@@ -268,7 +271,8 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
                                                plan.original_teacher_stage))
     spec = plan.spec
     return FamilyReport(
-        family=spec.family, description=spec.description, teacher=teacher, teacher_original=original,
+        family=spec.family, build=build_record(plan, manifests), description=spec.description, teacher=teacher,
+        teacher_original=original,
         students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
         hardware=hardware(), spec_yaml=spec_text,
         portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec, spec_text)),
@@ -278,6 +282,12 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         missing=[stage_id for stage_id, manifest in manifests.items() if manifest is None],
         complete=all(manifests.values()),
     )
+
+
+def build_record(plan: Plan, manifests: dict[str, Manifest | None]) -> BuildRecord:
+    finished = [manifest.finished_at for manifest in manifests.values() if manifest and manifest.finished_at]
+    return BuildRecord(precision=plan.precision.dtype, precision_reason=first_reason(plan.precision),
+                       finished_at=max(finished, default=None))
 
 
 # -- writing, never over a better report ---------------------------------------------------------
@@ -292,20 +302,41 @@ def write_report_files(plan: Plan, store: StageStore, family_dir: Path, spec_tex
         raise NothingToReport(f"nothing to report for {plan.spec.family!r}: none of its {len(plan.stages)} stages "
                               f"has finished in {store.root}; build it first (build-family SPEC), or pass the "
                               "--workdir it was built in")
+    # One build at a time writes the view, so all of it describes one build (builder.report.family_view).
+    with view_turn(family_dir):
+        return _write_view(report, family_dir)
+
+
+def _write_view(report: FamilyReport, family_dir: Path) -> ReportOutcome:
     path = family_dir / REPORT_JSON
     was_complete, complete_students = read_completeness(path)
+    previous = view_precision(family_dir)
     if was_complete and not report.complete:
-        note = (f"kept the complete report {path}: this one is incomplete ({len(report.missing)} stage(s) "
-                f"missing: {', '.join(report.missing)}), so it was not written")
+        note = _kept_note(report, path, previous)
         log.warning("%s", note)
         return ReportOutcome(report, path, False, note)
     family_dir.mkdir(parents=True, exist_ok=True)
-    report = _write_cards(report, family_dir, keep=complete_students)
-    report = report.model_copy(update={"plots": draw_plots(report, family_dir / "plots")})
+    switched = previous is not None and previous.dtype != report.build.precision
+    if switched:  # the other build's cards and plots: none may stay beside this build's report
+        for folder in (family_dir / STUDENTS, family_dir / PLOTS):
+            shutil.rmtree(folder, ignore_errors=True)
+    # precision.json first, report.json last: a view whose two records disagree was interrupted
+    # while being written, and `publish` refuses it (builder.family).
+    record_view(family_dir, report.build)
+    report = _write_cards(report, family_dir, keep=set() if switched else complete_students)
+    report = report.model_copy(update={"plots": draw_plots(report, family_dir / PLOTS)})
     report.save(path)
     (family_dir / REPORT_MD).write_text(render_markdown(report, family_dir))
     state = "complete" if report.complete else f"incomplete, {len(report.missing)} stage(s) missing"
-    return ReportOutcome(report, path, True, f"wrote {family_dir / REPORT_MD} ({state})")
+    replaced = f"; it replaces the view of the {previous.dtype} build" if switched else ""
+    return ReportOutcome(report, path, True,
+                         f"wrote {family_dir / REPORT_MD} ({state}) of {report.build.describe()}{replaced}")
+
+
+def _kept_note(report: FamilyReport, path: Path, previous: Precision | None) -> str:
+    kept = f" of the {previous.dtype} build" if previous else ""
+    return (f"kept the complete report {path}{kept}: this one, of {report.build.describe()}, is incomplete "
+            f"({len(report.missing)} stage(s) missing: {', '.join(report.missing)}), so it was not written")
 
 
 def _write_cards(report: FamilyReport, family_dir: Path, keep: set[str]) -> FamilyReport:
@@ -313,7 +344,7 @@ def _write_cards(report: FamilyReport, family_dir: Path, keep: set[str]) -> Fami
     replaced by an incomplete one; a student never built gets none (it has no story yet)."""
     students = []
     for student in report.students:
-        folder = family_dir / "students" / student.name
+        folder = family_dir / STUDENTS / student.name
         if student.path and (student.complete or student.name not in keep):
             write_card(report, student, folder)
         card = folder / "README.md"
@@ -361,7 +392,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
     models = [m for m in (report.teacher_original, teacher, *report.students) if m]
     header = ["model", "params", *tasks, "perplexity", "output tok/s", "speed-up"]
     description = [report.description.strip(), ""] if report.description.strip() else []
-    lines = [f"# {report.family}", "", *_incomplete_notice(report), *description,
+    lines = [f"# {report.family}", "", *_incomplete_notice(report), *description, *_build_line(report),
              f"Teacher `{teacher.source}`; measured on {report.hardware}. Scores are lm-eval's (acc_norm where the "
              "task has it, else acc) ± one standard error; a student's Δ is against the teacher it was distilled "
              "from, and a Δ within two standard errors is marked *noise*.", "",
@@ -376,6 +407,11 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
         lines += [f"![{title}]({Path(path).relative_to(family_dir)})" for title, path in report.plots.items()]
     lines += ["", "Machine-readable: `report.json`. Model cards: `students/<name>/README.md`.", ""]
     return "\n".join(lines)
+
+
+def _build_line(report: FamilyReport) -> list[str]:
+    return [f"This report is of {report.build.describe()}; training precision: "
+            f"{precision_text(report.build.precision)}.", ""]
 
 
 def _incomplete_notice(report: FamilyReport) -> list[str]:

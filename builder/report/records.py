@@ -16,6 +16,7 @@ are within two standard errors of each other, i.e. noise.
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from builder.spec.schema import PublishSpec
 from builder.store.stage_store import write_json_atomic
 
-REPORT_VERSION = 2  # bump when a field changes meaning; older report.json files are refused
+REPORT_VERSION = 3  # bump when a field changes meaning; older report.json files are refused (3: `build`)
 # lm-eval metrics that are a mean of 0/1 outcomes, so a binomial standard error applies.
 BINARY_METRICS = ("acc_norm", "acc", "exact_match")  # also the headline order
 NOISE_SE = 2.0  # differences within this many standard errors are called noise
@@ -285,9 +286,37 @@ class StudentRecord(ModelRecord):
     complete: bool = False  # its checkpoint, evaluation (and throughput, if planned) are done
 
 
+class BuildRecord(Record):
+    """Which build of the family a report describes. Builds of one spec on one work dir that
+    resolved another training precision have other training stages (the precision is in
+    their hash), so a report is of one of them; the cards and `publish` say which."""
+
+    precision: Literal["float32", "bfloat16"]  # what its training stages ran in
+    precision_reason: str  # how --precision resolved to it, e.g. "auto: training on GPUs"
+    finished_at: float | None = None  # time.time() when its last stage finished; None: not recorded
+
+    def describe(self) -> str:
+        """"the bfloat16 build (auto: training on GPUs), finished 2025-12-07 06:40 UTC"."""
+        finished = f", finished {format_utc(self.finished_at)}" if self.finished_at else ""
+        return f"the {self.precision} build ({self.precision_reason}){finished}"
+
+
+def format_utc(seconds: float) -> str:
+    """A time.time() for people, in UTC: the same text on every machine that reads the report."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def precision_text(precision: str) -> str:
+    """How a card and report.md name the training precision (builder.training.step's autocast)."""
+    if precision == "bfloat16":
+        return "bfloat16 autocast, with the student's weights and optimizer state in float32"
+    return "float32"
+
+
 class FamilyReport(Record):
-    version: Literal[2] = REPORT_VERSION
+    version: Literal[3] = REPORT_VERSION
     family: str
+    build: BuildRecord  # the build this report (and every card written with it) describes
     description: str = ""
     teacher: TeacherRecord
     teacher_original: ModelRecord | None = None  # the published teacher, when a correction ran

@@ -14,7 +14,6 @@ not deciding reuse); one build at a time runs a stage: see `StageStore.locked`.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from builder.store.file_lock import file_lock
 from builder.store.integrity import find_damage, record_outputs
 from builder.store.provenance import Provenance, running_provenance
 from builder.store.stage_log import STAGE_LOG
@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 # Not outputs: resumable training state (large, read by no other stage), the manifest itself,
 # and the stage's log (its writers may still flush a line after the manifest is written).
 NOT_OUTPUTS = (MANIFEST, "checkpoints", STAGE_LOG)
-LOCKS = ".locks"  # per-stage lock files, beside the stage folders (never deleted: see locked)
+LOCKS = ".locks"  # per-stage lock files, beside the stage folders (never deleted: see file_lock)
 TRASH = ".trash"  # replaced stage folders are moved here, then deleted
 
 
@@ -138,30 +138,10 @@ class StageStore:
         """Hold a stage's lock, `stages/.locks/<stage id>.lock` (`stage_id` is the folder's
         name; the locks live apart so `stages/distill-x-*` globs match only stage folders):
         exclusive while running or replacing the stage, shared while reading it as an input.
-        A build that finds it held waits.
-
-        flock is released by the kernel when the holder dies, even by SIGKILL, so a killed
-        build never leaves a stale lock. On NFS, Linux clients implement flock with the
-        server's byte-range locks (NLM for v3, built into v4), so builds on several nodes
-        exclude each other too; a node that dies holding a lock releases it when its lease
-        expires (NFSv4: about 90 s). Mounts with `local_lock=flock` or `nolock` (and Lustre
-        without `-o flock`) keep locks per node: there, run one build per work dir."""
+        A build that finds it held waits (builder.store.file_lock: what survives a kill, and NFS)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        # Lock files are never deleted: a waiter still holding a deleted file's inode would
-        # "lock" a file that the next build, creating a new one, never sees.
-        lock = lock_path(self.root / stage_id)
-        lock.parent.mkdir(exist_ok=True)
-        with open(lock, "a") as handle:
-            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-            try:
-                fcntl.flock(handle, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting  %s: another build holds it", stage_id)
-                fcntl.flock(handle, mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(lock_path(self.root / stage_id), shared, f"{stage_id}: another build holds it"):
+            yield
 
     def reusable(self, key: StageKey, replaces: float | None = None) -> Manifest | None:
         """The stage's manifest if it is finished, intact and not the finish `replaces`
