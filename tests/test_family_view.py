@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ CARD_LINE = re.compile(r"Training precision: (float32|bfloat16)[ ;]")
 def plans(family):  # noqa: F811 (the fixture's value)
     """The same spec planned as a float32 and as a bfloat16 build: their training stages differ."""
     spec, options, _ = family
-    return {dtype: load_and_plan(spec, replace(options, precision=dtype)) for dtype in PRECISIONS}
+    return {dtype: load_and_plan(spec, options.model_copy(update={"precision": dtype})) for dtype in PRECISIONS}
 
 
 def write(family, plan, store):  # noqa: F811
