@@ -13,9 +13,10 @@ examples:
 
 exit codes:
   0  done (built, printed, published)
-  1  a stage failed (its log path is printed; run again to resume), or report/publish
-     could not do their work (the message says why)
-  2  the spec has problems (all are listed; nothing ran)
+  1  a stage failed (its log path is printed; run again to resume), the Ray cluster could not
+     be reached or refused the driver (within --connect-timeout), or report/publish could not
+     do their work (the message says why)
+  2  the spec or the flags have problems (all are listed; nothing ran)
   143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
      nothing half-written)
 
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 from builder.running import interrupt
+from builder.running.cluster_address import ClusterUnreachable
 from builder.errors import SpecError
 from builder.options.run_options import RunOptions
 from builder.spec.schema import json_schema
@@ -66,6 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="run the whole plan on a small random model of the teacher's architecture with tiny "
                             "budgets, on a CPU in minutes, in WORKDIR/rehearsal/ (labelled a rehearsal)")
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    build.add_argument("--connect-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                       help="how long reaching --address (or RAY_ADDRESS) may take before the build stops "
+                            "naming the cause: nothing listening, no answer, a refused auth token (default 60)")
     build.add_argument("--cpus-per-stage", type=int, default=0, help="CPUs per heavy stage (0: all local CPUs)")
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
     build.add_argument("--train-workers", type=int, default=1,
@@ -102,6 +107,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "and publish: what the last build resolved)")
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse reports a bad one with exit code 2)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds; write e.g. 60")
+    return seconds
+
+
 def version_text() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -115,6 +131,7 @@ def options_from(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         workdir=args.workdir.resolve(),
         address=getattr(args, "address", None),
+        connect_timeout_s=getattr(args, "connect_timeout", 60.0),
         cpus_per_stage=getattr(args, "cpus_per_stage", 0),
         gpus_per_stage=getattr(args, "gpus_per_stage", 0.0),
         train_workers=getattr(args, "train_workers", 1),
@@ -146,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as error:
             print(error, file=sys.stderr)
             return 2
+        except ClusterUnreachable as error:  # not the spec's fault: the same command works once the cluster does
+            print(f"build-family {error}", file=sys.stderr)
+            return 1
         except interrupt.BuildStopped as stop:
             return _stopped(stop)
         if interrupt.stop_requested():  # it came while files were written: they were finished first

@@ -12,6 +12,9 @@ from builder.options.precision import Precision, resolve_precision
 class RunOptions:
     workdir: Path = Path("runs")
     address: str | None = None  # a Ray cluster; None starts a local one on 127.0.0.1
+    # How long reaching `address` (or RAY_ADDRESS) may take before the build gives up naming
+    # the cause (builder.running.ray_session): a healthy head answers in seconds.
+    connect_timeout_s: float = 60.0
     cpus_per_stage: int = 0  # CPUs for each heavy stage; 0 = every CPU of the local machine
     gpus_per_stage: float = 0.0  # GPUs for each heavy stage (training, evaluation, vLLM)
     train_workers: int = 1  # Ray Train data-parallel workers per training stage
