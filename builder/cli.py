@@ -13,9 +13,10 @@ examples:
 
 exit codes:
   0  done (built, printed, published)
-  1  a stage failed (its log path is printed; run again to resume), or report/publish
-     could not do their work (the message says why)
-  2  the spec has problems (all are listed; nothing ran)
+  1  a stage failed (its log path is printed; run again to resume), the Ray cluster could not
+     be reached or refused the driver (within --connect-timeout), or report/publish could not
+     do their work (the message says why)
+  2  the spec or the flags have problems (all are listed; nothing ran)
   143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
      nothing half-written)
 
@@ -33,8 +34,9 @@ import time
 from pathlib import Path
 
 from builder.running import interrupt
+from builder.running.cluster_address import ClusterUnreachable
 from builder.errors import SpecError
-from builder.options.flags import add_flags, options_from
+from builder.options.flags import FlagError, add_flags, options_from
 from builder.options.run_options import RunOptions
 from builder.spec.schema import json_schema
 
@@ -90,7 +92,11 @@ def version_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    options = options_from(args)
+    try:
+        options = options_from(args)
+    except FlagError as error:
+        print(f"build-family: {error}", file=sys.stderr)
+        return 2
     # The console view (builder.running.console) reports progress; the driver's own log lines are
     # for --verbose, and warnings always.
     level = logging.INFO if options.verbose else logging.WARNING
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as error:
             print(error, file=sys.stderr)
             return 2
+        except ClusterUnreachable as error:  # not the spec's fault: the same command works once the cluster does
+            print(f"build-family {error}", file=sys.stderr)
+            return 1
         except interrupt.BuildStopped as stop:
             return _stopped(stop)
         if interrupt.stop_requested():  # it came while files were written: they were finished first

@@ -13,6 +13,11 @@ cards, a publish dry run), so whatever breaks there would break in the real buil
 never pass for real results: its family is named `<family>-rehearsal` and described as one,
 its teacher is a different checkpoint (so every stage hash differs from the real build's),
 every manifest says `"rehearsal": true`, and it lives in its own work directory.
+
+It runs on a local Ray instance on this machine, never on a cluster: its teacher and data are
+written here, its Ray Train settings are a single machine's (builder.running.runner), and the
+multi-node path is what tests/test_multinode.py checks. A cluster address (`--address`, or
+RAY_ADDRESS) is refused with exit code 2 rather than ignored.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from builder.errors import Problem, SpecError
+from builder.running.cluster_address import given_address
 from builder.spec import rehearsal_scale
 from builder.models.arch import count_params
 from builder.options.run_options import RunOptions
@@ -46,6 +53,7 @@ def rehearsal_dir(options: RunOptions) -> Path:
 
 def rehearse(spec_path: Path, options: RunOptions, with_throughput: bool | None = None) -> int:
     """Build the rehearsal of `spec_path`, then a publish dry run; the build's exit code."""
+    refuse_a_cluster(options)
     # torch and transformers load with planning: after the rehearsal spec is written
     from builder import family
 
@@ -59,6 +67,19 @@ def rehearse(spec_path: Path, options: RunOptions, with_throughput: bool | None 
         code = family.publish(spec_file, rehearsal_options, dry_run=True, force=False)
     log.info("rehearsal of %s: exit code %d; everything is in %s", spec_path, code, folder)
     return code
+
+
+def refuse_a_cluster(options: RunOptions) -> None:
+    """SpecError (exit code 2, nothing run) when the build was pointed at a cluster."""
+    address = given_address(options.address)
+    if address is None:
+        return
+    drop = ("drop --address (rehearse on any machine, then build on the cluster with --address)"
+            if address.source == "--address" else
+            "unset it for this command: `env -u RAY_ADDRESS build-family SPEC --rehearse`")
+    raise SpecError("build-family --rehearse", [Problem(
+        address.source, address.text, f"{address.text!r}: a rehearsal runs on a local Ray instance on this "
+        f"machine, never on a cluster; {drop}")])
 
 
 def prepare(spec: FamilySpec, teacher_config, folder: Path, options: RunOptions, with_throughput: bool) -> Path:

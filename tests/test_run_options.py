@@ -34,6 +34,7 @@ OTHER_VALUES = {
     "train_workers": (["--train-workers", "4"], 4),
     "parallel": (["--parallel", "fsdp"], "fsdp"),
     "local_cpus": (["--local-cpus", "2"], 2),
+    "connect_timeout_s": (["--connect-timeout", "5"], 5.0),
 }
 
 
@@ -95,3 +96,8 @@ def test_rehearse_runs_a_rehearsal_with_the_other_options(monkeypatch):
     monkeypatch.setattr(builder.rehearse, "rehearse", lambda spec, options: seen.append((spec, options)) or 0)
     assert main(["spec.yaml", "--rehearse", "--train-workers", "2"]) == 0
     assert seen == [(Path("spec.yaml"), RunOptions(rehearsal=True, train_workers=2))]
+
+
+def test_a_value_the_options_refuse_exits_2_naming_the_flag(capsys):
+    assert main(["spec.yaml", "--connect-timeout", "0", "--dry-run"]) == 2
+    assert "--connect-timeout 0.0: input should be greater than 0" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on this machine, for tests: a head and a worker node, each a
-separate `ray start --block` process on 127.0.0.1 with its own resources and temp dir.
+separate `ray start --block` process on 127.0.0.1 with its own resources and temp dir
+(`cpus` has one entry per node: `cpus=(1,)` starts the head alone).
 
     with TwoNodeCluster(tmp_path, cpus=(1, 1)) as cluster:
         subprocess.run([..., "--address", cluster.address], env=cluster.env())
@@ -35,9 +36,9 @@ def free_port() -> int:
 
 
 class TwoNodeCluster:
-    def __init__(self, root: Path, cpus: tuple[int, int] = (1, 1), resources: tuple[dict, dict] = ({}, {})):
+    def __init__(self, root: Path, cpus: tuple[int, ...] = (1, 1), resources: tuple[dict, ...] | None = None):
         self.root = Path(root)
-        self.cpus, self.resources = cpus, resources
+        self.cpus, self.resources = cpus, resources or tuple({} for _ in cpus)
         self.port = free_port()
         self.token = self.root / "ray-token"
         self.processes: list[subprocess.Popen] = []
@@ -58,8 +59,9 @@ class TwoNodeCluster:
         self.token.write_text(secrets.token_hex(32))
         try:
             self._start(0, ["--head", f"--port={self.port}", "--include-dashboard=false"])
-            self._start(1, [f"--address={self.address}"])
-            self.wait_for_nodes(2)
+            for index in range(1, len(self.cpus)):
+                self._start(index, [f"--address={self.address}"])
+            self.wait_for_nodes(len(self.cpus))
         except BaseException:
             self.stop()
             raise

@@ -13,6 +13,7 @@ import types
 import typing
 from typing import Literal
 
+from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from builder.options.run_options import RunOptions
@@ -26,11 +27,26 @@ def add_flags(parser: argparse.ArgumentParser, every_command_only: bool) -> None
             parser.add_argument(flag_of(name), dest=name, **_argument(name, info))
 
 
+class FlagError(ValueError):
+    """A flag's value the run options refuse (the CLI exits with code 2, as argparse does)."""
+
+
 def options_from(args: argparse.Namespace) -> RunOptions:
     """The run options a parsed command line gave; a field without a flag on this command
-    (status has no --verbose) takes RunOptions' default."""
+    (status has no --verbose) takes RunOptions' default. A value the model refuses raises
+    FlagError naming the flag, the value and the rule."""
     given = vars(args)
-    return RunOptions(**{name: given[name] for name in RunOptions.model_fields if name in given})
+    try:
+        return RunOptions(**{name: given[name] for name in RunOptions.model_fields if name in given})
+    except ValidationError as error:
+        raise FlagError("; ".join(_flag_problem(problem, given) for problem in error.errors())) from None
+
+
+def _flag_problem(problem: dict, given: dict) -> str:
+    name = str(problem["loc"][0]) if problem["loc"] else ""
+    if name not in RunOptions.model_fields:
+        return problem["msg"]
+    return f"{flag_of(name)} {given.get(name)}: {problem['msg'][0].lower()}{problem['msg'][1:]}"
 
 
 def flag_of(name: str) -> str:

@@ -57,6 +57,10 @@ class RunOptions(BaseModel):
         json_schema_extra=_flag("--rehearse"))
     address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local "
                                 "instance)")
+    # A healthy head answers in seconds (builder.running.cluster_address probes it first).
+    connect_timeout_s: float = Field(
+        60.0, gt=0, description="how long reaching --address (or RAY_ADDRESS) may take before the build stops "
+        "naming the cause: nothing listening, no answer, a refused auth token", json_schema_extra=_flag("--connect-timeout"))
     cpus_per_stage: int = Field(0, description="CPUs per heavy stage; 0: all local CPUs")
     gpus_per_stage: float = Field(0.0, description="GPUs per heavy stage (training, evaluation, vLLM)")
     train_workers: int = Field(

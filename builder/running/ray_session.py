@@ -1,6 +1,12 @@
 """The Ray session of a build: connect to a cluster (`--address`/RAY_ADDRESS), or start a
 local instance bound to loopback, and shut it down again. The runner uses it for a build;
-the data runner (builder.data.ray_data) for a preparation outside one; tests for theirs."""
+the data runner (builder.data.ray_data) for a preparation outside one; tests for theirs.
+
+A cluster is connected to only once it has answered a trial connection within
+`--connect-timeout` (builder.running.cluster_address.check_reachable); otherwise the build
+stops with one message naming the address and the cause. A SIGTERM while Ray starts or
+connects stops the build like at any other moment (exit code 143).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +16,17 @@ import shutil
 import signal
 import tempfile
 import threading
+from pathlib import Path
 
 import ray
 
 from builder.options.run_options import RunOptions
+from builder.running.cluster_address import ClusterAddress, check_reachable, given_address
+from builder.running.interrupt import BuildStopped
 
 log = logging.getLogger(__name__)
 
+CONNECT_LOG = "ray-connect.log"  # in the work dir: what Ray printed in the trial connection
 _own_temp_dirs: list[str] = []  # Ray temp dirs this process made for its local instances
 
 
@@ -29,9 +39,11 @@ def init_ray(options: RunOptions) -> bool:
     workers' output to the driver (log_to_driver). Ray's own driver messages are shown from
     ERROR up: its warnings at start-up (token authentication, /dev/shm size) are advice, and
     a real failure reaches the build as a stage's exception."""
-    address = options.address or os.environ.get("RAY_ADDRESS")
+    address = given_address(options.address)
     if ray.is_initialized():
         return False
+    if address is not None:  # before Ray is asked: Ray alone retries for minutes
+        check_reachable(address, options.connect_timeout_s, Path(options.workdir) / CONNECT_LOG, echo=options.verbose)
     with _sigterm_handler_kept():
         try:
             _connect(options, address)
@@ -54,17 +66,28 @@ def _sigterm_handler_kept():
             signal.signal(signal.SIGTERM, handler)
 
 
-def _connect(options: RunOptions, address: str | None) -> None:
+def _connect(options: RunOptions, address: ClusterAddress | None) -> None:
     quiet = {"log_to_driver": options.verbose, "logging_level": logging.INFO if options.verbose else logging.ERROR}
     if address:
-        ray.init(address=address, **quiet)
+        _init_stoppable(address=address.text, **quiet)
     else:
         _keep_on_loopback()
         # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
         # (without it, it logs a warning every second); on 127.0.0.1 only.
-        ray.init(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+        _init_stoppable(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
+                        dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+
+
+def _init_stoppable(**settings) -> None:
+    """ray.init; Ray's own SIGTERM handler, in place while it runs, exits with the signal's
+    number (exit code 15): the build stops instead as at any other moment (143)."""
+    try:
+        ray.init(**settings)
+    except SystemExit as exit:
+        if exit.code == signal.SIGTERM:
+            raise BuildStopped("stopped by signal SIGTERM") from None
+        raise
 
 
 def _keep_on_loopback() -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -139,14 +140,25 @@ def _probe_workdir(workdir: Path, nodes: list[Node], timeout_s: float = 300.0) -
     the driver read it back."""
     path, text = new_probe(workdir)
     writer, readers = nodes[0], nodes[1:]
-    write_error = ray.get(_on_node(writer, write_probe).remote(str(path), text), timeout=timeout_s)
+    [write_error] = _get_stoppable([_on_node(writer, write_probe).remote(str(path), text)], timeout_s)
     if write_error:
         return workdir_problems(workdir, writer, write_error, {})
     reads = {f"node {node}": _on_node(node, read_probe).remote(str(path), text) for node in readers}
-    errors = {who: ray.get(ref, timeout=timeout_s) for who, ref in reads.items()}
+    errors = dict(zip(reads, _get_stoppable(list(reads.values()), timeout_s)))
     errors[f"the driver ({socket.gethostname()})"] = read_probe(str(path), text)
     path.unlink(missing_ok=True)
     return workdir_problems(workdir, writer, "", errors)
+
+
+def _get_stoppable(refs: list[ray.ObjectRef], timeout_s: float) -> list:
+    """ray.get(refs, timeout=timeout_s), acting on a SIGTERM while it waits (a plain ray.get
+    holds the main thread until the results come)."""
+    deadline = time.monotonic() + timeout_s
+    waiting = refs
+    while waiting and time.monotonic() < deadline:
+        _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=_STOP_POLL_S)
+        raise_if_stopped()
+    return ray.get(refs, timeout=0 if waiting else None)  # Ray's GetTimeoutError when some are still out
 
 
 def _on_node(node: Node, function):
