@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from builder.store.disk_space import removed_on_failure
 from builder.store.integrity import find_damage, record_outputs
 from builder.store.provenance import Provenance, running_provenance
 from builder.store.stage_log import STAGE_LOG
@@ -198,11 +199,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write a temporary file in the same folder, fsync, rename it over `path`, fsync the
-    folder: after a crash `path` holds either the old content or the new, never a part."""
+    folder: after a crash `path` holds either the old content or the new, never a part; after
+    a failed write (a full disk) neither `path` changes nor a temporary stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # one writer per process
-    with open(tmp, "wb") as handle:
+    with removed_on_failure(tmp), open(tmp, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
