@@ -237,8 +237,16 @@ def lm_eval_tokens(task: dict) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """Bytes a stage's folder holds: `peak` at once while it runs, `kept` once it finished."""
+
+    peak: float = 0.0
+    kept: float = 0.0
+
+
+@dataclass(frozen=True)
 class Work:
-    """What one stage does, in the units its wall time follows from."""
+    """What one stage does, in the units its wall time follows from, and the disk it takes."""
 
     tokens: int = 0
     flops: float = 0.0
@@ -248,6 +256,7 @@ class Work:
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
     memory_of: object = None  # (micro_batch, workers, parallel) -> TrainingMemory, for training stages
+    disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 
 class StageInputs:
@@ -294,6 +303,22 @@ def trained_tokens(config: dict, execution: dict, seq_len: int) -> tuple[int, in
 def training_writes(trained_config, checkpoints: int) -> float:
     params = count_params(trained_config)
     return checkpoints * CHECKPOINT_BYTES_PER_PARAM * params + STORED_BYTES_PER_PARAM * params
+
+
+def training_disk(trained_config, checkpoints: int) -> Disk:
+    """A training stage's folder (builder.training.checkpoints): a checkpoint is written beside
+    the one before, which is removed only then, so from the second on two are on disk at once;
+    the final model is written beside the last checkpoint, which stays (resumable state)."""
+    params = count_params(trained_config)
+    checkpoint, model = CHECKPOINT_BYTES_PER_PARAM * params, STORED_BYTES_PER_PARAM * params
+    last = min(checkpoints, 1) * checkpoint
+    return Disk(peak=max(min(checkpoints, 2) * checkpoint, last + model), kept=last + model)
+
+
+def stored_model_disk(config, bytes_per_param: int = STORED_BYTES_PER_PARAM) -> Disk:
+    """A stage that writes one model (prune in fp32, acquire-teacher as stored)."""
+    size = bytes_per_param * count_params(config)
+    return Disk(peak=size, kept=size)
 
 
 def signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:
