@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from builder.planning.dag import Plan
+from builder.planning.reuse import Decision
 from builder.stages.base import Stage
 from builder.running.progress import Progress, stage_state, started_since, training_progress
 from builder.store.provenance import running_provenance, version_changes
@@ -169,6 +170,18 @@ class BuildConsole:
             table.add_row(Text(row.state, style=STYLES[row.state]), stage_title(row.stage),
                           format_seconds(row.elapsed()), _bar(row.progress), format_seconds(row.eta()))
         return table
+
+
+def build_header(family: str, decisions: dict[str, Decision], workdir: Path) -> str:
+    """`Building F: 5 stages to run (2 damaged), 3 finished earlier (reused); work dir W`: the
+    stages counted by the build's own decisions (builder.planning.reuse), so a damaged stage,
+    and one whose input runs again, count as to run, however finished they look."""
+    run = [decision for decision in decisions.values() if not decision.reuse]
+    kinds = {"damaged": "damaged", "resume": "resume from a checkpoint"}
+    detail = ", ".join(f"{n} {words}" for state, words in kinds.items()
+                       if (n := sum(decision.state == state for decision in run)))
+    return (f"Building {family}: {len(run)} stages to run{f' ({detail})' if detail else ''}, "
+            f"{len(decisions) - len(run)} finished earlier (reused); work dir {workdir}")
 
 
 def stage_title(stage: Stage) -> str:

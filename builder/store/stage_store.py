@@ -82,6 +82,9 @@ class Manifest:
     outputs: dict[str, dict] | None = None
     finished_at: float = 0.0  # time.time() when written: tells one finish of a stage from another
     provenance: Provenance | None = None  # what made it; None in manifests written before it was recorded
+    # stage id -> finished_at of each stage it read: the finishes its results are of (a later
+    # finish of an input makes them stale: builder.planning.reuse); None before it was recorded
+    inputs: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         provenance = self.provenance.model_dump() if self.provenance is not None else None
@@ -127,10 +130,13 @@ class StageStore:
         out.mkdir(parents=True, exist_ok=True)
         return out
 
-    def finish(self, key: StageKey, wall_s: float, tokens: int, summary: dict[str, Any]) -> Manifest:
+    def finish(self, key: StageKey, wall_s: float, tokens: int, summary: dict[str, Any],
+               inputs: list[Manifest] | None = None) -> Manifest:
+        """Record the stage as finished; `inputs`: the finished stages it read (None: not recorded)."""
         outputs = record_outputs(self.path(key), skip=NOT_OUTPUTS)
+        read = None if inputs is None else {found.stage_id: found.finished_at for found in inputs}
         manifest = Manifest(key.stage, key.digest, str(self.path(key)), wall_s, tokens, summary,
-                            outputs, time.time(), running_provenance())
+                            outputs, time.time(), running_provenance(), read)
         write_json_atomic(self.path(key) / MANIFEST, manifest.to_json())
         return manifest
 
