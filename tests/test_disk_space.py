@@ -22,9 +22,10 @@ from ray.train import WorkerGroupError
 
 from builder.cli import main
 from builder.family import load_and_plan
-from builder.models.arch import count_params
 from builder.options.run_options import RunOptions
-from builder.planning.cost_model import CHECKPOINT_BYTES_PER_PARAM
+from builder.models.loading import load_model
+from builder.models.teacher import config_from_json
+from builder.planning.cost_model import checkpoint_bytes, trained_tokens, training_disk
 from builder.stages import acquire_teacher
 from builder.stages.execute import execute_stage
 from builder.store import disk_space
@@ -32,12 +33,14 @@ from builder.store.disk_space import LOG_ROOM_BYTES, DiskFull, as_disk_full, spa
 from builder.store.stage_store import StageStore
 from builder.training import checkpoints
 from builder.training.checkpoints import save_checkpoint
+from builder.training.loop import distill
 from builder.training.parallel import World
+from builder.training.settings import TrainSettings
 from builder.units import format_bytes
 from test_checkpoints import PLAN, trainee
 from test_failed_build_view import failed_rebuild_of
 from test_report import checkpoint, family, finish  # noqa: F401 (fixtures)
-from tiny_models import one_thread, save_tiny_checkpoint  # noqa: F401 (autouse fixture)
+from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint  # noqa: F401 (autouse fixture)
 
 Usage = namedtuple("Usage", "total used free")
 ONE_WORLD = World(0, 1, False)
@@ -111,14 +114,21 @@ def save(trained, step: int) -> None:
     save_checkpoint(out, model, optimizer, scheduler, ONE_WORLD, PLAN, {"step": step, "loss": 1.0, "samples": 8})
 
 
+def framing_bytes(model) -> int:
+    """What a checkpoint holds beyond its tensors' bytes: DCP frames each tensor it writes
+    (about 2 kB; 4 kB allowed) and lists it in .metadata; the RNG and trainer state are a few kB."""
+    state = model.state_dict()  # a tied tensor under both its names, as DCP writes it
+    tensors = len(state) + 3 * len(list(model.parameters()))  # AdamW: step, exp_avg, exp_avg_sq each
+    return 4096 * tensors + 64 * 1024
+
+
 def test_a_checkpoints_size_is_the_estimates(trained):
     save(trained, 2)
     model, _, _, out = trained
     written = sum(f.stat().st_size for f in (out / "checkpoints" / "step-000002").iterdir())
-    estimated = CHECKPOINT_BYTES_PER_PARAM * count_params(model.config)
-    # Beyond the fp32 weights and AdamW's two moments: DCP's metadata, the RNG states and the
-    # trainer state, a few kB for a model of any size (the estimate leaves them to LOG_ROOM_BYTES).
-    assert estimated <= written <= estimated + LOG_ROOM_BYTES // 100
+    estimated = checkpoint_bytes(model.config)
+    assert model.config.tie_word_embeddings  # the tiny model ties its LM head: counted once more
+    assert estimated <= written <= estimated + framing_bytes(model)
 
 
 def test_enospc_in_dcps_writer_is_one_message_and_leaves_no_partial_checkpoint(trained, monkeypatch):
@@ -215,3 +225,24 @@ def test_a_failed_builds_family_view_failing_on_a_full_disk_does_not_crash_it(fa
     assert f"report: not written: disk full at {options.workdir / 'tiny-report'}: the family view needs" in out.out
     assert "Build failed: 1 stage(s) failed" in out.out and "Traceback" not in out.out + out.err
     assert not plots.exists() or not list(plots.iterdir())  # no 0-byte picture
+
+
+def test_a_training_stages_disk_at_its_peak_and_once_finished_is_the_estimates(tmp_path, monkeypatch):
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", seed=0)
+    student = save_tiny_checkpoint(tmp_path / "student", seed=1, num_hidden_layers=2)
+    blocks = torch.randint(3, TINY_VOCAB, (40, 32), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "distill-x"
+    held = []  # the folder's bytes each time a checkpoint is complete and the one before not yet removed
+    remove = checkpoints._remove_old_checkpoints
+    monkeypatch.setattr(checkpoints, "_remove_old_checkpoints",
+                        lambda root, keep: (held.append(disk_space.bytes_under(out)), remove(root, keep)))
+    steps, every = 5, 2
+    distill(teacher, student, blocks, out, TrainSettings(tokens=steps * 4 * 32, batch_size=4, checkpoint_every=every))
+
+    _, written = trained_tokens({"global_batch_size": 4, "tokens": steps * 4 * 32}, {"checkpoint_every": every}, 32)
+    expected = training_disk(config_from_json(student / "config.json"), written)
+    framing = framing_bytes(load_model(student))
+    small_files = 256 * 1024  # metrics, result, config and tokenizer files of a tiny model
+    assert written == len(held) == 2
+    assert 0 <= max(held) - expected.peak <= 2 * framing + small_files  # two checkpoints at once
+    assert 0 <= disk_space.bytes_under(out) - expected.kept <= framing + small_files

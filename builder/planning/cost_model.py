@@ -301,16 +301,24 @@ def trained_tokens(config: dict, execution: dict, seq_len: int) -> tuple[int, in
 
 
 def training_writes(trained_config, checkpoints: int) -> float:
-    params = count_params(trained_config)
-    return checkpoints * CHECKPOINT_BYTES_PER_PARAM * params + STORED_BYTES_PER_PARAM * params
+    return checkpoints * checkpoint_bytes(trained_config) + STORED_BYTES_PER_PARAM * count_params(trained_config)
+
+
+def checkpoint_bytes(trained_config) -> float:
+    """One training checkpoint: CHECKPOINT_BYTES_PER_PARAM per parameter, and the tied LM head
+    once more in fp32 (the model's state dict names a tied tensor twice and DCP writes both;
+    SmolLM2-135M's is 28M parameters, 7% of its checkpoint). DCP's framing of each tensor
+    (about 2 kB) is left to the stage's log room (builder.store.disk_space.LOG_ROOM_BYTES)."""
+    tied = trained_config.vocab_size * Shape.of(trained_config).hidden_size \
+        if getattr(trained_config, "tie_word_embeddings", False) else 0
+    return CHECKPOINT_BYTES_PER_PARAM * count_params(trained_config) + STORED_BYTES_PER_PARAM * tied
 
 
 def training_disk(trained_config, checkpoints: int) -> Disk:
     """A training stage's folder (builder.training.checkpoints): a checkpoint is written beside
     the one before, which is removed only then, so from the second on two are on disk at once;
     the final model is written beside the last checkpoint, which stays (resumable state)."""
-    params = count_params(trained_config)
-    checkpoint, model = CHECKPOINT_BYTES_PER_PARAM * params, STORED_BYTES_PER_PARAM * params
+    checkpoint, model = checkpoint_bytes(trained_config), STORED_BYTES_PER_PARAM * count_params(trained_config)
     last = min(checkpoints, 1) * checkpoint
     return Disk(peak=max(min(checkpoints, 2) * checkpoint, last + model), kept=last + model)
 
