@@ -10,6 +10,7 @@ real ENOSPC by writing to /dev/full.
 from __future__ import annotations
 
 import errno
+import logging
 import pickle
 import stat
 from collections import namedtuple
@@ -26,6 +27,7 @@ from builder.options.run_options import RunOptions
 from builder.models.loading import load_model
 from builder.models.teacher import config_from_json
 from builder.planning.cost_model import checkpoint_bytes, trained_tokens, training_disk
+from builder.planning.estimate import FamilyEstimate
 from builder.stages import acquire_teacher
 from builder.stages.execute import execute_stage
 from builder.store import disk_space
@@ -44,6 +46,13 @@ from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint  # noqa: F4
 
 Usage = namedtuple("Usage", "total used free")
 ONE_WORLD = World(0, 1, False)
+
+
+@pytest.fixture(autouse=True)
+def own_log_handlers(monkeypatch):
+    """main's logging.basicConfig binds a handler to the stderr of the first test calling it;
+    each test here gets its own, so a warning never goes to an earlier test's closed stream."""
+    monkeypatch.setattr(logging.root, "handlers", [])
 
 
 def free_space(monkeypatch, free: int) -> None:
@@ -246,3 +255,20 @@ def test_a_training_stages_disk_at_its_peak_and_once_finished_is_the_estimates(t
     assert written == len(held) == 2
     assert 0 <= max(held) - expected.peak <= 2 * framing + small_files  # two checkpoints at once
     assert 0 <= disk_space.bytes_under(out) - expected.kept <= framing + small_files
+
+
+def test_through_ray_a_stage_short_of_space_is_one_failure_line_and_exit_1(family, monkeypatch, capsys):
+    """The whole path: the driver's figure, the stage's own check on its worker (the real
+    free space), DiskFull across Ray, the console's one line, the exit code."""
+    spec, options, plan = family
+    needed = 10**14  # 100 TB: more than any disk this runs on
+    monkeypatch.setattr(FamilyEstimate, "disk_peaks", lambda estimate: {plan.original_teacher_stage: needed})
+    assert main([str(spec), "--workdir", str(options.workdir)]) == 1
+    out = capsys.readouterr()
+    stage_dir = StageStore(options.workdir).path(plan.stages[plan.original_teacher_stage].key)
+    (failure,) = [line for line in out.out.splitlines() if "FAILED" in line]
+    assert "FAILED   acquire-teacher after " in failure
+    assert f": DiskFull: disk full at {stage_dir}: stage {plan.original_teacher_stage} needs " \
+           f"{format_bytes(needed + LOG_ROOM_BYTES)}, " in failure and " is free; free at least " in failure
+    assert "Traceback" not in out.out + out.err and "Build failed: 1 stage(s) failed" in out.out
+    assert "DiskFull" in (stage_dir / "stage.log").read_text()  # the whole story, in the stage's log
