@@ -10,16 +10,19 @@ real ENOSPC by writing to /dev/full.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import pickle
 import stat
 from collections import namedtuple
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 from ray.train import WorkerGroupError
+from rich.console import Console
 
 from builder.cli import main
 from builder.family import load_and_plan
@@ -28,6 +31,7 @@ from builder.models.loading import load_model
 from builder.models.teacher import config_from_json
 from builder.planning.cost_model import checkpoint_bytes, trained_tokens, training_disk
 from builder.planning.estimate import FamilyEstimate
+from builder.running.console import BuildConsole
 from builder.stages import acquire_teacher
 from builder.stages.execute import execute_stage
 from builder.store import disk_space
@@ -272,3 +276,17 @@ def test_through_ray_a_stage_short_of_space_is_one_failure_line_and_exit_1(famil
            f"{format_bytes(needed + LOG_ROOM_BYTES)}, " in failure and " is free; free at least " in failure
     assert "Traceback" not in out.out + out.err and "Build failed: 1 stage(s) failed" in out.out
     assert "DiskFull" in (stage_dir / "stage.log").read_text()  # the whole story, in the stage's log
+
+
+def test_a_ray_message_on_a_full_disk_is_still_one_line(tmp_path, monkeypatch):
+    """Ray's thread hands its messages to the console, which keeps them in ray.log; a full disk
+    there must not become a traceback in that thread."""
+    console = Console(file=io.StringIO(), width=300)
+    view = BuildConsole(SimpleNamespace(stages={}), StageStore(tmp_path), console, ray_log=tmp_path / "fam" / "ray.log")
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builder.running.console.open", disk_full, raising=False)
+    view.ray_message("Task _execute failed due to oom. 2 worker(s) were killed.\nTop 10 memory users:")
+    (line,) = console.file.getvalue().splitlines()
+    assert "2 worker(s) were killed" in line and "not kept in" in line and "No space left on device" in line

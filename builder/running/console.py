@@ -122,17 +122,20 @@ class BuildConsole:
         first line here, once per kind, all of it in the family's ray.log."""
         if not text.strip():
             return
-        self.ray_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.ray_log, "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
+        try:
+            self.ray_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.ray_log, "a") as log:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
+            where = f"whole message: {display_path(self.ray_log)}"
+        except OSError as error:  # a full disk: Ray's thread calls this, where an error would be a traceback
+            where = f"not kept in {display_path(self.ray_log)}: {error.strerror or error}"
         first = text.strip().splitlines()[0]
         kind = re.sub(r"\d+", "#", first)  # "5 worker(s) were killed" and "2 worker(s)": one kind
         if kind in self.ray_kinds or any(routine in text for routine in ROUTINE_RAY_MESSAGES):
             return  # said once already, or routine: ray.log has it
         self.ray_kinds.add(kind)
         first = first if len(first) <= 160 else first[:157] + "..."
-        self.console.print(Text.assemble(_clock(), Text("ray     ", style="yellow"), f" {first} "
-                                         f"(whole message: {display_path(self.ray_log)})"))
+        self.console.print(Text.assemble(_clock(), Text("ray     ", style="yellow"), f" {first} ({where})"))
 
     def tick(self) -> None:
         for row in self.rows.values():
