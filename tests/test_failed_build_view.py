@@ -93,3 +93,17 @@ def test_a_rebuild_stopped_before_the_evaluation_reran_neither_reuses_nor_report
     report = collect_report(plan, store, spec.read_text(), {})
     width = next(student for student in report.students if student.name == "tiny-width")
     assert width.path and not width.tasks and width.perplexity is None and not report.complete
+
+
+def test_status_after_a_failed_rebuild_calls_the_old_evaluation_stale(family, checkpoint, monkeypatch, capsys):
+    spec, options, plan = family
+    finish(plan, options, checkpoint)
+    monkeypatch.setattr("builder.running.runner.run_plan", failed_rebuild_of("tiny-width"))
+    main([str(spec), "--workdir", str(options.workdir), "--rebuild", "distill-tiny-width"])
+    capsys.readouterr()
+    assert main(["status", str(spec), "--workdir", str(options.workdir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stale = [line.split(" finished on ")[0].split()[1:] for line in lines[1:] if line.split()[0] == "stale"]
+    # the evaluation of the weights that are gone, and the throughput run that measured them
+    assert stale == [["evaluate", "tiny-width"], ["throughput"]], lines
+    assert lines[0] == f"tiny-report: {len(plan.stages) - 3} done, 2 stale, 1 pending"

@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from builder.planning.dag import Plan
-from builder.planning.reuse import Decision
+from builder.planning.reuse import Decision, current_finishes
 from builder.stages.base import Stage
 from builder.running.progress import Progress, stage_state, started_since, training_progress
 from builder.store.provenance import running_provenance, version_changes
@@ -224,10 +224,12 @@ def display_path(path: str | Path) -> str:
 
 
 def render_status(plan: Plan, store: StageStore) -> str:
-    """Every stage's state from the store alone (no Ray): done, running, partial, pending; a
-    done stage made with other package versions than this install has says so."""
-    rows = [(stage_state(store, stage), stage) for stage in plan.stages.values()]
-    counts = {state: sum(s == state for s, _ in rows) for state in ("done", "running", "partial", "pending")}
+    """Every stage's state from the store alone (no Ray): done, stale (finished on an input
+    redone or gone since: builder.planning.reuse.current_finishes), running, partial, pending;
+    a done stage made with other package versions than this install has says so."""
+    current = current_finishes(plan, store)
+    rows = [(_state(store, stage, current[stage_id]), stage) for stage_id, stage in plan.stages.items()]
+    counts = {state: sum(s == state for s, _ in rows) for state in ("done", "stale", "running", "partial", "pending")}
     title = f"{plan.spec.family}: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     width = max(len(stage_title(stage)) for _, stage in rows)
     lines = [f"  {state:<8} {stage_title(stage):<{width}}  {_status_detail(store, state, stage)}".rstrip()
@@ -235,7 +237,14 @@ def render_status(plan: Plan, store: StageStore) -> str:
     return "\n".join([title, *lines])
 
 
+def _state(store: StageStore, stage: Stage, current: Manifest | None) -> str:
+    state = stage_state(store, stage)
+    return "stale" if state == "done" and current is None else state
+
+
 def _status_detail(store: StageStore, state: str, stage: Stage) -> str:
+    if state == "stale":
+        return "finished on an input that was redone or is gone since; the next build runs it again"
     if state == "done":
         manifest = store.manifest(stage.key)
         return _done_detail(manifest) if manifest else ""
