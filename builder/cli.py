@@ -13,8 +13,9 @@ examples:
 
 exit codes:
   0  done (built, printed, published)
-  1  a stage failed (its log path is printed; run again to resume), the Ray cluster could not
-     be reached or refused the driver (within --connect-timeout), or report/publish could not
+  1  a stage failed (its log path is printed; run again to resume), the disk is full (the
+     message names the path, the space needed and free), the Ray cluster could not be
+     reached or refused the driver (within --connect-timeout), or report/publish could not
      do their work (the message says why)
   2  the spec or the flags have problems (all are listed; nothing ran)
   143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
@@ -39,6 +40,7 @@ from builder.errors import SpecError
 from builder.options.flags import FlagError, add_flags, options_from
 from builder.options.run_options import RunOptions
 from builder.spec.schema import json_schema
+from builder.store.disk_space import as_disk_full
 
 COMMANDS = ("build", "status", "report", "publish", "schema")
 
@@ -118,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except interrupt.BuildStopped as stop:
             return _stopped(stop)
+        except Exception as error:  # a full disk, wherever the driver wrote: one message, no traceback
+            full = as_disk_full(error, getattr(args, "workdir", Path.cwd()), 0, f"build-family {args.command}")
+            if full is None:
+                raise
+            print(f"error: {full}", file=sys.stderr)
+            return 1
         if interrupt.stop_requested():  # it came while files were written: they were finished first
             return _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
         return code

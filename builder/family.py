@@ -15,18 +15,19 @@ from builder.spec.batching import batch_problems
 from builder.options.run_options import RunOptions
 from builder.planning.dag import Plan, make_plan, teacher_acquire_key
 from builder.options.precision import Precision, machine_signature
-from builder.planning.reuse import stages_to_rebuild
+from builder.planning.reuse import decide, stages_to_rebuild
 from builder.spec.schema import FamilySpec
 from builder.store.stage_store import StageStore
 from builder.planning.validate import check_against_teacher, load_spec, local_source_problems
 from builder.errors import Problem, SpecError
-from builder.planning.estimate import estimate_plan, render_estimate
-from builder.report.dry_run import render_models, render_plan
+from builder.planning.estimate import FamilyEstimate, estimate_plan, render_estimate
+from builder.report.dry_run import disk_check, render_models, render_plan
 from builder.report.family_report import REPORT_JSON, NothingToReport, write_report_files
 from builder.report.family_view import started_precision, view_precision, write_started
 from builder.report.records import FamilyReport, ReportFileError
 from builder.report.summary import print_summary
-from builder.running.console import BuildConsole, make_console, render_status
+from builder.running.console import BuildConsole, build_header, make_console, render_status
+from builder.store.disk_space import as_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
 def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
     plan = load_and_plan(spec_path, options)
     estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
-    return "\n".join([render_plan(plan, StageStore(options.workdir), family_dir(plan.spec, options),
-                                  stages_to_rebuild(plan, list(rebuild))), "", *render_estimate(estimate)])
+    store, redo = StageStore(options.workdir), stages_to_rebuild(plan, list(rebuild))
+    return "\n".join([render_plan(plan, store, family_dir(plan.spec, options), redo), "", *render_estimate(estimate),
+                      "", disk_check(estimate, decide(plan, store, redo), options.workdir).line()])
 
 
 def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: tuple[str, ...] = ()) -> int:
@@ -112,30 +114,51 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     redo = stages_to_rebuild(plan, list(rebuild))
     store = StageStore(options.workdir)
     console = make_console()
-    _announce(console, plan, store, options, redo)
+    # The estimate's disk figures: each stage checks its own is free before it writes.
+    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
+    _announce(console, plan, store, options, redo, estimate)
     _save_spec(spec_path, family_dir(plan.spec, options))
     record_start(plan, options)
     with BuildConsole(plan, store, console, ray_log=family_dir(plan.spec, options) / "ray.log",
                       live=not options.verbose) as view:
-        result = run_plan(plan, options, redo, observer=view)
-    outcome = write_family_view(plan, spec_path, options, result.failures | result.optional_failures,
-                                result.skipped)
+        result = run_plan(plan, options, redo, observer=view, disk_bytes=estimate.disk_peaks())
+    outcome = _family_view_after(console, plan, spec_path, options, result)
     _conclude(console, plan, options, result, outcome)
     if publish and result.ok:
         return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
     return 0 if result.ok else 1
 
 
-def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str]) -> None:
-    """The models to build and how much is already done; `--verbose` prints the whole plan."""
+def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str],
+              estimate: FamilyEstimate) -> None:
+    """The models to build and how much is already done, and the disk they need when it is
+    short; `--verbose` prints the whole plan and the disk line always."""
+    decisions = decide(plan, store, redo)
+    disk = disk_check(estimate, decisions, options.workdir)
     if options.verbose:
         console.print(render_plan(plan, store, family_dir(plan.spec, options), redo), highlight=False)
-        return
-    finished = sum(stage_id not in redo and store.manifest(stage.key) is not None
-                   for stage_id, stage in plan.stages.items())
-    console.print(f"Building {plan.spec.family}: {len(plan.stages) - finished} stages to run, {finished} "
-                  f"finished earlier (reused); work dir {options.workdir}", highlight=False)
-    console.print("\n".join(render_models(plan)[1:]), highlight=False)
+    else:
+        console.print(build_header(plan.spec.family, decisions, options.workdir), highlight=False)
+        console.print("\n".join(render_models(plan)[1:]), highlight=False)
+    if options.verbose or not disk.fits:
+        console.print(disk.line(), highlight=False)
+
+
+def _family_view_after(console, plan: Plan, spec_path: Path, options: RunOptions, result):
+    """The family view after the build. A failed build's view is a courtesy: whatever stops it
+    (a full disk above all) is one line, and the build's own failure stays the message and the
+    exit code. A finished build's goes up: a full disk is then the CLI's one message, exit 1."""
+    try:
+        return write_family_view(plan, spec_path, options, result.failures | result.optional_failures,
+                                 result.skipped)
+    except Exception as error:
+        if result.ok:
+            raise
+        log.info("the family view was not written", exc_info=True)  # its traceback with --verbose
+        full = as_disk_full(error, family_dir(plan.spec, options), 0, "the family view")
+        reason = str(full) if full else f"{type(error).__name__}: {error}".strip().splitlines()[-1]
+        console.print(f"report: not written: {reason}", highlight=False)
+        return None
 
 
 def _conclude(console, plan: Plan, options: RunOptions, result, outcome) -> None:

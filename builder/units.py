@@ -49,3 +49,12 @@ def format_duration(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def format_bytes(value: int | float) -> str:
+    """1_234_567_890 -> '1.23 GB' (decimal units, as `df -H` and disk vendors count)."""
+    for suffix, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        text = _three_digits(value / scale)
+        if abs(float(text)) >= 1:
+            return f"{text} {suffix}"
+    return f"{int(round(value))} bytes"

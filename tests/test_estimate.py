@@ -5,6 +5,8 @@ the bytes and constants they follow from."""
 from __future__ import annotations
 
 import json
+from collections import namedtuple
+from dataclasses import astuple, replace
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,13 @@ import yaml
 from builder import family
 from builder.models.teacher import config_from_json
 from builder.models.arch import count_params, student_config
-from builder.planning.cost_model import ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, forward_flops_per_token, lm_eval_tokens, training_memory
+from builder.cli import main
+from builder.planning.cost_model import ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, forward_flops_per_token, lm_eval_tokens, training_disk, training_memory
 from builder.planning.estimate import estimate_plan, fit_advice, render_estimate
 from builder.options.run_options import RunOptions
 from builder.spec.shape import Shape
+from builder.store import disk_space
+from builder.units import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CONFIG = ROOT / "tests" / "data" / "configs" / "Llama-3.1-8B.json"
@@ -198,3 +203,27 @@ def test_the_estimate_is_what_report_json_keeps(llama_plan, tmp_path):
     assert {"correct", "score", "distill", "evaluate", "throughput"} <= stages
     assert written["gpu_hours"] > 1000 and written["mfu"] == 0.4
     assert FamilyReport.model_fields["estimate"].annotation is not None
+
+
+def test_the_dry_run_prints_each_stages_disk_the_familys_and_what_is_free(tmp_path, monkeypatch, capsys):
+    plan, config = demo_plan(tmp_path)
+    estimate = estimate_plan(plan, config, RunOptions())
+    distill = _stage(estimate, "distill", "smollm2-90m-width")
+    student = student_config(config, plan.students[0].shape)
+    assert (distill.disk_peak, distill.disk_kept) == astuple(training_disk(student, distill.checkpoints))
+    teacher = _stage(estimate, "acquire-teacher")
+    assert teacher.disk_peak == 4 * count_params(config)  # the embedded GGUF, dequantized to fp32
+    free = 10**9
+    usage = namedtuple("Usage", "total used free")(10**12, 10**12 - free, free)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: usage)
+    args = [str(ROOT / "families" / "smollm2-135m.yaml"), "--dry-run", "--workdir", str(tmp_path),
+            "--teacher-config", str(tmp_path / "config.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    (row,) = [line.split() for line in out.split("Disk, each stage's folder")[1].splitlines()
+              if line.split()[:1] == [distill.stage]]
+    assert row == [distill.stage, *format_bytes(distill.disk_peak).split(), *format_bytes(distill.disk_kept).split()]
+    assert (f"  family: {format_bytes(estimate.disk_kept)} once built, at most {format_bytes(estimate.disk_peak)} "
+            "at once while it builds") in out
+    assert (f"Disk: the stages to run need at most {format_bytes(estimate.disk_peak)}, 1 GB is free at {tmp_path}: "
+            f"free {format_bytes(estimate.disk_peak - free)} there or use a --workdir on a larger disk") in out

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from builder.store.disk_space import removed_on_failure
 from builder.store.stage_store import write_bytes_atomic
 
 FORMAT = "minizoo-token-blocks"
@@ -99,7 +100,7 @@ class BlocksIndex:
 def save_shard(path: Path, blocks: np.ndarray) -> None:
     """One shard as a .npy file, under its final name only once complete."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
+    with removed_on_failure(temporary), open(temporary, "wb") as file:
         np.lib.format.write_array(file, np.ascontiguousarray(blocks), allow_pickle=False)
         file.flush()
         os.fsync(file.fileno())

@@ -234,8 +234,16 @@ def lm_eval_tokens(task: dict) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class Disk:
+    """Bytes a stage's folder holds: `peak` at once while it runs, `kept` once it finished."""
+
+    peak: float = 0.0
+    kept: float = 0.0
+
+
+@dataclass(frozen=True)
 class Work:
-    """What one stage does, in the units its wall time follows from."""
+    """What one stage does, in the units its wall time follows from, and the disk it takes."""
 
     tokens: int = 0
     flops: float = 0.0
@@ -245,6 +253,7 @@ class Work:
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
     memory_of: object = None  # (micro_batch, workers, parallel) -> TrainingMemory, for training stages
+    disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 
 def one_after_another(works: list[Work], start_s: float, read_bytes: float) -> Work:
@@ -296,8 +305,32 @@ def trained_tokens(config: dict, execution: dict, seq_len: int) -> tuple[int, in
 
 
 def training_writes(trained_config, checkpoints: int) -> float:
-    params = count_params(trained_config)
-    return checkpoints * CHECKPOINT_BYTES_PER_PARAM * params + STORED_BYTES_PER_PARAM * params
+    return checkpoints * checkpoint_bytes(trained_config) + STORED_BYTES_PER_PARAM * count_params(trained_config)
+
+
+def checkpoint_bytes(trained_config) -> float:
+    """One training checkpoint: CHECKPOINT_BYTES_PER_PARAM per parameter, and the tied LM head
+    once more in fp32 (the model's state dict names a tied tensor twice and DCP writes both;
+    SmolLM2-135M's is 28M parameters, 7% of its checkpoint). DCP's framing of each tensor
+    (about 2 kB) is left to the stage's log room (builder.store.disk_space.LOG_ROOM_BYTES)."""
+    tied = trained_config.vocab_size * Shape.of(trained_config).hidden_size \
+        if getattr(trained_config, "tie_word_embeddings", False) else 0
+    return CHECKPOINT_BYTES_PER_PARAM * count_params(trained_config) + STORED_BYTES_PER_PARAM * tied
+
+
+def training_disk(trained_config, checkpoints: int) -> Disk:
+    """A training stage's folder (builder.training.checkpoints): a checkpoint is written beside
+    the one before, which is removed only then, so from the second on two are on disk at once;
+    the final model is written beside the last checkpoint, which stays (resumable state)."""
+    checkpoint, model = checkpoint_bytes(trained_config), STORED_BYTES_PER_PARAM * count_params(trained_config)
+    last = min(checkpoints, 1) * checkpoint
+    return Disk(peak=max(min(checkpoints, 2) * checkpoint, last + model), kept=last + model)
+
+
+def stored_model_disk(config, bytes_per_param: int = STORED_BYTES_PER_PARAM) -> Disk:
+    """A stage that writes one model (prune in fp32, acquire-teacher as stored)."""
+    size = bytes_per_param * count_params(config)
+    return Disk(peak=size, kept=size)
 
 
 def signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:

@@ -19,7 +19,7 @@ from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS
                                          Accelerator, Costs, StageInputs, Work)
 from builder.planning.dag import Plan
 from builder.stages.registry import stage_kind
-from builder.units import format_count
+from builder.units import format_bytes, format_count
 from builder.spec.batching import batch_layout
 
 @dataclass
@@ -39,6 +39,8 @@ class StageEstimate:
     memory: dict[str, dict] = field(default_factory=dict)  # parallel -> TrainingMemory as a dict, + fits
     micro_batch: int | None = None
     advice: str | None = None
+    disk_peak: float = 0.0  # bytes its folder holds at once while it runs (cost_model.Disk)
+    disk_kept: float = 0.0  # ... once it finished
 
 
 @dataclass
@@ -61,8 +63,23 @@ class FamilyEstimate:
     def serial_wall_hours(self) -> float:
         return sum(stage.wall_hours for stage in self.stages)
 
+    @property
+    def disk_peak(self) -> float:
+        """The most the family holds on disk at once: at most every stage at its peak together
+        (students side by side each write their second checkpoint at the same moment)."""
+        return sum(stage.disk_peak for stage in self.stages)
+
+    @property
+    def disk_kept(self) -> float:
+        return sum(stage.disk_kept for stage in self.stages)
+
+    def disk_peaks(self) -> dict[str, float]:
+        """Stage id -> its folder's peak bytes: what each stage checks is free before it writes."""
+        return {stage.stage: stage.disk_peak for stage in self.stages}
+
     def to_json(self) -> dict:
-        return asdict(self) | {"gpu_hours": self.gpu_hours, "serial_wall_hours": self.serial_wall_hours}
+        return asdict(self) | {"gpu_hours": self.gpu_hours, "serial_wall_hours": self.serial_wall_hours,
+                               "disk_peak": self.disk_peak, "disk_kept": self.disk_kept}
 
 
 def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: Accelerator | None = None,
@@ -80,6 +97,9 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
              "when the cluster has room)"]
     notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
               if student.searched]
+    if plan.spec.data.max_tokens is None:
+        notes.append("disk: acquire-data's token blocks are not counted (2 or 4 bytes per token of the corpus, whose "
+                     "size is known only once tokenized; data.max_tokens bounds it)")
     return FamilyEstimate(accelerator.name, accelerator.bf16_tflops, accelerator.memory_gib, options.mfu,
                           options.train_workers, options.parallel, stages, notes, asdict(costs))
 
@@ -113,14 +133,14 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
     inputs = StageInputs(stage.key.label, producers, models, teacher_config)
     kind = stage_kind(stage.name)
     work = kind.estimate(stage.key.config, stage.key.execution, inputs, costs, plan.spec.data.seq_len) \
-        if kind.estimate else Work()  # acquire and select: downloads and copies
+        if kind.estimate else Work()  # select: file work only
     workers = options.train_workers if kind.uses_workers else 1
     gpus = workers if kind.resources != "light" else 0
     seconds = stage_seconds(work, workers, accelerator, options.mfu, costs)
     wall_hours = sum(seconds.values()) / 3600
     estimate = StageEstimate(stage_id, stage.name, stage.key.label, work.tokens, work.flops, gpus, gpus * wall_hours,
                              wall_hours, seconds, work.read_bytes * workers + work.split_read_bytes, work.write_bytes,
-                             work.checkpoints)
+                             work.checkpoints, disk_peak=work.disk.peak, disk_kept=work.disk.kept)
     if work.memory_of is not None and work.tokens:
         _add_memory(estimate, work.memory_of, _micro_batch(stage, options), options, accelerator)
     return estimate
@@ -188,14 +208,27 @@ def render_estimate(estimate: FamilyEstimate) -> list[str]:
              f"GPU(s) per training stage ({estimate.parallel}):"]
     header = ["stage", "tokens", "FLOPs", "GPUs", "GPU-hours", "wall", "of which start + I/O",
               "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
-    rows = [_row(stage) for stage in estimate.stages if stage.wall_hours]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in [header, *rows]]
+    lines += _table(header, [_row(stage) for stage in estimate.stages if stage.wall_hours])
     lines += [f"  family: {estimate.gpu_hours:,.1f} GPU-hours, at most {_hours(estimate.serial_wall_hours)} of "
               "wall time"]
     lines += [f"  {stage.stage}: {stage.advice}" for stage in estimate.stages if stage.advice]
     lines += [f"  note: {note}" for note in estimate.notes]
-    return lines
+    return lines + render_disk(estimate)
+
+
+def render_disk(estimate: FamilyEstimate) -> list[str]:
+    """Each stage's folder at its peak and once finished, and the family's."""
+    rows = [[stage.stage, format_bytes(stage.disk_peak), format_bytes(stage.disk_kept)]
+            for stage in estimate.stages if stage.disk_peak]
+    lines = ["", "Disk, each stage's folder (peak: at once while it runs; kept: once finished; logs and small "
+                 "results aside):", *_table(["stage", "peak", "kept"], rows)]
+    return lines + [f"  family: {format_bytes(estimate.disk_kept)} once built, at most {format_bytes(estimate.disk_peak)} "
+                    "at once while it builds (every stage at its peak together)"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *rows]]
 
 
 def _row(stage: StageEstimate) -> list[str]:

@@ -57,9 +57,12 @@ def _decide(stage: Stage, store: StageStore, rebuild: bool, earlier: dict[str, D
         damage = manifest.damage()
         if damage is not None:
             return Decision("damaged", manifest, fresh=True, reason=f"{damage[0]} is damaged ({damage[1]})")
-        if not rerun:
-            return Decision("done", manifest)
-        return Decision("todo", manifest, fresh=True, reason=f"its input {rerun[0]} runs again")
+        if rerun:
+            return Decision("todo", manifest, fresh=True, reason=f"its input {rerun[0]} runs again")
+        newer = _newer_inputs(manifest, {upstream: earlier[upstream].manifest for upstream in stage.inputs.values()})
+        if newer:  # a --rebuild stopped after redoing its input, before this stage ran again
+            return Decision("todo", manifest, fresh=True, reason=f"its input {newer[0]} finished after it")
+        return Decision("done", manifest)
     if not fresh_upstream and stage_kind(stage.name).resumable and _has_checkpoint(store.path(stage.key)):
         return Decision("resume")
     return Decision("todo", fresh=fresh_upstream)
@@ -67,6 +70,34 @@ def _decide(stage: Stage, store: StageStore, rebuild: bool, earlier: dict[str, D
 
 def _has_checkpoint(stage_dir: Path) -> bool:
     return (stage_dir / "checkpoints" / "latest").is_file()
+
+
+def current_finishes(plan: Plan, store: StageStore) -> dict[str, Manifest | None]:
+    """Stage id -> its manifest if the stage finished on the finishes it reads now, else None.
+
+    A stage whose input was redone after it finished, or is gone (a `--rebuild distill` that
+    failed: its folder was cleared, its evaluation never ran again), holds results of weights
+    that no longer exist; the report shows none of them. A stage starts only once its inputs
+    have finished, and it records the finish of each it read (Manifest.inputs), so no clock is
+    compared."""
+    current: dict[str, Manifest | None] = {}
+    for stage_id, stage in plan.stages.items():  # dependency order: inputs first
+        manifest = store.manifest(stage.key)
+        inputs = {upstream: current[upstream] for upstream in stage.inputs.values()}
+        stale = manifest is not None and (None in inputs.values() or _newer_inputs(manifest, inputs))
+        current[stage_id] = None if stale else manifest
+    return current
+
+
+def _newer_inputs(manifest: Manifest, inputs: dict[str, Manifest | None]) -> list[str]:
+    """The inputs finished again since the stage read them: the finish it recorded for each,
+    or, in manifests from before those were recorded, any that finished after it did."""
+    def read_another(stage_id: str, found: Manifest) -> bool:
+        if manifest.inputs is not None:
+            return manifest.inputs.get(stage_id) != found.finished_at
+        return found.finished_at > manifest.finished_at
+
+    return [stage_id for stage_id, found in inputs.items() if found is not None and read_another(stage_id, found)]
 
 
 def check_inputs(stage_id: str, inputs: dict[str, Manifest]) -> None:

@@ -1,6 +1,7 @@
 """The dry run: the plan as a human reads it (stages, shapes, parameters, outputs)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder.planning.dag import Plan, PlannedStudent
@@ -10,9 +11,11 @@ from builder.spec.shape import Shape
 from builder.stages.base import Stage
 from builder.stages.registry import stage_kind
 from builder.store.provenance import REUSED, running_provenance, version_changes
+from builder.planning.estimate import FamilyEstimate
+from builder.store.disk_space import free_bytes
 from builder.store.stage_store import StageStore
 from builder.teaching.signal import bytes_per_token, stored_bytes
-from builder.units import format_count
+from builder.units import format_bytes, format_count
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
 
@@ -144,3 +147,31 @@ def _provenance_notes(plan: Plan, decisions: dict[str, Decision]) -> list[str]:
 def _planned_tokens(plan: Plan, stage) -> str:
     tokens = stage_kind(stage.name).planned_tokens(plan.spec, stage)
     return "-" if tokens is None else format_count(tokens)
+
+
+
+@dataclass(frozen=True)
+class DiskCheck:
+    """What the stages to run need on disk at most (every one at its peak at once,
+    builder.planning.estimate), against what is free where they write."""
+
+    needed: float
+    free: float
+    workdir: Path
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.free
+
+    def line(self) -> str:
+        line = (f"Disk: the stages to run need at most {format_bytes(self.needed)}, {format_bytes(self.free)} is free "
+                f"at {self.workdir}")
+        if self.fits:
+            return line
+        return (f"{line}: free {format_bytes(self.needed - self.free)} there or use a --workdir on a larger disk "
+                "(each stage checks its own need before it writes, and stops naming it when the disk cannot hold it)")
+
+
+def disk_check(estimate: FamilyEstimate, decisions: dict[str, Decision], workdir: Path) -> DiskCheck:
+    needed = sum(stage.disk_peak for stage in estimate.stages if not decisions[stage.stage].reuse)
+    return DiskCheck(needed, free_bytes(workdir), Path(workdir))

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from builder.options.precision import Precision
 from builder.planning.dag import TEACHER, Plan
+from builder.planning.reuse import current_finishes
 from builder.report.family_view import first_reason, record_view, view_precision, view_turn
 from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
                                     Perplexity, Pruning, SearchRecord, StageCost, StudentRecord, TaskResult,
                                     TeacherRecord, Throughput, difference, format_perplexity, format_score,
                                     format_speedup, perplexity_difference, precision_text, read_completeness)
 from builder.spec.schema import FamilySpec, StudentSpec
-from builder.store.stage_store import Manifest, StageStore
+from builder.store.stage_store import Manifest, StageStore, write_text_atomic
 from builder.units import format_count
 from evaluators.throughput import describe_hardware
 from publish.portable import portable_spec_yaml
@@ -42,10 +43,6 @@ class ReportOutcome:
     path: Path  # report.json in the family folder
     written: bool  # False: a complete report was there and this one is incomplete
     note: str  # one line for the user: what was written or kept, and why
-
-
-def _manifests(plan: Plan, store: StageStore) -> dict[str, Manifest | None]:
-    return {stage_id: store.manifest(stage.key) for stage_id, stage in plan.stages.items()}
 
 
 def stage_cost(manifest: Manifest | None, flops_per_token: float = 0.0) -> StageCost | None:
@@ -263,7 +260,7 @@ def _local_references(spec: FamilySpec, spec_text: str) -> dict[str, str]:
 
 def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict[str, str],
                    skipped: dict[str, str] | None = None) -> FamilyReport:
-    manifests = _manifests(plan, store)
+    manifests = current_finishes(plan, store)  # never a result of weights that are gone or were redone since
     teacher = teacher_record(plan, manifests, failures)
     original = None
     if plan.teacher_stage != plan.original_teacher_stage:
@@ -326,7 +323,7 @@ def _write_view(report: FamilyReport, family_dir: Path) -> ReportOutcome:
     report = _write_cards(report, family_dir, keep=set() if switched else complete_students)
     report = report.model_copy(update={"plots": draw_plots(report, family_dir / PLOTS)})
     report.save(path)
-    (family_dir / REPORT_MD).write_text(render_markdown(report, family_dir))
+    write_text_atomic(family_dir / REPORT_MD, render_markdown(report, family_dir))
     state = "complete" if report.complete else f"incomplete, {len(report.missing)} stage(s) missing"
     replaced = f"; it replaces the view of the {previous.dtype} build" if switched else ""
     return ReportOutcome(report, path, True,
@@ -356,9 +353,9 @@ def write_card(report: FamilyReport, student: StudentRecord, folder: Path) -> Pa
     # huggingface_hub (through publish.card): only when cards are written
     from publish.card import render_card
 
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text(render_card(report, student.name))
-    (folder / "spec.yaml").write_text(report.spec_yaml)
+    # atomic: a full disk leaves the card before or none, never half a card
+    write_text_atomic(folder / "README.md", render_card(report, student.name))
+    write_text_atomic(folder / "spec.yaml", report.spec_yaml)
     return folder / "README.md"
 
 

@@ -5,6 +5,7 @@ Every point carries its uncertainty as an error bar: mean accuracy ± its standa
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import matplotlib
 
 from builder.report.records import FamilyReport, ModelRecord, Score
+from builder.store.stage_store import write_bytes_atomic
 
 matplotlib.use("Agg")  # headless: no display on build machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -92,8 +94,13 @@ def importance_profile(block_importance: list[float] | None, out: Path) -> Path 
 
 
 def _save(figure, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    """Drawn in memory, then written atomically: a full disk leaves the old picture or none,
+    never a truncated PNG."""
+    image = io.BytesIO()
+    try:
+        figure.tight_layout()
+        figure.savefig(image, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+    write_bytes_atomic(out, image.getvalue())
     return out

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from builder.planning.dag import Plan
+from builder.planning.reuse import Decision, current_finishes
 from builder.stages.base import Stage
 from builder.running.progress import Progress, stage_state, started_since, training_progress
 from builder.store.provenance import running_provenance, version_changes
@@ -121,17 +122,20 @@ class BuildConsole:
         first line here, once per kind, all of it in the family's ray.log."""
         if not text.strip():
             return
-        self.ray_log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.ray_log, "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
+        try:
+            self.ray_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.ray_log, "a") as log:
+                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
+            where = f"whole message: {display_path(self.ray_log)}"
+        except OSError as error:  # a full disk: Ray's thread calls this, where an error would be a traceback
+            where = f"not kept in {display_path(self.ray_log)}: {error.strerror or error}"
         first = text.strip().splitlines()[0]
         kind = re.sub(r"\d+", "#", first)  # "5 worker(s) were killed" and "2 worker(s)": one kind
         if kind in self.ray_kinds or any(routine in text for routine in ROUTINE_RAY_MESSAGES):
             return  # said once already, or routine: ray.log has it
         self.ray_kinds.add(kind)
         first = first if len(first) <= 160 else first[:157] + "..."
-        self.console.print(Text.assemble(_clock(), Text("ray     ", style="yellow"), f" {first} "
-                                         f"(whole message: {display_path(self.ray_log)})"))
+        self.console.print(Text.assemble(_clock(), Text("ray     ", style="yellow"), f" {first} ({where})"))
 
     def tick(self) -> None:
         for row in self.rows.values():
@@ -171,6 +175,18 @@ class BuildConsole:
         return table
 
 
+def build_header(family: str, decisions: dict[str, Decision], workdir: Path) -> str:
+    """`Building F: 5 stages to run (2 damaged), 3 finished earlier (reused); work dir W`: the
+    stages counted by the build's own decisions (builder.planning.reuse), so a damaged stage,
+    and one whose input runs again, count as to run, however finished they look."""
+    run = [decision for decision in decisions.values() if not decision.reuse]
+    kinds = {"damaged": "damaged", "resume": "resume from a checkpoint"}
+    detail = ", ".join(f"{n} {words}" for state, words in kinds.items()
+                       if (n := sum(decision.state == state for decision in run)))
+    return (f"Building {family}: {len(run)} stages to run{f' ({detail})' if detail else ''}, "
+            f"{len(decisions) - len(run)} finished earlier (reused); work dir {workdir}")
+
+
 def stage_title(stage: Stage) -> str:
     """`distill smollm2-90m-width`: the stage and its label, without the hash."""
     return f"{stage.name} {stage.key.label}".strip()
@@ -208,10 +224,12 @@ def display_path(path: str | Path) -> str:
 
 
 def render_status(plan: Plan, store: StageStore) -> str:
-    """Every stage's state from the store alone (no Ray): done, running, partial, pending; a
-    done stage made with other package versions than this install has says so."""
-    rows = [(stage_state(store, stage), stage) for stage in plan.stages.values()]
-    counts = {state: sum(s == state for s, _ in rows) for state in ("done", "running", "partial", "pending")}
+    """Every stage's state from the store alone (no Ray): done, stale (finished on an input
+    redone or gone since: builder.planning.reuse.current_finishes), running, partial, pending;
+    a done stage made with other package versions than this install has says so."""
+    current = current_finishes(plan, store)
+    rows = [(_state(store, stage, current[stage_id]), stage) for stage_id, stage in plan.stages.items()]
+    counts = {state: sum(s == state for s, _ in rows) for state in ("done", "stale", "running", "partial", "pending")}
     title = f"{plan.spec.family}: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
     width = max(len(stage_title(stage)) for _, stage in rows)
     lines = [f"  {state:<8} {stage_title(stage):<{width}}  {_status_detail(store, state, stage)}".rstrip()
@@ -219,7 +237,14 @@ def render_status(plan: Plan, store: StageStore) -> str:
     return "\n".join([title, *lines])
 
 
+def _state(store: StageStore, stage: Stage, current: Manifest | None) -> str:
+    state = stage_state(store, stage)
+    return "stale" if state == "done" and current is None else state
+
+
 def _status_detail(store: StageStore, state: str, stage: Stage) -> str:
+    if state == "stale":
+        return "finished on an input that was redone or is gone since; the next build runs it again"
     if state == "done":
         manifest = store.manifest(stage.key)
         return _done_detail(manifest) if manifest else ""

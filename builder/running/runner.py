@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import traceback
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +93,10 @@ class BuildObserver:
 
 
 def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset(),
-             observer: BuildObserver | None = None) -> BuildResult:
+             observer: BuildObserver | None = None, disk_bytes: dict[str, float] | None = None) -> BuildResult:
     """Run every stage that is not finished and intact; `rebuild` holds stage ids to redo
-    (what reads them is redone too). `observer` hears of each stage's progress."""
+    (what reads them is redone too). `observer` hears of each stage's progress. `disk_bytes`:
+    stage id -> what its folder holds at its peak (the estimate's), checked free before it writes."""
     decisions = decide(plan, StageStore(options.workdir), rebuild)
     result = BuildResult()
     for stage_id, decision in decisions.items():
@@ -113,7 +114,7 @@ def run_plan(plan: Plan, options: RunOptions, rebuild: set[str] = frozenset(),
     try:
         options = fit_to_cluster(options)
         with _ray_messages_to(observer, enabled=not options.verbose):
-            _run_pending(pending, decisions, plan.spec, options, result, observer)
+            _run_pending(pending, decisions, plan.spec, options, result, observer, disk_bytes or {})
     finally:
         if connected:
             shutdown_ray()
@@ -185,14 +186,14 @@ def _ray_messages_to(observer: BuildObserver, enabled: bool):
 
 
 def _run_pending(pending: list[Stage], decisions: dict[str, Decision], spec: FamilySpec, options: RunOptions,
-                 result: BuildResult, observer: BuildObserver) -> None:
+                 result: BuildResult, observer: BuildObserver, disk_bytes: dict[str, float]) -> None:
     refs: dict[str, ray.ObjectRef] = {}
     train_env = ray_train_env(options)
     for stage in pending:  # plan order is dependency order
         upstream = [result.manifests.get(dep) or refs[dep] for dep in stage.inputs.values()]
         remote = _remote_for(stage, options).options(**_resources(stage, options), name=stage.id)
         refs[stage.id] = remote.remote(stage, spec, options, list(stage.inputs),
-                                       decisions[stage.id], train_env, *upstream)
+                                       decisions[stage.id], train_env, disk_bytes.get(stage.id, 0.0), *upstream)
         observer.queued(stage.id)
     try:
         _collect(refs, {stage.id: stage for stage in pending}, result, observer)
@@ -294,7 +295,7 @@ def ray_train_env(options: RunOptions) -> dict[str, str]:
 
 
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
-             decision: Decision, train_env: dict[str, str], *upstream: Manifest) -> Manifest:
+             decision: Decision, train_env: dict[str, str], disk_bytes: float, *upstream: Manifest) -> Manifest:
     os.environ.update({k: v for k, v in train_env.items() if k not in os.environ})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store, inputs = StageStore(options.workdir), dict(zip(roles, upstream))
@@ -308,7 +309,7 @@ def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[st
         with _inputs_locked(store, inputs), _stage_log(store, stage, options):
             check_inputs(stage.id, inputs)
             node = {"hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
-            return execute_stage(stage, spec, options, inputs, node=node)
+            return execute_stage(stage, spec, options, inputs, node=node, disk_bytes=disk_bytes)
 
 
 @contextmanager
@@ -322,7 +323,8 @@ def _stage_log(store: StageStore, stage: Stage, options: RunOptions):
         try:
             yield
         except BaseException:
-            traceback.print_exc()
+            with suppress(OSError):  # a full disk cannot take the traceback: the error itself still goes up
+                traceback.print_exc()
             raise
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from builder.data.prepare import acquire_data
+from builder.data.tokens import token_dtype
+from builder.planning.cost_model import Costs, Disk, StageInputs, Work
 from builder.stages.base import StageContext, StageKind, StageResult
 
 
@@ -12,6 +14,13 @@ def run(ctx: StageContext) -> StageResult:
     return summary, sum(summary["tokens"].values())
 
 
+def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
+    """Its disk only: `data.max_tokens` token ids of the teacher's vocabulary's width; without
+    max_tokens the corpus's size is unknown before it is tokenized (counted as nothing)."""
+    size = (config.get("max_tokens") or 0) * token_dtype(inputs.teacher_config.vocab_size).itemsize
+    return Work(disk=Disk(peak=size, kept=size))
+
+
 KIND = StageKind("acquire-data", version="2",  # 2: sharded .npy token blocks (builder.data.tokens)
                  run=run, resources="light", title="documents tokenized into token blocks per split",
-                 record="FamilyReport", card_section="_data_name")  # the data source, by name
+                 estimate=estimate, record="FamilyReport", card_section="_data_name")  # the data source, by name

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from builder.models.arch import count_params
 from builder.models.teacher import acquire_teacher, config_from_json
+from builder.planning.cost_model import Costs, Disk, StageInputs, Work, config_dtype_bytes, stored_model_disk
 from builder.stages.base import StageContext, StageKind, StageResult
 
 
@@ -15,5 +16,18 @@ def run(ctx: StageContext) -> StageResult:
     return summary, 0
 
 
+def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
+    """Its disk only (a download's time is the network's): the embedded GGUF dequantized to
+    fp32 (builder.models.teacher.convert_gguf_teacher), a Hub checkpoint in its stored dtype;
+    a local folder is read in place."""
+    source, teacher = config["source"], inputs.teacher_config
+    if source.startswith("embedded:"):
+        return Work(disk=stored_model_disk(teacher, bytes_per_param=4))
+    if source.startswith("hf:"):
+        return Work(disk=stored_model_disk(teacher, bytes_per_param=config_dtype_bytes(teacher)))
+    return Work(disk=Disk())
+
+
 KIND = StageKind("acquire-teacher", version="1", run=run, resources="light",
-                 title="the teacher as a local safetensors checkpoint", record="TeacherRecord", card_section="_intro")
+                 title="the teacher as a local safetensors checkpoint", estimate=estimate, record="TeacherRecord",
+                 card_section="_intro")

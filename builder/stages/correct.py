@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from builder.planning.cost_model import (Costs, StageInputs, Work, forward_flops_per_token, memory_of,
-                                         trained_tokens, training_writes)
+                                         trained_tokens, training_disk, training_writes)
 from builder.spec.schema import FamilySpec
 from builder.stages.base import Stage, StageContext, StageKind, StageResult
 from builder.stages.training_run import train
@@ -18,7 +18,7 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
     tokens, checkpoints = trained_tokens(config, execution, seq_len)
     return Work(tokens, 3 * forward_flops_per_token(teacher, seq_len) * tokens, costs.train_start_s,
                 inputs.stored_bytes("teacher"), training_writes(teacher, checkpoints), checkpoints=checkpoints,
-                memory_of=memory_of(teacher, None, seq_len))
+                memory_of=memory_of(teacher, None, seq_len), disk=training_disk(teacher, checkpoints))
 
 
 def planned_tokens(spec: FamilySpec, stage: Stage) -> int:

@@ -3,7 +3,7 @@ the family's stored signal, on Ray Train; resumes from its last checkpoint."""
 from __future__ import annotations
 
 from builder.planning.cost_model import (Costs, StageInputs, Work, kd_flops_per_token, memory_of, signal_bytes,
-                                         trained_tokens, training_writes)
+                                         trained_tokens, training_disk, training_writes)
 from builder.spec.schema import DistillSpec, FamilySpec
 from builder.stages.base import Stage, StageContext, StageKind, StageResult
 from builder.stages.training_run import train
@@ -28,7 +28,8 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
     teacher_read = 0.0 if stored else inputs.stored_bytes("teacher")
     return Work(tokens, flops * tokens, costs.train_start_s, inputs.stored_bytes("student") + teacher_read,
                 training_writes(student, checkpoints), split_read_bytes=signal, checkpoints=checkpoints,
-                memory_of=memory_of(student, None if stored else teacher, seq_len))
+                memory_of=memory_of(student, None if stored else teacher, seq_len),
+                disk=training_disk(student, checkpoints))
 
 
 def planned_tokens(spec: FamilySpec, stage: Stage) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.models.arch import count_params
-from builder.planning.cost_model import STORED_BYTES_PER_PARAM, Costs, StageInputs, Work
+from builder.planning.cost_model import STORED_BYTES_PER_PARAM, Costs, StageInputs, Work, stored_model_disk
 from builder.spec.shape import Shape
 from builder.stages.base import StageContext, StageKind, StageResult
 
@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> StageResult:
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
     """Reads the teacher, writes the student (fp32): file work, no FLOPs worth counting."""
     return Work(start_s=costs.stage_start_s, read_bytes=inputs.stored_bytes("teacher"),
-                write_bytes=STORED_BYTES_PER_PARAM * count_params(inputs.model))
+                write_bytes=STORED_BYTES_PER_PARAM * count_params(inputs.model), disk=stored_model_disk(inputs.model))
 
 
 KIND = StageKind("prune", version="1", run=run, resources="light", title="a student's shape cut out of the teacher",

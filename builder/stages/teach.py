@@ -3,7 +3,7 @@ computed once on Ray actors and stored for every distillation that reads it."""
 from __future__ import annotations
 
 from builder.models.teacher import config_from_json
-from builder.planning.cost_model import Costs, StageInputs, Work, forward_flops_per_token, signal_bytes
+from builder.planning.cost_model import Costs, Disk, StageInputs, Work, forward_flops_per_token, signal_bytes
 from builder.spec.schema import FamilySpec
 from builder.stages.base import Stage, StageContext, StageKind, StageResult
 
@@ -34,8 +34,9 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
     loads the teacher once, and the stage writes the top-k signal."""
     teacher = inputs.teacher_config
     tokens = config["positions"] * seq_len
+    signal = signal_bytes(tokens, config, teacher.vocab_size)
     return Work(tokens, forward_flops_per_token(teacher, seq_len) * tokens, costs.train_start_s,
-                inputs.stored_bytes("teacher"), signal_bytes(tokens, config, teacher.vocab_size))
+                inputs.stored_bytes("teacher"), signal, disk=Disk(peak=signal, kept=signal))
 
 
 def planned_tokens(spec: FamilySpec, stage: Stage) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from builder.store.file_lock import file_lock
+from builder.store.disk_space import removed_on_failure
 from builder.store.integrity import find_damage, record_outputs
 from builder.store.provenance import Provenance, running_provenance
 from builder.store.stage_log import STAGE_LOG
@@ -81,6 +82,9 @@ class Manifest:
     outputs: dict[str, dict] | None = None
     finished_at: float = 0.0  # time.time() when written: tells one finish of a stage from another
     provenance: Provenance | None = None  # what made it; None in manifests written before it was recorded
+    # stage id -> finished_at of each stage it read: the finishes its results are of (a later
+    # finish of an input makes them stale: builder.planning.reuse); None before it was recorded
+    inputs: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         provenance = self.provenance.model_dump() if self.provenance is not None else None
@@ -126,10 +130,13 @@ class StageStore:
         out.mkdir(parents=True, exist_ok=True)
         return out
 
-    def finish(self, key: StageKey, wall_s: float, tokens: int, summary: dict[str, Any]) -> Manifest:
+    def finish(self, key: StageKey, wall_s: float, tokens: int, summary: dict[str, Any],
+               inputs: list[Manifest] | None = None) -> Manifest:
+        """Record the stage as finished; `inputs`: the finished stages it read (None: not recorded)."""
         outputs = record_outputs(self.path(key), skip=NOT_OUTPUTS)
+        read = None if inputs is None else {found.stage_id: found.finished_at for found in inputs}
         manifest = Manifest(key.stage, key.digest, str(self.path(key)), wall_s, tokens, summary,
-                            outputs, time.time(), running_provenance())
+                            outputs, time.time(), running_provenance(), read)
         write_json_atomic(self.path(key) / MANIFEST, manifest.to_json())
         return manifest
 
@@ -178,11 +185,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write a temporary file in the same folder, fsync, rename it over `path`, fsync the
-    folder: after a crash `path` holds either the old content or the new, never a part."""
+    folder: after a crash `path` holds either the old content or the new, never a part; after
+    a failed write (a full disk) neither `path` changes nor a temporary stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")  # one writer per process
-    with open(tmp, "wb") as handle:
+    with removed_on_failure(tmp), open(tmp, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())

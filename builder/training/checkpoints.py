@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from builder.models.loading import save_model
 from builder.pruning.cuts import PRUNING_MAP
+from builder.store.disk_space import removed_on_failure
 from builder.store.stage_store import fsync_dir, write_text_atomic
 from builder.training.aligner import HiddenStateAligner
 from builder.training.parallel import World, is_fsdp, student_of, unwrap
@@ -49,13 +50,20 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, world: World, pl
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()  # the folder exists before any rank writes into it
-    with _single_process_is_intended(world):
-        dcp.save(_training_state(model, optimizer), checkpoint_id=tmp, no_dist=not world.distributed)
-    _save(tmp / _rng_file(world.rank), _rng_state())
+    # A failed write (a full disk) removes the partial checkpoint at once: it would keep the
+    # disk full. DCP's save is a collective that fails on every rank when one rank's write
+    # fails, so no rank still writes into it; a rank killed meanwhile leaves it to the
+    # stage (builder.store.disk_space.space_checked) or the next save.
+    with removed_on_failure(tmp):
+        with _single_process_is_intended(world):
+            dcp.save(_training_state(model, optimizer), checkpoint_id=tmp, no_dist=not world.distributed)
+        _save(tmp / _rng_file(world.rank), _rng_state())
     world.barrier()  # every rank's files are on disk before rank 0 publishes them
     if not world.is_main:
         return
-    _save(tmp / STATE_FILE, {**progress, "plan": plan, "world_size": world.size, "scheduler": scheduler.state_dict()})
+    with removed_on_failure(tmp):
+        _save(tmp / STATE_FILE, {**progress, "plan": plan, "world_size": world.size,
+                                 "scheduler": scheduler.state_dict()})
     shutil.rmtree(root / name, ignore_errors=True)
     tmp.rename(root / name)
     fsync_dir(root)
@@ -157,9 +165,10 @@ def save_final_model(out_dir: Path, model, source_dir: str | Path, world: World,
         return final
     tmp = out_dir / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(student_of(model), source_dir, tmp, state_dict=state, max_shard_size=max_shard_size)
-    if (Path(source_dir) / PRUNING_MAP).exists():  # lineage, and the layer map for a later distillation
-        shutil.copy2(Path(source_dir) / PRUNING_MAP, tmp / PRUNING_MAP)
+    with removed_on_failure(tmp):  # a full disk leaves no partial model behind
+        save_model(student_of(model), source_dir, tmp, state_dict=state, max_shard_size=max_shard_size)
+        if (Path(source_dir) / PRUNING_MAP).exists():  # lineage, and the layer map for a later distillation
+            shutil.copy2(Path(source_dir) / PRUNING_MAP, tmp / PRUNING_MAP)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_dir(out_dir)
