@@ -40,12 +40,12 @@ demo: setup
 	$(OFFLINE) $(VENV)/bin/build-family $(SPEC)
 
 # Two xdist workers: much of a test's time is waiting (process and Ray start-ups, vLLM
-# engines), so two share two cores well; each test module runs whole on one worker, the
-# slowest first (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
+# engines), so two share two cores well; each test module (or class) runs whole on one
+# worker, the slowest first (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup
 	$(OFFLINE) MINIZOO_REQUIRE_VLLM=$(MINIZOO_REQUIRE_VLLM) tests/loopback_only.sh $(PY) -m pytest -q -rs --durations=15 \
-		-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: setup
 	$(PY) -m bench.pruning --quick

@@ -13,26 +13,22 @@ import os
 import pytest
 
 pytest_plugins = ["pytester"]
-# The slowest groups of tests, slowest first (from the durations `make test` prints). Under
-# pytest-xdist (`make test` runs two workers with --dist loadgroup) they are queued first, so
-# no long one starts last and ends the run alone; the rest follow in file order.
+# The slowest scopes of tests, slowest first (from the durations `make test` prints). Under
+# pytest-xdist (`make test` runs two workers with --dist loadscope) a scope is a test module,
+# or a class of tests within one, and runs whole on one worker; these are queued first, so no
+# long one starts last and ends the run alone; the rest follow in file order.
 SLOWEST_FIRST = (
     "test_multinode.py",
     "test_e2e.py",
-    "rehearse-llama-3.1-8b-minitron.yaml",
-    "rehearse-qwen3-family.yaml",
+    "test_rehearse.py::TestLlamaRehearsal",
+    "test_rehearse.py::TestQwen3Rehearsal",
     "test_first_family.py",
-    "rehearse-mistral-nemo-12b-minitron.yaml",
+    "test_rehearse.py::TestMistralNemoRehearsal",
     "test_build_trust.py",
     "test_throughput.py",
     "test_prune.py",
     "test_stage_failure.py",
-)  # tests/test_suite_modes.py runs this hook on small suites of its own
-REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
-
-
-def vllm_required() -> bool:
-    return os.environ.get(REQUIRE_VLLM, "0") not in ("", "0")
+)
 
 
 def skip_reason(report: pytest.TestReport) -> str:
@@ -65,19 +61,15 @@ def shared_ray():
         yield
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Each test module runs whole on one xdist worker (its module-scoped builds and Ray
-    instance are made once), unless a test names its own `xdist_group`; slowest groups first."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-    items.sort(key=lambda item: _queue_position(_group(item)))  # stable: file order within a group
+    """The slowest scopes first (see SLOWEST_FIRST); a scope's own tests keep their order."""
+    items.sort(key=lambda item: _queue_position(_scope(item)))  # a stable sort
 
 
-def _group(item) -> str:
-    return next(item.iter_markers("xdist_group")).args[0]
+def _scope(item) -> str:
+    """What xdist's loadscope runs whole on one worker: the module, or the class in it."""
+    return item.path.name + (f"::{item.cls.__name__}" if item.cls else "")
 
 
-def _queue_position(group: str) -> int:
-    return SLOWEST_FIRST.index(group) if group in SLOWEST_FIRST else len(SLOWEST_FIRST)
+def _queue_position(scope: str) -> int:
+    return SLOWEST_FIRST.index(scope) if scope in SLOWEST_FIRST else len(SLOWEST_FIRST)

@@ -130,21 +130,41 @@ def rehearsal_ray():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three rehearsals with vLLM share two cores with the rest of the suite
-@pytest.mark.parametrize("spec_name", [pytest.param(name, marks=pytest.mark.xdist_group(f"rehearse-{name}"))
-                                       for name in sorted(FAMILIES)])
-def test_every_family_rehearses_end_to_end_offline(rehearsal_ray, spec_name, tmp_path, monkeypatch):
-    """Every stage of the family for real (pruning, Ray Train distillation, lm-eval on the
+@pytest.mark.timeout(1800)  # a rehearsal with vLLM shares two cores with the rest of the suite
+class _Rehearsal:
+    """Every stage of one family for real (pruning, Ray Train distillation, lm-eval on the
     spec's tasks, vLLM throughput of the teacher and every student, cards, publish dry run);
-    a rehearsal reuses its stage processes."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    throughput = importlib.util.find_spec("vllm") is not None
-    if not throughput and vllm_required():
-        pytest.fail("MINIZOO_REQUIRE_VLLM=1 but vLLM is not installed: no rehearsal can measure throughput")
-    options = RunOptions(workdir=tmp_path, teacher_config=CONFIGS / FAMILIES[spec_name], cpus_per_stage=1)
-    assert rehearse(ROOT / "families" / spec_name, options, with_throughput=throughput) == 0, spec_name
-    _check_rehearsal(tmp_path / "rehearsal", ROOT / "families" / spec_name, throughput)
+    a rehearsal reuses its stage processes. One class per family, so that pytest-xdist runs
+    the families side by side (a class is a scope of its own)."""
+
+    spec_name: str
+
+    def test_rehearses_end_to_end_offline(self, rehearsal_ray, tmp_path, monkeypatch):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        throughput = importlib.util.find_spec("vllm") is not None
+        if not throughput and vllm_required():
+            pytest.fail("MINIZOO_REQUIRE_VLLM=1 but vLLM is not installed: no rehearsal can measure throughput")
+        spec = ROOT / "families" / self.spec_name
+        options = RunOptions(workdir=tmp_path, teacher_config=CONFIGS / FAMILIES[self.spec_name], cpus_per_stage=1)
+        assert rehearse(spec, options, with_throughput=throughput) == 0, self.spec_name
+        _check_rehearsal(tmp_path / "rehearsal", spec, throughput)
+
+
+class TestLlamaRehearsal(_Rehearsal):
+    spec_name = "llama-3.1-8b-minitron.yaml"
+
+
+class TestMistralNemoRehearsal(_Rehearsal):
+    spec_name = "mistral-nemo-12b-minitron.yaml"
+
+
+class TestQwen3Rehearsal(_Rehearsal):
+    spec_name = "qwen3-family.yaml"
+
+
+def test_every_family_has_a_rehearsal_test():
+    assert {cls.spec_name for cls in _Rehearsal.__subclasses__()} == set(FAMILIES)
 
 
 def _check_rehearsal(folder: Path, spec_path: Path, throughput: bool) -> None:
