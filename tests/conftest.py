@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester"]  # tests/test_suite_modes.py runs this hook on small suites of its own
 # The slowest scopes of tests, slowest first (from the durations `make test` prints). Under
 # pytest-xdist (`make test` runs two workers with --dist loadscope) a scope is a test module,
 # or a class of tests within one, and runs whole on one worker; these are queued first, so no
@@ -29,6 +29,11 @@ SLOWEST_FIRST = (
     "test_prune.py",
     "test_stage_failure.py",
 )
+REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
+
+
+def vllm_required() -> bool:
+    return os.environ.get(REQUIRE_VLLM, "0") not in ("", "0")
 
 
 def skip_reason(report: pytest.TestReport) -> str:
