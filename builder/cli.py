@@ -7,14 +7,15 @@ examples:
   build-family families/x.yaml --address ray://head:10001 --gpus-per-stage 1   # on a cluster
   build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
   build-family status families/x.yaml                 # which stages are done, running, pending
+  build-family verify families/x.yaml                 # read every finished stage's files whole
   build-family report families/x.yaml                 # rewrite the report from the run dir
   build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
   build-family schema                                 # the spec's JSON schema
 
 exit codes:
   0  done (built, printed, published)
-  1  a stage failed (its log path is printed; run again to resume), or report/publish
-     could not do their work (the message says why)
+  1  a stage failed (its log path is printed; run again to resume), report/publish
+     could not do their work (the message says why), or verify found a damaged stage
   2  the spec has problems (all are listed; nothing ran)
   143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
      nothing half-written)
@@ -37,7 +38,7 @@ from builder.errors import SpecError
 from builder.options.run_options import RunOptions
 from builder.spec.schema import json_schema
 
-COMMANDS = ("build", "status", "report", "publish", "schema")
+COMMANDS = ("build", "status", "verify", "report", "publish", "schema")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -81,6 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                             "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
     status = commands.add_parser("status", help="which stages are done, running (in a live build) or pending")
     _add_common(status)
+    verify = commands.add_parser("verify", help="read every file of every finished stage whole and check it against "
+                                                "the digest recorded when it was written (a build checks sizes and "
+                                                "headers, and each file as a stage reads it); marks damaged stages "
+                                                "so the next build redoes them")
+    _add_common(verify)
     report = commands.add_parser("report", help="rewrite report.json/report.md/cards from the run directory")
     _add_common(report)
     publish = commands.add_parser("publish", help="publish an existing run's students to the Hub")
@@ -168,6 +174,8 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "status":
         print(family.status(args.spec, options))
         return 0
+    if args.command == "verify":
+        return family.verify(args.spec, options)
     if args.command == "report":
         return family.write_report(args.spec, options)
     if args.command == "publish":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from builder.planning.cost_model import Costs, StageInputs, Work, forward_flops_per_token
 from builder.stages.base import StageContext, StageKind, StageResult
+from builder.store.content import verify_folder
 from evaluators.throughput import ThroughputSettings, measure_throughput
 
 
@@ -15,6 +16,8 @@ def run(ctx: StageContext) -> StageResult:
                                   num_prompts=section.num_prompts, dtype=section.dtype,
                                   engine_args=dict(section.engine_args))
     models = {name: Path(manifest.summary["model_dir"]) for name, manifest in ctx.inputs.items()}
+    for model_dir in models.values():  # vLLM reads them in its own processes: checked here first
+        verify_folder(model_dir)
     results = measure_throughput(models, settings, ctx.out_dir)
     return {"results": results}, 0
 

@@ -15,7 +15,7 @@ from builder.store.stage_store import write_text_atomic
 from builder.teaching.signal import TeacherSignal
 from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
-from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of
+from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of, verify_share
 from builder.training.metrics import MetricsLog, step_metrics
 from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import (
@@ -84,6 +84,7 @@ def train(
     started = time.perf_counter()
     out_dir, world, device = Path(out_dir), World.current(), _prepared_device(device, settings)
     blocks = open_blocks(train_blocks)  # memory-mapped: nothing is read yet
+    verify_share(blocks, world)  # this worker's share of the shards, checked whole
     total_steps = settings.steps(seq_len_of(blocks), world.size)
     tokens_per_step = settings.batch_size * settings.grad_accum * world.size * seq_len_of(blocks)
 
@@ -107,7 +108,8 @@ def train(
     loop_started = time.perf_counter()
 
     model.train()
-    guard = DivergenceGuard(settings, "distill" if teacher is not None else "correction", checkpoint_step=start_step)
+    guard = DivergenceGuard(settings, "distill" if teacher is not None else "correction", checkpoint_step=start_step,
+                            first_step=start_step + 1)
     with progress_bar as progress:  # closed on errors too
         for step in range(start_step + 1, total_steps + 1):
             step_started = time.perf_counter()
