@@ -282,6 +282,20 @@ def test_a_non_finite_loss_stops_training_and_names_the_step(models, blocks, tmp
     assert not (tmp_path / "model").exists() and not (tmp_path / "result.json").exists()
 
 
+def test_a_non_finite_loss_at_the_first_step_points_at_the_inputs_not_the_learning_rate(models, blocks, tmp_path,
+                                                                                      monkeypatch):
+    """Before the first update the learning rate has done nothing yet: a NaN there comes from
+    what was loaded (a damaged checkpoint or token file) or from overflow, and says so."""
+    real_forward_loss = step_module.forward_loss
+    monkeypatch.setattr(step_module, "forward_loss", lambda *args: real_forward_loss(*args) * float("nan"))
+    with pytest.raises(TrainingDiverged) as error:
+        distill(*models, blocks, tmp_path, steps_settings(3))
+    message = str(error.value)
+    assert error.value.step == 1 and "an input may be damaged" in message
+    assert "build-family verify SPEC" in message and "--precision float32" in message
+    assert "lower distill.learning_rate" not in message
+
+
 def test_an_exploding_loss_stops_training_naming_the_spec_fields(models, blocks, tmp_path):
     """lr 0.99 (the spec allows it) sent the loss up 190x and training went on to print a
     132-digit perplexity; now it stops like a NaN, with fixes a spec can express."""
