@@ -17,8 +17,8 @@ from pathlib import Path
 from builder.planning.dag import TEACHER, Plan
 from builder.report.records import (Candidate, Distillation, FamilyReport, Lineage, ModelRecord, Perplexity,
                                   Pruning, SearchRecord, StageCost, StudentRecord, TaskResult, TeacherRecord,
-                                  Throughput, difference, format_perplexity, format_score, format_speedup,
-                                  perplexity_difference, read_completeness)
+                                  Throughput, TrainingLayout, difference, format_perplexity, format_score,
+                                  format_speedup, layouts_text, perplexity_difference, read_completeness)
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore
 from builder.units import format_count
@@ -203,7 +203,8 @@ def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillati
                         loss_curve=summary.get("metrics_file"),
                         teacher_signal="topk" if section.stored_signal else "online",
                         top_k=section.top_k if section.stored_signal else None,
-                        tail_samples=section.tail_samples if section.stored_signal else None)
+                        tail_samples=section.tail_samples if section.stored_signal else None,
+                        layouts=[TrainingLayout(**layout) for layout in summary.get("layouts", [])])
 
 
 def _why(planned, manifests: dict) -> str | None:
@@ -369,6 +370,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
     lines += _throughput_notes(models)
+    lines += _layout_notes(report)
     lines += _search_sections(report)
     lines += _problems(report)
     if report.plots:
@@ -443,6 +445,17 @@ def _throughput_notes(models: list[ModelRecord]) -> list[str]:
         lines.append("**Contended:** other work competed for the cores while measuring " + "; ".join(contended)
                      + ". Treat those numbers and their speed-ups as lower bounds; measure again on a quiet machine.")
     return lines
+
+
+def _layout_notes(report: FamilyReport) -> list[str]:
+    """Which batch layout distilled each student: another layout gives weights equal only up to
+    the order of float sums (builder.training.layouts), so the report says which made these."""
+    trained = [(s.name, s.lineage.distillation.layouts) for s in report.students if s.lineage.distillation.layouts]
+    if not trained:
+        return []
+    return ["", "Distilled " + "; ".join(f"`{name}` {layouts_text(layouts)}" for name, layouts in trained)
+            + ". Another worker count or micro-batch takes the same steps over the same data but sums in another "
+            "order: its weights agree to rounding in float32, and differ visibly in bfloat16."]
 
 
 def _problems(report: FamilyReport) -> list[str]:

@@ -16,6 +16,7 @@ from builder.teaching.signal import TeacherSignal
 from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
 from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of, verify_share
+from builder.training.layouts import layout_of, layouts_until, resumed_layouts
 from builder.training.metrics import MetricsLog, step_metrics
 from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import (
@@ -101,6 +102,7 @@ def train(
             "blocks": len(blocks)}
     resumed = resume_from_checkpoint(out_dir, model, optimizer, scheduler, world, plan)
     start_step, last_loss = resumed.get("step", 0), resumed.get("loss", float("nan"))
+    earlier, layout = resumed_layouts(resumed), layout_of(settings, world, parallel)  # what makes which steps
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=world.is_main, keep_up_to=start_step)
     batches = BlockStream(blocks, settings, world, vocab_size=student_of(model).config.vocab_size)
     desc = "distill" if teacher is not None else "correct"
@@ -122,7 +124,8 @@ def train(
             progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step / seconds:.0f}")
             progress.update(1)
             if step % settings.checkpoint_every == 0 and step < total_steps:
-                done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1)}
+                done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1),
+                        "layouts": layouts_until(earlier, layout, start_step + 1, step)}
                 save_checkpoint(out_dir, model, optimizer, scheduler, world, plan, done)
                 guard.checkpoint_step = step
     loop_seconds = time.perf_counter() - loop_started
@@ -136,6 +139,7 @@ def train(
         tokens_per_second=(total_steps - start_step) * tokens_per_step / max(loop_seconds, 1e-9),
         start_step=start_step,
         model_dir=str(model_out),
+        layouts=layouts_until(earlier, layout, start_step + 1, total_steps),
     )
     if world.is_main:  # written last: its presence means the model and metrics are complete
         write_text_atomic(out_dir / "result.json", json.dumps(dataclasses.asdict(result), indent=2))
