@@ -23,6 +23,7 @@ from builder.stages.execute import execute_stage
 from builder.store.integrity import DamagedFile
 from builder.store.stage_store import Manifest, StageKey, StageStore
 from test_integrity import flip_a_byte_inside_the_tensors
+from test_spec import fast_lm_eval_index  # noqa: F401 (a fixture)
 from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint, tiny_config  # noqa: F401 (autouse fixture)
 
 SEQ_LEN = 16
@@ -152,27 +153,16 @@ def test_training_workers_split_the_signal_check_between_them(tmp_path, monkeypa
     assert caught.value.path == damaged and f"made by stage {signal_dir.name}" in str(caught.value)
 
 
-VERIFIED_SPEC = """
-family: tiny
-teacher: {source: "embedded:smollm2-135m-instruct"}
-distill: {tokens: 48K}
-students:
-  - name: width
-    shape: {hidden_size: 504, intermediate_size: 960}
-evaluation: {tasks: [], perplexity_tokens: 4K}
-"""
-
-
-def test_verify_reads_every_finished_stage_whole_and_marks_a_damaged_one(tmp_path, capsys):
+def test_verify_reads_every_finished_stage_whole_and_marks_a_damaged_one(tmp_path, capsys, fast_lm_eval_index):
     import torch
     from safetensors.torch import save_file
 
     from builder.cli import main
     from builder.family import load_and_plan
-    from test_cli_plan import SMOLLM2_CONFIG
+    from test_cli_plan import GOOD, SMOLLM2_CONFIG
 
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(VERIFIED_SPEC)
+    spec.write_text(GOOD)
     flags = ["--workdir", str(tmp_path / "runs"), "--teacher-config", str(SMOLLM2_CONFIG), "--precision", "float32"]
     plan = load_and_plan(spec, RunOptions(workdir=tmp_path / "runs", teacher_config=SMOLLM2_CONFIG,
                                           precision="float32"))

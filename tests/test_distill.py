@@ -269,17 +269,10 @@ def test_the_layouts_that_made_the_weights_are_recorded_across_a_resume_on_anoth
                                                                                   monkeypatch):
     """A run killed after its step-2 checkpoint and resumed with micro-batches of 2 instead of
     4 (as on 2 workers instead of 1): the result says which layout took which steps."""
-    real_forward_loss, calls = step_module.forward_loss, []
-
-    def stopped_at_step_3(*args):
-        calls.append(1)
-        parts = real_forward_loss(*args)
-        return parts * float("nan") if len(calls) == 3 else parts
-
-    monkeypatch.setattr(step_module, "forward_loss", stopped_at_step_3)
+    break_the_loss_at_call(monkeypatch, 3, float("nan"))
     with pytest.raises(TrainingDiverged):
         distill(*models, blocks, tmp_path, steps_settings(4, checkpoint_every=2))
-    monkeypatch.setattr(step_module, "forward_loss", real_forward_loss)
+    monkeypatch.undo()  # the real loss again
     result = distill(*models, blocks, tmp_path, steps_settings(4, batch_size=2, grad_accum=2, checkpoint_every=2))
     one = {"workers": 1, "parallel": "ddp", "dtype": "float32"}
     assert result.layouts == [{"first_step": 1, "last_step": 2, "micro_batch_size": 4, "grad_accum": 1, **one},
@@ -307,15 +300,20 @@ def test_teacher_correction_lowers_the_lm_loss(models, tmp_path):
     assert (tmp_path / "model" / "tokenizer.json").exists()
 
 
-def test_a_non_finite_loss_stops_training_and_names_the_step(models, blocks, tmp_path, monkeypatch):
+def break_the_loss_at_call(monkeypatch, call: int, factor: float) -> None:
+    """forward_loss's `call`-th call (one per micro-batch) returns its losses times `factor`."""
     real_forward_loss, calls = step_module.forward_loss, []
 
-    def loss_that_blows_up_at_step_3(*args):
+    def broken(*args):
         calls.append(1)
         parts = real_forward_loss(*args)
-        return parts * float("inf") if len(calls) == 3 else parts
+        return parts * factor if len(calls) == call else parts
 
-    monkeypatch.setattr(step_module, "forward_loss", loss_that_blows_up_at_step_3)
+    monkeypatch.setattr(step_module, "forward_loss", broken)
+
+
+def test_a_non_finite_loss_stops_training_and_names_the_step(models, blocks, tmp_path, monkeypatch):
+    break_the_loss_at_call(monkeypatch, 3, float("inf"))
     with pytest.raises(TrainingDiverged, match="step 3") as error:
         distill(*models, blocks, tmp_path, steps_settings(5, checkpoint_every=2))
     assert error.value.step == 3
@@ -328,8 +326,7 @@ def test_a_non_finite_loss_at_the_first_step_points_at_the_inputs_not_the_learni
                                                                                       monkeypatch):
     """Before the first update the learning rate has done nothing yet: a NaN there comes from
     what was loaded (a damaged checkpoint or token file) or from overflow, and says so."""
-    real_forward_loss = step_module.forward_loss
-    monkeypatch.setattr(step_module, "forward_loss", lambda *args: real_forward_loss(*args) * float("nan"))
+    break_the_loss_at_call(monkeypatch, 1, float("nan"))
     with pytest.raises(TrainingDiverged) as error:
         distill(*models, blocks, tmp_path, steps_settings(3))
     message = str(error.value)
