@@ -29,10 +29,10 @@ relative error of the probability below 0.1% for the log-probabilities that matt
 and bfloat16's 8 bits would not. The same plain .npy files as the token blocks
 (builder/data/tokens.py says why): memory-mapped, only the pages of the sampled rows are read.
 
-A shard is complete when its `written.json` exists: the integrity records of its five files
-(builder.store.integrity.WRITTEN), hashed from the arrays in memory as they were written and
-written after them (each file is written under a temporary name and renamed), so a killed teach
-pass resumes at the first incomplete shard, and the stage's manifest takes these records
+A shard is complete when its five files and its `written.json` exist: the integrity records of
+the five (builder.store.integrity.WRITTEN), hashed from the arrays in memory as they were
+written and written after them (each file is written under a temporary name and renamed), so a
+killed teach pass resumes at the first incomplete shard, and the stage's manifest takes these records
 instead of reading many TB back. index.json is written last, once every shard is there.
 Readers check each shard's files against them (builder.store.content; in training, each
 worker its share of the shards: `verify_share`).
@@ -136,7 +136,9 @@ def shard_files(stage_dir: Path, shard: int) -> list[Path]:
 
 
 def shard_complete(stage_dir: Path, shard: int) -> bool:
-    return (shard_dir(stage_dir, shard) / WRITTEN).exists()
+    """Its records were written (after its files), and none of its files was lost since."""
+    files = shard_files(stage_dir, shard)
+    return (shard_dir(stage_dir, shard) / WRITTEN).exists() and all(path.exists() for path in files)
 
 
 def write_shard(stage_dir: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
