@@ -241,9 +241,17 @@ def test_a_reader_that_finds_a_changed_byte_names_the_file_and_its_maker_and_mar
     assert "bytes inside it changed" in str(caught.value) and "run the same command again" in str(caught.value)
     assert store.reusable(key) is None  # the mark: the next build redoes the stage
     path, fault = store.manifest(key).damage()
-    assert path == str(weights) and "found when it was read" in fault
+    assert path == str(weights) and fault.endswith("(found by a stage that read it)")
     store.discard(key)  # redoing it starts from an empty folder: no mark is left
     assert not store.path(key).exists()
+
+
+def test_a_damaged_file_error_crosses_process_boundaries_whole():
+    import pickle
+
+    sent = pickle.loads(pickle.dumps(DamagedFile("/runs/stages/prune-x/model.safetensors", "bytes changed")))
+    assert (sent.path, sent.fault) == (Path("/runs/stages/prune-x/model.safetensors"), "bytes changed")
+    assert str(sent) == "/runs/stages/prune-x/model.safetensors: bytes changed"
 
 
 def test_a_reader_hashes_a_file_once_per_process_until_it_changes(checkpoint, tmp_path, monkeypatch):

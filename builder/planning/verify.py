@@ -52,7 +52,8 @@ def _verify(stage_id: str, manifest: Manifest) -> Verified:
     size = sum(record["size"] for record in outputs.values())
     damage = manifest.damage(full=True)
     if damage is not None and damage_mark(Path(manifest.path)) is None:
-        mark_damaged(Path(manifest.path), Path(damage[0]).relative_to(manifest.path).as_posix(), damage[1])
+        mark_damaged(Path(manifest.path), Path(damage[0]).relative_to(manifest.path).as_posix(), damage[1],
+                     found_by="build-family verify")
     return Verified(stage_id, len(outputs), size, undigested, damage)
 
 

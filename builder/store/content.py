@@ -47,7 +47,7 @@ def verify_file(path: Path | str) -> None:
         return
     fault = file_damage(path, record, full=True)
     if fault is not None:
-        mark_damaged(stage_dir, name, fault)
+        mark_damaged(stage_dir, name, fault, found_by="a stage that read it")
         raise DamagedFile(path, f"{fault}; made by stage {stage_dir.name}, now marked damaged: run the same "
                                 f"command again and the build redoes {stage_dir.name} and every stage that reads it")
     _verified.add(seen)

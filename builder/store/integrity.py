@@ -52,6 +52,9 @@ class DamagedFile(ValueError):
         self.path, self.fault = Path(path), fault
         super().__init__(f"{path}: {fault}")
 
+    def __reduce__(self):  # keeps both fields when Ray sends it from a stage's worker to the driver
+        return (type(self), (self.path, self.fault))
+
 
 # --- single files ----------------------------------------------------------------------
 

@@ -194,18 +194,19 @@ def read_manifest(stage_dir: Path) -> Manifest | None:
         return None
 
 
-def mark_damaged(stage_dir: Path, name: str, fault: str) -> None:
+def mark_damaged(stage_dir: Path, name: str, fault: str, found_by: str) -> None:
     """Note in a finished stage's folder that its output `name` (relative) is damaged: the
     reuse check, which reads no file whole, then sees it and the stage is redone. Redoing
     the stage starts from an empty folder, which removes the mark."""
-    write_json_atomic(Path(stage_dir) / DAMAGED, {"file": name, "fault": fault, "at": time.time()})
+    write_json_atomic(Path(stage_dir) / DAMAGED, {"file": name, "fault": fault, "found_by": found_by,
+                                                  "at": time.time()})
 
 
 def damage_mark(stage_dir: Path) -> tuple[str, str] | None:
-    """(relative name, fault) from a stage's DAMAGED mark, if a reader left one."""
+    """(relative name, fault) from a stage's DAMAGED mark, if one was left."""
     try:
         mark = json.loads((Path(stage_dir) / DAMAGED).read_text())
-        return mark["file"], f"{mark['fault']} (found when it was read)"
+        return mark["file"], f"{mark['fault']} (found by {mark['found_by']})"
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError):  # a mark cut short is still a mark

@@ -31,11 +31,11 @@ and bfloat16's 8 bits would not. The same plain .npy files as the token blocks
 
 A shard is complete when its five files and its `written.json` exist: the integrity records of
 the five (builder.store.integrity.WRITTEN), hashed from the arrays in memory as they were
-written and written after them (each file is written under a temporary name and renamed), so a
-killed teach pass resumes at the first incomplete shard, and the stage's manifest takes these records
-instead of reading many TB back. index.json is written last, once every shard is there.
-Readers check each shard's files against them (builder.store.content; in training, each
-worker its share of the shards: `verify_share`).
+written, and written after them (each file goes under a temporary name and is renamed). So a
+killed teach pass resumes at the first incomplete shard, and the stage's manifest takes these
+records instead of reading many TB back. index.json is written last, once every shard is
+there. Readers check each shard's files against the records (builder.store.content; in
+training, each worker its share of the shards: `verify_share`).
 """
 from __future__ import annotations
 
