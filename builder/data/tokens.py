@@ -91,7 +91,6 @@ class BlocksIndex:
             raise FileNotFoundError(
                 f"{path} does not exist; {stage_dir} is not a finished acquire-data stage "
                 "(rerun the build to prepare the data)")
-        verify_file(path)
         values = json.loads(path.read_text())
         if values.get("format") != FORMAT or values.get("version") != VERSION:
             raise ValueError(

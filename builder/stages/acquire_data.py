@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from builder.data.prepare import acquire_data
 from builder.stages.base import StageContext, StageKind, StageResult
-from builder.store.content import verify_folder
 
 
 def run(ctx: StageContext) -> StageResult:
-    # It reads the teacher's tokenizer and config, not its weights: those files are checked.
-    verify_folder(ctx.model_dir("teacher"), skip_suffix=(".safetensors",))
     # Tokenizes on Ray Data actors, one per CPU of the stage (cpus_per_stage; 0: the whole
     # cluster); this coordinating task holds no CPU itself (a light stage).
     summary = acquire_data(ctx.spec.data, ctx.model_dir("teacher"), ctx.out_dir, cpus=ctx.options.cpus_per_stage)

@@ -48,7 +48,7 @@ import torch
 
 from builder.data.shuffle import Permutation
 from builder.data.tokens import MappedFiles, save_shard, token_dtype
-from builder.store.content import verify_file, verify_files
+from builder.store.content import verify_files
 from builder.store.integrity import WRITTEN
 from builder.store.stage_store import write_bytes_atomic, write_json_atomic
 from builder.teaching.target import TopKTarget
@@ -168,7 +168,6 @@ def read_layout(stage_dir: Path) -> SignalLayout:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; {stage_dir} is not a finished teach stage "
                                 "(rerun the build: the teach pass resumes at its first missing shard)")
-    verify_file(path)
     values = json.loads(path.read_text())
     if values.get("format") != FORMAT or values.get("version") != VERSION:
         raise ValueError(f"{path} is format {values.get('format')!r} version {values.get('version')!r}; "
