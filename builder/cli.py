@@ -71,9 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     build.add_argument("--gpus-per-stage", type=float, default=0.0, help="GPUs per heavy stage")
     build.add_argument("--train-workers", type=int, default=1,
                        help="Ray Train workers per training stage; they split the spec's global_batch_size (it "
-                            "must divide it): the same steps over the same data, summed in another order, so the "
-                            "weights equal another count's to rounding (visibly different in bfloat16); not in the "
-                            "stage hash, and the report says which layout made the weights")
+                            "must divide it): the same steps over the same data, summed in another order, whose "
+                            "rounding stays small in float32 and shows in bfloat16 weights; not in the stage hash, "
+                            "and the report says which layout made the weights")
     build.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                        help="how training workers share the models: ddp (a full replica each) or fsdp "
                             "(FSDP2 shards parameters, gradients and optimizer state across workers, for "

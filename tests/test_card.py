@@ -233,7 +233,7 @@ def test_the_card_and_report_say_which_batch_layout_made_the_weights(tmp_path):
             "steps 21-40 on 1 worker taking 2 micro-batches of 3 sequences per step, in bfloat16")
     assert f"final loss 1.2345; trained {made}." in render(report)
     markdown = render_markdown(report, tmp_path)
-    assert f"Distilled `smollm2-90m-depth` {made}." in markdown and "differ visibly in bfloat16" in markdown
+    assert f"Distilled `smollm2-90m-depth` {made}." in markdown and "shows in bfloat16 weights" in markdown
     assert "Distilled" not in render_markdown(sample_report(), tmp_path)  # none recorded: nothing claimed
 
 

@@ -455,7 +455,7 @@ def _layout_notes(report: FamilyReport) -> list[str]:
         return []
     return ["", "Distilled " + "; ".join(f"`{name}` {layouts_text(layouts)}" for name, layouts in trained)
             + ". Another worker count or micro-batch takes the same steps over the same data but sums in another "
-            "order: its weights agree to rounding in float32, and differ visibly in bfloat16."]
+            "order, whose rounding stays small in float32 and shows in bfloat16 weights."]
 
 
 def _problems(report: FamilyReport) -> list[str]:
