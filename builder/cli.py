@@ -7,6 +7,7 @@ examples:
   build-family families/x.yaml --address ray://head:10001 --gpus-per-stage 1   # on a cluster
   build-family families/x.yaml --rebuild distill      # redo a finished stage and what reads it
   build-family status families/x.yaml                 # which stages are done, running, pending
+  build-family verify families/x.yaml                 # read every finished stage's files whole
   build-family report families/x.yaml                 # rewrite the report from the run dir
   build-family publish families/x.yaml [--dry-run]    # push evaluated students to the Hub
   build-family schema                                 # the spec's JSON schema
@@ -15,8 +16,8 @@ exit codes:
   0  done (built, printed, published)
   1  a stage failed (its log path is printed; run again to resume), the disk is full (the
      message names the path, the space needed and free), the Ray cluster could not be
-     reached or refused the driver (within --connect-timeout), or report/publish could not
-     do their work (the message says why)
+     reached or refused the driver (within --connect-timeout), report/publish could not
+     do their work (the message says why), or verify found a damaged stage
   2  the spec or the flags have problems (all are listed; nothing ran)
   143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
      nothing half-written)
@@ -42,7 +43,7 @@ from builder.options.run_options import RunOptions
 from builder.spec.schema import json_schema
 from builder.store.disk_space import as_disk_full
 
-COMMANDS = ("build", "status", "report", "publish", "schema")
+COMMANDS = ("build", "status", "verify", "report", "publish", "schema")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,6 +64,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="redo this stage and every stage that reads it, although finished: a stage "
                             "kind (distill), one without its hash (distill-tiny-width) or a full id; repeatable")
     _run_reader(commands, "status", "which stages are done, running (in a live build) or pending")
+    _run_reader(commands, "verify", "read every file of every finished stage whole and check it against the "
+                "digest recorded when it was written (a build checks sizes and headers, and each file as a stage "
+                "reads it); marks damaged stages so the next build redoes them")
     _run_reader(commands, "report", "rewrite report.json/report.md/cards from the run directory")
     publish = _run_reader(commands, "publish", "publish an existing run's students to the Hub")
     publish.add_argument("--dry-run", action="store_true", help="list repos and files, upload nothing")
@@ -145,6 +149,8 @@ def _run_command(args: argparse.Namespace, options: RunOptions) -> int:
     if args.command == "status":
         print(family.status(args.spec, options))
         return 0
+    if args.command == "verify":
+        return family.verify(args.spec, options)
     if args.command == "report":
         return family.write_report(args.spec, options)
     if args.command == "publish":

@@ -16,6 +16,7 @@ from builder.options.run_options import RunOptions
 from builder.planning.dag import Plan, make_plan, teacher_acquire_key
 from builder.options.precision import Precision, machine_signature
 from builder.planning.reuse import decide, stages_to_rebuild
+from builder.planning.verify import verify_stages, verify_summary
 from builder.spec.schema import FamilySpec
 from builder.store.stage_store import StageStore
 from builder.planning.validate import check_against_teacher, load_spec, local_source_problems
@@ -178,6 +179,18 @@ def status(spec_path: Path, options: RunOptions) -> str:
     """Which stages are done, running or pending, from the store alone (no Ray)."""
     plan = load_and_plan(spec_path, options, built=True)
     return render_status(plan, StageStore(options.workdir))
+
+
+def verify(spec_path: Path, options: RunOptions) -> int:
+    """The `verify` verb: every finished stage's files read whole against their recorded
+    content digests (builder.planning.verify); 1 when any is damaged."""
+    plan = load_and_plan(spec_path, options, built=True)
+    results = []
+    for result in verify_stages(plan, StageStore(options.workdir)):
+        print(result.line(), flush=True)  # one line per stage as it is read: a large one takes minutes
+        results.append(result)
+    print(verify_summary(results))
+    return 1 if any(result.damage for result in results) else 0
 
 
 def _save_spec(spec_path: Path, out: Path) -> None:

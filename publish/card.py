@@ -22,7 +22,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from builder.report.records import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
-                                  format_speedup, perplexity_difference, precision_text, signal_name)
+                                  format_speedup, layouts_text, perplexity_difference, precision_text, signal_name)
 from builder.units import format_count, format_duration
 from publish.portable import find_local_paths
 
@@ -182,6 +182,8 @@ def _distill_text(s: StudentRecord) -> str:
         text += f" at temperature {d.temperature:g}"
     if d.final_loss is not None:
         text += f"; final loss {d.final_loss:.4f}"
+    if d.layouts:  # another layout sums in another order: these weights are this layout's
+        text += f"; trained {layouts_text(d.layouts)}"
     return text + "."
 
 

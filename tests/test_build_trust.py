@@ -1,6 +1,7 @@
 """Builds that can be trusted, through the real CLI on Ray with a tiny family: two builds at
 once on one work dir run each stage once; a damaged finished stage is found, named and
-recomputed; `--rebuild` redoes a stage and what reads it, nothing else.
+recomputed; a byte flipped inside a weight fails the stage that reads it and the next build
+redoes the stage that made it; `--rebuild` redoes a stage and what reads it, nothing else.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from builder.cli import main
+from test_integrity import flip_a_byte_inside_the_tensors
 from tiny_models import save_tiny_checkpoint
 
 pytestmark = pytest.mark.e2e
@@ -104,6 +106,25 @@ def test_a_damaged_finished_stage_is_named_and_recomputed(concurrent_builds, sha
     # original ones bit for bit (a tolerance would hide a resume from the truncated stub).
     assert repaired.keys() == original.keys()
     assert all((repaired[name] == original[name]).all() for name in original)
+
+
+def test_a_flipped_byte_in_a_pruned_weight_fails_its_reader_and_the_next_build_redoes_the_pruning(
+        concurrent_builds, shared_ray, capsys):
+    spec, workdir, _, _ = concurrent_builds
+    (pruned,) = workdir.glob("stages/prune-*/model/model.safetensors")
+    original, prune_id = pruned.read_bytes(), pruned.parent.parent.name
+    flip_a_byte_inside_the_tensors(pruned)  # same size, same header: the reuse check passes it
+    # The distillation reads the pruned model again (in its Ray Train worker) and stops there.
+    assert main([str(spec), "--workdir", str(workdir), "--rebuild", "distill"]) == 1
+    said = capsys.readouterr().out
+    assert f"DamagedFile: {pruned}: its bytes differ" in said and f"made by stage {prune_id}" in said, said
+    before = manifests(workdir)
+    assert main([str(spec), "--workdir", str(workdir)]) == 0
+    after = manifests(workdir)
+    redone = {name.rsplit("-", 1)[0] for name in after
+              if name not in before or after[name]["finished_at"] != before[name]["finished_at"]}
+    assert redone == {"prune-tiny", "distill-tiny", "evaluate-tiny"}
+    assert pruned.read_bytes() == original  # pruning is deterministic: the same weights, the flip gone
 
 
 def test_rebuild_redoes_the_stage_and_what_reads_it(concurrent_builds, shared_ray):

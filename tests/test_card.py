@@ -226,6 +226,27 @@ def test_usage_prompt_comes_from_the_spec_with_a_neutral_default():
     assert 'tokenizer("Hello, my name is"' in text and "state of the union" not in text.split("## Recipe")[0]
 
 
+def test_the_card_and_report_say_which_batch_layout_made_the_weights(tmp_path):
+    """Another layout gives weights equal only up to the order of float sums (visibly in
+    bfloat16), so the card and report.md name the one that made these, resumes included."""
+    from builder.report.family_report import render_markdown
+    from builder.report.records import TrainingLayout
+
+    report = sample_report()
+    distillation = report.students[0].lineage.distillation.model_copy(update={"layouts": [
+        TrainingLayout(first_step=1, last_step=20, workers=2, parallel="ddp", micro_batch_size=3, grad_accum=1,
+                       dtype="bfloat16"),
+        TrainingLayout(first_step=21, last_step=40, workers=1, parallel="ddp", micro_batch_size=3, grad_accum=2,
+                       dtype="bfloat16")]})
+    report = with_student(report, lineage=report.students[0].lineage.model_copy(update={"distillation": distillation}))
+    made = ("steps 1-20 on 2 workers (DDP) taking 1 micro-batch of 3 sequences each per step, in bfloat16; "
+            "steps 21-40 on 1 worker taking 2 micro-batches of 3 sequences per step, in bfloat16")
+    assert f"final loss 1.2345; trained {made}." in render(report)
+    markdown = render_markdown(report, tmp_path)
+    assert f"Distilled `smollm2-90m-depth` {made}." in markdown and "shows in bfloat16 weights" in markdown
+    assert "Distilled" not in render_markdown(sample_report(), tmp_path)  # none recorded: nothing claimed
+
+
 def test_lineage_only_tells_what_happened_to_this_student():
     """A width-only student removed no layers: no depth method, no removed layers."""
     width = Pruning(axes={"hidden_size": (576, 504)}, depth_method=None, layers_kept=list(range(30)),

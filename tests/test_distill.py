@@ -254,17 +254,7 @@ def test_gradient_accumulation_matches_one_large_batch(models, blocks, tmp_path)
       visibly different step. The
       per-step losses, which average over every weight, must agree to float32 precision.
     """
-    teacher_dir, student_dir = models
-    teacher = load_model(teacher_dir, torch.device("cpu"), torch.float32, trainable=False)
-    grads = {}
-    for name, settings in {"big": steps_settings(1, batch_size=4),
-                           "accum": steps_settings(1, batch_size=2, grad_accum=2)}.items():
-        student = load_model(student_dir, torch.device("cpu"), torch.float32, trainable=True)
-        batches = SimpleNamespace(micro_batch=lambda step, micro, s=settings: blocks[micro * s.batch_size:
-                                                                                    (micro + 1) * s.batch_size])
-        accumulate_gradients(student, teacher, batches, 1, settings, torch.device("cpu"))
-        grads[name] = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
-    assert grads["big"].keys() == grads["accum"].keys() and grads["big"]
+    grads = gradients_by_layout(models, blocks, "float32")
     for key, big in grads["big"].items():
         torch.testing.assert_close(grads["accum"][key], big, rtol=1e-5, atol=1e-5 * float(big.abs().max()))
 
@@ -273,6 +263,51 @@ def test_gradient_accumulation_matches_one_large_batch(models, blocks, tmp_path)
     distill(*models, blocks, tmp_path / "accum", steps_settings(3, batch_size=2, grad_accum=2, max_grad_norm=0))
     big_losses = [m["loss"] for m in metrics(tmp_path / "big")]
     assert [m["loss"] for m in metrics(tmp_path / "accum")] == pytest.approx(big_losses, rel=1e-5)
+
+
+def gradients_by_layout(models, blocks: torch.Tensor, dtype: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One step's gradients in two layouts of the same 4 sequences: one micro-batch of 4
+    ("big") and two of 2 ("accum"), as 1 and 2 workers (or micro_batch_size 4 and 2) take them."""
+    teacher_dir, student_dir = models
+    teacher = load_model(teacher_dir, torch.device("cpu"), getattr(torch, dtype), trainable=False)
+    grads = {}
+    for name, settings in {"big": steps_settings(1, batch_size=4, dtype=dtype),
+                           "accum": steps_settings(1, batch_size=2, grad_accum=2, dtype=dtype)}.items():
+        student = load_model(student_dir, torch.device("cpu"), torch.float32, trainable=True)
+        batches = SimpleNamespace(micro_batch=lambda step, micro, s=settings: blocks[micro * s.batch_size:
+                                                                                    (micro + 1) * s.batch_size])
+        accumulate_gradients(student, teacher, batches, 1, settings, torch.device("cpu"))
+        grads[name] = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert grads["big"].keys() == grads["accum"].keys() and grads["big"]
+    return grads
+
+
+def test_in_bfloat16_another_batch_layout_changes_the_gradients_at_bfloat16s_rounding(models, blocks):
+    """Why a training stage's result is defined only up to the order of its float sums
+    (builder.training.layouts), and the report says which layout made the weights: under
+    bfloat16 autocast each weight gradient is a bf16 matmul over the micro-batch's rows,
+    rounded to bfloat16 (8 significant bits, unit roundoff u = 2^-8) once for one micro-batch
+    of 4 and once per micro-batch of 2. The two layouts then differ far beyond float32's
+    rounding (the test above: 1e-5 of each tensor's largest gradient), by about u of the
+    gradient's scale; 4u leaves room for partial sums larger than their total."""
+    grads = gradients_by_layout(models, blocks, "bfloat16")
+    worst = max(float((grads["accum"][key] - big).abs().max() / big.abs().max()) for key, big in grads["big"].items())
+    assert 1e-5 < worst <= 4 * 2.0**-8
+
+
+def test_the_layouts_that_made_the_weights_are_recorded_across_a_resume_on_another(models, blocks, tmp_path,
+                                                                                  monkeypatch):
+    """A run killed after its step-2 checkpoint and resumed with micro-batches of 2 instead of
+    4 (as on 2 workers instead of 1): the result says which layout took which steps."""
+    break_the_loss_at_call(monkeypatch, 3, float("nan"))
+    with pytest.raises(TrainingDiverged):
+        distill(*models, blocks, tmp_path, steps_settings(4, checkpoint_every=2))
+    monkeypatch.undo()  # the real loss again
+    result = distill(*models, blocks, tmp_path, steps_settings(4, batch_size=2, grad_accum=2, checkpoint_every=2))
+    one = {"workers": 1, "parallel": "ddp", "dtype": "float32"}
+    assert result.layouts == [{"first_step": 1, "last_step": 2, "micro_batch_size": 4, "grad_accum": 1, **one},
+                              {"first_step": 3, "last_step": 4, "micro_batch_size": 2, "grad_accum": 2, **one}]
+    assert json.loads((tmp_path / "result.json").read_text())["layouts"] == result.layouts  # the stage's summary
 
 
 def test_bf16_autocast_and_activation_checkpointing_train_the_same_model(models, blocks, tmp_path):
@@ -295,21 +330,39 @@ def test_teacher_correction_lowers_the_lm_loss(models, tmp_path):
     assert (tmp_path / "model" / "tokenizer.json").exists()
 
 
-def test_a_non_finite_loss_stops_training_and_names_the_step(models, blocks, tmp_path, monkeypatch):
+def break_the_loss_at_call(monkeypatch, call: int, factor: float) -> None:
+    """forward_loss's `call`-th call (one per micro-batch) returns its losses times `factor`."""
     real_forward_loss, calls = step_module.forward_loss, []
 
-    def loss_that_blows_up_at_step_3(*args):
+    def broken(*args):
         calls.append(1)
         parts = real_forward_loss(*args)
-        return parts * float("inf") if len(calls) == 3 else parts
+        return parts * factor if len(calls) == call else parts
 
-    monkeypatch.setattr(step_module, "forward_loss", loss_that_blows_up_at_step_3)
+    monkeypatch.setattr(step_module, "forward_loss", broken)
+
+
+def test_a_non_finite_loss_stops_training_and_names_the_step(models, blocks, tmp_path, monkeypatch):
+    break_the_loss_at_call(monkeypatch, 3, float("inf"))
     with pytest.raises(TrainingDiverged, match="step 3") as error:
         distill(*models, blocks, tmp_path, steps_settings(5, checkpoint_every=2))
     assert error.value.step == 3
     assert "the checkpoint of step 2" in str(error.value)  # promised only because it exists
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000002"
     assert not (tmp_path / "model").exists() and not (tmp_path / "result.json").exists()
+
+
+def test_a_non_finite_loss_at_the_first_step_points_at_the_inputs_not_the_learning_rate(models, blocks, tmp_path,
+                                                                                      monkeypatch):
+    """Before the first update the learning rate has done nothing yet: a NaN there comes from
+    what was loaded (a damaged checkpoint or token file) or from overflow, and says so."""
+    break_the_loss_at_call(monkeypatch, 1, float("nan"))
+    with pytest.raises(TrainingDiverged) as error:
+        distill(*models, blocks, tmp_path, steps_settings(3))
+    message = str(error.value)
+    assert error.value.step == 1 and "an input may be damaged" in message
+    assert "build-family verify SPEC" in message and "--precision float32" in message
+    assert "lower distill.learning_rate" not in message
 
 
 def test_an_exploding_loss_stops_training_naming_the_spec_fields(models, blocks, tmp_path):

@@ -16,6 +16,7 @@ from builder.data.tokens import ShardWriter, BlocksIndex, TokenBlocks, token_dty
 from builder.training.loop import distill
 from builder.training.settings import TrainSettings
 from builder.teaching.target import topk_target
+from builder.store.integrity import WRITTEN
 from tests.tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint, tiny_model  # noqa: F401
 
 SEQ_LEN = 16
@@ -99,6 +100,9 @@ def test_a_killed_pass_resumes_at_the_missing_shard_only(teacher_dir, data_dir, 
     drawn = shard_dir(tmp_path / "signal", 1) / "samples.npy"
     reference = lost.read_bytes(), drawn.read_bytes()
     lost.unlink()  # the pass died before this shard's last file was renamed into place
+    assert job.pending() == [1]
+    lost.write_bytes(reference[0])
+    (shard_dir(tmp_path / "signal", 1) / WRITTEN).unlink()  # or died before writing its records
     assert job.pending() == [1]
     assert [d["shard"] for d in teach_locally(job)] == [1]
     assert (kept.stat().st_mtime_ns, kept.read_bytes()) == before

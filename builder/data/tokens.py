@@ -23,6 +23,11 @@ we do not use here, at the cost of their own writer, index and cache directory.
 Writes are atomic: each shard is written to a temporary name and renamed, and index.json is
 written last, so a stage dir whose index exists is complete (and a crashed writer leaves no
 half shard under a final name).
+
+Reads are checked: a shard is hashed whole the first time a process maps it and compared with
+the content digest its stage recorded (builder.store.content), since a run reads all of it
+over time anyway; the training workers instead split the shards between them and check their
+share before the first step (`verify_share`), so the world reads each shard once to check it.
 """
 from __future__ import annotations
 
@@ -35,7 +40,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from builder.store.content import verify_file, verify_files
 from builder.store.disk_space import removed_on_failure
+from builder.store.integrity import array_record
 from builder.store.stage_store import write_bytes_atomic
 
 FORMAT = "minizoo-token-blocks"
@@ -97,14 +104,17 @@ class BlocksIndex:
         write_bytes_atomic(Path(stage_dir) / INDEX_FILE, self.to_json().encode())
 
 
-def save_shard(path: Path, blocks: np.ndarray) -> None:
-    """One shard as a .npy file, under its final name only once complete."""
+def save_shard(path: Path, blocks: np.ndarray) -> dict:
+    """One shard as a .npy file, under its final name only once complete; returns its
+    integrity record, hashed from the array in memory (builder.store.integrity.array_record)."""
+    blocks = np.ascontiguousarray(blocks)
     temporary = path.with_name(path.name + ".tmp")
     with removed_on_failure(temporary), open(temporary, "wb") as file:
-        np.lib.format.write_array(file, np.ascontiguousarray(blocks), allow_pickle=False)
+        np.lib.format.write_array(file, blocks, allow_pickle=False)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+    return array_record(path, blocks)
 
 
 def shard_name(split: str, number: int) -> str:
@@ -185,6 +195,12 @@ class TokenBlocks:
         """The first `limit` blocks (all of them when None)."""
         return self[:limit]
 
+    def verify_share(self, rank: int, size: int) -> None:
+        """Check shards rank, rank + size, ... whole now, and no shard when it is mapped later:
+        `size` readers of the same blocks (training workers) each check their share once."""
+        verify_files(self.stage_dir / shard.file for shard in self.shards[rank::size])
+        self._maps = MappedFiles(verify=False)
+
     def _range(self, start: int, stop: int) -> torch.Tensor:
         # Contiguous runs copy whole slices of each shard instead of gathering row by row.
         out = np.empty((stop - start, self.seq_len), dtype=np.int64)
@@ -224,7 +240,7 @@ class TokenBlocks:
         return self._maps.open(self.stage_dir / self.shards[shard].file)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": MappedFiles()}
+        return {**self.__dict__, "_maps": self._maps.emptied()}
 
 
 class MappedFiles:
@@ -234,16 +250,25 @@ class MappedFiles:
     corpus open (~3000 shards, four files each for a teacher signal) would pass the usual
     limit of 1024 open files. A step samples rows from few shards at a time, and reopening
     an evicted one costs a header read, so a small cache loses nothing.
+
+    With `verify`, a file is checked against its stage's content digest before it is first
+    mapped in this process (builder.store.content.verify_file remembers what it checked).
     """
 
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
+    def __init__(self, capacity: int = 64, verify: bool = True):
+        self.capacity, self.verify = capacity, verify
         self._open: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+    def emptied(self) -> "MappedFiles":
+        """The same settings, no open maps: what a reader sends to another process."""
+        return MappedFiles(self.capacity, self.verify)
 
     def open(self, path: Path) -> np.ndarray:
         if path in self._open:
             self._open.move_to_end(path)
         else:
+            if self.verify:
+                verify_file(path)
             self._open[path] = np.load(path, mmap_mode="r")
             if len(self._open) > self.capacity:
                 self._open.popitem(last=False)

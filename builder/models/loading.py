@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from builder.store.content import verify_folder
+
 # Every file a tokenizer may need: fast (tokenizer.json), slow BPE (vocab.json + merges.txt),
 # WordPiece (vocab.txt), SentencePiece (tokenizer.model), and the chat templates.
 TOKENIZER_FILES = (
@@ -31,9 +33,12 @@ def load_model(
     trainable: bool = False,
     activation_checkpointing: bool = False,
 ) -> torch.nn.Module:
-    """A local checkpoint; frozen in eval mode (no autograd, no dropout) unless `trainable`."""
+    """A local checkpoint; frozen in eval mode (no autograd, no dropout) unless `trainable`.
+    A stage's output is first checked against the content digests its stage recorded
+    (builder.store.content): loading reads every byte anyway."""
     from transformers import AutoModelForCausalLM  # heavy import, only when a model is loaded
 
+    verify_folder(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
     if not trainable:
         return model.eval().requires_grad_(False)

@@ -64,8 +64,10 @@ class RunOptions(BaseModel):
     cpus_per_stage: int = Field(0, description="CPUs per heavy stage; 0: all local CPUs")
     gpus_per_stage: float = Field(0.0, description="GPUs per heavy stage (training, evaluation, vLLM)")
     train_workers: int = Field(
-        1, description="Ray Train workers per training stage; they split the spec's global_batch_size, so the "
-        "result does not change (it must divide global_batch_size)")
+        1, description="Ray Train workers per training stage; they split the spec's global_batch_size (it must "
+        "divide it): the same steps over the same data, summed in another order, whose rounding stays small in "
+        "float32 and shows in bfloat16 weights; not in the stage hash, and the report says which layout made the "
+        "weights")
     parallel: Parallel = Field(
         "ddp", description="how training workers share the models: ddp (a full replica each) or fsdp (FSDP2 "
         "shards parameters, gradients and optimizer state across workers, for models that do not fit one device)")

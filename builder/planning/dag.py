@@ -3,8 +3,9 @@
 Each stage is keyed by a hash of what its result depends on (see `builder.store.stage_store`), so the
 plan alone says which stages are finished, which resume, and which run. The runner
 executes it; the dry run prints it. Run options enter only as the resolved training
-precision; how many workers share a step, and with which parallelism, does not change a
-result (builder.spec.batching), so it does not change the plan.
+precision; how many workers share a step, and with which parallelism, changes only the order
+of float sums (builder.spec.batching), so it does not change the plan: a result is defined up
+to that order, and the report says which layout made it (builder.training.layouts says why).
 """
 from __future__ import annotations
 
@@ -104,9 +105,10 @@ def teacher_acquire_key(spec: FamilySpec) -> StageKey:
 
 def training_options(precision: Precision) -> dict:
     """The run options a training stage's numerics depend on, hashed with it. Not the worker
-    count or `--parallel`: DDP and FSDP2 compute the same fp32 gradients (averaged over the
-    same global batch; FSDP2 only shards them, with no mixed-precision policy) and differ
-    from one process only in float summation order, as tests/test_ray_train.py checks."""
+    count or `--parallel`: DDP and FSDP2 compute the same gradients (averaged over the same
+    global batch; FSDP2 only shards them, with no mixed-precision policy) and differ from one
+    process only in float summation order (tests/test_ray_train.py), which in bfloat16 is
+    visible: builder.training.layouts says why that stays out of the hash and is reported."""
     return {"precision": precision.dtype}
 
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from builder.models.arch import Arch, arch_for
 from builder.spec.shape import Shape
+from builder.store.content import verify_files
 
 AGGREGATIONS = ("mean", "l2", "var")
 DEFAULT_BATCH_AGGREGATION = "l2"  # the paper's best (Table 11); spec.ScoringSpec has the same
@@ -72,6 +73,7 @@ class Importance:
     @classmethod
     def load(cls, directory: str | Path) -> "Importance":
         directory = Path(directory)
+        verify_files([directory / METADATA_FILE, directory / TENSORS_FILE])  # as the score stage wrote them
         metadata = json.loads((directory / METADATA_FILE).read_text())
         if metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(

@@ -21,8 +21,9 @@ from builder.planning.reuse import current_finishes
 from builder.report.family_view import first_reason, record_view, view_precision, view_turn
 from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
                                     Perplexity, Pruning, SearchRecord, StageCost, StudentRecord, TaskResult,
-                                    TeacherRecord, Throughput, difference, format_perplexity, format_score,
-                                    format_speedup, perplexity_difference, precision_text, read_completeness)
+                                    TeacherRecord, Throughput, TrainingLayout, difference, format_perplexity,
+                                    format_score, format_speedup, layouts_text, perplexity_difference,
+                                    precision_text, read_completeness)
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore, write_text_atomic
 from builder.units import format_count
@@ -203,7 +204,8 @@ def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillati
                         loss_curve=summary.get("metrics_file"),
                         teacher_signal="topk" if section.stored_signal else "online",
                         top_k=section.top_k if section.stored_signal else None,
-                        tail_samples=section.tail_samples if section.stored_signal else None)
+                        tail_samples=section.tail_samples if section.stored_signal else None,
+                        layouts=[TrainingLayout(**layout) for layout in summary.get("layouts", [])])
 
 
 def _why(planned, manifests: dict) -> str | None:
@@ -397,6 +399,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
     lines += _throughput_notes(models)
+    lines += _layout_notes(report)
     lines += _search_sections(report)
     lines += _problems(report)
     if report.plots:
@@ -476,6 +479,17 @@ def _throughput_notes(models: list[ModelRecord]) -> list[str]:
         lines.append("**Contended:** other work competed for the cores while measuring " + "; ".join(contended)
                      + ". Treat those numbers and their speed-ups as lower bounds; measure again on a quiet machine.")
     return lines
+
+
+def _layout_notes(report: FamilyReport) -> list[str]:
+    """Which batch layout distilled each student: another layout gives weights equal only up to
+    the order of float sums (builder.training.layouts), so the report says which made these."""
+    trained = [(s.name, s.lineage.distillation.layouts) for s in report.students if s.lineage.distillation.layouts]
+    if not trained:
+        return []
+    return ["", "Distilled " + "; ".join(f"`{name}` {layouts_text(layouts)}" for name, layouts in trained)
+            + ". Another worker count or micro-batch takes the same steps over the same data but sums in another "
+            "order, whose rounding stays small in float32 and shows in bfloat16 weights."]
 
 
 def _problems(report: FamilyReport) -> list[str]:

@@ -252,6 +252,38 @@ class Pruning(Record):
         return "num_hidden_layers" in self.axes
 
 
+class TrainingLayout(Record):
+    """Steps first_step..last_step of a training run and the batch layout that took them
+    (builder.training.layouts: the result equals another layout's only up to the order of its
+    float sums). A checkpoint from before layouts were recorded gave its worker count only."""
+
+    first_step: int
+    last_step: int
+    workers: int
+    parallel: Literal["ddp", "fsdp"] | None = None
+    micro_batch_size: int | None = None  # sequences per forward/backward on one worker
+    grad_accum: int | None = None  # micro-batches per worker per step
+    dtype: str | None = None
+
+
+def layouts_text(layouts: list[TrainingLayout]) -> str:
+    """`on 2 workers (DDP) taking 1 micro-batch of 3 sequences each per step, in bfloat16`,
+    as `steps 1-50 on ...; steps 51-100 on ...` when a resume changed the layout."""
+    def one(layout: TrainingLayout) -> str:
+        text = "on 1 worker" if layout.workers == 1 else f"on {layout.workers} workers"
+        if layout.workers > 1 and layout.parallel:
+            text += f" ({layout.parallel.upper()})"
+        if layout.micro_batch_size is None:
+            return text + " (its micro-batches were not recorded)"
+        batches = "1 micro-batch" if layout.grad_accum == 1 else f"{layout.grad_accum} micro-batches"
+        each = " each" if layout.workers > 1 else ""
+        return text + f" taking {batches} of {layout.micro_batch_size} sequences{each} per step, in {layout.dtype}"
+
+    if len(layouts) == 1:
+        return one(layouts[0])
+    return "; ".join(f"steps {layout.first_step}-{layout.last_step} {one(layout)}" for layout in layouts)
+
+
 class Distillation(Record):
     tokens: int | None = None
     steps: int | None = None
@@ -262,6 +294,7 @@ class Distillation(Record):
     teacher_signal: Literal["online", "topk"] = "online"  # topk: read from the shared teach stage
     top_k: int | None = None
     tail_samples: int | None = None  # topk: ids drawn per token from the teacher beyond its top k
+    layouts: list[TrainingLayout] = []  # which batch layout took which steps (empty: not recorded)
 
 
 def signal_name(top_k: int, tail_samples: int) -> str:

@@ -6,7 +6,8 @@ split each step equally, and each worker runs its share in micro-batches of at m
 `micro_batch_size` sequences, accumulating gradients. Every layout reads the same
 sequences per step (builder.training.data.BlockStream) and averages the same per-sequence
 losses, so the worker count and the micro-batch change only float summation order, never
-the step count or the data: they are outside the stage hash.
+the step count or the data: they are outside the stage hash, and the result is defined up to
+that order (builder.training.layouts: visible in bfloat16, recorded and reported).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
 from builder.spec.schema import ThroughputSpec
 from builder.stages.base import StageContext, StageKind, StageResult
+from builder.store.content import verify_folder
 from evaluators.base import ModelHandle
 from evaluators.registry import get_evaluator
 from evaluators.throughput import ThroughputRun, ThroughputSettings, add_ratios, model_work_dir
@@ -19,6 +20,8 @@ def _workload(section: ThroughputSpec) -> ThroughputSettings:
 def run(ctx: StageContext) -> StageResult:
     evaluator, workload = get_evaluator("vllm-throughput"), _workload(ctx.section(ThroughputSpec))
     device = ctx.options.device()
+    for role in ctx.inputs:  # vLLM reads the models in its own processes: checked here first
+        verify_folder(ctx.model_dir(role))
     results = {role: evaluator.run(ModelHandle(ctx.model_dir(role), role),
                                    ThroughputRun(workload, model_work_dir(ctx.out_dir, index, role)), device)
                for index, role in enumerate(ctx.inputs)}

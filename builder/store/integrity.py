@@ -1,16 +1,27 @@
-"""Is a file, or a checkpoint folder, what it claims to be? Cheap checks that name the file.
+"""Is a file, or a checkpoint folder, what it claims to be? Checks that name the file.
 
-Two users: the stage store records each finished stage's output files (`record_outputs`)
-and checks them before reusing the stage (`find_damage`); teacher acquisition checks the
+Three users: the stage store records each finished stage's output files (`record_outputs`)
+and checks them cheaply before reusing the stage (`find_damage`); readers check the full
+content of what they read (builder.store.content, `full=True`); teacher acquisition checks the
 checkpoint it was given before calling it done (`check_checkpoint`).
 
-A *.safetensors file is fingerprinted by its size plus a digest of its 8-byte header
-length and JSON header, never by hashing its data: weights run to many GB, and reading
-them all on every reuse would cost minutes. The header lists every tensor's byte range,
-so a truncated or overwritten-header file fails the check; a flipped byte inside the data
-does not (that would need the full read this check exists to avoid). Token shards (*.npy)
-get the same treatment from numpy's header (shape and dtype give the size). Any other file
-is hashed whole up to FULL_HASH_LIMIT; above it only its first and last MiB are.
+Each output's record holds two things:
+- a *fingerprint*, cheap to check on every reuse: the size plus a digest of the 8-byte header
+  length and JSON header of a *.safetensors file, of numpy's header of a *.npy shard (shape
+  and dtype give the size), of the whole of any other file up to FULL_HASH_LIMIT and of the
+  first and last MiB above it. It never reads a tensor's data: weights and a teacher signal
+  run to GB and TB, and reading them on every reuse would cost minutes to hours. A truncated
+  file or a changed header fails it; a flipped byte inside the data does not.
+- a *content digest* (xxh3-128 of every byte, CONTENT), made when the file is written and
+  checked by whoever reads the file whole anyway (builder.store.content) and by
+  `build-family verify`. xxh3 because it runs at memory speed (bench/integrity.py): it guards
+  against the disk and against people, not against an attacker, so it need not be
+  cryptographic. Records made before content digests existed lack the key; they still get the
+  fingerprint check.
+
+A writer that has the bytes in memory records them as it writes (`array_record` for .npy
+shards) and leaves the records in a WRITTEN file beside them, which `record_outputs` takes
+instead of reading the files again (a teacher signal of many TB is never read back to hash it).
 """
 from __future__ import annotations
 
@@ -21,12 +32,17 @@ import os
 import struct
 from pathlib import Path
 
+import xxhash
+
 SAFETENSORS = ".safetensors"
 NPY = ".npy"
 FULL_HASH_LIMIT = 64 * 2**20  # larger files of other formats: size + first and last MiB
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header (100 MB)
 _CHUNK = 2**20
+_HASH_CHUNK = 8 * 2**20  # bytes read per update of the content digest: large reads, little memory
+CONTENT = "xxh3_128"  # the record's key for the content digest
+WRITTEN = "written.json"  # records a writer made from the bytes it wrote, for the files beside it
 
 
 class DamagedFile(ValueError):
@@ -35,6 +51,9 @@ class DamagedFile(ValueError):
     def __init__(self, path: Path | str, fault: str):
         self.path, self.fault = Path(path), fault
         super().__init__(f"{path}: {fault}")
+
+    def __reduce__(self):  # keeps both fields when Ray sends it from a stage's worker to the driver
+        return (type(self), (self.path, self.fault))
 
 
 # --- single files ----------------------------------------------------------------------
@@ -109,9 +128,20 @@ def sampled_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_record(path: Path) -> dict:
+def content_digest(path: Path) -> str:
+    """xxh3-128 of every byte of the file, as hex."""
+    digest, buffer = xxhash.xxh3_128(), bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as handle:
+        while read := handle.readinto(buffer):
+            digest.update(view[:read])
+    return digest.hexdigest()
+
+
+def fingerprint(path: Path) -> dict:
     """What identifies a file cheaply: its size plus a digest of its header (safetensors,
-    npy), of its content, or of its ends (other files over FULL_HASH_LIMIT)."""
+    npy), of its content, or of its ends (other files over FULL_HASH_LIMIT). sha256, as
+    before content digests: the manifests of finished stages hold these."""
     path = Path(path)
     size = path.stat().st_size
     if path.name.endswith(SAFETENSORS):
@@ -123,18 +153,40 @@ def file_record(path: Path) -> dict:
     return {"size": size, "sha256": sha256_file(path)}
 
 
-def file_damage(path: Path, record: dict) -> str | None:
-    """Why `path` no longer matches `record`, or None when it does."""
+def file_record(path: Path) -> dict:
+    """A file's fingerprint and content digest, reading it whole."""
+    return fingerprint(path) | {CONTENT: content_digest(path)}
+
+
+def array_record(path: Path, array) -> dict:
+    """The record of the .npy file just written at `path` from the C-contiguous `array`, made
+    from the array in memory: only the header is read back, never the data."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(size - array.nbytes)
+    digest = xxhash.xxh3_128(header)
+    digest.update(array.data)
+    return {"size": size, "header_sha256": hashlib.sha256(header).hexdigest(), CONTENT: digest.hexdigest()}
+
+
+def file_damage(path: Path, record: dict, full: bool = False) -> str | None:
+    """Why `path` no longer matches `record`, or None when it does: its fingerprint, and with
+    `full` its content digest too (when the record has one)."""
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
     if size != record["size"]:
         return f"{size} bytes, recorded {record['size']}"
     try:
-        now = file_record(path)
+        now = fingerprint(path)
     except DamagedFile as error:
         return error.fault
-    return None if now == record else "content differs from the recorded digest"
+    if now != {key: value for key, value in record.items() if key != CONTENT}:
+        return "content differs from the recorded digest"
+    if full and CONTENT in record and content_digest(path) != record[CONTENT]:
+        return ("its bytes differ from the xxh3-128 digest recorded when it was written (same size and "
+                "header: bytes inside it changed on disk)")
+    return None
 
 
 # --- a folder of outputs ------------------------------------------------------------------
@@ -142,14 +194,26 @@ def file_damage(path: Path, record: dict) -> str | None:
 
 def record_outputs(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
     """Every file under `folder` (relative name -> record), except names in `skip` and
-    folders named in `skip`. A symlink is recorded under its own name and the file it points
-    to inside `folder` is not recorded again (the Hub cache's snapshot links name their
-    blobs `model.safetensors`; the blobs themselves have no suffix and would be hashed whole)."""
+    folders named in `skip`. A file listed in a WRITTEN file beside it with its current size
+    takes the record its writer made; any other is read whole. A symlink is recorded under its
+    own name and the file it points to inside `folder` is not recorded again (the Hub cache's
+    snapshot links name their blobs `model.safetensors`; the blobs themselves have no suffix)."""
     folder = Path(folder)
     files = _files(folder, skip)
     linked = {path.resolve() for path in files if path.is_symlink()}
-    return {path.relative_to(folder).as_posix(): file_record(path)
+    written = _written_records(files)
+    return {path.relative_to(folder).as_posix(): written.get(path) or file_record(path)
             for path in files if path.is_symlink() or path.resolve() not in linked}
+
+
+def _written_records(files: list[Path]) -> dict[Path, dict]:
+    found = {}
+    for listing in (path for path in files if path.name == WRITTEN):
+        for name, record in json.loads(listing.read_text()).items():
+            path = listing.parent / name
+            if path.is_file() and path.stat().st_size == record["size"]:
+                found[path] = record
+    return found
 
 
 def _files(folder: Path, skip: tuple[str, ...]) -> list[Path]:
@@ -160,10 +224,11 @@ def _files(folder: Path, skip: tuple[str, ...]) -> list[Path]:
     return [path for path in found if path.is_file()]  # drops dangling links
 
 
-def find_damage(folder: Path, outputs: dict[str, dict]) -> tuple[str, str] | None:
-    """The first recorded output that is missing or changed, as (relative name, fault)."""
+def find_damage(folder: Path, outputs: dict[str, dict], full: bool = False) -> tuple[str, str] | None:
+    """The first recorded output that is missing or changed, as (relative name, fault); `full`
+    reads each file whole to check its content digest."""
     for name, record in outputs.items():
-        fault = file_damage(Path(folder) / name, record)
+        fault = file_damage(Path(folder) / name, record, full)
         if fault is not None:
             return name, fault
     return None

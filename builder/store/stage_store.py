@@ -8,8 +8,11 @@ precision), its upstream hashes and its own code version (its kind's `version`, 
 finished stage is never recomputed, and a directory without one is a stage that was
 interrupted (long stages keep resumable checkpoints inside it).
 
-The manifest also records the stage's output files (builder.store.integrity), checked before the
-stage is reused, and what made it (builder.store.provenance: versions and commit, reported but
+The manifest also records the stage's output files (builder.store.integrity): their
+fingerprints, checked before the stage is reused, and their content digests, checked by every
+stage that reads them (builder.store.content). A reader that finds a file's bytes changed
+leaves a DAMAGED mark in the stage's folder, so the next build redoes the stage. It also
+records what made it (builder.store.provenance: versions and commit, reported but
 not deciding reuse); one build at a time runs a stage: see `StageStore.locked`.
 """
 from __future__ import annotations
@@ -34,10 +37,12 @@ from builder.store.stage_log import STAGE_LOG
 
 log = logging.getLogger(__name__)
 
+STAGES = "stages"  # the store's folder in a work dir: <workdir>/stages/<stage id>/
 MANIFEST = "manifest.json"
+DAMAGED = "damaged.json"  # left in a finished stage's folder by a reader that found a file changed
 # Not outputs: resumable training state (large, read by no other stage), the manifest itself,
-# and the stage's log (its writers may still flush a line after the manifest is written).
-NOT_OUTPUTS = (MANIFEST, "checkpoints", STAGE_LOG)
+# the stage's log (its writers may still flush a line after the manifest is written) and a mark.
+NOT_OUTPUTS = (MANIFEST, "checkpoints", STAGE_LOG, DAMAGED)
 LOCKS = ".locks"  # per-stage lock files, beside the stage folders (never deleted: see file_lock)
 TRASH = ".trash"  # replaced stage folders are moved here, then deleted
 
@@ -77,7 +82,7 @@ class Manifest:
     wall_s: float
     tokens: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
-    # relative file name -> {"size", "sha256"} or, for *.safetensors, {"size", "header_sha256"};
+    # relative file name -> its fingerprint and content digest (builder.store.integrity.file_record);
     # None in manifests written before outputs were recorded (nothing to check)
     outputs: dict[str, dict] | None = None
     finished_at: float = 0.0  # time.time() when written: tells one finish of a stage from another
@@ -102,28 +107,22 @@ class Manifest:
     def stage_id(self) -> str:
         return Path(self.path).name
 
-    def damage(self) -> tuple[str, str] | None:
-        """The first recorded output that is missing or changed, as (path, fault); None if intact."""
-        found = find_damage(Path(self.path), self.outputs or {})
+    def damage(self, full: bool = False) -> tuple[str, str] | None:
+        """The first recorded output that is missing or changed, as (path, fault), a reader's
+        DAMAGED mark first; None if intact. `full` reads every file to check its content digest."""
+        found = damage_mark(Path(self.path)) or find_damage(Path(self.path), self.outputs or {}, full)
         return (str(Path(self.path) / found[0]), found[1]) if found else None
 
 
 class StageStore:
     def __init__(self, workdir: Path):
-        self.root = Path(workdir).resolve() / "stages"
+        self.root = Path(workdir).resolve() / STAGES
 
     def path(self, key: StageKey) -> Path:
         return self.root / key.dirname
 
     def manifest(self, key: StageKey) -> Manifest | None:
-        file = self.path(key) / MANIFEST
-        if not file.exists():
-            return None
-        try:
-            return Manifest.from_json(json.loads(file.read_text()))
-        except (ValueError, TypeError) as error:  # damaged by hand or by the disk: not finished
-            log.warning("%s is unreadable (%s); the stage counts as unfinished", file, error)
-            return None
+        return read_manifest(self.path(key))
 
     def prepare(self, key: StageKey) -> Path:
         out = self.path(key)
@@ -168,6 +167,37 @@ class StageStore:
         os.replace(self.path(key), trash)
         for old in trash.parent.iterdir():  # this one, and any a killed build left behind
             shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(stage_dir: Path) -> Manifest | None:
+    """The manifest of the stage in `stage_dir`; None when it has not finished."""
+    file = Path(stage_dir) / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        return Manifest.from_json(json.loads(file.read_text()))
+    except (ValueError, TypeError) as error:  # damaged by hand or by the disk: not finished
+        log.warning("%s is unreadable (%s); the stage counts as unfinished", file, error)
+        return None
+
+
+def mark_damaged(stage_dir: Path, name: str, fault: str, found_by: str) -> None:
+    """Note in a finished stage's folder that its output `name` (relative) is damaged: the
+    reuse check, which reads no file whole, then sees it and the stage is redone. Redoing
+    the stage starts from an empty folder, which removes the mark."""
+    write_json_atomic(Path(stage_dir) / DAMAGED, {"file": name, "fault": fault, "found_by": found_by,
+                                                  "at": time.time()})
+
+
+def damage_mark(stage_dir: Path) -> tuple[str, str] | None:
+    """(relative name, fault) from a stage's DAMAGED mark, if one was left."""
+    try:
+        mark = json.loads((Path(stage_dir) / DAMAGED).read_text())
+        return mark["file"], f"{mark['fault']} (found by {mark['found_by']})"
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):  # a mark cut short is still a mark
+        return DAMAGED, "marked damaged by a reader (its mark is unreadable)"
 
 
 def lock_path(stage_dir: Path) -> Path:

@@ -29,9 +29,13 @@ relative error of the probability below 0.1% for the log-probabilities that matt
 and bfloat16's 8 bits would not. The same plain .npy files as the token blocks
 (builder/data/tokens.py says why): memory-mapped, only the pages of the sampled rows are read.
 
-A shard is complete when its five files exist (each is written under a temporary name and
-renamed), so a killed teach pass resumes at the first missing shard; index.json is written
-last, once every shard is there.
+A shard is complete when its five files and its `written.json` exist: the integrity records of
+the five (builder.store.integrity.WRITTEN), hashed from the arrays in memory as they were
+written, and written after them (each file goes under a temporary name and is renamed). So a
+killed teach pass resumes at the first incomplete shard, and the stage's manifest takes these
+records instead of reading many TB back. index.json is written last, once every shard is
+there. Readers check each shard's files against the records (builder.store.content; in
+training, each worker its share of the shards: `verify_share`).
 """
 from __future__ import annotations
 
@@ -44,7 +48,9 @@ import torch
 
 from builder.data.shuffle import Permutation
 from builder.data.tokens import MappedFiles, save_shard, token_dtype
-from builder.store.stage_store import write_bytes_atomic
+from builder.store.content import verify_files
+from builder.store.integrity import WRITTEN
+from builder.store.stage_store import write_bytes_atomic, write_json_atomic
 from builder.teaching.target import TopKTarget
 
 FORMAT = "minizoo-teacher-signal"
@@ -125,17 +131,22 @@ def shard_dir(stage_dir: Path, shard: int) -> Path:
     return Path(stage_dir) / f"shard-{shard:05d}"
 
 
+def shard_files(stage_dir: Path, shard: int) -> list[Path]:
+    return [shard_dir(stage_dir, shard) / f"{name}.npy" for name in ARRAYS]
+
+
 def shard_complete(stage_dir: Path, shard: int) -> bool:
-    folder = shard_dir(stage_dir, shard)
-    return all((folder / f"{name}.npy").exists() for name in ARRAYS)
+    """Its records were written (after its files), and none of its files was lost since."""
+    files = shard_files(stage_dir, shard)
+    return (shard_dir(stage_dir, shard) / WRITTEN).exists() and all(path.exists() for path in files)
 
 
 def write_shard(stage_dir: Path, shard: int, arrays: dict[str, np.ndarray]) -> None:
-    """One shard's four arrays, each renamed into place when complete; tokens.npy last."""
+    """One shard's five arrays, each renamed into place when complete, then their records."""
     folder = shard_dir(stage_dir, shard)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ARRAYS:
-        save_shard(folder / f"{name}.npy", arrays[name])
+    records = {f"{name}.npy": save_shard(folder / f"{name}.npy", arrays[name]) for name in ARRAYS}
+    write_json_atomic(folder / WRITTEN, records)  # last: the shard is complete
 
 
 def write_index(stage_dir: Path, layout: SignalLayout) -> None:
@@ -180,6 +191,13 @@ class TeacherSignal:
     def __len__(self) -> int:
         return self.layout.rows
 
+    def verify_share(self, rank: int, size: int) -> None:
+        """Check the files of shards rank, rank + size, ... whole now, and no file when it is
+        mapped later: `size` training workers each check their share of a signal of many TB once."""
+        verify_files(path for shard in range(rank, self.layout.shards, size)
+                     for path in shard_files(self.stage_dir, shard))
+        self._maps = MappedFiles(verify=False)
+
     def __getitem__(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self._gather(rows, "tokens").astype(np.int64))
 
@@ -209,4 +227,4 @@ class TeacherSignal:
         return self._maps.open(shard_dir(self.stage_dir, shard) / f"{name}.npy")
 
     def __getstate__(self) -> dict:  # cheap to send to a Ray worker: paths, no open maps
-        return {**self.__dict__, "_maps": MappedFiles()}
+        return {**self.__dict__, "_maps": self._maps.emptied()}

@@ -107,6 +107,14 @@ def open_blocks(train_blocks: TrainBlocks) -> Blocks:
     return blocks
 
 
+def verify_share(blocks: Blocks, world: World) -> None:
+    """Before the first step, each worker checks its share of the stored shards whole against
+    the digests their stage recorded (builder.store.content): the world reads each shard once
+    to check it, instead of every worker reading all of them (a teacher signal runs to TB)."""
+    if isinstance(blocks, (TokenBlocks, TeacherSignal)):
+        blocks.verify_share(world.rank, world.size)
+
+
 def seq_len_of(blocks: Blocks) -> int:
     return blocks.shape[1] if isinstance(blocks, torch.Tensor) else blocks.seq_len
 

@@ -16,7 +16,8 @@ from builder.store.stage_store import write_text_atomic
 from builder.teaching.signal import TeacherSignal
 from builder.training.aligner import HiddenStateAligner
 from builder.training.checkpoints import resume_from_checkpoint, save_checkpoint, save_final_model
-from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of
+from builder.training.data import BlockStream, TrainBlocks, open_blocks, seq_len_of, verify_share
+from builder.training.layouts import layout_of, layouts_until, resumed_layouts
 from builder.training.metrics import MetricsLog, step_metrics
 from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import (
@@ -85,6 +86,7 @@ def train(
     started = time.perf_counter()
     out_dir, world, device = Path(out_dir), World.current(), _prepared_device(device, settings)
     blocks = open_blocks(train_blocks)  # memory-mapped: nothing is read yet
+    verify_share(blocks, world)  # this worker's share of the shards, checked whole
     total_steps = settings.steps(seq_len_of(blocks), world.size)
     tokens_per_step = settings.batch_size * settings.grad_accum * world.size * seq_len_of(blocks)
 
@@ -101,6 +103,7 @@ def train(
             "blocks": len(blocks)}
     resumed = resume_from_checkpoint(out_dir, model, optimizer, scheduler, world, plan)
     start_step, last_loss = resumed.get("step", 0), resumed.get("loss", float("nan"))
+    earlier, layout = resumed_layouts(resumed), layout_of(settings, world, parallel)  # what makes which steps
     metrics_log = MetricsLog(out_dir / "metrics.jsonl", enabled=world.is_main, keep_up_to=start_step)
     batches = BlockStream(blocks, settings, world, vocab_size=student_of(model).config.vocab_size)
     desc = "distill" if teacher is not None else "correct"
@@ -108,7 +111,8 @@ def train(
     loop_started = time.perf_counter()
 
     model.train()
-    guard = DivergenceGuard(settings, "distill" if teacher is not None else "correction", checkpoint_step=start_step)
+    guard = DivergenceGuard(settings, "distill" if teacher is not None else "correction", checkpoint_step=start_step,
+                            first_step=start_step + 1)
     with progress_bar as progress:  # closed on errors too
         for step in range(start_step + 1, total_steps + 1):
             step_started = time.perf_counter()
@@ -121,7 +125,8 @@ def train(
             progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_step / seconds:.0f}")
             progress.update(1)
             if step % settings.checkpoint_every == 0 and step < total_steps:
-                done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1)}
+                done = {"step": step, "loss": last_loss, "samples": batches.samples_before(step + 1),
+                        "layouts": layouts_until(earlier, layout, start_step + 1, step)}
                 save_checkpoint(out_dir, model, optimizer, scheduler, world, plan, done)
                 guard.checkpoint_step = step
     loop_seconds = time.perf_counter() - loop_started
@@ -135,6 +140,7 @@ def train(
         tokens_per_second=(total_steps - start_step) * tokens_per_step / max(loop_seconds, 1e-9),
         start_step=start_step,
         model_dir=str(model_out),
+        layouts=layouts_until(earlier, layout, start_step + 1, total_steps),
     )
     if world.is_main:  # written last: its presence means the model and metrics are complete
         write_text_atomic(out_dir / "result.json", json.dumps(dataclasses.asdict(result), indent=2))

@@ -161,3 +161,6 @@ class TrainResult:
     tokens_per_second: float  # tokens trained by this invocation / its loop time
     start_step: int  # 0, or the checkpoint step this invocation resumed from
     model_dir: str
+    # the step ranges and the batch layout that took each (builder.training.layouts); empty in
+    # results written before layouts were recorded
+    layouts: list[dict] = dataclasses.field(default_factory=list)

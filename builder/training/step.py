@@ -143,24 +143,29 @@ LOSS_BASELINE_STEPS = 3
 @dataclass
 class DivergenceGuard:
     """check_finite with the run's memory: its first losses set the explosion bar, and the
-    last checkpoint saved is what the hint may promise. `section` names the spec section."""
+    last checkpoint saved is what the hint may promise. `section` names the spec section;
+    `first_step` is the step this run started at (after a resume, the one after its checkpoint)."""
 
     settings: TrainSettings
     section: str = "distill"
     checkpoint_step: int = 0  # the newest checkpoint this run can restart from (0: none)
     start_losses: list[float] = field(default_factory=list)
+    first_step: int = 1
 
     def check(self, step: int, loss: float, grad_norm: float) -> None:
-        check_finite(step, loss, grad_norm, self.settings, self.start_losses, self.section, self.checkpoint_step)
+        check_finite(step, loss, grad_norm, self.settings, self.start_losses, self.section, self.checkpoint_step,
+                     first=step == self.first_step)
         if len(self.start_losses) < LOSS_BASELINE_STEPS:
             self.start_losses.append(loss)
 
 
 def check_finite(step: int, loss: float, grad_norm: float, settings: TrainSettings,
-                 start_losses: list[float] = (), section: str = "distill", last_checkpoint: int = 0) -> None:
+                 start_losses: list[float] = (), section: str = "distill", last_checkpoint: int = 0,
+                 first: bool = False) -> None:
     """Stop before a NaN, or a loss that exploded, reaches the weights. Every rank sees the
-    same values, so all stop. `section` names the spec section that configured the run."""
-    hint = _divergence_hint(settings, section, last_checkpoint)
+    same values, so all stop. `section` names the spec section that configured the run;
+    `first`: this is the run's first step, so no update of this run caused it."""
+    hint = _first_step_hint() if first else _divergence_hint(settings, section, last_checkpoint)
     if not math.isfinite(loss):
         raise TrainingDiverged(step, "the loss", loss, hint)
     if not math.isfinite(grad_norm):
@@ -170,6 +175,14 @@ def check_finite(step: int, loss: float, grad_norm: float, settings: TrainSettin
         if start > 0 and loss > EXPLODED_LOSS_FACTOR * start:
             raise TrainingDiverged(step, "the loss", loss, f"{loss / start:.0f}x its starting {start:.4g} "
                                    f"(the limit is {EXPLODED_LOSS_FACTOR:g}x); {hint}")
+
+
+def _first_step_hint() -> str:
+    """At a run's first step no update has happened yet: the learning rate cannot be the cause."""
+    return ("this is the run's first step, before any update, so the learning rate is not the cause: an input "
+            "may be damaged (the student, the teacher or the token data; `build-family verify SPEC` hashes "
+            "every finished stage's files against the digests recorded when they were written), or the model "
+            "overflows in bfloat16 (try `--precision float32`)")
 
 
 def _divergence_hint(settings: TrainSettings, section: str, last_checkpoint: int) -> str:
