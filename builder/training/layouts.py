@@ -19,7 +19,8 @@ across layouts included, for the report and the card to say.
 from __future__ import annotations
 
 from builder.training.parallel import World
-from builder.training.settings import Parallel, TrainSettings
+from builder.options.run_options import Parallel
+from builder.training.settings import TrainSettings
 
 
 def layout_of(settings: TrainSettings, world: World, parallel: Parallel) -> dict:
