@@ -28,6 +28,7 @@ class Import:
 class ImportGraph:
     files: dict[str, Path] = field(default_factory=dict)  # module -> file
     imports: list[Import] = field(default_factory=list)
+    _heavy: dict[str, set[str]] = field(default_factory=dict, repr=False)  # heavy_packages' answers
 
     @classmethod
     def read(cls) -> "ImportGraph":
@@ -47,18 +48,22 @@ class ImportGraph:
                 edges[item.importer].add(item.target)
         return edges
 
-    def heavy_packages(self, module: str, seen: frozenset = frozenset()) -> set[str]:
-        """The heavy packages importing `module` loads (through top-level imports)."""
-        found: set[str] = set()
-        for item in self.imports:
-            if item.importer != module or item.local or item.type_only:
-                continue
-            root = item.target.split(".")[0]
-            if root in HEAVY:
-                found.add(root)
-            elif item.target in self.files and item.target not in seen:
-                found |= self.heavy_packages(item.target, seen | {module})
-        return found
+    def heavy_packages(self, module: str) -> set[str]:
+        """The heavy packages importing `module` loads (through top-level imports), each
+        module's answer computed once: the top-level imports have no cycles (test_house)."""
+        if module not in self._heavy:
+            self._heavy[module] = set()  # a cycle, were there one, ends here instead of recursing
+            found: set[str] = set()
+            for item in self.imports:
+                if item.importer != module or item.local or item.type_only:
+                    continue
+                root = item.target.split(".")[0]
+                if root in HEAVY:
+                    found.add(root)
+                elif item.target in self.files:
+                    found |= self.heavy_packages(item.target)
+            self._heavy[module] = found
+        return self._heavy[module]
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:

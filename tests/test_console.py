@@ -210,7 +210,7 @@ def test_help_shows_examples_and_exit_codes(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "build-family status" in text
-    assert "exit codes:" in text and "2  the spec has problems" in text
+    assert "exit codes:" in text and "2  the spec or the flags have problems" in text
 
 
 def test_version(capsys):
