@@ -131,22 +131,21 @@ class Costs:
 
     # GB/s (1e9 bytes) each worker reads and the work directory takes in writes. 1: what one
     # client of a shared file system (NFS, a cloud filestore) sustains; node-local NVMe does
-    # 2-7 (--disk-gbps). The 2-core dev VM: 0.2-2 cold reads, 0.1-0.3 fsync'd writes
-    # (bench.estimate times it).
+    # 2-7 (--disk-gbps). bench.estimate times this machine's disk.
     read_gbps: float = 1.0
     write_gbps: float = 1.0
     # A stage's set-up in its Ray worker: transformers' first model instantiation in a process
-    # (4.8 s for SmolLM2-135M on the 2-core dev VM; 0.1 s the second time). The worker's imports
-    # of torch and transformers (10.6 s there) are paid once per worker process, before a
-    # stage's clock (its manifest's wall_s) starts, and are not counted.
+    # (an assumed value: no current result file holds a measurement). The worker's imports of
+    # torch and transformers are paid once per worker process, before a stage's clock (its
+    # manifest's wall_s) starts, and are not counted.
     stage_start_s: float = 5.0
     # A Ray Train worker group (correct, distill) or the teach pass's actors: worker processes,
-    # torch.distributed, imports, the result's return. Manifests' wall_s minus the loop's own
-    # wall_seconds for the correct and distill stages of five rehearsal/e2e builds on the
-    # 2-core dev VM: 13-25 s, median 20 (contended). GPUs add a CUDA context and NCCL set-up.
+    # torch.distributed, imports, the result's return: a manifest's wall_s minus the loop's own
+    # wall_seconds (an assumed value: no current result file holds a measurement). GPUs add a
+    # CUDA context and NCCL set-up.
     train_start_s: float = 20.0
-    # lm-eval: importing it, its TaskManager and building the first task (12 s on the dev
-    # VM), then each (sub)task's documents and requests (0.5-1 s; MMLU's 57 subtasks 25 s).
+    # lm-eval: importing it, its TaskManager and building the first task, then each (sub)task's
+    # documents and requests (assumed values: no current result file holds a measurement).
     lm_eval_start_s: float = 12.0
     lm_eval_task_s: float = 0.5
     # A vLLM engine per measured model: engine_start_s of the demo's three throughput runs
@@ -164,7 +163,8 @@ class Costs:
                 "shared file system, node-local NVMe does 2-7; --disk-gbps sets both)",
                 f"start-up: {self.stage_start_s:g} s per stage, {self.train_start_s:g} s per Ray Train worker "
                 f"group or teach pass, lm-eval {self.lm_eval_start_s:g} s + {self.lm_eval_task_s:g} s per task, "
-                f"{self.vllm_start_s:g} s per vLLM engine (measured on a 2-core CPU; builder.planning.cost_model.Costs)",
+                f"{self.vllm_start_s:g} s per vLLM engine (the vLLM figure from demo.json's 2-core CPU run, the "
+                "others assumed; builder.planning.cost_model.Costs)",
                 f"a training checkpoint writes {CHECKPOINT_BYTES_PER_PARAM} bytes per trained parameter (fp32 weights "
                 "and AdamW's two moments) every checkpoint_every steps; the final model "
                 f"{STORED_BYTES_PER_PARAM} (fp32)"]
