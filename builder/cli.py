@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"error: {full}", file=sys.stderr)
             return 1
-        if interrupt.stop_requested():  # it came while files were written: they were finished first
+        if noted and interrupt.stop_requested():  # it came while files were written: they were finished first
             return _stopped(interrupt.BuildStopped("stopped by SIGTERM"))
         return code
 

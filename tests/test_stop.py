@@ -41,6 +41,20 @@ def test_a_sigterm_is_noted_and_stops_the_build_where_it_checks():
         with pytest.raises(interrupt.BuildStopped, match="SIGTERM"):
             interrupt.raise_if_stopped()
     assert signal.getsignal(signal.SIGTERM) is before  # an in-process caller keeps its handler
+    assert not interrupt.stop_requested()  # the note ends with its window
+
+
+def test_a_sigterm_noted_by_one_command_does_not_stop_the_next(tmp_path):
+    """A request noted in one window (the previous in-process command) is spent: a command
+    that notes none (`status` here) ends normally."""
+    from builder.cli import main
+    from test_cli_plan import GOOD, SMOLLM2_CONFIG
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(GOOD)
+    with interrupt.sigterm_noted():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert main(["status", str(spec), "--workdir", str(tmp_path / "runs"), "--teacher-config", str(SMOLLM2_CONFIG)]) == 0
 
 
 def start_build(spec: Path, workdir: Path, log: Path) -> subprocess.Popen:

@@ -29,13 +29,16 @@ _requested: list[int] = []  # the signals received
 def sigterm_noted() -> Iterator[None]:
     """Within: SIGTERM is noted instead of ending the process (main thread only). The
     previous handler comes back after, so a caller that runs the CLI in-process (the tests)
-    keeps its own."""
+    keeps its own; and the notes are dropped, so a request noted in one window never stops
+    a later command that runs without one (`build-family verify` once exited 143 in-process
+    after a test had sent itself a SIGTERM)."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     _requested.clear()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _requested.clear()
 
 
 def _on_sigterm(signum: int, _frame: object) -> None:
