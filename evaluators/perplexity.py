@@ -6,6 +6,9 @@
 Every block is scored on its own (no state carried between blocks): position 0 is
 context only, positions 1..seq_len-1 are predicted, so N * (seq_len - 1) tokens count.
 Teacher and students are scored on the same blocks, so their perplexities compare.
+The LM head runs over chunks of positions (builder.models.next_token_nll): a batch's full
+logits, batch x seq_len x vocabulary floats, never exist, so a 128K-id vocabulary at long
+blocks costs no more memory than a small one beyond the head itself.
 
 `Perplexity` is the evaluator (evaluators.base): it reads the first blocks of a token
 store's "heldout" split (builder.data.tokens) and scores them on a model handle.
@@ -18,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from builder.data.tokens import TokenBlocks
+from builder.models.next_token_nll import next_token_nll
 from builder.planning.cost_model import Costs, Work, forward_flops_per_token
 from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.model_loading import load_model
@@ -78,11 +81,10 @@ def _check_blocks(blocks: torch.Tensor, vocab_size: int) -> None:
 
 
 def _batch_nll(model: torch.nn.Module, batch: torch.Tensor) -> list[float]:
-    """Summed next-token NLL of each block of a batch, in float32 whatever the model dtype."""
-    logits = model(input_ids=batch).logits[:, :-1].float()
-    targets = batch[:, 1:]
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return per_token.view(targets.shape).sum(dim=1).tolist()
+    """Summed next-token NLL of each block of a batch, in float32 whatever the model dtype,
+    with the LM head taken over chunks of positions (the batch's full logits never exist)."""
+    sums, _ = next_token_nll(model, batch)
+    return sums.tolist()
 
 
 @torch.inference_mode()
