@@ -94,7 +94,7 @@ def test_the_evaluate_stage_loads_its_model_once_and_scores_as_separate_runs(tmp
                         lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
     summary, tokens = evaluate_stage(ctx)
     assert len(loads) == 1  # lm-eval and perplexity on the same module
-    assert loads[0][2] == torch.float32  # as each loaded it on its own before
+    assert loads[0][2] == torch.float32  # the planned training precision (float32 here)
 
     assert list(summary) == ["metrics", "perplexity"] and tokens == 3 * 16  # 3 whole blocks of 16
     # Separate runs, each with its own fresh load (as the stage did before): the same numbers,
@@ -106,18 +106,37 @@ def test_the_evaluate_stage_loads_its_model_once_and_scores_as_separate_runs(tmp
     assert summary["perplexity"] == heldout_perplexity(model_dir, heldout[:3], batch_size=2, progress=False)
 
 
+def test_a_bfloat16_build_evaluates_its_model_once_in_bfloat16(tmp_path, monkeypatch):
+    heldout = torch.randint(3, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    section = EvaluationSpec(tasks=[TaskSpec(name="arc_easy", limit=2)], perplexity_tokens=3 * 16, batch_size=2)
+    ctx = _evaluate_context(tmp_path, section, heldout, precision="bfloat16")
+    loads = []
+    real_load = builder.models.loading.load_model
+    monkeypatch.setattr(builder.models.loading, "load_model",
+                        lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
+    summary, _ = evaluate_stage(ctx)
+    assert [args[2] for args in loads] == [torch.bfloat16]  # one load, in the planned precision
+    assert summary["metrics"]["settings"]["dtype"] == "bfloat16"
+    # the held-out NLL accumulates in float32 over the bf16 model's logits, as a bf16 run alone does
+    alone = heldout_perplexity(ctx.model_dir("model"), heldout[:3], batch_size=2, dtype="bfloat16", progress=False)
+    assert summary["perplexity"] == alone
+
+
 def test_a_stage_without_tasks_keeps_its_empty_metrics(tmp_path):
     ctx = _evaluate_context(tmp_path, EvaluationSpec(perplexity_tokens=8), torch.full((2, 8), 5))
     summary, tokens = evaluate_stage(ctx)
     assert summary["metrics"] == {} and summary["perplexity"]["blocks"] == 1 and tokens == 8
 
 
-def _evaluate_context(tmp_path, section: EvaluationSpec, heldout: torch.Tensor) -> StageContext:
-    """An evaluate stage of a tiny checkpoint, `heldout` its token store's held-out blocks."""
+def _evaluate_context(tmp_path, section: EvaluationSpec, heldout: torch.Tensor,
+                      precision: str = "float32") -> StageContext:
+    """An evaluate stage of a tiny checkpoint, `heldout` its token store's held-out blocks,
+    planned in `precision` (as builder.planning.dag plans it)."""
     model_dir = save_tiny_checkpoint(tmp_path / "model", seed=3)
     data_dir = write_blocks(tmp_path / "data", heldout, split="heldout", vocab_size=TINY_VOCAB)
     config, execution = split_execution(section)
-    stage = Stage(stage_key("evaluate", "model", config, execution=execution), {"model": "m", "data": "d"})
+    key = stage_key("evaluate", "model", config, options={"precision": precision}, execution=execution)
+    stage = Stage(key, {"model": "m", "data": "d"})
     inputs = {"model": Manifest("m", "", "", 0.0, summary={"model_dir": str(model_dir)}),
               "data": Manifest("d", "", "", 0.0, summary={"blocks": str(data_dir)})}
     # the evaluate stage reads its section from its key, not the family spec

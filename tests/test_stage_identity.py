@@ -180,34 +180,40 @@ def test_the_old_per_worker_batch_fields_name_their_replacement(tmp_path, capsys
 
 
 # ----------------------------------------------------------------------------------------
-# Precision: hashed with the training stages only, and `auto` never reaches a hash
+# Precision: hashed with the stages that run in it, and `auto` never reaches a hash
 
 
-def test_precision_changes_the_training_stages_and_what_reads_them_only():
+def test_precision_changes_the_stages_that_run_in_it_and_what_reads_them_only():
     family = spec()
     fp32, bf16 = plan_of(family, FLOAT32), plan_of(family, BFLOAT16)
-    # The teach stage runs the teacher as an online distillation would: in the training precision.
-    assert changed(fp32, bf16) == with_downstream(fp32, {"distill", "teach"})
+    # The teach stage runs the teacher as an online distillation would: in the training
+    # precision; the evaluate stages load their model in it, the teacher's included.
+    in_precision = ("distill", "teach", "evaluate")
+    assert changed(fp32, bf16) == with_downstream(fp32, set(in_precision))
+    assert ("evaluate", "teacher") in changed(fp32, bf16)
     unchanged = set(digests(fp32)) - changed(fp32, bf16)
-    assert {name for name, _ in unchanged} == {"acquire-teacher", "acquire-data", "score", "prune", "evaluate"}
-    assert ("evaluate", "teacher") in unchanged  # the teacher is not trained here
-    trained = [s for s in bf16.stages.values() if s.name in ("distill", "teach")]
-    assert trained and all(s.key.options == {"precision": "bfloat16"} for s in trained)
-    assert all(s.key.options == {} for s in bf16.stages.values() if s.name not in ("distill", "teach"))
+    assert {name for name, _ in unchanged} == {"acquire-teacher", "acquire-data", "score", "prune"}
+    run_in_it = [s for s in bf16.stages.values() if s.name in in_precision]
+    assert run_in_it and all(s.key.options == {"precision": "bfloat16"} for s in run_in_it)
+    assert all(s.key.options == {} for s in bf16.stages.values() if s.name not in in_precision)
 
 
 def test_precision_reaches_teacher_correction_and_search_candidates():
     family = spec(correction={"tokens": "8K"}, search={"tokens": "1K", "max_candidates": 2},
                   students=[{"name": "budget", "params": "90M"}])
     fp32, bf16 = plan_of(family, FLOAT32), plan_of(family, BFLOAT16)
-    assert changed(fp32, bf16) == with_downstream(fp32, {"correct", "distill"})
+    assert changed(fp32, bf16) == with_downstream(fp32, {"correct", "distill", "evaluate"})
     candidates = [s for s in bf16.stages.values() if s.name == "distill" and s.student is None]
     assert len(candidates) == 2 and all(s.key.options["precision"] == "bfloat16" for s in candidates)
+    # and each is ranked (its held-out loss) in it
+    ranked = [s for s in bf16.stages.values() if s.name == "evaluate" and s.key.label.startswith("budget.")]
+    assert len(ranked) == 2 and all(s.key.options["precision"] == "bfloat16" for s in ranked)
 
 
-def test_a_student_that_is_not_distilled_ignores_the_precision():
+def test_a_student_that_is_not_distilled_is_only_evaluated_in_the_precision():
     pruned_only = spec(distill={"tokens": 0})
-    assert changed(plan_of(pruned_only, FLOAT32), plan_of(pruned_only, BFLOAT16)) == set()
+    fp32, bf16 = plan_of(pruned_only, FLOAT32), plan_of(pruned_only, BFLOAT16)
+    assert changed(fp32, bf16) == with_downstream(fp32, {"evaluate"})
 
 
 def test_a_resume_under_another_precision_starts_its_own_stage(tmp_path):

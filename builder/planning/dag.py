@@ -104,7 +104,8 @@ def teacher_acquire_key(spec: FamilySpec) -> StageKey:
 
 
 def training_options(precision: Precision) -> dict:
-    """The run options a training stage's numerics depend on, hashed with it. Not the worker
+    """The run options a training stage's numerics depend on, hashed with it (and with the
+    teach and evaluate stages, which hold their model in the training precision). Not the worker
     count or `--parallel`: DDP and FSDP2 compute the same gradients (averaged over the same
     global batch; FSDP2 only shards them, with no mixed-precision policy) and differ from one
     process only in float summation order (tests/test_ray_train.py), which in bfloat16 is
@@ -135,7 +136,8 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
     models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
     if teacher != original_teacher:
         models = {"teacher-original": original_teacher} | models
-    eval_stages = {name: dag.add("evaluate", name, spec.evaluation, {"model": stage_id, "data": data})
+    eval_stages = {name: dag.add("evaluate", name, spec.evaluation, {"model": stage_id, "data": data},
+                                 options=trains)  # it loads the model in the training precision
                    for name, stage_id in models.items()}
     throughput = None
     if spec.throughput.enabled:  # the corrected teacher has the original's shape, so its speed
@@ -219,7 +221,7 @@ def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: Stude
                          {TEACHER: teacher, "scores": scores})
         trained = dag.add("distill", label, light_training,
                           _distill_inputs(light_training, teacher, pruned, data, signals), options=_if_trained(light_training, trains))
-        ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data})
+        ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, options=trains)
         roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
     select_config = {"params": student.params, "candidates": [c.tag for c in found]}
     chosen = dag.add("select", student.name, select_config, roles, student=student.name)

@@ -28,7 +28,10 @@ def _evaluations(section: EvaluationSpec, heldout: Path | None = None,
 
 
 def run(ctx: StageContext) -> StageResult:
-    model = ModelHandle(ctx.model_dir("model"))  # loaded once (float32), by the first evaluator that needs it
+    # Loaded once, by the first evaluator that needs it, in the training precision the planner
+    # resolved and hashed: as the training stages hold the model (a bf16 build's models
+    # measured in bf16, at half float32's memory); perplexity still accumulates in float32.
+    model = ModelHandle(ctx.model_dir("model"), dtype=ctx.precision)
     device = ctx.options.device()
     # rendered once per work dir and shared: the files are immutable
     cache_dir = Path(ctx.options.workdir) / "cache" / "lm-eval"
@@ -47,6 +50,8 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
     return one_after_another(works, costs.stage_start_s, inputs.stored_bytes("model"))
 
 
-KIND = StageKind("evaluate", version="2",  # 2: perplexity's nll_stderr
+# 2: perplexity's nll_stderr; 3: the model in the training precision, not float32 (a bfloat16
+# build's scores change; the LM head in chunks alone changes perplexity by float rounding only)
+KIND = StageKind("evaluate", version="3",
                  run=run, resources="heavy", title="lm-eval benchmarks and held-out perplexity",
                  estimate=estimate, record="ModelRecord", card_section="_eval_section")
