@@ -86,3 +86,46 @@ def test_a_stage_of_several_workers_records_every_node_and_the_highest_peak():
     merged = combined([first, first | {"node": "b", "peak_memory_bytes": 9}])
     assert merged["nodes"] == ["a", "b"] and merged["peak_memory_bytes"] == 9 and merged["workers"] == 2
     assert combined([]) is None
+
+
+# -- real stages: the manifest records where a stage ran; a held GPU without CUDA fails first -----
+from builder.options.run_options import RunOptions  # noqa: E402
+from builder.stages.execute import execute_stage  # noqa: E402
+from builder.store.stage_store import StageStore  # noqa: E402
+from test_damaged_inputs import finish_data, finish_teacher, plan, stage  # noqa: E402,F401 (plan: a fixture)
+from tiny_models import one_thread  # noqa: E402,F401 (autouse fixture)
+
+
+def test_a_stage_on_the_cpu_records_node_device_and_dtype_in_its_manifest(plan, tmp_path):
+    import socket
+
+    store, options = StageStore(tmp_path), RunOptions(workdir=tmp_path, cpus_per_stage=1)
+    inputs = {"teacher": finish_teacher(plan, store), "data": finish_data(plan, store)}
+    scores = execute_stage(stage(plan, "score"), plan.spec, options, inputs)
+    assert scores.summary["placement"] == {"node": socket.gethostname(), "device": "cpu", "dtype": "float32"}
+    assert store.manifest(stage(plan, "score").key).summary["placement"]["device"] == "cpu"  # as written
+
+
+def test_a_stage_holding_a_gpu_on_a_machine_without_cuda_fails_at_once(plan, tmp_path, monkeypatch):
+    """Ray (one declared GPU, none real) assigns the score stage GPU 0; torch here is a CPU
+    build. The stage fails before its model loads, naming the node and the cause, and
+    leaves no manifest: nothing computed on the CPU in the GPU's place."""
+    import ray
+    from ray_instance import local_ray
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU: the stage would run on it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store, options = StageStore(tmp_path), RunOptions(workdir=tmp_path, cpus_per_stage=1, gpus_per_stage=1)
+    inputs = {"teacher": finish_teacher(plan, store), "data": finish_data(plan, store)}
+    score = stage(plan, "score")
+    with local_ray(RunOptions(local_cpus=1), gpus=1):
+        on_a_gpu = ray.remote(execute_stage).options(num_cpus=1, num_gpus=1)
+        with pytest.raises(DeviceUnusable) as failure:
+            ray.get(on_a_gpu.remote(score, plan.spec, options, inputs), timeout=300)
+    message = str(failure.value)
+    assert "node " in message and "(127.0.0.1) holds GPU 0 (assigned by Ray)" in message
+    assert "torch is a CPU build (no CUDA)" in message
+    assert store.manifest(score.key) is None

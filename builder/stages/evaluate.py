@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
+from builder.running.placement import place
 from builder.spec.schema import EvaluationSpec
 from builder.stages.base import StageContext, StageKind, StageResult
 from evaluators.base import Evaluator, ModelHandle
@@ -28,13 +29,15 @@ def _evaluations(section: EvaluationSpec, heldout: Path | None = None,
 
 
 def run(ctx: StageContext) -> StageResult:
-    model = ModelHandle(ctx.model_dir("model"))  # loaded once (float32), by the first evaluator that needs it
-    device = ctx.options.device()
+    # float32 wherever it runs (the stage is hashed without a precision); decided before any model loads
+    placement = place(ctx.options.use_gpu, "float32")
+    model = ModelHandle(ctx.model_dir("model"), dtype=placement.dtype)  # loaded once, by the first evaluator
     # rendered once per work dir and shared: the files are immutable
     cache_dir = Path(ctx.options.workdir) / "cache" / "lm-eval"
     summary: dict = {"metrics": {}}  # no tasks: empty metrics, as the report expects
     for key, evaluator, settings in _evaluations(ctx.section(EvaluationSpec), ctx.blocks_path(), cache_dir):
-        summary[key] = evaluator.run(model, settings, device)
+        summary[key] = evaluator.run(model, settings, placement.device)
+    summary["placement"] = placement.facts()  # after the evaluators: its peak memory is theirs
     perplexity = summary.get("perplexity")  # the tokens counted: the held-out blocks'
     return summary, (perplexity["blocks"] * perplexity["seq_len"] if perplexity else 0)
 
