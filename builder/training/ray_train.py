@@ -29,7 +29,7 @@ import torch
 import ray.train.torch
 
 from builder.options.run_options import Parallel
-from builder.running.placement import place
+from builder.running.placement import DeviceUnusable, place
 from builder.store.stage_log import captured_output, stage_log_path
 from builder.training.loop import correct_teacher, distill, load_result
 from builder.training.settings import TrainResult, TrainSettings, TrainingDiverged
@@ -149,7 +149,7 @@ def worker_nodes(out_dir: Path) -> list[dict]:
 
 
 def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
-    """trainer.fit(), re-raising our own errors (divergence, bad input) as themselves."""
+    """trainer.fit(), re-raising our own errors (divergence, bad input, a GPU it cannot use) as themselves."""
     try:
         trainer.fit()
     except ray.train.WorkerGroupError as error:
@@ -160,4 +160,4 @@ def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
 
 
 def _is_ours(error: BaseException) -> bool:
-    return isinstance(error, (TrainingDiverged, ValueError))
+    return isinstance(error, (TrainingDiverged, ValueError, DeviceUnusable))
