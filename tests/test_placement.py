@@ -129,3 +129,12 @@ def test_a_stage_holding_a_gpu_on_a_machine_without_cuda_fails_at_once(plan, tmp
     assert "node " in message and "(127.0.0.1) holds GPU 0 (assigned by Ray)" in message
     assert "torch is a CPU build (no CUDA)" in message
     assert store.manifest(score.key) is None
+
+
+def test_a_rehearsal_on_gpus_gives_each_heavy_stage_a_fresh_worker(plan):
+    """A reused worker would keep its CUDA context and the GPU it held first."""
+    from builder.running import runner
+
+    score = stage(plan, "score")
+    assert runner._remote_for(score, RunOptions(rehearsal=True)) is runner._execute_light  # CPUs: reuse
+    assert runner._remote_for(score, RunOptions(rehearsal=True, gpus_per_stage=1)) is runner._execute_heavy
