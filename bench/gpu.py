@@ -10,7 +10,8 @@ others' results; everything goes to bench/results/gpu.json (exit code 0 only if 
    committed Qwen3-8B-Base config: bf16 autocast distillation and teacher correction on Ray
    Train over NCCL (FSDP2 with --parallel fsdp when two or more GPUs are visible, one worker
    per GPU), scoring, pruning, lm-eval on CUDA, vLLM's GPU engine (when vllm is installed),
-   cards, a publish dry run;
+   cards, a publish dry run; it passes only if every computing stage's manifest says it ran
+   on CUDA (`summary.placement`, builder/running/placement.py): a stage on the CPU is a failure;
 2. distillation speed: `python -m bench.distill --quick --device cuda` (bf16, MFU against the
    measured bf16 matmul peak), written to bench/results/distill-cuda.json;
 3. vLLM throughput of the embedded SmolLM2-135M teacher on the GPU (bfloat16, 64 prompts).
@@ -33,6 +34,8 @@ from pathlib import Path
 from bench.common import RESULTS, ROOT, machine, teacher_dir, write_result
 
 QWEN_CONFIG = ROOT / "tests" / "data" / "configs" / "Qwen3-8B-Base.json"
+# The stage kinds that compute on the GPU they hold (builder.stages: heavy and coordinating).
+COMPUTING_STAGES = ("score", "correct", "teach", "distill", "evaluate", "throughput")
 
 
 def require_cuda() -> int:
@@ -67,6 +70,8 @@ def rehearsal_step(gpus: int, workdir: Path, log_dir: Path, timeout_s: float) ->
     command = [sys.executable, "-m", "builder.cli", "families/qwen3-family.yaml", "--rehearse", "--teacher-config",
                str(QWEN_CONFIG), "--workdir", str(workdir), "--gpus-per-stage", "1", *workers]
     step = run_step("rehearsal", command, timeout_s, log_dir)
+    step["placements"], step["not_on_cuda"] = stages_not_on_cuda(workdir / "rehearsal" / "stages")
+    step["ok"] = step["ok"] and not step["not_on_cuda"]
     reports = list((workdir / "rehearsal").glob("*-rehearsal/report.json"))
     if reports:
         report = json.loads(reports[0].read_text())
@@ -74,6 +79,23 @@ def rehearsal_step(gpus: int, workdir: Path, log_dir: Path, timeout_s: float) ->
                           "students": [s["name"] for s in report.get("students", [])],
                           "throughput": {s["name"]: s.get("throughput") for s in report.get("students", [])}}
     return step
+
+
+def stages_not_on_cuda(stages_dir: Path) -> tuple[dict[str, dict | None], list[str]]:
+    """Each finished computing stage's recorded placement, and the ones that did not run on
+    CUDA (or recorded nothing): every one of them held a GPU. A distillation of 0 tokens
+    (pruning only) computes nothing and is left out."""
+    placements: dict[str, dict | None] = {}
+    for file in sorted(stages_dir.glob("*/manifest.json")):
+        manifest = json.loads(file.read_text())
+        summary = manifest.get("summary") or {}
+        if manifest.get("stage") not in COMPUTING_STAGES or (manifest["stage"] == "distill" and not summary.get("steps")):
+            continue
+        placements[file.parent.name] = summary.get("placement")
+    off_cuda = [stage for stage, placed in placements.items() if not (placed or {}).get("device", "").startswith("cuda")]
+    for stage in off_cuda:
+        print(f"rehearsal: stage {stage} did not run on CUDA: {placements[stage]}", flush=True)
+    return placements, off_cuda
 
 
 def throughput_step(log_dir: Path, timeout_s: float, quick: bool) -> dict:

@@ -22,7 +22,8 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from builder.report.records import (FamilyReport, ModelRecord, StageCost, StudentRecord, TaskResult, Throughput,
                                   difference, format_difference, format_perplexity, format_rate, format_score,
-                                  format_speedup, layouts_text, perplexity_difference, precision_text, signal_name)
+                                  format_speedup, hardware_text, layouts_text, perplexity_difference, precision_text,
+                                  signal_name)
 from builder.units import format_count, format_duration
 from publish.portable import find_local_paths
 
@@ -277,16 +278,24 @@ def _measured_on(t: Throughput) -> str:
 
 def _compute_section(report: FamilyReport, s: StudentRecord) -> str:
     stages = _costs(report.teacher.stages, shared=True) + _costs(s.stages, shared=False)
-    lines = ["## Compute", "", "| Stage | Tokens | FLOPs | Wall time |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {name} | {format_count(c.tokens)} | {_flops(c.flops)} | {_duration(c.wall_s)} |" for name, c in stages]
+    lines = ["## Compute", "", "| Stage | Tokens | FLOPs | Wall time | Ran on |", "| --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {name} | {format_count(c.tokens)} | {_flops(c.flops)} | {_duration(c.wall_s)} | {_ran_on(c)} |"
+              for name, c in stages]
     lines.append(f"| **total** | {format_count(sum(c.tokens for _, c in stages))} | "
-                 f"{_flops(sum(c.flops for _, c in stages))} | {_duration(sum(c.wall_s for _, c in stages))} |")
-    lines += ["", f"Hardware: {report.hardware}. Training precision: {precision_text(report.build.precision)}; "
+                 f"{_flops(sum(c.flops for _, c in stages))} | {_duration(sum(c.wall_s for _, c in stages))} | |")
+    # Each stage's own record (its manifest's), never the machine writing the card; no node
+    # names: a card names nothing of the builder's machines.
+    hardware = hardware_text([c.hardware for _, c in stages], with_node=False)
+    lines += ["", f"Hardware: {hardware}. Training precision: {precision_text(report.build.precision)}; "
                   f"chosen by {report.build.precision_reason}."]
     if report.teacher.stages:
         lines[-1] += (" Stages marked *shared* prepared the teacher once for the whole family; every "
                       "student's card lists them, and its total counts them in full.")
     return "\n".join(lines)
+
+
+def _ran_on(cost: StageCost) -> str:
+    return cost.hardware.text(with_node=False) if cost.hardware else "file work" if not cost.flops else "not recorded"
 
 
 def _costs(stages: dict[str, StageCost | None], shared: bool) -> list[tuple[str, StageCost]]:

@@ -7,21 +7,27 @@ instead of once per build.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import pytest
 import ray
 
 from builder.options.run_options import RunOptions
+from builder.running import ray_session
 from builder.running.ray_session import init_ray, shutdown_ray
 
 
 @contextmanager
-def local_ray(options: RunOptions = RunOptions()):
+def local_ray(options: RunOptions = RunOptions(), gpus: int = 0):
+    """`gpus`: GPUs the instance declares, which this machine need not have (Ray trusts
+    declared resources): a task that holds one finds what a GPU node without usable CUDA shows."""
     with pytest.MonkeyPatch.context() as patch:
         for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR"):
             patch.setenv(name, "")  # init_ray sets them; restored afterwards
         patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", True)
+        if gpus:
+            patch.setattr(ray_session, "_init_stoppable", functools.partial(ray_session._init_stoppable, num_gpus=gpus))
         init_ray(options)
         try:
             yield

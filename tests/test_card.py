@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from builder.report.records import (BuildRecord, Distillation, FamilyReport, Lineage, ModelRecord, Perplexity, Pruning,
-                                    StageCost, StudentRecord, TaskResult, TeacherRecord, Throughput)
+                                    StageCost, StageHardware, StudentRecord, TaskResult, TeacherRecord, Throughput)
 from builder.spec.schema import PublishSpec
 from publish.card import render_card
 from publish.portable import find_local_paths
@@ -63,8 +63,17 @@ def task(acc: float, acc_se: float | None, acc_norm: float | None = None, norm_s
                       samples_available=available, source="bundled", version=1.0)
 
 
-def cost(tokens: int, wall_s: float, flops: float, stage: str) -> StageCost:
-    return StageCost(tokens=tokens, wall_s=wall_s, flops=flops, path=f"{WORK}/stages/{stage}")
+H100 = "NVIDIA H100 80GB HBM3 (compute capability 9.0)"
+NODE = "gpu-node-7 (10.0.0.7)"  # a machine of the builder's: never in a card
+
+
+def on_gpu(dtype: str, peak_gb: float, workers: int = 1) -> StageHardware:
+    return StageHardware(device="cuda:0", dtype=dtype, node=NODE, gpu=H100, peak_memory_bytes=int(peak_gb * 1e9),
+                         workers=workers)
+
+
+def cost(tokens: int, wall_s: float, flops: float, stage: str, hardware: StageHardware | None = None) -> StageCost:
+    return StageCost(tokens=tokens, wall_s=wall_s, flops=flops, path=f"{WORK}/stages/{stage}", hardware=hardware)
 
 
 def throughput(rate: float, std: float, ratio: float, ratio_std: float, **extra) -> Throughput:
@@ -77,7 +86,7 @@ def throughput(rate: float, std: float, ratio: float, ratio_std: float, **extra)
 
 def sample_report() -> FamilyReport:
     """A report as builder/report/family_report.py writes it, with teacher correction on."""
-    correct = cost(20000, 60.1, 1.6e13, "correct")
+    correct = cost(20000, 60.1, 1.6e13, "correct", on_gpu("bfloat16", 9.5, workers=2))
     teacher = TeacherRecord(
         name="teacher", path=f"{WORK}/stages/correct/model", source="embedded:smollm2-135m-instruct",
         repo_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", params=134515008,
@@ -87,7 +96,7 @@ def sample_report() -> FamilyReport:
         perplexity=Perplexity(perplexity=18.2, nll=2.901, nll_stderr=0.02, tokens=2040, blocks=8),
         throughput=throughput(533.3, 8.0, 1.0, 0.0),
         stages={"acquire-teacher": cost(0, 3.5, 0, "acquire"), "correct": correct,
-                "score": cost(16384, 20.0, 4.4e12, "score")},
+                "score": cost(16384, 20.0, 4.4e12, "score", on_gpu("float32", 2.1))},
     )
     original = ModelRecord(
         name="teacher-original", path=f"{WORK}/stages/acquire/model",
@@ -112,15 +121,16 @@ def sample_report() -> FamilyReport:
         perplexity=Perplexity(perplexity=23.1, nll=3.140, nll_stderr=0.021, tokens=2040, blocks=8),
         throughput=throughput(800.0, 12.0, 1.5, 0.03,
                               engine_args={"enforce_eager": True, "max_model_len": 512}),
-        stages={"prune": cost(0, 1.2, 0, "prune"), "distill": cost(40000, 300.0, 1.2e14, "distill"),
-                "evaluate": cost(51000, 95.5, 9.0e12, "evaluate")},
+        stages={"prune": cost(0, 1.2, 0, "prune"), "distill": cost(40000, 300.0, 1.2e14, "distill",
+                                                                 on_gpu("bfloat16", 7.25, workers=2)),
+                "evaluate": cost(51000, 95.5, 9.0e12, "evaluate", on_gpu("float32", 1.0))},
         card=f"{WORK}/smollm2-135m-sotu/students/smollm2-90m-depth/README.md", complete=True,
     )
     return FamilyReport(
         family="smollm2-135m-sotu", build=BuildRecord(precision="bfloat16", precision_reason="auto: training on GPUs",
                                                       finished_at=1765090800.0),
         description="Two students.", teacher=teacher, teacher_original=original,
-        students=[student], hardware="AMD EPYC 7B13 CPU, 2 cores", spec_yaml=SPEC_YAML,
+        students=[student], hardware=f"{H100}, bfloat16 on {NODE}", spec_yaml=SPEC_YAML,
         portable_spec_yaml=SPEC_YAML, data_source="embedded:sotu", license="mit",
         publish=PublishSpec(org="my-org", license="mit", usage_prompt="The state of the union is"),
         complete=True,
@@ -324,3 +334,13 @@ def test_writing_a_card_imports_no_torch():
     probe = "import sys, publish.card; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_card_says_where_each_stage_computed_not_on_which_node():
+    """Each stage's hardware and dtype come from its manifest's record; node names stay in report.md."""
+    text = render()
+    assert f"| distill | 40K | 1.20e14 | 5 min 00 s | 2 x {H100}, bfloat16, peak 7.2 GB |" in text
+    assert f"| evaluate | 51K | 9.00e12 | 1 min 36 s | {H100}, float32, peak 1.0 GB |" in text
+    assert "| prune | 0 | 0 | 1.2 s | file work |" in text
+    assert f"Hardware: 2 x {H100}, bfloat16; {H100}, float32. Training precision" in text
+    assert "gpu-node-7" not in text and "10.0.0.7" not in text

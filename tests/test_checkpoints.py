@@ -136,3 +136,20 @@ def test_the_final_model_is_written_in_shards_that_load_with_identical_logits(tm
 def test_max_shard_size_must_be_a_size():
     with pytest.raises(ValueError, match="max_shard_size='5 gigs'.*such as \"5GB\""):
         TrainSettings(tokens=1, max_shard_size="5 gigs")
+
+
+def test_cpu_training_on_a_gpu_machine_keeps_no_cuda_rng_state(monkeypatch):
+    """A CPU run on a machine with GPUs: asking for every GPU's RNG state would open a CUDA
+    context on each at the first checkpoint; a process that never used CUDA has none to keep."""
+    from builder.training import checkpoints
+
+    def opens_cuda():
+        raise AssertionError("CPU training touched CUDA at a checkpoint")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs on the machine...
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # ...that this process never used
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", opens_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda state: opens_cuda())
+    state = checkpoints._rng_state()
+    assert "cuda" not in state
+    checkpoints._set_rng_state(state | {"cuda": [torch.zeros(1)]})  # a GPU run's checkpoint, resumed on a CPU

@@ -96,7 +96,8 @@ def test_the_evaluate_stage_loads_its_model_once_and_scores_as_separate_runs(tmp
     assert len(loads) == 1  # lm-eval and perplexity on the same module
     assert loads[0][2] == torch.float32  # the planned training precision (float32 here)
 
-    assert list(summary) == ["metrics", "perplexity"] and tokens == 3 * 16  # 3 whole blocks of 16
+    assert list(summary) == ["metrics", "perplexity", "placement"] and tokens == 3 * 16  # 3 whole blocks of 16
+    assert (summary["placement"]["device"], summary["placement"]["dtype"]) == ("cpu", "float32")  # where it ran
     # Separate runs, each with its own fresh load (as the stage did before): the same numbers,
     # exactly, since the same float32 operations run on the same weights in the same order.
     cache_dir = tmp_path / "work" / "cache" / "lm-eval"

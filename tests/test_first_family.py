@@ -81,3 +81,19 @@ def test_every_stage_kept_its_full_log(built):
     distill_log = next(log for log in logs if log.parent.name.startswith("distill-")).read_text()
     assert "started  distill-" in distill_log  # the stage's own logging
     assert distill_log.count("==== ") >= 2  # and the Ray Train worker's output, appended
+
+
+def test_every_computing_stage_recorded_where_it_ran(built):
+    """score, distill and both evaluations held no GPU: each records the CPU, its dtype and its
+    node, and the report lists that hardware instead of describing the machine that wrote it."""
+    import json
+
+    workdir, _, _, _ = built
+    manifests = [json.loads(file.read_text()) for file in workdir.glob("stages/*/manifest.json")]
+    computing = [m for m in manifests if m["stage"] in ("score", "distill", "evaluate")]
+    assert len(computing) == 4
+    for manifest in computing:
+        placement = manifest["summary"]["placement"]
+        assert placement["device"] == "cpu" and placement["dtype"] in ("float32", "bfloat16") and placement["node"]
+    report = json.loads((workdir / "my-first-family" / "report.json").read_text())
+    assert report["hardware"].startswith("CPU, ")

@@ -20,7 +20,7 @@ import builder.training.ray_train
 from builder.models.loading import load_model
 from builder.training.loop import distill
 from builder.training.settings import TrainSettings, TrainingDiverged
-from builder.training.ray_train import run_on_ray_train
+from builder.training.ray_train import run_on_ray_train, worker_nodes
 from block_files import write_blocks
 from builder.spec.schema import DistillSpec
 from builder.stages.training_run import train_settings
@@ -95,6 +95,8 @@ def test_ray_train_resumes_a_checkpoint_and_matches_one_process(cluster, models,
     assert (result.start_step, result.steps, result.tokens_seen) == (EVERY, STEPS, single.tokens_seen)
     assert result.final_loss == pytest.approx(single.final_loss, rel=1e-4)
     assert_same_weights(tmp_path / "ray" / "model", tmp_path / "single" / "model")
+    placed = [worker["placement"] for worker in worker_nodes(tmp_path / "ray")]  # each worker placed itself
+    assert [(p["device"], p["dtype"]) for p in placed] == [("cpu", "float32")] * 2
 
 
 def test_fsdp_on_two_workers_matches_one_process_and_resumes_on_one(cluster, models, tmp_path, one_thread):

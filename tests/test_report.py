@@ -80,8 +80,19 @@ def throughput_result(model_dir: str, rate: float) -> dict:
                      "contended": False, "note": None}}
 
 
+# Where builder.running.placement says each computing stage ran: not this machine.
+ON_GPU = {"node": "gpu-7 (10.0.0.7)", "device": "cuda:0", "dtype": "bfloat16", "gpu": "NVIDIA L40S (compute capability 8.9)",
+          "peak_memory_bytes": 3_000_000_000, "workers": 2, "nodes": ["gpu-7 (10.0.0.7)", "gpu-8 (10.0.0.8)"]}
+ON_CPU = {"node": "cpu-3 (10.0.0.3)", "device": "cpu", "dtype": "float32"}
+
+
 def summary(stage, plan, out: Path, checkpoint: Path) -> tuple[dict, int]:
     """What each stage function returns, with this stage's checkpoint copied into its folder."""
+    placed, result = {"placement": ON_GPU if stage.name == "distill" else ON_CPU}, _summary(stage, plan, out, checkpoint)
+    return (result[0] | placed, result[1]) if stage.name in ("score", "distill", "evaluate") else result
+
+
+def _summary(stage, plan, out: Path, checkpoint: Path) -> tuple[dict, int]:
     if stage.name in ("acquire-teacher", "correct", "prune", "distill"):
         shutil.copytree(checkpoint, out / "model", dirs_exist_ok=True)
     model = {"model_dir": str(out / "model")}
@@ -162,6 +173,24 @@ def test_report_md_shows_examples_standard_errors_and_noise(family, checkpoint):
     table = text.split("| model |")[1].split("\n\n")[0]
     assert not re.search(r"[+-]\d+\.\d+%|\+0\.000", table)  # no deltas or percentages on noise
     assert "(Δ noise) | 110 ± 2 | 1.10× ± 0.03 |" in table and "| 1.00× (reference) |" in table
+
+
+def test_the_report_says_where_each_stage_ran_from_its_manifest(family, checkpoint):
+    """Node, device and dtype per stage as the stages recorded them, not the machine writing the report."""
+    spec, options, plan = family
+    outcome = write(family, finish(plan, options, checkpoint))
+    report = FamilyReport.load(outcome.path)
+    distilled = report.students[0].stages["distill"].hardware
+    assert (distilled.device, distilled.dtype, distilled.nodes) == ("cuda:0", "bfloat16", ON_GPU["nodes"])
+    assert report.teacher.stages["score"].hardware.node == "cpu-3 (10.0.0.3)"
+    assert report.hardware == ("CPU, float32 on cpu-3 (10.0.0.3); 2 x NVIDIA L40S (compute capability 8.9), bfloat16 "
+                               "on gpu-7 (10.0.0.7), gpu-8 (10.0.0.8)")
+    text = (outcome.path.parent / "report.md").read_text()
+    assert "| score (teacher) | CPU, float32 | cpu-3 (10.0.0.3) |" in text
+    assert ("| distill (tiny-width) | 2 x NVIDIA L40S (compute capability 8.9), bfloat16, peak 3.0 GB | "
+            "gpu-7 (10.0.0.7), gpu-8 (10.0.0.8) |") in text
+    card = Path(report.students[0].card).read_text()
+    assert "2 x NVIDIA L40S (compute capability 8.9), bfloat16, peak 3.0 GB |" in card and "gpu-7" not in card
 
 
 def test_an_incomplete_report_says_at_the_top_what_is_missing(family, checkpoint):

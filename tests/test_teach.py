@@ -131,6 +131,7 @@ def test_the_pass_runs_data_parallel_on_ray_actors(teacher_dir, data_dir, tmp_pa
         shutdown_ray()
     assert sorted(done["shard"] for done in taught) == list(range(10))
     assert len({done["worker"] for done in taught}) == 2
+    assert {(done["placement"]["device"], done["placement"]["dtype"]) for done in taught} == {("cpu", "float32")}
     alone = _job(teacher_dir, data_dir, tmp_path / "alone", positions=20, shard_rows=2)
     teach_locally(alone)
     for name in ("tokens", "indices", "logprobs", "tail", "samples"):

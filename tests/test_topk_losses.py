@@ -402,3 +402,15 @@ def test_with_draws_and_k_at_the_vocabulary_the_loss_is_the_full_one(kind):
     shift = VOCAB * FP32_EPS  # as in test_full_k_equals_the_full_vocabulary_loss_and_gradient
     torch.testing.assert_close(drawn, full, rtol=0, atol=shift)
     torch.testing.assert_close(drawn_grad, full_grad, rtol=0, atol=shift / TOKENS)
+
+
+def test_tail_draws_come_from_a_cpu_generator_wherever_the_teacher_runs():
+    """A CUDA generator seeded alike draws other numbers than the CPU's: a signal taught on a
+    GPU would differ from one taught on a CPU. The draws are made on the CPU and moved."""
+    from builder.teaching.signal import SignalLayout
+
+    layout = SignalLayout.plan(8, 8, 16, 4, 1.0, VOCAB, 2)
+    assert layout.draws(0).device.type == "cpu"
+    teacher = random_logits(3)[1]
+    first, again = (topk_target(teacher, 4, 1.0, 2, layout.draws(0)).tail_ids for _ in range(2))
+    assert torch.equal(first, again)

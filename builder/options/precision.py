@@ -2,7 +2,12 @@
 stage is hashed (the precision is part of the training stages' hashes, so the same spec
 built on a GPU and on a CPU never shares a training stage).
 
-    auto on a GPU  -> bfloat16 (autocast; tensor cores)
+    auto on a GPU  -> bfloat16 (autocast; tensor cores) where the GPU has it: compute
+                      capability 8.0 or newer (A100, L40S, H100; T4 and V100 emulate it). The
+                      GPUs this machine shows (nvidia-smi) decide; a driver that shows none (a
+                      cluster's GPUs are on other nodes) plans bfloat16, and a stage placed on
+                      an older GPU then refuses to run (builder.running.placement) and names
+                      --precision float32, since the precision is hashed and never changed late
     auto on a CPU  -> bfloat16 only where the CPU has native bf16 instructions (avx512_bf16
                       or amx_bf16) AND a short matmul probe shows bf16 faster than float32
                       here; float32 elsewhere (CPUs without them emulate bf16, many times slower than float32)
@@ -13,6 +18,7 @@ it is tested without depending on the machine that runs the tests.
 from __future__ import annotations
 
 import functools
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _PROBE_SIZE = 512  # 512^3 multiply-adds: milliseconds where bf16 is native, so the probe stays short
 _PROBE_REPEATS = 5
 _PROBE_BUDGET_S = 0.3  # per precision: an emulated bf16 matmul stops the probe early
+BF16_MIN_CAPABILITY = (8, 0)  # CUDA compute capability with bf16 tensor cores (Ampere)
 
 
 @dataclass(frozen=True)
@@ -35,15 +42,17 @@ class Precision:
 
 
 def choose_precision(requested: str, use_gpu: bool, cpu_flags: Callable[[], frozenset[str]],
-                     bf16_speedup: Callable[[], float]) -> Precision:
-    """The concrete precision for `--precision REQUESTED`. The flags and the probe are
-    called only when the decision needs them (the probe costs a few hundred ms)."""
+                     bf16_speedup: Callable[[], float],
+                     gpu_capability: Callable[[], tuple[int, int] | None] = lambda: None) -> Precision:
+    """The concrete precision for `--precision REQUESTED`. The flags and the probes are
+    called only when the decision needs them (the matmul probe costs a few hundred ms).
+    `gpu_capability`: the lowest compute capability of this machine's GPUs, None if it shows none."""
     if requested in PRECISIONS:
         return Precision(requested, f"--precision {requested}")
     if requested != "auto":
         raise ValueError(f"precision {requested!r} is not one of auto, {', '.join(PRECISIONS)}")
     if use_gpu:
-        return Precision("bfloat16", "auto: training on GPUs")
+        return _gpu_precision(gpu_capability())
     native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
     if not native:
         return Precision("float32", "auto: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)")
@@ -54,19 +63,37 @@ def choose_precision(requested: str, use_gpu: bool, cpu_flags: Callable[[], froz
                                 f"{speedup:.2f}x float32")
 
 
+def _gpu_precision(capability: tuple[int, int] | None) -> Precision:
+    if capability is None:
+        return Precision("bfloat16", "auto: training on GPUs (none visible here; a stage on a GPU without bf16 "
+                                     "refuses to run)")
+    if capability >= BF16_MIN_CAPABILITY:
+        return Precision("bfloat16", f"auto: training on GPUs with bf16 (compute capability "
+                                     f"{capability_text(capability)})")
+    return Precision("float32", f"auto: this machine's GPUs (compute capability {capability_text(capability)}) "
+                                f"have no bf16, which needs {capability_text(BF16_MIN_CAPABILITY)}")
+
+
+def capability_text(capability: tuple[int, int]) -> str:
+    return ".".join(str(part) for part in capability)
+
+
 def resolve_precision(requested: str, use_gpu: bool) -> Precision:
-    """`choose_precision` on this machine: its /proc/cpuinfo flags and a timed matmul."""
-    return choose_precision(requested, use_gpu, cpu_flags, bf16_speedup)
+    """`choose_precision` on this machine: its /proc/cpuinfo flags, its GPUs and a timed matmul."""
+    return choose_precision(requested, use_gpu, cpu_flags, bf16_speedup, gpu_capability)
 
 
 def machine_signature(use_gpu: bool) -> str:
-    """What `auto`'s decision depends on, as a short digest: GPU or not, and the CPU's flags
-    and model (a build on another kind of machine decides afresh)."""
+    """What `auto`'s decision depends on, as a short digest: GPU or not (and which compute
+    capability), and the CPU's flags and model (a build on another kind of machine decides afresh)."""
     import hashlib
 
     model = next((line.partition(":")[2].strip() for line in _cpuinfo().splitlines()
                   if line.startswith("model name")), "")
     text = f"gpu={use_gpu};model={model};flags={' '.join(sorted(cpu_flags()))}"
+    capability = gpu_capability() if use_gpu else None
+    if capability is not None:  # absent on CPU machines: their signature is what it was
+        text += f";cc={capability_text(capability)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -84,6 +111,20 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
         if name.strip() == "flags":
             return frozenset(value.split())
     return frozenset()
+
+
+@functools.cache
+def gpu_capability() -> tuple[int, int] | None:
+    """The lowest compute capability of this machine's GPUs, from nvidia-smi: the planning
+    process must not load CUDA (a context holds GPU memory the stages need); None where it
+    shows no GPU, or nvidia-smi is missing or too old to say."""
+    try:
+        shown = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+        found = [tuple(int(part) for part in line.strip().split(".")) for line in shown.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return min(found, default=None)
 
 
 @functools.cache

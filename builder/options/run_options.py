@@ -86,9 +86,3 @@ class RunOptions(BaseModel):
         Stages read the planned precision from their key, never from here: a Ray worker on
         another machine would resolve `auto` differently."""
         return resolve_precision(self.precision, self.use_gpu)
-
-    def device(self) -> str:
-        """Where a stage's own (non Ray Train) model work runs, evaluated inside the stage."""
-        import torch
-
-        return "cuda" if self.use_gpu and torch.cuda.is_available() else "cpu"

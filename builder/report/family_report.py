@@ -10,7 +10,6 @@ finished stage at all there is nothing to report (`NothingToReport`).
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from builder.planning.dag import TEACHER, Plan
 from builder.planning.reuse import current_finishes
 from builder.report.family_view import first_reason, record_view, view_precision, view_turn
 from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
-                                    Perplexity, Pruning, SearchRecord, StageCost, StudentRecord, TaskResult,
-                                    TeacherRecord, Throughput, TrainingLayout, difference, format_perplexity,
-                                    format_score, format_speedup, layouts_text, perplexity_difference,
-                                    precision_text, read_completeness)
+                                    Perplexity, Pruning, SearchRecord, StageCost, StageHardware, StudentRecord,
+                                    TaskResult, TeacherRecord, Throughput, TrainingLayout, difference,
+                                    format_perplexity, format_score, format_speedup, hardware_text, layouts_text,
+                                    perplexity_difference, precision_text, read_completeness)
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore, write_text_atomic
 from builder.units import format_count
@@ -51,7 +50,12 @@ def stage_cost(manifest: Manifest | None, flops_per_token: float = 0.0) -> Stage
         return None
     return StageCost(tokens=manifest.tokens, wall_s=round(manifest.wall_s, 2),
                      flops=flops_per_token * manifest.tokens, path=manifest.path,
-                     before_workers_s=_before_workers(manifest))
+                     before_workers_s=_before_workers(manifest), hardware=_hardware(manifest))
+
+
+def _hardware(manifest: Manifest | None) -> StageHardware | None:
+    """Where the stage computed, as its manifest recorded it (never the machine writing the report)."""
+    return StageHardware.from_placement(manifest.summary.get("placement")) if manifest else None
 
 
 def _before_workers(manifest: Manifest) -> float | None:
@@ -236,16 +240,6 @@ def search_record(plan: Plan, manifests: dict, planned) -> SearchRecord:
 
 
 # -- the family ----------------------------------------------------------------------------------
-def hardware() -> str:
-    import os
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def _local_references(spec: FamilySpec, spec_text: str) -> dict[str, str]:
     """The spec's local paths and what each is, for the portable spec: as written in the
     text (often relative) and as resolved (absolute), so either spelling is replaced."""
@@ -273,7 +267,7 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         family=spec.family, build=build_record(plan, manifests), description=spec.description, teacher=teacher,
         teacher_original=original,
         students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
-        hardware=hardware(), spec_yaml=spec_text,
+        hardware=hardware_text([_hardware(manifest) for manifest in manifests.values()]), spec_yaml=spec_text,
         portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec, spec_text)),
         data_source="a local corpus" if spec.data.reference.kind == "path" else spec.data.source,
         license=spec.publish.license or teacher.license, publish=spec.publish,
@@ -385,6 +379,17 @@ def _task_names(report: FamilyReport) -> list[str]:
     return names
 
 
+def _where_stages_ran(report: FamilyReport) -> list[str]:
+    """Each computing stage's hardware, dtype, peak GPU memory and node, from its manifest."""
+    rows = [(f"{name} ({model.name})", cost.hardware) for model in [report.teacher, *report.students]
+            for name, cost in model.stages.items() if cost and cost.hardware]
+    if not rows:
+        return []
+    lines = ["", "## Where the stages ran", "", "| stage | hardware, dtype, peak GPU memory | node |", "|---|---|---|"]
+    return lines + [f"| {stage} | {hardware.text(with_node=False)} | {hardware.where() or '?'} |"
+                    for stage, hardware in rows]
+
+
 def render_markdown(report: FamilyReport, family_dir: Path) -> str:
     tasks = _task_names(report)
     teacher = report.teacher
@@ -400,6 +405,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
     lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
     lines += _throughput_notes(models)
     lines += _layout_notes(report)
+    lines += _where_stages_ran(report)
     lines += _search_sections(report)
     lines += _problems(report)
     if report.plots:

@@ -183,6 +183,49 @@ class Throughput(Record):
 
 
 # -- models, lineage, stages --------------------------------------------------------------------
+class StageHardware(Record):
+    """Where a stage computed, from its manifest (builder.running.placement): for a stage run
+    by workers (training ranks, teacher actors), the first worker's, with every node."""
+
+    device: str  # "cpu" or "cuda:I"
+    dtype: str  # what it computed in
+    node: str | None = None  # "hostname (IP)": the report's, never a card's (a card names no machine)
+    nodes: list[str] = []  # every worker's node, where workers ran it
+    gpu: str | None = None  # name and compute capability, on CUDA
+    peak_memory_bytes: int | None = None  # on CUDA: the most its tensors held (the highest of its workers)
+    workers: int = 1
+
+    @classmethod
+    def from_placement(cls, placement: dict | None) -> StageHardware | None:
+        """The manifest summary's `placement`; None for a stage that recorded none (file work,
+        or one finished before stages recorded it)."""
+        if not placement:
+            return None
+        return cls(**{key: placement[key] for key in cls.model_fields if placement.get(key) is not None})
+
+    def kind(self) -> str:
+        """"NVIDIA H100 80GB HBM3 (compute capability 9.0), bfloat16"; "2 x CPU, float32"."""
+        what = "CPU" if self.device == "cpu" else (self.gpu or self.device)
+        return f"{self.workers} x {what}, {self.dtype}" if self.workers > 1 else f"{what}, {self.dtype}"
+
+    def where(self) -> str:
+        return ", ".join(self.nodes or ([self.node] if self.node else []))
+
+    def text(self, with_node: bool = True) -> str:
+        """The kind, its peak GPU memory, and (with_node) its nodes."""
+        text = self.kind()
+        if self.peak_memory_bytes is not None:
+            text += f", peak {self.peak_memory_bytes / 1e9:.1f} GB"
+        return f"{text} on {self.where()}" if with_node and self.where() else text
+
+
+def hardware_text(stages: list[StageHardware | None], with_node: bool = True) -> str:
+    """Every kind of hardware the stages ran on, once each ("not recorded" when none says)."""
+    texts = [f"{stage.kind()} on {stage.where()}" if with_node and stage.where() else stage.kind()
+             for stage in stages if stage is not None]
+    return "; ".join(dict.fromkeys(texts)) or "not recorded"
+
+
 class StageCost(Record):
     tokens: int = 0
     wall_s: float = 0.0
@@ -191,6 +234,7 @@ class StageCost(Record):
     # start-up, and waiting for CPUs or GPUs that other stages held)
     before_workers_s: float | None = None
     path: str | None = None  # the stage's folder on this machine (never printed in a card)
+    hardware: StageHardware | None = None  # where it computed; None for file work
 
 
 class ModelRecord(Record):
@@ -354,7 +398,7 @@ class FamilyReport(Record):
     teacher: TeacherRecord
     teacher_original: ModelRecord | None = None  # the published teacher, when a correction ran
     students: list[StudentRecord]
-    hardware: str
+    hardware: str  # every kind of hardware the stages ran on, with their nodes (records.hardware_text)
     spec_yaml: str  # the spec as written (local paths included): rebuilds on this machine
     portable_spec_yaml: str  # the same with local paths replaced: what cards and uploads show
     data_source: str  # the spec's data reference, portable (a local path is not named)

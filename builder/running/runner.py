@@ -243,8 +243,9 @@ def _remote_for(stage: Stage, options: RunOptions):
     """A heavy stage gets a fresh worker process, so its model's memory goes back to the OS
     when it ends. A reused worker skips starting Python and importing torch,
     transformers and Ray Train again: a coordinating stage takes one (it loads no model), and
-    so does every stage of a rehearsal (its models are a few MB: no memory to return)."""
-    fresh = stage_kind(stage.name).resources == "heavy" and not options.rehearsal
+    so does every stage of a rehearsal on CPUs (its models are a few MB: no memory to return;
+    on GPUs a reused worker would keep its CUDA context and the GPU it first held)."""
+    fresh = stage_kind(stage.name).resources == "heavy" and (options.use_gpu or not options.rehearsal)
     return _execute_heavy if fresh else _execute_light
 
 

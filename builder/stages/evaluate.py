@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
+from builder.running.placement import place
 from builder.spec.schema import EvaluationSpec
 from builder.stages.base import StageContext, StageKind, StageResult
 from evaluators.base import Evaluator, ModelHandle
@@ -31,13 +32,15 @@ def run(ctx: StageContext) -> StageResult:
     # Loaded once, by the first evaluator that needs it, in the training precision the planner
     # resolved and hashed: as the training stages hold the model (a bf16 build's models
     # measured in bf16, at half float32's memory); perplexity still accumulates in float32.
-    model = ModelHandle(ctx.model_dir("model"), dtype=ctx.precision)
-    device = ctx.options.device()
+    # Placed before any model loads (builder.running.placement).
+    placement = place(ctx.options.use_gpu, ctx.precision)
+    model = ModelHandle(ctx.model_dir("model"), dtype=placement.dtype)
     # rendered once per work dir and shared: the files are immutable
     cache_dir = Path(ctx.options.workdir) / "cache" / "lm-eval"
     summary: dict = {"metrics": {}}  # no tasks: empty metrics, as the report expects
     for key, evaluator, settings in _evaluations(ctx.section(EvaluationSpec), ctx.blocks_path(), cache_dir):
-        summary[key] = evaluator.run(model, settings, device)
+        summary[key] = evaluator.run(model, settings, placement.device)
+    summary["placement"] = placement.facts()  # after the evaluators: its peak memory is theirs
     perplexity = summary.get("perplexity")  # the tokens counted: the held-out blocks'
     return summary, (perplexity["blocks"] * perplexity["seq_len"] if perplexity else 0)
 

@@ -3,6 +3,7 @@ teacher, on the calibration split; computed once and read by every student's pru
 from __future__ import annotations
 
 from builder.planning.cost_model import Costs, StageInputs, Work, forward_flops_per_token
+from builder.running.placement import place
 from builder.spec.schema import FamilySpec
 from builder.spec.shape import Shape
 from builder.stages.base import Stage, StageContext, StageKind, StageResult
@@ -15,14 +16,16 @@ def run(ctx: StageContext) -> StageResult:
     from builder.pruning.importance import score_importance
 
     scoring = ctx.spec.scoring
-    model = load_model(ctx.model_dir("teacher"))
+    # float32 wherever it runs: the importance (and every cut made from it) is hashed without a precision
+    placement = place(ctx.options.use_gpu, "float32")  # before the model loads: a GPU it cannot use fails here
+    model = load_model(ctx.model_dir("teacher"), placement.device)
     blocks = load_blocks(ctx.blocks_path(), "calibration", scoring.samples)
     importance = score_importance(
         model, blocks, batch_size=scoring.batch_size, batch_aggregation=scoring.batch_aggregation,
         sequence_aggregation=scoring.sequence_aggregation, lm_loss_samples=scoring.lm_loss_samples)
     importance.save(ctx.out_dir)
     summary = {"importance": str(ctx.out_dir), "samples": len(blocks),
-               "block_importance": importance.block.tolist()}
+               "block_importance": importance.block.tolist(), "placement": placement.facts()}
     return summary, int(blocks.numel())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from builder.models.teacher import config_from_json
 from builder.planning.cost_model import Costs, Disk, StageInputs, Work, forward_flops_per_token, signal_bytes
+from builder.running.placement import combined
 from builder.spec.schema import FamilySpec
 from builder.stages.base import Stage, StageContext, StageKind, StageResult
 
@@ -25,8 +26,9 @@ def run(ctx: StageContext) -> StageResult:
     job = TeachJob(str(teacher_dir), str(ctx.blocks_path()), str(ctx.out_dir), layout, dtype=ctx.precision,
                    batch_size=ctx.spec.scoring.batch_size, use_gpu=ctx.options.use_gpu)
     taught = teach_on_ray(job, ctx.options)  # [] when every shard was there (a resumed stage)
-    return finish(job) | {"workers": len({shard["worker"] for shard in taught}),
-                          "taught_shards": len(taught)}, layout.rows * layout.seq_len
+    workers = {shard["worker"]: shard["placement"] for shard in taught}  # each actor's last report: its peak
+    return finish(job) | {"workers": len(workers), "taught_shards": len(taught),
+                          "placement": combined(list(workers.values()))}, layout.rows * layout.seq_len
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
@@ -43,6 +45,6 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
     return stage.key.config["positions"] * spec.data.seq_len  # at most: the train split may hold fewer blocks
 
 
-KIND = StageKind("teach", version="2",  # 2: draws from the tail (builder.teaching.signal format 2)
+KIND = StageKind("teach", version="3",  # 3: tail draws on a CPU generator wherever the teacher runs
                  run=run, resources="coordinating", title="the teacher's stored top-k signal, shared by its readers",
                  estimate=estimate, planned_tokens=planned_tokens, record="StageCost", card_section="_compute_section")

@@ -3,6 +3,7 @@ run so the speed-ups are ratios; optional (its failure is reported, the family s
 from __future__ import annotations
 
 from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
+from builder.running.placement import place
 from builder.spec.schema import ThroughputSpec
 from builder.stages.base import StageContext, StageKind, StageResult
 from builder.store.content import verify_folder
@@ -19,13 +20,15 @@ def _workload(section: ThroughputSpec) -> ThroughputSettings:
 
 def run(ctx: StageContext) -> StageResult:
     evaluator, workload = get_evaluator("vllm-throughput"), _workload(ctx.section(ThroughputSpec))
-    device = ctx.options.device()
+    # Checked before any engine starts; vLLM computes in its own processes, so no peak is measured here.
+    placement = place(ctx.options.use_gpu, workload.dtype, computes_here=False)
     for role in ctx.inputs:  # vLLM reads the models in its own processes: checked here first
         verify_folder(ctx.model_dir(role))
     results = {role: evaluator.run(ModelHandle(ctx.model_dir(role), role),
-                                   ThroughputRun(workload, model_work_dir(ctx.out_dir, index, role)), device)
+                                   ThroughputRun(workload, model_work_dir(ctx.out_dir, index, role)),
+                                   placement.device)
                for index, role in enumerate(ctx.inputs)}
-    return {"results": add_ratios(results)}, 0
+    return {"results": add_ratios(results), "placement": placement.facts()}, 0
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder.options.cluster import train_cpus_per_worker
+from builder.running.placement import combined
 from builder.spec.batching import section_layout
 from builder.spec.schema import TrainingSpec
 from builder.stages.base import StageContext, StageResult
@@ -28,9 +29,11 @@ def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path
                               cpus_per_worker=train_cpus_per_worker(options))
     layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
               "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
+    nodes = worker_nodes(ctx.out_dir)
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
                                             "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl"),
-                                            "train_nodes": worker_nodes(ctx.out_dir)}
+                                            "train_nodes": nodes,
+                                            "placement": combined([n["placement"] for n in nodes if "placement" in n])}
     if kind == "distill":  # what the student learned from: the online teacher or a stored signal
         summary["teacher_signal"] = str(blocks) if "signal" in ctx.inputs else "online"
     return summary, result.tokens_seen

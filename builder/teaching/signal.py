@@ -110,10 +110,13 @@ class SignalLayout:
     def bytes_per_token(self) -> int:
         return bytes_per_token(self.top_k, self.vocab_size, self.tail_samples)
 
-    def draws(self, shard: int, device: torch.device | str = "cpu") -> torch.Generator:
+    def draws(self, shard: int) -> torch.Generator:
         """The random source of a shard's tail draws: seeded by the shard alone, so a resumed
-        pass (or any worker) rewrites a shard with the very same draws."""
-        return torch.Generator(device=device).manual_seed(TAIL_DRAWS_SEED + shard)
+        pass (or any worker) rewrites a shard with the very same draws. On the CPU wherever the
+        teacher runs: a CUDA generator with the same seed draws other numbers, so a signal
+        taught on a GPU would differ from one taught on a CPU (builder.teaching.target draws
+        on it and moves the draws to the logits' device)."""
+        return torch.Generator().manual_seed(TAIL_DRAWS_SEED + shard)
 
 
 def bytes_per_token(top_k: int, vocab_size: int, tail_samples: int = 0) -> int:

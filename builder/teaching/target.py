@@ -103,7 +103,9 @@ def _draw_tail(
     # float64: an fp32 running sum over a 49152-id tail would swallow increments below 2^-24
     # of it, and those ids could never be drawn.
     cumulative = tail_probs.double().cumsum_(-1)
-    offsets = torch.rand(len(cumulative), 1, generator=generator, device=cumulative.device, dtype=torch.float64)
+    # Drawn on the CPU and moved: the same seed gives the same draws whether the teacher ran
+    # on a GPU or a CPU (a CUDA generator's stream differs from the CPU's).
+    offsets = torch.rand(len(cumulative), 1, generator=generator, dtype=torch.float64).to(cumulative.device)
     points = (offsets + torch.arange(count, device=cumulative.device)) / count * cumulative[:, -1:]
     return torch.searchsorted(cumulative, points, right=True).clamp_(max=cumulative.shape[-1] - 1)
 

@@ -29,6 +29,7 @@ import torch
 from builder.teaching.signal import LOGPROB_DTYPE, SignalLayout, shard_complete, write_index, write_shard
 from builder.data.tokens import TokenBlocks
 from builder.models.loading import load_model
+from builder.running.placement import place
 from builder.teaching.target import topk_target
 from builder.training.settings import DTYPES
 
@@ -58,7 +59,8 @@ class ShardTeacher:
         # Decided here, in the worker: Ray shows a process only the GPUs it reserved, so the
         # stage task that planned the job (holding none) could not see one.
         self.job = job
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        self.placement = place(job.use_gpu, job.dtype)
+        self.device = torch.device(self.placement.device)
         self.model = load_model(job.teacher_dir, self.device, DTYPES[job.dtype], trainable=False)
         self.blocks = TokenBlocks.open(job.data_dir, "train")
 
@@ -67,7 +69,7 @@ class ShardTeacher:
         layout = self.job.layout
         rows = np.arange(layout.shard_range(shard).start, layout.shard_range(shard).stop)
         tokens = self.blocks[torch.from_numpy(layout.taught_blocks(rows))]
-        draws = layout.draws(shard, self.device)
+        draws = layout.draws(shard)
         parts = [self._signal(tokens[start:start + self.job.batch_size], draws)
                  for start in range(0, len(tokens), self.job.batch_size)]
         arrays = {name: np.concatenate([part[name] for part in parts])
@@ -75,7 +77,7 @@ class ShardTeacher:
         arrays["tokens"] = tokens.numpy().astype(self.blocks.dtype)
         write_shard(Path(self.job.out_dir), shard, arrays)
         return {"shard": shard, "rows": len(rows), "seconds": time.perf_counter() - started,
-                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+                "worker": f"{socket.gethostname()}:{os.getpid()}", "placement": self.placement.facts()}
 
     @torch.no_grad()
     def _signal(self, input_ids: torch.Tensor, draws: torch.Generator) -> dict[str, np.ndarray]:

@@ -125,7 +125,9 @@ def _rng_file(rank: int) -> str:
 
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
+    # Only a process that computes on CUDA has a CUDA state to keep; asking any other (CPU
+    # training on a GPU machine) would open a CUDA context on every GPU at its first checkpoint.
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -133,7 +135,7 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():  # resumed on CUDA: the models are there already
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

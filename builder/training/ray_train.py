@@ -29,6 +29,7 @@ import torch
 import ray.train.torch
 
 from builder.options.run_options import Parallel
+from builder.running.placement import DeviceUnusable, place
 from builder.store.stage_log import captured_output, stage_log_path
 from builder.training.loop import correct_teacher, distill, load_result
 from builder.training.settings import TrainResult, TrainSettings, TrainingDiverged
@@ -122,15 +123,20 @@ def _train_worker(job: TrainJob) -> None:
         # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have
         # sized its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
         torch.set_num_threads(job.threads)
-        _record_node(Path(job.out_dir))
-        job.run(ray.train.torch.get_device())
+        # The GPU Ray assigned (ScalingConfig use_gpu), by the one rule: ray.train.torch.get_device()
+        # would hand a worker whose CUDA is unusable the CPU without a word.
+        placement = place(asks_gpu=False, dtype=job.settings.dtype)
+        started_at = time.time()  # the stage's time before this is start-up and waiting for CPUs
+        _record_node(Path(job.out_dir), started_at, placement.facts())
+        job.run(torch.device(placement.device))
+        _record_node(Path(job.out_dir), started_at, placement.facts())  # again, with its peak memory
 
 
-def _record_node(out_dir: Path) -> None:
-    """Each worker notes where it runs (hostname, Ray node id), for the stage's manifest."""
+def _record_node(out_dir: Path, started_at: float, placement: dict) -> None:
+    """Each worker notes where it runs (hostname, Ray node id, device, dtype), for the stage's manifest."""
     rank = ray.train.get_context().get_world_rank()
     record = {"rank": rank, "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-              "started_at": time.time()}  # the stage's time before this is start-up and waiting for CPUs
+              "started_at": started_at, "placement": placement}
     folder = out_dir / "ray_train" / "nodes"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank-{rank}.json").write_text(json.dumps(record))
@@ -143,7 +149,7 @@ def worker_nodes(out_dir: Path) -> list[dict]:
 
 
 def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
-    """trainer.fit(), re-raising our own errors (divergence, bad input) as themselves."""
+    """trainer.fit(), re-raising our own errors (divergence, bad input, a GPU it cannot use) as themselves."""
     try:
         trainer.fit()
     except ray.train.WorkerGroupError as error:
@@ -154,4 +160,4 @@ def _fit(trainer: ray.train.torch.TorchTrainer) -> None:
 
 
 def _is_ours(error: BaseException) -> bool:
-    return isinstance(error, (TrainingDiverged, ValueError))
+    return isinstance(error, (TrainingDiverged, ValueError, DeviceUnusable))
