@@ -72,7 +72,9 @@ class RunOptions(BaseModel):
     connect_timeout_s: float = Field(
         60.0, gt=0, description="how long reaching --address (or RAY_ADDRESS) may take before the build stops "
         "naming the cause: nothing listening, no answer, a refused auth token", json_schema_extra=_flag("--connect-timeout"))
-    cpus_per_stage: int = Field(0, description="CPUs per heavy stage; 0: all local CPUs")
+    cpus_per_stage: int = Field(
+        0, description="CPUs per heavy stage; 0: the largest node's CPUs, or with --gpus-per-stage the CPUs that go "
+        "with that many GPUs on a GPU node (16 CPUs, 8 GPUs: 2), so every GPU runs a stage at once")
     gpus_per_stage: Annotated[float, AfterValidator(_whole_gpus)] = Field(
         0.0, description="GPUs per heavy stage (scoring, evaluation, vLLM), a whole number; with GPUs, each "
         "training worker and teacher actor holds one")
