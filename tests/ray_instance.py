@@ -4,9 +4,14 @@
 An in-process build (builder.cli.main) that finds Ray connected runs on that instance and
 leaves it up, so a module whose builds need no fresh instance pays Ray's start-up once
 instead of once per build.
+
+`gpus` declares GPUs this machine does not have (with `local_cpus`, CPUs too): Ray
+schedules by what a node declares, so placement, concurrency and pools run as on a GPU node
+(a task holding a "GPU" still has no CUDA).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import pytest
@@ -17,11 +22,13 @@ from builder.running.ray_session import init_ray, shutdown_ray
 
 
 @contextmanager
-def local_ray(options: RunOptions = RunOptions()):
+def local_ray(options: RunOptions = RunOptions(), gpus: int = 0):
     with pytest.MonkeyPatch.context() as patch:
         for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR"):
             patch.setenv(name, "")  # init_ray sets them; restored afterwards
         patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", True)
+        if gpus:  # init_ray starts what the machine has; a build has no flag to declare more
+            patch.setattr(ray, "init", functools.partial(ray.init, num_gpus=gpus))
         init_ray(options)
         try:
             yield
