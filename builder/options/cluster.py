@@ -5,8 +5,9 @@ from the driver's machine: a driver with 64 cores asking each stage for 64 CPUs 
 of 16-core nodes waits forever, without a word, for a node that does not exist. By default a
 heavy stage takes the largest node's CPUs, or with GPUs one GPU's share of a GPU node's
 CPUs, so that every GPU runs a stage at once. Requests that no node (or, for Ray Train's
-workers, the whole cluster) can satisfy fail at once and name the flag to change. Before anything is submitted, every node must see the work directory:
-stages hand checkpoints to each other as paths in it.
+workers, the whole cluster) can satisfy fail at once and name the flag to change. Before
+anything is submitted, every node must see the work directory: stages hand checkpoints to
+each other as paths in it.
 """
 from __future__ import annotations
 

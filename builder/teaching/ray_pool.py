@@ -5,8 +5,9 @@ teacher once and taking the next unwritten shard until none is left.
 Why actors and not Ray Train or Ray Data: the pass needs no process group (no gradients, no
 collectives: each shard is independent), and each worker must keep a multi-GB teacher
 loaded across many shards, which is what an actor is; `map_on_started_actors` hands shards
-to whichever actor has started and is free, so a slow node does not hold the others up. Ray Data's
-map_batches over actors would do the same with a dataset of shard numbers, for no gain.
+to whichever actor has started and is free, so a slow node does not hold the others up.
+Ray Data's map_batches over actors would do the same with a dataset of shard numbers, for
+no gain.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def map_on_started_actors(actors: list, items: Iterable, call: Callable) -> Iter
             raise RuntimeError(f"none of the {len(actors)} actors started: {start_errors[0]}") from start_errors[0]
         [ready], _ = ray.wait([*starting, *running], num_returns=1)
         if ready in starting:
-            actor = starting.pop(ready)
+            actor, results = starting.pop(ready), []
             try:
                 ray.get(ready)
             except ray.exceptions.RayActorError as error:
@@ -74,6 +75,7 @@ def map_on_started_actors(actors: list, items: Iterable, call: Callable) -> Iter
                 continue
         else:
             actor = running.pop(ready)
-            yield ray.get(ready)  # a failed item fails the pass
-        if todo:
+            results = [ray.get(ready)]  # a failed item fails the pass
+        if todo:  # the actor's next item first, then its result to the caller
             running[call(actor, todo.pop(0))] = actor
+        yield from results
