@@ -56,6 +56,10 @@ RAY_TRAIN_QUIET = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
+# A worker group whose start fails (torch.distributed's setup, say) is shut down, giving its
+# CPUs and GPUs back: Ray Train 2.60 kept them until the driver exited, and the next training
+# stage waited for them (builder/training/failed_start.py).
+RAY_TRAIN_FIXES = {"RAY_TRAIN_CALLBACKS": "builder.training.failed_start.ShutDownFailedStart"}
 # On a local instance (and in a rehearsal, whose training lasts a second or two): the
 # preemption watcher (one more actor, so one more process to start per fit) has no node
 # drain to wait for (the only node is this machine), and the controller's 2 s poll of its
@@ -319,7 +323,7 @@ def ray_train_env(options: RunOptions) -> dict[str, str]:
     """The Ray Train settings a stage sets before it trains; decided on the driver, which
     knows whether it runs on a local instance (a stage's worker cannot tell)."""
     local = not (options.address or os.environ.get("RAY_ADDRESS"))
-    return RAY_TRAIN_QUIET | (RAY_TRAIN_LOCAL if local or options.rehearsal else {})
+    return RAY_TRAIN_QUIET | RAY_TRAIN_FIXES | (RAY_TRAIN_LOCAL if local or options.rehearsal else {})
 
 
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],
