@@ -4,6 +4,10 @@
 An in-process build (builder.cli.main) that finds Ray connected runs on that instance and
 leaves it up, so a module whose builds need no fresh instance pays Ray's start-up once
 instead of once per build.
+
+`gpus` declares GPUs this machine does not have (with `local_cpus`, CPUs too): Ray
+schedules by what a node declares, so placement, concurrency and pools run as on a GPU node
+(a task holding a "GPU" still has no CUDA).
 """
 from __future__ import annotations
 
@@ -20,8 +24,6 @@ from builder.running.ray_session import init_ray, shutdown_ray
 
 @contextmanager
 def local_ray(options: RunOptions = RunOptions(), gpus: int = 0):
-    """`gpus`: GPUs the instance declares, which this machine need not have (Ray trusts
-    declared resources): a task that holds one finds what a GPU node without usable CUDA shows."""
     with pytest.MonkeyPatch.context() as patch:
         for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR"):
             patch.setenv(name, "")  # init_ray sets them; restored afterwards

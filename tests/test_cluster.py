@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from builder.options.cluster import (nodes_from_ray, read_probe, size_for_cluster, train_cpus_per_worker,
-                             workdir_problems, write_probe)
+from builder.options.cluster import (fit_in_cluster, fit_on_node, nodes_from_ray, read_probe, size_for_cluster,
+                                     train_cpus_per_worker, workdir_problems, write_probe)
 from builder.errors import SpecError
 from builder.options.run_options import RunOptions
 
@@ -86,3 +86,33 @@ def test_a_node_that_misses_the_workdir_names_it_and_the_fix(tmp_path):
     assert workdir_problems(tmp_path, writer, "", {"node b": ""}) == []
     unwritable = workdir_problems(tmp_path, writer, "cannot write it: Read-only file system", {})
     assert "Read-only" in unwritable[0].message
+
+
+EIGHT_GPUS = nodes_from_ray([ray_node("gpu", 16, gpus=8)])
+
+
+def test_with_gpus_a_heavy_stage_takes_one_gpus_share_of_the_cpus():
+    """Issue 21: the whole node's CPUs per stage ran one GPU stage at a time on an 8-GPU node."""
+    sized = size_for_cluster(RunOptions(gpus_per_stage=1), EIGHT_GPUS, "c")
+    assert sized.stage_cpus() == 2 and fit_on_node(EIGHT_GPUS[0], sized.stage_cpus(), 1) == 8
+    assert size_for_cluster(RunOptions(gpus_per_stage=2), EIGHT_GPUS, "c").stage_cpus() == 4
+    assert size_for_cluster(RunOptions(), EIGHT_GPUS, "c").stage_cpus() == 16  # on CPUs: every core
+    # Mixed nodes: the GPU node with the fewest CPUs per GPU sets it, so all GPUs stay busy;
+    # a CPU-only node's cores do not count.
+    mixed = nodes_from_ray([ray_node("a", 16, gpus=8), ray_node("b", 24, gpus=4), ray_node("cpu", 96)])
+    assert size_for_cluster(RunOptions(gpus_per_stage=1), mixed, "c").stage_cpus() == 2
+    assert size_for_cluster(RunOptions(gpus_per_stage=1, cpus_per_stage=6), mixed, "c").stage_cpus() == 6
+
+
+def test_a_node_holds_what_fits_in_both_its_cpus_and_its_gpus():
+    node = EIGHT_GPUS[0]
+    assert fit_on_node(node, 16, 1) == 1  # one whole-node actor, however many GPUs
+    assert fit_on_node(node, 1, 1) == 8 and fit_on_node(node, 3, 0) == 5
+    assert fit_in_cluster([node, node], 2, 1) == 16
+
+
+def test_a_gpu_stage_needs_its_cpus_on_a_gpu_node():
+    """A 96-CPU node without GPUs does not make 32 CPUs per GPU stage fit."""
+    mixed = nodes_from_ray([ray_node("a", 16, gpus=8), ray_node("cpu", 96)])
+    found = problems(RunOptions(gpus_per_stage=1, cpus_per_stage=32), mixed)
+    assert "no node has both" in found["--cpus-per-stage"] and "at most 16" in found["--cpus-per-stage"]

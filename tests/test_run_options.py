@@ -30,7 +30,7 @@ OTHER_VALUES = {
     "rehearsal": (["--rehearse"], True),
     "address": (["--address", "ray://head:10001"], "ray://head:10001"),
     "cpus_per_stage": (["--cpus-per-stage", "3"], 3),
-    "gpus_per_stage": (["--gpus-per-stage", "0.5"], 0.5),
+    "gpus_per_stage": (["--gpus-per-stage", "2"], 2.0),
     "train_workers": (["--train-workers", "4"], 4),
     "parallel": (["--parallel", "fsdp"], "fsdp"),
     "local_cpus": (["--local-cpus", "2"], 2),
@@ -101,3 +101,12 @@ def test_rehearse_runs_a_rehearsal_with_the_other_options(monkeypatch):
 def test_a_value_the_options_refuse_exits_2_naming_the_flag(capsys):
     assert main(["spec.yaml", "--connect-timeout", "0", "--dry-run"]) == 2
     assert "--connect-timeout 0.0: input should be greater than 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpus", ["0.5", "1.5", "-1"])
+def test_a_share_of_a_gpu_is_refused_with_the_fix(gpus, capsys):
+    """Two stages on one GPU would each size vLLM for the whole of it (issue 21)."""
+    assert main(["spec.yaml", "--gpus-per-stage", gpus, "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert f"--gpus-per-stage {float(gpus)}: a stage holds whole GPUs" in error
+    assert "give a whole number: 1 runs one heavy stage per GPU" in error

@@ -1,11 +1,13 @@
 """What the Ray cluster has, and whether a build fits it (no Ray here: the runner asks Ray).
 
-A stage runs on one node, so its CPUs and GPUs are sized from the largest node, never from
-the driver's machine: a driver with 64 cores asking each stage for 64 CPUs on a cluster of
-16-core nodes waits forever, without a word, for a node that does not exist. Requests that
-no node (or, for Ray Train's workers, the whole cluster) can satisfy fail at once and name
-the flag to change. Before anything is submitted, every node must see the work directory:
-stages hand checkpoints to each other as paths in it.
+A stage runs on one node, so its CPUs and GPUs are sized from the cluster's nodes, never
+from the driver's machine: a driver with 64 cores asking each stage for 64 CPUs on a cluster
+of 16-core nodes waits forever, without a word, for a node that does not exist. By default a
+heavy stage takes the largest node's CPUs, or with GPUs one GPU's share of a GPU node's
+CPUs, so that every GPU runs a stage at once. Requests that no node (or, for Ray Train's
+workers, the whole cluster) can satisfy fail at once and name the flag to change. Before
+anything is submitted, every node must see the work directory: stages hand checkpoints to
+each other as paths in it.
 """
 from __future__ import annotations
 
@@ -40,14 +42,38 @@ def nodes_from_ray(entries: list[dict]) -> list[Node]:
 
 
 def size_for_cluster(options: RunOptions, nodes: list[Node], where: str) -> RunOptions:
-    """`options` with the per-stage CPUs resolved from the cluster (the largest node's CPUs
-    when --cpus-per-stage is 0); raises SpecError naming the flag when a request cannot fit."""
-    largest_cpus = int(max(node.cpus for node in nodes))
-    cpus = options.cpus_per_stage or largest_cpus
+    """`options` with the per-stage CPUs resolved from the cluster (`default_stage_cpus` when
+    --cpus-per-stage is 0); raises SpecError naming the flag when a request cannot fit."""
+    cpus = options.cpus_per_stage or default_stage_cpus(options, nodes)
     problems = [*_stage_problems(options, nodes, cpus), *_worker_problems(options, nodes, cpus)]
     if problems:
         raise SpecError(where, problems + [Problem("(cluster)", None, describe_nodes(nodes))])
     return options.model_copy(update={"cpus_per_stage": cpus})
+
+
+def default_stage_cpus(options: RunOptions, nodes: list[Node]) -> int:
+    """A heavy stage's CPUs when --cpus-per-stage is 0. On CPUs, the largest node's: a stage
+    computes on every core. With --gpus-per-stage, the CPUs that go with that many GPUs on
+    the GPU node with the fewest CPUs per GPU, so every GPU of every node can run a stage at
+    once (16 CPUs and 8 GPUs: 2 CPUs a stage, 8 stages side by side); taking the whole node
+    would leave 7 of its GPUs idle while one stage runs."""
+    holders = [node for node in nodes if options.use_gpu and node.gpus >= options.gpus_per_stage]
+    if not holders:  # no GPUs asked for (or none to be had: _stage_problems says so)
+        return int(max(node.cpus for node in nodes))
+    return max(1, int(min(node.cpus / node.gpus for node in holders) * options.gpus_per_stage))
+
+
+def fit_on_node(node: Node, cpus: float, gpus: float) -> int:
+    """How many tasks or actors of `cpus` CPUs and `gpus` GPUs `node` holds at once: each
+    lives on one node and needs both there (3 + 3 CPUs hold two 2-CPU actors, not three;
+    16 CPUs and 8 GPUs hold one 16-CPU, 1-GPU actor, not eight)."""
+    by_cpus = math.floor(node.cpus / cpus)  # every stage, worker and actor takes at least one CPU
+    return min(by_cpus, math.floor(node.gpus / gpus)) if gpus else by_cpus
+
+
+def fit_in_cluster(nodes: list[Node], cpus: float, gpus: float) -> int:
+    """How many of them the whole cluster holds at once, node by node."""
+    return sum(fit_on_node(node, cpus, gpus) for node in nodes)
 
 
 def describe_nodes(nodes: list[Node]) -> str:
@@ -67,6 +93,12 @@ def _stage_problems(options: RunOptions, nodes: list[Node], cpus: int) -> list[P
             f"each heavy stage asks for {options.gpus_per_stage:g} GPUs but the largest node has "
             f"{largest_gpus:g}; lower --gpus-per-stage to at most {largest_gpus:g} "
             "(0 runs on CPUs), or add GPU nodes to the cluster")))
+    elif not problems and fit_in_cluster(nodes, cpus, options.gpus_per_stage) == 0:
+        most = max(node.cpus for node in nodes if node.gpus >= options.gpus_per_stage)
+        problems.append(Problem("--cpus-per-stage", cpus, (
+            f"each heavy stage asks for {cpus} CPUs and {options.gpus_per_stage:g} GPUs on one node, but no "
+            f"node has both: the GPU nodes have at most {most:g} CPUs; lower --cpus-per-stage to at most "
+            f"{most:g} (or 0: a GPU's share of its node's CPUs)")))
     return problems
 
 
@@ -78,11 +110,9 @@ def train_cpus_per_worker(options: RunOptions) -> int:
 def _worker_problems(options: RunOptions, nodes: list[Node], cpus: int) -> list[Problem]:
     """Ray Train places each worker on one node; all of them must fit at once."""
     per_worker = train_cpus_per_worker(options.model_copy(update={"cpus_per_stage": cpus}))
-    slots = sum(math.floor(node.cpus / per_worker) for node in nodes)
-    what = f"{per_worker} CPU"
-    if options.use_gpu:  # Ray Train gives each worker one GPU
-        slots = min(slots, sum(math.floor(node.gpus) for node in nodes))
-        what += " and 1 GPU"
+    gpus = 1 if options.use_gpu else 0  # Ray Train gives each worker one GPU
+    slots = fit_in_cluster(nodes, per_worker, gpus)
+    what = f"{per_worker} CPU" + (" and 1 GPU" if gpus else "")
     if options.train_workers <= slots:
         return []
     return [Problem("--train-workers", options.train_workers, (

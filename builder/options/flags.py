@@ -46,7 +46,10 @@ def _flag_problem(problem: dict, given: dict) -> str:
     name = str(problem["loc"][0]) if problem["loc"] else ""
     if name not in RunOptions.model_fields:
         return problem["msg"]
-    return f"{flag_of(name)} {given.get(name)}: {problem['msg'][0].lower()}{problem['msg'][1:]}"
+    # A validator's own ValueError already says the rule and the fix: its text, without
+    # pydantic's "Value error, " in front.
+    message = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+    return f"{flag_of(name)} {given.get(name)}: {message[0].lower()}{message[1:]}"
 
 
 def flag_of(name: str) -> str:

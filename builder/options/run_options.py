@@ -27,6 +27,17 @@ def _flag(name: str) -> dict:
     return {"flag": name}
 
 
+def _whole_gpus(gpus: float) -> float:
+    """Two stages sharing one GPU would each start a vLLM engine (or a model) sized for the
+    whole of it (vLLM takes gpu_memory_utilization of the device's memory, 0.9 by default,
+    whatever Ray reserved), and both fail or thrash; so a stage holds whole GPUs."""
+    if gpus < 0 or gpus != int(gpus):
+        raise ValueError("a stage holds whole GPUs (two stages sharing one would each size vLLM and its "
+                         "model for all of its memory); give a whole number: 1 runs one heavy stage per GPU, "
+                         "side by side, 0 runs on CPUs")
+    return gpus
+
+
 class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,8 +72,12 @@ class RunOptions(BaseModel):
     connect_timeout_s: float = Field(
         60.0, gt=0, description="how long reaching --address (or RAY_ADDRESS) may take before the build stops "
         "naming the cause: nothing listening, no answer, a refused auth token", json_schema_extra=_flag("--connect-timeout"))
-    cpus_per_stage: int = Field(0, description="CPUs per heavy stage; 0: all local CPUs")
-    gpus_per_stage: float = Field(0.0, description="GPUs per heavy stage (training, evaluation, vLLM)")
+    cpus_per_stage: int = Field(
+        0, description="CPUs per heavy stage; 0: the largest node's CPUs, or with --gpus-per-stage the CPUs that go "
+        "with that many GPUs on a GPU node (16 CPUs, 8 GPUs: 2), so every GPU runs a stage at once")
+    gpus_per_stage: Annotated[float, AfterValidator(_whole_gpus)] = Field(
+        0.0, description="GPUs per heavy stage (scoring, evaluation, vLLM), a whole number; with GPUs, each "
+        "training worker and teacher actor holds one")
     train_workers: int = Field(
         1, description="Ray Train workers per training stage; they split the spec's global_batch_size (it must "
         "divide it): the same steps over the same data, summed in another order, whose rounding stays small in "

@@ -56,6 +56,10 @@ RAY_TRAIN_QUIET = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
     "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
 }
+# A worker group whose start fails (torch.distributed's setup, say) is shut down, giving its
+# CPUs and GPUs back: Ray Train 2.60 kept them until the driver exited, and the next training
+# stage waited for them (builder/training/failed_start.py).
+RAY_TRAIN_FIXES = {"RAY_TRAIN_CALLBACKS": "builder.training.failed_start.ShutDownFailedStart"}
 # On a local instance (and in a rehearsal, whose training lasts a second or two): the
 # preemption watcher (one more actor, so one more process to start per fit) has no node
 # drain to wait for (the only node is this machine), and the controller's 2 s poll of its
@@ -278,9 +282,37 @@ def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: B
             failures = result.optional_failures if optional else result.failures
             failures[stage_id] = _error_text(error)
             observer.failed(stage_id, failures[stage_id])
+            waiting = _cancel_dependents(stage_id, refs, stages, waiting, observer)
             continue
         result.manifests[stage_id] = manifest
         observer.finished(stage_id, manifest)
+
+
+def _cancel_dependents(failed: str, refs: dict[str, ray.ObjectRef], stages: dict[str, Stage],
+                       waiting: list[ray.ObjectRef], observer: BuildObserver) -> list[ray.ObjectRef]:
+    """Cancel the stages still waiting that read `failed`, directly or not; returns what is
+    left to wait for. Ray hands a failed input's error on to a stage only once the stage got
+    the CPUs and GPUs it asks for: after a distillation failed, its evaluation waited without
+    a word for a GPU that other stages held (for ever, had no node one to give), only to fail
+    at once. skip_downstream_of_failures reports them as skipped."""
+    doomed = {refs[stage_id] for stage_id in downstream_of(failed, stages)} & set(waiting)
+    for stage_id, ref in refs.items():  # plan order: the console marks each after its input
+        if ref in doomed:
+            with suppress(Exception):  # noqa: BLE001 (finished meanwhile: nothing to cancel)
+                ray.cancel(ref)
+            observer.failed(stage_id, f"skipped: upstream {failed} failed")
+    if doomed:
+        log.info("%s failed: %d stage(s) that read it are cancelled", failed, len(doomed))
+    return [ref for ref in waiting if ref not in doomed]
+
+
+def downstream_of(stage_id: str, stages: dict[str, Stage]) -> list[str]:
+    """The stages among `stages` (in plan order) that read `stage_id`, directly or not."""
+    found = {stage_id}
+    for other_id, stage in stages.items():  # plan order: a stage's inputs come before it
+        if found & set(stage.inputs.values()):
+            found.add(other_id)
+    return [other_id for other_id in stages if other_id in found - {stage_id}]
 
 
 def _error_text(error: Exception) -> str:
@@ -292,7 +324,7 @@ def ray_train_env(options: RunOptions) -> dict[str, str]:
     """The Ray Train settings a stage sets before it trains; decided on the driver, which
     knows whether it runs on a local instance (a stage's worker cannot tell)."""
     local = not (options.address or os.environ.get("RAY_ADDRESS"))
-    return RAY_TRAIN_QUIET | (RAY_TRAIN_LOCAL if local or options.rehearsal else {})
+    return RAY_TRAIN_QUIET | RAY_TRAIN_FIXES | (RAY_TRAIN_LOCAL if local or options.rehearsal else {})
 
 
 def _execute(stage: Stage, spec: FamilySpec, options: RunOptions, roles: list[str],

@@ -96,6 +96,8 @@ def run_on_ray_train(
     job = TrainJob(kind, _absolute(teacher_dir), None if student_dir is None else _absolute(student_dir),
                    _absolute(blocks_path), _absolute(out_dir), settings, parallel,
                    threads=max(1, int(cpus_per_worker)), tee_output=tee_output)
+    if use_gpu:
+        _check_a_gpu_worker(cpus_per_worker, settings.dtype)
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)
     shutil.rmtree(Path(job.out_dir) / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
     trainer = ray.train.torch.TorchTrainer(
@@ -111,6 +113,24 @@ def run_on_ray_train(
     )
     _fit(trainer)
     return load_result(job.out_dir)
+
+
+def _check_a_gpu_worker(cpus: float, dtype: str) -> None:
+    """DeviceUnusable, naming the node and the cause, when a task holding what one training
+    worker holds cannot use its GPU. Ray Train sets its NCCL process group up before the
+    loop places itself (`_train_worker`), and on a node whose CUDA is unusable that fails
+    with torch's own "Distributed package doesn't have NCCL built in", which names neither."""
+    probe = ray.remote(num_gpus=1, num_cpus=cpus)(_place_on_a_gpu)
+    try:
+        ray.get(probe.remote(dtype))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, DeviceUnusable):
+            raise error.cause from None
+        raise
+
+
+def _place_on_a_gpu(dtype: str) -> None:
+    place(asks_gpu=True, dtype=dtype, computes_here=False)
 
 
 def _absolute(path: str | Path) -> str:
