@@ -1,0 +1,196 @@
+"""Does the estimate's memory model hold? Predicted vs measured peak memory per training rank.
+
+    .venv/bin/python -m bench.memory [--quick]     # bench/results/memory.json
+
+One distillation (a random Llama-architecture student learning from a random teacher of the
+same shape, float32, as a CPU trains) on two gloo workers, once per layout: DDP and FSDP,
+each with and without activation checkpointing. Each rank measures its own peak and the
+prediction is `builder.planning.cost_model.training_memory` for the same models, micro-batch,
+sequence length, workers, parallelism and dtype. Goal: every ratio measured / predicted
+within 1.5x (tests/test_memory.py holds one FSDP run to it).
+
+How a rank measures: torch's CPU allocator is invisible to tracemalloc, so the peak is the
+process's anonymous resident memory (RssAnon in /proc/self/status), sampled every 2 ms by a
+thread, minus its value after the imports and the process group and before any model is
+built. Anonymous, not VmHWM (whole RSS): loading reads safetensors files through mmap, and
+those file pages count in RSS while mapped though no GPU would ever hold them; VmHWM minus its
+own baseline is recorded too. The models are tens of MB (~17M parameters, ~270 MB of training
+state, ~100 MB of logits a micro-batch) so the interpreter's and gloo's own megabytes do not
+dominate, while two ranks still fit this 2-core machine in seconds per step.
+
+Not measured: the evaluation stage (its peak is one model's weights plus one batch's logits;
+no memory estimate exists for it to compare with), bf16 (on a CPU without native bf16 it is
+emulated; the model's bf16 terms are the float32 ones halved), GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.common import print_table, write_result
+
+# A Llama of ~17M parameters (tied embeddings): 4.2M in the embedding, 3.1M per layer.
+CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+MICRO_BATCH, SEQ_LEN, WORKERS = 4, 256, 2
+LAYOUTS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
+SAMPLE_EVERY_S = 0.002
+
+
+@dataclass(frozen=True)
+class Run:
+    parallel: str
+    checkpointing: bool
+    steps: int = 2
+
+
+def save_models(root: Path) -> tuple[Path, Path]:
+    """(teacher, student): random checkpoints of CONFIG, different seeds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dirs = []
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs[0], dirs[1]
+
+
+def predicted(run: Run) -> dict:
+    """The memory model's bytes per rank for this run, by term."""
+    from transformers import LlamaConfig
+
+    from builder.planning.cost_model import training_memory
+    from builder.training.parallel import device_memory
+
+    import torch
+
+    config = LlamaConfig(**CONFIG)
+    memory = training_memory(config, config, MICRO_BATCH, SEQ_LEN, WORKERS, run.parallel,
+                             checkpointing=run.checkpointing, dtype="float32",
+                             device_bytes=device_memory(torch.device("cpu")))
+    return asdict(memory) | {"total": memory.total}
+
+
+class PeakSampler:
+    """The highest RssAnon of this process while it runs (a daemon thread)."""
+
+    def __init__(self):
+        self.baseline, self.peak, self._stop = rss_anon(), 0, threading.Event()
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(SAMPLE_EVERY_S)
+
+
+def rss_anon() -> int:
+    return _status_bytes("RssAnon")
+
+
+def vm_hwm() -> int:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+
+
+def _rank(rank: int, rendezvous: str, models: tuple[str, str], blocks: str, out: str, run: Run) -> None:
+    """One training rank: imports and process group first, then the measured run."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from builder.training.loop import distill
+    from builder.training.settings import TrainSettings
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORKERS)
+    try:
+        torch.set_num_threads(1)
+        data = torch.load(blocks)
+        settings = TrainSettings(tokens=run.steps * MICRO_BATCH * WORKERS * SEQ_LEN, batch_size=MICRO_BATCH,
+                                 warmup_steps=0, checkpoint_every=10_000, activation_checkpointing=run.checkpointing)
+        gc.collect()
+        dist.barrier()
+        hwm_before = vm_hwm()
+        with PeakSampler() as sampler:
+            distill(*models, data, Path(out) / "run", settings, parallel=run.parallel)
+        result = {"rank": rank, "peak_bytes": sampler.peak - sampler.baseline, "baseline_bytes": sampler.baseline,
+                  "hwm_bytes": vm_hwm() - hwm_before}
+        (Path(out) / f"rank-{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(run: Run, work: Path, models: tuple[Path, Path]) -> list[dict]:
+    """Each rank's measured peak (bytes over its baseline), by rank."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out = work / f"{run.parallel}-{int(run.checkpointing)}"
+    out.mkdir(parents=True)
+    blocks = out / "blocks.pt"
+    torch.save(torch.randint(3, CONFIG["vocab_size"], (MICRO_BATCH * WORKERS * run.steps, SEQ_LEN),
+                             generator=torch.Generator().manual_seed(0)), blocks)
+    mp.spawn(_rank, args=(str(out / "rendezvous"), tuple(map(str, models)), str(blocks), str(out), run),
+             nprocs=WORKERS)
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(WORKERS)]
+
+
+def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
+    prediction, ranks = predicted(run), measure(run, work, models)
+    ratios = [rank["peak_bytes"] / prediction["total"] for rank in ranks]
+    return {"parallel": run.parallel, "activation_checkpointing": run.checkpointing, "steps": run.steps,
+            "predicted": prediction, "ranks": ranks, "ratios": ratios,
+            "within_1_5x": all(1 / 1.5 <= ratio <= 1.5 for ratio in ratios)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two steps a run (the peak is reached in the first)")
+    args = parser.parse_args()
+    steps = 2 if args.quick else 4
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = save_models(Path(tmp) / "models")
+        for parallel, checkpointing in LAYOUTS:
+            result = compare(Run(parallel, checkpointing, steps), Path(tmp), models)
+            results.append(result)
+            mib = [r["peak_bytes"] / 2**20 for r in result["ranks"]]
+            rows.append([parallel, "on" if checkpointing else "off", result["predicted"]["total"] / 2**20,
+                         *mib, *result["ratios"]])
+    print_table(["parallel", "act. ckpt", "predicted MiB", "rank 0 MiB", "rank 1 MiB", "ratio 0", "ratio 1"], rows)
+    goal = all(result["within_1_5x"] for result in results)
+    print(f"goal (every ratio within 1.5x): {'met' if goal else 'NOT met'}")
+    path = write_result("memory", {"quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH,
+                                   "seq_len": SEQ_LEN, "workers": WORKERS, "dtype": "float32",
+                                   "measure": "RssAnon peak over its value before the models, sampled every "
+                                              f"{SAMPLE_EVERY_S * 1000:g} ms", "runs": results, "goal_met": goal})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
