@@ -14,7 +14,12 @@ process's anonymous resident memory (RssAnon in /proc/self/status), sampled ever
 thread, minus its value after the imports and the process group and before any model is
 built. Anonymous, not VmHWM (whole RSS): loading reads safetensors files through mmap, and
 those file pages count in RSS while mapped though no GPU would ever hold them; VmHWM minus its
-own baseline is recorded too. The models are tens of MB (~17M parameters, ~270 MB of training
+own baseline is recorded too. The workers run with MALLOC_MMAP_THRESHOLD_=65536: glibc
+otherwise keeps freed heap memory resident, so RSS would show its high-water and
+fragmentation (FSDP's all-gather/free cycles fragment most) rather than live tensors; with
+every allocation of 64 KiB or more its own mapping, a freed tensor leaves RSS at once and
+the sampled peak follows live memory, what the model predicts (torch.cuda.max_memory_allocated
+on a GPU). The models are tens of MB (~17M parameters, ~270 MB of training
 state, ~100 MB of logits a micro-batch) so the interpreter's and gloo's own megabytes do not
 dominate, while two ranks still fit this 2-core machine in seconds per step.
 
@@ -25,12 +30,15 @@ emulated; the model's bf16 terms are the float32 ones halved), GPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from bench.common import print_table, write_result
 
@@ -41,6 +49,7 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidd
 MICRO_BATCH, SEQ_LEN, WORKERS = 4, 256, 2
 LAYOUTS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
 SAMPLE_EVERY_S = 0.002
+MMAP_THRESHOLD = 64 * 1024  # bytes: larger allocations are their own mappings (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -155,9 +164,25 @@ def measure(run: Run, work: Path, models: tuple[Path, Path]) -> list[dict]:
     blocks = out / "blocks.pt"
     torch.save(torch.randint(3, CONFIG["vocab_size"], (MICRO_BATCH * WORKERS * run.steps, SEQ_LEN),
                              generator=torch.Generator().manual_seed(0)), blocks)
-    mp.spawn(_rank, args=(str(out / "rendezvous"), tuple(map(str, models)), str(blocks), str(out), run),
-             nprocs=WORKERS)
+    with _environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):  # read by glibc as each worker starts
+        mp.spawn(_rank, args=(str(out / "rendezvous"), tuple(map(str, models)), str(blocks), str(out), run),
+                 nprocs=WORKERS)
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(WORKERS)]
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """These environment variables for the processes started inside; this one's restored after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
@@ -188,7 +213,8 @@ def main() -> None:
     path = write_result("memory", {"quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH,
                                    "seq_len": SEQ_LEN, "workers": WORKERS, "dtype": "float32",
                                    "measure": "RssAnon peak over its value before the models, sampled every "
-                                              f"{SAMPLE_EVERY_S * 1000:g} ms", "runs": results, "goal_met": goal})
+                                              f"{SAMPLE_EVERY_S * 1000:g} ms, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
+                                   "runs": results, "goal_met": goal})
     print(f"wrote {path}")
 
 
