@@ -1,6 +1,7 @@
 """FSDP2 from the meta device (builder.training.sharded) on two gloo ranks: each rank reads only
 its own rows, the gathered weights are the checkpoint's, a sharded bf16 teacher computes what
-the whole one does, and training from a sharded load matches one process.
+the whole one does, and training from a sharded load matches one process, with the frozen
+teacher replicated and sharded (builder.models.placement's rule, forced here).
 
 Run: .venv/bin/pytest tests/test_sharded_load.py -q
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from builder.models.loading import load_model
 from builder.training.loop import distill
+from builder.training.parallel import is_fsdp
 from builder.training.settings import TrainSettings
 from builder.training.sharded import load_sharded
 from tiny_models import TINY_VOCAB, save_tiny_checkpoint
@@ -68,20 +71,36 @@ def test_each_rank_reads_its_own_rows_and_together_they_hold_the_checkpoint(tmp_
 
 
 def train_on_two_ranks(rank: int, world_size: int, rendezvous: str, teacher: str, student: str, blocks: str,
-                       out: str, dtype: str) -> None:
+                       out: str, dtype: str, shard_teacher: bool = False) -> None:
+    import builder.models.placement as placement
+    import builder.training.loop as loop
+
     settings = TrainSettings(tokens=4 * 2 * 2 * SEQ_LEN, batch_size=2, learning_rate=3e-3, warmup_steps=1,
                              dtype=dtype, activation_checkpointing=True)
+    if shard_teacher:  # any teacher is then over the fraction of this machine's memory it may take whole
+        placement.REPLICATED_TEACHER_FRACTION = 0.0
+    load_teacher = loop._load_teacher
+
+    def recorded(*args):  # which placement the loop chose
+        model = load_teacher(*args)
+        (Path(out).parent / f"teacher-sharded-{rank}").write_text(str(is_fsdp(model)))
+        return model
+
+    loop._load_teacher = recorded
     _in_group(rank, world_size, rendezvous, lambda _: distill(teacher, student, torch.load(blocks), out, settings,
                                                               parallel="fsdp"))
 
 
-def test_fsdp_training_from_a_sharded_load_matches_one_process(tmp_path):
+@pytest.mark.parametrize("shard_teacher", [False, True], ids=["replicated-teacher", "sharded-teacher"])
+def test_fsdp_training_from_a_sharded_load_matches_one_process(tmp_path, shard_teacher):
     teacher = save_tiny_checkpoint(tmp_path / "teacher", seed=0)
     student = save_tiny_checkpoint(tmp_path / "student", seed=1, num_hidden_layers=2)
     blocks = torch.randint(3, TINY_VOCAB, (32, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     torch.save(blocks, tmp_path / "blocks.pt")
     paths = (str(teacher), str(student), str(tmp_path / "blocks.pt"))
-    mp.spawn(train_on_two_ranks, args=(2, str(tmp_path / "r1"), *paths, str(tmp_path / "fsdp"), "float32"), nprocs=2)
+    mp.spawn(train_on_two_ranks, args=(2, str(tmp_path / "r1"), *paths, str(tmp_path / "fsdp"), "float32",
+                                       shard_teacher), nprocs=2)
+    assert {(tmp_path / f"teacher-sharded-{rank}").read_text() for rank in (0, 1)} == {str(shard_teacher)}
     settings = TrainSettings(tokens=4 * 4 * SEQ_LEN, batch_size=4, learning_rate=3e-3, warmup_steps=1)
     torch.set_num_threads(1)
     distill(teacher, student, blocks, tmp_path / "one", settings)
