@@ -56,6 +56,7 @@ class FamilyEstimate:
     costs: dict = field(default_factory=dict)  # the Costs the wall times assume
     fit: Fit | None = None  # flags with which every training stage fits (fitting_flags)
     has_training: bool = False  # any stage that trains (a memory estimate)
+    activation_checkpointing: bool = False  # --activation-checkpointing: in every memory total
 
     @property
     def gpu_hours(self) -> float:
@@ -105,7 +106,8 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
                      "size is known only once tokenized; data.max_tokens bounds it)")
     return FamilyEstimate(accelerator.name, accelerator.bf16_tflops, accelerator.memory_gib, options.mfu,
                           options.train_workers, options.parallel, stages, notes, asdict(costs),
-                          fitting_flags(training, options, accelerator) if training else None, bool(training))
+                          fitting_flags(training, options, accelerator) if training else None, bool(training),
+                          options.activation_checkpointing)
 
 
 def _task_notes(plan: Plan) -> list[str]:
@@ -277,7 +279,8 @@ def render_estimate(estimate: FamilyEstimate) -> list[str]:
     lines = [f"Estimate on {estimate.accelerator} at {estimate.mfu:.0%} MFU, {estimate.train_workers} training "
              f"GPU(s) per training stage ({estimate.parallel}):"]
     header = ["stage", "tokens", "FLOPs", "GPUs", "GPU-hours", "wall", "of which start + I/O",
-              "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
+              "memory per GPU (ddp+ckpt / fsdp+ckpt / fsdp+ckpt)" if estimate.activation_checkpointing
+              else "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
     lines += _table(header, [_row(stage) for stage in estimate.stages if stage.wall_hours])
     lines += [f"  family: {estimate.gpu_hours:,.1f} GPU-hours, at most {_hours(estimate.serial_wall_hours)} of "
               "wall time"]
