@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.gpu            # on a machine with CUDA torch (and vllm for step 3)
     .venv/bin/python -m bench.gpu --quick    # the same, smaller budgets (for a short device lease)
 
-Three steps, each a subprocess with its own time limit, so one failure still leaves the
+Four steps, each a subprocess with its own time limit, so one failure still leaves the
 others' results; everything goes to bench/results/gpu.json (exit code 0 only if all passed):
 
 1. rehearsal: `build-family families/qwen3-family.yaml --rehearse --gpus-per-stage 1` with the
@@ -14,7 +14,10 @@ others' results; everything goes to bench/results/gpu.json (exit code 0 only if 
    on CUDA (`summary.placement`, builder/running/placement.py): a stage on the CPU is a failure;
 2. distillation speed: `python -m bench.distill --quick --device cuda` (bf16, MFU against the
    measured bf16 matmul peak), written to bench/results/distill-cuda.json;
-3. vLLM throughput of the embedded SmolLM2-135M teacher on the GPU (bfloat16, 64 prompts).
+3. vLLM throughput of the embedded SmolLM2-135M teacher on the GPU (bfloat16, 64 prompts);
+4. the memory model: `python -m bench.memory --quick --device cuda` (per-rank peak of a bf16
+   distillation against builder.planning.cost_model.training_memory; DDP and FSDP2 with
+   activation checkpointing off and on when two GPUs are visible), bench/results/memory-cuda.json.
 
 Without CUDA it stops at once and says so (exit code 2). Not run yet: no GPU was lent while
 it was written, so every CUDA path it exercises is unverified until it is.
@@ -128,6 +131,8 @@ def main() -> int:
         shutil.move(RESULTS / "distill.json", RESULTS / "distill-cuda.json")
         subprocess.run(["git", "checkout", "--", "bench/results/distill.json"], cwd=ROOT, check=False)
     steps["throughput"] = throughput_step(scratch, 90 if args.quick else 120, args.quick)
+    steps["memory"] = run_step("memory", [sys.executable, "-m", "bench.memory", "--quick", "--device", "cuda"],
+                               120 if args.quick else 180, scratch)
     ok = all(step["ok"] for step in steps.values())
     path = write_result("gpu", {"gpus": gpus, "quick": args.quick, "all_ok": ok, "steps": steps,
                                 "host": machine()})

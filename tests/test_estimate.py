@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import namedtuple
-from dataclasses import astuple, replace
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,8 @@ from builder import family
 from builder.models.teacher import config_from_json
 from builder.models.arch import count_params, student_config
 from builder.cli import main
-from builder.planning.cost_model import ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, forward_flops_per_token, lm_eval_tokens, training_disk, training_memory
+from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, forward_flops_per_token,
+                                         lm_eval_tokens, memory_of, training_disk, training_memory)
 from builder.planning.estimate import estimate_plan, fit_advice, render_estimate
 from builder.options.run_options import RunOptions
 from builder.spec.shape import Shape
@@ -54,8 +55,47 @@ def test_training_memory_terms():
         LLAMA, LLAMA, micro_batch=2, seq_len=1024, workers=8, parallel="ddp").logits
 
 
-def memory_of(trained, frozen, seq_len):
-    return lambda b, workers, parallel: training_memory(trained, frozen, b, seq_len, workers, parallel)
+def test_activation_checkpointing_keeps_each_layers_input_and_recomputes_one_layer():
+    shape = Shape.of(LLAMA)
+    off = training_memory(LLAMA, None, micro_batch=1, seq_len=8192, workers=8, parallel="fsdp")
+    on = training_memory(LLAMA, None, micro_batch=1, seq_len=8192, workers=8, parallel="fsdp", checkpointing=True)
+    per_layer = off.activations / shape.num_hidden_layers
+    # FSDP computes in bf16 parameters, so the residual stream each layer keeps is bf16
+    assert on.activations_checkpointed == shape.num_hidden_layers * 2 * shape.hidden_size * 8192 + per_layer
+    assert on.total == off.total - off.activations + on.activations_checkpointed == off.total_checkpointed
+    assert on.total < off.total / 2
+
+
+def test_parallelism_adds_ddps_buckets_or_fsdps_gathered_groups():
+    ddp = training_memory(LLAMA, None, micro_batch=1, seq_len=1024, workers=8, parallel="ddp")
+    fsdp = training_memory(LLAMA, None, micro_batch=1, seq_len=1024, workers=8, parallel="fsdp")
+    alone = training_memory(LLAMA, None, micro_batch=1, seq_len=1024, workers=1, parallel="ddp")
+    assert ddp.communication == 4 * count_params(LLAMA) and alone.communication == 0
+    embeddings = 2 * LLAMA.vocab_size * Shape.of(LLAMA).hidden_size  # untied: embed_tokens and lm_head
+    assert 2 * 2 * embeddings < fsdp.communication < 2 * 2 * (embeddings + count_params(LLAMA) / 8)
+
+
+def test_the_teacher_is_sharded_only_under_fsdp_when_it_takes_over_a_quarter_of_a_device():
+    from builder.models.teacher_sharding import REPLICATED_TEACHER_FRACTION, teacher_is_sharded
+
+    teacher = 2 * count_params(LLAMA)  # 16 GB in bf16: 20% of an H100
+    h100, l40s = ACCELERATORS["h100"].memory_gib * GIB, ACCELERATORS["l40s"].memory_gib * GIB
+    assert teacher < REPLICATED_TEACHER_FRACTION * h100 and teacher > REPLICATED_TEACHER_FRACTION * l40s
+    assert not teacher_is_sharded(teacher, h100, "fsdp", 8)
+    assert teacher_is_sharded(teacher, l40s, "fsdp", 8) and not teacher_is_sharded(teacher, l40s, "ddp", 8)
+    assert not teacher_is_sharded(teacher, l40s, "fsdp", 1)
+    student = student_config(LLAMA, Shape.of(LLAMA).replace(hidden_size=3072, intermediate_size=9216))
+    sharded = training_memory(student, LLAMA, 1, 1024, 8, "fsdp", device_bytes=l40s)
+    replicated = training_memory(student, LLAMA, 1, 1024, 8, "fsdp", device_bytes=h100)
+    assert sharded.teacher_sharded and not replicated.teacher_sharded
+    assert replicated.teacher == teacher and teacher / 8 < sharded.teacher < teacher / 2
+
+
+def test_float32_training_counts_float32_activations_and_logits():
+    bf16 = training_memory(LLAMA, LLAMA, micro_batch=1, seq_len=1024, workers=1, parallel="ddp")
+    fp32 = training_memory(LLAMA, LLAMA, micro_batch=1, seq_len=1024, workers=1, parallel="ddp", dtype="float32")
+    assert fp32.teacher == 2 * bf16.teacher and fp32.logits == 12 / 8 * bf16.logits
+    assert bf16.activations < fp32.activations < 2 * bf16.activations  # the fp32 residual is fp32 in both
 
 
 def test_advice_names_the_change_that_fits():
@@ -64,14 +104,19 @@ def test_advice_names_the_change_that_fits():
     # 8B trained with DDP: 16 bytes x 8B of state alone exceed 80 GB; FSDP over 8 with micro-batch 1 fits.
     advice = fit_advice(memory_of(LLAMA, None, 8192), 4, options, h100)
     assert advice.startswith("does not fit on 80 GB") and "--parallel fsdp with micro_batch_size 1" in advice
+    assert advice.endswith(", or --parallel fsdp --activation-checkpointing")  # at the same micro-batch
+    assert fit_advice(memory_of(LLAMA, None, 8192), 4, options.model_copy(update={
+        "parallel": "fsdp", "activation_checkpointing": True}), h100).startswith("fits on 80 GB")
     assert "--parallel" not in fit_advice(memory_of(LLAMA, None, 8192), 4, RunOptions(train_workers=8,
                                           parallel="fsdp"), h100).split("try")[1]
     tiny = student_config(LLAMA, Shape.of(LLAMA).replace(num_hidden_layers=2, intermediate_size=1024))
     assert fit_advice(memory_of(tiny, None, 512), 1, options, h100).startswith("fits on 80 GB")
-    # The 141 GB H200 holds what the 80 GB H100 does not (at the same settings).
-    ddp_total = memory_of(LLAMA, None, 512)(1, 8, "ddp").total
+    # The 141 GB H200 holds what the 80 GB H100 does not (at the same settings: one GPU, no
+    # DDP buckets).
+    alone = RunOptions(train_workers=1, gpu="h100")
+    ddp_total = memory_of(LLAMA, None, 512)(1, 1, "ddp").total
     assert 80 * 0.9 * GIB < ddp_total < 141 * 0.9 * GIB
-    assert fit_advice(memory_of(LLAMA, None, 512), 1, options, ACCELERATORS["h200"]).startswith("fits")
+    assert fit_advice(memory_of(LLAMA, None, 512), 1, alone, ACCELERATORS["h200"]).startswith("fits")
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,9 @@ def test_every_family_has_a_teacher_config_for_offline_validation():
     assert sorted(p.name for p in family_files()) == sorted(TEACHER_CONFIGS)
 
 
-def dry_run(family: str, workdir: Path, capsys) -> tuple[int, str, str]:
+def dry_run(family: str, workdir: Path, capsys, *flags: str) -> tuple[int, str, str]:
     code = main([str(FAMILIES / family), "--dry-run", "--workdir", str(workdir),
-                 "--teacher-config", str(CONFIGS / TEACHER_CONFIGS[family])])
+                 "--teacher-config", str(CONFIGS / TEACHER_CONFIGS[family]), *flags])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -82,6 +82,30 @@ def test_family_validates_against_its_teacher_and_matches_published_sizes(
         assert table[name] == pytest.approx(published, rel=0.015), name
     assert all(table[name] < table["teacher"] for name in table if name != "teacher")
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+FITS = re.compile(r"^  fits on 80 GB: (--train-workers .+?) \(every training stage", re.MULTILINE)
+TRAINING_ADVICE = re.compile(r"^  (?:correct|distill)-\S+: (.*)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("family", sorted(TEACHER_CONFIGS))
+def test_the_dry_run_prints_flags_with_which_every_training_stage_fits_on_an_h100(
+        family, tmp_path, capsys, monkeypatch, fast_lm_eval_index):  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = dry_run(family, tmp_path / "runs", capsys, "--gpu", "h100")
+    assert code == 0, err
+    flags = FITS.search(out)
+    assert flags, out
+    # Planned again with those flags, the memory model says each training stage fits.
+    code, out, err = dry_run(family, tmp_path / "runs", capsys, "--gpu", "h100", *flags.group(1).split())
+    advice = TRAINING_ADVICE.findall(out)
+    assert code == 0 and advice and all(line.startswith("fits on 80 GB") for line in advice), out
+    header = " ".join(line.lstrip("#").rstrip("\\") for line in (FAMILIES / family).read_text().splitlines()
+                      if line.startswith("#"))
+    if "--address" in header:  # the family's own cluster command is that combination
+        assert f"--gpus-per-stage 1 {flags.group(1)}" in " ".join(header.split())
+    if family == "llama-3.1-8b-minitron.yaml":  # and so is the README's
+        assert f"--gpus-per-stage 1 {flags.group(1)}" in " ".join((ROOT / "README.md").read_text().split())
 
 
 def test_the_committed_schema_is_current(capsys):

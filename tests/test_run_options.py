@@ -33,6 +33,7 @@ OTHER_VALUES = {
     "gpus_per_stage": (["--gpus-per-stage", "2"], 2.0),
     "train_workers": (["--train-workers", "4"], 4),
     "parallel": (["--parallel", "fsdp"], "fsdp"),
+    "activation_checkpointing": (["--activation-checkpointing"], True),
     "local_cpus": (["--local-cpus", "2"], 2),
     "connect_timeout_s": (["--connect-timeout", "5"], 5.0),
 }

@@ -102,6 +102,30 @@ def test_train_workers_change_neither_the_plan_nor_the_steps(tmp_path):
     assert (shared.batch_size, shared.grad_accum) == (3, 2)  # 6 per worker: 3 x 2, never a short step
 
 
+def test_activation_checkpointing_changes_no_hash_and_reaches_the_loop(tmp_path, monkeypatch):
+    """--activation-checkpointing is execution only: recomputing a layer gives the same
+    gradients (tests/test_distill.py trains the same model with it), so every stage is reused."""
+    import builder.training.ray_train
+    from builder.training.settings import TrainResult
+    from builder.stages.distill import run as distill_stage
+    from builder.store.stage_store import Manifest
+
+    path = write_spec(tmp_path, {**SPEC, "correction": {"tokens": "8K", "global_batch_size": 12}})
+    off, on = (load_and_plan(path, options(tmp_path, precision="float32", activation_checkpointing=flag))
+               for flag in (False, True))
+    assert digests(off) == digests(on)
+    calls = []
+    monkeypatch.setattr(builder.training.ray_train, "run_on_ray_train", lambda *args, **how: calls.append(args[5])
+                        or TrainResult(1, 1, 1.0, 1.0, 1.0, 0, str(tmp_path / "model")))
+    stage = next(s for s in on.stages.values() if s.name == "distill")
+    inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),
+                                                         "signal": str(tmp_path)})
+              for role in stage.inputs}
+    for flag in (False, True):
+        distill_stage(StageContext(stage, on.spec, RunOptions(activation_checkpointing=flag), tmp_path, inputs))
+    assert [settings.activation_checkpointing for settings in calls] == [False, True]
+
+
 def test_each_step_reads_the_same_sequences_on_any_number_of_workers():
     blocks = torch.arange(40).unsqueeze(1)  # block i holds the token i: rows name themselves
     section = DistillSpec(tokens=1, global_batch_size=12, micro_batch_size=4)

@@ -86,6 +86,12 @@ class RunOptions(BaseModel):
     parallel: Parallel = Field(
         "ddp", description="how training workers share the models: ddp (a full replica each) or fsdp (FSDP2 "
         "shards parameters, gradients and optimizer state across workers, for models that do not fit one device)")
+    # Execution only, like the worker count: recomputing a layer's forward in the backward
+    # gives the same gradients (tests/test_distill.py), so it is not in any stage's hash.
+    activation_checkpointing: bool = Field(
+        False, description="training keeps only each decoder layer's input and recomputes the layer in the "
+        "backward pass: activations take about 1/10 of the memory for about 1/3 more compute (the estimate "
+        "counts it; --dry-run says which flags fit); not in the stage hash")
     local_cpus: int = Field(0, description="CPUs of the local Ray instance started without --address; 0: every "
                             "CPU of this machine")
 

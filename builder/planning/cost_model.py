@@ -21,19 +21,23 @@ constant is in `Costs` with its source and is printed with the estimate; the MFU
 and the disk bandwidth (`--disk-gbps`) are overridable. GPU-hours count the whole wall time
 of every GPU a stage holds.
 
-Memory per GPU of a training stage, for DDP and for FSDP (student state sharded, frozen
-teacher replicated, as builder.training does): fp32 master weights, fp32 gradients and AdamW's
-two fp32 moments (16 bytes per trained parameter), the frozen teacher in the training dtype,
-activations of one micro-batch (bf16, the tensors autograd keeps per layer, counted below)
-and the logits (student in bf16, its fp32 gradient buffer, the teacher's in bf16: builder.training
-materialises full logits and chunks only the loss). Activation checkpointing (keeping only each
-layer's input) is shown for comparison: minizoo does not implement it yet.
+Memory per GPU of a training stage, for DDP and for FSDP, as builder.training runs them
+(student state sharded by FSDP, the frozen teacher replicated or sharded by
+builder.models.teacher_sharding's rule): fp32 master weights, fp32 gradients and AdamW's two fp32
+moments (16 bytes per trained parameter), the frozen teacher in the training dtype,
+activations of one micro-batch (the tensors autograd keeps per layer, counted below; with
+activation checkpointing, `--activation-checkpointing`, only each layer's input plus one
+layer recomputed), the logits (student in the compute dtype, its fp32 gradient buffer, the
+teacher's: builder.training materialises full logits and chunks only the loss) and what the
+parallelism adds (DDP's gradient buckets, FSDP's all-gathered groups). bench/memory.py
+checks it against measured peaks on a CPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from builder.models.arch import count_params
+from builder.models.teacher_sharding import teacher_is_sharded
 from builder.options.run_options import RunOptions
 from builder.spec.shape import Shape
 
@@ -75,19 +79,22 @@ def kd_flops_per_token(teacher_config, student_config, seq_len: int) -> dict:
     return {"teacher_forward": teacher, "student_forward": student, "total": teacher + 3 * student}
 
 
-def activation_bytes_per_token_layer(config) -> int:
-    """bf16 tensors autograd keeps per token in one decoder layer: the two norms' inputs (fp32
-    residual), the normed inputs of attention and MLP, q/k/v, the attention output, and the
-    MLP's gate, up and gated product (SDPA/flash attention keeps no seq x seq scores)."""
+def activation_bytes_per_token_layer(config, compute_bytes: int = 2, residual_bytes: int = 4) -> int:
+    """Bytes autograd keeps per token in one decoder layer: the two norms' inputs and their fp32
+    normalisation (the residual stream: fp32 under autocast over fp32 weights, bf16 when FSDP
+    computes in bf16 parameters), and in the compute dtype the normed inputs of attention and
+    MLP, q/k/v, the attention output, and the MLP's gate, up and gated product (SDPA/flash
+    attention keeps no seq x seq scores)."""
     shape = Shape.of(config)
     q_width, kv_width = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
-    bf16 = 2 * (2 * shape.hidden_size + q_width + 2 * kv_width + q_width + 3 * shape.intermediate_size)
-    return bf16 + 2 * 4 * shape.hidden_size
+    compute = compute_bytes * (2 * shape.hidden_size + q_width + 2 * kv_width + q_width + 3 * shape.intermediate_size)
+    return compute + 2 * residual_bytes * shape.hidden_size
 
 
 @dataclass(frozen=True)
 class TrainingMemory:
-    """Bytes per GPU of one training stage under one parallelism."""
+    """Bytes per device of one training stage under one parallelism (`total`: with activation
+    checkpointing when `checkpointing`; `total_checkpointed`: with it, whatever the setting)."""
 
     parallel: str
     weights: float
@@ -97,31 +104,82 @@ class TrainingMemory:
     activations: float
     activations_checkpointed: float
     logits: float
+    communication: float = 0.0  # DDP's gradient buckets, or FSDP's unsharded (all-gathered) groups
+    checkpointing: bool = False
+    teacher_sharded: bool = False
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.teacher + self.activations + self.logits
+        kept = self.activations_checkpointed if self.checkpointing else self.activations
+        return self.weights + self.gradients + self.optimizer + self.teacher + self.communication + kept + self.logits
 
     @property
     def total_checkpointed(self) -> float:
-        return self.total - self.activations + self.activations_checkpointed
+        return replace(self, checkpointing=True).total
 
 
 def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: int, workers: int,
-                    parallel: str) -> TrainingMemory:
-    """`frozen_config` None: teacher correction (the teacher itself trains, no frozen model)."""
-    trained = count_params(trained_config)
-    shard = workers if parallel == "fsdp" else 1
+                    parallel: str, *, checkpointing: bool = False, dtype: str = "bfloat16",
+                    device_bytes: float | None = None) -> TrainingMemory:
+    """`frozen_config` None: teacher correction (the teacher itself trains, no frozen model).
+    `dtype`: the training precision (bf16: autocast, and FSDP's bf16 parameter policy);
+    `device_bytes`: one device's memory, for the teacher's placement rule
+    (builder.models.teacher_sharding; None: replicated)."""
+    trained, compute = count_params(trained_config), DTYPE_BYTES[dtype]
+    sharded = parallel == "fsdp" and workers > 1
+    shard = workers if sharded else 1
     tokens = micro_batch * seq_len
-    layers = Shape.of(trained_config).num_hidden_layers
-    per_layer = activation_bytes_per_token_layer(trained_config) * tokens
-    logits_per_token = (2 + 4 + (2 if frozen_config is not None else 0)) * trained_config.vocab_size
+    shape = Shape.of(trained_config)
+    # builder.training.parallel: FSDP casts parameters to bf16, so the residual stream is bf16
+    # too; DDP keeps fp32 weights, so autocast's residual additions stay fp32.
+    residual = compute if sharded else 4
+    per_layer = activation_bytes_per_token_layer(trained_config, compute, residual) * tokens
+    logits_per_token = (compute + 4 + (compute if frozen_config is not None else 0)) * trained_config.vocab_size
+    teacher, teacher_sharded = _teacher_bytes(frozen_config, dtype, workers, parallel, device_bytes)
     return TrainingMemory(
         parallel=parallel, weights=4 * trained / shard, gradients=4 * trained / shard, optimizer=8 * trained / shard,
-        teacher=2 * count_params(frozen_config) if frozen_config is not None else 0.0,
-        activations=layers * per_layer,
-        activations_checkpointed=layers * 2 * Shape.of(trained_config).hidden_size * tokens + per_layer,
-        logits=logits_per_token * tokens)
+        teacher=teacher, activations=shape.num_hidden_layers * per_layer,
+        # checkpointing keeps each layer's input (the residual stream) and recomputes one layer
+        activations_checkpointed=shape.num_hidden_layers * residual * shape.hidden_size * tokens + per_layer,
+        logits=logits_per_token * tokens,
+        communication=_communication_bytes(trained_config, workers, parallel, compute),
+        checkpointing=checkpointing, teacher_sharded=teacher_sharded)
+
+
+def _teacher_bytes(frozen_config, dtype: str, workers: int, parallel: str,
+                   device_bytes: float | None) -> tuple[float, bool]:
+    if frozen_config is None:
+        return 0.0, False
+    whole = DTYPE_BYTES[dtype] * count_params(frozen_config)
+    if device_bytes is not None and teacher_is_sharded(whole, device_bytes, parallel, workers):
+        return whole / workers + _gathered_groups(frozen_config, DTYPE_BYTES[dtype]), True
+    return whole, False
+
+
+def _communication_bytes(trained_config, workers: int, parallel: str, compute_bytes: int) -> float:
+    """DDP copies every gradient into its all-reduce buckets (gradient_as_bucket_view is off):
+    4 more bytes per parameter. FSDP2 holds unsharded, in the compute dtype: the root group
+    (embeddings, final norm, LM head: not resharded between forward and backward) and the
+    layer being computed plus the one prefetched, and the gradients of the same before they
+    are reduce-scattered. One process (no process group) wraps nothing."""
+    if workers == 1:
+        return 0.0
+    if parallel == "ddp":
+        return 4.0 * count_params(trained_config)
+    return 2 * _gathered_groups(trained_config, compute_bytes)
+
+
+def _gathered_groups(config, compute_bytes: int) -> float:
+    layers = Shape.of(config).num_hidden_layers
+    per_layer = (count_params(config) - _root_params(config)) / layers
+    return compute_bytes * (_root_params(config) + 2 * per_layer)
+
+
+def _root_params(config) -> int:
+    """Embeddings (and an untied LM head) and the final norm: FSDP's root group."""
+    hidden = Shape.of(config).hidden_size
+    heads = 1 if getattr(config, "tie_word_embeddings", False) else 2
+    return heads * config.vocab_size * hidden + hidden
 
 
 @dataclass(frozen=True)
@@ -253,7 +311,7 @@ class Work:
     write_bytes: float = 0.0  # in all
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
-    memory_of: object = None  # (micro_batch, workers, parallel) -> TrainingMemory, for training stages
+    memory_of: object = None  # (micro_batch, workers, parallel, **how) -> TrainingMemory, for training stages
     disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 
@@ -342,5 +400,6 @@ def signal_bytes(tokens: int, config: dict, vocab_size: int) -> float:
 
 
 def memory_of(trained, frozen, seq_len: int):
-    return lambda micro_batch, workers, parallel: training_memory(trained, frozen, micro_batch, seq_len, workers,
-                                                                  parallel)
+    """(micro_batch, workers, parallel, **training_memory's keywords) -> TrainingMemory."""
+    return lambda micro_batch, workers, parallel, **how: training_memory(trained, frozen, micro_batch, seq_len,
+                                                                         workers, parallel, **how)

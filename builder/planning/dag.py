@@ -107,9 +107,12 @@ def training_options(precision: Precision) -> dict:
     """The run options a training stage's numerics depend on, hashed with it (and with the
     teach and evaluate stages, which hold their model in the training precision). Not the worker
     count or `--parallel`: DDP and FSDP2 compute the same gradients (averaged over the same
-    global batch; FSDP2 only shards them, with no mixed-precision policy) and differ from one
-    process only in float summation order (tests/test_ray_train.py), which in bfloat16 is
-    visible: builder.training.layouts says why that stays out of the hash and is reported."""
+    global batch) and in float32 differ from one process only in float summation order
+    (tests/test_ray_train.py). In bfloat16 the layout is visible: summation order, and FSDP2's
+    mixed-precision policy computes from bf16 copies of the weights with a bf16 residual
+    stream where DDP's autocast keeps fp32 weights and residual (builder.training.sharded);
+    builder.training.layouts says why that stays out of the hash and is reported. Nor
+    `--activation-checkpointing`: recomputing a layer gives the same gradients."""
     return {"precision": precision.dtype}
 
 

@@ -54,6 +54,9 @@ class FamilyEstimate:
     stages: list[StageEstimate]
     notes: list[str]
     costs: dict = field(default_factory=dict)  # the Costs the wall times assume
+    fit: Fit | None = None  # flags with which every training stage fits (fitting_flags)
+    has_training: bool = False  # any stage that trains (a memory estimate)
+    activation_checkpointing: bool = False  # --activation-checkpointing: in every memory total
 
     @property
     def gpu_hours(self) -> float:
@@ -89,7 +92,8 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
     accelerator = accelerator or ACCELERATORS[options.gpu]
     costs = (costs or COSTS).with_options(options)
     models = _model_configs(plan, teacher_config)
-    stages = [_stage_estimate(plan, stage_id, models, teacher_config, options, accelerator, costs)
+    training: list[tuple[object, object]] = []  # (stage, its memory_of): what fitting_flags checks
+    stages = [_stage_estimate(plan, stage_id, models, teacher_config, options, accelerator, costs, training)
               for stage_id in plan.stages]
     notes = [f"MFU {options.mfu:.0%} of the {accelerator.name}'s {accelerator.bf16_tflops:g} TFLOP/s bf16 peak "
              "(assumed; --mfu overrides)", *costs.notes(), *_task_notes(plan),
@@ -101,13 +105,15 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
         notes.append("disk: acquire-data's token blocks are not counted (2 or 4 bytes per token of the corpus, whose "
                      "size is known only once tokenized; data.max_tokens bounds it)")
     return FamilyEstimate(accelerator.name, accelerator.bf16_tflops, accelerator.memory_gib, options.mfu,
-                          options.train_workers, options.parallel, stages, notes, asdict(costs))
+                          options.train_workers, options.parallel, stages, notes, asdict(costs),
+                          fitting_flags(training, options, accelerator) if training else None, bool(training),
+                          options.activation_checkpointing)
 
 
 def _task_notes(plan: Plan) -> list[str]:
     names = [task.name for task in plan.spec.evaluation.tasks]
     unknown = [name for name in names if name not in LM_EVAL_TASKS]
-    notes = [f"lm-eval tokens: documents x requests x tokens per task (builder.planning.cost_model.LM_EVAL_TASKS); "
+    notes = ["lm-eval tokens: documents x requests x tokens per task (builder.planning.cost_model.LM_EVAL_TASKS); "
              "generated tokens (gsm8k) are counted at the same MFU, which decoding does not reach"] if names else []
     if unknown:
         notes.append(f"{', '.join(unknown)}: not in the task table, estimated as {UNKNOWN_TASK.docs} documents of "
@@ -127,7 +133,7 @@ def _model_configs(plan: Plan, teacher_config) -> dict[str, object]:
 
 
 def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, options: RunOptions,
-                    accelerator: Accelerator, costs: Costs) -> StageEstimate:
+                    accelerator: Accelerator, costs: Costs, training: list) -> StageEstimate:
     stage = plan.stages[stage_id]
     producers = {role: plan.stages[stage_id].name for role, stage_id in stage.inputs.items()}
     inputs = StageInputs(stage.key.label, producers, models, teacher_config)
@@ -143,6 +149,7 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
                              work.checkpoints, disk_peak=work.disk.peak, disk_kept=work.disk.kept)
     if work.memory_of is not None and work.tokens:
         _add_memory(estimate, work.memory_of, _micro_batch(stage, options), options, accelerator)
+        training.append((stage, work.memory_of))
     return estimate
 
 
@@ -165,38 +172,103 @@ def _add_memory(estimate: StageEstimate, memory_of, micro_batch: int, options: R
                 accelerator: Accelerator) -> None:
     budget = accelerator.memory_gib * GIB * MEMORY_HEADROOM
     for parallel in ("ddp", "fsdp"):
-        memory = memory_of(micro_batch, options.train_workers, parallel)
+        memory = _memory(memory_of, micro_batch, options.train_workers, parallel, options.activation_checkpointing,
+                         accelerator)
         estimate.memory[parallel] = asdict(memory) | {"total": memory.total, "total_checkpointed":
                                                       memory.total_checkpointed, "fits": memory.total <= budget}
     estimate.micro_batch = micro_batch
     estimate.advice = fit_advice(memory_of, micro_batch, options, accelerator)
 
 
+def _memory(memory_of, micro_batch: int, workers: int, parallel: str, checkpointing: bool,
+            accelerator: Accelerator):
+    """A training stage's memory per GPU on `accelerator`: bf16, as it trains on GPUs."""
+    return memory_of(micro_batch, workers, parallel, checkpointing=checkpointing, dtype="bfloat16",
+                     device_bytes=accelerator.memory_gib * GIB)
+
+
 def fit_advice(memory_of, micro_batch: int, options: RunOptions, accelerator: Accelerator) -> str:
-    """'fits on 80 GB ...' or 'does not fit on 80 GB ...; try --parallel fsdp with micro_batch_size 1 ...':
-    the first change that fits, per parallelism (the chosen one first), largest micro-batch first."""
+    """'fits on 80 GB ...' or 'does not fit on 80 GB ...; try --parallel fsdp --activation-checkpointing ...':
+    per parallelism and checkpointing (the chosen ones first), the largest micro-batch that fits."""
     budget = accelerator.memory_gib * GIB * MEMORY_HEADROOM
-    chosen = memory_of(micro_batch, options.train_workers, options.parallel)
-    where = f"{accelerator.memory_gib:g} GB ({_gib(chosen.total)} per GPU with {options.parallel})"
+    workers, chosen_ckpt = options.train_workers, options.activation_checkpointing
+    chosen = _memory(memory_of, micro_batch, workers, options.parallel, chosen_ckpt, accelerator)
+    how = options.parallel + (", activation checkpointing" if chosen_ckpt else "")
+    where = f"{accelerator.memory_gib:g} GB ({_gib(chosen.total)} per GPU with {how})"
     if chosen.total <= budget:
         return f"fits on {where}"
     tries = []
     for parallel in dict.fromkeys([options.parallel, "fsdp"]):
-        fitting = [b for b in range(micro_batch, 0, -1)
-                   if memory_of(b, options.train_workers, parallel).total <= budget]
-        if fitting:
-            tries.append(_change(parallel, fitting[0], options.parallel, micro_batch))
+        for checkpointing in dict.fromkeys([chosen_ckpt, True]):
+            fitting = [b for b in range(micro_batch, 0, -1)
+                       if _memory(memory_of, b, workers, parallel, checkpointing, accelerator).total <= budget]
+            if fitting:
+                tries.append(_change(parallel, checkpointing, fitting[0], options, micro_batch))
     if not tries:
-        tries.append("more --train-workers with --parallel fsdp, a GPU with more memory, or activation "
-                     f"checkpointing (not in minizoo yet: {_gib(chosen.total_checkpointed)})")
+        tries.append("more --train-workers with --parallel fsdp --activation-checkpointing, or a GPU with more memory")
     return f"does not fit on {where}; try " + ", or ".join(tries)
 
 
-def _change(parallel: str, batch: int, chosen_parallel: str, chosen_batch: int) -> str:
-    parts = [f"--parallel {parallel}"] if parallel != chosen_parallel else []
+def _change(parallel: str, checkpointing: bool, batch: int, options: RunOptions, chosen_batch: int) -> str:
+    parts = [f"--parallel {parallel}"] if parallel != options.parallel else []
+    if checkpointing and not options.activation_checkpointing:
+        parts.append("--activation-checkpointing")
+    flags = " ".join(parts)
     if batch != chosen_batch:
-        parts.append(f"micro_batch_size {batch} (accumulation keeps the global batch)")
-    return " with ".join(parts)
+        flags = " with ".join(filter(None, [flags, f"micro_batch_size {batch} (accumulation keeps the global batch)"]))
+    return flags
+
+
+# What --dry-run tries, in order, for a flag combination that fits every training stage: the
+# fewest workers first (GPU-hours follow the compute, but a smaller group wastes less on
+# start-up and communication), then DDP before FSDP (no all-gathers) and no checkpointing
+# before checkpointing (which recomputes each layer's forward, about a third more compute).
+WORKER_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+LAYOUTS = (("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True))
+
+
+@dataclass
+class Fit:
+    """A flag combination with which every training stage fits on the accelerator."""
+
+    train_workers: int
+    parallel: str
+    activation_checkpointing: bool
+    peak: float  # the largest stage's bytes per GPU
+
+    @property
+    def flags(self) -> str:
+        return (f"--train-workers {self.train_workers} --parallel {self.parallel}"
+                + " --activation-checkpointing" * self.activation_checkpointing)
+
+
+def fitting_flags(training: list[tuple[object, object]], options: RunOptions, accelerator: Accelerator) -> Fit | None:
+    """The first (WORKER_COUNTS x LAYOUTS) combination, from --train-workers up, with which every
+    training stage (stage, its memory_of) fits, at the micro-batch the spec gives it with that
+    many workers; None when none does."""
+    budget = accelerator.memory_gib * GIB * MEMORY_HEADROOM
+    for workers in [w for w in WORKER_COUNTS if w >= options.train_workers]:
+        if any(stage.key.config["global_batch_size"] % workers for stage, _ in training):
+            continue  # the workers must divide every global batch (builder.spec.batching)
+        layout = options.model_copy(update={"train_workers": workers})
+        for parallel, checkpointing in LAYOUTS:
+            peak = max(_memory(memory_of, _micro_batch(stage, layout), workers, parallel, checkpointing,
+                               accelerator).total for stage, memory_of in training)
+            if peak <= budget:
+                return Fit(workers, parallel, checkpointing, peak)
+    return None
+
+
+def render_fit(estimate: "FamilyEstimate") -> list[str]:
+    fit, budget = estimate.fit, estimate.memory_gib * GIB * MEMORY_HEADROOM
+    if not estimate.has_training:
+        return []
+    if fit is None:
+        return [f"  fits on {estimate.memory_gib:g} GB: no combination of up to {WORKER_COUNTS[-1]} workers, "
+                "--parallel and --activation-checkpointing; lower micro_batch_size in the spec or use a GPU with "
+                "more memory"]
+    return [f"  fits on {estimate.memory_gib:g} GB: {fit.flags} (every training stage at most {_gib(fit.peak)} "
+            f"per GPU of the {_gib(budget)} the estimate allows; micro-batches as the spec splits them)"]
 
 
 def _gib(count: float) -> str:
@@ -207,11 +279,13 @@ def render_estimate(estimate: FamilyEstimate) -> list[str]:
     lines = [f"Estimate on {estimate.accelerator} at {estimate.mfu:.0%} MFU, {estimate.train_workers} training "
              f"GPU(s) per training stage ({estimate.parallel}):"]
     header = ["stage", "tokens", "FLOPs", "GPUs", "GPU-hours", "wall", "of which start + I/O",
-              "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
+              "memory per GPU (ddp+ckpt / fsdp+ckpt / fsdp+ckpt)" if estimate.activation_checkpointing
+              else "memory per GPU (ddp / fsdp / fsdp+ckpt)"]
     lines += _table(header, [_row(stage) for stage in estimate.stages if stage.wall_hours])
     lines += [f"  family: {estimate.gpu_hours:,.1f} GPU-hours, at most {_hours(estimate.serial_wall_hours)} of "
               "wall time"]
     lines += [f"  {stage.stage}: {stage.advice}" for stage in estimate.stages if stage.advice]
+    lines += render_fit(estimate)
     lines += [f"  note: {note}" for note in estimate.notes]
     return lines + render_disk(estimate)
 

@@ -21,7 +21,7 @@ def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path
     from builder.training.ray_train import run_on_ray_train, worker_nodes  # Ray and torch: when it runs
 
     options = ctx.options
-    settings = train_settings(section, options.train_workers, ctx.precision)
+    settings = train_settings(section, options.train_workers, ctx.precision, options.activation_checkpointing)
     blocks = train_blocks(ctx)
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, blocks, ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
@@ -39,14 +39,16 @@ def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path
     return summary, result.tokens_seen
 
 
-def train_settings(section: TrainingSpec, workers: int, precision: str) -> TrainSettings:
+def train_settings(section: TrainingSpec, workers: int, precision: str,
+                   activation_checkpointing: bool = False) -> TrainSettings:
     """The training loop's per-worker settings: the spec's global batch split over `workers`
-    (builder.spec.batching), so the step count and the data per step do not depend on them."""
+    (builder.spec.batching), so the step count and the data per step do not depend on them;
+    activation checkpointing as the run options say (execution only: --activation-checkpointing)."""
     from builder.training.settings import TrainSettings  # torch: when a stage runs
 
     layout = section_layout(section, workers)
     return TrainSettings.from_spec(section, dtype=precision, batch_size=layout.micro_batch_size,
-                                   grad_accum=layout.grad_accum)
+                                   grad_accum=layout.grad_accum, activation_checkpointing=activation_checkpointing)
 
 
 def train_blocks(ctx: StageContext) -> Path:

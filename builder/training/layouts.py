@@ -10,7 +10,10 @@ kind of machine (tests/test_build_trust.py redoes a stage and gets the same bits
 tests/test_multinode.py gets them from two nodes); with another layout, float32 gradients agree
 to float32 rounding and bfloat16 ones only to bfloat16's 8 bits (tests/test_distill.py), which
 after training is visible (2 workers against 1 moved bf16 weights by up to 3.4e-3, issue 22).
-Putting the layout in the hash instead would give up reusing and resuming across layouts (a
+In bfloat16, FSDP2 also rounds differently from DDP: its mixed-precision policy computes from
+bf16 copies of the weights with a bf16 residual stream, where DDP's autocast keeps fp32
+weights and residual (builder.training.sharded) - a rounding difference of the same kind, not
+measured on a GPU yet. Putting the layout in the hash instead would give up reusing and resuming across layouts (a
 cluster that loses a node could not resume with fewer workers) for a difference of the same
 kind as another GPU model's or kernel's, which no hash covers either. So the result is defined
 up to the order of its sums, and this module records the layout of every step range, resumes

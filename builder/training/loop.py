@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
+from builder.models.arch import count_params
 from builder.models.loading import load_model
+from builder.models.teacher_sharding import teacher_is_sharded
 from builder.options.run_options import Parallel
 from builder.pruning.cuts import read_pruning_map
 from builder.store.stage_store import write_text_atomic
@@ -21,8 +24,9 @@ from builder.training.layouts import layout_of, layouts_until, resumed_layouts
 from builder.training.metrics import MetricsLog, step_metrics
 from builder.training.optim import make_optimizer, warmup_cosine_schedule
 from builder.training.parallel import (
-    World, default_device, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
+    World, default_device, device_memory, is_fsdp, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
 )  # fmt: skip
+from builder.training.sharded import load_sharded
 from builder.training.settings import DTYPES, TrainResult, TrainSettings
 from builder.training.step import DivergenceGuard, optimizer_step
 
@@ -160,18 +164,44 @@ def _load_models(
     model_dir: Path, teacher_dir: Path | None, settings: TrainSettings, device: torch.device, world: World,
     parallel: Parallel,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """(the model to train, wrapped for this world; the frozen teacher or None)."""
+    """(the model to train, wrapped for this world; the frozen teacher or None).
+
+    Under FSDP2 the student is built on the meta device and each rank reads only its shard
+    (builder.training.sharded), except with the hidden-state loss, whose aligner wraps the
+    student whole before it is sharded. The frozen teacher is in the training dtype,
+    replicated or sharded by builder.models.teacher_sharding's rule."""
     # Same seed on every rank: every replica starts from identical weights (FSDP shards them).
     torch.manual_seed(settings.seed)
-    student = load_model(model_dir, device, torch.float32, trainable=True,
-                         activation_checkpointing=settings.activation_checkpointing)
-    teacher = None
-    if teacher_dir is not None:
-        teacher = load_model(teacher_dir, device, DTYPES[settings.dtype], trainable=False)
+    compute = DTYPES[settings.dtype]
+    aligned = teacher_dir is not None and settings.hidden_loss_weight > 0
+    if parallel == "fsdp" and world.distributed and not aligned:
+        student = load_sharded(model_dir, device, torch.float32, trainable=True, compute_dtype=compute,
+                               activation_checkpointing=settings.activation_checkpointing)
+    else:
+        student = load_model(model_dir, device, torch.float32, trainable=True,
+                             activation_checkpointing=settings.activation_checkpointing)
+    teacher = _load_teacher(teacher_dir, settings, device, world, parallel, aligned) if teacher_dir else None
+    if teacher is not None:
         _check_same_vocab(teacher, student, teacher_dir, model_dir)
-    if teacher is not None and settings.hidden_loss_weight > 0:
+    if aligned:
         student = HiddenStateAligner(student, teacher, read_pruning_map(model_dir)).to(device)
-    return wrap_for_distributed(student, device, world, parallel), teacher
+    if is_fsdp(student):
+        return student, teacher
+    return wrap_for_distributed(student, device, world, parallel, compute), teacher
+
+
+def _load_teacher(teacher_dir: Path, settings: TrainSettings, device: torch.device, world: World,
+                  parallel: Parallel, aligned: bool) -> torch.nn.Module:
+    """In the training dtype (bf16 when training in bf16: it only runs forward passes).
+    Sharded (FSDP2, no optimizer state) when the placement rule says so; with the hidden-state
+    loss always whole (the aligner records its layers' outputs through hooks on them).
+    Untested on GPUs; on CPU both placements are tested with gloo."""
+    dtype = DTYPES[settings.dtype]
+    config = AutoConfig.from_pretrained(str(teacher_dir))
+    whole = count_params(config) * dtype.itemsize
+    if not aligned and world.distributed and teacher_is_sharded(whole, device_memory(device), parallel, world.size):
+        return load_sharded(teacher_dir, device, dtype, trainable=False, compute_dtype=dtype)
+    return load_model(teacher_dir, device, dtype, trainable=False)
 
 
 def _check_signal(signal: TeacherSignal, student, settings: TrainSettings, student_dir) -> None:

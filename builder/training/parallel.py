@@ -13,6 +13,7 @@ import torch.distributed as dist
 from builder.options.run_options import Parallel
 from builder.training.aligner import HiddenStateAligner
 from builder.training.settings import TrainSettings
+from builder.training.sharded import fully_shard_model
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +69,28 @@ def warn_if_bf16_is_emulated(settings: TrainSettings, device: torch.device) -> N
 
 
 def wrap_for_distributed(
-    model: torch.nn.Module, device: torch.device, world: World, parallel: Parallel
+    model: torch.nn.Module, device: torch.device, world: World, parallel: Parallel,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
+    """DDP, or FSDP2 (bf16 `compute_dtype`: with its mixed-precision policy) of a model
+    already whole on this rank; builder.training.sharded loads FSDP2 models without that."""
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"parallel={parallel!r} is not supported; use 'ddp' or 'fsdp'")
     if not world.distributed:  # one process, no process group: nothing to wrap
         return model
     if parallel == "fsdp":
-        return _fully_shard(model, device)
+        student = model.student if isinstance(model, HiddenStateAligner) else model
+        return fully_shard_model(model, device, student.model.layers, compute_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _fully_shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """FSDP2: one shard group per decoder layer, the root holds embeddings and the LM head.
-
-    Tied embeddings stay correct because the input embedding and the LM head both live in
-    the root group, so the shared tensor is sharded once.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    student = model.student if isinstance(model, HiddenStateAligner) else model
-    for layer in student.model.layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+def device_memory(device: torch.device) -> int:
+    """Bytes of one device: the GPU's, or on a CPU the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

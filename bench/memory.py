@@ -1,0 +1,292 @@
+"""Does the estimate's memory model hold? Predicted vs measured peak memory per training rank.
+
+    .venv/bin/python -m bench.memory [--quick]                 # bench/results/memory.json
+    .venv/bin/python -m bench.memory --quick --device cuda     # memory-cuda.json (bench.gpu runs it)
+
+One distillation (a random Llama-architecture student learning from a random teacher of the
+same shape, float32, as a CPU trains) on two gloo workers, once per layout: DDP and FSDP,
+each with and without activation checkpointing. Each rank measures its own peak and the
+prediction is `builder.planning.cost_model.training_memory` for the same models, micro-batch,
+sequence length, workers, parallelism and dtype. Goal: every ratio measured / predicted
+within 1.5x (tests/test_memory.py holds one FSDP run to it).
+
+How a rank measures: torch's CPU allocator is invisible to tracemalloc, so the peak is the
+process's anonymous resident memory (RssAnon in /proc/self/status), sampled every 2 ms by a
+thread, minus its value after the imports and the process group and before any model is
+built. Anonymous, not VmHWM (whole RSS): loading reads safetensors files through mmap, and
+those file pages count in RSS while mapped though no GPU would ever hold them; VmHWM minus its
+own baseline is recorded too. The workers run with MALLOC_MMAP_THRESHOLD_=65536: glibc
+otherwise keeps freed heap memory resident, so RSS would show its high-water and
+fragmentation (FSDP's all-gather/free cycles fragment most) rather than live tensors; with
+every allocation of 64 KiB or more its own mapping, a freed tensor leaves RSS at once and
+the sampled peak follows live memory, what the model predicts (torch.cuda.max_memory_allocated
+on a GPU). The models are tens of MB (~17M parameters, ~270 MB of training
+state, ~100 MB of logits a micro-batch) so the interpreter's and gloo's own megabytes do not
+dominate, while two ranks still fit this 2-core machine in seconds per step.
+
+With `--device cuda` the same runs train in bf16 over NCCL, one worker per GPU (two at most;
+with one GPU only the unwrapped single-process run, checkpointing off and on), and a rank's
+peak is torch.cuda.max_memory_allocated over memory_allocated before the models (the CUDA
+context and cuBLAS workspace are outside both, as outside the model). Not run yet: no GPU
+was lent while it was written.
+
+Not measured: the evaluation stage (its peak is one model's weights plus one batch's logits;
+no memory estimate exists for it to compare with), bf16 on a CPU (without native bf16 it is
+emulated; the model's bf16 terms are the float32 ones halved).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from bench.common import print_table, write_result
+
+# A Llama of ~17M parameters (tied embeddings): 4.2M in the embedding, 3.1M per layer.
+CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+MICRO_BATCH, SEQ_LEN, WORKERS = 4, 256, 2
+LAYOUTS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
+SAMPLE_EVERY_S = 0.002
+MMAP_THRESHOLD = 64 * 1024  # bytes: larger allocations are their own mappings (see the docstring)
+
+
+@dataclass(frozen=True)
+class Run:
+    parallel: str
+    checkpointing: bool
+    steps: int = 2
+    device: str = "cpu"  # or "cuda": bf16 over NCCL, one worker per GPU
+    workers: int = WORKERS
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.device == "cuda" else "float32"
+
+
+def save_models(root: Path) -> tuple[Path, Path]:
+    """(teacher, student): random checkpoints of CONFIG, different seeds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dirs = []
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(root / name)
+        dirs.append(root / name)
+    return dirs[0], dirs[1]
+
+
+def predicted(run: Run) -> dict:
+    """The memory model's bytes per rank for this run, by term."""
+    from transformers import LlamaConfig
+
+    from builder.planning.cost_model import training_memory
+    from builder.training.parallel import device_memory
+
+    import torch
+
+    config = LlamaConfig(**CONFIG)
+    memory = training_memory(config, config, MICRO_BATCH, SEQ_LEN, run.workers, run.parallel,
+                             checkpointing=run.checkpointing, dtype=run.dtype,
+                             device_bytes=device_memory(torch.device(run.device, 0)))
+    return asdict(memory) | {"total": memory.total}
+
+
+class PeakSampler:
+    """The highest RssAnon of this process while it runs (a daemon thread)."""
+
+    def __init__(self):
+        self.baseline, self.peak, self._stop = rss_anon(), 0, threading.Event()
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(SAMPLE_EVERY_S)
+
+
+def rss_anon() -> int:
+    return _status_bytes("RssAnon")
+
+
+def vm_hwm() -> int:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+
+
+def _rank(rank: int, rendezvous: str, models: tuple[str, str], blocks: str, out: str, run: Run) -> None:
+    """One training rank: imports and process group first, then the measured run. One worker
+    alone runs without a process group, as a single-worker stage does (nothing is wrapped)."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from builder.training.loop import distill
+    from builder.training.settings import TrainSettings
+
+    device = torch.device(run.device, rank) if run.device == "cuda" else torch.device("cpu")
+    if run.device == "cuda":
+        torch.cuda.set_device(device)
+    if run.workers > 1:
+        dist.init_process_group("nccl" if run.device == "cuda" else "gloo", init_method=f"file://{rendezvous}",
+                                rank=rank, world_size=run.workers)
+    try:
+        torch.set_num_threads(1)
+        data = torch.load(blocks)
+        settings = TrainSettings(tokens=run.steps * MICRO_BATCH * run.workers * SEQ_LEN, batch_size=MICRO_BATCH,
+                                 warmup_steps=0, checkpoint_every=10_000, activation_checkpointing=run.checkpointing,
+                                 dtype=run.dtype)
+        gc.collect()
+        if run.workers > 1:
+            dist.barrier()
+        with Peak(device) as peak:
+            distill(*models, data, Path(out) / "run", settings, device=device, parallel=run.parallel)
+        (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, **peak.result()}))
+    finally:
+        if run.workers > 1:
+            dist.destroy_process_group()
+
+
+class Peak:
+    """A rank's peak over its value on entry: sampled RssAnon on a CPU (and VmHWM's rise, for
+    reference), torch.cuda.max_memory_allocated on a GPU."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self) -> "Peak":
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            self.hwm_before, self.sampler = vm_hwm(), PeakSampler().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.sampler.__exit__(*exc)
+            self.baseline, self.peak, self.hwm = self.sampler.baseline, self.sampler.peak, vm_hwm() - self.hwm_before
+
+    def result(self) -> dict:
+        extra = {"hwm_bytes": self.hwm} if self.device.type == "cpu" else {}
+        return {"peak_bytes": self.peak - self.baseline, "baseline_bytes": self.baseline, **extra}
+
+
+def measure(run: Run, work: Path, models: tuple[Path, Path]) -> list[dict]:
+    """Each rank's measured peak (bytes over its baseline), by rank."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out = work / f"{run.device}-{run.parallel}-{int(run.checkpointing)}"
+    out.mkdir(parents=True)
+    blocks = out / "blocks.pt"
+    torch.save(torch.randint(3, CONFIG["vocab_size"], (MICRO_BATCH * run.workers * run.steps, SEQ_LEN),
+                             generator=torch.Generator().manual_seed(0)), blocks)
+    with _environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):  # read by glibc as each worker starts
+        mp.spawn(_rank, args=(str(out / "rendezvous"), tuple(map(str, models)), str(blocks), str(out), run),
+                 nprocs=run.workers)
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(run.workers)]
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """These environment variables for the processes started inside; this one's restored after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
+    prediction, ranks = predicted(run), measure(run, work, models)
+    ratios = [rank["peak_bytes"] / prediction["total"] for rank in ranks]
+    return {"parallel": run.parallel, "activation_checkpointing": run.checkpointing, "steps": run.steps,
+            "device": run.device, "workers": run.workers, "dtype": run.dtype,
+            "predicted": prediction, "ranks": ranks, "ratios": ratios,
+            "within_1_5x": all(1 / 1.5 <= ratio <= 1.5 for ratio in ratios)}
+
+
+def runs(device: str, steps: int) -> list[Run]:
+    """Every layout on two workers; on a single GPU, the one-worker run (no wrapper) only."""
+    if device == "cpu":
+        return [Run(parallel, checkpointing, steps) for parallel, checkpointing in LAYOUTS]
+    import torch
+
+    workers = min(WORKERS, torch.cuda.device_count())
+    layouts = LAYOUTS if workers > 1 else (("ddp", False), ("ddp", True))
+    return [Run(parallel, checkpointing, steps, device, workers) for parallel, checkpointing in layouts]
+
+
+def package_versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "accelerate", "safetensors")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two steps a run (the peak is reached in the first)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args()
+    rows, results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = save_models(Path(tmp) / "models")
+        for run in runs(args.device, 2 if args.quick else 4):
+            result = compare(run, Path(tmp), models)
+            results.append(result)
+            mib = [r["peak_bytes"] / 2**20 for r in result["ranks"]]
+            rows.append([f"{run.parallel} x{run.workers}", "on" if run.checkpointing else "off",
+                         result["predicted"]["total"] / 2**20, " / ".join(f"{m:.1f}" for m in mib),
+                         " / ".join(f"{r:.2f}" for r in result["ratios"])])
+    print_table(["parallel", "act. ckpt", "predicted MiB", "measured MiB by rank", "measured / predicted"], rows)
+    goal = all(result["within_1_5x"] for result in results)
+    print(f"goal (every ratio within 1.5x): {'met' if goal else 'NOT met'}")
+    measure = (f"RssAnon peak over its value before the models, sampled every {SAMPLE_EVERY_S * 1000:g} ms, "
+               f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" if args.device == "cpu" else
+               "torch.cuda.max_memory_allocated over memory_allocated before the models")
+    path = write_result("memory" if args.device == "cpu" else "memory-cuda", {
+        "quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN,
+        "packages": package_versions(), "measure": measure, "runs": results, "goal_met": goal})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
