@@ -24,6 +24,7 @@ from builder.stages import acquire_teacher, correct, distill as distill_stage
 from builder.stages.training_run import final_dtype
 from builder.training.loop import distill
 from builder.training.settings import TrainSettings
+from evaluators.base import ModelHandle
 from publish.hub import plan_upload
 from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -122,6 +123,19 @@ def test_a_distilled_student_is_stored_in_bf16_and_its_checkpoint_keeps_float32_
     weights = {name: meta.properties.dtype for name, meta in metadata.state_dict_metadata.items()
                if name.startswith("model.") and hasattr(meta, "properties")}
     assert weights and set(weights.values()) == {torch.float32}
+
+
+def test_evaluation_reads_the_stored_weights_in_the_builds_precision(models, tmp_path):
+    """The evaluate stage's ModelHandle loads the published file in the build's precision: in
+    bf16 the stored tensors themselves, in float32 their exact widening (every bf16 value is a
+    float32 one), never float32 weights the published file does not hold."""
+    save_model(tiny_model(seed=1), models[0], tmp_path, dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    for precision in ("bfloat16", "float32"):
+        module = ModelHandle(tmp_path, dtype=precision).module("cpu")
+        state = module.state_dict()
+        assert {t.dtype for t in state.values()} == {getattr(torch, precision)}
+        assert all(torch.equal(state[name], tensor.to(state[name].dtype)) for name, tensor in stored.items())
 
 
 def test_a_pruning_only_student_is_handed_on_in_the_teachers_dtype(models, tmp_path):
