@@ -224,8 +224,9 @@ class Costs:
                 f"{self.vllm_start_s:g} s per vLLM engine (the vLLM figure from demo.json's 2-core CPU run, the "
                 "others assumed; builder.planning.cost_model.Costs)",
                 f"a training checkpoint writes {CHECKPOINT_BYTES_PER_PARAM} bytes per trained parameter (fp32 weights "
-                "and AdamW's two moments) every checkpoint_every steps; the final model "
-                f"{STORED_BYTES_PER_PARAM} (fp32)"]
+                "and AdamW's two moments) every checkpoint_every steps; the final model: a corrected teacher in "
+                f"the teacher's dtype, a distilled one counted at {STORED_BYTES_PER_PARAM} bytes (fp32, a search "
+                "candidate's; a student's, in the teacher's dtype, takes less)"]
 
 
 COSTS = Costs()
