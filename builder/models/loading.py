@@ -73,7 +73,7 @@ def save_model(
     from_pretrained. `state_dict` replaces the model's own tensors (gathered FSDP weights);
     `dtype` stores the floating-point weights in it (a copy: the model keeps its own) and
     declares it in config.json."""
-    if dtype is None:
+    if dtype is None or dtype == model.dtype:  # as the model holds them: nothing to cast or declare
         model.save_pretrained(out, state_dict=state_dict, max_shard_size=max_shard_size)
     else:
         stored = _cast(model.state_dict() if state_dict is None else state_dict, dtype)
