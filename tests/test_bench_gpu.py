@@ -1,0 +1,48 @@
+"""bench.gpu's judging, on a CPU (no GPU was ever lent to run the bench itself): its real-shape
+family plans on the embedded teacher, and a build's manifests are judged as the step judges
+them: a stage off CUDA, or a training stage over the estimate's per-GPU memory, fails it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.gpu_real_shape import SPEC, layout_flags, memory_against_estimate, predicted_training_memory
+from bench.gpu_steps import stages_not_on_cuda
+
+
+def _spec(tmp_path: Path) -> Path:
+    spec = tmp_path / "gpu-real-shape.yaml"
+    spec.write_text(SPEC)
+    return spec
+
+
+def _finish(stages: Path, stage_id: str, kind: str, placement: dict | None, steps: int = 4) -> None:
+    folder = stages / stage_id
+    folder.mkdir(parents=True)
+    summary = {"steps": steps, **({"placement": placement} if placement else {})}
+    (folder / "manifest.json").write_text(json.dumps({"stage": kind, "summary": summary}))
+
+
+def test_the_real_shape_family_plans_a_distillation_the_estimate_sizes(tmp_path):
+    one, two = (predicted_training_memory(_spec(tmp_path), tmp_path / "runs", layout_flags(gpus)) for gpus in (1, 2))
+    assert one.keys() == two.keys() and len(one) == 1  # the one student's distillation
+    (stage,) = one
+    assert stage.startswith("distill-width-")
+    assert two[stage] < one[stage]  # FSDP2 over two GPUs shards the student, and halves the micro-batch
+
+
+def test_a_stage_off_cuda_or_a_training_stage_over_its_prediction_fails_the_step(tmp_path):
+    spec = _spec(tmp_path)
+    predicted = predicted_training_memory(spec, tmp_path / "runs", layout_flags(1))
+    (distill,) = predicted
+    stages = tmp_path / "runs" / "stages"
+    cuda = {"device": "cuda:0", "dtype": "bfloat16", "node": "gpu-1 (10.0.0.1)"}
+    _finish(stages, distill, "distill", cuda | {"peak_memory_bytes": int(predicted[distill] * 1.1)})
+    _finish(stages, "evaluate-teacher-0", "evaluate", cuda | {"peak_memory_bytes": 10})
+    _finish(stages, "score-0", "score", {"device": "cpu", "dtype": "float32", "node": "gpu-1 (10.0.0.1)"})
+    _finish(stages, "prune-width-0", "prune", None)  # computes nothing on a GPU: not judged
+    placements, off_cuda = stages_not_on_cuda(stages)
+    assert set(placements) == {distill, "evaluate-teacher-0", "score-0"} and off_cuda == ["score-0"]
+    checks = memory_against_estimate(spec, tmp_path / "runs", layout_flags(1), stages)
+    assert checks[distill]["within"] is False and checks[distill]["predicted"] == predicted[distill]
+    assert checks["evaluate-teacher-0"] == {"peak": 10}  # recorded, not judged: no prediction
