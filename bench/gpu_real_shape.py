@@ -7,11 +7,11 @@ memory and speed problems that a rehearsal's tiny models hide show on the first 
     with --train-workers min(GPUs, 2) (FSDP2 with two).
 
 The build runs with --gpus-per-stage 1. The step passes only if the build succeeds, every
-computing stage's manifest says it ran on CUDA, and each training stage's recorded peak (the
-highest of its workers) stayed within the estimate's per-GPU prediction for the layout it ran
-(builder.planning.cost_model.training_memory). The estimate predicts memory for training
-stages only: the forward-only stages' peaks (score, teach, evaluate) are recorded in the
-result for the next reader, not judged.
+computing stage's manifest says it ran on CUDA, and the recorded peak (the highest of its
+workers) of each stage the estimate sizes stayed within its per-GPU prediction: the training
+stages for the layout they ran (builder.planning.cost_model.training_memory), the evaluations
+one batch's forward (evaluators' perplexity_memory and lm_eval_memory). The estimate sizes no
+other stage: the score and teach stages' peaks are recorded in the result, not judged.
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def layout_flags(gpus: int) -> list[str]:
 
 def memory_against_estimate(spec: Path, workdir: Path, flags: list[str], stages: Path) -> dict[str, dict]:
     """Stage id -> {"peak": measured bytes, "predicted": per-GPU bytes, "within": peak <= predicted}
-    for the training stages; {"peak": ...} alone for the other computing stages."""
-    predicted = predicted_training_memory(spec, workdir, flags)
+    for the stages the estimate sizes; {"peak": ...} alone for the other computing stages."""
+    predicted = predicted_memory(spec, workdir, flags)
     checks = {}
     for manifest_file in sorted(stages.glob("*/manifest.json")):
         manifest = json.loads(manifest_file.read_text())
@@ -88,9 +88,10 @@ def memory_against_estimate(spec: Path, workdir: Path, flags: list[str], stages:
     return checks
 
 
-def predicted_training_memory(spec: Path, workdir: Path, flags: list[str]) -> dict[str, float]:
-    """Stage id -> the estimate's per-GPU bytes for the layout the build ran, planned the way
-    the build planned it (the same flags, so the same stage ids)."""
+def predicted_memory(spec: Path, workdir: Path, flags: list[str]) -> dict[str, float]:
+    """Stage id -> the estimate's per-GPU bytes (a training stage's for the layout the build
+    ran, an evaluation's forward), planned the way the build planned it (the same flags, so
+    the same stage ids)."""
     # the builder's planning imports torch: only once the build has run
     from builder.cli import parse_args
     from builder.family import _teacher_config, load_and_plan
@@ -100,5 +101,7 @@ def predicted_training_memory(spec: Path, workdir: Path, flags: list[str]) -> di
     options = options_from(parse_args([str(spec), "--workdir", str(workdir), "--gpus-per-stage", "1", *flags]))
     plan = load_and_plan(spec, options)
     estimate = estimate_plan(plan, _teacher_config(plan.spec, spec, options), options)
-    return {stage.stage: stage.memory[options.parallel]["total"] for stage in estimate.stages
-            if stage.name in TRAINING_STAGES and stage.memory}
+    sized = {stage.stage: stage.memory[options.parallel]["total"] for stage in estimate.stages
+             if stage.name in TRAINING_STAGES and stage.memory}
+    return sized | {stage.stage: stage.memory["forward"]["total"] for stage in estimate.stages
+                    if "forward" in stage.memory}

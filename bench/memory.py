@@ -30,9 +30,16 @@ peak is torch.cuda.max_memory_allocated over memory_allocated before the models 
 context and cuBLAS workspace are outside both, as outside the model). Not run yet: no GPU
 was lent while it was written.
 
-Not measured: the evaluation stage (its peak is one model's weights plus one batch's logits;
-no memory estimate exists for it to compare with), bf16 on a CPU (without native bf16 it is
-emulated; the model's bf16 terms are the float32 ones halved).
+The evaluation stage, in one process: the model loaded and a held-out perplexity pass of
+EVAL_BATCH blocks of SEQ_LEN tokens (builder.models.next_token_nll: the LM head in chunks),
+against evaluators.perplexity.perplexity_memory (weights, one layer's tensors, the logits
+chunk and the batch's hidden states); its baseline is taken after the imports, before the
+model loads, so the weights count as the model counts them.
+
+Not measured: lm-eval's part of an evaluation (evaluators.lm_eval_runner.lm_eval_memory: one
+batch's logits and their log-softmax, stated from HFLM's code; on these tasks' short contexts it
+is below the perplexity pass), bf16 on a CPU (without native bf16 it is emulated; the model's
+bf16 terms are the float32 ones halved).
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidd
               num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 MICRO_BATCH, SEQ_LEN, WORKERS = 4, 256, 2
+EVAL_BATCH = 16  # blocks a perplexity forward: the families' evaluation batch_size
 LAYOUTS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
 SAMPLE_EVERY_S = 0.002
 MMAP_THRESHOLD = 64 * 1024  # bytes: larger allocations are their own mappings (see the docstring)
@@ -244,6 +252,52 @@ def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
             "within_1_5x": all(1 / 1.5 <= ratio <= 1.5 for ratio in ratios)}
 
 
+def _evaluation(model_dir: str, blocks: str, out: str, device: str) -> None:
+    """The evaluate stage's perplexity pass, in a process of its own: imports first, then the
+    measured load and pass."""
+    import gc
+
+    import torch
+
+    from evaluators.perplexity import heldout_perplexity
+
+    torch.set_num_threads(1)
+    data = torch.load(blocks)
+    gc.collect()
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    with Peak(torch.device(device, 0) if device == "cuda" else torch.device("cpu")) as peak:
+        heldout_perplexity(model_dir, data, EVAL_BATCH, device=f"{device}:0" if device == "cuda" else "cpu",
+                           dtype=dtype, progress=False)
+    Path(out).write_text(json.dumps(peak.result()))
+
+
+def compare_evaluation(device: str, work: Path, model_dir: Path) -> dict:
+    import multiprocessing
+
+    import torch
+    from transformers import LlamaConfig
+
+    from evaluators.perplexity import perplexity_memory
+
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    blocks, out = work / "eval-blocks.pt", work / "eval.json"
+    torch.save(torch.randint(3, CONFIG["vocab_size"], (EVAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1)),
+               blocks)
+    with _environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):
+        process = multiprocessing.get_context("spawn").Process(target=_evaluation,
+                                                               args=(str(model_dir), str(blocks), str(out), device))
+        process.start()
+        process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the evaluation run exited with {process.exitcode}")
+    measured = json.loads(out.read_text())
+    memory = perplexity_memory(LlamaConfig(**CONFIG), dtype, EVAL_BATCH, SEQ_LEN)
+    prediction = asdict(memory) | {"total": memory.total}
+    ratio = measured["peak_bytes"] / prediction["total"]
+    return {"stage": "evaluate (perplexity)", "device": device, "dtype": dtype, "batch": EVAL_BATCH,
+            "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
+
+
 def runs(device: str, steps: int) -> list[Run]:
     """Every layout on two workers; on a single GPU, the one-worker run (no wrapper) only."""
     if device == "cpu":
@@ -276,15 +330,19 @@ def main() -> None:
             rows.append([f"{run.parallel} x{run.workers}", "on" if run.checkpointing else "off",
                          result["predicted"]["total"] / 2**20, " / ".join(f"{m:.1f}" for m in mib),
                          " / ".join(f"{r:.2f}" for r in result["ratios"])])
+        evaluation = compare_evaluation(args.device, Path(tmp), models[0])
+        rows.append(["evaluate x1", "-", evaluation["predicted"]["total"] / 2**20,
+                     f"{evaluation['measured']['peak_bytes'] / 2**20:.1f}", f"{evaluation['ratio']:.2f}"])
     print_table(["parallel", "act. ckpt", "predicted MiB", "measured MiB by rank", "measured / predicted"], rows)
-    goal = all(result["within_1_5x"] for result in results)
+    goal = all(result["within_1_5x"] for result in results) and evaluation["within_1_5x"]
     print(f"goal (every ratio within 1.5x): {'met' if goal else 'NOT met'}")
     measure = (f"RssAnon peak over its value before the models, sampled every {SAMPLE_EVERY_S * 1000:g} ms, "
                f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" if args.device == "cpu" else
                "torch.cuda.max_memory_allocated over memory_allocated before the models")
     path = write_result("memory" if args.device == "cpu" else "memory-cuda", {
         "quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN,
-        "packages": package_versions(), "measure": measure, "runs": results, "goal_met": goal})
+        "packages": package_versions(), "measure": measure, "runs": results, "evaluation": evaluation,
+        "goal_met": goal})
     print(f"wrote {path}")
 
 

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.planning.cost_model import Costs, Work, forward_flops_per_token, lm_eval_tokens, subtasks
+from builder.planning.cost_model import (DTYPE_BYTES, Costs, Work, forward_flops_per_token, forward_memory,
+                                         lm_eval_tokens, subtasks)
 from evaluators import offline_tasks
 from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.names import did_you_mean
@@ -171,7 +172,17 @@ class LmEval(Evaluator[LmEvalSettings]):
         for task in tasks:
             task_tokens, length = lm_eval_tokens(task)
             tokens, flops = tokens + task_tokens, flops + forward_flops_per_token(model_config, length) * task_tokens
-        return Work(tokens, flops, costs.lm_eval_start_s + costs.lm_eval_task_s * subtasks(tasks))
+        longest = max(lm_eval_tokens(task)[1] for task in tasks)
+        return Work(tokens, flops, costs.lm_eval_start_s + costs.lm_eval_task_s * subtasks(tasks),
+                    forward_memory_of=lambda dtype: lm_eval_memory(model_config, dtype, settings.batch_size, longest))
+
+
+def lm_eval_memory(model_config, dtype: str, batch_size: int, length: int):
+    """One batch of `batch_size` requests of `length` tokens (the tasks' longest, as
+    cost_model.LM_EVAL_TASKS has them): lm-eval's HFLM takes the whole batch's logits and
+    their log_softmax, both in the model's dtype."""
+    logits = 2 * DTYPE_BYTES[dtype] * batch_size * length * model_config.vocab_size
+    return forward_memory(model_config, dtype, batch_size * length, logits)
 
 
 def evaluate_model(

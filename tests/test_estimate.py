@@ -272,3 +272,28 @@ def test_the_dry_run_prints_each_stages_disk_the_familys_and_what_is_free(tmp_pa
             "at once while it builds") in out
     assert (f"Disk: the stages to run need at most {format_bytes(estimate.disk_peak)}, 1 GB is free at {tmp_path}: "
             f"free {format_bytes(estimate.disk_peak - free)} there or use a --workdir on a larger disk") in out
+
+
+def test_an_evaluation_holds_one_batch_and_the_head_in_chunks():
+    """Perplexity's logits are one chunk of positions, whatever the batch and sequence; lm-eval's
+    are its whole batch's (and their log-softmax), in the model's dtype."""
+    from evaluators.lm_eval_runner import lm_eval_memory
+    from evaluators.perplexity import perplexity_memory
+
+    small, large = (perplexity_memory(LLAMA, "bfloat16", batch, 8192) for batch in (1, 16))
+    assert small.weights == large.weights == 2 * count_params(LLAMA)
+    assert large.activations == 16 * small.activations
+    chunk = LLAMA.hidden_size * LLAMA.vocab_size * (2 + 4 + 4)  # bf16 logits, their float32 copy and log-softmax
+    assert large.logits - chunk == 16 * (small.logits - chunk)  # only the batch's hidden states and NLLs grow
+    assert 16 * 8192 * LLAMA.vocab_size * (2 + 4 + 4) > 30 * chunk  # whole logits: 168 GB at batch 16
+    lm_eval = lm_eval_memory(LLAMA, "bfloat16", 16, 600)
+    assert lm_eval.logits == 2 * 2 * 16 * 600 * LLAMA.vocab_size
+
+
+def test_the_estimate_sizes_every_evaluation(tmp_path):
+    options = RunOptions(workdir=tmp_path, teacher_config=LLAMA_CONFIG)
+    plan = family.load_and_plan(ROOT / "families" / "llama-3.1-8b-minitron.yaml", options)
+    estimate = estimate_plan(plan, LLAMA, options)
+    evaluations = [stage for stage in estimate.stages if stage.name == "evaluate"]
+    assert evaluations and all(stage.memory["forward"]["fits"] for stage in evaluations)
+    assert all("forward" not in stage.memory for stage in estimate.stages if stage.name != "evaluate")

@@ -1,7 +1,9 @@
 """The estimate's memory model against reality: per-rank peak memory of a small FSDP
 distillation on two gloo workers, measured (bench.memory: anonymous resident memory over its
 value before the models are built) and predicted (builder.planning.cost_model.training_memory),
-within 1.5x. bench.memory runs the same for DDP and with activation checkpointing.
+within 1.5x; and the same for an evaluation's held-out perplexity pass at the families' batch
+of 16 (evaluators.perplexity.perplexity_memory). bench.memory runs the same for DDP and with
+activation checkpointing.
 
 Run: .venv/bin/pytest tests/test_memory.py -q   (two processes, about a minute)
 """
@@ -11,7 +13,7 @@ import sys
 
 import pytest
 
-from bench.memory import Run, compare, save_models
+from bench.memory import Run, compare, compare_evaluation, save_models
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 
@@ -22,3 +24,9 @@ def test_fsdp_peak_memory_per_rank_is_within_1_5x_of_the_memory_model(tmp_path):
     for rank, ratio in zip(result["ranks"], result["ratios"]):
         assert 1 / 1.5 <= ratio <= 1.5, (f"rank {rank['rank']}: measured {rank['peak_bytes'] / 2**20:.0f} MiB, "
                                          f"predicted {predicted / 2**20:.0f} MiB")
+
+
+def test_an_evaluation_peak_is_within_1_5x_of_the_memory_model(tmp_path):
+    result = compare_evaluation("cpu", tmp_path, save_models(tmp_path / "models")[0])
+    assert result["within_1_5x"], (f"measured {result['measured']['peak_bytes'] / 2**20:.0f} MiB, "
+                                   f"predicted {result['predicted']['total'] / 2**20:.0f} MiB")

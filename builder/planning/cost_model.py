@@ -146,6 +146,30 @@ def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: in
         checkpointing=checkpointing, teacher_sharded=teacher_sharded)
 
 
+@dataclass(frozen=True)
+class ForwardMemory:
+    """Bytes on one device of a forward pass without gradients over one batch (an evaluation):
+    the model's weights, what one decoder layer holds while it runs (no autograd keeps the
+    others': each layer's tensors are freed as the next starts) with the residual stream in
+    and out, and the logits held at once."""
+
+    weights: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.activations + self.logits
+
+
+def forward_memory(config, dtype: str, batch_tokens: float, logits_bytes: float) -> ForwardMemory:
+    """`batch_tokens`: the positions one forward runs (batch x length); `logits_bytes`: what
+    the caller holds of the logits at once (its own rule: chunks, or the whole batch)."""
+    compute = DTYPE_BYTES[dtype]
+    layer = activation_bytes_per_token_layer(config, compute, compute) + 2 * compute * Shape.of(config).hidden_size
+    return ForwardMemory(compute * count_params(config), layer * batch_tokens, logits_bytes)
+
+
 def _teacher_bytes(frozen_config, dtype: str, workers: int, parallel: str,
                    device_bytes: float | None) -> tuple[float, bool]:
     if frozen_config is None:
@@ -312,6 +336,7 @@ class Work:
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
     memory_of: object = None  # (micro_batch, workers, parallel, **how) -> TrainingMemory, for training stages
+    forward_memory_of: object = None  # dtype -> ForwardMemory, for evaluations
     disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 
@@ -319,7 +344,16 @@ def one_after_another(works: list[Work], start_s: float, read_bytes: float) -> W
     """The works one stage does in turn (its evaluators'), added up after the stage's own
     start-up (`start_s`) and the checkpoints it reads (`read_bytes`)."""
     return Work(sum(work.tokens for work in works), sum(work.flops for work in works),
-                start_s + sum(work.start_s for work in works), read_bytes)
+                start_s + sum(work.start_s for work in works), read_bytes,
+                forward_memory_of=_largest_forward([work.forward_memory_of for work in works if work.forward_memory_of]))
+
+
+def _largest_forward(memories_of: list):
+    """dtype -> the largest of the works' ForwardMemory (they run one after another on one
+    model), or None when none has one."""
+    if not memories_of:
+        return None
+    return lambda dtype: max((memory_of(dtype) for memory_of in memories_of), key=lambda memory: memory.total)
 
 
 class StageInputs:
