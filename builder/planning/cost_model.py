@@ -282,7 +282,7 @@ class TaskCost:
 
 
 # From lm-eval 0.4's own request building (`python -m bench.estimate --tasks`; its result file,
-# estimate_tasks.json, was written from uncommitted code: re-measure before trusting a figure;
+# estimate_tasks.json, was written from uncommitted code and removed: re-measure on a clean tree;
 # simple_evaluate with a model that only records its requests; 40 documents a task, 57 x 40 for
 # MMLU; at zero shots and at the few-shot count of families/llama-3.1-8b-minitron.yaml or 5/25)
 # on the bundled tasks (evaluators/tasks) with SmolLM2's tokenizer; other tokenizers differ by
