@@ -44,7 +44,6 @@ bf16 terms are the float32 ones halved).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
@@ -52,7 +51,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
 from bench.common import print_table, write_result
 
@@ -222,25 +221,16 @@ def measure(run: Run, work: Path, models: tuple[Path, Path]) -> list[dict]:
     blocks = out / "blocks.pt"
     torch.save(torch.randint(3, CONFIG["vocab_size"], (MICRO_BATCH * run.workers * run.steps, SEQ_LEN),
                              generator=torch.Generator().manual_seed(0)), blocks)
-    with _environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):  # read by glibc as each worker starts
+    with _mmap_threshold():  # read by glibc as each worker starts
         mp.spawn(_rank, args=(str(out / "rendezvous"), tuple(map(str, models)), str(blocks), str(out), run),
                  nprocs=run.workers)
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(run.workers)]
 
 
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """These environment variables for the processes started inside; this one's restored after."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def _mmap_threshold():
+    """MALLOC_MMAP_THRESHOLD_ for the processes started inside (this one's environment is
+    restored after): the standard library's patch.dict, not a context manager of our own."""
+    return mock.patch.dict(os.environ, {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
 
 
 def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
@@ -283,7 +273,7 @@ def compare_evaluation(device: str, work: Path, model_dir: Path) -> dict:
     blocks, out = work / "eval-blocks.pt", work / "eval.json"
     torch.save(torch.randint(3, CONFIG["vocab_size"], (EVAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1)),
                blocks)
-    with _environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):
+    with _mmap_threshold():
         process = multiprocessing.get_context("spawn").Process(target=_evaluation,
                                                                args=(str(model_dir), str(blocks), str(out), device))
         process.start()
