@@ -46,8 +46,10 @@ throughput: {{enabled: false}}
 
 def build(spec: Path, workdir: Path, env: dict, *flags: str) -> subprocess.Popen:
     log = open(workdir.with_suffix(".log"), "wb")
+    # One precision for both: `auto` times a bf16 matmul against float32 in each build, and
+    # two builds contending for two cores can decide differently (then no hash matches).
     command = [sys.executable, "-m", "builder.cli", str(spec), "--workdir", str(workdir), "--train-workers", "2",
-               *flags]
+               "--precision", "float32", *flags]
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
