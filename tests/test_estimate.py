@@ -16,8 +16,9 @@ from builder import family
 from builder.models.teacher import config_from_json
 from builder.models.arch import count_params, student_config
 from builder.cli import main
-from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, forward_flops_per_token,
-                                         lm_eval_tokens, memory_of, training_disk, training_memory)
+from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_LONGEST, LM_EVAL_TASKS, LONGEST_OVER_TYPICAL,
+                                         UNKNOWN_TASK, forward_flops_per_token, lm_eval_longest, lm_eval_tokens,
+                                         memory_of, training_disk, training_memory)
 from builder.planning.estimate import estimate_plan, fit_advice, render_estimate
 from builder.options.run_options import RunOptions
 from builder.spec.shape import Shape
@@ -287,7 +288,28 @@ def test_an_evaluation_holds_one_batch_and_the_head_in_chunks():
     assert large.logits - chunk == 16 * (small.logits - chunk)  # only the batch's hidden states and NLLs grow
     assert 16 * 8192 * LLAMA.vocab_size * (2 + 4 + 4) > 30 * chunk  # whole logits: 168 GB at batch 16
     lm_eval = lm_eval_memory(LLAMA, "bfloat16", 16, 600)
-    assert lm_eval.logits == 2 * 2 * 16 * 600 * LLAMA.vocab_size
+    # the batch's logits and their log-softmax, and the previous batch's log-softmax still held
+    assert lm_eval.logits == 3 * 2 * 16 * 600 * LLAMA.vocab_size
+
+
+def test_lm_eval_memory_is_sized_at_the_longest_request_of_the_documents_run():
+    """HFLM pads its first batch to the longest request: the table's longest among the first
+    documents (at least `limit` of them), not the typical length; shots add their typical tokens."""
+    from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest, lm_eval_memory
+
+    table = LM_EVAL_LONGEST["hellaswag"]
+    hellaswag = {"name": "hellaswag", "num_fewshot": 0}
+    assert lm_eval_longest(hellaswag | {"limit": table[0][0]}) == table[0][1]
+    assert lm_eval_longest(hellaswag | {"limit": table[0][0] + 1}) == table[1][1]
+    assert lm_eval_longest(hellaswag | {"limit": None}) == lm_eval_longest(hellaswag | {"limit": 10**9}) == table[-1][1]
+    assert table[-1][1] > 2 * LM_EVAL_TASKS["hellaswag"].tokens  # the whole split's longest: far from typical
+    assert lm_eval_longest(hellaswag | {"num_fewshot": 2, "limit": None}) == round(
+        table[-1][1] + 2 * LM_EVAL_TASKS["hellaswag"].tokens_per_shot)
+    assert lm_eval_longest({"name": "no-such-task"}) == round(LONGEST_OVER_TYPICAL * UNKNOWN_TASK.tokens)
+    settings = LmEvalSettings((TaskRequest("winogrande", limit=20), TaskRequest("hellaswag", limit=20)), batch_size=16)
+    longest = max(lm_eval_longest({"name": name, "limit": 20}) for name in ("winogrande", "hellaswag"))
+    memory = LmEval().estimate(settings, LLAMA, COSTS, 2048).forward_memory_of("bfloat16")
+    assert memory == lm_eval_memory(LLAMA, "bfloat16", 16, longest)
 
 
 def test_the_estimate_sizes_every_evaluation(tmp_path):

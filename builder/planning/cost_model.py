@@ -316,6 +316,40 @@ def lm_eval_tokens(task: dict) -> tuple[int, int]:
     return round(docs * cost.requests * length), round(length)
 
 
+# The longest request lm-eval forwards for a task (context and continuation less the last token:
+# the length HFLM pads a batch to) among its first N documents (lm-eval's limit takes the first
+# ones; for MMLU, the first N of every subject): ((N, tokens), ..., (every document, tokens)). At
+# zero shots on the bundled tasks with SmolLM2's tokenizer, from lm-eval 0.4.13's own request
+# building (simple_evaluate with a model that records each request's tokens by document). Not yet
+# measured (the rest of the bundled tasks, MMLU's subjects): LONGEST_OVER_TYPICAL below.
+LM_EVAL_LONGEST: dict[str, tuple[tuple[int, int], ...]] = {
+    "hellaswag": ((10, 60), (20, 60), (50, 91), (100, 91), (200, 95), (500, 102), (1000, 113), (2000, 124),
+                  (5000, 145), (10042, 154)),
+    "arc_easy": ((16, 41), (100, 76), (2376, 162)),
+    "piqa": ((16, 65), (100, 133), (1838, 241)),
+    "winogrande": ((16, 29), (100, 38), (1267, 38)),
+}
+# A task without a table: its longest request taken as this many times its typical one (the
+# bundled tasks' first 100 documents: 1.8x to 3.7x; their whole splits: up to 7x).
+LONGEST_OVER_TYPICAL = 3.0
+
+
+def lm_eval_longest(task: dict) -> int:
+    """Tokens of the longest request of one task entry {name, num_fewshot, limit}: what lm-eval
+    pads a batch to at most. HFLM's _loglikelihood_tokens (lm_eval/models/huggingface.py) sorts
+    the requests longest first (its `_collate`) and pads each batch to its longest
+    (`padding_len_inp`, `pad_and_concat`): the first batch is as long as the longest request, not
+    as LM_EVAL_TASKS' typical one. LM_EVAL_LONGEST's at the fewest documents >= limit (an upper
+    bound); each shot adds the task's typical tokens_per_shot."""
+    cost = LM_EVAL_TASKS.get(task["name"], UNKNOWN_TASK)
+    shots = task.get("num_fewshot", 0) * cost.tokens_per_shot
+    table = LM_EVAL_LONGEST.get(task["name"])
+    if table is None:
+        return round(LONGEST_OVER_TYPICAL * cost.tokens + shots)
+    limit = task.get("limit") or table[-1][0]
+    return round(next((tokens for docs, tokens in table if docs >= limit), table[-1][1]) + shots)
+
+
 @dataclass(frozen=True)
 class Disk:
     """Bytes a stage's folder holds: `peak` at once while it runs, `kept` once it finished."""
