@@ -36,10 +36,18 @@ against evaluators.perplexity.perplexity_memory (weights, one layer's tensors, t
 chunk and the batch's hidden states); its baseline is taken after the imports, before the
 model loads, so the weights count as the model counts them.
 
-Not measured: lm-eval's part of an evaluation (evaluators.lm_eval_runner.lm_eval_memory: one
-batch's logits and their log-softmax, stated from HFLM's code; on these tasks' short contexts it
-is below the perplexity pass), bf16 on a CPU (without native bf16 it is emulated; the model's
-bf16 terms are the float32 ones halved).
+lm-eval's part of the evaluate stage, on the CPU in its own process (LM_EVAL_TASK's first
+LM_EVAL_LIMIT documents through evaluators.lm_eval_runner.LmEval, offline from the bundled tasks,
+batches of EVAL_BATCH): CONFIG's Llama with the embedded teacher's tokenizer and vocabulary (the
+tokenizer cost_model's task lengths were measured with), against the dry-run estimate's
+prediction, LmEval.estimate(...).forward_memory_of (evaluators.lm_eval_runner.lm_eval_memory at
+cost_model.lm_eval_longest). Its baseline is taken after the imports, the tokenizer and the
+built task, before the model loads; a float32 checkpoint loaded as float32 stays mapped from its
+safetensors file, so the weights are file pages outside RssAnon: the checkpoint's resident
+mapped bytes are added to the RssAnon peak. The run records each batch's padded shape.
+
+Not measured: bf16 on a CPU (without native bf16 it is emulated; the model's bf16 terms are
+the float32 ones halved).
 """
 from __future__ import annotations
 
@@ -288,6 +296,107 @@ def compare_evaluation(device: str, work: Path, model_dir: Path) -> dict:
             "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
 
 
+# lm-eval's part of an evaluation: a task whose requests fill several batches of EVAL_BATCH, so
+# that the peak sees the second batch forwarded while the first's log-softmax is still held.
+LM_EVAL_TASK, LM_EVAL_LIMIT = "hellaswag", 16  # 16 documents x 4 endings: four batches of 16
+
+
+def save_lm_eval_model(root: Path) -> Path:
+    """CONFIG's Llama with the embedded teacher's tokenizer (SmolLM2's, read from its GGUF in
+    seconds) and that tokenizer's vocabulary: the tokenizer that cost_model.LM_EVAL_TASKS and
+    LM_EVAL_LONGEST were measured with, so the run forwards the lengths the prediction uses."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from builder.embedded import package_dir
+    from builder.models.teacher import EMBEDDED_TEACHER_FILES
+
+    package, filename = EMBEDDED_TEACHER_FILES["smollm2-135m-instruct"]
+    tokenizer = AutoTokenizer.from_pretrained(package_dir(package), gguf_file=filename)
+    torch.manual_seed(2)
+    LlamaForCausalLM(LlamaConfig(**(CONFIG | {"vocab_size": len(tokenizer)}))).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def _lm_eval(model_dir: str, cache_dir: str, out: str) -> None:
+    """lm-eval's part of the evaluate stage, in a process of its own, through the LmEval
+    evaluator: imports, the tokenizer and the built task first, then the measured model load
+    and lm-eval run. A forward pre-hook records each batch's padded shape."""
+    import gc
+
+    import torch
+
+    from evaluators.base import ModelHandle
+    from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest, _built_tasks, task_manager
+
+    torch.set_num_threads(1)
+    handle = ModelHandle(model_dir)
+    handle.tokenizer()
+    _built_tasks(task_manager("bundled", cache_dir), [LM_EVAL_TASK], 0)  # kept for the run below
+    settings = LmEvalSettings((TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT),), batch_size=EVAL_BATCH,
+                              cache_dir=Path(cache_dir))
+    shapes = []
+    gc.collect()
+    with Peak(torch.device("cpu")) as peak:
+        handle.module("cpu").register_forward_pre_hook(lambda _, args: shapes.append(list(args[0].shape)))
+        LmEval().run(handle, settings, "cpu")
+    Path(out).write_text(json.dumps(peak.result() | {"weights_mapped_bytes": _mapped_bytes(Path(model_dir)),
+                                                     "batches": shapes}))
+
+
+def _mapped_bytes(folder: Path) -> int:
+    """Resident bytes of this process's mappings of files in `folder`: safetensors maps a float32
+    checkpoint loaded as float32, so its weights are file pages, outside RssAnon."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms ... path
+            inside = len(fields) >= 6 and Path(fields[-1]).parent == folder.resolve()
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def compare_lm_eval(work: Path) -> dict:
+    """lm-eval's measured peak (RssAnon's rise plus the checkpoint's mapped pages) against the
+    dry-run estimate's prediction, LmEval.estimate(...).forward_memory_of, on the CPU (float32)."""
+    import multiprocessing
+
+    from transformers import AutoConfig
+
+    from builder.planning.cost_model import COSTS, lm_eval_longest
+    from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest
+
+    model_dir, out = save_lm_eval_model(work / "lm-eval-model"), work / "lm-eval.json"
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with _mmap_threshold(), mock.patch.dict(os.environ, offline):
+        process = multiprocessing.get_context("spawn").Process(target=_lm_eval,
+                                                               args=(str(model_dir), str(work / "cache"), str(out)))
+        process.start()
+        process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the lm-eval run exited with {process.exitcode}")
+    measured = json.loads(out.read_text())
+    measured["total"] = measured["peak_bytes"] + measured["weights_mapped_bytes"]
+    task = TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT)
+    settings = LmEvalSettings((task,), batch_size=EVAL_BATCH)
+    memory = LmEval().estimate(settings, AutoConfig.from_pretrained(model_dir), COSTS, SEQ_LEN).forward_memory_of(
+        "float32")
+    prediction = asdict(memory) | {"total": memory.total, "length": lm_eval_longest(asdict(task))}
+    ratio = measured["total"] / prediction["total"]
+    return {"stage": "evaluate (lm-eval)", "device": "cpu", "dtype": "float32", "task": LM_EVAL_TASK,
+            "limit": LM_EVAL_LIMIT, "batch": EVAL_BATCH, "longest_padded": max(s[1] for s in measured["batches"]),
+            "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
+
+
+
+def lm_eval_row(result: dict) -> list:
+    measured = result["measured"]
+    return [f"lm-eval x1 ({result['task']}, {result['limit']} docs)", "-", result["predicted"]["total"] / 2**20,
+            f"{measured['total'] / 2**20:.1f} ({measured['weights_mapped_bytes'] / 2**20:.0f} mapped)",
+            f"{result['ratio']:.2f}"]
+
 def runs(device: str, steps: int) -> list[Run]:
     """Every layout on two workers; on a single GPU, the one-worker run (no wrapper) only."""
     if device == "cpu":
@@ -323,8 +432,11 @@ def main() -> None:
         evaluation = compare_evaluation(args.device, Path(tmp), models[0])
         rows.append(["evaluate x1", "-", evaluation["predicted"]["total"] / 2**20,
                      f"{evaluation['measured']['peak_bytes'] / 2**20:.1f}", f"{evaluation['ratio']:.2f}"])
+        lm_eval = compare_lm_eval(Path(tmp)) if args.device == "cpu" else None  # lm-eval runs on a CPU here
+        rows += [lm_eval_row(lm_eval)] if lm_eval else []
     print_table(["parallel", "act. ckpt", "predicted MiB", "measured MiB by rank", "measured / predicted"], rows)
-    goal = all(result["within_1_5x"] for result in results) and evaluation["within_1_5x"]
+    goal = all(result["within_1_5x"] for result in results) and evaluation["within_1_5x"] \
+        and (lm_eval is None or lm_eval["within_1_5x"])
     print(f"goal (every ratio within 1.5x): {'met' if goal else 'NOT met'}")
     measure = (f"RssAnon peak over its value before the models, sampled every {SAMPLE_EVERY_S * 1000:g} ms, "
                f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" if args.device == "cpu" else
@@ -332,7 +444,7 @@ def main() -> None:
     path = write_result("memory" if args.device == "cpu" else "memory-cuda", {
         "quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN,
         "packages": package_versions(), "measure": measure, "runs": results, "evaluation": evaluation,
-        "goal_met": goal})
+        "lm_eval": lm_eval, "goal_met": goal})
     print(f"wrote {path}")
 
 
