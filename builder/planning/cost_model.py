@@ -151,23 +151,30 @@ class ForwardMemory:
     """Bytes on one device of a forward pass without gradients over one batch (an evaluation):
     the model's weights, what one decoder layer holds while it runs (no autograd keeps the
     others': each layer's tensors are freed as the next starts) with the residual stream in
-    and out, and the logits held at once."""
+    and out, and the logits held at once. Beyond a plain forward, what its pass holds `held`
+    beside the layers' tensors (the score stage's hook copies and statistics) and `after`
+    them, once they are freed, beside the logits (the teach pass's top-k chunks and outputs,
+    the LM loss's log-softmax): the larger of the two phases counts."""
 
     weights: float
     activations: float
     logits: float
+    held: float = 0.0
+    after: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.activations + self.logits
+        return self.weights + self.logits + self.held + max(self.activations, self.after)
 
 
-def forward_memory(config, dtype: str, batch_tokens: float, logits_bytes: float) -> ForwardMemory:
+def forward_memory(config, dtype: str, batch_tokens: float, logits_bytes: float, *, held: float = 0.0,
+                   after: float = 0.0) -> ForwardMemory:
     """`batch_tokens`: the positions one forward runs (batch x length); `logits_bytes`: what
-    the caller holds of the logits at once (its own rule: chunks, or the whole batch)."""
+    the caller holds of the logits at once (its own rule: chunks, or the whole batch);
+    `held`, `after`: what else its pass holds during the forward and after it (ForwardMemory)."""
     compute = DTYPE_BYTES[dtype]
     layer = activation_bytes_per_token_layer(config, compute, compute) + 2 * compute * Shape.of(config).hidden_size
-    return ForwardMemory(compute * count_params(config), layer * batch_tokens, logits_bytes)
+    return ForwardMemory(compute * count_params(config), layer * batch_tokens, logits_bytes, held, after)
 
 
 def _teacher_bytes(frozen_config, dtype: str, workers: int, parallel: str,
@@ -336,7 +343,7 @@ class Work:
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
     memory_of: object = None  # (micro_batch, workers, parallel, **how) -> TrainingMemory, for training stages
-    forward_memory_of: object = None  # dtype -> ForwardMemory, for evaluations
+    forward_memory_of: object = None  # dtype -> ForwardMemory: evaluations, score and teach (no gradients)
     disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 
