@@ -56,7 +56,7 @@ def main() -> None:
     spec = ROOT / "families" / demo["spec"]
     options = RunOptions(workdir=ROOT / "runs", mfu=mfu)
     plan = family.load_and_plan(spec, options)
-    estimate = estimate_plan(plan, family._teacher_config(plan.spec, spec, options), options, cpu, costs)
+    estimate = estimate_plan(plan, family.planned_teacher_config(plan.spec, spec, options), options, cpu, costs)
     rows = [_compare(estimate, *stage) for stage in demo["stages"]]
     rows = [row for row in rows if row is not None]
     print(f"predicted on {cpu.name}: peak {cpu.bf16_tflops * 1000:.1f} GFLOP/s, MFU {mfu:.0%} (bench.distill); "

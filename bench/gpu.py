@@ -21,8 +21,8 @@ others' results; everything goes to bench/results/gpu.json (exit code 0 only if 
 5. real shapes (bench/gpu_real_shape.py): a family of the embedded SmolLM2-135M at 2,048-token
    blocks (evaluation batch 16, a stored top-256 signal of three shards taught by two actors when
    two GPUs are there), built with --gpus-per-stage 1; it passes only if every computing stage
-   ran on CUDA and each training and evaluate stage's peak stayed within what the estimate
-   predicted (score and teach: recorded; the estimate does not size them).
+   ran on CUDA and each training, score, teach and evaluate stage's peak stayed within what the
+   estimate predicted.
 
 Without CUDA it stops at once and says so (exit code 2). Not run yet: no GPU was lent while
 it was written, so every CUDA path it exercises is unverified until it is.

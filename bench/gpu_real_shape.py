@@ -9,9 +9,11 @@ memory and speed problems that a rehearsal's tiny models hide show on the first 
 The build runs with --gpus-per-stage 1. The step passes only if the build succeeds, every
 computing stage's manifest says it ran on CUDA, and the recorded peak (the highest of its
 workers) of each stage the estimate sizes stayed within its per-GPU prediction: the training
-stages for the layout they ran (builder.planning.cost_model.training_memory), the evaluations
-one batch's forward (evaluators' perplexity_memory and lm_eval_memory). The estimate sizes no
-other stage: the score and teach stages' peaks are recorded in the result, not judged.
+stages for the layout they ran (builder.planning.cost_model.training_memory), and the passes
+without gradients one batch's forward: the evaluations (evaluators' perplexity_memory and
+lm_eval_memory), score (builder.pruning.importance.importance_memory, float32) and each teach
+actor (builder.teaching.teach_pass.teach_memory). Every one is judged by the same rule: the
+peak at most the prediction.
 """
 from __future__ import annotations
 
@@ -90,17 +92,17 @@ def memory_against_estimate(spec: Path, workdir: Path, flags: list[str], stages:
 
 def predicted_memory(spec: Path, workdir: Path, flags: list[str]) -> dict[str, float]:
     """Stage id -> the estimate's per-GPU bytes (a training stage's for the layout the build
-    ran, an evaluation's forward), planned the way the build planned it (the same flags, so
-    the same stage ids)."""
+    ran; the forward of an evaluation, score or teach), planned the way the build planned it
+    (the same flags, so the same stage ids)."""
     # the builder's planning imports torch: only once the build has run
     from builder.cli import parse_args
-    from builder.family import _teacher_config, load_and_plan
+    from builder.family import load_and_plan, planned_teacher_config
     from builder.options.flags import options_from
     from builder.planning.estimate import estimate_plan
 
     options = options_from(parse_args([str(spec), "--workdir", str(workdir), "--gpus-per-stage", "1", *flags]))
     plan = load_and_plan(spec, options)
-    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec, options), options)
+    estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec, options), options)
     sized = {stage.stage: stage.memory[options.parallel]["total"] for stage in estimate.stages
              if stage.name in TRAINING_STAGES and stage.memory}
     return sized | {stage.stage: stage.memory["forward"]["total"] for stage in estimate.stages

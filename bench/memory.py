@@ -30,23 +30,21 @@ peak is torch.cuda.max_memory_allocated over memory_allocated before the models 
 context and cuBLAS workspace are outside both, as outside the model). Not run yet: no GPU
 was lent while it was written.
 
-The evaluation stage, in one process: the model loaded and a held-out perplexity pass of
-EVAL_BATCH blocks of SEQ_LEN tokens (builder.models.next_token_nll: the LM head in chunks),
-against evaluators.perplexity.perplexity_memory (weights, one layer's tensors, the logits
-chunk and the batch's hidden states); its baseline is taken after the imports, before the
-model loads. On the CPU a float32 checkpoint loaded in float32 stays mapped from its
-safetensors file: the weights are file pages outside RssAnon, so the checkpoint's resident
-mapped bytes (_mapped_bytes) are added to the RssAnon peak, here and for lm-eval below.
-
-lm-eval's part of the evaluate stage, on the CPU in its own process (LM_EVAL_TASK's first
-LM_EVAL_LIMIT documents through evaluators.lm_eval_runner.LmEval, offline from the bundled tasks,
-batches of EVAL_BATCH): CONFIG's Llama with the embedded teacher's tokenizer and vocabulary (the
-tokenizer cost_model's task lengths were measured with), against the dry-run estimate's
-prediction, LmEval.estimate(...).forward_memory_of (evaluators.lm_eval_runner.lm_eval_memory at
-cost_model.lm_eval_longest). Its baseline is taken after the imports, the tokenizer and the
-built task, before the model loads; a float32 checkpoint loaded as float32 stays mapped from its
-safetensors file, so the weights are file pages outside RssAnon: the checkpoint's resident
-mapped bytes are added to the RssAnon peak. The run records each batch's padded shape.
+The passes without gradients, each in a process of its own, over the model already loaded
+(imports and the load first, the modelling code transformers imports on the first load
+included), its peak over that baseline plus the weights as the model counts them: on this
+CPU transformers 5 maps a float32 checkpoint's tensors from the safetensors file (file pages,
+not RssAnon), so a baseline before the load would count tens of MB of imports and none of the
+weights. They are: the evaluate stage's held-out perplexity pass over EVAL_BATCH blocks
+(builder.models.next_token_nll, the LM head in chunks: evaluators.perplexity.perplexity_memory);
+score's importance pass over SCORE_BATCH blocks, then the same with its LM-loss pass
+(builder.pruning.importance.importance_memory, float32); one teach batch of SCORE_BATCH blocks,
+top-256 with 16 tail draws (builder.teaching.teach_pass.teach_memory); and lm-eval's part of
+the evaluate stage (LM_EVAL_TASK's first LM_EVAL_LIMIT documents through
+evaluators.lm_eval_runner.LmEval, offline from the bundled tasks, batches of EVAL_BATCH, with
+the embedded teacher's tokenizer and vocabulary) against the dry run's own prediction,
+LmEval.estimate(...).forward_memory_of (lm_eval_memory at cost_model.lm_eval_longest); that
+run records each batch's padded shape.
 
 Not measured: bf16 on a CPU (without native bf16 it is emulated; the model's bf16 terms are
 the float32 ones halved).
@@ -60,6 +58,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -71,6 +70,8 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidd
               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 MICRO_BATCH, SEQ_LEN, WORKERS = 4, 256, 2
 EVAL_BATCH = 16  # blocks a perplexity forward: the families' evaluation batch_size
+SCORE_BATCH = 8  # blocks a score or teach forward: the scoring section's default batch_size
+TOP_K, TAIL_SAMPLES = 256, 16  # the teach pass's signal: bench.gpu's real-shape family's
 LAYOUTS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
 SAMPLE_EVERY_S = 0.002
 MMAP_THRESHOLD = 64 * 1024  # bytes: larger allocations are their own mappings (see the docstring)
@@ -252,53 +253,111 @@ def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
             "within_1_5x": all(1 / 1.5 <= ratio <= 1.5 for ratio in ratios)}
 
 
-def _evaluation(model_dir: str, blocks: str, out: str, device: str) -> None:
-    """The evaluate stage's perplexity pass, in a process of its own: imports first, then the
-    measured load and pass."""
+def _spawned(target, name: str, batch: int, device: str, folder: Path, model_dir: Path) -> dict:
+    """`target(model_dir, blocks, out, device)` in a spawned process over `batch` random blocks
+    (saved in `folder`); what it wrote to `out` (its peak)."""
+    import multiprocessing
+
+    import torch
+
+    folder.mkdir(parents=True)
+    blocks, out = folder / "blocks.pt", folder / "peak.json"
+    torch.save(torch.randint(3, CONFIG["vocab_size"], (batch, SEQ_LEN), generator=torch.Generator().manual_seed(1)),
+               blocks)
+    with _mmap_threshold():
+        process = multiprocessing.get_context("spawn").Process(target=target,
+                                                               args=(str(model_dir), str(blocks), str(out), device))
+        process.start()
+        process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the {name} run exited with {process.exitcode}")
+    return json.loads(out.read_text())
+
+
+def _importance(model, blocks, dtype: str, lm_loss_samples: int = 0) -> None:
+    """The score stage's pass: importance over the blocks, and with `lm_loss_samples` the
+    LM-loss pass after it."""
+    from builder.pruning.importance import score_importance
+
+    score_importance(model, blocks, batch_size=SCORE_BATCH, lm_loss_samples=lm_loss_samples, progress=False)
+
+
+def _perplexity(model, blocks, dtype: str) -> None:
+    """The evaluate stage's held-out perplexity pass."""
+    from evaluators.perplexity import heldout_perplexity
+
+    heldout_perplexity(model, blocks, EVAL_BATCH, progress=False)
+
+
+def _signal(model, blocks, dtype: str) -> None:
+    """One teach actor's batch: the teacher's stored signal (top-k and tail draws)."""
+    from builder.teaching.signal import SignalLayout
+    from builder.teaching.teach_pass import batch_signal
+
+    layout = SignalLayout.plan(len(blocks), len(blocks), SEQ_LEN, TOP_K, 1.0, CONFIG["vocab_size"], TAIL_SAMPLES)
+    batch_signal(model, blocks, layout, dtype, layout.draws(0))
+
+
+# The passes without gradients, each measured over its loaded model (see the module docstring),
+# in a process of its own: the pass, and the blocks it runs over.
+PASSES = {"evaluate (perplexity)": (_perplexity, EVAL_BATCH),
+          "score (importance)": (_importance, SCORE_BATCH),
+          "score (LM loss)": (partial(_importance, lm_loss_samples=SCORE_BATCH), SCORE_BATCH),
+          "teach": (_signal, SCORE_BATCH)}
+
+
+def _over_the_model(name: str, model_dir: str, blocks: str, out: str, device: str) -> None:
+    """One of PASSES: imports and the model's load first (the modelling code transformers
+    imports on the first load included), then the measured pass."""
     import gc
 
     import torch
 
     from builder.models.loading import load_model
-    from evaluators.perplexity import heldout_perplexity
+    from builder.training.settings import DTYPES
 
     torch.set_num_threads(1)
     data = torch.load(blocks)
+    placed = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    dtype = pass_dtype(name, device)
+    model = load_model(model_dir, placed, DTYPES[dtype])
     gc.collect()
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    with Peak(torch.device(device, 0) if device == "cuda" else torch.device("cpu")) as peak:
-        model = load_model(model_dir, device=f"{device}:0" if device == "cuda" else "cpu", dtype=dtype)
-        heldout_perplexity(model, data, EVAL_BATCH, progress=False)
-    # on the CPU the weights are the checkpoint's mapped pages, outside RssAnon (_mapped_bytes)
-    mapped = _mapped_bytes(Path(model_dir)) if device == "cpu" else 0
-    Path(out).write_text(json.dumps(peak.result() | {"weights_mapped_bytes": mapped}))
+    with Peak(placed) as peak:
+        PASSES[name][0](model, data, dtype)
+    Path(out).write_text(json.dumps(peak.result()))
 
 
-def compare_evaluation(device: str, work: Path, model_dir: Path) -> dict:
-    import multiprocessing
+def pass_dtype(name: str, device: str) -> str:
+    """What the stage holds its model in: score float32 wherever it runs, teach and evaluate bf16 on a GPU."""
+    return "bfloat16" if device == "cuda" and not name.startswith("score") else "float32"
 
-    import torch
+
+def predicted_pass(name: str, dtype: str):
+    """The estimate's ForwardMemory of one of PASSES."""
     from transformers import LlamaConfig
 
+    from builder.pruning.importance import importance_memory
+    from builder.teaching.teach_pass import teach_memory
     from evaluators.perplexity import perplexity_memory
 
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    blocks, out = work / "eval-blocks.pt", work / "eval.json"
-    torch.save(torch.randint(3, CONFIG["vocab_size"], (EVAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1)),
-               blocks)
-    with _mmap_threshold():
-        process = multiprocessing.get_context("spawn").Process(target=_evaluation,
-                                                               args=(str(model_dir), str(blocks), str(out), device))
-        process.start()
-        process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"the evaluation run exited with {process.exitcode}")
-    measured = json.loads(out.read_text())
-    measured["total"] = measured["peak_bytes"] + measured["weights_mapped_bytes"]
-    memory = perplexity_memory(LlamaConfig(**CONFIG), dtype, EVAL_BATCH, SEQ_LEN)
+    config = LlamaConfig(**CONFIG)
+    if name == "evaluate (perplexity)":
+        return perplexity_memory(config, dtype, EVAL_BATCH, SEQ_LEN)
+    if name == "teach":
+        return teach_memory(config, dtype, SCORE_BATCH, SEQ_LEN, TOP_K, TAIL_SAMPLES)
+    return importance_memory(config, SCORE_BATCH, SEQ_LEN, lm_loss_batch=SCORE_BATCH if "LM loss" in name else 0)
+
+
+def compare_pass(name: str, device: str, work: Path, model_dir: Path) -> dict:
+    """One of PASSES: its measured peak over the loaded model plus the weights as the model
+    counts them, against the prediction, by the same 1.5x rule."""
+    dtype, batch = pass_dtype(name, device), PASSES[name][1]
+    folder = work / name.replace(" ", "-").replace("(", "").replace(")", "")
+    measured = _spawned(partial(_over_the_model, name), name, batch, device, folder, model_dir)
+    memory = predicted_pass(name, dtype)
     prediction = asdict(memory) | {"total": memory.total}
-    ratio = measured["total"] / prediction["total"]
-    return {"stage": "evaluate (perplexity)", "device": device, "dtype": dtype, "batch": EVAL_BATCH,
+    ratio = (measured["peak_bytes"] + memory.weights) / memory.total
+    return {"stage": name, "device": device, "dtype": dtype, "batch": batch,
             "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
 
 
@@ -327,8 +386,8 @@ def save_lm_eval_model(root: Path) -> Path:
 
 def _lm_eval(model_dir: str, cache_dir: str, out: str) -> None:
     """lm-eval's part of the evaluate stage, in a process of its own, through the LmEval
-    evaluator: imports, the tokenizer and the built task first, then the measured model load
-    and lm-eval run. A forward pre-hook records each batch's padded shape."""
+    evaluator: imports, the tokenizer, the built task and the model's load first, then the
+    measured lm-eval run. A forward pre-hook records each batch's padded shape."""
     import gc
 
     import torch
@@ -343,30 +402,17 @@ def _lm_eval(model_dir: str, cache_dir: str, out: str) -> None:
     settings = LmEvalSettings((TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT),), batch_size=EVAL_BATCH,
                               cache_dir=Path(cache_dir))
     shapes = []
+    handle.module("cpu").register_forward_pre_hook(lambda _, args: shapes.append(list(args[0].shape)))
     gc.collect()
     with Peak(torch.device("cpu")) as peak:
-        handle.module("cpu").register_forward_pre_hook(lambda _, args: shapes.append(list(args[0].shape)))
         LmEval().run(handle, settings, "cpu")
-    Path(out).write_text(json.dumps(peak.result() | {"weights_mapped_bytes": _mapped_bytes(Path(model_dir)),
-                                                     "batches": shapes}))
-
-
-def _mapped_bytes(folder: Path) -> int:
-    """Resident bytes of this process's mappings of files in `folder`: safetensors maps a float32
-    checkpoint loaded as float32, so its weights are file pages, outside RssAnon."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: range perms ... path
-            inside = len(fields) >= 6 and Path(fields[-1]).parent == folder.resolve()
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
+    Path(out).write_text(json.dumps(peak.result() | {"batches": shapes}))
 
 
 def compare_lm_eval(work: Path) -> dict:
-    """lm-eval's measured peak (RssAnon's rise plus the checkpoint's mapped pages) against the
-    dry-run estimate's prediction, LmEval.estimate(...).forward_memory_of, on the CPU (float32)."""
+    """lm-eval's measured peak over the loaded model, plus the weights as the model counts them,
+    against the dry-run estimate's prediction, LmEval.estimate(...).forward_memory_of, on the
+    CPU (float32)."""
     import multiprocessing
 
     from transformers import AutoConfig
@@ -384,23 +430,15 @@ def compare_lm_eval(work: Path) -> dict:
     if process.exitcode != 0:
         raise RuntimeError(f"the lm-eval run exited with {process.exitcode}")
     measured = json.loads(out.read_text())
-    measured["total"] = measured["peak_bytes"] + measured["weights_mapped_bytes"]
     task = TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT)
     settings = LmEvalSettings((task,), batch_size=EVAL_BATCH)
     memory = LmEval().estimate(settings, AutoConfig.from_pretrained(model_dir), COSTS, SEQ_LEN).forward_memory_of(
         "float32")
     prediction = asdict(memory) | {"total": memory.total, "length": lm_eval_longest(asdict(task))}
-    ratio = measured["total"] / prediction["total"]
+    ratio = (measured["peak_bytes"] + memory.weights) / memory.total
     return {"stage": "evaluate (lm-eval)", "device": "cpu", "dtype": "float32", "task": LM_EVAL_TASK,
             "limit": LM_EVAL_LIMIT, "batch": EVAL_BATCH, "longest_padded": max(s[1] for s in measured["batches"]),
             "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
-
-
-def lm_eval_row(result: dict) -> list:
-    measured = result["measured"]
-    return [f"lm-eval x1 ({result['task']}, {result['limit']} docs)", "-", result["predicted"]["total"] / 2**20,
-            f"{measured['total'] / 2**20:.1f} ({measured['weights_mapped_bytes'] / 2**20:.0f} mapped)",
-            f"{result['ratio']:.2f}"]
 
 
 def runs(device: str, steps: int) -> list[Run]:
@@ -435,23 +473,21 @@ def main() -> None:
             rows.append([f"{run.parallel} x{run.workers}", "on" if run.checkpointing else "off",
                          result["predicted"]["total"] / 2**20, " / ".join(f"{m:.1f}" for m in mib),
                          " / ".join(f"{r:.2f}" for r in result["ratios"])])
-        evaluation = compare_evaluation(args.device, Path(tmp), models[0])
-        rows.append(["evaluate x1 (perplexity)", "-", evaluation["predicted"]["total"] / 2**20,
-                     f"{evaluation['measured']['total'] / 2**20:.1f} "
-                     f"({evaluation['measured']['weights_mapped_bytes'] / 2**20:.0f} mapped)", f"{evaluation['ratio']:.2f}"])
-        lm_eval = compare_lm_eval(Path(tmp)) if args.device == "cpu" else None  # lm-eval runs on a CPU here
-        rows += [lm_eval_row(lm_eval)] if lm_eval else []
+        passes = [compare_pass(name, args.device, Path(tmp), models[0]) for name in PASSES]
+        passes += [compare_lm_eval(Path(tmp))] if args.device == "cpu" else []  # lm-eval runs on a CPU here
+        rows += [[f"{result['stage']} x1", "-", result["predicted"]["total"] / 2**20,
+                  f"{result['measured']['peak_bytes'] / 2**20:.1f} + weights", f"{result['ratio']:.2f}"]
+                 for result in passes]
     print_table(["parallel", "act. ckpt", "predicted MiB", "measured MiB by rank", "measured / predicted"], rows)
-    goal = all(result["within_1_5x"] for result in results) and evaluation["within_1_5x"] \
-        and (lm_eval is None or lm_eval["within_1_5x"])
+    goal = all(result["within_1_5x"] for result in results + passes)
     print(f"goal (every ratio within 1.5x): {'met' if goal else 'NOT met'}")
     measure = (f"RssAnon peak over its value before the models, sampled every {SAMPLE_EVERY_S * 1000:g} ms, "
                f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" if args.device == "cpu" else
                "torch.cuda.max_memory_allocated over memory_allocated before the models")
     path = write_result("memory" if args.device == "cpu" else "memory-cuda", {
         "quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN,
-        "packages": package_versions(), "measure": measure, "runs": results, "evaluation": evaluation,
-        "lm_eval": lm_eval, "goal_met": goal})
+        "packages": package_versions(), "measure": measure, "runs": results, "passes": passes,
+        "goal_met": goal})
     print(f"wrote {path}")
 
 

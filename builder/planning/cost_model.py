@@ -91,6 +91,20 @@ def activation_bytes_per_token_layer(config, compute_bytes: int = 2, residual_by
     return compute + 2 * residual_bytes * shape.hidden_size
 
 
+def inference_bytes_per_token_layer(config, compute_bytes: int) -> int:
+    """Bytes per token one decoder layer holds at its peak in a forward without gradients, where
+    nothing is kept for a backward and each tensor goes once the next is made (transformers'
+    Llama-family layers): the residual stream and the normed input, beside the larger of
+    attention (q, k, v, the rotary copies of q and k, k and v repeated to the query heads for
+    grouped-query attention, the output) and the MLP (`down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))`: the activated gate, the up projection and their product)."""
+    shape = Shape.of(config)
+    q_width, kv_width = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    attention = 4 * q_width + 3 * kv_width
+    mlp = 3 * shape.intermediate_size
+    return compute_bytes * (2 * shape.hidden_size + max(attention, mlp))
+
+
 @dataclass(frozen=True)
 class TrainingMemory:
     """Bytes per device of one training stage under one parallelism (`total`: with activation
@@ -149,25 +163,31 @@ def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: in
 @dataclass(frozen=True)
 class ForwardMemory:
     """Bytes on one device of a forward pass without gradients over one batch (an evaluation):
-    the model's weights, what one decoder layer holds while it runs (no autograd keeps the
-    others': each layer's tensors are freed as the next starts) with the residual stream in
-    and out, and the logits held at once."""
+    the model's weights, what one decoder layer holds at its peak (inference_bytes_per_token_layer:
+    no autograd keeps any layer's tensors), and the logits held at once. Beyond a plain forward, what its pass holds `held`
+    beside the layers' tensors (the score stage's hook copies and statistics) and `after`
+    them, once they are freed, beside the logits (the teach pass's top-k chunks and outputs,
+    the LM loss's log-softmax): the larger of the two phases counts."""
 
     weights: float
     activations: float
     logits: float
+    held: float = 0.0
+    after: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.weights + self.activations + self.logits
+        return self.weights + self.logits + self.held + max(self.activations, self.after)
 
 
-def forward_memory(config, dtype: str, batch_tokens: float, logits_bytes: float) -> ForwardMemory:
+def forward_memory(config, dtype: str, batch_tokens: float, logits_bytes: float, *, held: float = 0.0,
+                   after: float = 0.0) -> ForwardMemory:
     """`batch_tokens`: the positions one forward runs (batch x length); `logits_bytes`: what
-    the caller holds of the logits at once (its own rule: chunks, or the whole batch)."""
+    the caller holds of the logits at once (its own rule: chunks, or the whole batch);
+    `held`, `after`: what else its pass holds during the forward and after it (ForwardMemory)."""
     compute = DTYPE_BYTES[dtype]
-    layer = activation_bytes_per_token_layer(config, compute, compute) + 2 * compute * Shape.of(config).hidden_size
-    return ForwardMemory(compute * count_params(config), layer * batch_tokens, logits_bytes)
+    layer = inference_bytes_per_token_layer(config, compute)
+    return ForwardMemory(compute * count_params(config), layer * batch_tokens, logits_bytes, held, after)
 
 
 def _teacher_bytes(frozen_config, dtype: str, workers: int, parallel: str,
@@ -370,7 +390,7 @@ class Work:
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
     memory_of: object = None  # (micro_batch, workers, parallel, **how) -> TrainingMemory, for training stages
-    forward_memory_of: object = None  # dtype -> ForwardMemory, for evaluations
+    forward_memory_of: object = None  # dtype -> ForwardMemory: evaluations, score and teach (no gradients)
     disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 

@@ -98,8 +98,9 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
               for stage_id in plan.stages]
     notes = [f"MFU {options.mfu:.0%} of the {accelerator.name}'s {accelerator.bf16_tflops:g} TFLOP/s bf16 peak "
              "(assumed; --mfu overrides)", *costs.notes(), *_task_notes(plan),
-             "an evaluate stage's memory: its model in bf16 and one batch's forward (one layer's tensors; "
-             "perplexity's LM head in chunks, lm-eval's whole batch of logits)",
+             f"an evaluate or teach stage's memory: its model in {forward_dtype(plan, options)} and one batch's forward "
+             "(one layer's tensors; perplexity's LM head in chunks, lm-eval's and teach's whole batch of logits, "
+             "teach's top-k chunks); score's in float32, its hooks' copies or its LM-loss pass's logits",
              "wall time is per stage on its GPUs; the family's is at most their sum (students run side by side "
              "when the cluster has room)"]
     notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
@@ -154,10 +155,17 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
         _add_memory(estimate, work.memory_of, _micro_batch(stage, options), options, accelerator)
         training.append((stage, work.memory_of))
     if work.forward_memory_of is not None:
-        forward = work.forward_memory_of("bfloat16")  # as the stage holds its model on a GPU (the training precision)
+        forward = work.forward_memory_of(forward_dtype(plan, options))  # score's own: float32 whatever this says
         estimate.memory["forward"] = asdict(forward) | {
             "total": forward.total, "fits": forward.total <= accelerator.memory_gib * GIB * MEMORY_HEADROOM}
     return estimate
+
+
+def forward_dtype(plan: Plan, options: RunOptions) -> str:
+    """The precision teach and evaluate hold their model in on a GPU: the plan's (their keys
+    hash it) when the build runs on GPUs, for which it was resolved; bf16 for a plan resolved
+    for this CPU (as the training stages' memory assumes on GPUs)."""
+    return plan.precision.dtype if options.use_gpu else "bfloat16"
 
 
 def stage_seconds(work: Work, workers: int, accelerator: Accelerator, mfu: float, costs: Costs) -> dict[str, float]:
