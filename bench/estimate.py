@@ -3,6 +3,8 @@
     .venv/bin/python -m bench.estimate          # seconds: reads recorded results, times this disk
     .venv/bin/python -m bench.estimate --tasks  # minutes: lm-eval's tokens per bundled task, the
                                                 # numbers of builder.planning.cost_model.LM_EVAL_TASKS
+    .venv/bin/python -m bench.estimate --longest  # minutes: each task's longest request among
+                                                  # its first N documents (cost_model.LM_EVAL_LONGEST)
 
 The measured side is one real build: bench/results/demo.json (`bench.demo`, the exact `make
 demo` spec on this 2-core CPU; its stages' wall times as each manifest recorded them). The
@@ -192,10 +194,66 @@ def _compare(estimate, model: str, name: str, tokens: int, wall_s: float, before
     return row
 
 
+# The tasks whose longest request cost_model.LM_EVAL_LONGEST holds, at zero shots, and the
+# document counts (lm-eval's `limit`: its first N documents, of every subject in a group) it
+# gives the longest at; None: the whole split.
+LONGEST_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu", "boolq", "lambada_openai")
+LONGEST_AT_DOCS = (10, 16, 20, 50, 100, 200, 500, 1000, 2000, 5000, None)
+
+
+def measure_longest_requests() -> dict:
+    """Per task: its documents, and the longest request among its first N documents for each
+    N of LONGEST_AT_DOCS, in tokens as HFLM forwards it (context and continuation encoded
+    together, less the last token: `_loglikelihood_tokens`' `(context_enc + continuation_enc)[:-1]`),
+    from lm-eval's own request building with the demo teacher's tokenizer."""
+    from lm_eval import simple_evaluate
+    from transformers import AutoTokenizer
+
+    from bench.common import teacher_dir
+    from evaluators.lm_eval_runner import SEEDS, task_manager
+
+    tokenizer, manager = AutoTokenizer.from_pretrained(teacher_dir()), task_manager("bundled", ROOT / "runs" / "cache")
+    found = {}
+    for name in LONGEST_TASKS:
+        recorder = _longest_recorder(tokenizer)
+        simple_evaluate(model=recorder, tasks=[name], num_fewshot=0, limit=None, task_manager=manager,
+                        bootstrap_iters=0, **SEEDS)
+        docs = 1 + max(doc_id for doc_id, _ in recorder.lengths)
+        found[name] = {"docs": docs, "longest": [[n or docs, max(length for doc_id, length in recorder.lengths
+                                                                 if n is None or doc_id < n)]
+                                                 for n in LONGEST_AT_DOCS if n is None or n < docs]}
+        print(name, found[name], flush=True)
+    return found
+
+
+def _longest_recorder(tokenizer):
+    """An lm-eval model that answers nothing and records (document, tokens forwarded) per request."""
+    from lm_eval.api.model import LM
+
+    class Recorder(LM):
+        lengths: list[tuple[int, int]] = []
+
+        def loglikelihood(self, requests):
+            self.lengths += [(r.doc_id, len(tokenizer(r.args[0] + r.args[1])["input_ids"]) - 1) for r in requests]
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError("no rolling-loglikelihood task in LONGEST_TASKS")
+
+        def generate_until(self, requests):
+            raise NotImplementedError("no generation task in LONGEST_TASKS")
+
+    recorder = Recorder()
+    recorder.lengths = []
+    return recorder
+
+
 if __name__ == "__main__":
     import sys
 
     if "--tasks" in sys.argv[1:]:
         write_result("estimate_tasks", {"sample": TASK_SAMPLE, "tasks": measure_task_tokens()})
+    elif "--longest" in sys.argv[1:]:
+        write_result("estimate_longest", {"tasks": measure_longest_requests()})
     else:
         main()
