@@ -377,3 +377,9 @@ def test_teach_holds_the_batchs_logits_then_topk_chunks_and_outputs():
     one = teach_memory(LLAMA, "bfloat16", 1, 4096, 256, 16)
     assert bf16.activations == 8 * one.activations and bf16.logits == 8 * one.logits
     assert bf16.total == bf16.weights + bf16.logits + max(bf16.activations, bf16.after)
+
+
+def test_the_longest_request_table_is_the_benchmarks_result():
+    """cost_model.LM_EVAL_LONGEST is what `bench.estimate --longest` measured, nothing typed by hand."""
+    measured = json.loads((ROOT / "bench" / "results" / "estimate_longest.json").read_text())["tasks"]
+    assert LM_EVAL_LONGEST == {name: tuple(tuple(pair) for pair in task["longest"]) for name, task in measured.items()}

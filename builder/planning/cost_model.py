@@ -339,19 +339,28 @@ def lm_eval_tokens(task: dict) -> tuple[int, int]:
 # The longest request lm-eval forwards for a task (context and continuation less the last token:
 # the length HFLM pads a batch to) among its first N documents (lm-eval's limit takes the first
 # ones; for MMLU, the first N of every subject): ((N, tokens), ..., (every document, tokens)). At
-# zero shots on the bundled tasks with SmolLM2's tokenizer, from lm-eval 0.4.13's own request
-# building (simple_evaluate with a model that records each request's tokens by document). Not yet
-# measured (the rest of the bundled tasks, MMLU's subjects): LONGEST_OVER_TYPICAL below.
+# zero shots on the bundled tasks with SmolLM2's tokenizer, from lm-eval's own request building:
+# bench/results/estimate_longest.json (`bench.estimate --longest`). Far from the typical length
+# over a whole split (MMLU 9x, boolq 8x): a batch is as long as its longest request.
 LM_EVAL_LONGEST: dict[str, tuple[tuple[int, int], ...]] = {
-    "hellaswag": ((10, 60), (20, 60), (50, 91), (100, 91), (200, 95), (500, 102), (1000, 113), (2000, 124),
+    "hellaswag": ((10, 60), (16, 60), (20, 60), (50, 91), (100, 91), (200, 95), (500, 102), (1000, 113), (2000, 124),
                   (5000, 145), (10042, 154)),
-    "arc_easy": ((16, 41), (100, 76), (2376, 162)),
-    "piqa": ((16, 65), (100, 133), (1838, 241)),
-    "winogrande": ((16, 29), (100, 38), (1267, 38)),
+    "arc_easy": ((10, 34), (16, 41), (20, 58), (50, 73), (100, 76), (200, 162), (500, 162), (1000, 162), (2000, 162),
+                 (2376, 162)),
+    "arc_challenge": ((10, 81), (16, 81), (20, 81), (50, 81), (100, 89), (200, 89), (500, 174), (1000, 174),
+                      (1172, 174)),
+    "piqa": ((10, 65), (16, 65), (20, 65), (50, 133), (100, 133), (200, 171), (500, 241), (1000, 241), (1838, 241)),
+    "winogrande": ((10, 26), (16, 29), (20, 29), (50, 38), (100, 38), (200, 38), (500, 38), (1000, 38), (1267, 38)),
+    "mmlu": ((10, 1033), (16, 1033), (20, 1033), (50, 1033), (100, 1044), (200, 1044), (500, 1044), (1000, 1044),
+             (1534, 1044)),
+    "boolq": ((10, 286), (16, 286), (20, 286), (50, 312), (100, 784), (200, 784), (500, 784), (1000, 784),
+              (2000, 784), (3270, 1298)),
+    "lambada_openai": ((10, 106), (16, 106), (20, 111), (50, 111), (100, 111), (200, 153), (500, 153), (1000, 153),
+                       (2000, 221), (5000, 221), (5153, 221)),
 }
-# A task without a table: its longest request taken as this many times its typical one (the
-# bundled tasks' first 100 documents: 1.8x to 3.7x; their whole splits: up to 7x).
-LONGEST_OVER_TYPICAL = 3.0
+# A task without a table (truthfulqa_mc2, gsm8k, any other): its longest request taken as this
+# many times its typical one, the most the measured tasks' whole splits reach (MMLU: 9.3x).
+LONGEST_OVER_TYPICAL = 10.0
 
 
 def lm_eval_longest(task: dict) -> int:
