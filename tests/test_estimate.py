@@ -383,3 +383,17 @@ def test_the_longest_request_table_is_the_benchmarks_result():
     """cost_model.LM_EVAL_LONGEST is what `bench.estimate --longest` measured, nothing typed by hand."""
     measured = json.loads((ROOT / "bench" / "results" / "estimate_longest.json").read_text())["tasks"]
     assert LM_EVAL_LONGEST == {name: tuple(tuple(pair) for pair in task["longest"]) for name, task in measured.items()}
+
+
+def test_the_task_costs_are_the_benchmarks_result():
+    """cost_model.LM_EVAL_TASKS' measured entries are what `bench.estimate --tasks` measured:
+    tokens at zero shots, and each shot's tokens from the few-shot run (to the table's 0.1 token)."""
+    measured = json.loads((ROOT / "bench" / "results" / "estimate_tasks.json").read_text())["tasks"]
+    for key, found in measured.items():
+        name, shots = key.split(":")
+        cost = LM_EVAL_TASKS[name]
+        assert (cost.docs, cost.requests) == (found["docs"], found["requests"]), key
+        if shots == "0":
+            assert cost.tokens == found["tokens"], key
+        else:
+            assert cost.tokens_per_shot == pytest.approx((found["tokens"] - cost.tokens) / int(shots), abs=0.05), key
