@@ -256,22 +256,35 @@ def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
 def _spawned(target, name: str, batch: int, device: str, folder: Path, model_dir: Path) -> dict:
     """`target(model_dir, blocks, out, device)` in a spawned process over `batch` random blocks
     (saved in `folder`); what it wrote to `out` (its peak)."""
-    import multiprocessing
-
     import torch
 
     folder.mkdir(parents=True)
     blocks, out = folder / "blocks.pt", folder / "peak.json"
     torch.save(torch.randint(3, CONFIG["vocab_size"], (batch, SEQ_LEN), generator=torch.Generator().manual_seed(1)),
                blocks)
-    with _mmap_threshold():
-        process = multiprocessing.get_context("spawn").Process(target=target,
-                                                               args=(str(model_dir), str(blocks), str(out), device))
+    return _measured_in_a_process(target, (str(model_dir), str(blocks), str(out), device), out, name)
+
+
+def _measured_in_a_process(target, args: tuple, out: Path, name: str, env: dict | None = None) -> dict:
+    """`target(*args)` in a spawned process with MALLOC_MMAP_THRESHOLD_ (and `env`) set; what
+    it wrote to `out` (its peak)."""
+    import multiprocessing
+
+    with _mmap_threshold(), mock.patch.dict(os.environ, env or {}):
+        process = multiprocessing.get_context("spawn").Process(target=target, args=args)
         process.start()
         process.join()
     if process.exitcode != 0:
         raise RuntimeError(f"the {name} run exited with {process.exitcode}")
     return json.loads(out.read_text())
+
+
+def _judged(memory, measured: dict) -> dict:
+    """A pass measured over its loaded model against its prediction: the measured peak plus
+    the weights as the model counts them, over the predicted total, by the 1.5x rule."""
+    ratio = (measured["peak_bytes"] + memory.weights) / memory.total
+    return {"predicted": asdict(memory) | {"total": memory.total}, "measured": measured, "ratio": ratio,
+            "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
 
 
 def _importance(model, blocks, dtype: str, lm_loss_samples: int = 0) -> None:
@@ -354,11 +367,8 @@ def compare_pass(name: str, device: str, work: Path, model_dir: Path) -> dict:
     dtype, batch = pass_dtype(name, device), PASSES[name][1]
     folder = work / name.replace(" ", "-").replace("(", "").replace(")", "")
     measured = _spawned(partial(_over_the_model, name), name, batch, device, folder, model_dir)
-    memory = predicted_pass(name, dtype)
-    prediction = asdict(memory) | {"total": memory.total}
-    ratio = (measured["peak_bytes"] + memory.weights) / memory.total
     return {"stage": name, "device": device, "dtype": dtype, "batch": batch,
-            "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
+            **_judged(predicted_pass(name, dtype), measured)}
 
 
 # lm-eval's part of an evaluation: a task whose requests fill several batches of EVAL_BATCH, so
@@ -413,32 +423,23 @@ def compare_lm_eval(work: Path) -> dict:
     """lm-eval's measured peak over the loaded model, plus the weights as the model counts them,
     against the dry-run estimate's prediction, LmEval.estimate(...).forward_memory_of, on the
     CPU (float32)."""
-    import multiprocessing
-
     from transformers import AutoConfig
 
     from builder.planning.cost_model import COSTS, lm_eval_longest
     from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest
 
     model_dir, out = save_lm_eval_model(work / "lm-eval-model"), work / "lm-eval.json"
-    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    with _mmap_threshold(), mock.patch.dict(os.environ, offline):
-        process = multiprocessing.get_context("spawn").Process(target=_lm_eval,
-                                                               args=(str(model_dir), str(work / "cache"), str(out)))
-        process.start()
-        process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"the lm-eval run exited with {process.exitcode}")
-    measured = json.loads(out.read_text())
+    measured = _measured_in_a_process(_lm_eval, (str(model_dir), str(work / "cache"), str(out)), out, "lm-eval",
+                                      env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     task = TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT)
     settings = LmEvalSettings((task,), batch_size=EVAL_BATCH)
     memory = LmEval().estimate(settings, AutoConfig.from_pretrained(model_dir), COSTS, SEQ_LEN).forward_memory_of(
         "float32")
-    prediction = asdict(memory) | {"total": memory.total, "length": lm_eval_longest(asdict(task))}
-    ratio = (measured["peak_bytes"] + memory.weights) / memory.total
+    judged = _judged(memory, measured)
+    judged["predicted"]["length"] = lm_eval_longest(asdict(task))
     return {"stage": "evaluate (lm-eval)", "device": "cpu", "dtype": "float32", "task": LM_EVAL_TASK,
             "limit": LM_EVAL_LIMIT, "batch": EVAL_BATCH, "longest_padded": max(s[1] for s in measured["batches"]),
-            "predicted": prediction, "measured": measured, "ratio": ratio, "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
+            **judged}
 
 
 def runs(device: str, steps: int) -> list[Run]:
