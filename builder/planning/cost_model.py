@@ -164,10 +164,10 @@ def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: in
 class ForwardMemory:
     """Bytes on one device of a forward pass without gradients over one batch (an evaluation):
     the model's weights, what one decoder layer holds at its peak (inference_bytes_per_token_layer:
-    no autograd keeps any layer's tensors), and the logits held at once. Beyond a plain forward, what its pass holds `held`
-    beside the layers' tensors (the score stage's hook copies and statistics) and `after`
-    them, once they are freed, beside the logits (the teach pass's top-k chunks and outputs,
-    the LM loss's log-softmax): the larger of the two phases counts."""
+    no autograd keeps any layer's tensors), and the logits held at once. Beyond a plain
+    forward, what its pass holds `held` beside the layers' tensors (the score stage's hook
+    copies and statistics) and `after` them, once they are freed, beside the logits (the teach
+    pass's top-k chunks and outputs, the LM loss's log-softmax): the larger phase counts."""
 
     weights: float
     activations: float
