@@ -3,6 +3,8 @@
     .venv/bin/python -m bench.estimate          # seconds: reads recorded results, times this disk
     .venv/bin/python -m bench.estimate --tasks  # minutes: lm-eval's tokens per bundled task, the
                                                 # numbers of builder.planning.cost_model.LM_EVAL_TASKS
+    .venv/bin/python -m bench.estimate --longest  # minutes: each task's longest request among
+                                                  # its first N documents (cost_model.LM_EVAL_LONGEST)
 
 The measured side is one real build: bench/results/demo.json (`bench.demo`, the exact `make
 demo` spec on this 2-core CPU; its stages' wall times as each manifest recorded them). The
@@ -56,7 +58,7 @@ def main() -> None:
     spec = ROOT / "families" / demo["spec"]
     options = RunOptions(workdir=ROOT / "runs", mfu=mfu)
     plan = family.load_and_plan(spec, options)
-    estimate = estimate_plan(plan, family._teacher_config(plan.spec, spec, options), options, cpu, costs)
+    estimate = estimate_plan(plan, family.planned_teacher_config(plan.spec, spec, options), options, cpu, costs)
     rows = [_compare(estimate, *stage) for stage in demo["stages"]]
     rows = [row for row in rows if row is not None]
     print(f"predicted on {cpu.name}: peak {cpu.bf16_tflops * 1000:.1f} GFLOP/s, MFU {mfu:.0%} (bench.distill); "
@@ -121,56 +123,73 @@ def measure_task_tokens() -> dict:
     """Per bundled task and few-shot count: documents, forward passes per document and tokens
     per forward, from lm-eval's own request building (a model that only records requests)
     with the demo teacher's tokenizer."""
-    from lm_eval import simple_evaluate
-    from transformers import AutoTokenizer
-
-    from bench.common import teacher_dir
-    from evaluators.lm_eval_runner import SEEDS, task_manager
-
-    tokenizer, manager = AutoTokenizer.from_pretrained(teacher_dir()), task_manager("bundled", ROOT / "runs" / "cache")
+    tokenizer, manager = _tokenizer_and_tasks()
     found = {}
     for name, shots in TASK_SHOTS:
-        recorder = _request_recorder(tokenizer)
-        result = simple_evaluate(model=recorder, tasks=[name], num_fewshot=shots, limit=TASK_SAMPLE,
-                                 task_manager=manager, bootstrap_iters=0, **SEEDS)
+        result, requests = _requests_of(name, shots, TASK_SAMPLE, manager)
+        lengths = _forward_lengths(requests, lambda text: len(tokenizer(text)["input_ids"]))
         counts = result["n-samples"].values()
         used = sum(count["effective"] for count in counts)
         found[f"{name}:{shots}"] = {"docs": sum(count["original"] for count in counts),
-                                    "requests": round(len(recorder.lengths) / used, 2),
-                                    "tokens": round(sum(recorder.lengths) / len(recorder.lengths), 1)}
+                                    "requests": round(len(lengths) / used, 2),
+                                    "tokens": round(sum(lengths) / len(lengths), 1)}
         print(name, shots, found[f"{name}:{shots}"], flush=True)
     return found
 
 
-def _request_recorder(tokenizer):
-    """An lm-eval model that answers nothing and records each forward pass's length. Like
-    lm-eval's HF model, one-token continuations of the same context share one forward."""
+def _tokenizer_and_tasks():
+    """The demo teacher's tokenizer and the bundled tasks' manager."""
+    from transformers import AutoTokenizer
+
+    from bench.common import teacher_dir
+    from evaluators.lm_eval_runner import task_manager
+
+    return AutoTokenizer.from_pretrained(teacher_dir()), task_manager("bundled", ROOT / "runs" / "cache")
+
+
+def _requests_of(name: str, shots: int, limit: int | None, manager) -> tuple[dict, list]:
+    """simple_evaluate's result and every request lm-eval built for one task, answered by nobody."""
+    from lm_eval import simple_evaluate
+
+    from evaluators.lm_eval_runner import SEEDS
+
+    recorder = _request_recorder()
+    result = simple_evaluate(model=recorder, tasks=[name], num_fewshot=shots, limit=limit, task_manager=manager,
+                             bootstrap_iters=0, **SEEDS)
+    return result, recorder.requests
+
+
+def _forward_lengths(requests: list, length) -> list[int]:
+    """Each forward pass's length. Like lm-eval's HF model, one-token continuations of the same
+    context share one forward."""
+    scored = [r for r in requests if r.request_type == "loglikelihood"]
+    shared = {(r.args[0], r.args[1]) for r in scored if length(r.args[1]) == 1}
+    lengths = [length(r.args[0]) + length(r.args[1]) for r in scored if (r.args[0], r.args[1]) not in shared]
+    lengths += [length(context) + 1 for context in {context for context, _ in shared}]
+    return lengths + [length(r.args[0]) for r in requests if r.request_type != "loglikelihood"]
+
+
+def _request_recorder():
+    """An lm-eval model that answers nothing and keeps every request it is given."""
     from lm_eval.api.model import LM
 
-    def length(text: str) -> int:
-        return len(tokenizer(text)["input_ids"])
-
     class Recorder(LM):
-        lengths: list[int] = []
+        requests: list = []
 
         def loglikelihood(self, requests):
-            shared = {(r.args[0], r.args[1]) for r in requests if length(r.args[1]) == 1}
-            contexts = {context for context, _ in shared}
-            self.lengths += [length(r.args[0]) + length(r.args[1]) for r in requests if (r.args[0], r.args[1])
-                             not in shared]
-            self.lengths += [length(context) + 1 for context in contexts]
+            self.requests += requests
             return [(0.0, False)] * len(requests)
 
         def loglikelihood_rolling(self, requests):
-            self.lengths += [length(r.args[0]) for r in requests]
+            self.requests += requests
             return [0.0] * len(requests)
 
         def generate_until(self, requests):
-            self.lengths += [length(r.args[0]) for r in requests]
+            self.requests += requests
             return [""] * len(requests)
 
     recorder = Recorder()
-    recorder.lengths = []
+    recorder.requests = []
     return recorder
 
 
@@ -192,10 +211,39 @@ def _compare(estimate, model: str, name: str, tokens: int, wall_s: float, before
     return row
 
 
+# The tasks whose longest request cost_model.LM_EVAL_LONGEST holds, at zero shots, and the
+# document counts (lm-eval's `limit`: its first N documents, of every subject in a group) it
+# gives the longest at; None: the whole split.
+LONGEST_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu", "boolq", "lambada_openai")
+LONGEST_AT_DOCS = (10, 16, 20, 50, 100, 200, 500, 1000, 2000, 5000, None)
+
+
+def measure_longest_requests() -> dict:
+    """Per task: its documents, and the longest request among its first N documents for each
+    N of LONGEST_AT_DOCS, in tokens as HFLM forwards it (context and continuation encoded
+    together, less the last token: `_loglikelihood_tokens`' `(context_enc + continuation_enc)[:-1]`),
+    from lm-eval's own request building with the demo teacher's tokenizer."""
+    tokenizer, manager = _tokenizer_and_tasks()
+    found = {}
+    for name in LONGEST_TASKS:
+        _, requests = _requests_of(name, 0, None, manager)
+        if any(r.request_type != "loglikelihood" for r in requests):
+            raise ValueError(f"{name}: LONGEST_TASKS holds loglikelihood tasks only")
+        lengths = [(r.doc_id, len(tokenizer(r.args[0] + r.args[1])["input_ids"]) - 1) for r in requests]
+        docs = 1 + max(doc_id for doc_id, _ in lengths)
+        found[name] = {"docs": docs, "longest": [[n or docs, max(length for doc_id, length in lengths
+                                                                 if n is None or doc_id < n)]
+                                                 for n in LONGEST_AT_DOCS if n is None or n < docs]}
+        print(name, found[name], flush=True)
+    return found
+
+
 if __name__ == "__main__":
     import sys
 
     if "--tasks" in sys.argv[1:]:
         write_result("estimate_tasks", {"sample": TASK_SAMPLE, "tasks": measure_task_tokens()})
+    elif "--longest" in sys.argv[1:]:
+        write_result("estimate_longest", {"tasks": measure_longest_requests()})
     else:
         main()

@@ -17,7 +17,12 @@ others' results; everything goes to bench/results/gpu.json (exit code 0 only if 
 3. vLLM throughput of the embedded SmolLM2-135M teacher on the GPU (bfloat16, 64 prompts);
 4. the memory model: `python -m bench.memory --quick --device cuda` (per-rank peak of a bf16
    distillation against builder.planning.cost_model.training_memory; DDP and FSDP2 with
-   activation checkpointing off and on when two GPUs are visible), bench/results/memory-cuda.json.
+   activation checkpointing off and on when two GPUs are visible), bench/results/memory-cuda.json;
+5. real shapes (bench/gpu_real_shape.py): a family of the embedded SmolLM2-135M at 2,048-token
+   blocks (evaluation batch 16, a stored top-256 signal of three shards taught by two actors when
+   two GPUs are there), built with --gpus-per-stage 1; it passes only if every computing stage
+   ran on CUDA and each training, score, teach and evaluate stage's peak stayed within what the
+   estimate predicted.
 
 Without CUDA it stops at once and says so (exit code 2). Not run yet: no GPU was lent while
 it was written, so every CUDA path it exercises is unverified until it is.
@@ -31,14 +36,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.common import RESULTS, ROOT, machine, teacher_dir, write_result
+from bench.gpu_real_shape import real_shape_step
+from bench.gpu_steps import run_step, stages_not_on_cuda
 
 QWEN_CONFIG = ROOT / "tests" / "data" / "configs" / "Qwen3-8B-Base.json"
-# The stage kinds that compute on the GPU they hold (builder.stages: heavy and coordinating).
-COMPUTING_STAGES = ("score", "correct", "teach", "distill", "evaluate", "throughput")
 
 
 def require_cuda() -> int:
@@ -50,22 +54,6 @@ def require_cuda() -> int:
                          "machine with a CUDA build of torch (and vllm for the throughput step).", file=sys.stderr)
         sys.exit(2)
     return torch.cuda.device_count()
-
-
-def run_step(name: str, command: list[str], timeout_s: float, log_dir: Path) -> dict:
-    """One step as a subprocess: exit code, wall time, the end of its log."""
-    log_path = log_dir / f"{name}.log"
-    started = time.perf_counter()
-    with open(log_path, "wb") as log:
-        try:
-            code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    wall = time.perf_counter() - started
-    tail = log_path.read_text(errors="replace")[-3000:]
-    print(f"{name}: {'timed out' if code is None else f'exit {code}'} in {wall:.0f} s", flush=True)
-    return {"command": command, "exit_code": code, "timed_out": code is None, "wall_s": round(wall, 1),
-            "ok": code == 0, "log_tail": tail}
 
 
 def rehearsal_step(gpus: int, workdir: Path, log_dir: Path, timeout_s: float) -> dict:
@@ -82,23 +70,6 @@ def rehearsal_step(gpus: int, workdir: Path, log_dir: Path, timeout_s: float) ->
                           "students": [s["name"] for s in report.get("students", [])],
                           "throughput": {s["name"]: s.get("throughput") for s in report.get("students", [])}}
     return step
-
-
-def stages_not_on_cuda(stages_dir: Path) -> tuple[dict[str, dict | None], list[str]]:
-    """Each finished computing stage's recorded placement, and the ones that did not run on
-    CUDA (or recorded nothing): every one of them held a GPU. A distillation of 0 tokens
-    (pruning only) computes nothing and is left out."""
-    placements: dict[str, dict | None] = {}
-    for file in sorted(stages_dir.glob("*/manifest.json")):
-        manifest = json.loads(file.read_text())
-        summary = manifest.get("summary") or {}
-        if manifest.get("stage") not in COMPUTING_STAGES or (manifest["stage"] == "distill" and not summary.get("steps")):
-            continue
-        placements[file.parent.name] = summary.get("placement")
-    off_cuda = [stage for stage, placed in placements.items() if not (placed or {}).get("device", "").startswith("cuda")]
-    for stage in off_cuda:
-        print(f"rehearsal: stage {stage} did not run on CUDA: {placements[stage]}", flush=True)
-    return placements, off_cuda
 
 
 def throughput_step(log_dir: Path, timeout_s: float, quick: bool) -> dict:
@@ -124,15 +95,17 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the rehearsal runs offline, as on this CPU machine
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     teacher_dir()  # converted once before the steps start their clocks
-    steps = {"rehearsal": rehearsal_step(gpus, scratch / "runs", scratch, 240 if args.quick else 300)}
+    # Each limit caps a step: with --quick they sum to 580 s, so all five fit one 10-minute device call.
+    steps = {"rehearsal": rehearsal_step(gpus, scratch / "runs", scratch, 170 if args.quick else 300)}
+    steps["real-shape"] = real_shape_step(gpus, scratch / "real-shape", scratch, 170 if args.quick else 300)
     steps["distill"] = run_step("distill", [sys.executable, "-m", "bench.distill", "--quick", "--device", "cuda"],
-                                150 if args.quick else 180, scratch)
+                                90 if args.quick else 180, scratch)
     if (RESULTS / "distill.json").exists() and steps["distill"]["ok"]:  # keep the CPU result where it was
         shutil.move(RESULTS / "distill.json", RESULTS / "distill-cuda.json")
         subprocess.run(["git", "checkout", "--", "bench/results/distill.json"], cwd=ROOT, check=False)
-    steps["throughput"] = throughput_step(scratch, 90 if args.quick else 120, args.quick)
+    steps["throughput"] = throughput_step(scratch, 60 if args.quick else 120, args.quick)
     steps["memory"] = run_step("memory", [sys.executable, "-m", "bench.memory", "--quick", "--device", "cuda"],
-                               120 if args.quick else 180, scratch)
+                               90 if args.quick else 180, scratch)
     ok = all(step["ok"] for step in steps.values())
     path = write_result("gpu", {"gpus": gpus, "quick": args.quick, "all_ok": ok, "steps": steps,
                                 "host": machine()})

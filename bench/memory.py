@@ -30,22 +30,37 @@ peak is torch.cuda.max_memory_allocated over memory_allocated before the models 
 context and cuBLAS workspace are outside both, as outside the model). Not run yet: no GPU
 was lent while it was written.
 
-Not measured: the evaluation stage (its peak is one model's weights plus one batch's logits;
-no memory estimate exists for it to compare with), bf16 on a CPU (without native bf16 it is
-emulated; the model's bf16 terms are the float32 ones halved).
+The passes without gradients, each in a process of its own, over the model already loaded
+(imports and the load first, the modelling code transformers imports on the first load
+included), its peak over that baseline plus the weights as the model counts them: on this
+CPU transformers 5 maps a float32 checkpoint's tensors from the safetensors file (file pages,
+not RssAnon), so a baseline before the load would count tens of MB of imports and none of the
+weights. They are: the evaluate stage's held-out perplexity pass over EVAL_BATCH blocks
+(builder.models.next_token_nll, the LM head in chunks: evaluators.perplexity.perplexity_memory);
+score's importance pass over SCORE_BATCH blocks, then the same with its LM-loss pass
+(builder.pruning.importance.importance_memory, float32); one teach batch of SCORE_BATCH blocks,
+top-256 with 16 tail draws (builder.teaching.teach_pass.teach_memory); and lm-eval's part of
+the evaluate stage (LM_EVAL_TASK's first LM_EVAL_LIMIT documents through
+evaluators.lm_eval_runner.LmEval, offline from the bundled tasks, batches of EVAL_BATCH, with
+the embedded teacher's tokenizer and vocabulary) against the dry run's own prediction,
+LmEval.estimate(...).forward_memory_of (lm_eval_memory at cost_model.lm_eval_longest); that
+run records each batch's padded shape.
+
+Not measured: bf16 on a CPU (without native bf16 it is emulated; the model's bf16 terms are
+the float32 ones halved).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from unittest import mock
 
 from bench.common import print_table, write_result
 
@@ -54,6 +69,9 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidd
               num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 MICRO_BATCH, SEQ_LEN, WORKERS = 4, 256, 2
+EVAL_BATCH = 16  # blocks a perplexity forward: the families' evaluation batch_size
+SCORE_BATCH = 8  # blocks a score or teach forward: the scoring section's default batch_size
+TOP_K, TAIL_SAMPLES = 256, 16  # the teach pass's signal: bench.gpu's real-shape family's
 LAYOUTS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
 SAMPLE_EVERY_S = 0.002
 MMAP_THRESHOLD = 64 * 1024  # bytes: larger allocations are their own mappings (see the docstring)
@@ -214,25 +232,16 @@ def measure(run: Run, work: Path, models: tuple[Path, Path]) -> list[dict]:
     blocks = out / "blocks.pt"
     torch.save(torch.randint(3, CONFIG["vocab_size"], (MICRO_BATCH * run.workers * run.steps, SEQ_LEN),
                              generator=torch.Generator().manual_seed(0)), blocks)
-    with _environment(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)):  # read by glibc as each worker starts
+    with _mmap_threshold():  # read by glibc as each worker starts
         mp.spawn(_rank, args=(str(out / "rendezvous"), tuple(map(str, models)), str(blocks), str(out), run),
                  nprocs=run.workers)
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(run.workers)]
 
 
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """These environment variables for the processes started inside; this one's restored after."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def _mmap_threshold():
+    """MALLOC_MMAP_THRESHOLD_ for the processes started inside (this one's environment is
+    restored after): the standard library's patch.dict, not a context manager of our own."""
+    return mock.patch.dict(os.environ, {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
 
 
 def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
@@ -242,6 +251,195 @@ def compare(run: Run, work: Path, models: tuple[Path, Path]) -> dict:
             "device": run.device, "workers": run.workers, "dtype": run.dtype,
             "predicted": prediction, "ranks": ranks, "ratios": ratios,
             "within_1_5x": all(1 / 1.5 <= ratio <= 1.5 for ratio in ratios)}
+
+
+def _spawned(target, name: str, batch: int, device: str, folder: Path, model_dir: Path) -> dict:
+    """`target(model_dir, blocks, out, device)` in a spawned process over `batch` random blocks
+    (saved in `folder`); what it wrote to `out` (its peak)."""
+    import torch
+
+    folder.mkdir(parents=True)
+    blocks, out = folder / "blocks.pt", folder / "peak.json"
+    torch.save(torch.randint(3, CONFIG["vocab_size"], (batch, SEQ_LEN), generator=torch.Generator().manual_seed(1)),
+               blocks)
+    return _measured_in_a_process(target, (str(model_dir), str(blocks), str(out), device), out, name)
+
+
+def _measured_in_a_process(target, args: tuple, out: Path, name: str, env: dict | None = None) -> dict:
+    """`target(*args)` in a spawned process with MALLOC_MMAP_THRESHOLD_ (and `env`) set; what
+    it wrote to `out` (its peak)."""
+    import multiprocessing
+
+    with _mmap_threshold(), mock.patch.dict(os.environ, env or {}):
+        process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+        process.start()
+        process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"the {name} run exited with {process.exitcode}")
+    return json.loads(out.read_text())
+
+
+def _judged(memory, measured: dict) -> dict:
+    """A pass measured over its loaded model against its prediction: the measured peak plus
+    the weights as the model counts them, over the predicted total, by the 1.5x rule."""
+    ratio = (measured["peak_bytes"] + memory.weights) / memory.total
+    return {"predicted": asdict(memory) | {"total": memory.total}, "measured": measured, "ratio": ratio,
+            "within_1_5x": 1 / 1.5 <= ratio <= 1.5}
+
+
+def _importance(model, blocks, dtype: str, lm_loss_samples: int = 0) -> None:
+    """The score stage's pass: importance over the blocks, and with `lm_loss_samples` the
+    LM-loss pass after it."""
+    from builder.pruning.importance import score_importance
+
+    score_importance(model, blocks, batch_size=SCORE_BATCH, lm_loss_samples=lm_loss_samples, progress=False)
+
+
+def _perplexity(model, blocks, dtype: str) -> None:
+    """The evaluate stage's held-out perplexity pass."""
+    from evaluators.perplexity import heldout_perplexity
+
+    heldout_perplexity(model, blocks, EVAL_BATCH, progress=False)
+
+
+def _signal(model, blocks, dtype: str) -> None:
+    """One teach actor's batch: the teacher's stored signal (top-k and tail draws)."""
+    from builder.teaching.signal import SignalLayout
+    from builder.teaching.teach_pass import batch_signal
+
+    layout = SignalLayout.plan(len(blocks), len(blocks), SEQ_LEN, TOP_K, 1.0, CONFIG["vocab_size"], TAIL_SAMPLES)
+    batch_signal(model, blocks, layout, dtype, layout.draws(0))
+
+
+# The passes without gradients, each measured over its loaded model (see the module docstring),
+# in a process of its own: the pass, and the blocks it runs over.
+PASSES = {"evaluate (perplexity)": (_perplexity, EVAL_BATCH),
+          "score (importance)": (_importance, SCORE_BATCH),
+          "score (LM loss)": (partial(_importance, lm_loss_samples=SCORE_BATCH), SCORE_BATCH),
+          "teach": (_signal, SCORE_BATCH)}
+
+
+def _over_the_model(name: str, model_dir: str, blocks: str, out: str, device: str) -> None:
+    """One of PASSES: imports and the model's load first (the modelling code transformers
+    imports on the first load included), then the measured pass."""
+    import gc
+
+    import torch
+
+    from builder.models.loading import load_model
+    from builder.training.settings import DTYPES
+
+    torch.set_num_threads(1)
+    data = torch.load(blocks)
+    placed = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    dtype = pass_dtype(name, device)
+    model = load_model(model_dir, placed, DTYPES[dtype])
+    gc.collect()
+    with Peak(placed) as peak:
+        PASSES[name][0](model, data, dtype)
+    Path(out).write_text(json.dumps(peak.result()))
+
+
+def pass_dtype(name: str, device: str) -> str:
+    """What the stage holds its model in: score float32 wherever it runs, teach and evaluate bf16 on a GPU."""
+    return "bfloat16" if device == "cuda" and not name.startswith("score") else "float32"
+
+
+def predicted_pass(name: str, dtype: str):
+    """The estimate's ForwardMemory of one of PASSES."""
+    from transformers import LlamaConfig
+
+    from builder.pruning.importance import importance_memory
+    from builder.teaching.teach_pass import teach_memory
+    from evaluators.perplexity import perplexity_memory
+
+    config = LlamaConfig(**CONFIG)
+    if name == "evaluate (perplexity)":
+        return perplexity_memory(config, dtype, EVAL_BATCH, SEQ_LEN)
+    if name == "teach":
+        return teach_memory(config, dtype, SCORE_BATCH, SEQ_LEN, TOP_K, TAIL_SAMPLES)
+    return importance_memory(config, SCORE_BATCH, SEQ_LEN, lm_loss_batch=SCORE_BATCH if "LM loss" in name else 0)
+
+
+def compare_pass(name: str, device: str, work: Path, model_dir: Path) -> dict:
+    """One of PASSES: its measured peak over the loaded model plus the weights as the model
+    counts them, against the prediction, by the same 1.5x rule."""
+    dtype, batch = pass_dtype(name, device), PASSES[name][1]
+    folder = work / name.replace(" ", "-").replace("(", "").replace(")", "")
+    measured = _spawned(partial(_over_the_model, name), name, batch, device, folder, model_dir)
+    return {"stage": name, "device": device, "dtype": dtype, "batch": batch,
+            **_judged(predicted_pass(name, dtype), measured)}
+
+
+# lm-eval's part of an evaluation: a task whose requests fill several batches of EVAL_BATCH, so
+# that the peak sees the second batch forwarded while the first's log-softmax is still held.
+LM_EVAL_TASK, LM_EVAL_LIMIT = "hellaswag", 16  # 16 documents x 4 endings: four batches of 16
+
+
+def save_lm_eval_model(root: Path) -> Path:
+    """CONFIG's Llama with the embedded teacher's tokenizer (SmolLM2's, read from its GGUF in
+    seconds) and that tokenizer's vocabulary: the tokenizer that cost_model.LM_EVAL_TASKS and
+    LM_EVAL_LONGEST were measured with, so the run forwards the lengths the prediction uses."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from builder.embedded import package_dir
+    from builder.models.teacher import EMBEDDED_TEACHER_FILES
+
+    package, filename = EMBEDDED_TEACHER_FILES["smollm2-135m-instruct"]
+    tokenizer = AutoTokenizer.from_pretrained(package_dir(package), gguf_file=filename)
+    torch.manual_seed(2)
+    LlamaForCausalLM(LlamaConfig(**(CONFIG | {"vocab_size": len(tokenizer)}))).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def _lm_eval(model_dir: str, cache_dir: str, out: str) -> None:
+    """lm-eval's part of the evaluate stage, in a process of its own, through the LmEval
+    evaluator: imports, the tokenizer, the built task and the model's load first, then the
+    measured lm-eval run. A forward pre-hook records each batch's padded shape."""
+    import gc
+
+    import torch
+
+    from evaluators.base import ModelHandle
+    from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest, _built_tasks, task_manager
+
+    torch.set_num_threads(1)
+    handle = ModelHandle(model_dir)
+    handle.tokenizer()
+    _built_tasks(task_manager("bundled", cache_dir), [LM_EVAL_TASK], 0)  # kept for the run below
+    settings = LmEvalSettings((TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT),), batch_size=EVAL_BATCH,
+                              cache_dir=Path(cache_dir))
+    shapes = []
+    handle.module("cpu").register_forward_pre_hook(lambda _, args: shapes.append(list(args[0].shape)))
+    gc.collect()
+    with Peak(torch.device("cpu")) as peak:
+        LmEval().run(handle, settings, "cpu")
+    Path(out).write_text(json.dumps(peak.result() | {"batches": shapes}))
+
+
+def compare_lm_eval(work: Path) -> dict:
+    """lm-eval's measured peak over the loaded model, plus the weights as the model counts them,
+    against the dry-run estimate's prediction, LmEval.estimate(...).forward_memory_of, on the
+    CPU (float32)."""
+    from transformers import AutoConfig
+
+    from builder.planning.cost_model import COSTS, lm_eval_longest
+    from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest
+
+    model_dir, out = save_lm_eval_model(work / "lm-eval-model"), work / "lm-eval.json"
+    measured = _measured_in_a_process(_lm_eval, (str(model_dir), str(work / "cache"), str(out)), out, "lm-eval",
+                                      env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    task = TaskRequest(LM_EVAL_TASK, limit=LM_EVAL_LIMIT)
+    settings = LmEvalSettings((task,), batch_size=EVAL_BATCH)
+    memory = LmEval().estimate(settings, AutoConfig.from_pretrained(model_dir), COSTS, SEQ_LEN).forward_memory_of(
+        "float32")
+    judged = _judged(memory, measured)
+    judged["predicted"]["length"] = lm_eval_longest(asdict(task))
+    return {"stage": "evaluate (lm-eval)", "device": "cpu", "dtype": "float32", "task": LM_EVAL_TASK,
+            "limit": LM_EVAL_LIMIT, "batch": EVAL_BATCH, "longest_padded": max(s[1] for s in measured["batches"]),
+            **judged}
 
 
 def runs(device: str, steps: int) -> list[Run]:
@@ -276,15 +474,21 @@ def main() -> None:
             rows.append([f"{run.parallel} x{run.workers}", "on" if run.checkpointing else "off",
                          result["predicted"]["total"] / 2**20, " / ".join(f"{m:.1f}" for m in mib),
                          " / ".join(f"{r:.2f}" for r in result["ratios"])])
+        passes = [compare_pass(name, args.device, Path(tmp), models[0]) for name in PASSES]
+        passes += [compare_lm_eval(Path(tmp))] if args.device == "cpu" else []  # lm-eval runs on a CPU here
+        rows += [[f"{result['stage']} x1", "-", result["predicted"]["total"] / 2**20,
+                  f"{result['measured']['peak_bytes'] / 2**20:.1f} + weights", f"{result['ratio']:.2f}"]
+                 for result in passes]
     print_table(["parallel", "act. ckpt", "predicted MiB", "measured MiB by rank", "measured / predicted"], rows)
-    goal = all(result["within_1_5x"] for result in results)
+    goal = all(result["within_1_5x"] for result in results + passes)
     print(f"goal (every ratio within 1.5x): {'met' if goal else 'NOT met'}")
     measure = (f"RssAnon peak over its value before the models, sampled every {SAMPLE_EVERY_S * 1000:g} ms, "
                f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}" if args.device == "cpu" else
                "torch.cuda.max_memory_allocated over memory_allocated before the models")
     path = write_result("memory" if args.device == "cpu" else "memory-cuda", {
         "quick": args.quick, "config": CONFIG, "micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN,
-        "packages": package_versions(), "measure": measure, "runs": results, "goal_met": goal})
+        "packages": package_versions(), "measure": measure, "runs": results, "passes": passes,
+        "goal_met": goal})
     print(f"wrote {path}")
 
 

@@ -49,7 +49,7 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
     if any(problem.field == "teacher.source" for problem in problems):
         raise SpecError(str(spec_path), problems)  # without a teacher there is no config to check
     try:
-        teacher_config = _teacher_config(spec, spec_path, options)
+        teacher_config = planned_teacher_config(spec, spec_path, options)
     except SpecError as error:
         raise SpecError(str(spec_path), problems + error.problems) from error
     problems += check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
@@ -86,7 +86,10 @@ def record_start(plan: Plan, options: RunOptions) -> None:
     write_started(family_dir(plan.spec, options), plan.precision, machine_signature(options.use_gpu))
 
 
-def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
+def planned_teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
+    """The teacher's config a plan and its estimate are made from: the acquired teacher's when
+    its stage has run, else --teacher-config, else the spec's source (the Hub); a SpecError
+    saying how to plan without it when none can be read."""
     manifest = StageStore(options.workdir).manifest(teacher_acquire_key(spec))
     acquired = Path(manifest.summary["model_dir"]) if manifest else None
     try:
@@ -100,7 +103,7 @@ def _teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
 
 def describe_plan(spec_path: Path, options: RunOptions, rebuild: tuple[str, ...] = ()) -> str:
     plan = load_and_plan(spec_path, options)
-    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
+    estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options)
     store, redo = StageStore(options.workdir), stages_to_rebuild(plan, list(rebuild))
     return "\n".join([render_plan(plan, store, family_dir(plan.spec, options), redo), "", *render_estimate(estimate),
                       "", disk_check(estimate, decide(plan, store, redo), options.workdir).line()])
@@ -116,7 +119,7 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     store = StageStore(options.workdir)
     console = make_console()
     # The estimate's disk figures: each stage checks its own is free before it writes.
-    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options)
+    estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options)
     _announce(console, plan, store, options, redo, estimate)
     _save_spec(spec_path, family_dir(plan.spec, options))
     record_start(plan, options)
@@ -214,7 +217,7 @@ def _write_report_files(plan: Plan, spec_path: Path, options: RunOptions, failur
                         skipped: dict[str, str] | None = None):
 
     # The dry run's estimate goes into report.json, so a build compares predicted with measured time.
-    estimate = estimate_plan(plan, _teacher_config(plan.spec, spec_path, options), options).to_json()
+    estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options).to_json()
     return write_report_files(plan, StageStore(options.workdir), family_dir(plan.spec, options),
                               spec_path.read_text(), failures, skipped, estimate)
 

@@ -59,7 +59,7 @@ def rehearse(spec_path: Path, options: RunOptions, with_throughput: bool | None 
 
     plan = family.load_and_plan(spec_path, options)  # the real spec, checked against the real teacher
     folder = rehearsal_dir(options)
-    spec_file = prepare(plan.spec, family._teacher_config(plan.spec, spec_path, options), folder, options,
+    spec_file = prepare(plan.spec, family.planned_teacher_config(plan.spec, spec_path, options), folder, options,
                         _vllm_installed() if with_throughput is None else with_throughput)
     rehearsal_options = options.model_copy(update={"workdir": folder, "teacher_config": None, "rehearsal": True})
     code = family.build(spec_file, rehearsal_options)

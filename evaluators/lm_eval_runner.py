@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.planning.cost_model import Costs, Work, forward_flops_per_token, lm_eval_tokens, subtasks
+from builder.planning.cost_model import (DTYPE_BYTES, Costs, Work, forward_flops_per_token, forward_memory,
+                                         lm_eval_longest, lm_eval_tokens, subtasks)
 from evaluators import offline_tasks
 from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.names import did_you_mean
@@ -171,7 +172,23 @@ class LmEval(Evaluator[LmEvalSettings]):
         for task in tasks:
             task_tokens, length = lm_eval_tokens(task)
             tokens, flops = tokens + task_tokens, flops + forward_flops_per_token(model_config, length) * task_tokens
-        return Work(tokens, flops, costs.lm_eval_start_s + costs.lm_eval_task_s * subtasks(tasks))
+        longest = max(lm_eval_longest(task) for task in tasks)
+        return Work(tokens, flops, costs.lm_eval_start_s + costs.lm_eval_task_s * subtasks(tasks),
+                    forward_memory_of=lambda dtype: lm_eval_memory(model_config, dtype, settings.batch_size, longest))
+
+
+def lm_eval_memory(model_config, dtype: str, batch_size: int, length: int):
+    """One batch of `batch_size` requests padded to `length` tokens (the tasks' longest request,
+    cost_model.lm_eval_longest: HFLM forwards the longest requests first and pads a batch to its
+    longest). Three batches' logits in the model's dtype, from HFLM's _loglikelihood_tokens
+    (lm_eval 0.4.13, lm_eval/models/huggingface.py): `multi_logits = F.log_softmax(
+    self._model_call(batched_inps), dim=-1, dtype=self.softmax_dtype)` holds the model's logits
+    and their log-softmax at once (softmax_dtype None: the logits' dtype; transformers' Llama
+    does not upcast logits it computes no loss on), while the previous batch's log-softmax is
+    still bound to `multi_logits` (and the loop's per-request `logits` views) until that
+    assignment ends; the first two batches are about equally long when a task fills several."""
+    logits = 3 * DTYPE_BYTES[dtype] * batch_size * length * model_config.vocab_size
+    return forward_memory(model_config, dtype, batch_size * length, logits)
 
 
 def evaluate_model(

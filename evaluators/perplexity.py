@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from builder.data.tokens import TokenBlocks
 from builder.models.next_token_nll import next_token_nll
-from builder.planning.cost_model import Costs, Work, forward_flops_per_token
+from builder.planning.cost_model import DTYPE_BYTES, Costs, Work, forward_flops_per_token, forward_memory
 from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.model_loading import load_model
 
@@ -63,7 +63,19 @@ class Perplexity(Evaluator[PerplexitySettings]):
 
     def estimate(self, settings: PerplexitySettings, model_config, costs: Costs, seq_len: int) -> Work:
         """`tokens` forwarded in blocks of `seq_len`; no start-up of its own."""
-        return Work(settings.tokens, forward_flops_per_token(model_config, seq_len) * settings.tokens)
+        return Work(settings.tokens, forward_flops_per_token(model_config, seq_len) * settings.tokens,
+                    forward_memory_of=lambda dtype: perplexity_memory(model_config, dtype, settings.batch_size, seq_len))
+
+
+def perplexity_memory(model_config, dtype: str, batch_size: int, seq_len: int):
+    """One batch of blocks through builder.models.next_token_nll: the body's forward, then the
+    LM head over chunks of `chunk_positions` (hidden_size) positions, each chunk's logits held
+    in the model's dtype, as a float32 copy and as float32 log-probabilities; and the body's
+    last hidden states for the whole batch, with a float32 NLL per token."""
+    compute = DTYPE_BYTES[dtype]
+    chunk = model_config.hidden_size * model_config.vocab_size * (compute + 4 + 4)
+    held = batch_size * seq_len * (compute * model_config.hidden_size + 4)
+    return forward_memory(model_config, dtype, batch_size * seq_len, chunk + held)
 
 
 def _check_blocks(blocks: torch.Tensor, vocab_size: int) -> None:

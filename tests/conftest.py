@@ -31,6 +31,11 @@ SLOWEST_FIRST = (  # the order of `.ci/run`'s durations at 286633b
     "test_process_tree.py",
     "test_prune.py",
     "test_stage_failure.py",
+    "test_gpu_node.py",  # not yet timed by `.ci/run`: where their lone runs put them
+    "test_memory.py",
+    "test_next_token_nll.py",
+    "test_gpu_node_build.py",
+    "test_sharded_load.py",
 )
 REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import namedtuple
-from dataclasses import astuple
+from dataclasses import asdict, astuple
 from pathlib import Path
 
 import pytest
@@ -16,10 +16,12 @@ from builder import family
 from builder.models.teacher import config_from_json
 from builder.models.arch import count_params, student_config
 from builder.cli import main
-from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, UNKNOWN_TASK, config_dtype_bytes,
-                                         forward_flops_per_token, lm_eval_tokens, memory_of, training_disk,
-                                         training_memory)
+from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_LONGEST, LM_EVAL_TASKS, LONGEST_OVER_TYPICAL,
+                                         UNKNOWN_TASK, config_dtype_bytes, forward_flops_per_token, forward_memory,
+                                         lm_eval_longest, lm_eval_tokens, memory_of, training_disk, training_memory)
 from builder.planning.estimate import estimate_plan, fit_advice, render_estimate
+from builder.pruning.importance import importance_memory
+from builder.teaching.teach_pass import teach_memory
 from builder.options.run_options import RunOptions
 from builder.spec.shape import Shape
 from builder.store import disk_space
@@ -276,3 +278,125 @@ def test_the_dry_run_prints_each_stages_disk_the_familys_and_what_is_free(tmp_pa
             "at once while it builds") in out
     assert (f"Disk: the stages to run need at most {format_bytes(estimate.disk_peak)}, 1 GB is free at {tmp_path}: "
             f"free {format_bytes(estimate.disk_peak - free)} there or use a --workdir on a larger disk") in out
+
+
+def test_an_evaluation_holds_one_batch_and_the_head_in_chunks():
+    """Perplexity's logits are one chunk of positions, whatever the batch and sequence; lm-eval's
+    are its whole batch's (and their log-softmax), in the model's dtype."""
+    from evaluators.lm_eval_runner import lm_eval_memory
+    from evaluators.perplexity import perplexity_memory
+
+    small, large = (perplexity_memory(LLAMA, "bfloat16", batch, 8192) for batch in (1, 16))
+    assert small.weights == large.weights == 2 * count_params(LLAMA)
+    assert large.activations == 16 * small.activations
+    chunk = LLAMA.hidden_size * LLAMA.vocab_size * (2 + 4 + 4)  # bf16 logits, their float32 copy and log-softmax
+    assert large.logits - chunk == 16 * (small.logits - chunk)  # only the batch's hidden states and NLLs grow
+    assert 16 * 8192 * LLAMA.vocab_size * (2 + 4 + 4) > 30 * chunk  # whole logits: 168 GB at batch 16
+    lm_eval = lm_eval_memory(LLAMA, "bfloat16", 16, 600)
+    # the batch's logits and their log-softmax, and the previous batch's log-softmax still held
+    assert lm_eval.logits == 3 * 2 * 16 * 600 * LLAMA.vocab_size
+
+
+def test_lm_eval_memory_is_sized_at_the_longest_request_of_the_documents_run():
+    """HFLM pads its first batch to the longest request: the table's longest among the first
+    documents (at least `limit` of them), not the typical length; shots add their typical tokens."""
+    from evaluators.lm_eval_runner import LmEval, LmEvalSettings, TaskRequest, lm_eval_memory
+
+    table = LM_EVAL_LONGEST["hellaswag"]
+    hellaswag = {"name": "hellaswag", "num_fewshot": 0}
+    assert lm_eval_longest(hellaswag | {"limit": table[0][0]}) == table[0][1]
+    assert lm_eval_longest(hellaswag | {"limit": table[0][0] + 1}) == table[1][1]
+    assert lm_eval_longest(hellaswag | {"limit": None}) == lm_eval_longest(hellaswag | {"limit": 10**9}) == table[-1][1]
+    assert table[-1][1] > 2 * LM_EVAL_TASKS["hellaswag"].tokens  # the whole split's longest: far from typical
+    assert lm_eval_longest(hellaswag | {"num_fewshot": 2, "limit": None}) == round(
+        table[-1][1] + 2 * LM_EVAL_TASKS["hellaswag"].tokens_per_shot)
+    assert lm_eval_longest({"name": "no-such-task"}) == round(LONGEST_OVER_TYPICAL * UNKNOWN_TASK.tokens)
+    settings = LmEvalSettings((TaskRequest("winogrande", limit=20), TaskRequest("hellaswag", limit=20)), batch_size=16)
+    longest = max(lm_eval_longest({"name": name, "limit": 20}) for name in ("winogrande", "hellaswag"))
+    memory = LmEval().estimate(settings, LLAMA, COSTS, 2048).forward_memory_of("bfloat16")
+    assert memory == lm_eval_memory(LLAMA, "bfloat16", 16, longest)
+
+
+def test_the_estimate_sizes_every_pass_without_gradients(tmp_path):
+    options = RunOptions(workdir=tmp_path, teacher_config=LLAMA_CONFIG)
+    plan = family.load_and_plan(ROOT / "families" / "llama-3.1-8b-minitron.yaml", options)
+    estimate = estimate_plan(plan, LLAMA, options)
+    evaluations = [stage for stage in estimate.stages if stage.name == "evaluate"]
+    assert evaluations and all(stage.memory["forward"]["fits"] for stage in evaluations)
+    sized = {"evaluate", "score", "teach"}
+    assert all("forward" not in stage.memory for stage in estimate.stages if stage.name not in sized)
+    # score: float32 whatever the plan's precision (its stage loads the model so), the spec's batch of 8
+    assert _stage(estimate, "score").memory["forward"] == asdict(importance_memory(LLAMA, 8, 8192)) | {
+        "total": importance_memory(LLAMA, 8, 8192).total, "fits": True}
+    assert _stage(estimate, "score").memory["forward"]["weights"] == 4 * count_params(LLAMA)
+
+
+def test_teach_is_sized_in_the_precision_its_gpus_run(tmp_path):
+    """The plan's precision on GPUs (what the teach stage's key hashes), bf16 for a plan made for a CPU."""
+    spec = yaml.safe_load((ROOT / "families" / "smollm2-135m.yaml").read_text())
+    spec["distill"] |= {"teacher_signal": "topk", "top_k": 32, "tail_samples": 16}
+    (tmp_path / "topk.yaml").write_text(yaml.safe_dump(spec))
+    weights = {}
+    for name, changes in {"cpu": {}, "gpu-fp32": {"gpus_per_stage": 1, "precision": "float32"}}.items():
+        (tmp_path / name).mkdir()
+        plan, config = demo_plan(tmp_path / name, str(tmp_path / "topk.yaml"), **changes)
+        forward = _stage(estimate_plan(plan, config, RunOptions(**changes)), "teach", "k32+16").memory["forward"]
+        expected = teach_memory(config, "float32" if changes else "bfloat16", spec["scoring"]["batch_size"],
+                                spec["data"]["seq_len"], 32, 16)
+        assert forward["total"] == expected.total
+        weights[name] = forward["weights"]
+    assert weights["gpu-fp32"] == 2 * weights["cpu"] == 4 * count_params(config)
+
+
+def test_score_holds_its_hooks_copies_and_statistics_or_its_lm_loss_pass():
+    shape = Shape.of(LLAMA)
+    stats = 4 * shape.num_hidden_layers * (shape.intermediate_size + shape.num_attention_heads * shape.head_dim
+                                           + 2 * shape.hidden_size)  # one fp32 running sum per unit (l2)
+    small, large = (importance_memory(LLAMA, batch, 4096) for batch in (1, 8))
+    hooks = 4 * 4096 * shape.intermediate_size  # one fp32 copy of down_proj's input: the widest hooked activation
+    assert small == forward_memory(LLAMA, "float32", 4096, 0.0, held=hooks + stats)
+    assert large.activations == 8 * small.activations and large.held - stats == 8 * hooks and large.logits == 0
+    var = importance_memory(LLAMA, 1, 4096, sequence_aggregation="var", batch_aggregation="var")
+    assert var.held == 2 * hooks + 4 * stats  # x - mean and its square; float64 totals and squares
+    with_loss = importance_memory(LLAMA, 8, 4096, lm_loss_batch=8)
+    logits = 4 * 8 * 4096 * LLAMA.vocab_size  # the LM loss pass's float32 logits, and its log_softmax after the forward
+    assert with_loss == forward_memory(LLAMA, "float32", 8 * 4096, logits, after=logits)
+    assert importance_memory(LLAMA, 8, 4096, lm_loss_batch=1) == large  # the larger pass counts
+
+
+def test_teach_holds_the_batchs_logits_then_topk_chunks_and_outputs():
+    from builder.teaching.target import LOSS_CHUNK_TOKENS
+
+    vocab, tokens = LLAMA.vocab_size, 8 * 4096
+    bf16 = teach_memory(LLAMA, "bfloat16", 8, 4096, 256, 16)
+    outputs = 2 * tokens * (256 * (8 + 4) + 4 + 16 * 8)  # int64 ids, fp32 values and tail, int64 draws; and torch.cat's
+    # the chunk's fp32 log-softmax and its float64 cumulative sum (the fp32 copy of the bf16 logits freed by then)
+    assert bf16 == forward_memory(LLAMA, "bfloat16", tokens, 2 * tokens * vocab,
+                                  after=LOSS_CHUNK_TOKENS * vocab * (4 + 8) + outputs)
+    no_tail = teach_memory(LLAMA, "bfloat16", 8, 4096, 256, 0)
+    assert no_tail.after == LOSS_CHUNK_TOKENS * vocab * (4 + 4) + 2 * tokens * (256 * 12 + 4)  # the copy and log_softmax
+    fp32 = teach_memory(LLAMA, "float32", 8, 4096, 256, 0)
+    assert fp32.after == LOSS_CHUNK_TOKENS * vocab * 4 + 2 * tokens * (256 * 12 + 4)  # fp32 at temperature 1: no copy
+    one = teach_memory(LLAMA, "bfloat16", 1, 4096, 256, 16)
+    assert bf16.activations == 8 * one.activations and bf16.logits == 8 * one.logits
+    assert bf16.total == bf16.weights + bf16.logits + max(bf16.activations, bf16.after)
+
+
+def test_the_longest_request_table_is_the_benchmarks_result():
+    """cost_model.LM_EVAL_LONGEST is what `bench.estimate --longest` measured, nothing typed by hand."""
+    measured = json.loads((ROOT / "bench" / "results" / "estimate_longest.json").read_text())["tasks"]
+    assert LM_EVAL_LONGEST == {name: tuple(tuple(pair) for pair in task["longest"]) for name, task in measured.items()}
+
+
+def test_the_task_costs_are_the_benchmarks_result():
+    """cost_model.LM_EVAL_TASKS' measured entries are what `bench.estimate --tasks` measured:
+    tokens at zero shots, and each shot's tokens from the few-shot run (to the table's 0.1 token)."""
+    measured = json.loads((ROOT / "bench" / "results" / "estimate_tasks.json").read_text())["tasks"]
+    for key, found in measured.items():
+        name, shots = key.split(":")
+        cost = LM_EVAL_TASKS[name]
+        assert (cost.docs, cost.requests) == (found["docs"], found["requests"]), key
+        if shots == "0":
+            assert cost.tokens == found["tokens"], key
+        else:
+            assert cost.tokens_per_shot == pytest.approx((found["tokens"] - cost.tokens) / int(shots), abs=0.05), key

@@ -8,7 +8,6 @@ import dataclasses
 
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 
 import builder.training.ray_train
 from builder.models.loading import load_model
+from builder.options.run_options import RunOptions
 from builder.training.loop import distill
 from builder.training.settings import TrainSettings, TrainingDiverged
 from builder.training.ray_train import run_on_ray_train, worker_nodes
@@ -32,29 +32,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 
 
 @pytest.fixture(scope="module")
-def cluster(monkeypatch_module):
-    # A fresh temp dir per cluster (a leftover one would make ray.init join a dead
-    # cluster); short, because Ray puts Unix sockets in it.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    monkeypatch_module.setenv("RAY_TMPDIR", temp_dir)
-    # Loopback only. Ray 2.60 swaps _node_ip_address="127.0.0.1" for the machine's address
-    # (services.resolve_ip_for_localhost) and then listens on every interface, unless
-    # "cluster mode" is off, as on macOS; the env var reaches the processes Ray starts, the
-    # patch this process, where `ray` may have been imported already.
-    monkeypatch_module.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch_module.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp_dir)  # fmt: skip
-    assert ray.util.get_node_ip_address() == "127.0.0.1"
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+def cluster():
+    # Started the way builds start theirs (builder.running.ray_session.init_ray): loopback
+    # only, a temp dir of its own, and a dashboard of its own. Ray Train's placement-group
+    # cleaner asks the State API whether the controller lives, at the dashboard address
+    # its cluster registered; with include_dashboard=False that was the default port 8265,
+    # where another test's cluster answered "no such actor", and the cleaner removed this
+    # run's placement group, killing its workers mid-training (CI, stop 25).
+    from ray_instance import local_ray
 
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+    with local_ray(RunOptions(local_cpus=2)):
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        yield
 
 
 @pytest.fixture(scope="module")

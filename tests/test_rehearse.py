@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,21 +110,14 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
 @pytest.fixture(scope="module")
 def rehearsal_ray():
     """One local Ray instance for the rehearsals that run in this process (under xdist each
-    family may run in another worker, which starts its own)."""
-    import ray
+    family may run in another worker, which starts its own), started as builds start theirs:
+    with a dashboard of its own, which Ray Train's placement-group cleaner asks whether the
+    controller lives (without one it asked port 8265, where another cluster may answer
+    "no such actor": tests/test_ray_train.py)."""
+    from ray_instance import local_ray
 
-    temp_dir = tempfile.mkdtemp(prefix="mzrh-", dir="/tmp")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_TMPDIR", temp_dir)
-        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        patch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=temp_dir)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+    with local_ray(RunOptions(local_cpus=2)):
+        yield
 
 
 @pytest.mark.slow

@@ -58,7 +58,12 @@ class TwoNodeCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.token.write_text(secrets.token_hex(32))
         try:
-            self._start(0, ["--head", f"--port={self.port}", "--include-dashboard=false"])
+            # A dashboard, as a user's cluster has: Ray Train's placement-group cleaner asks
+            # the State API it serves whether the controller lives. Without one, the address
+            # the cluster registers is the default port 8265, where another cluster on this
+            # machine may answer "no such actor" and the cleaner ends a live training run.
+            self._start(0, ["--head", f"--port={self.port}", "--include-dashboard=true",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"])
             for index in range(1, len(self.cpus)):
                 self._start(index, [f"--address={self.address}"])
             self.wait_for_nodes(len(self.cpus))

@@ -91,6 +91,20 @@ def activation_bytes_per_token_layer(config, compute_bytes: int = 2, residual_by
     return compute + 2 * residual_bytes * shape.hidden_size
 
 
+def inference_bytes_per_token_layer(config, compute_bytes: int) -> int:
+    """Bytes per token one decoder layer holds at its peak in a forward without gradients, where
+    nothing is kept for a backward and each tensor goes once the next is made (transformers'
+    Llama-family layers): the residual stream and the normed input, beside the larger of
+    attention (q, k, v, the rotary copies of q and k, k and v repeated to the query heads for
+    grouped-query attention, the output) and the MLP (`down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))`: the activated gate, the up projection and their product)."""
+    shape = Shape.of(config)
+    q_width, kv_width = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    attention = 4 * q_width + 3 * kv_width
+    mlp = 3 * shape.intermediate_size
+    return compute_bytes * (2 * shape.hidden_size + max(attention, mlp))
+
+
 @dataclass(frozen=True)
 class TrainingMemory:
     """Bytes per device of one training stage under one parallelism (`total`: with activation
@@ -144,6 +158,36 @@ def training_memory(trained_config, frozen_config, micro_batch: int, seq_len: in
         logits=logits_per_token * tokens,
         communication=_communication_bytes(trained_config, workers, parallel, compute),
         checkpointing=checkpointing, teacher_sharded=teacher_sharded)
+
+
+@dataclass(frozen=True)
+class ForwardMemory:
+    """Bytes on one device of a forward pass without gradients over one batch (an evaluation):
+    the model's weights, what one decoder layer holds at its peak (inference_bytes_per_token_layer:
+    no autograd keeps any layer's tensors), and the logits held at once. Beyond a plain
+    forward, what its pass holds `held` beside the layers' tensors (the score stage's hook
+    copies and statistics) and `after` them, once they are freed, beside the logits (the teach
+    pass's top-k chunks and outputs, the LM loss's log-softmax): the larger phase counts."""
+
+    weights: float
+    activations: float
+    logits: float
+    held: float = 0.0
+    after: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.logits + self.held + max(self.activations, self.after)
+
+
+def forward_memory(config, dtype: str, batch_tokens: float, logits_bytes: float, *, held: float = 0.0,
+                   after: float = 0.0) -> ForwardMemory:
+    """`batch_tokens`: the positions one forward runs (batch x length); `logits_bytes`: what
+    the caller holds of the logits at once (its own rule: chunks, or the whole batch);
+    `held`, `after`: what else its pass holds during the forward and after it (ForwardMemory)."""
+    compute = DTYPE_BYTES[dtype]
+    layer = inference_bytes_per_token_layer(config, compute)
+    return ForwardMemory(compute * count_params(config), layer * batch_tokens, logits_bytes, held, after)
 
 
 def _teacher_bytes(frozen_config, dtype: str, workers: int, parallel: str,
@@ -261,8 +305,8 @@ class TaskCost:
     subtasks: int = 1
 
 
-# From lm-eval 0.4's own request building (`python -m bench.estimate --tasks`; its result file,
-# estimate_tasks.json, was written from uncommitted code: re-measure before trusting a figure;
+# From lm-eval 0.4's own request building (`python -m bench.estimate --tasks`, its result file
+# bench/results/estimate_tasks.json: tests/test_estimate.py holds these entries to it;
 # simple_evaluate with a model that only records its requests; 40 documents a task, 57 x 40 for
 # MMLU; at zero shots and at the few-shot count of families/llama-3.1-8b-minitron.yaml or 5/25)
 # on the bundled tasks (evaluators/tasks) with SmolLM2's tokenizer; other tokenizers differ by
@@ -272,10 +316,10 @@ class TaskCost:
 # examples of about 180 tokens, ~130 generated), not measured.
 LM_EVAL_TASKS = {
     "hellaswag": TaskCost(10042, 4.0, 41.8, 81.3),
-    "arc_easy": TaskCost(2376, 3.3, 30.7, 33.8),
+    "arc_easy": TaskCost(2376, 3.33, 30.7, 33.8),
     "arc_challenge": TaskCost(1172, 3.95, 43.8, 38.5),
     "piqa": TaskCost(1838, 2.0, 36.7, 39.2),
-    "winogrande": TaskCost(1267, 2.0, 22.5, 24.7),
+    "winogrande": TaskCost(1267, 2.0, 22.4, 24.7),
     "mmlu": TaskCost(14042, 1.0, 112.5, 103.8, subtasks=57),
     "boolq": TaskCost(3270, 1.0, 154.6, 154.6),
     "lambada_openai": TaskCost(5153, 1.0, 77.7, 77.7),
@@ -294,6 +338,49 @@ def lm_eval_tokens(task: dict) -> tuple[int, int]:
     docs = cost.subtasks * min(task.get("limit") or per_subtask, per_subtask)
     length = cost.tokens + task.get("num_fewshot", 0) * cost.tokens_per_shot
     return round(docs * cost.requests * length), round(length)
+
+
+# The longest request lm-eval forwards for a task (context and continuation less the last token:
+# the length HFLM pads a batch to) among its first N documents (lm-eval's limit takes the first
+# ones; for MMLU, the first N of every subject): ((N, tokens), ..., (every document, tokens)). At
+# zero shots on the bundled tasks with SmolLM2's tokenizer, from lm-eval's own request building:
+# bench/results/estimate_longest.json (`bench.estimate --longest`). Far from the typical length
+# over a whole split (MMLU 9x, boolq 8x): a batch is as long as its longest request.
+LM_EVAL_LONGEST: dict[str, tuple[tuple[int, int], ...]] = {
+    "hellaswag": ((10, 60), (16, 60), (20, 60), (50, 91), (100, 91), (200, 95), (500, 102), (1000, 113), (2000, 124),
+                  (5000, 145), (10042, 154)),
+    "arc_easy": ((10, 34), (16, 41), (20, 58), (50, 73), (100, 76), (200, 162), (500, 162), (1000, 162), (2000, 162),
+                 (2376, 162)),
+    "arc_challenge": ((10, 81), (16, 81), (20, 81), (50, 81), (100, 89), (200, 89), (500, 174), (1000, 174),
+                      (1172, 174)),
+    "piqa": ((10, 65), (16, 65), (20, 65), (50, 133), (100, 133), (200, 171), (500, 241), (1000, 241), (1838, 241)),
+    "winogrande": ((10, 26), (16, 29), (20, 29), (50, 38), (100, 38), (200, 38), (500, 38), (1000, 38), (1267, 38)),
+    "mmlu": ((10, 1033), (16, 1033), (20, 1033), (50, 1033), (100, 1044), (200, 1044), (500, 1044), (1000, 1044),
+             (1534, 1044)),
+    "boolq": ((10, 286), (16, 286), (20, 286), (50, 312), (100, 784), (200, 784), (500, 784), (1000, 784),
+              (2000, 784), (3270, 1298)),
+    "lambada_openai": ((10, 106), (16, 106), (20, 111), (50, 111), (100, 111), (200, 153), (500, 153), (1000, 153),
+                       (2000, 221), (5000, 221), (5153, 221)),
+}
+# A task without a table (truthfulqa_mc2, gsm8k, any other): its longest request taken as this
+# many times its typical one, the most the measured tasks' whole splits reach (MMLU: 9.3x).
+LONGEST_OVER_TYPICAL = 10.0
+
+
+def lm_eval_longest(task: dict) -> int:
+    """Tokens of the longest request of one task entry {name, num_fewshot, limit}: what lm-eval
+    pads a batch to at most. HFLM's _loglikelihood_tokens (lm_eval/models/huggingface.py) sorts
+    the requests longest first (its `_collate`) and pads each batch to its longest
+    (`padding_len_inp`, `pad_and_concat`): the first batch is as long as the longest request, not
+    as LM_EVAL_TASKS' typical one. LM_EVAL_LONGEST's at the fewest documents >= limit (an upper
+    bound); each shot adds the task's typical tokens_per_shot."""
+    cost = LM_EVAL_TASKS.get(task["name"], UNKNOWN_TASK)
+    shots = task.get("num_fewshot", 0) * cost.tokens_per_shot
+    table = LM_EVAL_LONGEST.get(task["name"])
+    if table is None:
+        return round(LONGEST_OVER_TYPICAL * cost.tokens + shots)
+    limit = task.get("limit") or table[-1][0]
+    return round(next((tokens for docs, tokens in table if docs >= limit), table[-1][1]) + shots)
 
 
 @dataclass(frozen=True)
@@ -316,6 +403,7 @@ class Work:
     split_read_bytes: float = 0.0  # in all, each worker reading its own part (a stored signal)
     checkpoints: int = 0
     memory_of: object = None  # (micro_batch, workers, parallel, **how) -> TrainingMemory, for training stages
+    forward_memory_of: object = None  # dtype -> ForwardMemory: evaluations, score and teach (no gradients)
     disk: Disk = Disk()  # its folder's bytes (logs and small results aside: builder.store.disk_space)
 
 
@@ -323,7 +411,16 @@ def one_after_another(works: list[Work], start_s: float, read_bytes: float) -> W
     """The works one stage does in turn (its evaluators'), added up after the stage's own
     start-up (`start_s`) and the checkpoints it reads (`read_bytes`)."""
     return Work(sum(work.tokens for work in works), sum(work.flops for work in works),
-                start_s + sum(work.start_s for work in works), read_bytes)
+                start_s + sum(work.start_s for work in works), read_bytes,
+                forward_memory_of=_largest_forward([work.forward_memory_of for work in works if work.forward_memory_of]))
+
+
+def _largest_forward(memories_of: list):
+    """dtype -> the largest of the works' ForwardMemory (they run one after another on one
+    model), or None when none has one."""
+    if not memories_of:
+        return None
+    return lambda dtype: max((memory_of(dtype) for memory_of in memories_of), key=lambda memory: memory.total)
 
 
 class StageInputs:

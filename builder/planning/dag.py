@@ -77,11 +77,12 @@ class _Builder:
         self.stages: dict[str, Stage] = {}
 
     def add(self, stage_name: str, label: str, settings: BaseModel | dict, inputs: dict[str, str] | None = None,
-            student: str | None = None, options: dict | None = None) -> str:
-        """`settings`: a spec section (its execution-only fields stay outside the hash) or a dict."""
+            student: str | None = None, options: dict | None = None, execution: dict | None = None) -> str:
+        """`settings`: a spec section (its execution-only fields stay outside the hash) or a dict
+        (with `execution`: how it runs, outside the hash too)."""
         inputs = inputs or {}
         upstream = tuple(self.stages[i].key.digest for i in inputs.values())
-        config, execution = split_execution(settings) if isinstance(settings, BaseModel) else (settings, {})
+        config, execution = split_execution(settings) if isinstance(settings, BaseModel) else (settings, execution or {})
         key = stage_key(stage_name, label, config, upstream, options, execution)
         return self.add_key(key, inputs, student)
 
@@ -193,8 +194,10 @@ def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains
         if section.stored_signal:
             key = section.signal_key
             positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
+    # forward passes only: the scoring section's batch size sizes them (execution only)
     return {key: dag.add("teach", _teach_label(key), {**key._asdict(), "positions": count},
-                         {TEACHER: teacher, "data": data}, options=trains)
+                         {TEACHER: teacher, "data": data}, options=trains,
+                         execution={"batch_size": spec.scoring.batch_size})
             for key, count in positions.items()}
 
 

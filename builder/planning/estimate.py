@@ -36,7 +36,8 @@ class StageEstimate:
     read_bytes: float = 0.0  # by all its workers together
     write_bytes: float = 0.0
     checkpoints: int = 0  # training checkpoints written
-    memory: dict[str, dict] = field(default_factory=dict)  # parallel -> TrainingMemory as a dict, + fits
+    # parallel -> TrainingMemory as a dict, + fits; or "forward" -> ForwardMemory as a dict (evaluations)
+    memory: dict[str, dict] = field(default_factory=dict)
     micro_batch: int | None = None
     advice: str | None = None
     disk_peak: float = 0.0  # bytes its folder holds at once while it runs (cost_model.Disk)
@@ -97,6 +98,9 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
               for stage_id in plan.stages]
     notes = [f"MFU {options.mfu:.0%} of the {accelerator.name}'s {accelerator.bf16_tflops:g} TFLOP/s bf16 peak "
              "(assumed; --mfu overrides)", *costs.notes(), *_task_notes(plan),
+             f"an evaluate or teach stage's memory: its model in {forward_dtype(plan, options)} and one batch's forward "
+             "(one layer's tensors; perplexity's LM head in chunks, lm-eval's and teach's whole batch of logits, "
+             "teach's top-k chunks); score's in float32, its hooks' copies or its LM-loss pass's logits",
              "wall time is per stage on its GPUs; the family's is at most their sum (students run side by side "
              "when the cluster has room)"]
     notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
@@ -150,7 +154,18 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
     if work.memory_of is not None and work.tokens:
         _add_memory(estimate, work.memory_of, _micro_batch(stage, options), options, accelerator)
         training.append((stage, work.memory_of))
+    if work.forward_memory_of is not None:
+        forward = work.forward_memory_of(forward_dtype(plan, options))  # score's own: float32 whatever this says
+        estimate.memory["forward"] = asdict(forward) | {
+            "total": forward.total, "fits": forward.total <= accelerator.memory_gib * GIB * MEMORY_HEADROOM}
     return estimate
+
+
+def forward_dtype(plan: Plan, options: RunOptions) -> str:
+    """The precision teach and evaluate hold their model in on a GPU: the plan's (their keys
+    hash it) when the build runs on GPUs, for which it was resolved; bf16 for a plan resolved
+    for this CPU (as the training stages' memory assumes on GPUs)."""
+    return plan.precision.dtype if options.use_gpu else "bfloat16"
 
 
 def stage_seconds(work: Work, workers: int, accelerator: Accelerator, mfu: float, costs: Costs) -> dict[str, float]:
@@ -307,7 +322,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _row(stage: StageEstimate) -> list[str]:
     memory = "-"
-    if stage.memory:
+    if "forward" in stage.memory:
+        memory = _gib(stage.memory["forward"]["total"])
+    elif stage.memory:
         ddp, fsdp = stage.memory["ddp"], stage.memory["fsdp"]
         memory = f"{_gib(ddp['total'])} / {_gib(fsdp['total'])} / {_gib(fsdp['total_checkpointed'])}"
     fixed = stage.wall_hours - stage.seconds.get("compute", 0.0) / 3600

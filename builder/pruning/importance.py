@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from builder.models.arch import Arch, arch_for
+from builder.planning.cost_model import ForwardMemory, forward_memory
 from builder.spec.shape import Shape
 from builder.store.content import verify_files
 
@@ -397,3 +398,46 @@ def layer_loss_increase(model: nn.Module, blocks: torch.Tensor, batch_size: int,
         with skipping_layers(model, [index]):
             increases.append(lm_loss(model, blocks, batch_size) - baseline)
     return torch.tensor(increases, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what the estimate predicts for the score stage (builder.stages.score)
+
+
+def importance_memory(config, batch_size: int, seq_len: int, *, lm_loss_batch: int = 0,
+                      sequence_aggregation: str = DEFAULT_SEQUENCE_AGGREGATION,
+                      batch_aggregation: str = DEFAULT_BATCH_AGGREGATION) -> ForwardMemory:
+    """Bytes on one device of `score_importance` over batches of `batch_size` blocks, the model
+    in float32 (the score stage loads it so wherever it runs): the larger of its two passes,
+    which run one after another; `lm_loss_batch`: the LM-loss pass's batch (0: no such pass)."""
+    scoring = _scoring_memory(config, batch_size * seq_len, sequence_aggregation, batch_aggregation)
+    if not lm_loss_batch:
+        return scoring
+    return max(scoring, _lm_loss_memory(config, lm_loss_batch * seq_len), key=lambda memory: memory.total)
+
+
+def _scoring_memory(config, tokens: int, sequence_aggregation: str, batch_aggregation: str) -> ForwardMemory:
+    """_forward_backbone: the decoder without its LM head (no logits), plus the hooks' own."""
+    shape = Shape.of(config)
+    q_width = shape.num_attention_heads * shape.head_dim
+    # reduce_sequence: `x.abs()` (mean) or `x.square()` (l2) is one float32 copy of the hooked
+    # activation, the widest being down_proj's input; var's `x - mean` and its `.square()` two
+    copies = 2 if sequence_aggregation == "var" else 1
+    # one_minus_cosine (BlockStat.add, after each layer): `a * b`, one float32 copy of the hidden states
+    temporaries = 4 * tokens * max(copies * max(shape.intermediate_size, q_width, shape.hidden_size),
+                                   shape.hidden_size)
+    # ChannelStat's running sums for the whole pass, per unit: `squares` (l2) or `total` (mean)
+    # in float32, both in float64 (var, whose per_sample is `.double()`)
+    per_unit = 16 if batch_aggregation == "var" else 4
+    units = shape.num_hidden_layers * (shape.intermediate_size + q_width
+                                       + len(arch_for(config).layer_norms) * shape.hidden_size)
+    return forward_memory(config, "float32", tokens, 0.0, held=temporaries + per_unit * units)
+
+
+def _lm_loss_memory(config, tokens: int) -> ForwardMemory:
+    """lm_loss: `model(input_ids=batch, labels=batch)` returns the batch's whole logits in
+    float32 (the LM head's output), and after the forward transformers' ForCausalLMLoss takes
+    cross_entropy over them (`.float()` of float32 copies nothing): its log_softmax, one more
+    float32 copy."""
+    logits = 4 * tokens * config.vocab_size
+    return forward_memory(config, "float32", tokens, logits, after=logits)

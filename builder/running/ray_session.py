@@ -22,7 +22,7 @@ import ray
 
 from builder.options.run_options import RunOptions
 from builder.running.cluster_address import ClusterAddress, check_reachable, given_address
-from builder.running.interrupt import BuildStopped
+from builder.running.interrupt import BuildStopped, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,37 @@ def _connect(options: RunOptions, address: ClusterAddress | None) -> None:
 
 
 def _init_stoppable(**settings) -> None:
-    """ray.init; Ray's own SIGTERM handler, in place while it runs, exits with the signal's
-    number (exit code 15): the build stops instead as at any other moment (143)."""
+    """ray.init, with the caller's SIGTERM handler in place throughout, then the build stops
+    if a SIGTERM came meanwhile (exit code 143, as at any other moment).
+
+    ray.init installs SIGTERM handlers of its own: sys.exit(15) for the driver, and, for a
+    head it starts in this process, a drain that waits for the node before sys.exit(1). A
+    SIGTERM in that window sometimes vanished (the build ran on and exited 0) or waited out
+    the drain (tests/test_cluster_faults.py saw both), so they are not installed while it runs:
+    the build's handler (builder.running.interrupt) notes the SIGTERM, and it is acted on once
+    ray.init returns, in seconds. Where no handler notes it (a caller without one), the
+    default ends the process as before."""
+    with _ray_sigterm_handlers_not_installed():
+        try:
+            ray.init(**settings)
+        except SystemExit as exit:  # a handler Ray installs some other way
+            if exit.code == signal.SIGTERM:
+                raise BuildStopped("stopped by signal SIGTERM") from None
+            raise
+    raise_if_stopped()
+
+
+@contextlib.contextmanager
+def _ray_sigterm_handlers_not_installed():
+    """Ray installs its SIGTERM handlers through ray._private.utils.set_sigterm_handler
+    (ray.init's driver handler and the in-process head node's), looked up at each call."""
+    utils = ray._private.utils
+    original = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
     try:
-        ray.init(**settings)
-    except SystemExit as exit:
-        if exit.code == signal.SIGTERM:
-            raise BuildStopped("stopped by signal SIGTERM") from None
-        raise
+        yield
+    finally:
+        utils.set_sigterm_handler = original
 
 
 def _keep_on_loopback() -> None:

@@ -34,7 +34,20 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
     layers = Shape.of(teacher).num_hidden_layers
     tokens = (config["samples"] + config["lm_loss_samples"] * layers) * seq_len
     return Work(tokens, forward_flops_per_token(teacher, seq_len) * tokens, costs.stage_start_s,
-                inputs.stored_bytes("teacher"))
+                inputs.stored_bytes("teacher"), forward_memory_of=lambda dtype: memory(teacher, config, execution, seq_len))
+
+
+def memory(teacher, config: dict, execution: dict, seq_len: int):
+    """The score pass's ForwardMemory, in float32 whatever precision the estimate passes (run
+    loads the model in float32 wherever it runs); its batches are at most the blocks there are."""
+    # torch: only when the plan is estimated (the evaluators' estimates load it already), never when the CLI starts
+    from builder.pruning.importance import importance_memory
+
+    batch = execution["batch_size"]  # execution only: outside the hash, in the key
+    return importance_memory(teacher, min(batch, config["samples"]), seq_len,
+                             lm_loss_batch=min(batch, config["lm_loss_samples"]),
+                             sequence_aggregation=config["sequence_aggregation"],
+                             batch_aggregation=config["batch_aggregation"])
 
 
 def planned_tokens(spec: FamilySpec, stage: Stage) -> int:

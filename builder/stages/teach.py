@@ -24,7 +24,7 @@ def run(ctx: StageContext) -> StageResult:
                                config["temperature"], vocab_size, config["tail_samples"])
     # Forward passes only: the scoring section's batch size (execution only) sizes them.
     job = TeachJob(str(teacher_dir), str(ctx.blocks_path()), str(ctx.out_dir), layout, dtype=ctx.precision,
-                   batch_size=ctx.spec.scoring.batch_size, use_gpu=ctx.options.use_gpu)
+                   batch_size=ctx.stage.key.execution["batch_size"], use_gpu=ctx.options.use_gpu)
     taught = teach_on_ray(job, ctx.options)  # [] when every shard was there (a resumed stage)
     workers = {shard["worker"]: shard["placement"] for shard in taught}  # each actor's last report: its peak
     return finish(job) | {"workers": len(workers), "taught_shards": len(taught),
@@ -38,7 +38,18 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
     tokens = config["positions"] * seq_len
     signal = signal_bytes(tokens, config, teacher.vocab_size)
     return Work(tokens, forward_flops_per_token(teacher, seq_len) * tokens, costs.train_start_s,
-                inputs.stored_bytes("teacher"), signal, disk=Disk(peak=signal, kept=signal))
+                inputs.stored_bytes("teacher"), signal, disk=Disk(peak=signal, kept=signal),
+                forward_memory_of=lambda dtype: memory(teacher, config, execution, dtype, seq_len))
+
+
+def memory(teacher, config: dict, execution: dict, dtype: str, seq_len: int):
+    """One actor's ForwardMemory: the teacher in `dtype` (the training precision), a batch of
+    the scoring section's batch size."""
+    # torch: only when the plan is estimated (signal_bytes loads it already), never when the CLI starts
+    from builder.teaching.teach_pass import teach_memory
+
+    return teach_memory(teacher, dtype, execution["batch_size"], seq_len, config["top_k"], config["tail_samples"],
+                        config["temperature"])
 
 
 def planned_tokens(spec: FamilySpec, stage: Stage) -> int:

@@ -29,8 +29,9 @@ import torch
 from builder.teaching.signal import LOGPROB_DTYPE, SignalLayout, shard_complete, write_index, write_shard
 from builder.data.tokens import TokenBlocks
 from builder.models.loading import load_model
+from builder.planning.cost_model import DTYPE_BYTES, ForwardMemory, forward_memory
 from builder.running.placement import place
-from builder.teaching.target import topk_target
+from builder.teaching.target import LOSS_CHUNK_TOKENS, topk_target
 from builder.training.settings import DTYPES
 
 
@@ -79,20 +80,55 @@ class ShardTeacher:
         return {"shard": shard, "rows": len(rows), "seconds": time.perf_counter() - started,
                 "worker": f"{socket.gethostname()}:{os.getpid()}", "placement": self.placement.facts()}
 
-    @torch.no_grad()
     def _signal(self, input_ids: torch.Tensor, draws: torch.Generator) -> dict[str, np.ndarray]:
-        layout = self.job.layout
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.job.dtype == "bfloat16")
-        with autocast:
-            logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
-        target = topk_target(logits.flatten(0, 1), layout.top_k, layout.temperature, layout.tail_samples, draws)
-        drawn = target.tail_ids if layout.tail_samples else target.indices[:, :0]
+        return batch_signal(self.model, input_ids, self.job.layout, self.job.dtype, draws)
 
-        def stored(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-            return values.cpu().numpy().astype(dtype).reshape(*input_ids.shape, *values.shape[1:])
 
-        return {"indices": stored(target.indices, layout.index_dtype), "logprobs": stored(target.logprobs, LOGPROB_DTYPE),
-                "tail": stored(target.tail_logprob, LOGPROB_DTYPE), "samples": stored(drawn, layout.index_dtype)}
+@torch.no_grad()
+def batch_signal(model: torch.nn.Module, input_ids: torch.Tensor, layout: SignalLayout, dtype: str,
+                 draws: torch.Generator) -> dict[str, np.ndarray]:
+    """One batch's stored signal from the teacher `model` (on its device, in `dtype`)."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with autocast:
+        logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+    target = topk_target(logits.flatten(0, 1), layout.top_k, layout.temperature, layout.tail_samples, draws)
+    drawn = target.tail_ids if layout.tail_samples else target.indices[:, :0]
+
+    def stored(values: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+        return values.cpu().numpy().astype(dtype).reshape(*input_ids.shape, *values.shape[1:])
+
+    return {"indices": stored(target.indices, layout.index_dtype), "logprobs": stored(target.logprobs, LOGPROB_DTYPE),
+            "tail": stored(target.tail_logprob, LOGPROB_DTYPE), "samples": stored(drawn, layout.index_dtype)}
+
+
+def teach_memory(config, dtype: str, batch_size: int, seq_len: int, top_k: int, tail_samples: int,
+                 temperature: float = 1.0) -> ForwardMemory:
+    """Bytes on one actor's device of `batch_signal` over `batch_size` blocks: the teacher in
+    `dtype` (ShardTeacher loads it so) and one layer's tensors (cost_model.forward_memory), the
+    batch's whole logits, and after the forward topk_target's chunk temporaries and outputs."""
+    tokens, compute = batch_size * seq_len, DTYPE_BYTES[dtype]
+    # batch_signal's `logits`: the LM head's output for the whole batch, in the weights' dtype,
+    # held until topk_target returns
+    logits = compute * tokens * config.vocab_size
+    return forward_memory(config, dtype, tokens, logits,  # topk_target runs once the forward's layers are freed
+                          after=_topk_bytes(config.vocab_size, tokens, compute, top_k, tail_samples, temperature))
+
+
+def _topk_bytes(vocab_size: int, tokens: int, compute: int, top_k: int, tail_samples: int,
+                temperature: float) -> float:
+    """What topk_target holds beside the logits (builder.teaching.target), chunk by chunk of
+    LOSS_CHUNK_TOKENS positions."""
+    chunk = min(LOSS_CHUNK_TOKENS, tokens) * vocab_size
+    # softened: a float32 copy of the chunk, unless the logits are float32 at temperature 1
+    copy = 0 if compute == 4 and temperature == 1 else 4
+    # _topk_chunk: log_softmax's float32 `log_q` beside that copy (exp_ and scatter_ reuse it);
+    # _draw_tail: `tail_probs.double()` (cumsum_ in place), float64, beside log_q once the copy is freed
+    temporaries = chunk * max(copy + 4, 4 + 8 * (tail_samples > 0))
+    # topk_target: every chunk's indices (int64), values and tail (float32) and draws (int64),
+    # kept for torch.cat, which copies them once more
+    outputs = 2 * tokens * (top_k * (8 + 4) + 4 + tail_samples * 8)
+    return temporaries + outputs
 
 
 def teach_locally(job: TeachJob) -> list[dict]:
