@@ -165,9 +165,16 @@ def write_teacher(spec: FamilySpec, teacher_config, shape: Shape, folder: Path, 
     config = _small_config(teacher_config, shape, tokenizer)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out)
+    # Stored in the dtype the real teacher declares, so the rehearsal's students are stored as
+    # the build's will be (builder.stages.training_run.final_dtype reads the teacher's config).
+    model.to(getattr(torch, _declared_dtype(teacher_config))).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out, note
+
+
+def _declared_dtype(config) -> str:
+    """As builder.models.loading.declared_dtype reads a config.json: float32 where it declares none."""
+    return str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
 
 
 def _small_config(teacher_config, shape: Shape, tokenizer):

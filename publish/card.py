@@ -197,6 +197,11 @@ def _eval_section(report: FamilyReport, s: StudentRecord) -> str:
         text += "; Corrected teacher is the same model after correction, the one the student learned from"
     text += (". Δ is student minus teacher ± its standard error; a Δ within two standard errors is *noise*: "
              "the benchmark cannot tell the two models apart on these examples.")
+    d = s.lineage.distillation
+    if d.stored_dtype:  # what was scored: the files a reader downloads, not the float32 weights training held
+        masters = "; training kept float32 master weights" if d.tokens else ""
+        text += (f" The student was evaluated as published, its weights stored in {d.stored_dtype} (the teacher's "
+                 f"dtype{masters}), computing in {report.build.precision}.")
     header = ["Task", "Metric", "Examples", "Teacher", *(["Corrected teacher"] if c else []), "Student", "Δ"]
     rows = [row for name, task in s.tasks.items() for row in _task_rows(name, task, t, c)]
     if s.perplexity is not None:

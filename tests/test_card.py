@@ -114,6 +114,7 @@ def sample_report() -> FamilyReport:
                             layers_kept=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 26, 28, 29],
                             calibration_samples=64),
             distillation=Distillation(tokens=40000, steps=40, loss="forward_kl", final_loss=1.2345, temperature=1.0,
+                                      stored_dtype="bfloat16",
                                       loss_curve=f"{WORK}/stages/distill/metrics.jsonl")),
         # hellaswag acc 0.28 vs 0.36: within noise at 50 examples; piqa's stderr lm-eval could not compute
         tasks={"hellaswag": task(0.28, 0.0641, 0.3, 0.0655, available=10042),
@@ -212,6 +213,15 @@ def test_the_card_states_the_training_precision_and_how_it_was_chosen():
     float32 = BuildRecord(precision="float32", precision_reason="--precision float32")
     assert "Training precision: float32; chosen by --precision float32." in render(
         sample_report().model_copy(update={"build": float32}))
+
+
+def test_the_card_says_the_scores_are_of_the_stored_weights_and_their_dtype():
+    """Issue 24: a student is stored in its teacher's dtype; its card says that is what was scored."""
+    assert ("The student was evaluated as published, its weights stored in bfloat16 (the teacher's dtype; "
+            "training kept float32 master weights), computing in bfloat16.") in render()
+    lineage = sample_report().students[0].lineage
+    unrecorded = lineage.model_copy(update={"distillation": lineage.distillation.model_copy(update={"stored_dtype": None})})
+    assert "evaluated as published" not in render(with_student(sample_report(), lineage=unrecorded))
 
 
 def test_license_comes_from_the_report():

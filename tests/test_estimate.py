@@ -17,8 +17,8 @@ from builder.models.teacher import config_from_json
 from builder.models.arch import count_params, student_config
 from builder.cli import main
 from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_LONGEST, LM_EVAL_TASKS, LONGEST_OVER_TYPICAL,
-                                         UNKNOWN_TASK, forward_flops_per_token, forward_memory, lm_eval_longest,
-                                         lm_eval_tokens, memory_of, training_disk, training_memory)
+                                         UNKNOWN_TASK, config_dtype_bytes, forward_flops_per_token, forward_memory,
+                                         lm_eval_longest, lm_eval_tokens, memory_of, training_disk, training_memory)
 from builder.planning.estimate import estimate_plan, fit_advice, render_estimate
 from builder.pruning.importance import importance_memory
 from builder.teaching.teach_pass import teach_memory
@@ -155,7 +155,8 @@ def _stage(estimate, name: str, label: str = ""):
 
 def test_checkpoint_io_is_bytes_over_bandwidth(llama_plan):
     """An 8B model: fp32 weights + AdamW's two fp32 moments per checkpoint (12 bytes a
-    parameter), one every checkpoint_every steps but the last, plus the fp32 final model."""
+    parameter), one every checkpoint_every steps but the last, plus the final model in the
+    teacher's dtype (Llama-3.1-8B: bf16, 2 bytes a parameter)."""
     plan, options = llama_plan
     slow_disk = options.model_copy(update={"disk_gbps": 0.5})
     correct = _stage(estimate_plan(plan, LLAMA, slow_disk), "correct")
@@ -164,8 +165,8 @@ def test_checkpoint_io_is_bytes_over_bandwidth(llama_plan):
     checkpoints = (steps - 1) // every
     assert correct.checkpoints == checkpoints > 0
     params = count_params(LLAMA)
-    assert correct.write_bytes == (12 * checkpoints + 4) * params
-    assert correct.seconds["write"] == pytest.approx((12 * checkpoints + 4) * params / 0.5e9)
+    assert correct.write_bytes == (12 * checkpoints + 2) * params
+    assert correct.seconds["write"] == pytest.approx((12 * checkpoints + 2) * params / 0.5e9)
     assert correct.seconds["read"] == pytest.approx(2 * params / 0.5e9)  # the acquired teacher: bf16 on disk
     assert 60 < 12 * params / 1e9 < 120  # about 96 GB a checkpoint: minutes at any file system's speed
 
@@ -179,7 +180,8 @@ def test_no_checkpoint_when_checkpoint_every_exceeds_the_steps(tmp_path):
     assert _trained_tokens({"tokens": 8193, "global_batch_size": 4}, {"checkpoint_every": 4}, 256) == (9216, 2)
     plan, config = demo_plan(tmp_path)
     correct = _stage(estimate_plan(plan, config, RunOptions()), "correct")
-    assert correct.checkpoints == 0 and correct.write_bytes == 4 * count_params(config)
+    # the corrected teacher, in the teacher's dtype (bf16 here)
+    assert correct.checkpoints == 0 and correct.write_bytes == 2 * count_params(config)
 
 
 def demo_plan(tmp_path, spec: str = "smollm2-135m.yaml", **changes):
@@ -200,7 +202,7 @@ def test_teach_loads_the_teacher_once_per_worker_and_stored_signal_distill_none(
     plan, config = demo_plan(tmp_path, str(tmp_path / "topk.yaml"), **options)
     estimate = estimate_plan(plan, config, RunOptions(**options))
     teach = _stage(estimate, "teach", "k32+16")
-    teacher_bytes = 4 * count_params(config)  # the corrected teacher, written in fp32
+    teacher_bytes = 2 * count_params(config)  # the corrected teacher, written in the teacher's bf16
     assert teach.read_bytes == 4 * teacher_bytes  # one load per worker ...
     assert teach.seconds["read"] == pytest.approx(teacher_bytes / 2e9)  # ... side by side
     assert teach.gpus == 4 and teach.seconds["start"] == COSTS.train_start_s
@@ -260,7 +262,8 @@ def test_the_dry_run_prints_each_stages_disk_the_familys_and_what_is_free(tmp_pa
     student = student_config(config, plan.students[0].shape)
     assert (distill.disk_peak, distill.disk_kept) == astuple(training_disk(student, distill.checkpoints))
     teacher = _stage(estimate, "acquire-teacher")
-    assert teacher.disk_peak == 4 * count_params(config)  # the embedded GGUF, dequantized to fp32
+    # the embedded GGUF, dequantized to the dtype its config declares (bf16, as the original's)
+    assert teacher.disk_peak == config_dtype_bytes(config) * count_params(config) == 2 * count_params(config)
     free = 10**9
     usage = namedtuple("Usage", "total used free")(10**12, 10**12 - free, free)
     monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: usage)

@@ -1,12 +1,14 @@
 """FSDP2 from the meta device (builder.training.sharded) on two gloo ranks: each rank reads only
 its own rows, the gathered weights are the checkpoint's, a sharded bf16 teacher computes what
 the whole one does, and training from a sharded load matches one process, with the frozen
-teacher replicated and sharded (builder.models.teacher_sharding's rule, forced here).
+teacher replicated and sharded (builder.models.teacher_sharding's rule, forced here); the
+gathered student is stored in the teacher's dtype.
 
 Run: .venv/bin/pytest tests/test_sharded_load.py -q
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,12 +73,12 @@ def test_each_rank_reads_its_own_rows_and_together_they_hold_the_checkpoint(tmp_
 
 
 def train_on_two_ranks(rank: int, world_size: int, rendezvous: str, teacher: str, student: str, blocks: str,
-                       out: str, dtype: str, shard_teacher: bool = False) -> None:
+                       out: str, dtype: str, shard_teacher: bool = False, stored_dtype: str = "float32") -> None:
     import builder.models.teacher_sharding as teacher_sharding
     import builder.training.loop as loop
 
     settings = TrainSettings(tokens=4 * 2 * 2 * SEQ_LEN, batch_size=2, learning_rate=3e-3, warmup_steps=1,
-                             dtype=dtype, activation_checkpointing=True)
+                             dtype=dtype, activation_checkpointing=True, stored_dtype=stored_dtype)
     if shard_teacher:  # any teacher is then over the fraction of this machine's memory it may take whole
         teacher_sharding.REPLICATED_TEACHER_FRACTION = 0.0
     load_teacher = loop._load_teacher
@@ -124,3 +126,25 @@ def test_bf16_mixed_precision_trains_on_two_ranks(tmp_path):
     before = load_file(str(student / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in got.values())
     assert any(not torch.equal(got[name], before[name]) for name in before)
+
+
+def test_fsdp_stores_the_gathered_student_in_the_teachers_dtype(tmp_path):
+    """Issue 24: under FSDP2 the final model is the gathered float32 masters, stored in bf16 by rank 0."""
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", seed=0)
+    student = save_tiny_checkpoint(tmp_path / "student", seed=1, num_hidden_layers=2)
+    blocks = torch.randint(3, TINY_VOCAB, (32, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    torch.save(blocks, tmp_path / "blocks.pt")
+    paths = (str(teacher), str(student), str(tmp_path / "blocks.pt"))
+    mp.spawn(train_on_two_ranks, args=(2, str(tmp_path / "r"), *paths, str(tmp_path / "fsdp"), "float32", False,
+                                       "bfloat16"), nprocs=2)
+    torch.set_num_threads(1)
+    distill(teacher, student, blocks, tmp_path / "one",
+            TrainSettings(tokens=4 * 4 * SEQ_LEN, batch_size=4, learning_rate=3e-3, warmup_steps=1))
+    expected = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    got = load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
+    assert got.keys() == expected.keys() and {t.dtype for t in got.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "fsdp" / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    # float32 masters that agree to 1e-4 (the layout's summation order, as above), then rounded to
+    # bf16's 8 bits: within one bf16 step (2**-8 relative) of the one-process run's
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name].float(), tensor, rtol=2**-8, atol=1e-5)

@@ -8,6 +8,7 @@ models, that the execution-only fields really leave results unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def test_activation_checkpointing_changes_no_hash_and_reaches_the_loop(tmp_path,
     inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),
                                                          "signal": str(tmp_path)})
               for role in stage.inputs}
+    teacher_declares(tmp_path / "teacher", "bfloat16")  # the one file the stage itself reads
     for flag in (False, True):
         distill_stage(StageContext(stage, on.spec, RunOptions(activation_checkpointing=flag), tmp_path, inputs))
     assert [settings.activation_checkpointing for settings in calls] == [False, True]
@@ -141,6 +143,13 @@ def test_each_step_reads_the_same_sequences_on_any_number_of_workers():
         assert len(step_rows(1, step)) == 12
 
 
+def teacher_declares(folder: Path, dtype: str) -> None:
+    """A teacher folder whose config.json declares `dtype`: what the training stages read to store
+    their final model in the teacher's dtype (builder.stages.training_run.final_dtype)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"dtype": dtype}))
+
+
 def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tmp_path, monkeypatch):
     import builder.training.ray_train
     from builder.training.settings import TrainResult
@@ -159,12 +168,15 @@ def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tm
     inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),
                                                          "signal": str(tmp_path)})
               for role in stage.inputs}
+    teacher_declares(tmp_path / "teacher", "float16")
     run = RunOptions(train_workers=2, precision="float32")  # the stage must not re-resolve this
     summary, _ = distill_stage(StageContext(stage, plan.spec, run, tmp_path, inputs))
     [(settings, how)] = calls
     assert (settings.dtype, settings.batch_size, settings.grad_accum, how["num_workers"]) == ("bfloat16", 3, 2, 2)
     assert settings.checkpoint_every == 7  # an execution-only field still reaches the loop
     assert summary["dtype"] == "bfloat16"  # recorded in the manifest
+    # the student is stored in the teacher's declared dtype, whatever the training precision
+    assert settings.stored_dtype == summary["stored_dtype"] == "float16"
     assert summary["batch"] == {"workers": 2, "micro_batch_size": 3, "grad_accum": 2, "global_batch_size": 12}
 
 

@@ -28,6 +28,15 @@ EMBEDDED_TEACHER_META = {
 }
 
 
+# The dtype each embedded teacher's original checkpoint declares (its config.json's torch_dtype;
+# tests/data/configs/SmolLM2-135M-Instruct.json). A GGUF file records only its quantization, so
+# the conversion stores the original's dtype: the teacher's dtype, which its students are
+# stored in too (builder.stages.training_run.final_dtype).
+EMBEDDED_TEACHER_DTYPES = {
+    "smollm2-135m-instruct": "bfloat16",
+}
+
+
 def teacher_identity(teacher: TeacherSpec) -> dict:
     """What identifies the teacher's weights, for the stage hash (local files by content stamp;
     the spec's paths are absolute once loaded, so the stamp never depends on the current folder)."""
@@ -74,15 +83,18 @@ def teacher_metadata(teacher: TeacherSpec) -> dict:
 
 
 def convert_gguf_teacher(name: str, model_dir: Path) -> Path:
-    """Dequantize the shipped GGUF once into float32 safetensors (about 15 s)."""
+    """Dequantize the shipped GGUF once into safetensors in the original checkpoint's dtype
+    (about 15 s). Q4_1 blocks dequantize to float16 scale x 4-bit code + float16 offset, more
+    digits than bfloat16 keeps: the bf16 teacher is that dequantization rounded to nearest."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package, filename = EMBEDDED_TEACHER_FILES[name]
     folder = package_dir(package)
-    log.info("converting %s/%s to safetensors", folder, filename)
+    dtype = getattr(torch, EMBEDDED_TEACHER_DTYPES[name])
+    log.info("converting %s/%s to %s safetensors", folder, filename, EMBEDDED_TEACHER_DTYPES[name])
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=dtype)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # transformers >= 5.19 keeps the GGUF quantizer; it blocks saving
         quantizer.remove_quantization_config(model)

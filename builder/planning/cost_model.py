@@ -268,8 +268,9 @@ class Costs:
                 f"{self.vllm_start_s:g} s per vLLM engine (the vLLM figure from demo.json's 2-core CPU run, the "
                 "others assumed; builder.planning.cost_model.Costs)",
                 f"a training checkpoint writes {CHECKPOINT_BYTES_PER_PARAM} bytes per trained parameter (fp32 weights "
-                "and AdamW's two moments) every checkpoint_every steps; the final model "
-                f"{STORED_BYTES_PER_PARAM} (fp32)"]
+                "and AdamW's two moments) every checkpoint_every steps; the final model: a corrected teacher in "
+                f"the teacher's dtype, a distilled one counted at {STORED_BYTES_PER_PARAM} bytes (fp32, a search "
+                "candidate's; a student's, in the teacher's dtype, takes less)"]
 
 
 COSTS = Costs()
@@ -280,7 +281,10 @@ COSTS = Costs()
 CHECKPOINT_BYTES_PER_PARAM = 12
 
 
-# Every model a stage writes (correct, prune, distill) is saved in fp32, as it was trained.
+# A model that training starts from is saved in fp32, its master weights: a pruned student, and
+# a search candidate's light distillation (the chosen student's distillation continues from it).
+# What is evaluated and published (a corrected teacher, a student's distillation) is saved in
+# the teacher's dtype (builder.stages.training_run.final_dtype): config_dtype_bytes.
 STORED_BYTES_PER_PARAM = 4
 
 
@@ -431,10 +435,12 @@ class StageInputs:
         return self.models.get(role, self.model)  # "student", "model": the stage's own
 
     def stored_bytes(self, role: str) -> float:
-        """An acquired teacher is stored as its config says (bf16 for most Hub models); what a
-        stage wrote, in fp32."""
-        per_param = config_dtype_bytes(self.teacher_config) if self.producers[role] == "acquire-teacher" \
-            else STORED_BYTES_PER_PARAM
+        """An acquired or corrected teacher and a distilled student are stored in the teacher's
+        dtype (bf16 for most Hub models); a pruned one (and a search candidate, which select
+        hands on) in fp32. A search candidate's own evaluation counts its read in the teacher's
+        dtype too: its fp32 read is a small part of that stage."""
+        in_teacher_dtype = self.producers[role] in ("acquire-teacher", "correct", "distill")
+        per_param = config_dtype_bytes(self.teacher_config) if in_teacher_dtype else STORED_BYTES_PER_PARAM
         return per_param * count_params(self.config(role))
 
     def measured(self) -> list[str]:
@@ -443,7 +449,9 @@ class StageInputs:
 
 
 def config_dtype_bytes(config) -> int:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    """Bytes per parameter in the dtype a config declares; float32 where it declares none, as
+    from_pretrained assumes and builder.models.loading.declared_dtype reads it."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     return DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2)
 
 
@@ -460,8 +468,9 @@ def trained_tokens(config: dict, execution: dict, seq_len: int) -> tuple[int, in
     return steps * per_step, (steps - 1) // execution["checkpoint_every"]
 
 
-def training_writes(trained_config, checkpoints: int) -> float:
-    return checkpoints * checkpoint_bytes(trained_config) + STORED_BYTES_PER_PARAM * count_params(trained_config)
+def training_writes(trained_config, checkpoints: int, model_bytes_per_param: int = STORED_BYTES_PER_PARAM) -> float:
+    """Its checkpoints and its final model (`model_bytes_per_param`: the dtype it is stored in)."""
+    return checkpoints * checkpoint_bytes(trained_config) + model_bytes_per_param * count_params(trained_config)
 
 
 def checkpoint_bytes(trained_config) -> float:
@@ -474,11 +483,12 @@ def checkpoint_bytes(trained_config) -> float:
     return CHECKPOINT_BYTES_PER_PARAM * count_params(trained_config) + STORED_BYTES_PER_PARAM * tied
 
 
-def training_disk(trained_config, checkpoints: int) -> Disk:
+def training_disk(trained_config, checkpoints: int, model_bytes_per_param: int = STORED_BYTES_PER_PARAM) -> Disk:
     """A training stage's folder (builder.training.checkpoints): a checkpoint is written beside
     the one before, which is removed only then, so from the second on two are on disk at once;
-    the final model is written beside the last checkpoint, which stays (resumable state)."""
-    checkpoint, model = checkpoint_bytes(trained_config), STORED_BYTES_PER_PARAM * count_params(trained_config)
+    the final model (`model_bytes_per_param`: its stored dtype) is written beside the last
+    checkpoint, which stays (resumable state)."""
+    checkpoint, model = checkpoint_bytes(trained_config), model_bytes_per_param * count_params(trained_config)
     last = min(checkpoints, 1) * checkpoint
     return Disk(peak=max(min(checkpoints, 2) * checkpoint, last + model), kept=last + model)
 

@@ -209,7 +209,8 @@ def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillati
                         teacher_signal="topk" if section.stored_signal else "online",
                         top_k=section.top_k if section.stored_signal else None,
                         tail_samples=section.tail_samples if section.stored_signal else None,
-                        layouts=[TrainingLayout(**layout) for layout in summary.get("layouts", [])])
+                        layouts=[TrainingLayout(**layout) for layout in summary.get("layouts", [])],
+                        stored_dtype=summary.get("stored_dtype"))
 
 
 def _why(planned, manifests: dict) -> str | None:

@@ -339,6 +339,9 @@ class Distillation(Record):
     top_k: int | None = None
     tail_samples: int | None = None  # topk: ids drawn per token from the teacher beyond its top k
     layouts: list[TrainingLayout] = []  # which batch layout took which steps (empty: not recorded)
+    # The dtype its weights are stored (published, evaluated) in: the teacher's (builder.stages.
+    # training_run.final_dtype); None: not recorded (a distill stage before version 2: float32).
+    stored_dtype: str | None = None
 
 
 def signal_name(top_k: int, tail_samples: int) -> str:

@@ -17,17 +17,16 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
-    """Its disk only (a download's time is the network's): the embedded GGUF dequantized to
-    fp32 (builder.models.teacher.convert_gguf_teacher), a Hub checkpoint in its stored dtype;
-    a local folder is read in place."""
+    """Its disk only (a download's time is the network's): the embedded GGUF dequantized to its
+    original's dtype (builder.models.teacher.convert_gguf_teacher) and a Hub checkpoint, both
+    in the dtype their config declares; a local folder is read in place."""
     source, teacher = config["source"], inputs.teacher_config
-    if source.startswith("embedded:"):
-        return Work(disk=stored_model_disk(teacher, bytes_per_param=4))
-    if source.startswith("hf:"):
+    if source.startswith(("embedded:", "hf:")):
         return Work(disk=stored_model_disk(teacher, bytes_per_param=config_dtype_bytes(teacher)))
     return Work(disk=Disk())
 
 
-KIND = StageKind("acquire-teacher", version="1", run=run, resources="light",
+# 2: the embedded teacher converted to its original's bfloat16, not float32 (issue 24)
+KIND = StageKind("acquire-teacher", version="2", run=run, resources="light",
                  title="the teacher as a local safetensors checkpoint", estimate=estimate, record="TeacherRecord",
                  card_section="_intro")

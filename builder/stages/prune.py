@@ -21,6 +21,10 @@ def run(ctx: StageContext) -> StageResult:
     shape, depth_method = Shape(**ctx.config["shape"]), ctx.config["depth_method"]
     importance = Importance.load(Path(ctx.inputs["scores"].summary["importance"]))
     student = prune_model(model, importance, shape, depth_method=depth_method)
+    # Stored in float32, not the teacher's dtype: it is what the distillation's float32 master
+    # weights start from, so those start from exactly these numbers whatever the teacher's
+    # files hold (a bf16 round trip would round them); the distill stage stores the student
+    # it hands on in the teacher's dtype, a pruning-only one included.
     save_model(student, teacher_dir, ctx.out_dir / "model")
     kept = save_pruning_map(ctx.out_dir / "model", importance, shape, depth_method)
     summary = {"model_dir": str(ctx.out_dir / "model"), "params": count_params(student.config),

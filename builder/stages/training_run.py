@@ -21,7 +21,9 @@ def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path
     from builder.training.ray_train import run_on_ray_train, worker_nodes  # Ray and torch: when it runs
 
     options = ctx.options
-    settings = train_settings(section, options.train_workers, ctx.precision, options.activation_checkpointing)
+    settings = dataclasses.replace(
+        train_settings(section, options.train_workers, ctx.precision, options.activation_checkpointing),
+        stored_dtype=final_dtype(ctx, kind))
     blocks = train_blocks(ctx)
     result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, blocks, ctx.out_dir,
                               settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
@@ -31,12 +33,27 @@ def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path
               "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
     nodes = worker_nodes(ctx.out_dir)
     summary = dataclasses.asdict(result) | {"model_dir": result.model_dir, "dtype": settings.dtype,
+                                            "stored_dtype": settings.stored_dtype,
                                             "batch": layout, "metrics_file": str(ctx.out_dir / "metrics.jsonl"),
                                             "train_nodes": nodes,
                                             "placement": combined([n["placement"] for n in nodes if "placement" in n])}
     if kind == "distill":  # what the student learned from: the online teacher or a stored signal
         summary["teacher_signal"] = str(blocks) if "signal" in ctx.inputs else "online"
     return summary, result.tokens_seen
+
+
+def final_dtype(ctx: StageContext, kind: str) -> str:
+    """The dtype the stage's final model is stored in. A student's distillation and a corrected
+    teacher: the teacher's declared dtype (bf16 for every family here), as the student is
+    evaluated, served and published; writing float32 would double its files (an 8B student 32 GB,
+    twice its teacher) for digits that no reader of it keeps. A search candidate's light
+    distillation: float32, since the chosen student's distillation continues from it and must
+    start from its float32 master weights, not a rounding of them (as from the prune stage's)."""
+    from builder.models.loading import declared_dtype  # torch: when a stage runs
+
+    if kind == "distill" and ctx.stage.student is None:  # a search candidate
+        return "float32"
+    return declared_dtype(ctx.model_dir("teacher"))
 
 
 def train_settings(section: TrainingSpec, workers: int, precision: str,

@@ -149,9 +149,12 @@ def _remove_old_checkpoints(root: Path, keep: set[str]) -> None:
 # The final model: one Hugging Face checkpoint, written once
 
 
-def save_final_model(out_dir: Path, model, source_dir: str | Path, world: World, max_shard_size: str) -> Path:
+def save_final_model(out_dir: Path, model, source_dir: str | Path, world: World, max_shard_size: str,
+                     dtype: torch.dtype) -> Path:
     """`out_dir/model`: a plain HF checkpoint (safetensors shards of at most `max_shard_size`,
-    with their index) plus the source's tokenizer files and pruning map.
+    with their index) plus the source's tokenizer files and pruning map, its weights stored in
+    `dtype` (the teacher's: what the student is published, evaluated and served as). The
+    float32 master weights live on only in the checkpoints above, where training resumes.
 
     Under FSDP2 the model's weights alone (not the optimizer) are gathered to rank 0's CPU,
     once, and written by `save_pretrained`: transformers then writes the shards, the index,
@@ -168,7 +171,7 @@ def save_final_model(out_dir: Path, model, source_dir: str | Path, world: World,
     tmp = out_dir / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     with removed_on_failure(tmp):  # a full disk leaves no partial model behind
-        save_model(student_of(model), source_dir, tmp, state_dict=state, max_shard_size=max_shard_size)
+        save_model(student_of(model), source_dir, tmp, state_dict=state, max_shard_size=max_shard_size, dtype=dtype)
         if (Path(source_dir) / PRUNING_MAP).exists():  # lineage, and the layer map for a later distillation
             shutil.copy2(Path(source_dir) / PRUNING_MAP, tmp / PRUNING_MAP)
     shutil.rmtree(final, ignore_errors=True)

@@ -27,7 +27,7 @@ from builder.training.parallel import (
     World, default_device, device_memory, is_fsdp, student_of, warn_if_bf16_is_emulated, wrap_for_distributed,
 )  # fmt: skip
 from builder.training.sharded import load_sharded
-from builder.training.settings import DTYPES, TrainResult, TrainSettings
+from builder.training.settings import DTYPES, STORED_DTYPES, TrainResult, TrainSettings
 from builder.training.step import DivergenceGuard, optimizer_step
 
 
@@ -135,7 +135,8 @@ def train(
                 guard.checkpoint_step = step
     loop_seconds = time.perf_counter() - loop_started
 
-    model_out = save_final_model(out_dir, model, model_dir, world, settings.max_shard_size)
+    model_out = save_final_model(out_dir, model, model_dir, world, settings.max_shard_size,
+                                 STORED_DTYPES[settings.stored_dtype])
     result = TrainResult(
         tokens_seen=total_steps * tokens_per_step,
         steps=total_steps,

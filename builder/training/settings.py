@@ -32,6 +32,8 @@ Loss = Literal["forward_kl", "reverse_kl", "jsd", "cross_entropy"]
 Dtype = Literal["float32", "bfloat16"]
 LOSSES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "cross_entropy")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What a final model may be stored in: a teacher's dtype (float16 for some Hub checkpoints).
+STORED_DTYPES: dict[str, torch.dtype] = {**DTYPES, "float16": torch.float16}
 _FILE_SIZE = re.compile(r"[0-9]+(KB|MB|GB|KIB|MIB|GIB)", re.IGNORECASE)  # what save_pretrained parses
 
 
@@ -74,6 +76,9 @@ class TrainSettings:
     # Not in the spec (how the output is written, not what is built): the final model's
     # largest safetensors file, as transformers' save_pretrained reads it ("500MB", "5GB").
     max_shard_size: str = MAX_SHARD_SIZE
+    # Nor this: the dtype the final model is stored in. The training stages pass the teacher's
+    # (builder.stages.training_run.final_dtype); checkpoints keep the float32 master weights.
+    stored_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         problems = [p for p in _settings_problems(self) if p]
@@ -126,6 +131,7 @@ def _settings_problems(s: TrainSettings) -> list[str]:
         need(s.hidden_loss_weight >= 0, "hidden_loss_weight", "must be >= 0"),
         need(s.checkpoint_every > 0, "checkpoint_every", "must be a positive step count"),
         need(s.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
+        need(s.stored_dtype in STORED_DTYPES, "stored_dtype", f"must be one of {', '.join(STORED_DTYPES)}"),
         need(s.log_every > 0, "log_every", "must be a positive step count"),
         need(bool(_FILE_SIZE.fullmatch(s.max_shard_size)), "max_shard_size", 'must be a size such as "5GB" or "500MB"'),
     ]
