@@ -1,0 +1,44 @@
+"""bench.suite's bookkeeping: which kind a process is, which xdist scope a test belongs to,
+and the sampler counting a child's CPU time (the benchmark itself runs the whole suite)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench.suite import CpuSampler, kind_of, scope_of, seconds_per_scope
+
+
+def test_processes_are_sorted_by_the_name_they_showed_last():
+    assert kind_of("ray::RayTrainWorker") == "Ray Train's processes"
+    assert kind_of("ray::TrainController.run") == "Ray Train's processes"
+    assert kind_of("ray::IDLE") == "stage tasks (Ray workers)"  # a stage's worker, between tasks
+    assert kind_of("/x/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/s") == "Ray's daemons"
+    assert kind_of("/x/python -m evaluators.vllm_worker request.json result.json") == "vLLM"
+    assert kind_of("/x/python -m builder.cli spec.yaml --workdir runs") == "builds in their own process (CLI)"
+    assert kind_of("bash") == "other"
+
+
+def test_a_scope_is_the_module_or_its_class():
+    assert scope_of("tests/test_e2e.py::test_build_succeeds") == "tests/test_e2e.py"
+    assert scope_of("tests/test_rehearse.py::TestQwen3Rehearsal::test_rehearses") == \
+        "tests/test_rehearse.py::TestQwen3Rehearsal"
+    assert scope_of("tests/test_search.py::test_grid[Llama-3.1-8B.json-4.5e9]") == "tests/test_search.py"
+
+
+def test_durations_add_up_per_scope_setup_and_calls_together():
+    output = ("600.50s call     tests/test_rehearse.py::TestQwen3Rehearsal::test_rehearses\n"
+              "8.25s setup    tests/test_rehearse.py::TestQwen3Rehearsal::test_rehearses\n"
+              "300.00s setup    tests/test_e2e.py::test_build_succeeds\n"
+              "1.00s call     tests/test_e2e.py::test_second_run\n")
+    assert seconds_per_scope(output) == {"tests/test_rehearse.py::TestQwen3Rehearsal": 608.75,
+                                         "tests/test_e2e.py": 301.0}
+
+
+def test_the_sampler_counts_a_childs_cpu_time():
+    with CpuSampler() as sampler:  # a child that spins 1.5 CPU-s, then sleeps past a sample
+        child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 1.5\n"
+                                  "while time.process_time() < end: pass\ntime.sleep(1.2)"])
+        assert child.wait() == 0
+    # It slept 1.2 s after spinning, so a sample (one a second) saw all of its CPU time: 1.5 s
+    # of spinning plus the interpreter's start (a fraction of a second, more on a loaded machine).
+    assert 1.5 <= sampler.cpu_of(child.pid) <= 4.0
