@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import resource
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,6 +117,33 @@ def uncontended(timings: list[Timing], threads: int, tolerance: float = 0.75) ->
     """Iterations that kept at least `tolerance` x `threads` cores busy; all if none did."""
     kept = [t for t in timings if t.cpu_ratio >= tolerance * threads]
     return kept or timings
+
+
+class PeriodicSampler:
+    """A context manager that calls `sample()` every `every_s` seconds on a daemon thread
+    while its block runs, and once more as the block ends (so a short block is sampled at
+    least once). Subclasses keep what they sample: a peak, a total."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def code_version() -> dict:

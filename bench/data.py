@@ -60,12 +60,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, TEACHER_CACHE, print_table, speed_cpu_flags, write_result
+from bench.common import ROOT, TEACHER_CACHE, PeriodicSampler, print_table, speed_cpu_flags, write_result
 
 LOADER_BATCHES, LOADER_BATCH_SIZE, SEQ_LEN = 200, 4, 256
 
@@ -159,28 +158,14 @@ def _rollup(pid: int) -> tuple[int, int]:
     return values.get("Pss", 0), values.get("Rss", 0)
 
 
-class PeakSampler:
-    """Samples the tree's memory in a thread while a block runs; keeps the peaks."""
+class PeakSampler(PeriodicSampler):
+    """Samples the tree's memory while a block runs; keeps the peaks."""
 
     def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.peak_pss, self.peak_rss = interval_s, 0, 0
-        self._stop = threading.Event()
+        super().__init__(every_s=interval_s)
+        self.peak_pss, self.peak_rss = 0, 0
 
-    def __enter__(self) -> "PeakSampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def _sample(self) -> None:
+    def sample(self) -> None:
         pss, rss = tree_memory(os.getpid())
         self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
 

@@ -15,14 +15,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import yaml
 
-from bench.common import print_table, write_result
+from bench.common import PeriodicSampler, print_table, write_result
 
 SPEC = Path(__file__).parent.parent / "families" / "smollm2-135m.yaml"
 
@@ -40,26 +39,19 @@ def quick_spec(out: Path) -> Path:
     return out
 
 
-class TreeMemory:
-    """Peak PSS of a process and all its descendants, sampled on a thread."""
+class TreeMemory(PeriodicSampler):
+    """Peak PSS of a process and all its descendants while the block runs."""
 
     def __init__(self, pid: int, every_s: float = 2.0):
-        self.root, self.every_s, self.peak, self.stop = psutil.Process(pid), every_s, 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every_s)
+        self.root, self.peak = psutil.Process(pid), 0
 
-    def _run(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self.peak = max(self.peak, self._sample())
-
-    def _sample(self) -> int:
-        total = 0
+    def sample(self) -> None:
         try:
             processes = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
-        for process in processes:
-            total += _pss_bytes(process.pid)
-        return total
+            return
+        self.peak = max(self.peak, sum(_pss_bytes(process.pid) for process in processes))
 
 
 def _pss_bytes(pid: int) -> int:
@@ -78,10 +70,8 @@ def run_build(spec: Path, workdir: Path) -> dict:
     command = [str(Path(sys.executable).parent / "build-family"), str(spec), "--workdir", str(workdir)]
     started = time.perf_counter()
     process = subprocess.Popen(command)
-    memory = TreeMemory(process.pid)
-    memory.thread.start()
-    code = process.wait()
-    memory.stop.set()
+    with TreeMemory(process.pid) as memory:
+        code = process.wait()
     return {"exit_code": code, "wall_s": time.perf_counter() - started, "peak_pss_gib": memory.peak / 2**30}
 
 

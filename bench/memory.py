@@ -55,14 +55,12 @@ import argparse
 import json
 import os
 import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from unittest import mock
 
-from bench.common import print_table, write_result
+from bench.common import PeriodicSampler, print_table, write_result
 
 # A Llama of ~17M parameters (tied embeddings): 4.2M in the embedding, 3.1M per layer.
 CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
@@ -119,27 +117,15 @@ def predicted(run: Run) -> dict:
     return asdict(memory) | {"total": memory.total}
 
 
-class PeakSampler:
-    """The highest RssAnon of this process while it runs (a daemon thread)."""
+class PeakSampler(PeriodicSampler):
+    """The highest RssAnon of this process while it runs."""
 
     def __init__(self):
-        self.baseline, self.peak, self._stop = rss_anon(), 0, threading.Event()
-        self.peak = self.baseline
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        super().__init__(every_s=SAMPLE_EVERY_S)
+        self.baseline = self.peak = rss_anon()
 
-    def __enter__(self) -> "PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
         self.peak = max(self.peak, rss_anon())
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon())
-            time.sleep(SAMPLE_EVERY_S)
 
 
 def rss_anon() -> int:

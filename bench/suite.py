@@ -20,13 +20,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
 import psutil
 
-from bench.common import ROOT, print_table, write_result
+from bench.common import ROOT, PeriodicSampler, print_table, write_result
 
 QUICK_TESTS = ["tests/test_e2e.py", "tests/test_rehearse.py::TestLlamaRehearsal"]
 # The kind of a process, from the last command line it showed (a Ray worker renames itself
@@ -68,14 +67,13 @@ def seconds_per_scope(pytest_output: str) -> dict[str, float]:
     return dict(totals.most_common())
 
 
-class CpuSampler:
-    """Every new process's CPU seconds, sampled once a second until stopped."""
+class CpuSampler(PeriodicSampler):
+    """Every new process's CPU seconds, sampled once a second while the block runs."""
 
     def __init__(self) -> None:
+        super().__init__(every_s=1.0)
         self.before = {self._key(p): self._cpu(p) for p in psutil.process_iter()}
         self.seen: dict[tuple, tuple[float, str]] = {}
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
     def _key(process: psutil.Process) -> tuple:
@@ -92,7 +90,7 @@ class CpuSampler:
         except psutil.Error:
             return 0.0
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         for process in psutil.process_iter():
             key = self._key(process)
             try:
@@ -101,18 +99,6 @@ class CpuSampler:
                 continue
             cpu = self._cpu(process) - self.before.get(key, 0.0)
             self.seen[key] = (max(cpu, self.seen.get(key, (0.0, ""))[0]), command_line)
-
-    def _run(self) -> None:
-        while not self.stopped.wait(1.0):
-            self._sample()
-
-    def __enter__(self) -> "CpuSampler":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopped.set()
-        self.thread.join()
 
     def cpu_of(self, pid: int) -> float:
         """The CPU seconds sampled for the process(es) that had this pid."""
