@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def save_pruning_map(directory: str | Path, importance: Importance, shape: Shape
     recorded = pruning_map(importance, shape, depth_method)
     (Path(directory) / PRUNING_MAP).write_text(json.dumps(recorded) + "\n")
     return recorded
+
+
+def copy_pruning_map(source_dir: str | Path, out: str | Path) -> None:
+    """A pruned model's map, carried to a model made from it (its lineage, and the layer map a
+    later distillation reads); nothing where the source has none (a teacher)."""
+    if (Path(source_dir) / PRUNING_MAP).exists():
+        shutil.copy2(Path(source_dir) / PRUNING_MAP, Path(out) / PRUNING_MAP)
 
 
 def read_pruning_map(model_dir: str | Path) -> dict | None:

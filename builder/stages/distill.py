@@ -2,8 +2,6 @@
 the family's stored signal, on Ray Train; resumes from its last checkpoint."""
 from __future__ import annotations
 
-import shutil
-
 from builder.planning.cost_model import (Costs, StageInputs, Work, kd_flops_per_token, memory_of, signal_bytes,
                                          trained_tokens, training_disk, training_writes)
 from builder.spec.schema import DistillSpec, FamilySpec
@@ -24,7 +22,7 @@ def _pruned_as_result(ctx: StageContext) -> dict:
     anyway, the pruned folder itself is handed on, as before."""
     # torch and the models: imported when the stage runs, never when the CLI plans
     from builder.models.loading import declared_dtype, load_model, save_model
-    from builder.pruning.cuts import PRUNING_MAP
+    from builder.pruning.cuts import copy_pruning_map
     from builder.training.settings import STORED_DTYPES
 
     pruned, dtype = ctx.model_dir("student"), final_dtype(ctx, "distill")
@@ -32,8 +30,7 @@ def _pruned_as_result(ctx: StageContext) -> dict:
         return {"model_dir": str(pruned), "tokens": 0, "stored_dtype": dtype}
     out = ctx.out_dir / "model"
     save_model(load_model(pruned), pruned, out, dtype=STORED_DTYPES[dtype])
-    if (pruned / PRUNING_MAP).exists():  # lineage, as a trained student carries it
-        shutil.copy2(pruned / PRUNING_MAP, out / PRUNING_MAP)
+    copy_pruning_map(pruned, out)  # lineage, as a trained student carries it
     return {"model_dir": str(out), "tokens": 0, "stored_dtype": dtype}
 
 

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )  # fmt: skip
 
 from builder.models.loading import save_model
-from builder.pruning.cuts import PRUNING_MAP
+from builder.pruning.cuts import copy_pruning_map
 from builder.store.disk_space import removed_on_failure
 from builder.store.stage_store import fsync_dir, write_text_atomic
 from builder.training.aligner import HiddenStateAligner
@@ -172,8 +172,7 @@ def save_final_model(out_dir: Path, model, source_dir: str | Path, world: World,
     shutil.rmtree(tmp, ignore_errors=True)
     with removed_on_failure(tmp):  # a full disk leaves no partial model behind
         save_model(student_of(model), source_dir, tmp, state_dict=state, max_shard_size=max_shard_size, dtype=dtype)
-        if (Path(source_dir) / PRUNING_MAP).exists():  # lineage, and the layer map for a later distillation
-            shutil.copy2(Path(source_dir) / PRUNING_MAP, tmp / PRUNING_MAP)
+        copy_pruning_map(source_dir, tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     fsync_dir(out_dir)
