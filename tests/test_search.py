@@ -4,8 +4,8 @@ The candidate grid is checked on tiny configs and on the real teachers' configs;
 `select` stage on hand-made manifests. The whole search, through a real build (local Ray,
 pruning, Ray Train distillation, held-out loss, select, the chosen student distilled) is
 checked by `check_search_build` below, on the Qwen3 family's rehearsal (tests/test_rehearse.py),
-whose `qwen3-4b-search` member is a budget: one build then covers both (a tiny search
-build of its own cost the suite about 5 minutes of two shared cores).
+whose `qwen3-4b-search` member is a budget: one build then covers both, instead of a tiny
+search build of its own besides the rehearsal.
 """
 from __future__ import annotations
 
