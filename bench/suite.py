@@ -1,17 +1,20 @@
 """Where `make test`'s time goes: the suite run as `make test` runs it (two xdist workers,
 loadscope), every test scope's duration, and the CPU time of every process it started,
-grouped by kind (Ray Train's processes, Ray's daemons, vLLM, stage tasks, ...).
+grouped by kind (Ray Train's processes, Ray's daemons, vLLM, stage tasks, ...) and by what
+each process was, with how many started (gcs_server: Ray instances; TrainController: Ray
+Train runs; evaluators.vllm_worker: vLLM engines).
 
     .venv/bin/python -m bench.suite            # the whole suite (about 30 minutes on 2 cores)
     .venv/bin/python -m bench.suite --quick    # tests/test_e2e.py and the Llama rehearsal only
 
 Writes bench/results/suite.json (or suite-quick.json). This is the measurement behind
 issue 20's "make test under 15 minutes": a scope's seconds say which tests to share or
-shorten, the CPU by kind says which start-ups to cut.
+shorten, the CPU by kind and by process says which start-ups to cut.
 
 The CPU time of each process is sampled once a second (user + system, from /proc through
 psutil); a process that ends between two samples loses its last second at most, so the
-totals are a slight undercount. Processes alive before the run are left out.
+totals are a slight undercount. Processes alive before the run count only the CPU time
+they spent during it.
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
 from bench.common import ROOT, PeriodicSampler, print_table, write_result
+from builder.stages.registry import STAGE_KINDS
 
 QUICK_TESTS = ["tests/test_e2e.py", "tests/test_rehearse.py::TestLlamaRehearsal"]
 # The kind of a process, from the last command line it showed (a Ray worker renames itself
@@ -42,6 +48,7 @@ KINDS = (
     ("builds in their own process (CLI)", r"builder\.cli|build-family"),
     ("pytest and its workers", r"pytest"),
 )
+IDLE = "ray::IDLE"  # what a Ray worker shows between tasks
 # `pytest --durations=0` lines: "607.69s call     tests/test_x.py::TestY::test_z[p]"
 DURATION = re.compile(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)$", re.M)
 
@@ -51,6 +58,35 @@ def kind_of(command_line: str) -> str:
         if re.search(pattern, command_line):
             return kind
     return "other"
+
+
+def kind_of_process(names: list[str], parent_names: list[str] = ()) -> str:
+    """A process's kind from every name it showed, in order: the first with a kind of its own,
+    a Ray worker's task or actor before the "ray::IDLE" it ends as; a process no name places
+    (vLLM's engine processes start as "multiprocessing.spawn ...") takes its parent's kind."""
+    busy = [name for name in names if not name.startswith(IDLE)]
+    for name in busy + [name for name in names if name.startswith(IDLE)]:
+        if kind_of(name) != "other":
+            return kind_of(name)
+    return kind_of_process(list(parent_names)) if parent_names else "other"
+
+
+def process_name(names: list[str]) -> str:
+    """What a process was, for the table by process: a Ray worker's first task or actor (its
+    stage's hash, run ids and numbers dropped), else its program and module or script."""
+    busy = [name for name in names if not name.startswith(IDLE)] or list(names) or ["?"]
+    ray_names = [name for name in busy if name.startswith("ray::")]
+    if ray_names:
+        task = ray_names[0].split()[0].removeprefix("ray::")
+        kind = next((kind for kind in STAGE_KINDS if task.startswith(f"{kind}-")), None)
+        # a stage's task ("ray::distill-<student>-<hash>") by its kind; an actor by its class
+        return f"ray::{kind} (a stage)" if kind else f"ray::{task.split('.')[0]}"
+    words = busy[-1].split()
+    program = Path(words[0]).name if words else "?"
+    if "-m" in words[:-1]:
+        return f"{program} -m {words[words.index('-m') + 1]}"
+    script = next((Path(w).name for w in words[1:] if w.endswith(".py")), None)
+    return f"{program} {script}" if script else program
 
 
 def scope_of(test_id: str) -> str:
@@ -67,13 +103,25 @@ def seconds_per_scope(pytest_output: str) -> dict[str, float]:
     return dict(totals.most_common())
 
 
+@dataclass
+class Seen:
+    """One process as the samples saw it: its CPU seconds, the names it showed (in order,
+    each once), and its parent's names when it first appeared."""
+
+    cpu_s: float = 0.0
+    names: list[str] = field(default_factory=list)
+    parent_names: list[str] = field(default_factory=list)
+
+
 class CpuSampler(PeriodicSampler):
-    """Every new process's CPU seconds, sampled once a second while the block runs."""
+    """Every new process's CPU seconds and names, sampled once a second while the block runs."""
+
+    MAX_NAMES = 8  # a Ray worker may run many tasks; the first few say what it was
 
     def __init__(self) -> None:
         super().__init__(every_s=1.0)
         self.before = {self._key(p): self._cpu(p) for p in psutil.process_iter()}
-        self.seen: dict[tuple, tuple[float, str]] = {}
+        self.seen: dict[tuple, Seen] = {}
 
     @staticmethod
     def _key(process: psutil.Process) -> tuple:
@@ -97,18 +145,40 @@ class CpuSampler(PeriodicSampler):
                 command_line = " ".join(process.cmdline()) or process.name()
             except psutil.Error:
                 continue
-            cpu = self._cpu(process) - self.before.get(key, 0.0)
-            self.seen[key] = (max(cpu, self.seen.get(key, (0.0, ""))[0]), command_line)
+            seen = self.seen.get(key)
+            if seen is None:
+                seen = self.seen[key] = Seen(parent_names=self._names_of_parent(process))
+            seen.cpu_s = max(seen.cpu_s, self._cpu(process) - self.before.get(key, 0.0))
+            if command_line not in seen.names and len(seen.names) < self.MAX_NAMES:
+                seen.names.append(command_line)
+
+    def _names_of_parent(self, process: psutil.Process) -> list[str]:
+        try:
+            parent = process.parent()
+            return self.seen[self._key(parent)].names if parent else []
+        except (psutil.Error, KeyError):
+            return []
 
     def cpu_of(self, pid: int) -> float:
         """The CPU seconds sampled for the process(es) that had this pid."""
-        return sum(cpu for (seen_pid, _), (cpu, _) in self.seen.items() if seen_pid == pid)
+        return sum(seen.cpu_s for (seen_pid, _), seen in self.seen.items() if seen_pid == pid)
 
     def by_kind(self) -> dict[str, float]:
         totals: Counter[str] = Counter()
-        for cpu, command_line in self.seen.values():
-            totals[kind_of(command_line)] += cpu
+        for seen in self.seen.values():
+            totals[kind_of_process(seen.names, seen.parent_names)] += seen.cpu_s
         return {kind: round(seconds, 1) for kind, seconds in totals.most_common()}
+
+    def by_process(self, top: int = 40) -> dict[str, dict]:
+        """The processes by name, most CPU first: how many started and their CPU seconds
+        (e.g. gcs_server's count is how many Ray instances ran, TrainController's how many
+        Ray Train runs, evaluators.vllm_worker's how many vLLM engines)."""
+        cpu, count = Counter(), Counter()
+        for seen in self.seen.values():
+            name = process_name(seen.names)
+            cpu[name] += seen.cpu_s
+            count[name] += 1
+        return {name: {"count": count[name], "cpu_s": round(seconds, 1)} for name, seconds in cpu.most_common(top)}
 
 
 def pytest_command(tests: list[str]) -> list[str]:
@@ -134,11 +204,14 @@ def main() -> None:
     print_table(["kind of process", "CPU s", "share"],
                 [[kind, seconds, f"{100 * seconds / total_cpu:.1f}%"] for kind, seconds in cpu.items()])
     print()
+    processes = sampler.by_process()
+    print_table(["process", "started", "CPU s"], [[name, p["count"], p["cpu_s"]] for name, p in processes.items()])
+    print()
     print_table(["test scope", "seconds of a worker"], [[scope, round(s, 1)] for scope, s in list(scopes.items())[:25]])
     print(f"\n{summary}; wall {wall / 60:.1f} min, {total_cpu:.0f} CPU-s sampled")
     path = write_result("suite-quick" if args.quick else "suite", {
         "tests": tests or "all", "exit_code": run.returncode, "pytest_summary": summary, "wall_s": round(wall, 1),
-        "cpu_s_by_kind": cpu, "cpu_s_sampled": round(total_cpu, 1), "seconds_per_scope": scopes})
+        "cpu_s_by_kind": cpu, "processes": processes, "cpu_s_sampled": round(total_cpu, 1), "seconds_per_scope": scopes})
     print(f"wrote {path}")
     if run.returncode != 0:
         print(run.stdout[-4000:], run.stderr[-2000:], sep="\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench.suite import CpuSampler, kind_of, scope_of, seconds_per_scope
+from bench.suite import CpuSampler, kind_of, kind_of_process, process_name, scope_of, seconds_per_scope
 
 
 def test_processes_are_sorted_by_the_name_they_showed_last():
@@ -16,6 +16,31 @@ def test_processes_are_sorted_by_the_name_they_showed_last():
     assert kind_of("/x/python -m evaluators.vllm_worker request.json result.json") == "vLLM"
     assert kind_of("/x/python -m builder.cli spec.yaml --workdir runs") == "builds in their own process (CLI)"
     assert kind_of("bash") == "other"
+
+
+def test_a_process_is_sorted_by_its_busiest_name_or_else_by_its_parent():
+    # a stage's worker ran a task, then waited as ray::IDLE: the task decides
+    assert kind_of_process(["python default_worker.py", "ray::IDLE", "ray::distill-x-1f2e3d4c5b6a", "ray::IDLE"]) \
+        == "stage tasks (Ray workers)"
+    assert kind_of_process(["ray::IDLE", "ray::RayTrainWorker"]) == "Ray Train's processes"
+    # vLLM's engine starts as a bare multiprocessing child, then renames itself; one that never
+    # did is still the engine's, by its parent
+    spawned = "python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"
+    assert kind_of_process([spawned, "VLLM::EngineCore"]) == "vLLM"
+    assert kind_of_process([spawned], ["python -m evaluators.vllm_worker r.json o.json"]) == "vLLM"
+    assert kind_of_process([spawned]) == "other"
+
+
+def test_processes_are_counted_by_what_they_were():
+    assert process_name(["ray::IDLE", "ray::distill-qwen3-4b-search.l2-h224-8bdb7d6f96b1aeb8", "ray::IDLE"]) == \
+        "ray::distill (a stage)"
+    assert process_name(["ray::acquire-data-f900473e52e0a7f7"]) == "ray::acquire-data (a stage)"
+    assert process_name(["ray::IDLE", "ray::TrainController.run"]) == "ray::TrainController"
+    assert process_name(["ray::IDLE"]) == "ray::IDLE"
+    assert process_name(["/v/bin/python -m evaluators.vllm_worker a b"]) == "python -m evaluators.vllm_worker"
+    assert process_name(["/v/bin/python -u /v/ray/_private/log_monitor.py --session-dir=/tmp/x"]) == \
+        "python log_monitor.py"
+    assert process_name(["/v/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/x"]) == "gcs_server"
 
 
 def test_a_scope_is_the_module_or_its_class():
@@ -42,3 +67,6 @@ def test_the_sampler_counts_a_childs_cpu_time():
     # It slept 1.2 s after spinning, so a sample (one a second) saw all of its CPU time: 1.5 s
     # of spinning plus the interpreter's start (a fraction of a second, more on a loaded machine).
     assert 1.5 <= sampler.cpu_of(child.pid) <= 4.0
+    (seen,) = [seen for (pid, _), seen in sampler.seen.items() if pid == child.pid]
+    assert seen.names[0].startswith(sys.executable) and seen.parent_names  # this process, seen before it
+    assert sampler.by_process()[process_name(seen.names)]["count"] >= 1
