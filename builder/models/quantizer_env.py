@@ -49,17 +49,18 @@ def quantizer_problem() -> str | None:
     return None
 
 
-def run_quantizer(request: dict, work_dir: Path) -> dict:
+def run_quantizer(request: dict, work_dir: Path, threads: int) -> dict:
     """Run quantize_main on `request` (model_dir, out_dir, scheme, group_size, calibration) in
-    the quantizer's environment; its output goes to this process's stdout and stderr (a
-    stage's log). Returns the facts it wrote; raises RuntimeError naming its exit status."""
+    the quantizer's environment on `threads` CPU threads (the stage's reserved CPUs); its output
+    goes to this process's stdout and stderr (a stage's log). Returns the facts it wrote;
+    raises RuntimeError naming its exit status."""
     problem = quantizer_problem()
     if problem:
         raise RuntimeError(problem)
     request_path, result_path = work_dir / "quantize-request.json", work_dir / "quantize-result.json"
     request_path.write_text(json.dumps({**request, "result": str(result_path)}, indent=2))
     # Not this environment's PYTHONPATH: the quantizer imports its own transformers and torch.
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([str(quantizer_python()), str(ENTRY_POINT), str(request_path)], env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"llm-compressor ({quantizer_python()} {ENTRY_POINT.name}) exited with status "

@@ -5,6 +5,7 @@ loaded back here with plain transformers before the stage finishes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from builder.models.arch import count_params
@@ -37,10 +38,11 @@ def run(ctx: StageContext) -> StageResult:
     if problem:
         raise ValueError(problem)
     out = ctx.out_dir / "model"
+    shutil.rmtree(out, ignore_errors=True)  # a killed attempt's files: the stage starts over, never mixes them in
     calibration, tokens = _write_calibration(ctx, variant)
     request = {"model_dir": str(source), "out_dir": str(out), "scheme": variant.scheme,
                "group_size": group_size_for(variant, shape), "calibration": calibration}
-    facts = run_quantizer(request, ctx.out_dir)
+    facts = run_quantizer(request, ctx.out_dir, threads=ctx.options.stage_cpus())
     if calibration:
         Path(calibration).unlink()
     summary = _summary(variant, request, facts, source, out, check_loads(out))
