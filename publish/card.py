@@ -70,7 +70,7 @@ def repo_or_placeholder(student: StudentRecord) -> str:
 def card_data(report: FamilyReport, student: StudentRecord) -> ModelCardData:
     results = eval_results(student)
     return ModelCardData(
-        base_model=report.teacher.repo_id,
+        base_model=_base_model(report, student),
         library_name="transformers",
         license=report.license,
         tags=list(TAGS),
@@ -79,6 +79,14 @@ def card_data(report: FamilyReport, student: StudentRecord) -> ModelCardData:
         model_name=student.repo_id if results and student.repo_id else None,
         eval_results=results or None,
     )
+
+
+def _base_model(report: FamilyReport, student: StudentRecord) -> str | None:
+    """What the Hub shows it was made from: the teacher, or a chained member's parent (its repo;
+    None when the parent has no Hub owner, rather than a repo that does not exist)."""
+    if student.lineage.parent is None:
+        return report.teacher.repo_id
+    return report.student(student.lineage.parent).repo_id
 
 
 def eval_results(model: ModelRecord) -> list[EvalResult]:
@@ -141,9 +149,20 @@ def _lineage_section(report: FamilyReport, s: StudentRecord) -> str:
     else:
         lines.append("2. **Teacher correction:** none; the teacher was used as published.")
     lines.append(f"3. **Pruning:** {_pruning_text(s)}")
+    lines += _chain_lines(report, s)
     lines += [f"   - `{axis}`: {before} -> {after}" for axis, (before, after) in lin.pruning.axes.items()]
     lines.append(f"4. **Distillation:** {_distill_text(s)}")
     return "\n".join(lines)
+
+
+def _chain_lines(report: FamilyReport, s: StudentRecord) -> list[str]:
+    """A chained member: pruned from its parent's distilled weights and taught by it."""
+    if s.lineage.parent is None:
+        return []
+    parent = report.student(s.lineage.parent)
+    chain = " -> ".join(["teacher", *s.lineage.chain, s.name])
+    return [f"   - **Chained:** pruned from the distilled weights of its parent `{repo_or_placeholder(parent)}` "
+            f"(`{parent.name}`, importance scored again on them) and distilled from it: {chain}."]
 
 
 def _pruning_text(s: StudentRecord) -> str:
@@ -164,11 +183,12 @@ def _pruning_text(s: StudentRecord) -> str:
     return "; ".join(parts) + "."
 
 
-def _signal_text(d) -> str:
+def _signal_text(d, teacher: str = "the teacher") -> str:
+    """`teacher`: who taught, in words (a chained member's parent)."""
     if d.teacher_signal == "topk":
-        return (f"the teacher's stored {signal_name(d.top_k, d.tail_samples or 0)} per token (one teacher pass "
-                "shared by the family, the *teach* stage below)")
-    return "the teacher's logits (run online, alongside the student)"
+        return (f"{teacher}'s stored {signal_name(d.top_k, d.tail_samples or 0)} per token (one pass of {teacher} "
+                "shared by its students, the *teach* stage below)")
+    return f"{teacher}'s logits (run online, alongside the student)"
 
 
 def _distill_text(s: StudentRecord) -> str:
@@ -178,7 +198,8 @@ def _distill_text(s: StudentRecord) -> str:
     text = f"{format_count(d.tokens)} tokens"
     if d.steps:
         text += f" over {d.steps} steps"
-    text += f", loss `{d.loss}` on {_signal_text(d)}"
+    teacher = f"its parent `{s.lineage.parent}`" if s.lineage.parent else "the teacher"
+    text += f", loss `{d.loss}` on {_signal_text(d, teacher)}"
     if d.temperature is not None:
         text += f" at temperature {d.temperature:g}"
     if d.final_loss is not None:

@@ -1,6 +1,6 @@
 """The whole pipeline through the CLI with every real component: a local Ray instance on
 127.0.0.1, real pruning and distillation (one student with the online teacher, one from its
-stored top-k signal), real lm-eval on a bundled offline task, real vLLM
+stored top-k signal, one chained member pruned from and taught by the first), real lm-eval on a bundled offline task, real vLLM
 throughput (always on: without vLLM its test skips, and fails under MINIZOO_REQUIRE_VLLM=1),
 cards and the family report; then a second run that reuses everything.
 """
@@ -40,6 +40,9 @@ students:
     # from the teacher's stored top-k signal (a teach stage), where tiny-width runs it online
     distill: {{tokens: 2K, global_batch_size: 4, learning_rate: 1.0e-3, warmup_steps: 1, checkpoint_every: 3,
               teacher_signal: topk, top_k: 32, tail_samples: 8}}
+  - name: tiny-chain  # a chained member: pruned from tiny-width's distilled model, taught by it online
+    from: tiny-width
+    shape: {{hidden_size: 32, intermediate_size: 64}}
 evaluation:
   tasks: [{{name: arc_easy, limit: 8}}]
   batch_size: 8
@@ -79,7 +82,7 @@ def test_build_succeeds_and_writes_the_report(built_family):
     assert code == 0
     report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
     assert report["family"] == "tiny-e2e"
-    assert [s["name"] for s in report["students"]] == ["tiny-width", "tiny-depth"]
+    assert [s["name"] for s in report["students"]] == ["tiny-width", "tiny-depth", "tiny-chain"]
     for student in report["students"]:
         assert student["params"] < report["teacher"]["params"]
         assert 0.0 <= student["tasks"]["arc_easy"]["scores"]["acc"] <= 1.0
@@ -111,12 +114,34 @@ def test_the_teacher_teaches_once_and_the_topk_student_reads_its_signal(built_fa
 def test_students_load_with_plain_from_pretrained(built_family):
     _, workdir, _, _ = built_family
     report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
-    width, depth = report["students"]
+    width, depth, chained = report["students"]
     model = AutoModelForCausalLM.from_pretrained(width["path"])
     assert model.config.hidden_size == 48 and model.config.head_dim == 32
     assert AutoModelForCausalLM.from_pretrained(depth["path"]).config.num_hidden_layers == 2
+    small = AutoModelForCausalLM.from_pretrained(chained["path"])
+    assert (small.config.hidden_size, small.config.intermediate_size, small.config.head_dim) == (32, 64, 32)
+    assert torch.isfinite(small(torch.tensor([[1, 5, 9, 12]])).logits).all()
     logits = model(torch.tensor([[1, 5, 9, 12]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_the_chained_member_is_pruned_from_and_taught_by_its_parents_distilled_model(built_family):
+    _, workdir, _, _ = built_family
+    stage = lambda glob: next(workdir.glob(f"stages/{glob}"))  # noqa: E731
+    read = lambda glob: set(json.loads((stage(glob) / "manifest.json").read_text())["inputs"])  # noqa: E731
+    parent, parent_scores = stage("distill-tiny-width-*").name, stage("score-tiny-width-*").name
+    # importance scored again on the parent's distilled weights, which the chained member is cut from
+    assert parent in read("score-tiny-width-*") and {parent, parent_scores} <= read("prune-tiny-chain-*")
+    assert parent in read("distill-tiny-chain-*")  # its teacher
+    assert not any(name.startswith("acquire-teacher") for name in read("distill-tiny-chain-*"))
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    chained = {s["name"]: s for s in report["students"]}["tiny-chain"]
+    assert chained["lineage"]["parent"] == "tiny-width" and chained["lineage"]["chain"] == ["tiny-width"]
+    assert chained["lineage"]["pruning"]["axes"] == {"hidden_size": [48, 32], "intermediate_size": [96, 64]}
+    card = Path(chained["card"]).read_text()
+    assert "base_model: minizoo-tests/tiny-width" in card and "teacher -> tiny-width -> tiny-chain" in card
+    assert "its parent `tiny-width`'s logits" in card
+    assert "`tiny-chain` is a chained member" in (workdir / "tiny-e2e" / "report.md").read_text()
 
 
 @pytest.mark.skipif(not _vllm_installed(), reason="vLLM is not installed")

@@ -18,6 +18,7 @@ from builder.models.teacher import teacher_identity
 from builder.models.arch import count_params, student_config
 from builder.options.precision import Precision
 from builder.pruning.search import Candidate, candidates
+from builder.spec.chains import chain_order
 from builder.spec.shape import Shape
 from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
                           split_execution)
@@ -43,6 +44,23 @@ class PlannedStudent:
     def searched(self) -> bool:
         return self.select_stage is not None
 
+    @property
+    def parent(self) -> str | None:
+        """The student it is pruned from and taught by (`from`); None: the family's teacher."""
+        return self.spec.parent
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a student is pruned from and taught by: the family's teacher, or its parent student's
+    distilled model (a chained member), with the importance scored on it and its stored signals."""
+
+    name: str  # TEACHER or the parent student's name
+    model: str  # the stage holding its weights
+    scores: str  # the score stage on those weights
+    config: object  # its transformers config
+    signals: "Signals"
+
 
 @dataclass
 class Plan:
@@ -56,16 +74,38 @@ class Plan:
     throughput_stage: str | None
     eval_stages: dict[str, str]  # model name -> evaluate stage id
     precision: Precision  # what the training stages run in (and are hashed with)
-    teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk)
+    teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk), parents' too
     teacher_vocab_size: int = 0
     variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize stage id
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
 
+    def model_name(self, stage_id: str) -> str:
+        """Which model a stage's output is: TEACHER (corrected or not) or a student's name."""
+        finals = {student.final_stage: student.spec.name for student in self.students}
+        return finals.get(stage_id, TEACHER)
 
-def student_shape(teacher_config, student: StudentSpec) -> Shape:
-    return Shape.of(teacher_config).replace(**student.shape.changes())
+    def taught_by(self, stage_id: str) -> str:
+        """The model a stage reads as its teacher (a score, teach, prune or distill stage)."""
+        return self.model_name(self.stages[stage_id].inputs[TEACHER])
+
+    def student(self, name: str) -> PlannedStudent:
+        return next(student for student in self.students if student.spec.name == name)
+
+
+def student_shape(source_config, student: StudentSpec) -> Shape:
+    """`source_config`: what the student is pruned from (the teacher's, or its parent's: source_config)."""
+    return Shape.of(source_config).replace(**student.shape.changes())
+
+
+def source_config(spec: FamilySpec, teacher_config, student: StudentSpec):
+    """The config of the model a student is pruned from: its parent's (along its chain of explicit
+    shapes; the spec's validation refuses a parent by budget), or the teacher's."""
+    if student.parent is None:
+        return teacher_config
+    parent = spec.student(student.parent)
+    return student_config(teacher_config, student_shape(source_config(spec, teacher_config, parent), parent))
 
 
 def student_params(teacher_config, shape: Shape) -> int:
@@ -135,9 +175,8 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
         teacher = dag.add("correct", "", spec.correction, {TEACHER: original_teacher, "data": data},
                           options=trains)
     scores = dag.add("score", "", spec.scoring, {TEACHER: teacher, "data": data})
-    signals = _plan_teach(dag, spec, teacher, data, trains)
-    students = [_plan_student(dag, spec, teacher_config, s, teacher, scores, data, trains, signals)
-                for s in spec.students]
+    root = Source(TEACHER, teacher, scores, teacher_config, _plan_teach(dag, spec, None, teacher, data, trains))
+    students = _plan_students(dag, spec, root, data, trains)
 
     models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
     if teacher != original_teacher:
@@ -152,9 +191,10 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
     variants = _plan_variants(dag, spec, {name: stage_id for name, stage_id in models.items()
                                           if name != "teacher-original"}, data)
     shape = Shape.of(teacher_config)
+    teach = tuple(stage_id for stage_id, stage in dag.stages.items() if stage.name == "teach")
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
-                original_teacher, throughput, eval_stages, precision, tuple(signals.values()),
-                teacher_config.vocab_size, variants)
+                original_teacher, throughput, eval_stages, precision, teach, teacher_config.vocab_size,
+                variants)
 
 
 def _plan_variants(dag: _Builder, spec: FamilySpec, models: dict[str, str], data: str) -> dict[tuple[str, str], str]:
@@ -173,32 +213,56 @@ def variant_label(model: str, scheme: str) -> str:
     return f"{model}.{scheme}"
 
 
-def _plan_student(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
-                  teacher: str, scores: str, data: str, trains: dict, signals: Signals) -> PlannedStudent:
+def _plan_students(dag: _Builder, spec: FamilySpec, root: Source, data: str, trains: dict) -> list[PlannedStudent]:
+    """Every student, each after its parent (chained members); a parent becomes a Source (its
+    own score stage and stored signals) once its distillation is planned. In spec order."""
+    sources, planned = {TEACHER: root}, {}
+    parents = set(spec.parents.values())
+    for name in chain_order(spec.parents):
+        student = spec.student(name)
+        planned[name] = _plan_student(dag, spec, sources[student.parent or TEACHER], student, data, trains)
+        if name in parents:
+            sources[name] = _parent_source(dag, spec, planned[name], root.config, data, trains)
+    return [planned[student.name] for student in spec.students]
+
+
+def _parent_source(dag: _Builder, spec: FamilySpec, parent: PlannedStudent, teacher_config, data: str,
+                   trains: dict) -> Source:
+    """A parent's distilled model as its children's source: scored on the same calibration
+    data as the teacher (its children's cuts follow its own importance, as Minitron's 9B was
+    scored again for the 4B), and taught once per signal its children read."""
+    name, model = parent.spec.name, parent.final_stage
+    scores = dag.add("score", name, spec.scoring, {TEACHER: model, "data": data})
+    config = student_config(teacher_config, parent.shape)
+    return Source(name, model, scores, config, _plan_teach(dag, spec, name, model, data, trains))
+
+
+def _plan_student(dag: _Builder, spec: FamilySpec, source: Source, student: StudentSpec, data: str,
+                  trains: dict) -> PlannedStudent:
     if student.params is not None:
-        return _plan_search(dag, spec, teacher_config, student, teacher, scores, data, trains, signals)
-    shape = student_shape(teacher_config, student)
+        return _plan_search(dag, spec, source, student, data, trains)
+    shape = student_shape(source.config, student)
     pruned = dag.add("prune", student.name, prune_config(shape, student.depth_method),
-                     {TEACHER: teacher, "scores": scores}, student=student.name)
-    distilled = _add_distill(dag, spec, student, teacher, pruned, data, trains, signals)
-    return PlannedStudent(student, shape, student_params(teacher_config, shape), distilled)
+                     {TEACHER: source.model, "scores": source.scores}, student=student.name)
+    distilled = _add_distill(dag, spec, student, source, pruned, data, trains)
+    return PlannedStudent(student, shape, student_params(source.config, shape), distilled)
 
 
 def prune_config(shape: Shape, depth_method: str) -> dict:
     return {"shape": shape.as_dict(), "depth_method": depth_method}
 
 
-def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, teacher: str, pruned: str,
-                 data: str, trains: dict, signals: Signals) -> str:
+def _add_distill(dag: _Builder, spec: FamilySpec, student: StudentSpec, source: Source, pruned: str,
+                 data: str, trains: dict) -> str:
     section = spec.distill_for(student)
-    return dag.add("distill", student.name, section, _distill_inputs(section, teacher, pruned, data, signals),
+    return dag.add("distill", student.name, section, _distill_inputs(section, source, pruned, data),
                    student=student.name, options=_if_trained(section, trains))
 
 
-def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, signals: Signals) -> dict[str, str]:
-    inputs = {TEACHER: teacher, "student": pruned, "data": data}
+def _distill_inputs(section: DistillSpec, source: Source, pruned: str, data: str) -> dict[str, str]:
+    inputs = {TEACHER: source.model, "student": pruned, "data": data}
     if section.stored_signal:  # it reads the teach stage's tokens and signal, not the data's
-        inputs["signal"] = signals[section.signal_key]
+        inputs["signal"] = source.signals[section.signal_key]
     return inputs
 
 
@@ -206,23 +270,26 @@ def _distill_inputs(section: DistillSpec, teacher: str, pruned: str, data: str, 
 Signals = dict[SignalKey, str]  # -> teach stage id
 
 
-def _plan_teach(dag: _Builder, spec: FamilySpec, teacher: str, data: str, trains: dict) -> Signals:
-    """A teach stage covers the most stream positions any of its readers reads (so every
+def _plan_teach(dag: _Builder, spec: FamilySpec, parent: str | None, teacher: str, data: str,
+                trains: dict) -> Signals:
+    """The signals of one model (`parent`: a student whose children read its signal; None: the
+    teacher). A teach stage covers the most stream positions any of its readers reads (so every
     reader, whatever its seed, samples its steps from the same taught rows)."""
     positions: dict[SignalKey, int] = {}
-    for section in spec.distillations():
-        if section.stored_signal:
+    for reads_from, section in spec.distillations_by_model():
+        if section.stored_signal and reads_from == parent:
             key = section.signal_key
             positions[key] = max(positions.get(key, 0), stream_positions(section, spec.data.seq_len))
     # forward passes only: the scoring section's batch size sizes them (execution only)
-    return {key: dag.add("teach", _teach_label(key), {**key._asdict(), "positions": count},
+    return {key: dag.add("teach", _teach_label(key, parent), {**key._asdict(), "positions": count},
                          {TEACHER: teacher, "data": data}, options=trains,
                          execution={"batch_size": spec.scoring.batch_size})
             for key, count in positions.items()}
 
 
-def _teach_label(key: SignalKey) -> str:
-    return f"k{key.top_k}" + (f"+{key.tail_samples}" if key.tail_samples else "")
+def _teach_label(key: SignalKey, parent: str | None = None) -> str:
+    signal = f"k{key.top_k}" + (f"+{key.tail_samples}" if key.tail_samples else "")
+    return f"{parent}.{signal}" if parent else signal
 
 
 def stream_positions(section: TrainingSpec, seq_len: int) -> int:
@@ -232,24 +299,24 @@ def stream_positions(section: TrainingSpec, seq_len: int) -> int:
     return steps * section.global_batch_size
 
 
-def _plan_search(dag: _Builder, spec: FamilySpec, teacher_config, student: StudentSpec,
-                 teacher: str, scores: str, data: str, trains: dict, signals: Signals) -> PlannedStudent:
+def _plan_search(dag: _Builder, spec: FamilySpec, source: Source, student: StudentSpec, data: str,
+                 trains: dict) -> PlannedStudent:
     """Architecture search (builder.pruning.search): each candidate is pruned, lightly distilled and
     scored on held-out loss by stages of its own (so Ray runs candidates side by side and a
     killed search resumes per candidate); `select` keeps the best, which distills on."""
-    found = tuple(candidates(teacher_config, student.params, spec.search))
+    found = tuple(candidates(source.config, student.params, spec.search))
     light_training = spec.search_training(student)
     ranking = EvaluationSpec(perplexity_tokens=spec.search.heldout_tokens, batch_size=spec.evaluation.batch_size)
     roles: dict[str, str] = {}
     for index, candidate in enumerate(found):
         label = f"{student.name}.{candidate.tag}"
         pruned = dag.add("prune", label, prune_config(candidate.shape, student.depth_method),
-                         {TEACHER: teacher, "scores": scores})
-        trained = dag.add("distill", label, light_training,
-                          _distill_inputs(light_training, teacher, pruned, data, signals), options=_if_trained(light_training, trains))
+                         {TEACHER: source.model, "scores": source.scores})
+        trained = dag.add("distill", label, light_training, _distill_inputs(light_training, source, pruned, data),
+                          options=_if_trained(light_training, trains))
         ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, options=trains)
         roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
     select_config = {"params": student.params, "candidates": [c.tag for c in found]}
     chosen = dag.add("select", student.name, select_config, roles, student=student.name)
-    distilled = _add_distill(dag, spec, student, teacher, chosen, data, trains, signals)
+    distilled = _add_distill(dag, spec, student, source, chosen, data, trains)
     return PlannedStudent(student, None, student.params, distilled, found, chosen)

@@ -150,7 +150,8 @@ def _stage_estimate(plan: Plan, stage_id: str, models: dict, teacher_config, opt
                     accelerator: Accelerator, costs: Costs, training: list) -> StageEstimate:
     stage = plan.stages[stage_id]
     producers = {role: plan.stages[stage_id].name for role, stage_id in stage.inputs.items()}
-    inputs = StageInputs(stage.key.label, producers, models, teacher_config)
+    teacher = models[plan.taught_by(stage_id)] if "teacher" in stage.inputs else teacher_config  # a parent's: chained
+    inputs = StageInputs(stage.key.label, producers, models, teacher)
     kind = stage_kind(stage.name)
     work = kind.estimate(stage.key.config, stage.key.execution, inputs, costs, plan.spec.data.seq_len) \
         if kind.estimate else Work()  # select: file work only

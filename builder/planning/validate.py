@@ -4,8 +4,8 @@ Phase 1 (offline): the schema (types, units, unknown fields) via pydantic; then 
 path is made absolute against the spec's folder (`builder.spec.schema.resolve_paths`) and checked:
 it exists, can be read and holds what it should.
 Phase 2 (needs the teacher's config, not its weights): each student's shape is reachable
-from the teacher and loadable by transformers and vLLM, each student is smaller than the
-teacher, training blocks fit the teacher's context, the lm-eval tasks exist, and a depth
+from the teacher (a chained student's from its parent: no axis above the parent's) and
+loadable by transformers and vLLM, each student is smaller than the teacher (or its parent), training blocks fit the teacher's context, the lm-eval tasks exist, a depth
 method that needs LM-loss scores has them, and each quantized variant can be made and served
 for every model it is made of (the quantizer's environment exists: `quantizer_problems`).
 """
@@ -150,28 +150,33 @@ def _unreadable(path: Path) -> str:
 def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
     """Phase 2: every problem the teacher's config reveals (it needs no weights)."""
     # transformers: phase 2 only (phase 1 checks the schema without it)
-    from builder.models.arch import UnsupportedArchitecture, arch_for, count_params
+    from builder.models.arch import UnsupportedArchitecture, arch_for
 
     try:
         arch_for(teacher_config)
     except UnsupportedArchitecture as error:
         return [Problem("teacher.source", spec.teacher.source, str(error))]
-    teacher_params = count_params(teacher_config)
-    problems = []
+    problems, failed = [], set()
     for index, student in enumerate(spec.students):
-        problems += _student_problems(spec, index, student, teacher_config, teacher_params)
+        if student.parent in failed:  # its parent's problems are reported; its shape is unknown until fixed
+            failed.add(student.name)
+            continue
+        found = _student_problems(spec, index, student, teacher_config)
+        failed |= {student.name} if found else set()
+        problems += found
     problems += _depth_method_problems(spec)
     problems += _context_problems(spec, teacher_config)
     problems += _top_k_problems(spec, teacher_config)
     problems += _task_problems(spec)
-    problems += _variant_problems(spec, teacher_config)
+    problems += _variant_problems(spec, teacher_config, failed)
     return problems
 
 
-def _variant_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
+def _variant_problems(spec: FamilySpec, teacher_config, failed: set[str]) -> list[Problem]:
     """Each variant against every model it is made of: the teacher, each shaped student, and
-    every candidate of a searched student (any may be chosen)."""
-    shapes = _variant_shapes(spec, teacher_config)
+    every candidate of a searched student (any may be chosen); not the `failed` students, whose
+    shapes are reported already."""
+    shapes = _variant_shapes(spec, teacher_config, failed)
     problems = []
     for index, variant in enumerate(spec.variants):
         for model, shape in shapes.items():
@@ -181,17 +186,18 @@ def _variant_problems(spec: FamilySpec, teacher_config) -> list[Problem]:
     return problems
 
 
-def _variant_shapes(spec: FamilySpec, teacher_config) -> dict[str, Shape]:
+def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[str, Shape]:
     # transformers: phase 2 only
-    from builder.planning.dag import student_shape
+    from builder.planning.dag import source_config, student_shape
     from builder.pruning.search import candidates
 
     shapes = {"teacher": Shape.of(teacher_config)} if spec.variants else {}
-    for student in spec.students if spec.variants else ():
+    for student in [s for s in spec.students if s.name not in failed] if spec.variants else ():
+        source = source_config(spec, teacher_config, student)  # a chained student is cut from its parent
         if student.shape is not None:
-            shapes[student.name] = student_shape(teacher_config, student)
+            shapes[student.name] = student_shape(source, student)
             continue
-        for candidate in candidates(teacher_config, student.params, spec.search):
+        for candidate in candidates(source, student.params, spec.search):
             shapes[f"{student.name} (search candidate {candidate.tag})"] = candidate.shape
     return shapes
 
@@ -203,27 +209,43 @@ def quantizer_problems(spec: FamilySpec) -> list[Problem]:
     return [Problem("variants", [variant.scheme for variant in spec.variants], message)] if message else []
 
 
-def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config,
-                      teacher_params: int) -> list[Problem]:
+def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config) -> list[Problem]:
     # transformers: phase 2 only (phase 1 checks the schema without it)
-    from builder.models.arch import shape_problems
-    from builder.planning.dag import student_params, student_shape
+    from builder.models.arch import count_params, shape_problems
+    from builder.planning.dag import source_config, student_params, student_shape
     from builder.pruning.search import search_problem
 
-    field = f"students[{index}]"
+    field, source = f"students[{index}]", source_config(spec, teacher_config, student)
     if student.shape is None:  # a budget: the architecture search must have candidates
-        message = search_problem(teacher_config, student.params, spec.search)
+        message = search_problem(source, student.params, spec.search)
         return [Problem(f"{field}.params", student.params, message)] if message else []
-    shape = student_shape(teacher_config, student)
-    problems = [_shape_problem(field, student, message) for message in shape_problems(teacher_config, shape)]
+    problems = _larger_than_parent(field, student, source)
+    shape = student_shape(source, student)
+    problems = problems or [_shape_problem(field, student, message) for message in shape_problems(source, shape)]
     if not problems:
-        params = student_params(teacher_config, shape)
-        if params >= teacher_params:
+        params, source_params = student_params(source, shape), count_params(source)
+        if params >= source_params:
             problems.append(Problem(f"{field}.shape", student.shape.changes(),
                                     f"{student.shape.changes()} gives {params:,} parameters, not fewer than "
-                                    f"the teacher's {teacher_params:,}; set at least one field below the "
-                                    f"teacher's {_teacher_values(teacher_config, student)}"))
+                                    f"{_source_name(student)} {source_params:,}; set at least one field below "
+                                    f"{_source_name(student)} {_teacher_values(source, student)}"))
     return problems
+
+
+def _source_name(student: StudentSpec) -> str:
+    return f"its parent {student.parent!r}'s" if student.parent else "the teacher's"
+
+
+def _larger_than_parent(field: str, student: StudentSpec, source) -> list[Problem]:
+    """A chained student is cut out of its parent, so no axis can grow past the parent's."""
+    if student.parent is None:
+        return []
+    parent = Shape.of(source)
+    return [Problem(f"{field}.shape.{name}", value,
+                    f"{name}={value} is more than its parent {student.parent!r}'s {getattr(parent, name)}, but a "
+                    f"chained student is pruned from its parent, so every axis is at most the parent's; use {name} "
+                    f"<= {getattr(parent, name)}, or chain from a larger student (or remove `from`: the teacher)")
+            for name, value in student.shape.changes().items() if value > getattr(parent, name)]
 
 
 def _shape_problem(field: str, student: StudentSpec, message: str) -> Problem:

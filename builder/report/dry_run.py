@@ -6,6 +6,7 @@ from pathlib import Path
 
 from builder.planning.dag import Plan, PlannedStudent
 from builder.report.records import signal_name
+from builder.spec.chains import chain
 from builder.planning.reuse import Decision, decide
 from builder.spec.shape import Shape
 from builder.stages.base import Stage
@@ -67,14 +68,16 @@ def signal_lines(plan: Plan) -> list[str]:
         section = plan.spec.distill_for(student.spec)
         if not section.tokens:
             continue
+        teacher = f"its parent {student.parent}" if student.parent else "the teacher"
+        online = f"{teacher}, online" if student.parent else "the online teacher"
         if section.stored_signal:
             size = bytes_per_token(section.top_k, plan.teacher_vocab_size, section.tail_samples)
-            how = (f"the teacher's stored {signal_name(section.top_k, section.tail_samples)} ({size} bytes per token, "
+            how = (f"{teacher}'s stored {signal_name(section.top_k, section.tail_samples)} ({size} bytes per token, "
                    "one teach pass)")
         elif section.hidden_loss_weight > 0:
-            how = "the online teacher (its hidden-state loss needs the teacher's hidden states, which no signal stores)"
+            how = f"{online} (its hidden-state loss needs the teacher's hidden states, which no signal stores)"
         else:
-            how = "the online teacher (teacher_signal online, or auto with no other distillation to share a signal with)"
+            how = f"{online} (teacher_signal online, or auto with no other distillation to share a signal with)"
         lines.append(f"Teacher signal for {student.spec.name}: {how}")
     return lines + [_signal_disk_line(plan, stage_id) for stage_id in plan.teach_stages]
 
@@ -94,7 +97,14 @@ def render_models(plan: Plan) -> list[str]:
     rows = [["teacher", format_count(plan.teacher_params), "1.00", *_shape_cells(plan.teacher_shape), "-"]]
     rows += [_student_row(plan, student) for student in plan.students]
     title = "Models (shapes in config.json names; head_dim is kept and written explicitly)"
-    return [title] + _table(header, rows)
+    return [title] + _table(header, rows) + chain_lines(plan)
+
+
+def chain_lines(plan: Plan) -> list[str]:
+    """Each chained member's lineage: what it is pruned from, scored on and taught by."""
+    return [f"  {' -> '.join(['teacher', *chain(plan.spec.parents, s.spec.name)])}: {s.spec.name} is pruned from "
+            f"{s.parent}'s distilled model (importance scored on it) and taught by it"
+            for s in plan.students if s.parent]
 
 
 def _student_row(plan: Plan, student: PlannedStudent) -> list[str]:

@@ -18,6 +18,7 @@ from builder.options.precision import Precision
 from builder.planning.dag import TEACHER, Plan
 from builder.planning.reuse import current_finishes
 from builder.report.family_view import first_reason, record_view, view_precision, view_turn
+from builder.spec.chains import chain
 from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
                                     Perplexity, Pruning, SearchRecord, StageCost, StageHardware, StudentRecord,
                                     TaskResult, TeacherRecord, Throughput, TrainingLayout, difference,
@@ -136,20 +137,28 @@ def teacher_record(plan: Plan, manifests: dict, failures: dict) -> TeacherRecord
         params=n, shape=plan.teacher_shape.as_dict(), corrected=corrected,
         stages={"acquire-teacher": stage_cost(acquired),
                 "correct": stage_cost(manifests.get(plan.teacher_stage), 6 * n) if corrected else None,
-                "score": stage_cost(scores, 2 * n)} | _teach_costs(plan, manifests),
+                "score": stage_cost(scores, 2 * n)} | _parent_score_costs(plan, manifests) | _teach_costs(plan, manifests),
         block_importance=scores.summary.get("block_importance") if scores else None,
     )
 
 
+def _parent_score_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
+    """Each chained members' parent scored once more, for the cuts of its children."""
+    return {f"score {plan.taught_by(stage_id)}": stage_cost(manifests.get(stage_id), 2 * _params_of(plan, plan.taught_by(stage_id)))
+            for stage_id, stage in plan.stages.items() if stage.name == "score" and plan.taught_by(stage_id) != TEACHER}
+
+
 def _teach_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
     """Each stored teacher signal: the teacher's forward pass once, shared by its readers."""
-    return {_teach_title(plan.stages[stage_id].key.config): stage_cost(manifests.get(stage_id), 2 * plan.teacher_params)
+    return {_teach_title(plan, stage_id): stage_cost(manifests.get(stage_id), 2 * _params_of(plan, plan.taught_by(stage_id)))
             for stage_id in plan.teach_stages}
 
 
-def _teach_title(config: dict) -> str:
+def _teach_title(plan: Plan, stage_id: str) -> str:
+    """`teach (top-32, 8 draws)`; a chained member's parent's pass names the parent."""
+    config, model = plan.stages[stage_id].key.config, plan.taught_by(stage_id)
     drawn = f", {config['tail_samples']} draws" if config["tail_samples"] else ""
-    return f"teach (top-{config['top_k']}{drawn})"
+    return f"teach{'' if model == TEACHER else ' ' + model} (top-{config['top_k']}{drawn})"
 
 
 # -- the students -----------------------------------------------------------------------------------
@@ -171,7 +180,8 @@ def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher
         **_model_fields(plan, manifests, failures, name, planned.final_stage),
         params=params, shape=shape, repo_id=student_repo_id(plan.spec, planned.spec),
         why=_why(planned, manifests),
-        lineage=Lineage(correction=teacher.stages["correct"], pruning=_pruning(plan, manifests, planned, pruned, shape),
+        lineage=Lineage(parent=planned.parent, chain=chain(plan.spec.parents, name)[:-1],
+                        correction=teacher.stages["correct"], pruning=_pruning(plan, manifests, planned, pruned, shape),
                         distillation=_distillation(plan, planned, distilled)),
         stages={"prune": stage_cost(pruned), "distill": stage_cost(distilled, _distill_flops(plan, planned, params)),
                 "evaluate": stage_cost(manifests.get(plan.eval_stages[name]), 2 * params)},
@@ -185,8 +195,9 @@ def _student_stages(plan: Plan, planned) -> list[str]:
 
 
 def _pruning(plan: Plan, manifests: dict, planned, pruned: Manifest | None, shape: dict | None) -> Pruning:
-    teacher_shape = plan.teacher_shape.as_dict()
-    axes = {axis: (teacher_shape[axis], value) for axis, value in (shape or {}).items() if value != teacher_shape[axis]}
+    source = plan.student(planned.parent).shape if planned.parent else plan.teacher_shape  # what it was cut from
+    source_shape = source.as_dict()
+    axes = {axis: (source_shape[axis], value) for axis, value in (shape or {}).items() if value != source_shape[axis]}
     return Pruning(axes=axes, depth_method=planned.spec.depth_method if "num_hidden_layers" in axes else None,
                    layers_kept=pruned.summary.get("layers_kept") if pruned else None,
                    calibration_samples=plan.spec.scoring.samples if axes else None,
@@ -197,7 +208,12 @@ def _distill_flops(plan: Plan, planned, params: int) -> float:
     """Per token: the student's forward and backward, plus the teacher's forward unless a
     teach stage ran it (then it is in that shared stage)."""
     stored = plan.spec.distill_for(planned.spec).stored_signal
-    return 6 * params + (0 if stored else 2 * plan.teacher_params)
+    return 6 * params + (0 if stored else 2 * _params_of(plan, planned.parent))
+
+
+def _params_of(plan: Plan, name: str | None) -> int:
+    """The teacher's parameters, or (a chained member's parent) a student's."""
+    return plan.student(name).params if name and name != TEACHER else plan.teacher_params
 
 
 def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillation:
@@ -406,6 +422,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
     lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
     lines += _throughput_notes(models)
     lines += _layout_notes(report)
+    lines += _chain_notes(report)
     lines += _where_stages_ran(report)
     lines += _search_sections(report)
     lines += _problems(report)
@@ -497,6 +514,13 @@ def _layout_notes(report: FamilyReport) -> list[str]:
     return ["", "Distilled " + "; ".join(f"`{name}` {layouts_text(layouts)}" for name, layouts in trained)
             + ". Another worker count or micro-batch takes the same steps over the same data but sums in another "
             "order, whose rounding stays small in float32 and shows in bfloat16 weights."]
+
+
+def _chain_notes(report: FamilyReport) -> list[str]:
+    """Chained members: a Δ in the table is against the family's teacher, not the parent."""
+    notes = [f"- `{s.name}` is a chained member: pruned from `{s.lineage.parent}`'s distilled weights and taught by "
+             f"it ({' -> '.join(['teacher', *s.lineage.chain, s.name])})" for s in report.students if s.lineage.parent]
+    return ["", *notes] if notes else []
 
 
 def _problems(report: FamilyReport) -> list[str]:

@@ -285,7 +285,7 @@ class SearchRecord(Record):
 
 
 class Pruning(Record):
-    axes: dict[str, tuple[int, int]] = {}  # axis -> (teacher's, student's); only changed axes
+    axes: dict[str, tuple[int, int]] = {}  # axis -> (teacher's or parent's, student's); only changed axes
     depth_method: str | None = None
     layers_kept: list[int] | None = None
     calibration_samples: int | None = None
@@ -352,6 +352,10 @@ def signal_name(top_k: int, tail_samples: int) -> str:
 
 
 class Lineage(Record):
+    # A chained member's parent (`from`): the student it was pruned from and taught by, and that
+    # student's own chain up from the teacher (first first); None and []: the teacher's student.
+    parent: str | None = None
+    chain: list[str] = []
     correction: StageCost | None = None
     pruning: Pruning = Pruning()
     distillation: Distillation = Distillation()

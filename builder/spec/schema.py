@@ -18,6 +18,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator,
                       model_validator)
 
+from builder.spec.chains import chain_problems
 from builder.spec.shape import SHAPE_FIELDS
 from builder.units import COUNT_PATTERN, parse_count
 
@@ -439,8 +440,17 @@ class SearchSpec(Strict):
 
 
 class StudentSpec(Strict):
+    # `from` is a Python keyword: the field is `parent`, read and written as `from` (so a
+    # dumped spec validates again, as the rehearsal's does).
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
     name: str = Field(description="Names the student's directory and Hub repo, e.g. llama-3.1-4b-width")
-    shape: ShapeSpec | None = Field(None, description="Explicit sizes; unset fields keep the teacher's")
+    parent: str | None = Field(
+        None, alias="from", description="Another student of this family (not one given by `params`) to derive this "
+        "one from, as Minitron's 12B -> 9B -> 7B: it is pruned from that student's distilled weights, by importance "
+        "scored on them, and taught by it; unset fields of `shape` keep that student's values. Unset: the teacher")
+    shape: ShapeSpec | None = Field(None, description="Explicit sizes; unset fields keep the teacher's (or the "
+                                    "parent's, with `from`)")
     params: PositiveCount | None = Field(None, description="A parameter budget (e.g. 4.5B) instead of a shape")
     depth_method: DepthMethod = Field(
         "block_importance",
@@ -641,6 +651,15 @@ class FamilySpec(Strict):
                              f"keep one entry of {', '.join(map(repr, repeated))}")
         return variants
 
+    @field_validator("students")
+    @classmethod
+    def _chains_reach_the_teacher(cls, students: list[StudentSpec]) -> list[StudentSpec]:
+        # Checked before the plan exists: the planner lays a parent's stages out before its children's.
+        problems = chain_problems({s.name: s.parent for s in students}, {s.name for s in students if s.params})
+        if problems:
+            raise ValueError("; ".join(problems))
+        return students
+
     @model_validator(mode="after")
     def _search_for_budgets(self) -> "FamilySpec":
         budgets = [student.name for student in self.students if student.params is not None]
@@ -658,17 +677,33 @@ class FamilySpec(Strict):
         # (bench/teach.py); a lone reader would pay the teacher's forward once either way, plus
         # the signal's disk. A spec's sections are resolved here, once, so the plan, dry run,
         # report and cards see only topk or online. Frozen models: set in place, as validated.
-        readers = Counter(section.signal_key for section in self.distillations() if section.teacher_signal != "online"
-                          and section.tokens > 0)  # fmt: skip
-        object.__setattr__(self, "distill", self.distill.resolved_signal(readers[self.distill.signal_key]))
-        object.__setattr__(self, "students", [_with_resolved_signal(student, readers) for student in self.students])
+        # A signal is one model's (the teacher's, or a chained student's parent's): readers count per model.
+        readers = Counter((parent, section.signal_key) for parent, section in self.distillations_by_model()
+                          if section.teacher_signal != "online" and section.tokens > 0)  # fmt: skip
+        family = self.distill
+        object.__setattr__(self, "distill", family.resolved_signal(readers[(None, family.signal_key)]))
+        object.__setattr__(self, "students", [_with_resolved_signal(student, family, self.distill, readers)
+                                              for student in self.students])
         return self
 
     def distillations(self) -> list[DistillSpec]:
         """Every distillation the family runs: each student's, and (for a `params` student)
         its search candidates' light one, counted once: there is at least one candidate."""
-        sections = [self.distill_for(student) for student in self.students]
-        return sections + [self.search_training(s) for s in self.students if s.params is not None and self.search]
+        return [section for _, section in self.distillations_by_model()]
+
+    def distillations_by_model(self) -> list[tuple[str | None, DistillSpec]]:
+        """`distillations()`, each with the student it learns from (its parent; None: the teacher)."""
+        sections = [(student.parent, self.distill_for(student)) for student in self.students]
+        return sections + [(s.parent, self.search_training(s)) for s in self.students
+                           if s.params is not None and self.search]
+
+    @property
+    def parents(self) -> dict[str, str | None]:
+        """Each student's name -> its parent's (None: the teacher's student), in spec order."""
+        return {student.name: student.parent for student in self.students}
+
+    def student(self, name: str) -> StudentSpec:
+        return next(student for student in self.students if student.name == name)
 
     def distill_for(self, student: StudentSpec) -> DistillSpec:
         return student.distill or self.distill
@@ -678,10 +713,16 @@ class FamilySpec(Strict):
         return self.distill_for(student).model_copy(update={"tokens": self.search.tokens})
 
 
-def _with_resolved_signal(student: StudentSpec, readers: Counter) -> StudentSpec:
-    if student.distill is None:
+def _with_resolved_signal(student: StudentSpec, family: DistillSpec, resolved_family: DistillSpec,
+                          readers: Counter) -> StudentSpec:
+    """`family`: the family's section as written. A chained student without a section of its own
+    may resolve it otherwise than the teacher's students (its parent's signal has other readers):
+    it then gets its resolved copy as its own section."""
+    own = student.distill or family
+    resolved = own.resolved_signal(readers[(student.parent, own.signal_key)])
+    if student.distill is None and resolved == resolved_family:
         return student
-    return student.model_copy(update={"distill": student.distill.resolved_signal(readers[student.distill.signal_key])})
+    return student.model_copy(update={"distill": resolved})
 
 
 def duplicate_students_message(repeated: list) -> str:
