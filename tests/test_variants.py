@@ -146,6 +146,19 @@ def test_every_model_gets_every_variant_from_its_finished_checkpoint():
         assert stage.student == (None if model == "teacher" else model)
 
 
+def test_a_chained_student_gets_its_variants_from_its_own_distillation_checked_at_its_shape():
+    """A student cut from another (`from:`) is checked at its own widths: 1024 of its parent's MLP
+    cut to 1000, which is no multiple of 32, refuses w4a16 for it alone."""
+    chained = SPEC["students"] + [{"name": "small", "from": "mlp", "shape": {"intermediate_size": 1000}}]
+    problems = check_against_teacher(spec(students=chained), config_from_json(SMOLLM2_CONFIG))
+    assert [(p.field, p.message.split(":")[0]) for p in problems] == [("variants[1]", "small")]
+    assert "intermediate_size=1000" in problems[0].message
+    chained[-1]["shape"]["intermediate_size"] = 512
+    plan = plan_of(spec(students=chained))
+    small = next(student for student in plan.students if student.spec.name == "small")
+    assert plan.stages[plan.variant_stages[("small", "w8a8-int8")]].inputs["model"] == small.final_stage
+
+
 def test_a_variant_stage_follows_its_model_and_its_scheme_only():
     before = plan_of(spec())
     assert changed(before, plan_of(spec(variants=["w8a8-int8", {"scheme": "w4a16", "calibration_samples": 64}]))) \
