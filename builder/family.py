@@ -19,7 +19,7 @@ from builder.planning.reuse import decide, stages_to_rebuild
 from builder.planning.verify import verify_stages, verify_summary
 from builder.spec.schema import FamilySpec
 from builder.store.stage_store import StageStore
-from builder.planning.validate import check_against_teacher, load_spec, local_source_problems
+from builder.planning.validate import check_against_teacher, load_spec, local_source_problems, quantizer_problems
 from builder.errors import Problem, SpecError
 from builder.planning.estimate import FamilyEstimate, estimate_plan, render_estimate
 from builder.report.dry_run import disk_check, render_models, render_plan
@@ -53,6 +53,7 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
     except SpecError as error:
         raise SpecError(str(spec_path), problems + error.problems) from error
     problems += check_against_teacher(spec, teacher_config) + batch_problems(spec, options.train_workers)
+    problems += [] if built else quantizer_problems(spec)  # report, status, publish make no variant
     if problems:
         raise SpecError(str(spec_path), problems)
     precision = _built_precision(spec, options) if built else _build_precision(spec, options)

@@ -5,6 +5,11 @@ should work (the Makefile sets it wherever it installs vLLM) cannot quietly drop
 tests: a broken or missing install fails the suite instead of shrinking it. A skip is
 vLLM-related when its reason names vLLM, so every such skip must say "vLLM" in its reason
 (they all do: it is also what tells the reader what to install).
+
+MINIZOO_REQUIRE_QUANTIZER=1 does the same for the quantizer's environment (.venv-quantize,
+llm-compressor: builder.models.quantizer_env), for skips whose reason says "llm-compressor".
+A variable of its own, not MINIZOO_REQUIRE_VLLM's: `make setup` creates that environment on
+every machine (a CUDA torch one too), where it installs vLLM only beside a local CPU torch.
 """
 from __future__ import annotations
 
@@ -38,10 +43,19 @@ SLOWEST_FIRST = (  # the order of a whole run's durations (setup and calls per s
     "test_gpu_node.py",
 )
 REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
+REQUIRE_QUANTIZER = "MINIZOO_REQUIRE_QUANTIZER"
+# variable -> (what a skip's reason names, what to install, the variable's name)
+REQUIREMENTS = {REQUIRE_VLLM: ("vllm", "this vLLM test", "Install vLLM (`make setup` does, with a CPU torch)"),
+                REQUIRE_QUANTIZER: ("llm-compressor", "this llm-compressor test",
+                                    "Create .venv-quantize (`make setup` does)")}
+
+
+def required(variable: str) -> bool:
+    return os.environ.get(variable, "0") not in ("", "0")
 
 
 def vllm_required() -> bool:
-    return os.environ.get(REQUIRE_VLLM, "0") not in ("", "0")
+    return required(REQUIRE_VLLM)
 
 
 def skip_reason(report: pytest.TestReport) -> str:
@@ -56,11 +70,14 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     expected_failure = hasattr(report, "wasxfail")
-    if report.skipped and not expected_failure and vllm_required() and "vllm" in skip_reason(report).lower():
-        report.outcome = "failed"
-        report.longrepr = (f"{REQUIRE_VLLM}=1 but this vLLM test was skipped: {skip_reason(report)}\n"
-                           f"Install vLLM (`make setup` does, with a CPU torch), or run with {REQUIRE_VLLM}=0 "
-                           "on a machine meant to go without it.")
+    if not report.skipped or expected_failure:
+        return
+    for variable, (named, what, install) in REQUIREMENTS.items():
+        if required(variable) and named in skip_reason(report).lower():
+            report.outcome = "failed"
+            report.longrepr = (f"{variable}=1 but {what} was skipped: {skip_reason(report)}\n"
+                               f"{install}, or run with {variable}=0 on a machine meant to go without it.")
+            return
 
 
 @pytest.fixture(scope="module")

@@ -429,7 +429,8 @@ class StageInputs:
 
     def __init__(self, label: str, producers: dict[str, str], models: dict, teacher_config):
         self.producers, self.models, self.teacher_config = producers, models, teacher_config
-        self.model = models.get(label or "teacher", teacher_config)  # the stage's own model
+        # the stage's own model; a variant's label is its model's with ".<scheme>" added (builder.planning.dag)
+        self.model = models.get(label or "teacher") or models.get(label.rpartition(".")[0], teacher_config)
 
     def config(self, role: str):
         return self.models.get(role, self.model)  # "student", "model": the stage's own

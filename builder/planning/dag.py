@@ -9,7 +9,7 @@ to that order, and the report says which layout made it (builder.training.layout
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -23,6 +23,7 @@ from builder.spec.shape import Shape
 from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
                           split_execution)
 from builder.stages.base import Stage
+from builder.stages.quantize import stage_config as variant_config
 from builder.stages.registry import stage_kind
 from builder.store.stage_store import StageKey, StageStore
 from builder.training.settings import TrainSettings
@@ -75,6 +76,7 @@ class Plan:
     precision: Precision  # what the training stages run in (and are hashed with)
     teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk), parents' too
     teacher_vocab_size: int = 0
+    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize stage id
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
@@ -186,10 +188,29 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
     if spec.throughput.enabled:  # the corrected teacher has the original's shape, so its speed
         measured = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
         throughput = dag.add("throughput", "", spec.throughput, measured)
+    variants = _plan_variants(dag, spec, {name: stage_id for name, stage_id in models.items()
+                                          if name != "teacher-original"}, data)
     shape = Shape.of(teacher_config)
     teach = tuple(stage_id for stage_id, stage in dag.stages.items() if stage.name == "teach")
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
-                original_teacher, throughput, eval_stages, precision, teach, teacher_config.vocab_size)
+                original_teacher, throughput, eval_stages, precision, teach, teacher_config.vocab_size,
+                variants)
+
+
+def _plan_variants(dag: _Builder, spec: FamilySpec, models: dict[str, str], data: str) -> dict[tuple[str, str], str]:
+    """One quantize stage per (model, variant): the teacher the students learned from (the
+    reference) and each student's finished model. Only a scheme that calibrates reads the data
+    stage, so only its hash follows the calibration split."""
+    return {(name, variant.scheme): dag.add("quantize", variant_label(name, variant.scheme), variant_config(variant),
+                                            {"model": stage_id} | ({"data": data} if variant.calibrated else {}),
+                                            student=None if name == TEACHER else name)
+            for name, stage_id in models.items() for variant in spec.variants}
+
+
+def variant_label(model: str, scheme: str) -> str:
+    """A variant stage's label: its model's name, a dot, the scheme (builder.planning.cost_model.StageInputs
+    reads the model back from it)."""
+    return f"{model}.{scheme}"
 
 
 def _plan_students(dag: _Builder, spec: FamilySpec, root: Source, data: str, trains: dict) -> list[PlannedStudent]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from builder.models.arch import student_config
+from builder.models.variants import fp8_serving
 from builder.options.run_options import RunOptions
 from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, MEMORY_HEADROOM, UNKNOWN_TASK,
                                          Accelerator, Costs, StageInputs, Work)
@@ -105,6 +106,7 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
              "when the cluster has room)"]
     notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
               if student.searched]
+    notes += _variant_notes(plan, options)
     if plan.spec.data.max_tokens is None:
         notes.append("disk: acquire-data's token blocks are not counted (2 or 4 bytes per token of the corpus, whose "
                      "size is known only once tokenized; data.max_tokens bounds it)")
@@ -112,6 +114,14 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
                           options.train_workers, options.parallel, stages, notes, asdict(costs),
                           fitting_flags(training, options, accelerator) if training else None, bool(training),
                           options.activation_checkpointing)
+
+
+def _variant_notes(plan: Plan, options: RunOptions) -> list[str]:
+    """The variants' sizes are estimated, and fp8 may build where vLLM serves it slowly."""
+    schemes = [variant.scheme for variant in plan.spec.variants]
+    notes = ["a quantize stage's disk: its Linear weights at the scheme's bits with their scales, the rest in the "
+             "teacher's dtype (builder.models.variants.variant_bytes)"] if schemes else []
+    return notes + ([f"fp8-dynamic variants: {fp8_serving(options.use_gpu)}"] if "fp8-dynamic" in schemes else [])
 
 
 def _task_notes(plan: Plan) -> list[str]:

@@ -5,8 +5,9 @@ path is made absolute against the spec's folder (`builder.spec.schema.resolve_pa
 it exists, can be read and holds what it should.
 Phase 2 (needs the teacher's config, not its weights): each student's shape is reachable
 from the teacher (a chained student's from its parent: no axis above the parent's) and
-loadable by transformers and vLLM, each student is smaller than the teacher (or its parent), training blocks fit the teacher's context, the lm-eval tasks exist, and a depth
-method that needs LM-loss scores has them.
+loadable by transformers and vLLM, each student is smaller than the teacher (or its parent), training blocks fit the teacher's context, the lm-eval tasks exist, a depth
+method that needs LM-loss scores has them, and each quantized variant can be made and served
+for every model it is made of (the quantizer's environment exists: `quantizer_problems`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import yaml
 from pydantic import ValidationError
 
 from builder.errors import Problem, SpecError, problems_from_validation
+from builder.models.quantizer_env import quantizer_problem
+from builder.models.variants import variant_problem
 from builder.spec.shape import Shape
 from builder.spec.schema import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FamilySpec, StudentSpec, duplicate_students_message,
                           duplicates, load_yaml, resolve_paths)
@@ -165,7 +168,45 @@ def check_against_teacher(spec: FamilySpec, teacher_config) -> list[Problem]:
     problems += _context_problems(spec, teacher_config)
     problems += _top_k_problems(spec, teacher_config)
     problems += _task_problems(spec)
+    problems += _variant_problems(spec, teacher_config, failed)
     return problems
+
+
+def _variant_problems(spec: FamilySpec, teacher_config, failed: set[str]) -> list[Problem]:
+    """Each variant against every model it is made of: the teacher, each shaped student, and
+    every candidate of a searched student (any may be chosen); not the `failed` students, whose
+    shapes are reported already."""
+    shapes = _variant_shapes(spec, teacher_config, failed)
+    problems = []
+    for index, variant in enumerate(spec.variants):
+        for model, shape in shapes.items():
+            message = variant_problem(variant, shape)
+            if message:
+                problems.append(Problem(f"variants[{index}]", variant.scheme, f"{model}: {message}"))
+    return problems
+
+
+def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[str, Shape]:
+    # transformers: phase 2 only
+    from builder.planning.dag import source_config, student_shape
+    from builder.pruning.search import candidates
+
+    shapes = {"teacher": Shape.of(teacher_config)} if spec.variants else {}
+    for student in [s for s in spec.students if s.name not in failed] if spec.variants else ():
+        source = source_config(spec, teacher_config, student)  # a chained student is cut from its parent
+        if student.shape is not None:
+            shapes[student.name] = student_shape(source, student)
+            continue
+        for candidate in candidates(source, student.params, spec.search):
+            shapes[f"{student.name} (search candidate {candidate.tag})"] = candidate.shape
+    return shapes
+
+
+def quantizer_problems(spec: FamilySpec) -> list[Problem]:
+    """Variants need the quantizer's own environment (builder.models.quantizer_env): missing, it is
+    a spec problem before anything runs, not a failure once the students are built."""
+    message = quantizer_problem() if spec.variants else None
+    return [Problem("variants", [variant.scheme for variant in spec.variants], message)] if message else []
 
 
 def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config) -> list[Problem]:

@@ -543,6 +543,57 @@ class ThroughputSpec(Strict):
         return self
 
 
+VariantScheme = Literal["w8a8-int8", "w4a16", "fp8-dynamic"]
+W4A16_GROUP_SIZES = (128, 64, 32)  # what vLLM's WNA16 kernels take; auto: the largest that fits each model
+DEFAULT_CALIBRATION_SAMPLES = 128  # GPTQ's own paper calibrates on 128 blocks
+
+
+class VariantSpec(Strict):
+    """A quantized copy of the teacher (the reference) and of every finished student, as a
+    compressed-tensors checkpoint (what vLLM loads) made by llm-compressor. Written as the
+    scheme alone (`- w4a16`) or as a mapping with its settings."""
+
+    scheme: VariantScheme = Field(
+        description="w8a8-int8: int8 weights per channel (round-to-nearest) and int8 activations per token at "
+        "run time; w4a16: int4 weights in groups (GPTQ on the calibration split), 16-bit activations; "
+        "fp8-dynamic: fp8 weights per channel and fp8 activations per token (vLLM's fast path needs a GPU of "
+        "compute capability 8.9+ or a CPU with AMX; built everywhere, unverified elsewhere)")
+    group_size: Literal["auto", 128, 64, 32] = Field(
+        "auto", description="w4a16 only: input channels sharing one weight scale; auto takes the largest of "
+        "128, 64, 32 that divides each model's widths (hidden, attention, MLP), per model")
+    calibration_samples: PositiveCount = Field(
+        DEFAULT_CALIBRATION_SAMPLES, description="w4a16 only: calibration blocks GPTQ reads (at most the "
+        "calibration split's); w8a8-int8 and fp8-dynamic read none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheme_alone(cls, data: Any) -> Any:
+        return {"scheme": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _settings_of_its_scheme(self) -> "VariantSpec":
+        if self.scheme != "w4a16":
+            misplaced = sorted({"group_size", "calibration_samples"} & self.model_fields_set)
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)} is read only by scheme w4a16, not by {self.scheme!r} "
+                                 "(round-to-nearest weights, activations quantized at run time); remove it")
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Reads the calibration split (GPTQ's layer inputs); the others need no data (VariantSpec's scheme)."""
+        return self.scheme == "w4a16"
+
+    def settings(self) -> dict:
+        """What the variant's stage is hashed with: only the settings its scheme reads."""
+        return self.model_dump(mode="json") if self.calibrated else {"scheme": self.scheme}
+
+
+# A variant is written as its scheme alone or as a mapping; the schema says both, for editors.
+Variant = Annotated[VariantSpec, WithJsonSchema({"anyOf": [
+    {"type": "string", "enum": list(VariantScheme.__args__)}, VariantSpec.model_json_schema()]})]
+
+
 class PublishSpec(Strict):
     org: str | None = Field(None, description="Hub user or organization that owns the repos")
     private: bool = True
@@ -573,6 +624,9 @@ class FamilySpec(Strict):
     students: list[StudentSpec] = Field(min_length=1)
     evaluation: EvaluationSpec = EvaluationSpec()
     throughput: ThroughputSpec = ThroughputSpec()
+    variants: list[Variant] = Field(
+        [], description="Quantized variants of the teacher and of every student, one stage each (e.g. "
+        "[w8a8-int8, w4a16]); docs/writing-a-family.md#quantized-variants")
     publish: PublishSpec = PublishSpec()
 
     @field_validator("family")
@@ -587,6 +641,15 @@ class FamilySpec(Strict):
         if repeated:
             raise ValueError(duplicate_students_message(repeated))
         return students
+
+    @field_validator("variants")
+    @classmethod
+    def _one_variant_per_scheme(cls, variants: list[VariantSpec]) -> list[VariantSpec]:
+        repeated = duplicates([variant.scheme for variant in variants])
+        if repeated:
+            raise ValueError(f"each scheme names its variant's stages and folders, so it may appear once; "
+                             f"keep one entry of {', '.join(map(repr, repeated))}")
+        return variants
 
     @field_validator("students")
     @classmethod
