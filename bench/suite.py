@@ -192,7 +192,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {' and '.join(QUICK_TESTS)}")
     args = parser.parse_args()
     tests = QUICK_TESTS if args.quick else []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MINIZOO_REQUIRE_VLLM": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MINIZOO_REQUIRE_VLLM": "1",
+           "MINIZOO_REQUIRE_QUANTIZER": "1"}
     started = time.perf_counter()
     with CpuSampler() as sampler:
         run = subprocess.run(pytest_command(tests), cwd=ROOT, env=env, capture_output=True, text=True)
