@@ -102,3 +102,21 @@ def test_the_dry_run_states_each_students_gates_in_words():
     assert lines[1:3] == ["  width: arc_easy score at least 0.9 x the teacher's; held-out perplexity at most 1.5 x "
                           "the teacher's", "  depth: no quality gate"]
     assert describe_gates(GatesSpec()) == "no quality gate"
+
+
+def test_a_rehearsal_judges_no_gate():
+    """Its teacher is random, and a gated Hub-only task may be left out of it."""
+    from builder.models.arch import count_params
+    from builder.spec.rehearsal_scale import Scale, rehearsal_shape, rehearse_spec
+    from builder.spec.shape import Shape
+
+    config = config_from_json(SMOLLM2_CONFIG)
+    real = Shape.of(config)
+    by_family = FamilySpec.model_validate({**SPEC, "gates": GATES})
+    by_student = FamilySpec.model_validate({**SPEC, "students": [{**SPEC["students"][0], "gates": GATES},
+                                                                 SPEC["students"][1]]})
+    for spec in (by_family, by_student):
+        rehearsal, notes = rehearse_spec(spec, real, rehearsal_shape(real, Scale.of(real)), (count_params(config), 10**6),
+                                         teacher_dir="/rehearsal/teacher", data={"source": "embedded:sotu"},
+                                         train_workers=1, available_tasks=None, with_throughput=False)
+        assert all(rehearsal.gates_for(student).is_empty for student in rehearsal.students) and notes["gates_left_out"]
