@@ -19,6 +19,8 @@ exit codes:
      reached or refused the driver (within --connect-timeout), report/publish could not
      do their work (the message says why), or verify found a damaged stage
   2  the spec or the flags have problems (all are listed; nothing ran)
+  3  a student failed its quality gate (build or report: every stage finished; the report
+     names the student, its ratio and the floor; publishing refuses it, not the others)
   143  stopped by SIGTERM (stages in flight cancelled, finished ones kept: rerun to resume;
      nothing half-written)
 

@@ -25,6 +25,7 @@ from builder.planning.estimate import FamilyEstimate, estimate_plan, render_esti
 from builder.report.dry_run import disk_check, render_models, render_plan
 from builder.report.family_report import REPORT_JSON, NothingToReport, write_report_files
 from builder.report.family_view import started_precision, view_precision, write_started
+from builder.report.gates import GATE_FAILED_EXIT_CODE, gated_out, judged
 from builder.report.records import FamilyReport, ReportFileError
 from builder.report.summary import print_summary
 from builder.running.console import BuildConsole, build_header, make_console, render_status
@@ -129,9 +130,21 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
         result = run_plan(plan, options, redo, observer=view, disk_bytes=estimate.disk_peaks())
     outcome = _family_view_after(console, plan, spec_path, options, result)
     _conclude(console, plan, options, result, outcome)
-    if publish and result.ok:
-        return _publish_plan(plan, spec_path, options, dry_run=False, force=False)
-    return 0 if result.ok else 1
+    if not result.ok:
+        return 1
+    # a gated-out student is refused by publishing while the others go up; the build still says so
+    published = _publish_plan(plan, spec_path, options, dry_run=False, force=False) if publish else 0
+    return (_gate_code(outcome.report) if outcome else 0) or published
+
+
+def _gate_code(report: FamilyReport) -> int:
+    """GATE_FAILED_EXIT_CODE when a student failed its quality gate (report.md and the console say which)."""
+    failed = gated_out(report)
+    if not failed:
+        return 0
+    print(f"{len(failed)} student(s) failed a quality gate ({', '.join(s.name for s in failed)}) and will not be "
+          f"published; see the report (exit code {GATE_FAILED_EXIT_CODE})", file=sys.stderr)
+    return GATE_FAILED_EXIT_CODE
 
 
 def _announce(console, plan: Plan, store: StageStore, options: RunOptions, redo: set[str],
@@ -232,7 +245,7 @@ def write_report(spec_path: Path, options: RunOptions) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(outcome.note)
-    return 0
+    return _gate_code(outcome.report)
 
 
 def publish(spec_path: Path, options: RunOptions, dry_run: bool, force: bool) -> int:
@@ -259,7 +272,8 @@ def _publish_plan(plan: Plan, spec_path: Path, options: RunOptions, dry_run: boo
     if report.build.precision != plan.precision.dtype:
         print(_other_build(report, path, plan, spec_path), file=sys.stderr)
         return 1
-    return publish_report(report, dry_run=dry_run, force=force)
+    # judged by the spec's gates as they are now: a gate changed since the report still counts
+    return publish_report(judged(report, plan.spec), dry_run=dry_run, force=force)
 
 
 def _other_build(report: FamilyReport, path: Path, plan: Plan, spec_path: Path) -> str:

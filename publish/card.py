@@ -128,6 +128,8 @@ def _intro(report: FamilyReport, s: StudentRecord) -> str:
     ]
     if s.why:
         lines += ["", f"**Why this shape:** {s.why}"]
+    if s.gated_out:  # such a card is never published (publish.hub); it tells whoever reads it locally why
+        lines += ["", f"**Not publishable:** this student {s.gate_failure_text()}."]
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ How a student is published (`publish_student`):
 1. Collect the files: everything in the checkpoint folder (weights, config, tokenizer), the
    card as README.md and the portable spec as minizoo.yaml. A student without evaluation
    results is refused unless forced: a card without scores would publish a model nobody can
-   judge. A file that would publish a local path of this machine is refused, always.
+   judge. A student that failed its quality gate (records.StudentRecord.gated_out) and a file
+   that would publish a local path of this machine are refused, always.
 2. `create_repo(exist_ok=True)`, then read the repo's head commit with file metadata.
 3. Diff: a local file is unchanged when the remote one has the same LFS sha256 (LFS files)
    or the same git blob id (regular files); these are the ids the Hub itself stores, so the
@@ -181,6 +182,14 @@ def _leak_problem(files: Sequence[LocalFile], known: Iterable[str]) -> str | Non
             "(a card and minizoo.yaml never hold them: rewrite the report with `build-family report SPEC`)")
 
 
+def gate_problem(record: ModelRecord | None) -> str | None:
+    """A student below its quality floor (builder.report.gates) is never published."""
+    if not isinstance(record, StudentRecord) or not record.gated_out:
+        return None
+    return (f"it {record.gate_failure_text()}; distill it further or change its shape, or change the spec's "
+            "gates (`build-family publish` judges them again; nothing is rebuilt)")
+
+
 def _refusal(record: ModelRecord | None, files: Sequence[LocalFile]) -> str | None:
     if CARD_FILENAME not in {f.path_in_repo for f in files}:
         return "it has no model card (README.md); rewrite the report with `build-family report SPEC`"
@@ -194,9 +203,9 @@ def plan_upload(
 ) -> RepoPlan:
     """What `publish_student` with the same arguments would upload; reads local files only."""
     files = collect_files(folder, card=card, spec_yaml=spec_yaml)
-    leak = _leak_problem(files, [folder])
+    final = _leak_problem(files, [folder]) or gate_problem(record)  # refusals --force never lifts
     return RepoPlan(name or repo_id.split("/")[-1], repo_id, private, tuple(files),
-                    leak or _refusal(record, files), forceable=leak is None)
+                    final or _refusal(record, files), forceable=final is None)
 
 
 def plan_family(

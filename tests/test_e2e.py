@@ -179,3 +179,32 @@ def test_a_lost_stage_is_rebuilt_alone(built_family, shared_ray):  # on the firs
     assert main([str(spec), "--workdir", str(workdir)]) == 0
     assert (evaluate_depth / "manifest.json").exists()
     assert {m: m.stat().st_mtime_ns for m in others} == others
+
+
+def test_a_gate_the_students_miss_fails_the_build_and_their_publishing_without_recomputing(built_family, capsys):
+    """Last: it rewrites the family's report from a copy of the spec with a gate added."""
+    spec, workdir, _, _ = built_family
+    gated = spec.with_name("gated.yaml")
+    publish = "publish: {org: minizoo-tests}"
+    gated.write_text(spec.read_text().replace(publish, "gates: {max_perplexity_ratio: 0.01}\n" + publish))
+    stamps = {m: m.stat().st_mtime_ns for m in workdir.glob("stages/*/manifest.json")}
+
+    assert main([str(gated), "--workdir", str(workdir)]) == 3
+
+    assert {m: m.stat().st_mtime_ns for m in workdir.glob("stages/*/manifest.json")} == stamps  # all reused
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    for student in report["students"]:
+        [check] = student["gates"]
+        assert (check["passed"], check["limit"]) == (False, 0.01)
+        assert check["student"] == student["perplexity"]["perplexity"] > 0.01 * check["teacher"]
+        assert check["teacher"] == report["teacher"]["perplexity"]["perplexity"]
+    students = len(report["students"])  # every one of them, the chained member too
+    assert (workdir / "tiny-e2e" / "report.md").read_text().count("**FAILED**: held-out perplexity") == students
+    capsys.readouterr()
+    assert main(["publish", str(gated), "--workdir", str(workdir), "--dry-run"]) == 1
+    assert capsys.readouterr().out.count("REFUSED: it failed its quality gate") == students
+
+    gated.write_text(spec.read_text().replace(publish, "gates: {max_perplexity_ratio: 1000}\n" + publish))
+    assert main([str(gated), "--workdir", str(workdir)]) == 0
+    report = json.loads((workdir / "tiny-e2e" / "report.json").read_text())
+    assert [[check["passed"] for check in student["gates"]] for student in report["students"]] == [[True]] * students

@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import HfApi, snapshot_download
 from transformers import AutoModelForCausalLM
 
-from builder.report.records import FamilyReport, StudentRecord, TaskResult
+from builder.report.records import FamilyReport, GateCheck, StudentRecord, TaskResult
 from hub_server import GOOD_TOKEN, READ_TOKEN, fake_hub  # noqa: F401 (fake_hub is a fixture)
 from publish.hub import (PublishError, format_plan, local_paths_in, plan_family, publish_report, publish_student,
                          resolve_token)
@@ -280,3 +280,19 @@ def test_publish_report_publishes_the_ready_students_and_names_the_rest(fake_hub
     [collection] = fake_hub.collections.values()  # the spec asks for one
     assert collection["title"] == "smollm2-135m-sotu"
     assert [item["id"] for item in collection["items"]] == ["my-org/smollm2-90m-depth"]
+
+
+def test_a_student_that_failed_its_quality_gate_is_refused_even_forced_while_the_others_go_up(
+        fake_hub, student, capsys):
+    report = family_report(student)
+    ready = report.students[0]
+    below = GateCheck(gate="max_perplexity_ratio", measure="held-out perplexity", limit=1.2, student=30.0, teacher=20.0)
+    gated = ready.model_copy(update={"name": "smollm2-80m", "repo_id": "my-org/smollm2-80m", "gates": [below]})
+    report = report.model_copy(update={"students": [ready, gated]})
+
+    assert publish_report(report, token=GOOD_TOKEN, endpoint=fake_hub.url, force=True) == 1
+
+    err = capsys.readouterr().err
+    assert ("- smollm2-80m: refusing to publish my-org/smollm2-80m: it failed its quality gate: held-out perplexity "
+            "30 / teacher's 20 = 1.500, above the maximum 1.2") in err
+    assert set(fake_hub.repos) == {"my-org/smollm2-90m-depth"}

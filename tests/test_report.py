@@ -313,3 +313,63 @@ def test_the_end_of_build_table_comes_from_the_report(family, checkpoint):
     teacher, width, _ = rows
     assert teacher[2] == "0.500 ± 0.189" and teacher[4] == "1.00×"
     assert width[4] == "1.10× ± 0.03" and width[5].endswith("/model") and width[6].endswith("tiny-width/README.md")
+
+
+# Every model evaluates alike here (perplexity 300, arc_easy 0.5): the family's score gate passes,
+# tiny-depth's own perplexity gate (0.5 x the teacher's) fails it alone.
+GATES = """gates: {min_score_ratio: {arc_easy: 0.9}}
+students:
+  - name: tiny-width
+    shape: {hidden_size: 48, intermediate_size: 96}
+  - name: tiny-depth
+    shape: {num_hidden_layers: 2}
+    gates: {max_perplexity_ratio: 0.5}
+"""
+
+
+def gated(family):
+    """The family with GATES: its stages are the same (gates are in no hash)."""
+    spec, options, _ = family
+    text = spec.read_text()
+    start, end = text.index("students:"), text.index("evaluation:")
+    spec.write_text(text[:start] + GATES + text[end:])
+    return spec, options, load_and_plan(spec, options)
+
+
+def test_a_student_below_its_gate_is_marked_failed_with_its_numbers(family, checkpoint, capsys):
+    spec, options, plan = gated(family)
+    assert plan.stages.keys() == family[2].stages.keys()
+    finish(plan, options, checkpoint)
+
+    assert main(["report", str(spec), "--workdir", str(options.workdir)]) == 3
+
+    assert "1 student(s) failed a quality gate (tiny-depth)" in capsys.readouterr().err
+    report = FamilyReport.load(options.workdir / "tiny-report" / "report.json")
+    width, depth = report.students
+    assert not width.gated_out and [check.passed for check in width.gates] == [True]
+    [check] = depth.gates
+    assert (depth.gated_out, check.gate, check.student, check.teacher, check.limit) == (
+        True, "max_perplexity_ratio", 300.0, 300.0, 0.5)
+    markdown = (options.workdir / "tiny-report" / "report.md").read_text()
+    assert ("- `tiny-depth` **FAILED**: held-out perplexity 300 / teacher's 300 = 1.000, above the maximum 0.5"
+            in markdown)
+    assert "- `tiny-width` passed: arc_easy acc_norm 0.5 / teacher's 0.5 = 1.000, within the floor 0.9" in markdown
+    assert "**Not publishable:** this student failed its quality gate" in Path(depth.card).read_text()
+    assert "Not publishable" not in Path(width.card).read_text()
+
+
+def test_publish_refuses_a_gated_out_student_even_forced_and_judges_the_gates_as_they_are_now(
+        family, checkpoint, capsys):
+    spec, options, plan = gated(family)
+    finish(plan, options, checkpoint)
+    main(["report", str(spec), "--workdir", str(options.workdir)])
+    capsys.readouterr()
+    publish = ["publish", str(spec), "--workdir", str(options.workdir), "--dry-run", "--force"]
+
+    assert main(publish) == 1
+
+    out, err = capsys.readouterr()
+    assert "my-org/tiny-depth" in out and "REFUSED: it failed its quality gate: held-out perplexity" in out
+    assert "tiny-width" in out and "1 of 2 repo(s) would be refused" in err
+    spec.write_text(spec.read_text().replace("max_perplexity_ratio: 0.5", "max_perplexity_ratio: 1.5"))
+    assert main(publish) == 0  # the report.json still says failed; publish judges the spec's gates again

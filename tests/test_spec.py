@@ -496,3 +496,39 @@ def test_the_lm_loss_depth_method_needs_lm_loss_scores():
     [problem] = check_against_teacher(spec_for(student), tiny_config())
     assert problem.field == "students[0].depth_method" and "scoring.lm_loss_samples" in problem.message
     assert check_against_teacher(spec_for(student, scoring={"lm_loss_samples": 4}), tiny_config()) == []
+
+
+# --- quality gates ---------------------------------------------------------------------
+
+
+def test_gates_load_per_family_and_per_student(tmp_path):
+    spec = load_spec(write(tmp_path, changed(
+        gates={"min_score_ratio": {"hellaswag": 0.9}, "max_perplexity_ratio": 1.5},
+        students=[{"name": "tiny-width", "shape": {"hidden_size": 48}},
+                  {"name": "tiny-free", "shape": {"hidden_size": 32}, "gates": {}}])))
+    gated, free = spec.students
+    assert spec.gates_for(gated).min_score_ratio == {"hellaswag": 0.9} and spec.gates_for(gated).max_perplexity_ratio == 1.5
+    assert spec.gates_for(free).is_empty  # a student's own gates replace the family's whole
+    assert load_spec(write(tmp_path, minimal_spec())).gates.is_empty  # no gates unless asked for
+
+
+def test_a_gate_on_a_task_the_family_does_not_evaluate(tmp_path):
+    problem = only_problem(tmp_path, changed(gates={"min_score_ratio": {"arc_easy": 0.9}}))
+    assert problem.field == "gates.min_score_ratio.arc_easy" and problem.value == 0.9
+    assert "'arc_easy'" in problem.message and "it runs: hellaswag" in problem.message
+    assert "add {name: arc_easy} to evaluation.tasks" in problem.message
+
+
+def test_a_students_gate_on_perplexity_that_is_not_measured(tmp_path):
+    spec = with_student(shape={"hidden_size": 48}, gates={"max_perplexity_ratio": 1.2})
+    spec["evaluation"] = {**spec["evaluation"], "perplexity_tokens": 0}
+    problem = only_problem(tmp_path, spec)
+    assert problem.field == "students[0].gates.max_perplexity_ratio" and problem.value == 1.2
+    assert "perplexity_tokens is 0" in problem.message and "remove this gate" in problem.message
+
+
+@pytest.mark.parametrize("gates, field", [({"max_perplexity_ratio": 0}, "gates.max_perplexity_ratio"),
+                                          ({"min_score_ratio": {"hellaswag": -1}}, "gates.min_score_ratio.hellaswag"),
+                                          ({"min_ratio": 0.9}, "gates.min_ratio")])
+def test_a_gate_out_of_range_or_misspelled_is_located(tmp_path, gates, field):
+    assert only_problem(tmp_path, changed(gates=gates)).field == field

@@ -2,7 +2,8 @@
 
 Phase 1 (offline): the schema (types, units, unknown fields) via pydantic; then every local
 path is made absolute against the spec's folder (`builder.spec.schema.resolve_paths`) and checked:
-it exists, can be read and holds what it should.
+it exists, can be read and holds what it should; every quality gate names a task the family
+evaluates, and a perplexity gate has perplexity to judge.
 Phase 2 (needs the teacher's config, not its weights): each student's shape is reachable
 from the teacher (a chained student's from its parent: no axis above the parent's) and
 loadable by transformers and vLLM, each student is smaller than the teacher (or its parent), training blocks fit the teacher's context, the lm-eval tasks exist, a depth
@@ -21,8 +22,8 @@ from builder.errors import Problem, SpecError, problems_from_validation
 from builder.models.quantizer_env import quantizer_problem
 from builder.models.variants import variant_problem
 from builder.spec.shape import Shape
-from builder.spec.schema import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FamilySpec, StudentSpec, duplicate_students_message,
-                          duplicates, load_yaml, resolve_paths)
+from builder.spec.schema import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FamilySpec, GatesSpec, StudentSpec,
+                                duplicate_students_message, duplicates, load_yaml, resolve_paths)
 
 _RELATIVE_HINT = "(a relative path starts at the spec file's folder)"
 
@@ -46,7 +47,35 @@ def load_spec(path: Path) -> FamilySpec:
     except ValidationError as error:
         problems = problems_from_validation(error, FamilySpec)
         raise SpecError(str(path), problems + _unreached_problems(raw, problems)) from None
+    problems = gate_problems(spec)
+    if problems:
+        raise SpecError(str(path), problems)
     return resolve_paths(spec, path.parent)
+
+
+def gate_problems(spec: FamilySpec) -> list[Problem]:
+    """Gates that could never be judged: on a task the family does not evaluate, or on
+    perplexity when none is measured. Found here, a build never runs for hours toward a
+    verdict it cannot reach."""
+    problems = _section_gate_problems(spec, spec.gates, "gates")
+    for index, student in enumerate(spec.students):
+        if student.gates is not None:
+            problems += _section_gate_problems(spec, student.gates, f"students[{index}].gates")
+    return problems
+
+
+def _section_gate_problems(spec: FamilySpec, gates: GatesSpec, where: str) -> list[Problem]:
+    evaluated = [task.name for task in spec.evaluation.tasks]
+    listed = ", ".join(evaluated) or "none"
+    problems = [Problem(f"{where}.min_score_ratio.{task}", floor,
+                        f"gates task {task!r}, which evaluation.tasks does not run (it runs: {listed}); add "
+                        f"{{name: {task}}} to evaluation.tasks or remove this gate")
+                for task, floor in gates.min_score_ratio.items() if task not in evaluated]
+    if gates.max_perplexity_ratio is not None and spec.evaluation.perplexity_tokens == 0:
+        problems.append(Problem(f"{where}.max_perplexity_ratio", gates.max_perplexity_ratio,
+                                "gates perplexity, but evaluation.perplexity_tokens is 0 (perplexity is not "
+                                "measured); set evaluation.perplexity_tokens (e.g. 64K) or remove this gate"))
+    return problems
 
 
 def _yaml_problem(error: yaml.YAMLError) -> Problem:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.planning.dag import Plan, PlannedStudent
+from builder.report.gates import GATE_FAILED_EXIT_CODE, describe_gates
 from builder.report.records import signal_name
 from builder.spec.chains import chain
 from builder.planning.reuse import Decision, decide
@@ -39,7 +40,7 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
     for student in plan.students:
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
-    lines += [f"Training precision: {plan.precision}"] + signal_lines(plan) + [""]
+    lines += [f"Training precision: {plan.precision}"] + signal_lines(plan) + [""] + gate_lines(plan)
     lines += ["Stages in run order ([done] = finished earlier, reused as is; [resume] = continues from "
               "its last checkpoint; [damaged] = finished but its outputs fail the check, runs again; "
               "[todo] = runs)"]
@@ -58,6 +59,16 @@ def _kind_rows(plan: Plan) -> list[list[str]]:
     kinds = dict.fromkeys(stage.name for stage in plan.stages.values())  # in run order, once each
     return [[kind.name, kind.resources + (", optional" if kind.optional else ""), kind.title]
             for kind in map(stage_kind, kinds)]
+
+
+def gate_lines(plan: Plan) -> list[str]:
+    """Each student's quality gates in words; none when the family sets none."""
+    gates = {student.name: plan.spec.gates_for(student) for student in plan.spec.students}
+    if all(section.is_empty for section in gates.values()):
+        return []
+    lines = ["Quality gates (judged after evaluation against the teacher the students are distilled from; a "
+             f"student that fails one is not published and the build exits with code {GATE_FAILED_EXIT_CODE}):"]
+    return lines + [f"  {name}: {describe_gates(section)}" for name, section in gates.items()] + [""]
 
 
 def signal_lines(plan: Plan) -> list[str]:

@@ -18,6 +18,7 @@ from builder.options.precision import Precision
 from builder.planning.dag import TEACHER, Plan
 from builder.planning.reuse import current_finishes
 from builder.report.family_view import first_reason, record_view, view_precision, view_turn
+from builder.report.gates import judged
 from builder.spec.chains import chain
 from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
                                     Perplexity, Pruning, SearchRecord, StageCost, StageHardware, StudentRecord,
@@ -280,7 +281,7 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         original = ModelRecord(**_model_fields(plan, manifests, failures, "teacher-original",
                                                plan.original_teacher_stage))
     spec = plan.spec
-    return FamilyReport(
+    report = FamilyReport(
         family=spec.family, build=build_record(plan, manifests), description=spec.description, teacher=teacher,
         teacher_original=original,
         students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
@@ -292,6 +293,7 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         missing=[stage_id for stage_id, manifest in manifests.items() if manifest is None],
         complete=all(manifests.values()),
     )
+    return judged(report, spec)  # from the same records report.md, the cards and `publish` read
 
 
 def build_record(plan: Plan, manifests: dict[str, Manifest | None]) -> BuildRecord:
@@ -420,6 +422,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
              *_examples_line(report, tasks),
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
+    lines += _gate_section(report)
     lines += _throughput_notes(models)
     lines += _layout_notes(report)
     lines += _chain_notes(report)
@@ -489,6 +492,19 @@ def _row(model: ModelRecord, teacher: TeacherRecord, tasks: list[str]) -> list[s
     cells += [perplexity, f"{rate.value:.0f} ± {rate.stderr or 0:.0f}" if rate else "-",
               speedup if throughput and throughput.speedup else "-"]
     return cells
+
+
+def _gate_section(report: FamilyReport) -> list[str]:
+    """Each gated student's verdict with its numbers: a failed one is not published."""
+    gated = [student for student in report.students if student.gates]
+    if not gated:
+        return []
+    lines = ["", "## Quality gates", "", "Each ratio is the student's over the teacher it was distilled from. "
+             "A student that fails a gate is not published.", ""]
+    for student in gated:
+        verdict = "**FAILED**" if student.gated_out else "passed"
+        lines.append(f"- `{student.name}` {verdict}: " + "; ".join(check.text() for check in student.gates))
+    return lines
 
 
 def _throughput_notes(models: list[ModelRecord]) -> list[str]:

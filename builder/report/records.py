@@ -361,6 +361,33 @@ class Lineage(Record):
     distillation: Distillation = Distillation()
 
 
+class GateCheck(Record):
+    """One quality gate as judged (builder.report.gates): the student's and the teacher's
+    numbers, their ratio and the limit it had to meet."""
+
+    gate: Literal["min_score_ratio", "max_perplexity_ratio"]
+    measure: str  # "arc_easy acc_norm" or "held-out perplexity"
+    limit: float  # the floor of a score ratio, the ceiling of a perplexity ratio
+    student: float | None = None  # None: not measured (its evaluation failed or did not run)
+    teacher: float | None = None
+    passed: bool = False  # a gate that could not be measured is not passed
+
+    @property
+    def ratio(self) -> float | None:
+        if self.student is None or not self.teacher:
+            return None
+        return self.student / self.teacher
+
+    def text(self) -> str:
+        """"arc_easy acc_norm 0.25 / teacher's 0.50 = 0.50, below the floor 0.90"."""
+        if self.student is None or self.teacher is None:
+            return f"{self.measure} not measured (student or teacher), so its gate ({self.limit:g}) cannot pass"
+        ratio = f" = {self.ratio:.3f}" if self.ratio is not None else ""
+        bound = "floor" if self.gate == "min_score_ratio" else "maximum"
+        verdict = "within" if self.passed else ("below" if self.gate == "min_score_ratio" else "above")
+        return f"{self.measure} {self.student:.4g} / teacher's {self.teacher:.4g}{ratio}, {verdict} the {bound} {self.limit:g}"
+
+
 class StudentRecord(ModelRecord):
     repo_id: str | None = None  # None: no Hub owner (publish.org or repo_id) in the spec
     why: str | None = None
@@ -368,6 +395,19 @@ class StudentRecord(ModelRecord):
     stages: dict[str, StageCost | None] = {}
     card: str | None = None
     complete: bool = False  # its checkpoint, evaluation (and throughput, if planned) are done
+    gates: list[GateCheck] = []  # the spec's quality gates for it, judged; empty: none set
+
+    @property
+    def gate_failures(self) -> list[GateCheck]:
+        return [check for check in self.gates if not check.passed]
+
+    @property
+    def gated_out(self) -> bool:
+        """Below a quality floor: never published (publish.hub), the build exits non-zero."""
+        return bool(self.gate_failures)
+
+    def gate_failure_text(self) -> str:
+        return "failed its quality gate: " + "; ".join(check.text() for check in self.gate_failures)
 
 
 class BuildRecord(Record):

@@ -57,4 +57,7 @@ def print_summary(console: Console, report: FamilyReport, note: str) -> None:
     console.print(family_table(report))
     for line in locations(report):
         console.print(line, highlight=False)
+    for student in report.students:
+        if student.gated_out:
+            console.print(f"{student.name}: {student.gate_failure_text()}; it will not be published", highlight=False)
     console.print(f"report: {note}", highlight=False)

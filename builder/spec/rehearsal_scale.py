@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builder.spec.shape import Shape
-from builder.spec.schema import (EvaluationSpec, FamilySpec, ScoringSpec, SearchSpec, StudentSpec,
+from builder.spec.schema import (EvaluationSpec, FamilySpec, GatesSpec, ScoringSpec, SearchSpec, StudentSpec,
                           ThroughputSpec, TrainingSpec)
 
 TARGET_HIDDEN = 256  # the rehearsal teacher's width, about
@@ -168,17 +168,21 @@ def rehearse_spec(spec: FamilySpec, teacher: Shape, small: Shape, params: tuple[
         "correction": spec.correction.model_copy(update=training(spec.correction, train_workers)),
         "scoring": scoring(spec.scoring), "distill": distill, "students": students,
         "evaluation": evaluation_section, "throughput": throughput(spec.throughput, with_throughput),
+        # A random teacher's students say nothing of quality, and a gated task may be left out
+        # above: a rehearsal checks that every stage runs, so it judges no gate.
+        "gates": GatesSpec(),
     }
     if spec.search is not None:
         update["search"] = search(spec.search, scale).model_copy(
             update={"tokens": training(distill, train_workers, steps=1)["tokens"] if spec.search.tokens else 0})
-    notes = {"scale": scale.__dict__, "teacher_shape": small.as_dict(), "tasks_left_out": dropped}
+    notes = {"scale": scale.__dict__, "teacher_shape": small.as_dict(), "tasks_left_out": dropped,
+             "gates_left_out": not spec.gates.is_empty or any(s.gates is not None for s in spec.students)}
     return FamilySpec.model_validate(spec.model_copy(update=update).model_dump()), notes
 
 
 def _student(student: StudentSpec, spec: FamilySpec, teacher: Shape, small: Shape, params: tuple[int, int],
              train_workers: int) -> StudentSpec:
-    update: dict = {"why": f"Rehearsal of: {student.why}" if student.why else None, "repo_id": None}
+    update: dict = {"why": f"Rehearsal of: {student.why}" if student.why else None, "repo_id": None, "gates": None}
     if student.shape is not None:
         update["shape"] = student.shape.model_validate(student_changes(student.shape.changes(), teacher, small))
     if student.params is not None:

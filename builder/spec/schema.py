@@ -439,6 +439,25 @@ class SearchSpec(Strict):
     heldout_tokens: PositiveCount = Field(65536, description="Held-out tokens each candidate is ranked on")
 
 
+
+class GatesSpec(Strict):
+    """Quality floors a student must meet to be published, judged after evaluation against the
+    teacher it was distilled from (builder.report.gates). Never part of a stage's hash: a
+    changed gate re-judges finished results, it recomputes nothing."""
+
+    min_score_ratio: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {}, description="Task name -> the least student score / teacher score allowed, on the task's headline "
+        "metric (acc_norm where lm-eval reports it, else acc, else exact_match), e.g. {arc_easy: 0.9}; each task "
+        "must be one of evaluation.tasks")
+    max_perplexity_ratio: float | None = Field(
+        None, gt=0, description="The most student held-out perplexity / teacher held-out perplexity allowed, "
+        "e.g. 1.5; needs evaluation.perplexity_tokens > 0")
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.min_score_ratio and self.max_perplexity_ratio is None
+
+
 class StudentSpec(Strict):
     # `from` is a Python keyword: the field is `parent`, read and written as `from` (so a
     # dumped spec validates again, as the rehearsal's does).
@@ -462,6 +481,8 @@ class StudentSpec(Strict):
     distill: DistillSpec | None = Field(
         None, description="Replaces the family's distill section for this student (whole; nothing is merged)"
     )
+    gates: GatesSpec | None = Field(
+        None, description="Replaces the family's gates for this student (whole; nothing is merged; {} sets none)")
     repo_id: str | None = Field(None, description="Hub repo for publishing (default publish.org/NAME)")
     why: str | None = Field(None, description="Why this shape (goes into the model card)")
 
@@ -627,6 +648,8 @@ class FamilySpec(Strict):
     variants: list[Variant] = Field(
         [], description="Quantized variants of the teacher and of every student, one stage each (e.g. "
         "[w8a8-int8, w4a16]); docs/writing-a-family.md#quantized-variants")
+    gates: GatesSpec = Field(GatesSpec(), description="Quality floors each student must meet to be published "
+                             "(a student's own `gates` replaces them)")
     publish: PublishSpec = PublishSpec()
 
     @field_validator("family")
@@ -707,6 +730,9 @@ class FamilySpec(Strict):
 
     def distill_for(self, student: StudentSpec) -> DistillSpec:
         return student.distill or self.distill
+
+    def gates_for(self, student: StudentSpec) -> GatesSpec:
+        return self.gates if student.gates is None else student.gates
 
     def search_training(self, student: StudentSpec) -> DistillSpec:
         """A search candidate's light distillation: the student's settings with the search's tokens."""
