@@ -61,11 +61,13 @@ def kind_of(command_line: str) -> str:
 
 
 def kind_of_process(names: list[str], parent_names: list[str] = ()) -> str:
-    """A process's kind from every name it showed, in order: the first with a kind of its own,
-    a Ray worker's task or actor before the "ray::IDLE" it ends as; a process no name places
-    (vLLM's engine processes start as "multiprocessing.spawn ...") takes its parent's kind."""
-    busy = [name for name in names if not name.startswith(IDLE)]
-    for name in busy + [name for name in names if name.startswith(IDLE)]:
+    """A process's kind from every name it showed: a Ray worker's task or actor first (before
+    the command line it started with, whose arguments name the raylet, and the "ray::IDLE" it
+    ends as), then its other names in order; a process no name places (vLLM's engine
+    processes start as "multiprocessing.spawn ...") takes its parent's kind."""
+    tasks = [name for name in names if name.startswith("ray::") and not name.startswith(IDLE)]
+    others = [name for name in names if not name.startswith("ray::")]
+    for name in tasks + others + [name for name in names if name.startswith(IDLE)]:
         if kind_of(name) != "other":
             return kind_of(name)
     return kind_of_process(list(parent_names)) if parent_names else "other"
@@ -183,7 +185,7 @@ class CpuSampler(PeriodicSampler):
 
 def pytest_command(tests: list[str]) -> list[str]:
     """`make test`'s command (Makefile), with every duration printed."""
-    return ["tests/loopback_only.sh", sys.executable, "-m", "pytest", "-q", "-rs", "--durations=0",
+    return ["tests/loopback_only.sh", sys.executable, "-m", "pytest", "-q", "-rfEs", "--durations=0",
             "-p", "no:cacheprovider", "-n", "2", "--dist", "loadscope", "--no-loadscope-reorder", *tests]
 
 
@@ -214,8 +216,9 @@ def main() -> None:
         "tests": tests or "all", "exit_code": run.returncode, "pytest_summary": summary, "wall_s": round(wall, 1),
         "cpu_s_by_kind": cpu, "processes": processes, "cpu_s_sampled": round(total_cpu, 1), "seconds_per_scope": scopes})
     print(f"wrote {path}")
-    if run.returncode != 0:
-        print(run.stdout[-4000:], run.stderr[-2000:], sep="\n")
+    if run.returncode != 0:  # what failed (-rfE lists each failure in the summary), and the end of the output
+        print(*[line for line in run.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))],
+              run.stdout[-4000:], run.stderr[-2000:], sep="\n")
         sys.exit(run.returncode)
 
 

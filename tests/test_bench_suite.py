@@ -23,6 +23,9 @@ def test_a_process_is_sorted_by_its_busiest_name_or_else_by_its_parent():
     assert kind_of_process(["python default_worker.py", "ray::IDLE", "ray::distill-x-1f2e3d4c5b6a", "ray::IDLE"]) \
         == "stage tasks (Ray workers)"
     assert kind_of_process(["ray::IDLE", "ray::RayTrainWorker"]) == "Ray Train's processes"
+    # a Ray worker starts as default_worker.py, whose arguments name the raylet: its task decides
+    assert kind_of_process(["/v/python /v/ray/_private/workers/default_worker.py --raylet-name=/tmp/r/raylet",
+                            "ray::RayTrainWorker"]) == "Ray Train's processes"
     # vLLM's engine starts as a bare multiprocessing child, then renames itself; one that never
     # did is still the engine's, by its parent
     spawned = "python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"
