@@ -108,11 +108,12 @@ def seconds_per_scope(pytest_output: str) -> dict[str, float]:
 @dataclass
 class Seen:
     """One process as the samples saw it: its CPU seconds, the names it showed (in order,
-    each once), and its parent's names when it first appeared."""
+    each once), and its parent (its key), whose names are looked up once sampling is over:
+    a child may be sampled before its parent in the same pass."""
 
     cpu_s: float = 0.0
     names: list[str] = field(default_factory=list)
-    parent_names: list[str] = field(default_factory=list)
+    parent: tuple | None = None
 
 
 class CpuSampler(PeriodicSampler):
@@ -149,17 +150,21 @@ class CpuSampler(PeriodicSampler):
                 continue
             seen = self.seen.get(key)
             if seen is None:
-                seen = self.seen[key] = Seen(parent_names=self._names_of_parent(process))
+                seen = self.seen[key] = Seen(parent=self._parent_key(process))
             seen.cpu_s = max(seen.cpu_s, self._cpu(process) - self.before.get(key, 0.0))
             if command_line not in seen.names and len(seen.names) < self.MAX_NAMES:
                 seen.names.append(command_line)
 
-    def _names_of_parent(self, process: psutil.Process) -> list[str]:
+    def _parent_key(self, process: psutil.Process) -> tuple | None:
         try:
             parent = process.parent()
-            return self.seen[self._key(parent)].names if parent else []
-        except (psutil.Error, KeyError):
-            return []
+        except psutil.Error:
+            return None
+        return self._key(parent) if parent else None
+
+    def parent_names(self, seen: Seen) -> list[str]:
+        parent = self.seen.get(seen.parent) if seen.parent else None
+        return parent.names if parent else []
 
     def cpu_of(self, pid: int) -> float:
         """The CPU seconds sampled for the process(es) that had this pid."""
@@ -168,7 +173,7 @@ class CpuSampler(PeriodicSampler):
     def by_kind(self) -> dict[str, float]:
         totals: Counter[str] = Counter()
         for seen in self.seen.values():
-            totals[kind_of_process(seen.names, seen.parent_names)] += seen.cpu_s
+            totals[kind_of_process(seen.names, self.parent_names(seen))] += seen.cpu_s
         return {kind: round(seconds, 1) for kind, seconds in totals.most_common()}
 
     def by_process(self, top: int = 40) -> dict[str, dict]:

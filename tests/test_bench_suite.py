@@ -2,8 +2,11 @@
 and the sampler counting a child's CPU time (the benchmark itself runs the whole suite)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import psutil
 
 from bench.suite import CpuSampler, kind_of, kind_of_process, process_name, scope_of, seconds_per_scope
 
@@ -71,5 +74,7 @@ def test_the_sampler_counts_a_childs_cpu_time():
     # of spinning plus the interpreter's start (a fraction of a second, more on a loaded machine).
     assert 1.5 <= sampler.cpu_of(child.pid) <= 4.0
     (seen,) = [seen for (pid, _), seen in sampler.seen.items() if pid == child.pid]
-    assert seen.names[0].startswith(sys.executable) and seen.parent_names  # this process, seen before it
+    assert seen.names[0].startswith(sys.executable)
+    assert seen.parent == (os.getpid(), psutil.Process().create_time())  # this process started it
+    assert sampler.parent_names(seen)  # and was sampled too (at the latest once the block ended)
     assert sampler.by_process()[process_name(seen.names)]["count"] >= 1
