@@ -4,8 +4,8 @@ falls below `min_score_ratio` times the teacher's, or whose held-out perplexity 
 the report and its card say so with the numbers, `publish` refuses it, the build exits with
 GATE_FAILED_EXIT_CODE.
 
-The teacher is the one the student was distilled from (the corrected teacher, when a
-correction ran), as every Δ in the report. Gates are in no stage's hash, so a changed gate
+The teacher is the family's (the corrected teacher, when a correction ran), as every Δ in the
+report: a chained member's floors too are against it, not against its parent. Gates are in no stage's hash, so a changed gate
 is judged again from finished results (`build-family report`, `publish`, the next build)
 and nothing is recomputed.
 """
