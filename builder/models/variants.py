@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.options.precision import cpu_flags
 from builder.spec.schema import W4A16_GROUP_SIZES, VariantSpec
 from builder.spec.shape import Shape
 
@@ -96,8 +97,7 @@ def fp8_serving(use_gpu: bool, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     it loads (llm-compressor's FP8 checkpoints were loaded by vLLM CPU 0.32) but is unverified."""
     if use_gpu:
         return "unverified: needs a GPU of compute capability 8.9+ (older ones run it weight-only); no GPU run yet"
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    if "amx_tile" in flags:
+    if "amx_tile" in cpu_flags(cpuinfo):  # the flags line only, as --precision auto reads it
         return "unverified: this CPU has AMX (vLLM's CPU fp8 path); not yet measured"
     return ("unverified: this CPU has no AMX and no GPU is used, so vLLM has no fast fp8 path here; built, but "
             "serve it on a GPU of compute capability 8.9+ or a CPU with AMX")
