@@ -184,12 +184,13 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
     eval_stages = {name: dag.add("evaluate", name, spec.evaluation, {"model": stage_id, "data": data},
                                  options=trains)  # it loads the model in the training precision
                    for name, stage_id in models.items()}
+    # The family's members (the teacher the students learned from, and the students): what is
+    # measured for speed and quantized; the original teacher is only evaluated beside them.
+    members = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
     throughput = None
-    if spec.throughput.enabled:  # the corrected teacher has the original's shape, so its speed
-        measured = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
-        throughput = dag.add("throughput", "", spec.throughput, measured)
-    variants = _plan_variants(dag, spec, {name: stage_id for name, stage_id in models.items()
-                                          if name != "teacher-original"}, data)
+    if spec.throughput.enabled:  # the corrected teacher has the original's shape: its speed stands for both
+        throughput = dag.add("throughput", "", spec.throughput, members)
+    variants = _plan_variants(dag, spec, members, data)
     shape = Shape.of(teacher_config)
     teach = tuple(stage_id for stage_id, stage in dag.stages.items() if stage.name == "teach")
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
