@@ -60,30 +60,38 @@ def kind_of(command_line: str) -> str:
     return "other"
 
 
-def kind_of_process(names: list[str], parent_names: list[str] = ()) -> str:
-    """A process's kind from every name it showed: a Ray worker's task or actor first (before
-    the command line it started with, whose arguments name the raylet, and the "ray::IDLE" it
-    ends as), then its other names in order; a process no name places (vLLM's engine
-    processes start as "multiprocessing.spawn ...") takes its parent's kind."""
+def split_names(names: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """A process's names as (a Ray worker's tasks and actors, its other names, its "ray::IDLE"s),
+    each in the order shown: the tasks say what a Ray worker was, not the command line it
+    started with (whose arguments name the raylet) nor the IDLE it ends as."""
     tasks = [name for name in names if name.startswith("ray::") and not name.startswith(IDLE)]
     others = [name for name in names if not name.startswith("ray::")]
-    for name in tasks + others + [name for name in names if name.startswith(IDLE)]:
-        if kind_of(name) != "other":
-            return kind_of(name)
+    return tasks, others, [name for name in names if name.startswith(IDLE)]
+
+
+def kind_of_process(names: list[str], parent_names: list[str] = ()) -> str:
+    """A process's kind: that of its first task or actor, else of its first other name with a
+    kind; a process no name places (vLLM's engine processes start as "multiprocessing.spawn
+    ...") takes its parent's kind."""
+    tasks, others, idle = split_names(names)
+    kinds = [kind_of(name) for name in tasks + others + idle]
+    placed = [kind for kind in kinds if kind != "other"]
+    if placed:
+        return placed[0]
     return kind_of_process(list(parent_names)) if parent_names else "other"
 
 
 def process_name(names: list[str]) -> str:
-    """What a process was, for the table by process: a Ray worker's first task or actor (its
-    stage's hash, run ids and numbers dropped), else its program and module or script."""
-    busy = [name for name in names if not name.startswith(IDLE)] or list(names) or ["?"]
-    ray_names = [name for name in busy if name.startswith("ray::")]
+    """What a process was, for the table by process: a Ray worker's first task or actor (a
+    stage's task by its kind, an actor by its class), else its program and module or script
+    as it last showed them."""
+    tasks, others, idle = split_names(names)
+    ray_names = tasks or ([] if others else idle)
     if ray_names:
         task = ray_names[0].split()[0].removeprefix("ray::")
         kind = next((kind for kind in STAGE_KINDS if task.startswith(f"{kind}-")), None)
-        # a stage's task ("ray::distill-<student>-<hash>") by its kind; an actor by its class
         return f"ray::{kind} (a stage)" if kind else f"ray::{task.split('.')[0]}"
-    words = busy[-1].split()
+    words = others[-1].split() if others else []
     program = Path(words[0]).name if words else "?"
     if "-m" in words[:-1]:
         return f"{program} -m {words[words.index('-m') + 1]}"
