@@ -9,6 +9,8 @@ to that order, and the report says which layout made it (builder.training.layout
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +83,13 @@ class Plan:
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
 
+    @functools.cached_property
+    def _student_by_final_stage(self) -> dict[str, str]:
+        return {student.final_stage: student.spec.name for student in self.students}
+
     def model_name(self, stage_id: str) -> str:
         """Which model a stage's output is: TEACHER (corrected or not) or a student's name."""
-        finals = {student.final_stage: student.spec.name for student in self.students}
-        return finals.get(stage_id, TEACHER)
+        return self._student_by_final_stage.get(stage_id, TEACHER)
 
     def taught_by(self, stage_id: str) -> str:
         """The model a stage reads as its teacher (a score, teach, prune or distill stage)."""

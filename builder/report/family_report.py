@@ -145,8 +145,9 @@ def teacher_record(plan: Plan, manifests: dict, failures: dict) -> TeacherRecord
 
 def _parent_score_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
     """Each chained members' parent scored once more, for the cuts of its children."""
-    return {f"score {plan.taught_by(stage_id)}": stage_cost(manifests.get(stage_id), 2 * _params_of(plan, plan.taught_by(stage_id)))
-            for stage_id, stage in plan.stages.items() if stage.name == "score" and plan.taught_by(stage_id) != TEACHER}
+    scored = {stage_id: plan.taught_by(stage_id) for stage_id, stage in plan.stages.items() if stage.name == "score"}
+    return {f"score {parent}": stage_cost(manifests.get(stage_id), 2 * _params_of(plan, parent))
+            for stage_id, parent in scored.items() if parent != TEACHER}
 
 
 def _teach_costs(plan: Plan, manifests: dict) -> dict[str, StageCost | None]:
@@ -499,7 +500,7 @@ def _gate_section(report: FamilyReport) -> list[str]:
     gated = [student for student in report.students if student.gates]
     if not gated:
         return []
-    lines = ["", "## Quality gates", "", "Each ratio is the student's over the teacher it was distilled from. "
+    lines = ["", "## Quality gates", "", "Each ratio is the student's over the family's teacher's (a chained member's too). "
              "A student that fails a gate is not published.", ""]
     for student in gated:
         verdict = "**FAILED**" if student.gated_out else "passed"
