@@ -35,3 +35,18 @@ def local_ray(options: RunOptions = RunOptions(), gpus: int = 0):
             yield
         finally:
             shutdown_ray()  # stops the instance and removes its temp dir
+
+
+def state_api_running() -> bool:
+    """Whether the local instance this process started serves Ray's state API: its dashboard
+    runs the state module, a process of its own (the instance's processes are this
+    process's children). Without include_dashboard, dashboard.py still runs, with no modules."""
+    import psutil
+
+    def name(process) -> str:
+        try:
+            return process.name()
+        except psutil.Error:  # gone meanwhile
+            return ""
+
+    return any(name(child).startswith("ray-dashboard-StateHead") for child in psutil.Process().children(recursive=True))

@@ -59,10 +59,21 @@ def test_the_node_declares_more_than_this_machine_has(gpu_node):
     assert (node.cpus, node.gpus) == (CPUS, GPUS)
 
 
+def test_an_instance_for_one_training_worker_runs_no_dashboard(gpu_node):
+    """No Ray Train group will ask its state API (builder.training.ray_train)."""
+    from ray_instance import state_api_running
+
+    assert not state_api_running()
+
+
 def test_a_heavy_stage_takes_one_gpus_share_of_the_node(sized):
     assert sized.stage_cpus() == CPUS // GPUS == 2
     assert _resources(stage("evaluate"), sized) == {"num_cpus": 2, "num_gpus": 1}
-    assert _resources(stage("distill"), sized) == {"num_cpus": 0}  # its Ray Train workers hold them
+    # One training worker trains in the stage's own task, holding what Ray Train gives a
+    # worker; with more, its Ray Train workers hold them and its task nothing.
+    assert _resources(stage("distill"), sized) == {"num_cpus": 2, "num_gpus": 1}
+    assert _resources(stage("distill"), sized.model_copy(update={"train_workers": 4})) == {"num_cpus": 0}
+    assert _resources(stage("teach"), sized) == {"num_cpus": 0}  # its teacher actors hold them
 
 
 def _meet(folder: str, count: int, timeout_s: float) -> tuple[int, list]:

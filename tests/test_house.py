@@ -75,7 +75,7 @@ def test_every_stage_module_is_registered_under_its_own_name():
 def test_every_stage_kind_is_described(name):
     kind = STAGE_KINDS[name]
     assert kind.name == name and kind.version and kind.title
-    assert kind.resources in ("light", "heavy", "coordinating")
+    assert kind.resources in ("light", "heavy", "coordinating", "training")
     assert isinstance(getattr(records, kind.record), type), f"{kind.record} is not a builder.report.records class"
     assert callable(getattr(card, kind.card_section)), f"{kind.card_section} is not a publish.card function"
     if kind.resources != "light":  # what holds CPUs or GPUs is priced by the estimate

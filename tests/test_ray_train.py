@@ -20,7 +20,7 @@ from builder.models.loading import load_model
 from builder.options.run_options import RunOptions
 from builder.training.loop import distill
 from builder.training.settings import TrainSettings, TrainingDiverged
-from builder.training.ray_train import run_on_ray_train, worker_nodes
+from builder.training.ray_train import run_on_ray_train, run_training, worker_nodes
 from block_files import write_blocks
 from builder.spec.schema import DistillSpec
 from builder.stages.training_run import train_settings
@@ -41,7 +41,7 @@ def cluster():
     # run's placement group, killing its workers mid-training (CI, stop 25).
     from ray_instance import local_ray
 
-    with local_ray(RunOptions(local_cpus=2)):
+    with local_ray(RunOptions(local_cpus=2, train_workers=2)):  # a build training on 2 workers starts a dashboard
         assert ray.util.get_node_ip_address() == "127.0.0.1"
         yield
 
@@ -107,6 +107,29 @@ def test_fsdp_on_two_workers_matches_one_process_and_resumes_on_one(cluster, mod
     assert resumed.start_step == EVERY
     assert resumed.final_loss == pytest.approx(single.final_loss, rel=1e-4)
     assert_same_weights(tmp_path / "one" / "model", tmp_path / "single" / "model")
+
+
+def test_a_local_instance_for_ray_train_runs_a_dashboard(cluster):
+    """Ray Train's placement-group cleaner asks the dashboard's state API whether the
+    controller lives; a build with --train-workers above 1 starts one (ray_session)."""
+    from ray_instance import state_api_running
+
+    assert state_api_running()
+
+
+def test_one_worker_trains_in_the_calling_process_without_a_ray_train_group(cluster, models, tmp_path, one_thread):
+    """A group of one has nobody to synchronise with: run_training runs the loop where it is
+    called (a stage's own task), records that process as rank 0, and matches one process."""
+    blocks = torch.randint(3, TINY_VOCAB, (40, SEQ_LEN), generator=torch.Generator().manual_seed(2))
+    write_blocks(tmp_path / "data", blocks)
+    single = distill(*models, blocks, tmp_path / "single", settings(workers=1))
+    result = run_training("distill", *models, tmp_path / "data", tmp_path / "here", settings(workers=1), num_workers=1)
+    assert (result.steps, result.tokens_seen) == (STEPS, single.tokens_seen)
+    assert result.final_loss == single.final_loss  # the same loop on the same data in one process: bit for bit
+    assert_same_weights(tmp_path / "here" / "model", tmp_path / "single" / "model")
+    [worker] = worker_nodes(tmp_path / "here")
+    assert (worker["rank"], worker["node_id"]) == (0, ray.get_runtime_context().get_node_id())
+    assert not (tmp_path / "here" / "ray_train" / "distill").exists()  # no Ray Train run was started
 
 
 def assert_same_weights(trained: Path, reference: Path) -> None:

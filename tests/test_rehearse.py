@@ -112,9 +112,8 @@ def test_every_family_has_a_valid_rehearsal_of_the_same_architecture(rehearsal_s
 def rehearsal_ray():
     """One local Ray instance for the rehearsals that run in this process (under xdist each
     family may run in another worker, which starts its own), started as builds start theirs:
-    with a dashboard of its own, which Ray Train's placement-group cleaner asks whether the
-    controller lives (without one it asked port 8265, where another cluster may answer
-    "no such actor": tests/test_ray_train.py)."""
+    with one training worker, so without a dashboard (no Ray Train group asks its state API:
+    tests/test_ray_train.py)."""
     from ray_instance import local_ray
 
     with local_ray(RunOptions(local_cpus=2)):

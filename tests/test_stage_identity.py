@@ -116,7 +116,7 @@ def test_activation_checkpointing_changes_no_hash_and_reaches_the_loop(tmp_path,
                for flag in (False, True))
     assert digests(off) == digests(on)
     calls = []
-    monkeypatch.setattr(builder.training.ray_train, "run_on_ray_train", lambda *args, **how: calls.append(args[5])
+    monkeypatch.setattr(builder.training.ray_train, "run_training", lambda *args, **how: calls.append(args[5])
                         or TrainResult(1, 1, 1.0, 1.0, 1.0, 0, str(tmp_path / "model")))
     stage = next(s for s in on.stages.values() if s.name == "distill")
     inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),
@@ -162,7 +162,7 @@ def test_the_training_stage_runs_the_planned_precision_and_the_derived_layout(tm
         calls.append((settings, how))
         return TrainResult(16 * 12 * 256, 16, 1.0, 1.0, 1.0, 0, str(out_dir / "model"))
 
-    monkeypatch.setattr(builder.training.ray_train, "run_on_ray_train", fake_ray_train)
+    monkeypatch.setattr(builder.training.ray_train, "run_training", fake_ray_train)
     plan = plan_of(spec(distill={**SPEC["distill"], "checkpoint_every": 7}), BFLOAT16)
     stage = next(s for s in plan.stages.values() if s.name == "distill")
     inputs = {role: Manifest(role, "", "", 0.0, summary={"model_dir": str(tmp_path / role), "blocks": str(tmp_path),

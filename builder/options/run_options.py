@@ -79,7 +79,8 @@ class RunOptions(BaseModel):
         0.0, description="GPUs per heavy stage (scoring, evaluation, vLLM), a whole number; with GPUs, each "
         "training worker and teacher actor holds one")
     train_workers: int = Field(
-        1, description="Ray Train workers per training stage; they split the spec's global_batch_size (it must "
+        1, description="Ray Train workers per training stage (1: the stage trains in its own task, without a Ray "
+        "Train group); they split the spec's global_batch_size (it must "
         "divide it): the same steps over the same data, summed in another order, whose rounding stays small in "
         "float32 and shows in bfloat16 weights; not in the stage hash, and the report says which layout made the "
         "weights")

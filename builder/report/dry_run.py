@@ -49,7 +49,8 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
                     [_stage_row(plan, stage_id, store, decisions[stage_id]) for stage_id in plan.stages])
     lines += _provenance_notes(plan, decisions)
     lines += ["", "What each kind of stage does (light: a share of a CPU; heavy: the per-stage CPUs and GPUs; "
-              "coordinating: its Ray Train workers or actors hold them)"]
+              "coordinating: its actors hold them; training: its Ray Train workers do, "
+              "or with one worker the stage itself, as a heavy one)"]
     lines += _table(["stage", "resources", "does"], _kind_rows(plan))
     lines += ["", f"Family outputs: {family_dir}/report.json, report.md, students/<name>/README.md"]
     return "\n".join(lines)

@@ -74,9 +74,13 @@ def _connect(options: RunOptions, address: ClusterAddress | None) -> None:
         _keep_on_loopback()
         # address="local" never attaches to a stale cluster left in the temp dir by a killed run.
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
-        # (without it, it logs a warning every second); on 127.0.0.1 only.
-        _init_stoppable(address="local", num_cpus=options.local_cpus or os.cpu_count(), include_dashboard=True,
-                        dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **quiet)
+        # (without it, it logs a warning every second, and asked port 8265, where another
+        # instance may answer); on 127.0.0.1 only. A build with one training worker starts no
+        # Ray Train group (builder.training.ray_train), so it starts no dashboard: its nine
+        # module processes (nodes, state, jobs, metrics, ...) would serve nobody.
+        _init_stoppable(address="local", num_cpus=options.local_cpus or os.cpu_count(),
+                        include_dashboard=options.train_workers > 1, dashboard_host="127.0.0.1",
+                        _node_ip_address="127.0.0.1", **quiet)
 
 
 def _init_stoppable(**settings) -> None:

@@ -29,7 +29,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from builder.running.interrupt import raise_if_stopped
 from builder.running.ray_session import init_ray, shutdown_ray
-from builder.options.cluster import Node, new_probe, nodes_from_ray, read_probe, size_for_cluster, workdir_problems, write_probe
+from builder.options.cluster import (Node, new_probe, nodes_from_ray, read_probe, size_for_cluster, train_cpus_per_worker,
+                                     workdir_problems, write_probe)
 from builder.errors import SpecError
 from builder.options.run_options import RunOptions
 from builder.planning.dag import Plan
@@ -249,19 +250,32 @@ def _remote_for(stage: Stage, options: RunOptions):
     transformers and Ray Train again: a coordinating stage takes one (it loads no model), and
     so does every stage of a rehearsal on CPUs (its models are a few MB: no memory to return;
     on GPUs a reused worker would keep its CUDA context and the GPU it first held)."""
-    fresh = stage_kind(stage.name).resources == "heavy" and (options.use_gpu or not options.rehearsal)
+    fresh = _placed_as(stage, options) == "heavy" and (options.use_gpu or not options.rehearsal)
     return _execute_heavy if fresh else _execute_light
 
 
 def _resources(stage: Stage, options: RunOptions) -> dict:
-    """Heavy stages take the per-stage CPUs/GPUs (a fresh worker process: _remote_for).
-    Coordinating stages hand theirs to their Ray Train workers (correct, distill) or teacher
-    actors (teach, builder/teaching/ray_pool.py), each a process of its own, so their task
-    itself takes none; so does acquire-data (a light stage), to its Ray Data tokenizer actors
-    (builder/data/ray_data.py)."""
-    if stage_kind(stage.name).resources != "heavy":
+    """Heavy stages take the per-stage CPUs/GPUs (a fresh worker process: _remote_for); a
+    training stage with one worker, which trains in its own task, takes what Ray Train gives
+    a worker (train_cpus_per_worker, one GPU). Coordinating stages hand theirs to their Ray
+    Train workers (correct, distill) or teacher actors (teach, builder/teaching/ray_pool.py),
+    each a process of its own, so their task itself takes none; so does acquire-data (a
+    light stage), to its Ray Data tokenizer actors (builder/data/ray_data.py)."""
+    placed_as = _placed_as(stage, options)
+    if placed_as != "heavy":
         return {"num_cpus": 0}
+    if stage_kind(stage.name).resources == "training":
+        return {"num_cpus": train_cpus_per_worker(options), "num_gpus": 1 if options.use_gpu else 0}
     return {"num_cpus": options.stage_cpus(), "num_gpus": options.gpus_per_stage}
+
+
+def _placed_as(stage: Stage, options: RunOptions) -> str:
+    """light, heavy or coordinating: a training stage trains in its own task with one
+    worker (heavy), on Ray Train workers with more (builder.training.ray_train)."""
+    resources = stage_kind(stage.name).resources
+    if resources == "training":
+        return "heavy" if options.train_workers == 1 else "coordinating"
+    return resources
 
 
 def _collect(refs: dict[str, ray.ObjectRef], stages: dict[str, Stage], result: BuildResult,

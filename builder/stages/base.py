@@ -23,9 +23,11 @@ Section = TypeVar("Section", bound=BaseModel)
 #   light         a fraction of a CPU in a reused worker: file work, coordination (acquire, prune, select)
 #   heavy         the per-stage CPUs (and GPUs) in a fresh worker process, so its models' memory
 #                 goes back to the OS when it ends (score, evaluate, throughput)
-#   coordinating  its task holds nothing: the CPUs and GPUs go to the Ray Train workers or
-#                 actors it starts (correct, distill, teach)
-Resources = Literal["light", "heavy", "coordinating"]
+#   coordinating  its task holds nothing: the CPUs and GPUs go to the actors it starts (teach)
+#   training      coordinating on --train-workers Ray Train workers (correct, distill); with one
+#                 worker its loop runs in its own task, placed as a heavy one holding that worker's
+#                 CPUs and GPU (builder.training.ray_train says why)
+Resources = Literal["light", "heavy", "coordinating", "training"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class StageKind:
     name       the stage's name in folders, hashes, the console and the report ("distill")
     version    its code version, part of every stage hash (the bump rule: builder.stages)
     run        the stage function: StageContext -> (summary, tokens processed)
-    resources  light / heavy / coordinating (see Resources)
+    resources  light / heavy / coordinating / training (see Resources)
     title      what it does, in words (the dry run's legend, `status`)
     optional   a failure is recorded in the report; the rest of the family still builds
     resumable  a killed run resumes from its checkpoints instead of starting over
@@ -109,5 +111,5 @@ class StageKind:
 
     @property
     def uses_workers(self) -> bool:
-        """Runs on --train-workers Ray Train workers or actors (the coordinating stages)."""
-        return self.resources == "coordinating"
+        """Runs on --train-workers Ray Train workers or actors (the coordinating and training stages)."""
+        return self.resources in ("coordinating", "training")

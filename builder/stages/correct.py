@@ -27,6 +27,6 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
 
 
 # 2: the corrected teacher stored in the teacher's dtype, not float32 (issue 24)
-KIND = StageKind("correct", version="2", run=run, resources="coordinating", resumable=True,
+KIND = StageKind("correct", version="2", run=run, resources="training", resumable=True,
                  title="teacher correction on the family's data", estimate=estimate,
                  planned_tokens=planned_tokens, record="StageCost", card_section="_compute_section")

@@ -61,6 +61,6 @@ def planned_tokens(spec: FamilySpec, stage: Stage) -> int:
 
 # 2: a student's final model stored in the teacher's dtype, not float32, a pruning-only one too
 # (issue 24); a search candidate's stays float32
-KIND = StageKind("distill", version="2", run=run, resources="coordinating", resumable=True,
+KIND = StageKind("distill", version="2", run=run, resources="training", resumable=True,
                  title="a student distilled from the teacher", estimate=estimate, planned_tokens=planned_tokens,
                  record="Distillation", card_section="_distill_text")

@@ -1,5 +1,5 @@
 """What the two training stages (correct, distill) share: a run of builder.training's loop on
-Ray Train workers, resuming from the stage's last checkpoint, and its work estimate."""
+Ray Train workers (or, with one worker, in the stage's own task), resuming from the stage's last checkpoint, and its work estimate."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,18 +17,19 @@ if TYPE_CHECKING:
 
 
 def train(ctx: StageContext, kind: str, section: TrainingSpec, student_dir: Path | None) -> StageResult:
-    """Teacher correction or distillation on Ray Train, resuming from the stage's last checkpoint."""
-    from builder.training.ray_train import run_on_ray_train, worker_nodes  # Ray and torch: when it runs
+    """Teacher correction or distillation on --train-workers Ray Train workers (one: in this
+    task), resuming from the stage's last checkpoint."""
+    from builder.training.ray_train import run_training, worker_nodes  # Ray and torch: when it runs
 
     options = ctx.options
     settings = dataclasses.replace(
         train_settings(section, options.train_workers, ctx.precision, options.activation_checkpointing),
         stored_dtype=final_dtype(ctx, kind))
     blocks = train_blocks(ctx)
-    result = run_on_ray_train(kind, ctx.model_dir("teacher"), student_dir, blocks, ctx.out_dir,
-                              settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
-                              parallel=options.parallel, tee_output=options.verbose,
-                              cpus_per_worker=train_cpus_per_worker(options))
+    result = run_training(kind, ctx.model_dir("teacher"), student_dir, blocks, ctx.out_dir,
+                          settings, num_workers=options.train_workers, use_gpu=options.use_gpu,
+                          parallel=options.parallel, tee_output=options.verbose,
+                          cpus_per_worker=train_cpus_per_worker(options))
     layout = {"workers": options.train_workers, "micro_batch_size": settings.batch_size,
               "grad_accum": settings.grad_accum, "global_batch_size": section.global_batch_size}
     nodes = worker_nodes(ctx.out_dir)

@@ -1,7 +1,16 @@
-"""Run `builder.training`'s loop on Ray Train workers (TorchTrainer, DDP or FSDP2).
+"""Run `builder.training`'s loop on Ray Train workers (TorchTrainer, DDP or FSDP2), or with one
+worker in the calling process.
 
-    result = run_on_ray_train("distill", teacher_dir, student_dir, blocks_path, out_dir,
-                              TrainSettings(tokens=...), num_workers=2, use_gpu=False)
+    result = run_training("distill", teacher_dir, student_dir, blocks_path, out_dir,
+                          TrainSettings(tokens=...), num_workers=2, use_gpu=False)
+
+One worker runs the loop in the caller: the stage's own Ray task, which then holds that
+worker's CPUs and GPU (builder.running.runner). A Ray Train group of one would start its
+controller, a placement-group cleaner, a dataset manager, a synchronization actor and the
+worker itself, each a Ray worker process, to synchronise nobody: about 16 CPU-seconds a run
+besides the worker's own (bench/results/suite-quick.json: 111 CPU-s for seven such runs). The loop is the same either way: it reads the world from torch.distributed
+(one process without a group trains alone) and its checkpoints load across the two
+(test_ray_train: one process resumes a Ray Train run).
 
 The caller (the runner) has already connected to a Ray cluster. Ray Train starts
 `num_workers` actors, sets up torch.distributed (gloo on CPU, NCCL on GPU) and runs the same
@@ -70,6 +79,20 @@ class TrainJob:
                             parallel=self.parallel)
 
 
+def run_training(kind: Kind, teacher_dir: str | Path, student_dir: str | Path | None, blocks_path: str | Path,
+                 out_dir: str | Path, settings: TrainSettings, *, num_workers: int, use_gpu: bool = False,
+                 parallel: Parallel = "ddp", cpus_per_worker: float = 1, tee_output: bool = False) -> TrainResult:
+    """The loop on `num_workers` Ray Train workers, or with one worker here (module docstring)."""
+    if num_workers != 1:
+        return run_on_ray_train(kind, teacher_dir, student_dir, blocks_path, out_dir, settings,
+                                num_workers=num_workers, use_gpu=use_gpu, parallel=parallel,
+                                cpus_per_worker=cpus_per_worker, tee_output=tee_output)
+    job = _job(kind, teacher_dir, student_dir, blocks_path, out_dir, settings, parallel, cpus_per_worker, tee_output)
+    _prepare(job)
+    _run_loop(job, rank=0, asks_gpu=use_gpu)  # the task's output already goes to stage.log (the runner)
+    return load_result(job.out_dir)
+
+
 def run_on_ray_train(
     kind: Kind,
     teacher_dir: str | Path,
@@ -93,13 +116,10 @@ def run_on_ray_train(
     """
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers} must be at least 1")
-    job = TrainJob(kind, _absolute(teacher_dir), None if student_dir is None else _absolute(student_dir),
-                   _absolute(blocks_path), _absolute(out_dir), settings, parallel,
-                   threads=max(1, int(cpus_per_worker)), tee_output=tee_output)
+    job = _job(kind, teacher_dir, student_dir, blocks_path, out_dir, settings, parallel, cpus_per_worker, tee_output)
     if use_gpu:
         _check_a_gpu_worker(cpus_per_worker, settings.dtype)
-    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(Path(job.out_dir) / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
+    _prepare(job)
     trainer = ray.train.torch.TorchTrainer(
         functools.partial(_train_worker, job),  # no train_loop_config: the job is the whole config
         scaling_config=ray.train.ScalingConfig(
@@ -113,6 +133,19 @@ def run_on_ray_train(
     )
     _fit(trainer)
     return load_result(job.out_dir)
+
+
+def _job(kind: Kind, teacher_dir: str | Path, student_dir: str | Path | None, blocks_path: str | Path,
+         out_dir: str | Path, settings: TrainSettings, parallel: Parallel, cpus_per_worker: float,
+         tee_output: bool) -> TrainJob:
+    return TrainJob(kind, _absolute(teacher_dir), None if student_dir is None else _absolute(student_dir),
+                    _absolute(blocks_path), _absolute(out_dir), settings, parallel,
+                    threads=max(1, int(cpus_per_worker)), tee_output=tee_output)
+
+
+def _prepare(job: TrainJob) -> None:
+    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(Path(job.out_dir) / "ray_train" / "nodes", ignore_errors=True)  # a resumed run records anew
 
 
 def _check_a_gpu_worker(cpus: float, dtype: str) -> None:
@@ -140,21 +173,26 @@ def _absolute(path: str | Path) -> str:
 def _train_worker(job: TrainJob) -> None:
     """Runs on every Ray Train worker, inside the process group Ray Train set up."""
     with captured_output(stage_log_path(job.out_dir), tee=job.tee_output):
-        # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have
-        # sized its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
-        torch.set_num_threads(job.threads)
-        # The GPU Ray assigned (ScalingConfig use_gpu), by the one rule: ray.train.torch.get_device()
-        # would hand a worker whose CUDA is unusable the CPU without a word.
-        placement = place(asks_gpu=False, dtype=job.settings.dtype)
-        started_at = time.time()  # the stage's time before this is start-up and waiting for CPUs
-        _record_node(Path(job.out_dir), started_at, placement.facts())
-        job.run(torch.device(placement.device))
-        _record_node(Path(job.out_dir), started_at, placement.facts())  # again, with its peak memory
+        # The GPU Ray assigned (ScalingConfig use_gpu): ray.train.torch.get_device() would hand
+        # a worker whose CUDA is unusable the CPU without a word; `place` says why instead.
+        _run_loop(job, rank=ray.train.get_context().get_world_rank(), asks_gpu=False)
 
 
-def _record_node(out_dir: Path, started_at: float, placement: dict) -> None:
+def _run_loop(job: TrainJob, rank: int, asks_gpu: bool) -> None:
+    """The loop in this process, placed by the one rule (builder.running.placement): on the
+    GPU Ray assigned, or DeviceUnusable saying why there is none usable."""
+    # Ray sets OMP_NUM_THREADS inside the already running worker, after torch may have
+    # sized its thread pool; say it explicitly so a worker uses exactly the CPUs it reserved.
+    torch.set_num_threads(job.threads)
+    placement = place(asks_gpu=asks_gpu, dtype=job.settings.dtype)
+    started_at = time.time()  # the stage's time before this is start-up and waiting for CPUs
+    _record_node(Path(job.out_dir), rank, started_at, placement.facts())
+    job.run(torch.device(placement.device))
+    _record_node(Path(job.out_dir), rank, started_at, placement.facts())  # again, with its peak memory
+
+
+def _record_node(out_dir: Path, rank: int, started_at: float, placement: dict) -> None:
     """Each worker notes where it runs (hostname, Ray node id, device, dtype), for the stage's manifest."""
-    rank = ray.train.get_context().get_world_rank()
     record = {"rank": rank, "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
               "started_at": started_at, "placement": placement}
     folder = out_dir / "ray_train" / "nodes"
