@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -13,13 +14,14 @@ from pathlib import Path
 from builder.models.teacher import read_teacher_config
 from builder.spec.batching import batch_problems
 from builder.options.run_options import RunOptions
-from builder.planning.dag import Plan, make_plan, teacher_acquire_key
+from builder.planning.dag import Plan, ServingMeasurements, make_plan, teacher_acquire_key
 from builder.options.precision import Precision, machine_signature
 from builder.planning.reuse import decide, stages_to_rebuild
 from builder.planning.verify import verify_stages, verify_summary
 from builder.spec.schema import FamilySpec
 from builder.store.stage_store import StageStore
-from builder.planning.validate import check_against_teacher, load_spec, local_source_problems, quantizer_problems
+from builder.planning.validate import (budget_problems, check_against_teacher, load_spec, local_source_problems,
+                                       quantizer_problems)
 from builder.errors import Problem, SpecError
 from builder.planning.estimate import FamilyEstimate, estimate_plan, render_estimate
 from builder.report.dry_run import disk_check, render_models, render_plan
@@ -29,6 +31,7 @@ from builder.report.gates import GATE_FAILED_EXIT_CODE, gated_out, judged
 from builder.report.records import FamilyReport, ReportFileError
 from builder.report.summary import print_summary
 from builder.running.console import BuildConsole, build_header, make_console, render_status
+from builder.stages.measure_serving import hardware_identity
 from builder.store.disk_space import as_disk_full
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,20 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
     if problems:
         raise SpecError(str(spec_path), problems)
     precision = _built_precision(spec, options) if built else _build_precision(spec, options)
-    return make_plan(spec, teacher_config, precision)
+    plan = make_plan(spec, teacher_config, precision, serving_measurements(spec, options))
+    problems = budget_problems(plan)  # measured, and no candidate meets a budget: before any training
+    if problems:
+        raise SpecError(str(spec_path), problems)
+    return plan
+
+
+def serving_measurements(spec: FamilySpec, options: RunOptions) -> ServingMeasurements | None:
+    """The hardware the family is served on and the store's measurements, for serving budgets."""
+    if not any(student.budget for student in spec.students):
+        return None
+    store = StageStore(options.workdir)
+    return ServingMeasurements(hardware_identity(options.use_gpu, options.gpus_per_stage),
+                               lambda key: manifest.summary if (manifest := store.manifest(key)) else None)
 
 
 def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
@@ -117,9 +133,19 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     from builder.running.runner import run_plan
 
     plan = load_and_plan(spec_path, options)
+    console = make_console()
+    if plan.unmeasured():
+        measured = _measure_serving(console, plan, options)
+        if not measured.ok:
+            return 1
+        try:
+            plan = load_and_plan(spec_path, options)  # from the measurements: a budget none meets stops here (exit 2)
+        except SpecError:
+            console.print("The serving measurements are stored (the next build reuses them); no training ran.",
+                          highlight=False)
+            raise
     redo = stages_to_rebuild(plan, list(rebuild))
     store = StageStore(options.workdir)
-    console = make_console()
     # The estimate's disk figures: each stage checks its own is free before it writes.
     estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options)
     _announce(console, plan, store, options, redo, estimate)
@@ -135,6 +161,24 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     # a gated-out student is refused by publishing while the others go up; the build still says so
     published = _publish_plan(plan, spec_path, options, dry_run=False, force=False) if publish else 0
     return (_gate_code(outcome.report) if outcome else 0) or published
+
+
+def _measure_serving(console, plan: Plan, options: RunOptions):
+    """The serving budgets' measurements, before anything else runs: which candidates meet a
+    budget decides which are trained, and a budget none meets must fail before any training."""
+    # Ray: only when a build runs
+    from builder.running.runner import run_plan
+
+    stages = {stage_id: plan.stages[stage_id] for stage_id in plan.unmeasured()}
+    console.print(f"Measuring the serving cost of {len(stages)} shape(s) for the serving budgets first "
+                  "(vLLM, dummy weights; builder/stages/measure_serving.py)", highlight=False)
+    result = run_plan(dataclasses.replace(plan, stages=stages), options)
+    for stage_id, error in result.failures.items():
+        console.print(f"{stage_id} failed:\n{error}", highlight=False)
+    if not result.ok:
+        console.print("Build failed before any training: a serving measurement failed (see above). Fix the cause "
+                      "and run the same command again: finished measurements are reused.", highlight=False)
+    return result
 
 
 def _gate_code(report: FamilyReport) -> int:

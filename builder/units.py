@@ -11,17 +11,27 @@ _PATTERN = re.compile(r"^\s*(\d[\d_]*(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([KMBGT]?)\s
 _FORMS = "a whole number with an optional K, M, B or T suffix (e.g. 90M, 2.5B, 40K, 40000)"
 
 
-def parse_count(value: object) -> int:
-    """`"90M"` -> 90_000_000. Raises ValueError naming the value and the accepted forms."""
+def _number_and_unit(value: object, pattern: re.Pattern, what: str, forms: str) -> int | tuple[float, str]:
+    """An integer as is; else the number and (upper-cased) unit `pattern` reads from the text.
+    Raises ValueError naming the value and the accepted `forms`."""
     if isinstance(value, bool):  # YAML's yes/no/true: almost surely a misplaced line
-        raise ValueError(f"{value!r} is not a count; write {_FORMS}")
+        raise ValueError(f"{value!r} is not a {what}; write {forms}")
     if isinstance(value, int):
         return value
-    match = _PATTERN.match(str(value))
+    match = pattern.match(str(value))
     if not match:
-        raise ValueError(f"{value!r} is not a count; write {_FORMS}")
-    number, suffix = match.groups()
-    count = float(number.replace("_", "")) * _SUFFIX[suffix.upper()]
+        raise ValueError(f"{value!r} is not a {what}; write {forms}")
+    number, unit = match.groups()
+    return float(number.replace("_", "")), unit.upper()
+
+
+def parse_count(value: object) -> int:
+    """`"90M"` -> 90_000_000. Raises ValueError naming the value and the accepted forms."""
+    parts = _number_and_unit(value, _PATTERN, "count", _FORMS)
+    if isinstance(parts, int):
+        return parts
+    number, suffix = parts
+    count = number * _SUFFIX[suffix]
     # "2.5" tokens cannot be meant; "2.5B" can, and a rounding error of one is harmless there.
     if not suffix and not count.is_integer():
         raise ValueError(f"{value!r} is not a whole count; write {_FORMS}")
@@ -38,17 +48,11 @@ _BYTE_FORMS = "a number of bytes with an optional unit: KiB, MiB, GiB, TiB (powe
 
 def parse_bytes(value: object) -> int:
     """`"8GiB"` -> 8 * 2**30, `"16GB"` -> 16 * 10**9. Raises ValueError naming the value and the forms."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size; write {_BYTE_FORMS}")
-    if isinstance(value, int):
-        return value
-    match = _BYTES.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a size; write {_BYTE_FORMS}")
-    number, unit = match.groups()
-    unit = unit.upper()
-    scale = _BYTE_UNITS[unit if unit.endswith("B") or not unit else unit + "B"]  # "8Gi", "8G": as Kubernetes
-    return int(round(float(number.replace("_", "")) * scale))
+    parts = _number_and_unit(value, _BYTES, "size", _BYTE_FORMS)
+    if isinstance(parts, int):
+        return parts
+    number, unit = parts
+    return int(round(number * _BYTE_UNITS[unit if unit.endswith("B") or not unit else unit + "B"]))  # "8Gi", "8G" too
 
 
 def format_binary_bytes(value: int | float) -> str:
