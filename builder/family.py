@@ -26,7 +26,7 @@ from builder.errors import Problem, SpecError
 from builder.planning.estimate import FamilyEstimate, estimate_plan, render_estimate
 from builder.report.dry_run import disk_check, render_models, render_plan
 from builder.report.family_report import REPORT_JSON, NothingToReport, write_report_files
-from builder.report.family_view import started_precision, view_precision, write_started
+from builder.report.family_view import started_precision, started_serving_hardware, view_precision, write_started
 from builder.report.gates import GATE_FAILED_EXIT_CODE, gated_out, judged
 from builder.report.records import FamilyReport, ReportFileError
 from builder.report.summary import print_summary
@@ -61,20 +61,22 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
     if problems:
         raise SpecError(str(spec_path), problems)
     precision = _built_precision(spec, options) if built else _build_precision(spec, options)
-    plan = make_plan(spec, teacher_config, precision, serving_measurements(spec, options))
+    plan = make_plan(spec, teacher_config, precision, serving_measurements(spec, options, built))
     problems = budget_problems(plan)  # measured, and no candidate meets a budget: before any training
     if problems:
         raise SpecError(str(spec_path), problems)
     return plan
 
 
-def serving_measurements(spec: FamilySpec, options: RunOptions) -> ServingMeasurements | None:
-    """The hardware the family is served on and the store's measurements, for serving budgets."""
+def serving_measurements(spec: FamilySpec, options: RunOptions, built: bool = False) -> ServingMeasurements | None:
+    """The hardware the family is served on and the store's measurements, for serving budgets:
+    this machine's, or (`built`: report, status, publish) the last build's, as the precision."""
     if not any(student.budget for student in spec.students):
         return None
     store = StageStore(options.workdir)
-    return ServingMeasurements(hardware_identity(options.use_gpu, options.gpus_per_stage),
-                               lambda key: manifest.summary if (manifest := store.manifest(key)) else None)
+    hardware = (started_serving_hardware(family_dir(spec, options)) if built else None) or hardware_identity(
+        options.use_gpu, options.gpus_per_stage)
+    return ServingMeasurements(hardware, lambda key: manifest.summary if (manifest := store.manifest(key)) else None)
 
 
 def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
@@ -101,7 +103,8 @@ def _build_precision(spec: FamilySpec, options: RunOptions) -> Precision:
 def record_start(plan: Plan, options: RunOptions) -> None:
     """Before any stage runs: a killed build resumes with this precision, and `report` before
     the first view finds its stages."""
-    write_started(family_dir(plan.spec, options), plan.precision, machine_signature(options.use_gpu))
+    serving = next((student.budget.hardware for student in plan.students if student.budget), None)
+    write_started(family_dir(plan.spec, options), plan.precision, machine_signature(options.use_gpu), serving)
 
 
 def planned_teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):

