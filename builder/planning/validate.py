@@ -277,7 +277,7 @@ def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teache
 def budget_problems(plan: Plan) -> list[Problem]:
     """Phase 3, once the serving budgets' candidates are measured: a budget no candidate meets
     (the nearest with their numbers, and what to change). Before any training stage runs."""
-    # transformers: phase 3 only (the plan exists, so it is loaded already)
+    # transformers (builder.models.arch, under both): after planning only, as phase 2's imports above
     from builder.pruning.budgets import infeasible_message
     from builder.stages.measure_serving import describe_hardware_identity
 

@@ -20,7 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSch
 
 from builder.spec.chains import chain_problems
 from builder.spec.shape import SHAPE_FIELDS
-from builder.units import BYTES_PATTERN, COUNT_PATTERN, format_count, format_binary_bytes, parse_bytes, parse_count
+from builder.units import BYTES_PATTERN, COUNT_PATTERN, format_binary_bytes, parse_bytes, parse_count
 
 
 def _count_schema(minimum: int) -> WithJsonSchema:

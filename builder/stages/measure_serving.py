@@ -39,6 +39,8 @@ from evaluators.vllm_worker import REPORTED_CPU_FLAGS
 _PROVENANCE_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
 # vLLM's log line for the KV cache it allocated ("CPU KV cache size: 262,144 tokens", "GPU KV cache size: ...")
 _KV_CACHE_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
+# and, on a GPU, for the memory its weights took ("Model loading took 15.0 GiB memory and 4.2 seconds")
+_WEIGHTS_LINE = re.compile(r"Model loading took ([\d.]+) GiB")
 # The KV cache is sized for every request at its full length, times this (vLLM rounds to whole blocks).
 _KV_HEADROOM = 1.25
 _MIN_KV_CACHE_BYTES = 64 * 2**20
@@ -106,6 +108,7 @@ def run(ctx: StageContext) -> StageResult:
         raise RuntimeError(result["error"])
     memory = serving_memory(config, serving, measured_dtype=result["model_dtype"])
     memory["vllm_check"] = check_kv_cache(memory, result, work_dir / "worker.log")
+    memory["vllm_weights_bytes"] = _logged_weights_bytes(work_dir / "worker.log")
     summary = {"shape_config": ctx.config["config"], "params": count_params(config), "hardware": result["hardware"],
                "tokens_per_s": result["output_tokens_per_s"], "tokens_per_s_std": result["output_tokens_per_s_std"],
                **_ms_per_token(result, serving), "memory": memory, "load": result["load"], "throughput": result}
@@ -145,9 +148,19 @@ def check_kv_cache(memory: dict, result: dict, worker_log: Path) -> dict:
 
 def _logged_kv_tokens(worker_log: Path) -> int | None:
     """The engine's own log line, where its cache size lives in another process."""
-    text = worker_log.read_text(errors="replace") if worker_log.exists() else ""
-    found = _KV_CACHE_LINE.findall(text)
+    found = _KV_CACHE_LINE.findall(_log_text(worker_log))
     return int(found[-1].replace(",", "")) if found else None
+
+
+def _logged_weights_bytes(worker_log: Path) -> int | None:
+    """What vLLM says its weights took (a GPU's model runner logs it; None elsewhere), shown beside
+    the computed weights: it counts the engine's own buffers too, so it is reported, not checked."""
+    found = _WEIGHTS_LINE.findall(_log_text(worker_log))
+    return round(float(found[-1]) * 2**30) if found else None
+
+
+def _log_text(worker_log: Path) -> str:
+    return worker_log.read_text(errors="replace") if worker_log.exists() else ""
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
