@@ -41,10 +41,11 @@ def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
     return Path(options.workdir) / spec.family
 
 
-def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
+def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False, measured: bool = True) -> Plan:
     """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
     `built`: plan the build the family view describes (report, status, publish), not what this
-    machine would build.
+    machine would build. `measured`: a serving budget that no measured candidate meets is a
+    problem (False: the build plans its measurements first, builder.family.build).
 
     Local teacher and data paths are checked first (the dry run, the build and the report
     all come here), so a missing or empty one is a spec problem before anything runs."""
@@ -62,7 +63,7 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
         raise SpecError(str(spec_path), problems)
     precision = _built_precision(spec, options) if built else _build_precision(spec, options)
     plan = make_plan(spec, teacher_config, precision, serving_measurements(spec, options, built))
-    problems = budget_problems(plan)  # measured, and no candidate meets a budget: before any training
+    problems = budget_problems(plan) if measured else []  # no measured candidate meets a budget: before any training
     if problems:
         raise SpecError(str(spec_path), problems)
     return plan
@@ -135,19 +136,22 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     # Ray: only when a build runs
     from builder.running.runner import run_plan
 
-    plan = load_and_plan(spec_path, options)
+    plan = load_and_plan(spec_path, options, measured=False)
     console = make_console()
-    if plan.unmeasured():
-        measured = _measure_serving(console, plan, options)
-        if not measured.ok:
+    # the serving budgets' measurements first (those missing, and those --rebuild names), then the plan again
+    remeasure = {stage_id for stage_id in stages_to_rebuild(plan, list(rebuild))
+                 if plan.stages[stage_id].name == "measure-serving"}
+    if plan.unmeasured() or remeasure:
+        if not _measure_serving(console, plan, options, set(plan.unmeasured()) | remeasure, remeasure).ok:
             return 1
-        try:
-            plan = load_and_plan(spec_path, options)  # from the measurements: a budget none meets stops here (exit 2)
-        except SpecError:
+    try:
+        plan = load_and_plan(spec_path, options)  # from the measurements: a budget none meets stops here (exit 2)
+    except SpecError:
+        if plan.unmeasured() or remeasure:
             console.print("The serving measurements are stored (the next build reuses them); no training ran.",
                           highlight=False)
-            raise
-    redo = stages_to_rebuild(plan, list(rebuild))
+        raise
+    redo = stages_to_rebuild(plan, list(rebuild)) - remeasure  # measured again above
     store = StageStore(options.workdir)
     # The estimate's disk figures: each stage checks its own is free before it writes.
     estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options)
@@ -166,16 +170,16 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     return (_gate_code(outcome.report) if outcome else 0) or published
 
 
-def _measure_serving(console, plan: Plan, options: RunOptions):
+def _measure_serving(console, plan: Plan, options: RunOptions, stage_ids: set[str], rebuild: set[str]):
     """The serving budgets' measurements, before anything else runs: which candidates meet a
     budget decides which are trained, and a budget none meets must fail before any training."""
     # Ray: only when a build runs
     from builder.running.runner import run_plan
 
-    stages = {stage_id: plan.stages[stage_id] for stage_id in plan.unmeasured()}
+    stages = {stage_id: stage for stage_id, stage in plan.stages.items() if stage_id in stage_ids}
     console.print(f"Measuring the serving cost of {len(stages)} shape(s) for the serving budgets first "
                   "(vLLM, dummy weights; builder/stages/measure_serving.py)", highlight=False)
-    result = run_plan(dataclasses.replace(plan, stages=stages), options)
+    result = run_plan(dataclasses.replace(plan, stages=stages), options, rebuild)
     for stage_id, error in result.failures.items():
         console.print(f"{stage_id} failed:\n{error}", highlight=False)
     if not result.ok:

@@ -198,6 +198,9 @@ def test_measured_candidates_that_meet_the_budget_are_searched():
     # both rates' spreads (1 tok/s each) carried into the ratio in quadrature
     assert cost.speedup_std == pytest.approx(1.4 * ((1 / 140) ** 2 + (1 / 100) ** 2) ** 0.5)
     assert budget_problems(plan) == []
+    # the throughput worker's load note travels with the numbers (the dry run marks them "busy")
+    assert not cost.contended
+    assert ServingCost.of({**_summary(140, 2**20), "load": {"contended": True}}, _summary(100, 2**20)).contended
 
 
 def test_select_ranks_the_candidates_that_meet_the_budget_and_records_their_cost(tmp_path):

@@ -79,6 +79,7 @@ class ServingCost:
     ms_per_token: float
     ms_per_token_std: float | None
     memory: int  # bytes: weights plus KV cache at the workload
+    contended: bool = False  # other work competed for the machine while it was measured (the worker's load note)
 
     @classmethod
     def of(cls, summary: dict, teacher: dict) -> "ServingCost":
@@ -89,7 +90,8 @@ class ServingCost:
         speedup_std = (None if None in spreads else 0.0 if summary is teacher else
                        speedup * _hypot(spreads[0] / summary["tokens_per_s"], spreads[1] / teacher["tokens_per_s"]))
         return cls(summary["tokens_per_s"], summary["tokens_per_s_std"], speedup, speedup_std,
-                   summary["ms_per_token"], summary["ms_per_token_std"], summary["memory"]["total_bytes"])
+                   summary["ms_per_token"], summary["ms_per_token_std"], summary["memory"]["total_bytes"],
+                   bool(summary.get("load", {}).get("contended")))
 
     def value(self, metric: str) -> float:
         return getattr(self, metric)

@@ -172,6 +172,9 @@ def budget_lines(plan: Plan, student: PlannedStudent) -> list[str]:
     for index, (candidate, cost, memory) in enumerate(zip(budget.measured, costs, budget.memory[1:])):
         verdict = "" if cost is None else ("meets" if meets(student.spec.budget, cost) else "misses")
         rows.append(_budget_row(str(index), candidate.shape, candidate.params, cost, memory, verdict))
+    if any(cost.contended for cost in [budget.teacher_cost, *(budget.costs or ())] if cost):
+        lines.append("  (busy: other work competed for the machine during that measurement, so its spread is wide; "
+                     "rerun it on a quiet machine with --rebuild measure-serving)")
     return lines + _table(["#", "params", *SHAPE_COLUMNS, "tokens/s", "x teacher", "ms/token", "memory", ""], rows)
 
 
@@ -181,6 +184,7 @@ def _budget_row(name: str, shape: Shape, params: int, cost, memory: int, verdict
     else:
         measured = [cost.describe("tokens_per_s"), cost.describe("speedup"), cost.describe("ms_per_token"),
                     cost.describe("memory")]
+        verdict = " ".join(filter(None, [verdict, "(busy)" if cost.contended else ""]))
     return [name, format_count(params), *_shape_cells(shape), *measured, verdict or ""]
 
 
