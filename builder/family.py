@@ -138,20 +138,14 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
 
     plan = load_and_plan(spec_path, options, measured=False)
     console = make_console()
-    # the serving budgets' measurements first (those missing, and those --rebuild names), then the plan again
-    remeasure = {stage_id for stage_id in stages_to_rebuild(plan, list(rebuild))
-                 if plan.stages[stage_id].name == "measure-serving"}
-    if plan.unmeasured() or remeasure:
-        if not _measure_serving(console, plan, options, set(plan.unmeasured()) | remeasure, remeasure).ok:
+    remeasure: set[str] = set()
+    if any(student.budget for student in plan.students):
+        remeasure = {stage_id for stage_id in stages_to_rebuild(plan, list(rebuild))
+                     if plan.stages[stage_id].name == "measure-serving"}
+        plan = _plan_from_measurements(console, plan, spec_path, options, remeasure)
+        if plan is None:
             return 1
-    try:
-        plan = load_and_plan(spec_path, options)  # from the measurements: a budget none meets stops here (exit 2)
-    except SpecError:
-        if plan.unmeasured() or remeasure:
-            console.print("The serving measurements are stored (the next build reuses them); no training ran.",
-                          highlight=False)
-        raise
-    redo = stages_to_rebuild(plan, list(rebuild)) - remeasure  # measured again above
+    redo = stages_to_rebuild(plan, list(rebuild)) - remeasure  # measured again already
     store = StageStore(options.workdir)
     # The estimate's disk figures: each stage checks its own is free before it writes.
     estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options)
@@ -168,6 +162,23 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     # a gated-out student is refused by publishing while the others go up; the build still says so
     published = _publish_plan(plan, spec_path, options, dry_run=False, force=False) if publish else 0
     return (_gate_code(outcome.report) if outcome else 0) or published
+
+
+def _plan_from_measurements(console, plan: Plan, spec_path: Path, options: RunOptions,
+                            remeasure: set[str]) -> Plan | None:
+    """The serving budgets' measurements first (those missing, and those --rebuild names), then
+    the plan again from their numbers; a budget none meets stops here (SpecError, exit 2). None:
+    a measurement failed (its error is printed)."""
+    measuring = set(plan.unmeasured()) | remeasure
+    if measuring and not _measure_serving(console, plan, options, measuring, remeasure).ok:
+        return None
+    try:
+        return load_and_plan(spec_path, options)
+    except SpecError:
+        if measuring:
+            console.print("The serving measurements are stored (the next build reuses them); no training ran.",
+                          highlight=False)
+        raise
 
 
 def _measure_serving(console, plan: Plan, options: RunOptions, stage_ids: set[str], rebuild: set[str]):

@@ -8,6 +8,7 @@ machine, whose numbers decide a plan (test_real_measurements_decide_the_plan).
 from __future__ import annotations
 
 import dataclasses
+import json
 import textwrap
 from pathlib import Path
 
@@ -385,3 +386,10 @@ def test_a_build_measures_first_and_a_budget_none_meets_stops_it_before_any_trai
     assert "not yet measured" not in out and " meets" in out
     assert "Architecture search for fast: 1 candidates that meet its serving budget" in out
     assert sorted(path.name for path in (runs / "stages").iterdir() if not path.name.startswith(".")) == stages
+    # --rebuild names a measurement: it runs again first, and the plan is made again from it (still unmet)
+    teacher_stage = next(name for name in stages if "-l4-h64-" in name)  # the teacher's shape
+    before = json.loads((runs / "stages" / teacher_stage / "manifest.json").read_text())["finished_at"]
+    assert main([str(unmet), "--workdir", str(runs), "--rebuild", teacher_stage]) == 2
+    out, err = capsys.readouterr()
+    assert "Measuring the serving cost of 1 shape(s)" in out and "no candidate of 1 meets" in err
+    assert json.loads((runs / "stages" / teacher_stage / "manifest.json").read_text())["finished_at"] > before
