@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -13,22 +14,24 @@ from pathlib import Path
 from builder.models.teacher import read_teacher_config
 from builder.spec.batching import batch_problems
 from builder.options.run_options import RunOptions
-from builder.planning.dag import Plan, make_plan, teacher_acquire_key
+from builder.planning.dag import Plan, ServingMeasurements, make_plan, teacher_acquire_key
 from builder.options.precision import Precision, machine_signature
 from builder.planning.reuse import decide, stages_to_rebuild
 from builder.planning.verify import verify_stages, verify_summary
 from builder.spec.schema import FamilySpec
 from builder.store.stage_store import StageStore
-from builder.planning.validate import check_against_teacher, load_spec, local_source_problems, quantizer_problems
+from builder.planning.validate import (budget_problems, check_against_teacher, load_spec, local_source_problems,
+                                       quantizer_problems)
 from builder.errors import Problem, SpecError
 from builder.planning.estimate import FamilyEstimate, estimate_plan, render_estimate
 from builder.report.dry_run import disk_check, render_models, render_plan
 from builder.report.family_report import REPORT_JSON, NothingToReport, write_report_files
-from builder.report.family_view import started_precision, view_precision, write_started
+from builder.report.family_view import started_precision, started_serving_hardware, view_precision, write_started
 from builder.report.gates import GATE_FAILED_EXIT_CODE, gated_out, judged
 from builder.report.records import FamilyReport, ReportFileError
 from builder.report.summary import print_summary
 from builder.running.console import BuildConsole, build_header, make_console, render_status
+from builder.stages.measure_serving import hardware_identity
 from builder.store.disk_space import as_disk_full
 
 log = logging.getLogger(__name__)
@@ -38,10 +41,11 @@ def family_dir(spec: FamilySpec, options: RunOptions) -> Path:
     return Path(options.workdir) / spec.family
 
 
-def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> Plan:
+def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False, measured: bool = True) -> Plan:
     """Phase 1 and 2 validation, then the plan; raises SpecError with every problem.
     `built`: plan the build the family view describes (report, status, publish), not what this
-    machine would build.
+    machine would build. `measured`: a serving budget that no measured candidate meets is a
+    problem (False: the build plans its measurements first, builder.family.build).
 
     Local teacher and data paths are checked first (the dry run, the build and the report
     all come here), so a missing or empty one is a spec problem before anything runs."""
@@ -58,7 +62,22 @@ def load_and_plan(spec_path: Path, options: RunOptions, built: bool = False) -> 
     if problems:
         raise SpecError(str(spec_path), problems)
     precision = _built_precision(spec, options) if built else _build_precision(spec, options)
-    return make_plan(spec, teacher_config, precision)
+    plan = make_plan(spec, teacher_config, precision, serving_measurements(spec, options, built))
+    problems = budget_problems(plan) if measured else []  # no measured candidate meets a budget: before any training
+    if problems:
+        raise SpecError(str(spec_path), problems)
+    return plan
+
+
+def serving_measurements(spec: FamilySpec, options: RunOptions, built: bool = False) -> ServingMeasurements | None:
+    """The hardware the family is served on and the store's measurements, for serving budgets:
+    this machine's, or (`built`: report, status, publish) the last build's, as the precision."""
+    if not any(student.budget for student in spec.students):
+        return None
+    store = StageStore(options.workdir)
+    hardware = (started_serving_hardware(family_dir(spec, options)) if built else None) or hardware_identity(
+        options.use_gpu, options.gpus_per_stage)
+    return ServingMeasurements(hardware, lambda key: manifest.summary if (manifest := store.manifest(key)) else None)
 
 
 def _built_precision(spec: FamilySpec, options: RunOptions) -> Precision:
@@ -85,7 +104,8 @@ def _build_precision(spec: FamilySpec, options: RunOptions) -> Precision:
 def record_start(plan: Plan, options: RunOptions) -> None:
     """Before any stage runs: a killed build resumes with this precision, and `report` before
     the first view finds its stages."""
-    write_started(family_dir(plan.spec, options), plan.precision, machine_signature(options.use_gpu))
+    serving = next((student.budget.hardware for student in plan.students if student.budget), None)
+    write_started(family_dir(plan.spec, options), plan.precision, machine_signature(options.use_gpu), serving)
 
 
 def planned_teacher_config(spec: FamilySpec, spec_path: Path, options: RunOptions):
@@ -116,10 +136,17 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     # Ray: only when a build runs
     from builder.running.runner import run_plan
 
-    plan = load_and_plan(spec_path, options)
-    redo = stages_to_rebuild(plan, list(rebuild))
-    store = StageStore(options.workdir)
+    plan = load_and_plan(spec_path, options, measured=False)
     console = make_console()
+    remeasure: set[str] = set()
+    if any(student.budget for student in plan.students):
+        remeasure = {stage_id for stage_id in stages_to_rebuild(plan, list(rebuild))
+                     if plan.stages[stage_id].name == "measure-serving"}
+        plan = _plan_from_measurements(console, plan, spec_path, options, remeasure)
+        if plan is None:
+            return 1
+    redo = stages_to_rebuild(plan, list(rebuild)) - remeasure  # measured again already
+    store = StageStore(options.workdir)
     # The estimate's disk figures: each stage checks its own is free before it writes.
     estimate = estimate_plan(plan, planned_teacher_config(plan.spec, spec_path, options), options)
     _announce(console, plan, store, options, redo, estimate)
@@ -135,6 +162,41 @@ def build(spec_path: Path, options: RunOptions, publish: bool = False, rebuild: 
     # a gated-out student is refused by publishing while the others go up; the build still says so
     published = _publish_plan(plan, spec_path, options, dry_run=False, force=False) if publish else 0
     return (_gate_code(outcome.report) if outcome else 0) or published
+
+
+def _plan_from_measurements(console, plan: Plan, spec_path: Path, options: RunOptions,
+                            remeasure: set[str]) -> Plan | None:
+    """The serving budgets' measurements first (those missing, and those --rebuild names), then
+    the plan again from their numbers; a budget none meets stops here (SpecError, exit 2). None:
+    a measurement failed (its error is printed)."""
+    measuring = set(plan.unmeasured()) | remeasure
+    if measuring and not _measure_serving(console, plan, options, measuring, remeasure).ok:
+        return None
+    try:
+        return load_and_plan(spec_path, options)
+    except SpecError:
+        if measuring:
+            console.print("The serving measurements are stored (the next build reuses them); no training ran.",
+                          highlight=False)
+        raise
+
+
+def _measure_serving(console, plan: Plan, options: RunOptions, stage_ids: set[str], rebuild: set[str]):
+    """The serving budgets' measurements, before anything else runs: which candidates meet a
+    budget decides which are trained, and a budget none meets must fail before any training."""
+    # Ray: only when a build runs
+    from builder.running.runner import run_plan
+
+    stages = {stage_id: stage for stage_id, stage in plan.stages.items() if stage_id in stage_ids}
+    console.print(f"Measuring the serving cost of {len(stages)} shape(s) for the serving budgets first "
+                  "(vLLM, dummy weights; builder/stages/measure_serving.py)", highlight=False)
+    result = run_plan(dataclasses.replace(plan, stages=stages), options, rebuild)
+    for stage_id, error in result.failures.items():
+        console.print(f"{stage_id} failed:\n{error}", highlight=False)
+    if not result.ok:
+        console.print("Build failed before any training: a serving measurement failed (see above). Fix the cause "
+                      "and run the same command again: finished measurements are reused.", highlight=False)
+    return result
 
 
 def _gate_code(report: FamilyReport) -> int:

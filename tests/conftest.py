@@ -33,6 +33,7 @@ SLOWEST_FIRST = (  # the order of a whole run's durations (setup and calls per s
     "test_stop.py",
     "test_cluster_faults.py",
     "test_throughput.py",
+    "test_budgets.py",  # two vLLM engines (added after d490588's durations: about test_throughput's)
     "test_ray_train.py",
     "test_data.py",
     "test_prune.py",

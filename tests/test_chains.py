@@ -56,7 +56,7 @@ def test_cycles_are_refused_once_each():
 def test_a_parent_given_by_a_budget_is_refused_with_the_fix():
     budget = {"name": "width", "params": 150_000}
     message = _error([budget, CHAIN], search={"tokens": "1K"})
-    assert "students[1].from: 'width' is given by a parameter budget" in message and "explicit `shape`" in message
+    assert "students[1].from: 'width' is given by a budget (`params` or `budget`)" in message and "explicit `shape`" in message
 
 
 def test_chain_order_puts_parents_first_and_chain_reads_the_lineage():

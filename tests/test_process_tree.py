@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 
 from evaluators.process_tree import SHM_DIR, PidFile, group_members, mapped_shm, unlink_shm
-from evaluators.throughput import vllm_available
-from tiny_models import save_tiny_checkpoint
+from tiny_models import VLLM_TINY, save_tiny_checkpoint, skip_without_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_TINY = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)  # vLLM's CPU kernels need 32
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:
@@ -145,9 +143,7 @@ MEASURE = """
 
 @pytest.mark.slow
 def test_killing_the_measuring_process_leaves_no_vllm_process_or_shared_memory(tmp_path):
-    reason = vllm_available()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_without_vllm()
     model = save_tiny_checkpoint(tmp_path / "teacher", max_position_embeddings=4200, **VLLM_TINY)
     out = tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

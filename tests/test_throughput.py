@@ -20,10 +20,9 @@ import pytest
 from evaluators import throughput
 from evaluators.throughput import (ThroughputSettings, VllmUnavailable, add_ratios, cpu_list_string,
                                    measure_throughput, vllm_available)
-from tiny_models import save_tiny_checkpoint
+from tiny_models import VLLM_TINY, save_tiny_checkpoint, skip_without_vllm
 
 # vLLM's CPU attention supports head sizes 32, 64, 80, ... (not the tiny default 16).
-VLLM_TINY = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 SMALL = ThroughputSettings(input_len=16, output_len=16, num_prompts=4, kv_cache_gib=0.25,
                            engine_args={"enforce_eager": True, "distributed_executor_backend": "uni"},
                            timeout_s=600)
@@ -154,9 +153,7 @@ def test_vllm_is_importable_where_installed():
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    reason = vllm_available()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_without_vllm()
     root = tmp_path_factory.mktemp("throughput")
     teacher = save_tiny_checkpoint(root / "teacher", **VLLM_TINY)
     student = save_tiny_checkpoint(root / "student", num_hidden_layers=2, intermediate_size=64, **VLLM_TINY)

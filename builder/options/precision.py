@@ -88,9 +88,7 @@ def machine_signature(use_gpu: bool) -> str:
     capability), and the CPU's flags and model (a build on another kind of machine decides afresh)."""
     import hashlib
 
-    model = next((line.partition(":")[2].strip() for line in _cpuinfo().splitlines()
-                  if line.startswith("model name")), "")
-    text = f"gpu={use_gpu};model={model};flags={' '.join(sorted(cpu_flags()))}"
+    text = f"gpu={use_gpu};model={cpu_model()};flags={' '.join(sorted(cpu_flags()))}"
     capability = gpu_capability() if use_gpu else None
     if capability is not None:  # absent on CPU machines: their signature is what it was
         text += f";cc={capability_text(capability)}"
@@ -113,18 +111,38 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo; empty where it does not say."""
+    return next((line.partition(":")[2].strip() for line in _cpuinfo().splitlines()
+                 if line.startswith("model name")), "")
+
+
+def _nvidia_smi(field: str) -> list[str]:
+    """One line per GPU of `nvidia-smi --query-gpu=FIELD`: the planning process must not load
+    CUDA (a context holds GPU memory the stages need); [] where nvidia-smi is missing or fails."""
+    try:
+        shown = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in shown.splitlines() if line.strip()]
+
+
 @functools.cache
 def gpu_capability() -> tuple[int, int] | None:
-    """The lowest compute capability of this machine's GPUs, from nvidia-smi: the planning
-    process must not load CUDA (a context holds GPU memory the stages need); None where it
+    """The lowest compute capability of this machine's GPUs, from nvidia-smi; None where it
     shows no GPU, or nvidia-smi is missing or too old to say."""
     try:
-        shown = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30, check=True).stdout
-        found = [tuple(int(part) for part in line.strip().split(".")) for line in shown.splitlines() if line.strip()]
-    except (OSError, subprocess.SubprocessError, ValueError):
+        found = [tuple(int(part) for part in line.split(".")) for line in _nvidia_smi("compute_cap")]
+    except ValueError:
         return None
     return min(found, default=None)
+
+
+@functools.cache
+def gpu_names() -> tuple[str, ...]:
+    """This machine's GPUs by name (nvidia-smi), e.g. ("NVIDIA H100 80GB HBM3",); () where none shows."""
+    return tuple(_nvidia_smi("name"))
 
 
 @functools.cache

@@ -9,8 +9,10 @@ to that order, and the report says which layout made it (builder.training.layout
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +21,54 @@ from pydantic import BaseModel
 from builder.models.teacher import teacher_identity
 from builder.models.arch import count_params, student_config
 from builder.options.precision import Precision
+from builder.pruning.budgets import ServingCost, budget_candidates, meets, serving_memory
 from builder.pruning.search import Candidate, candidates
 from builder.spec.chains import chain_order
 from builder.spec.shape import Shape
 from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
                           split_execution)
 from builder.stages.base import Stage
+from builder.stages.measure_serving import measured_config
 from builder.stages.quantize import stage_config as variant_config
 from builder.stages.registry import stage_kind
 from builder.store.stage_store import StageKey, StageStore
 from builder.training.settings import TrainSettings
 
 TEACHER = "teacher"
+
+
+@dataclass(frozen=True)
+class ServingMeasurements:
+    """What the planner knows of serving costs (students with a `budget`): the identity of the
+    hardware the family is served on (builder.stages.measure_serving.hardware_identity), and
+    each finished measure-serving stage's summary (the store's; None until it has run)."""
+
+    hardware: dict
+    summary: Callable[[StageKey], dict | None] = lambda key: None
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A serving-budget student's measurements: every candidate shape of its search and the
+    teacher's shape, each one measure-serving stage; once all have run, their costs, and the
+    search goes on with the candidates that meet the budget only."""
+
+    measured: tuple[Candidate, ...]  # every candidate shape, in measure order
+    stages: tuple[str, ...]  # their measure-serving stage ids
+    teacher_stage: str  # the teacher shape's (the speed-ups' reference)
+    costs: tuple[ServingCost, ...] | None  # None until every measurement has run
+    teacher_cost: ServingCost | None
+    hardware: dict
+    memory: tuple[int, ...]  # bytes computed from each shape (the teacher's first) before vLLM says its dtype
+    teacher_shape: Shape
+
+    @property
+    def measured_all(self) -> bool:
+        return self.costs is not None
+
+    @property
+    def all_stages(self) -> tuple[str, ...]:
+        return (self.teacher_stage, *self.stages)
 
 
 @dataclass(frozen=True)
@@ -41,6 +79,7 @@ class PlannedStudent:
     final_stage: str  # id of the stage holding the finished checkpoint (distill)
     candidates: tuple[Candidate, ...] = ()  # the architecture search's, in the select stage's order
     select_stage: str | None = None  # the stage that picks the candidate
+    budget: BudgetPlan | None = None  # a serving budget's measurements (the search's candidates: those that meet it)
 
     @property
     def searched(self) -> bool:
@@ -97,6 +136,12 @@ class Plan:
 
     def student(self, name: str) -> PlannedStudent:
         return next(student for student in self.students if student.spec.name == name)
+
+    def unmeasured(self) -> list[str]:
+        """The measure-serving stages of budgets not yet measured: they run before anything else
+        (builder.family.build), and the plan is made again from their numbers."""
+        return list(dict.fromkeys(stage_id for student in self.students if student.budget
+                                  and not student.budget.measured_all for stage_id in student.budget.all_stages))
 
 
 def student_shape(source_config, student: StudentSpec) -> Shape:
@@ -168,9 +213,14 @@ def _if_trained(section: TrainingSpec, trains: dict) -> dict | None:
     return trains if section.tokens > 0 else None  # 0 tokens passes the pruned checkpoint on as is
 
 
-def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
+def make_plan(spec: FamilySpec, teacher_config, precision: Precision,
+              serving: ServingMeasurements | None = None) -> Plan:
     """Lay out every stage of the family build (no work is done here). `precision` is
-    already resolved (builder.options.precision): `auto` never reaches a hash."""
+    already resolved (builder.options.precision): `auto` never reaches a hash. `serving`: the
+    hardware and the stored measurements a family with serving budgets is planned from."""
+    if serving is None and any(student.budget for student in spec.students):
+        raise ValueError("students with a serving budget are planned for the hardware they are served on: "
+                         "pass make_plan a ServingMeasurements")
     dag = _Builder()
     trains = training_options(precision)
     original_teacher = dag.add_key(teacher_acquire_key(spec))
@@ -181,7 +231,7 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
                           options=trains)
     scores = dag.add("score", "", spec.scoring, {TEACHER: teacher, "data": data})
     root = Source(TEACHER, teacher, scores, teacher_config, _plan_teach(dag, spec, None, teacher, data, trains))
-    students = _plan_students(dag, spec, root, data, trains)
+    students = _plan_students(dag, spec, root, data, trains, serving)
 
     models = {TEACHER: teacher} | {s.spec.name: s.final_stage for s in students}
     if teacher != original_teacher:
@@ -219,14 +269,17 @@ def variant_label(model: str, scheme: str) -> str:
     return f"{model}.{scheme}"
 
 
-def _plan_students(dag: _Builder, spec: FamilySpec, root: Source, data: str, trains: dict) -> list[PlannedStudent]:
+def _plan_students(dag: _Builder, spec: FamilySpec, root: Source, data: str, trains: dict,
+                   serving: ServingMeasurements | None) -> list[PlannedStudent]:
     """Every student, each after its parent (chained members); a parent becomes a Source (its
     own score stage and stored signals) once its distillation is planned. In spec order."""
     sources, planned = {TEACHER: root}, {}
     parents = set(spec.parents.values())
     for name in chain_order(spec.parents):
         student = spec.student(name)
-        planned[name] = _plan_student(dag, spec, sources[student.parent or TEACHER], student, data, trains)
+        source = sources[student.parent or TEACHER]
+        planned[name] = (_plan_budget(dag, spec, source, root.config, student, data, trains, serving) if student.budget
+                         else _plan_student(dag, spec, source, student, data, trains))
         if name in parents:
             sources[name] = _parent_source(dag, spec, planned[name], root.config, data, trains)
     return [planned[student.name] for student in spec.students]
@@ -305,12 +358,52 @@ def stream_positions(section: TrainingSpec, seq_len: int) -> int:
     return steps * section.global_batch_size
 
 
+def _plan_budget(dag: _Builder, spec: FamilySpec, source: Source, teacher_config, student: StudentSpec, data: str,
+                 trains: dict, serving: ServingMeasurements) -> PlannedStudent:
+    """A serving budget (builder.pruning.budgets): every candidate shape of the search, and the
+    teacher's shape, measured by a measure-serving stage of its own (no inputs: its hash is the
+    shape, the workload and the hardware, so every family shares it). Until all have run, the
+    plan searches over every candidate (what the dry run shows, "not yet measured"), and the
+    build runs the measurements first and plans again; then the search is over the candidates
+    that meet the budget, and a budget none meets is a spec problem (builder.planning.validate)."""
+    found = tuple(budget_candidates(source.config, student, spec.search))
+    teacher_stage = _measure(dag, spec, teacher_config, serving)
+    stages = tuple(_measure(dag, spec, student_config(source.config, c.shape), serving) for c in found)
+    summaries = [serving.summary(dag.stages[stage_id].key) for stage_id in (teacher_stage, *stages)]
+    costs, teacher_cost, feasible = None, None, found
+    if None not in summaries:
+        teacher_cost, *measured = (ServingCost.of(summary, summaries[0]) for summary in summaries)
+        costs = tuple(measured)
+        feasible = tuple(c for c, cost in zip(found, costs) if meets(student.budget, cost))
+    configs = [teacher_config] + [student_config(source.config, c.shape) for c in found]
+    memory = tuple(serving_memory(config, spec.serving)["total_bytes"] for config in configs)
+    budget = BudgetPlan(found, stages, teacher_stage, costs, teacher_cost, serving.hardware, memory,
+                        Shape.of(teacher_config))
+    measurements = {"serving-teacher": teacher_stage} | {f"serving-{found.index(c)}": stages[found.index(c)]
+                                                          for c in feasible}
+    select = {"budget": student.budget.model_dump(mode="json"), "measured": [found.index(c) for c in feasible]}
+    planned = _plan_search(dag, spec, source, student, data, trains, feasible, select, measurements)
+    params = student.params or max((c.params for c in feasible), default=0)
+    return dataclasses.replace(planned, params=params, budget=budget)
+
+
+def _measure(dag: _Builder, spec: FamilySpec, config, serving: ServingMeasurements) -> str:
+    """A shape's measure-serving stage, labelled by its shape alone (one folder for every family)."""
+    label = Candidate(Shape.of(config), 0).tag
+    return dag.add_key(stage_key("measure-serving", label, {"config": measured_config(config),
+                                                            "serving": spec.serving.model_dump(mode="json")},
+                                 options={"hardware": serving.hardware}))
+
+
 def _plan_search(dag: _Builder, spec: FamilySpec, source: Source, student: StudentSpec, data: str,
-                 trains: dict) -> PlannedStudent:
+                 trains: dict, found: tuple[Candidate, ...] | None = None, select: dict | None = None,
+                 measurements: dict[str, str] | None = None) -> PlannedStudent:
     """Architecture search (builder.pruning.search): each candidate is pruned, lightly distilled and
     scored on held-out loss by stages of its own (so Ray runs candidates side by side and a
-    killed search resumes per candidate); `select` keeps the best, which distills on."""
-    found = tuple(candidates(source.config, student.params, spec.search))
+    killed search resumes per candidate); `select` keeps the best, which distills on. A serving
+    budget gives its own `found` (those that meet it), the select stage's `select` settings and
+    its `measurements` (role -> measure-serving stage), which select records beside each candidate."""
+    found = tuple(candidates(source.config, student.params, spec.search)) if found is None else found
     light_training = spec.search_training(student)
     ranking = EvaluationSpec(perplexity_tokens=spec.search.heldout_tokens, batch_size=spec.evaluation.batch_size)
     roles: dict[str, str] = {}
@@ -322,7 +415,7 @@ def _plan_search(dag: _Builder, spec: FamilySpec, source: Source, student: Stude
                           options=_if_trained(light_training, trains))
         ranked = dag.add("evaluate", label, ranking, {"model": trained, "data": data}, options=trains)
         roles |= {f"pruned-{index}": pruned, f"trained-{index}": trained, f"ranked-{index}": ranked}
-    select_config = {"params": student.params, "candidates": [c.tag for c in found]}
-    chosen = dag.add("select", student.name, select_config, roles, student=student.name)
+    select_config = {"params": student.params, "candidates": [c.tag for c in found]} | (select or {})
+    chosen = dag.add("select", student.name, select_config, roles | (measurements or {}), student=student.name)
     distilled = _add_distill(dag, spec, student, source, chosen, data, trains)
     return PlannedStudent(student, None, student.params, distilled, found, chosen)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import yaml
 from pydantic import ValidationError
 
@@ -24,6 +26,9 @@ from builder.models.variants import variant_problem
 from builder.spec.shape import Shape
 from builder.spec.schema import (DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, FamilySpec, GatesSpec, StudentSpec,
                                 duplicate_students_message, duplicates, load_yaml, resolve_paths)
+
+if TYPE_CHECKING:
+    from builder.planning.dag import Plan
 
 _RELATIVE_HINT = "(a relative path starts at the spec file's folder)"
 
@@ -218,7 +223,7 @@ def _variant_problems(spec: FamilySpec, teacher_config, failed: set[str]) -> lis
 def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[str, Shape]:
     # transformers: phase 2 only
     from builder.planning.dag import source_config, student_shape
-    from builder.pruning.search import candidates
+    from builder.pruning.budgets import budget_candidates
 
     shapes = {"teacher": Shape.of(teacher_config)} if spec.variants else {}
     for student in [s for s in spec.students if s.name not in failed] if spec.variants else ():
@@ -226,7 +231,7 @@ def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[
         if student.shape is not None:
             shapes[student.name] = student_shape(source, student)
             continue
-        for candidate in candidates(source, student.params, spec.search):
+        for candidate in budget_candidates(source, student, spec.search):
             shapes[f"{student.name} (search candidate {candidate.tag})"] = candidate.shape
     return shapes
 
@@ -242,12 +247,20 @@ def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teache
     # transformers: phase 2 only (phase 1 checks the schema without it)
     from builder.models.arch import count_params, shape_problems
     from builder.planning.dag import source_config, student_params, student_shape
+    from builder.pruning.budgets import budget_candidates
     from builder.pruning.search import search_problem
 
     field, source = f"students[{index}]", source_config(spec, teacher_config, student)
-    if student.shape is None:  # a budget: the architecture search must have candidates
+    if student.shape is None and student.params is not None:  # a budget: the architecture search must have candidates
         message = search_problem(source, student.params, spec.search)
         return [Problem(f"{field}.params", student.params, message)] if message else []
+    if student.shape is None:  # a serving budget alone: candidates anywhere on the grid
+        if budget_candidates(source, student, spec.search):
+            return []
+        return [Problem(f"{field}.budget", student.budget.limits(),
+                        f"the search grid has no candidate shape below {_source_name(student)} size (axes "
+                        f"{', '.join(spec.search.axes)}, width_multiple {spec.search.width_multiple}); add axes to "
+                        "search.axes or lower search.width_multiple")]
     problems = _larger_than_parent(field, student, source)
     shape = student_shape(source, student)
     problems = problems or [_shape_problem(field, student, message) for message in shape_problems(source, shape)]
@@ -258,6 +271,24 @@ def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teache
                                     f"{student.shape.changes()} gives {params:,} parameters, not fewer than "
                                     f"{_source_name(student)} {source_params:,}; set at least one field below "
                                     f"{_source_name(student)} {_teacher_values(source, student)}"))
+    return problems
+
+
+def budget_problems(plan: Plan) -> list[Problem]:
+    """Phase 3, once the serving budgets' candidates are measured: a budget no candidate meets
+    (the nearest with their numbers, and what to change). Before any training stage runs."""
+    # transformers (builder.models.arch, under both): after planning only, as phase 2's imports above
+    from builder.pruning.budgets import infeasible_message
+    from builder.stages.measure_serving import describe_hardware_identity
+
+    problems = []
+    for index, student in enumerate(plan.students):
+        budget = student.budget
+        if budget is None or not budget.measured_all or student.candidates:
+            continue
+        message = infeasible_message(student.spec, list(zip(budget.measured, budget.costs)), plan.spec.serving,
+                                     describe_hardware_identity(budget.hardware))
+        problems.append(Problem(f"students[{index}].budget", student.spec.budget.limits(), message))
     return problems
 
 

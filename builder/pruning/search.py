@@ -47,6 +47,16 @@ def candidates(teacher_config, budget: int, search: SearchSpec) -> list[Candidat
                    search.max_candidates)
 
 
+def candidates_across(teacher_config, budgets: list[int], search: SearchSpec) -> list[Candidate]:
+    """The shapes to try for any of several budgets (a student by serving budget alone:
+    builder.pruning.budgets), largest first, at most `search.max_candidates` spread over them."""
+    found: dict[Shape, Candidate] = {}
+    for budget in budgets:
+        for candidate in _within_tolerance(_grid(teacher_config, budget, search), budget, search):
+            found.setdefault(candidate.shape, candidate)
+    return _spread(sorted(found.values(), key=lambda c: -c.params), search.max_candidates)
+
+
 def _within_tolerance(grid: list[Candidate], budget: int, search: SearchSpec) -> list[Candidate]:
     return [c for c in grid if abs(c.params - budget) <= search.tolerance * budget]
 

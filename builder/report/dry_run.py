@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.planning.dag import Plan, PlannedStudent
+from builder.pruning.budgets import meets
+from builder.stages.measure_serving import describe_hardware_identity
 from builder.report.gates import GATE_FAILED_EXIT_CODE, describe_gates
 from builder.report.records import signal_name
 from builder.spec.chains import chain
@@ -17,7 +19,7 @@ from builder.planning.estimate import FamilyEstimate
 from builder.store.disk_space import free_bytes
 from builder.store.stage_store import StageStore
 from builder.teaching.signal import bytes_per_token, stored_bytes
-from builder.units import format_bytes, format_count
+from builder.units import format_bytes, format_count, format_binary_bytes
 
 SHAPE_COLUMNS = ("hidden", "mlp", "heads", "kv", "head_dim", "layers")
 
@@ -38,6 +40,8 @@ def render_plan(plan: Plan, store: StageStore, family_dir: Path, rebuild: set[st
     lines = [f"Family {spec.family}: teacher {spec.teacher.source}, data {spec.data.source}", ""]
     lines += render_models(plan) + [""]
     for student in plan.students:
+        if student.budget:
+            lines += budget_lines(plan, student) + [""]
         if student.searched:
             lines += _candidate_lines(plan, student, store) + [""]
     lines += [f"Training precision: {plan.precision}"] + signal_lines(plan) + [""] + gate_lines(plan)
@@ -140,10 +144,49 @@ def _candidate_lines(plan: Plan, student: PlannedStudent, store: StageStore) -> 
         chosen = "<- chosen" if selected and selected.summary["chosen"] == index else ""
         rows.append([str(index), format_count(candidate.params), f"{candidate.params / student.params:.3f}",
                      *_shape_cells(candidate.shape), loss, chosen])
-    title = (f"Architecture search for {student.spec.name}: {len(rows)} candidates within "
-             f"{search.tolerance:.0%} of {format_count(student.params)}, each distilled "
+    near = f"within {search.tolerance:.0%} of {format_count(student.params)}"
+    if student.budget:
+        near = f"{near} " if student.spec.params else ""
+        near += ("that meet its serving budget" if student.budget.measured_all else
+                 "(all of them until the measurements decide which meet the budget)")
+    title = (f"Architecture search for {student.spec.name}: {len(rows)} candidates {near}, each distilled "
              f"{format_count(search.tokens)} tokens, ranked on held-out loss")
-    return [title] + _table(["#", "params", "x budget", *SHAPE_COLUMNS, "held-out loss", ""], rows)
+    return [title] + _table(["#", "params", "x budget" if student.spec.params else "x largest",
+                             *SHAPE_COLUMNS, "held-out loss", ""], rows)
+
+
+def budget_lines(plan: Plan, student: PlannedStudent) -> list[str]:
+    """A serving budget in words, the workload and hardware it holds for, and every candidate
+    shape's measured cost (mean ± spread of the repeats), or "not yet measured" with the memory
+    computed from the shape; which meet it."""
+    serving, budget = plan.spec.serving, student.budget
+    engine = f", engine_args {serving.engine_args}" if serving.engine_args else ""
+    lines = [f"Serving budget for {student.spec.name}: {student.spec.budget.describe()}, with {serving.requests} "
+             f"requests of {serving.input_len} prompt + {serving.output_len} output tokens in flight (vLLM, dtype "
+             f"{serving.dtype}{engine}) on {describe_hardware_identity(budget.hardware)}; each shape measured once "
+             f"({serving.repeats} timed passes, vLLM's dummy weights), before any training"]
+    if not budget.measured_all:
+        lines.append("  not yet measured: the build measures these shapes first, then trains only the candidates "
+                     "that meet the budget (memory below: computed from the shape)")
+    costs = budget.costs or [None] * len(budget.measured)
+    rows = [_budget_row("teacher", budget.teacher_shape, plan.teacher_params, budget.teacher_cost, budget.memory[0], "")]
+    for index, (candidate, cost, memory) in enumerate(zip(budget.measured, costs, budget.memory[1:])):
+        verdict = "" if cost is None else ("meets" if meets(student.spec.budget, cost) else "misses")
+        rows.append(_budget_row(str(index), candidate.shape, candidate.params, cost, memory, verdict))
+    if any(cost.contended for cost in [budget.teacher_cost, *(budget.costs or ())] if cost):
+        lines.append("  (busy: other work competed for the machine during that measurement, so its spread is wide; "
+                     "rerun it on a quiet machine with --rebuild measure-serving)")
+    return lines + _table(["#", "params", *SHAPE_COLUMNS, "tokens/s", "x teacher", "ms/token", "memory", ""], rows)
+
+
+def _budget_row(name: str, shape: Shape, params: int, cost, memory: int, verdict: str | None) -> list[str]:
+    if cost is None:
+        measured = ["not yet measured", "-", "-", format_binary_bytes(memory) + " (computed)"]
+    else:
+        measured = [cost.describe("tokens_per_s"), cost.describe("speedup"), cost.describe("ms_per_token"),
+                    cost.describe("memory")]
+        verdict = " ".join(filter(None, [verdict, "(busy)" if cost.contended else ""]))
+    return [name, format_count(params), *_shape_cells(shape), *measured, verdict or ""]
 
 
 def _stage_row(plan: Plan, stage_id: str, store: StageStore, decision: Decision) -> list[str]:

@@ -239,9 +239,13 @@ def _why(planned, manifests: dict) -> str | None:
         return why
     found = len(selected.summary["candidates"])
     chosen = selected.summary["candidates"][selected.summary["chosen"]]
-    search = (f"Chosen by architecture search: of {found} candidate shapes near {format_count(planned.params)} "
-              f"parameters, each pruned and distilled on {format_count(chosen['tokens'])} tokens, this one had the "
-              f"lowest held-out loss ({chosen['heldout_loss']:.3f}).")
+    near = f"near {format_count(planned.params)} parameters"
+    if planned.spec.budget is not None:  # a serving budget: the candidates that met it (docs/serving-budgets.md)
+        budget = f"that met its serving budget ({planned.spec.budget.describe()})"
+        near = f"{near} {budget}" if planned.spec.params else budget
+    search = (f"Chosen by architecture search: of {found} candidate shapes {near}, each pruned and distilled on "
+              f"{format_count(chosen['tokens'])} tokens, this one had the lowest held-out loss "
+              f"({chosen['heldout_loss']:.3f}).")
     return f"{why} {search}" if why else search
 
 

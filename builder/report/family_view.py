@@ -64,10 +64,18 @@ def view_precision(family_dir: Path) -> Precision | None:
     return Precision(record["dtype"], record["reason"]) if record else None
 
 
-def write_started(family_dir: Path, precision: Precision, machine: str) -> None:
-    """started.json: this build's precision, before any stage runs (a killed build resumes with it)."""
+def write_started(family_dir: Path, precision: Precision, machine: str, serving_hardware: dict | None = None) -> None:
+    """started.json: this build's precision, before any stage runs (a killed build resumes with it),
+    and the hardware its serving budgets were measured for (builder.stages.measure_serving)."""
     write_json_atomic(family_dir / STARTED, {"dtype": precision.dtype, "reason": first_reason(precision),
-                                             "machine": machine})
+                                             "machine": machine, "serving_hardware": serving_hardware})
+
+
+def started_serving_hardware(family_dir: Path) -> dict | None:
+    """The hardware the last build's serving budgets were measured for: `report`, `status` and
+    `publish` on another machine (a login node) find that build's measurements, not their own."""
+    record = _read(family_dir / STARTED)
+    return record.get("serving_hardware") if record else None
 
 
 def started_precision(family_dir: Path, machine: str | None = None) -> Precision | None:

@@ -12,7 +12,7 @@ import difflib
 
 def chain_problems(parents: dict[str, str | None], budgets: set[str]) -> list[str]:
     """Every parent that is unknown, the student itself, given by a budget, or part of a cycle;
-    `budgets`: the students given by `params`, whose shape is chosen only during the build."""
+    `budgets`: the students given by `params` or a serving `budget`, whose shape is chosen only during the build."""
     problems = []
     for index, (name, parent) in enumerate(parents.items()):
         field = f"students[{index}].from"
@@ -25,7 +25,7 @@ def chain_problems(parents: dict[str, str | None], budgets: set[str]) -> list[st
             problems.append(f"{field}: {parent!r} is no student of this family{_did_you_mean(parent, parents)}; "
                             f"name one of {sorted(parents)}, or remove `from` to prune it from the teacher")
         elif parent in budgets:
-            problems.append(f"{field}: {parent!r} is given by a parameter budget (`params`), whose shape its search "
+            problems.append(f"{field}: {parent!r} is given by a budget (`params` or `budget`), whose shape its search "
                             f"picks only while the family builds, after {name!r}'s stages are planned; give "
                             f"{parent!r} an explicit `shape` (report.md names the shape its search chose), or "
                             "chain from another student")

@@ -22,15 +22,17 @@ mapping can be printed. What is kept and what shrinks, and why:
 - every budget shrinks to a few optimizer steps or examples: training `tokens` to 2 steps of
   the (also shrunk) global batch, scoring samples, search candidates, evaluation limits,
   held-out and throughput tokens; few-shot counts are capped at one (the few-shot path is
-  exercised, without 25-shot contexts of thousands of tokens).
+  exercised, without 25-shot contexts of thousands of tokens);
+- a serving `budget:` becomes one every candidate meets, at a workload of two short requests:
+  the candidates are still measured in vLLM, searched and chosen.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from builder.spec.shape import Shape
-from builder.spec.schema import (EvaluationSpec, FamilySpec, GatesSpec, ScoringSpec, SearchSpec, StudentSpec,
-                          ThroughputSpec, TrainingSpec)
+from builder.spec.schema import (BudgetSpec, EvaluationSpec, FamilySpec, GatesSpec, ScoringSpec, SearchSpec,
+                                 ServingSpec, StudentSpec, ThroughputSpec, TrainingSpec)
 
 TARGET_HIDDEN = 256  # the rehearsal teacher's width, about
 TARGET_LAYERS = 4  # and depth
@@ -130,13 +132,23 @@ def evaluation(section: EvaluationSpec, available: tuple[str, ...] | None) -> tu
     return section.model_copy(update=update), dropped
 
 
+# A few short prompts, eager mode, float32 (bf16 is emulated on many CPUs), and the engine in
+# the measuring process ("uni"): the model still loads and generates in vLLM, without starting
+# two more processes per model (each imports torch and vLLM again).
+_WORKLOAD = {"input_len": 16, "output_len": 8, "dtype": "float32",
+             "engine_args": {"enforce_eager": True, "max_model_len": 128, "distributed_executor_backend": "uni"}}
+# A rehearsal's serving budget: one every candidate meets (a random teacher's speeds say nothing);
+# the measurements, the search over the candidates that meet it and the choice still run.
+REHEARSAL_BUDGET = BudgetSpec(memory=2**40)
+
+
 def throughput(section: ThroughputSpec, enabled: bool) -> ThroughputSpec:
-    """A few short prompts, eager mode, float32 (bf16 is emulated on many CPUs), and the
-    engine in the measuring process ("uni"): the model still loads and generates in vLLM,
-    without starting two more processes per model (each imports torch and vLLM again)."""
-    return ThroughputSpec(enabled=section.enabled and enabled, input_len=16, output_len=8, num_prompts=2,
-                          dtype="float32", engine_args={"enforce_eager": True, "max_model_len": 128,
-                                                        "distributed_executor_backend": "uni"})
+    return ThroughputSpec(enabled=section.enabled and enabled, num_prompts=2, **_WORKLOAD)
+
+
+def serving(section: ServingSpec) -> ServingSpec:
+    """The throughput rehearsal's workload, two requests, two repeats (a spread needs two)."""
+    return ServingSpec(requests=2, repeats=2, **_WORKLOAD)
 
 
 def search(section: SearchSpec, scale: Scale) -> SearchSpec:
@@ -168,6 +180,7 @@ def rehearse_spec(spec: FamilySpec, teacher: Shape, small: Shape, params: tuple[
         "correction": spec.correction.model_copy(update=training(spec.correction, train_workers)),
         "scoring": scoring(spec.scoring), "distill": distill, "students": students,
         "evaluation": evaluation_section, "throughput": throughput(spec.throughput, with_throughput),
+        "serving": serving(spec.serving),
         # A random teacher's students say nothing of quality, and a gated task may be left out
         # above: a rehearsal checks that every stage runs, so it judges no gate.
         "gates": GatesSpec(),
@@ -187,6 +200,8 @@ def _student(student: StudentSpec, spec: FamilySpec, teacher: Shape, small: Shap
         update["shape"] = student.shape.model_validate(student_changes(student.shape.changes(), teacher, small))
     if student.params is not None:
         update["params"] = budget(student.params, *params)
+    if student.budget is not None:
+        update["budget"] = REHEARSAL_BUDGET
     if student.distill is not None:
         update["distill"] = student.distill.model_copy(update=training(student.distill, train_workers))
     return student.model_copy(update=update)

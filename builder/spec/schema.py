@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator,
@@ -20,7 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSch
 
 from builder.spec.chains import chain_problems
 from builder.spec.shape import SHAPE_FIELDS
-from builder.units import COUNT_PATTERN, parse_count
+from builder.units import BYTES_PATTERN, COUNT_PATTERN, format_binary_bytes, parse_bytes, parse_count
 
 
 def _count_schema(minimum: int) -> WithJsonSchema:
@@ -35,6 +35,9 @@ def _count_schema(minimum: int) -> WithJsonSchema:
 Count = Annotated[int, BeforeValidator(parse_count), Field(ge=0), _count_schema(0)]
 PositiveCount = Annotated[int, BeforeValidator(parse_count), Field(gt=0), _count_schema(1)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(gt=0), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": BYTES_PATTERN}],
+    "examples": ["8GiB", "512MiB", "16GB"]})]
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,95}$")
 _HUB_NAME = r"[A-Za-z0-9][\w.-]{0,95}"
 _REPO_ID = re.compile(rf"^{_HUB_NAME}/{_HUB_NAME}$")
@@ -471,6 +474,9 @@ class StudentSpec(Strict):
     shape: ShapeSpec | None = Field(None, description="Explicit sizes; unset fields keep the teacher's (or the "
                                     "parent's, with `from`)")
     params: PositiveCount | None = Field(None, description="A parameter budget (e.g. 4.5B) instead of a shape")
+    budget: BudgetSpec | None = Field(
+        None, description="A serving budget (speed, memory or latency at the family's `serving:` workload) instead "
+        "of a shape; with `params` the candidates lie near that count, without it they span the search grid")
     depth_method: DepthMethod = Field(
         "block_importance",
         description="Which layers a depth-pruned student drops: block_importance (those whose output is most "
@@ -503,12 +509,23 @@ class StudentSpec(Strict):
                 f"student {self.name!r} has both `shape` and `params` ({self.params:,}); keep one: "
                 "`shape` for explicit sizes, or `params` for a parameter budget"
             )
-        if self.shape is None and self.params is None:
+        if self.shape is not None and self.budget is not None:
             raise ValueError(
-                f"student {self.name!r} has neither `shape` nor `params`; add `shape` (e.g. "
-                "{hidden_size: 3072, intermediate_size: 9216}) or `params` (a budget such as 4.5B)"
+                f"student {self.name!r} has both `shape` and `budget` ({self.budget.describe()}); a budget chooses "
+                "the shape among the search's candidates: remove `shape`, or `budget` to keep the explicit shape"
+            )
+        if self.shape is None and self.params is None and self.budget is None:
+            raise ValueError(
+                f"student {self.name!r} has neither `shape` nor `params` nor `budget`; add `shape` (e.g. "
+                "{hidden_size: 3072, intermediate_size: 9216}), `params` (a budget such as 4.5B) or `budget` "
+                "(e.g. {speedup: 1.4})"
             )
         return self
+
+    @property
+    def searched(self) -> bool:
+        """Its shape is chosen by the architecture search (a parameter or a serving budget)."""
+        return self.params is not None or self.budget is not None
 
 
 class TaskSpec(Strict):
@@ -528,33 +545,34 @@ class EvaluationSpec(Strict):
     perplexity_tokens: Count = Field(65536, description="Held-out tokens for perplexity (0 skips it)")
 
 
-class ThroughputSpec(Strict):
-    enabled: bool = True
-    input_len: PositiveCount = 128
-    output_len: PositiveCount = 128
-    num_prompts: PositiveCount = 32
+class VllmWorkload(Strict):
+    """What vLLM generates and with which engine: the throughput stage's and the serving budgets'."""
+
+    input_len: PositiveCount = Field(128, description="Prompt tokens per request")
+    output_len: PositiveCount = Field(128, description="Generated tokens per request")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="vLLM's dtype; auto follows the checkpoint (bf16 is emulated, several times "
                             "slower, on CPUs without avx512_bf16 or amx_bf16)")
-    # Not execution-only, unlike the batch sizes elsewhere: this stage's result *is* a speed,
-    # and engine_args change it (enforce_eager turns CUDA graphs off, several times slower
-    # on a GPU), so a changed engine_args re-measures. The stage is a leaf: nothing else reruns.
+    # Not execution-only, unlike the batch sizes elsewhere: these stages' results *are* speeds,
+    # and engine_args change them (enforce_eager turns CUDA graphs off, several times slower
+    # on a GPU), so a changed engine_args re-measures.
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vllm.LLM as is")
+
+    # The throughput worker sets these itself (evaluators.throughput.ThroughputSettings
+    # refuses them too); refused here, a spec fails when it loads, not in its dry run's estimate.
+    _OWNED_ENGINE_ARGS: ClassVar[dict[str, str]] = {"model": "it is each measured model's folder", "dtype": "use the section's dtype",
+                          "seed": "it is fixed, so that teacher and students get the same prompts"}
 
     @field_validator("engine_args")
     @classmethod
     def _leaves_the_workers_own_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # The throughput worker sets these itself (evaluators.throughput.ThroughputSettings
-        # refuses them too); refused here, a spec fails when it loads, not in its dry run's estimate.
-        owned = {"model": "it is each measured model's folder", "dtype": "use throughput.dtype",
-                 "seed": "it is fixed, so that teacher and students get the same prompts"}
-        clashes = [f"{key!r} ({why})" for key, why in owned.items() if key in value]
+        clashes = [f"{key!r} ({why})" for key, why in cls._OWNED_ENGINE_ARGS.items() if key in value]
         if clashes:
             raise ValueError(f"engine_args sets {', '.join(clashes)}, which minizoo sets itself; remove it")
         return value
 
     @model_validator(mode="after")
-    def _fits_max_model_len(self) -> "ThroughputSpec":
+    def _fits_max_model_len(self) -> "VllmWorkload":
         limit = self.engine_args.get("max_model_len")
         if isinstance(limit, int) and self.input_len + self.output_len > limit:
             raise ValueError(
@@ -562,6 +580,60 @@ class ThroughputSpec(Strict):
                 f"{limit}, so vLLM would reject every prompt; raise max_model_len or shorten the prompts"
             )
         return self
+
+
+class ThroughputSpec(VllmWorkload):
+    enabled: bool = True
+    num_prompts: PositiveCount = 32
+
+
+class ServingSpec(VllmWorkload):
+    """The workload serving budgets hold for (students' `budget`): `requests` prompts of input_len
+    tokens all in flight at once, each generating output_len tokens, in vLLM with engine_args, on
+    the hardware the throughput stage runs on. Each candidate shape is measured once per
+    workload and hardware (builder.stages.measure_serving), whatever its weights."""
+
+    requests: PositiveCount = Field(16, description="Requests in flight together (vLLM's max_num_seqs is set to "
+                                    "it, so the whole batch decodes at once)")
+    repeats: PositiveCount = Field(5, description="Timed passes of the whole workload per shape, after one "
+                                   "untimed: the budgets compare their mean, the report shows their spread")
+    _OWNED_ENGINE_ARGS: ClassVar[dict[str, str]] = {**VllmWorkload._OWNED_ENGINE_ARGS,
+                          "max_num_seqs": "use serving.requests",
+                          "load_format": "a shape is measured with vLLM's dummy weights",
+                          "skip_tokenizer_init": "a shape is measured from its config alone"}
+
+
+class BudgetSpec(Strict):
+    """What a student may cost to serve at the family's `serving:` workload; every field given
+    must hold. The search's candidate shapes are measured and only those that meet it are kept."""
+
+    speedup: float | None = Field(None, gt=0, description="At least this many times the teacher's output "
+                                  "tokens/s (e.g. 1.4)")
+    tokens_per_s: float | None = Field(None, gt=0, description="At least this many output tokens/s, all "
+                                       "requests together")
+    memory: Bytes | None = Field(None, description="At most this much memory for the weights plus the KV cache of "
+                                 "every request in flight at its full length (e.g. 8GiB)")
+    ms_per_token: float | None = Field(None, gt=0, description="At most this many milliseconds per output token "
+                                       "as one request sees it (a pass's time / output_len, prompt included)")
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "BudgetSpec":
+        if not self.limits():
+            raise ValueError("the budget is empty; give at least one of speedup (e.g. 1.4), tokens_per_s, "
+                             "memory (e.g. 8GiB) or ms_per_token")
+        return self
+
+    def limits(self) -> dict[str, float]:
+        """The budget's metrics and their limits, in field order."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+    def describe(self) -> str:
+        """In words, e.g. "at least 1.4x the teacher's output tokens/s and at most 8 GiB of weights plus KV cache"."""
+        words = {"speedup": lambda v: f"at least {v:g}x the teacher's output tokens/s",
+                 "tokens_per_s": lambda v: f"at least {v:g} output tokens/s",
+                 "memory": lambda v: f"at most {format_binary_bytes(v)} of weights plus KV cache",
+                 "ms_per_token": lambda v: f"at most {v:g} ms per output token"}
+        return " and ".join(words[name](value) for name, value in self.limits().items())
 
 
 VariantScheme = Literal["w8a8-int8", "w4a16", "fp8-dynamic"]
@@ -645,6 +717,7 @@ class FamilySpec(Strict):
     students: list[StudentSpec] = Field(min_length=1)
     evaluation: EvaluationSpec = EvaluationSpec()
     throughput: ThroughputSpec = ThroughputSpec()
+    serving: ServingSpec = Field(ServingSpec(), description="The workload students' serving budgets hold for")
     variants: list[Variant] = Field(
         [], description="Quantized variants of the teacher and of every student, one stage each (e.g. "
         "[w8a8-int8, w4a16]); docs/writing-a-family.md#quantized-variants")
@@ -678,17 +751,18 @@ class FamilySpec(Strict):
     @classmethod
     def _chains_reach_the_teacher(cls, students: list[StudentSpec]) -> list[StudentSpec]:
         # Checked before the plan exists: the planner lays a parent's stages out before its children's.
-        problems = chain_problems({s.name: s.parent for s in students}, {s.name for s in students if s.params})
+        problems = chain_problems({s.name: s.parent for s in students}, {s.name for s in students if s.searched})
         if problems:
             raise ValueError("; ".join(problems))
         return students
 
     @model_validator(mode="after")
     def _search_for_budgets(self) -> "FamilySpec":
-        budgets = [student.name for student in self.students if student.params is not None]
+        budgets = [student.name for student in self.students if student.searched]
         if budgets and self.search is None:
             raise ValueError(
-                f"students {budgets} give a parameter budget (`params`), which needs architecture search; "
+                f"students {budgets} give a parameter or serving budget (`params`, `budget`), which needs "
+                "architecture search; "
                 "add a `search:` section with at least `tokens` (light distillation per candidate, e.g. "
                 "search: {tokens: 50M}), or give those students an explicit `shape`"
             )
@@ -710,7 +784,7 @@ class FamilySpec(Strict):
         return self
 
     def distillations(self) -> list[DistillSpec]:
-        """Every distillation the family runs: each student's, and (for a `params` student)
+        """Every distillation the family runs: each student's, and (for a searched student)
         its search candidates' light one, counted once: there is at least one candidate."""
         return [section for _, section in self.distillations_by_model()]
 
@@ -718,7 +792,7 @@ class FamilySpec(Strict):
         """`distillations()`, each with the student it learns from (its parent; None: the teacher)."""
         sections = [(student.parent, self.distill_for(student)) for student in self.students]
         return sections + [(s.parent, self.search_training(s)) for s in self.students
-                           if s.params is not None and self.search]
+                           if s.searched and self.search]
 
     @property
     def parents(self) -> dict[str, str | None]:

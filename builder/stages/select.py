@@ -1,9 +1,14 @@
 """select: the architecture search's choice, the candidate with the lowest held-out loss after
-its light distillation; the student's full distillation continues from its checkpoint."""
+its light distillation; the student's full distillation continues from its checkpoint. For a
+serving budget the candidates are those that meet it (builder.pruning.budgets), and each row
+records its measured cost and margins."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+from builder.pruning.budgets import ServingCost, margins
+from builder.spec.schema import BudgetSpec
 from builder.stages.base import StageContext, StageKind, StageResult
 
 log = logging.getLogger(__name__)
@@ -23,10 +28,15 @@ def run(ctx: StageContext) -> StageResult:
 def _candidate_row(ctx: StageContext, index: int) -> dict:
     pruned, trained = ctx.inputs[f"pruned-{index}"].summary, ctx.inputs[f"trained-{index}"]
     ranked = ctx.inputs[f"ranked-{index}"].summary["perplexity"]
-    return {"tag": ctx.config["candidates"][index], "shape": pruned["shape"], "params": pruned["params"],
-            "layers_kept": pruned["layers_kept"], "tokens": trained.tokens,
-            "train_loss": trained.summary.get("final_loss"), "heldout_loss": ranked["nll"],
-            "heldout_tokens": ranked["tokens"], "model_dir": trained.summary["model_dir"]}
+    row = {"tag": ctx.config["candidates"][index], "shape": pruned["shape"], "params": pruned["params"],
+           "layers_kept": pruned["layers_kept"], "tokens": trained.tokens,
+           "train_loss": trained.summary.get("final_loss"), "heldout_loss": ranked["nll"],
+           "heldout_tokens": ranked["tokens"], "model_dir": trained.summary["model_dir"]}
+    if "budget" in ctx.config:  # a serving budget: the candidate's measured cost and its margins
+        measured = ctx.inputs[f"serving-{ctx.config['measured'][index]}"].summary
+        cost = ServingCost.of(measured, ctx.inputs["serving-teacher"].summary)
+        row["serving"] = {**dataclasses.asdict(cost), "margins": margins(BudgetSpec(**ctx.config["budget"]), cost)}
+    return row
 
 
 KIND = StageKind("select", version="1", run=run, resources="light",
