@@ -433,7 +433,10 @@ class StageInputs:
         self.model = models.get(label or "teacher") or models.get(label.rpartition(".")[0], teacher_config)
 
     def config(self, role: str):
-        return self.models.get(role, self.model)  # "student", "model": the stage's own
+        """"student", "model": the stage's own; a throughput stage's variant role ("<model>.<scheme>"): its model's."""
+        if role in self.models or self.producers.get(role) != "quantize":
+            return self.models.get(role, self.model)
+        return self.models.get(role.rpartition(".")[0], self.teacher_config)
 
     def stored_bytes(self, role: str) -> float:
         """An acquired or corrected teacher and a distilled student are stored in the teacher's
@@ -446,7 +449,7 @@ class StageInputs:
 
     def measured(self) -> list[str]:
         """The roles of a throughput stage: the models it measures."""
-        return [role for role in self.producers if role in self.models]
+        return [role for role in self.producers if role in self.models or self.producers[role] == "quantize"]
 
 
 def config_dtype_bytes(config) -> int:
