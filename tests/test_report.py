@@ -413,3 +413,6 @@ def test_each_variant_is_reported_beside_its_member(family, checkpoint):
     assert cells[2] == "0.500 ± 0.189 (Δ noise)"  # the same accuracy as its member: within noise
     assert cells[3].startswith("403.40 (95% CI") and "(Δ +103.40 (+34.5%))" in cells[3]  # NLL 0.3 apart, SE 0.07
     assert cells[4] == f"{speedup:.2f}× ± {spread:.2f}"
+    # the Pareto views: accuracy against speed and against bytes on disk, variants among the members
+    assert {"accuracy vs throughput", "accuracy vs size on disk"} <= set(report.plots)
+    assert Path(report.plots["accuracy vs size on disk"]).stat().st_size > 0

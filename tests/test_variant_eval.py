@@ -33,6 +33,8 @@ from evaluators.perplexity import heldout_perplexity
 from evaluators.throughput import vllm_available
 from tiny_models import TINY_VOCAB, one_thread, save_tiny_checkpoint  # noqa: F401 (autouse fixture)
 
+pytestmark = pytest.mark.slow  # four vLLM engines and a quantization
+
 # vLLM's CPU attention takes head_dim 32 (not the tiny models' 16); every width a multiple of 32
 VLLM_TINY = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
 SEQ_LEN, BLOCKS = 32, 8

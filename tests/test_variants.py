@@ -195,6 +195,23 @@ def test_each_variant_is_evaluated_in_vllm_on_the_familys_tasks_and_heldout_bloc
         assert stage.key.options == {**member.key.options, "engine": "vllm"}
 
 
+def test_a_variants_evaluation_is_estimated_with_its_vllm_engine_and_its_speed_in_the_throughput_run():
+    from builder.planning.cost_model import COSTS
+    from builder.planning.estimate import estimate_plan
+
+    plan = plan_of(spec())
+    stages = {(stage.name, stage.label): stage for stage in
+              estimate_plan(plan, config_from_json(SMOLLM2_CONFIG), RunOptions(workdir=Path("/nonexistent"))).stages}
+    member, variant = stages[("evaluate", "teacher")], stages[("evaluate", "teacher.w8a8-int8")]
+    assert (variant.tokens, variant.flops) == (member.tokens, member.flops)  # the same tasks and blocks
+    assert variant.seconds["start"] - member.seconds["start"] == pytest.approx(COSTS.vllm_start_s)
+    without = estimate_plan(plan_of(spec(variants=[])), config_from_json(SMOLLM2_CONFIG),
+                            RunOptions(workdir=Path("/nonexistent")))
+    measured = {stage.name: stage for stage in without.stages}["throughput"]
+    # the three members' work, and each of the six variants' (three models x two schemes): its member's shape
+    assert stages[("throughput", "")].flops == pytest.approx(measured.flops * 9 / 3)
+
+
 def test_the_quantizers_version_is_in_every_variant_hash():
     config = stage_config(VariantSpec(scheme="w8a8-int8"))
     assert config == {"scheme": "w8a8-int8", "tool": f"llmcompressor=={LLMCOMPRESSOR_VERSION}"}

@@ -442,8 +442,9 @@ class StageInputs:
         """An acquired or corrected teacher and a distilled student are stored in the teacher's
         dtype (bf16 for most Hub models); a pruned one (and a search candidate, which select
         hands on) in fp32. A search candidate's own evaluation counts its read in the teacher's
-        dtype too: its fp32 read is a small part of that stage."""
-        in_teacher_dtype = self.producers[role] in ("acquire-teacher", "correct", "distill")
+        dtype too: its fp32 read is a small part of that stage. A quantized variant is counted at
+        the teacher's dtype too, a bound: its Linear weights take fewer bytes."""
+        in_teacher_dtype = self.producers[role] in ("acquire-teacher", "correct", "distill", "quantize")
         per_param = config_dtype_bytes(self.teacher_config) if in_teacher_dtype else STORED_BYTES_PER_PARAM
         return per_param * count_params(self.config(role))
 

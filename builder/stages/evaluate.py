@@ -49,8 +49,13 @@ def run(ctx: StageContext) -> StageResult:
     for key, evaluator, settings in _evaluations(ctx.section(EvaluationSpec), ctx.blocks_path(), cache_dir):
         summary[key] = evaluator.run(model, settings, placement.device)
     summary["placement"] = placement.facts()  # after the evaluators: its peak memory is theirs
-    perplexity = summary.get("perplexity")  # the tokens counted: the held-out blocks'
-    return summary, (perplexity["blocks"] * perplexity["seq_len"] if perplexity else 0)
+    return summary, _tokens(summary)
+
+
+def _tokens(summary: dict) -> int:
+    """The tokens a stage counts: the held-out blocks' (lm-eval's requests are not counted)."""
+    perplexity = summary.get("perplexity")
+    return perplexity["blocks"] * perplexity["seq_len"] if perplexity else 0
 
 
 def _run_in_vllm(ctx: StageContext) -> StageResult:
@@ -67,20 +72,22 @@ def _run_in_vllm(ctx: StageContext) -> StageResult:
                                 timeout_s=EVALUATION_TIMEOUT_S)
     found = evaluate_in_vllm(ModelHandle(source, ctx.stage.key.label), evaluations, engine, ctx.out_dir / "vllm")
     summary = {"metrics": {}, **found, "placement": placement.facts()}
-    perplexity = summary.get("perplexity")
-    return summary, (perplexity["blocks"] * perplexity["seq_len"] if perplexity else 0)
+    return summary, _tokens(summary)
 
 
 def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int) -> Work:
-    """The evaluators' work on this stage's model, after the stage's start and its checkpoint's read."""
+    """The evaluators' work on this stage's model, after the stage's start and its checkpoint's read
+    (and a variant's vLLM engine start: its model comes from a quantize stage)."""
     section = EvaluationSpec.model_validate({**config, **execution})
     works = [evaluator.estimate(settings, inputs.model, costs, seq_len)
              for _, evaluator, settings in _evaluations(section)]
-    return one_after_another(works, costs.stage_start_s, inputs.stored_bytes("model"))
+    in_vllm = inputs.producers.get("model") == "quantize"
+    return one_after_another(works, costs.stage_start_s + (costs.vllm_start_s if in_vllm else 0.0),
+                             inputs.stored_bytes("model"))
 
 
 # 2: perplexity's nll_stderr; 3: the model in the training precision, not float32 (a bfloat16
 # build's scores change; the LM head in chunks alone changes perplexity by float rounding only)
 KIND = StageKind("evaluate", version="3",
-                 run=run, resources="heavy", title="lm-eval benchmarks and held-out perplexity",
+                 run=run, resources="heavy", title="lm-eval benchmarks and held-out perplexity (a variant's in vLLM)",
                  estimate=estimate, record="ModelRecord", card_section="_eval_section")
