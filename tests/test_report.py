@@ -413,6 +413,15 @@ def test_each_variant_is_reported_beside_its_member(family, checkpoint):
     assert cells[2] == "0.500 ± 0.189 (Δ noise)"  # the same accuracy as its member: within noise
     assert cells[3].startswith("403.40 (95% CI") and "(Δ +103.40 (+34.5%))" in cells[3]  # NLL 0.3 apart, SE 0.07
     assert cells[4] == f"{speedup:.2f}× ± {spread:.2f}"
+    # the end-of-build table: each variant's row after the members', its speed-up over its member
+    from rich.console import Console
+
+    from builder.report.summary import family_table
+
+    console = Console(record=True, width=250)
+    console.print(family_table(report))
+    row = next(line for line in console.export_text().splitlines() if line.startswith("teacher w8a8-int8"))
+    assert "403.40 (95% CI" in row and row.rstrip().endswith(f"{speedup:.2f}× ± {spread:.2f} over teacher")
     # the Pareto views: accuracy against speed and against bytes on disk, variants among the members
     assert {"accuracy vs throughput", "accuracy vs size on disk"} <= set(report.plots)
     assert Path(report.plots["accuracy vs size on disk"]).stat().st_size > 0
