@@ -7,7 +7,10 @@ vllm_worker subprocesses). Each is an `evaluators.base.Evaluator`, found by name
     estimate(settings, model_config, costs, seq_len) -> builder.planning.cost_model.Work
 
 The evaluate stage hands lm-eval and perplexity one ModelHandle, so they share one load of the
-model; the throughput stage gives vLLM only the checkpoint's path.
+model; the throughput stage gives vLLM only the checkpoint's path. A quantized variant's evaluate
+stage runs the same evaluators in a vLLM worker (in_vllm), on a handle whose `engine` is "vllm":
+they share one engine (vllm_engine); an evaluator that can run there checks `model.engine` and
+is listed in in_vllm.SERVED_BY_VLLM.
 
 Adding an evaluator:
 1. `evaluators/<name>.py`: a frozen settings dataclass and an `Evaluator` subclass with `name`,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Callable, ClassVar, Generic, TypeVar
 
 from builder.planning.cost_model import Costs, Work
 from evaluators import model_loading
@@ -26,16 +26,28 @@ Record = dict[str, Any]  # JSON-able; each evaluator's `run` documents its keys
 class ModelHandle:
     """A checkpoint to evaluate: its folder, and the module and tokenizer read from it on first
     use and kept, so that evaluators run one after another on a model share one load (what
-    runs in another process, like vLLM, reads only `path`)."""
+    runs in another process, like vLLM, reads only `path`).
 
-    def __init__(self, path: str | Path, name: str | None = None, dtype: str = "float32"):
+    With `engine_args` (the vllm.LLM arguments, as evaluators.vllm_worker makes them) the model
+    is served by vLLM instead of transformers: `served()` starts one engine on first use, which
+    lm-eval and perplexity then share (a quantized variant is measured in the engine that
+    serves it). Only a vLLM worker process passes them (evaluators.vllm_worker.evaluate)."""
+
+    def __init__(self, path: str | Path, name: str | None = None, dtype: str = "float32",
+                 engine_args: dict[str, Any] | None = None):
         self.path = Path(path)
         self.name = name or self.path.name  # how messages and work folders call the model
         self.dtype = dtype
-        self._module, self._device, self._tokenizer = None, None, None
+        self.engine_args = engine_args
+        self._module, self._device, self._tokenizer, self._vllm = None, None, None, None
+
+    @property
+    def engine(self) -> str:
+        return "transformers" if self.engine_args is None else "vllm"
 
     def module(self, device: str):
         """The model on `device`, loaded the first time it is asked for."""
+        self._only("transformers")
         if self._module is None:
             self._module, self._device = model_loading.load_model(self.path, device=device, dtype=self.dtype), device
         elif device != self._device:
@@ -47,6 +59,18 @@ class ModelHandle:
         if self._tokenizer is None:
             self._tokenizer = model_loading.load_tokenizer(self.path)
         return self._tokenizer
+
+    def served(self, start: Callable[[dict[str, Any]], Any]):
+        """The engine serving this checkpoint (evaluators.vllm_engine.lm_eval_vllm), started by
+        `start(engine_args)` the first time it is asked for and shared by the evaluators after."""
+        self._only("vllm")
+        if self._vllm is None:
+            self._vllm = start(dict(self.engine_args))
+        return self._vllm
+
+    def _only(self, engine: str) -> None:
+        if self.engine != engine:
+            raise ValueError(f"model {self.name!r} is served by {self.engine}, not {engine}")
 
 
 class Evaluator(ABC, Generic[Settings]):

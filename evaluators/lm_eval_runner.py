@@ -29,6 +29,7 @@ from builder.planning.cost_model import (DTYPE_BYTES, Costs, Work, forward_flops
 from evaluators import offline_tasks
 from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.names import did_you_mean
+from evaluators.vllm_engine import lm_eval_vllm
 
 SOURCES = ("bundled", "builtin")
 # Fixed seeds, lm-eval's own defaults, passed explicitly so every run is reproducible.
@@ -158,9 +159,14 @@ class LmEval(Evaluator[LmEvalSettings]):
     def run(self, model: ModelHandle, settings: LmEvalSettings, device: str) -> Record:
         """evaluate_loaded's record, with "model" (the folder) and settings["dtype"] (the load's)."""
         _raise_on_problems(settings.tasks, settings.source)  # before the (slow) model load
-        results = evaluate_loaded(model.module(device), model.tokenizer(), settings.tasks,
-                                  batch_size=settings.batch_size, cache_dir=settings.cache_dir,
-                                  source=settings.source)
+        if model.engine == "vllm":  # lm-eval's own vLLM backend, on the engine the handle started
+            results = evaluate_lm(lm_eval_vllm(model), settings.tasks, settings.batch_size, settings.cache_dir,
+                                  settings.source)
+            results["settings"].update(engine="vllm", device=device)
+        else:
+            results = evaluate_loaded(model.module(device), model.tokenizer(), settings.tasks,
+                                      batch_size=settings.batch_size, cache_dir=settings.cache_dir,
+                                      source=settings.source)
         results["model"] = str(model.path)
         results["settings"]["dtype"] = model.dtype
         return results
@@ -214,13 +220,22 @@ def evaluate_loaded(model, tokenizer, tasks: Sequence[TaskRequest], batch_size: 
     "metrics": {"acc": .., "acc_stderr": .., ...}, and for groups "subtasks": {name:
     metrics}}}}.
     """
-    from importlib.metadata import version
-
     from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
+    results = evaluate_lm(lm, tasks, batch_size, cache_dir, source)
+    results["settings"]["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return results
+
+
+def evaluate_lm(lm, tasks: Sequence[TaskRequest], batch_size: int = 8, cache_dir: str | Path | None = None,
+                source: str = "bundled") -> dict[str, Any]:
+    """Evaluate an lm-eval model (HFLM, or lm-eval's VLLM on a quantized variant) on `tasks`:
+    evaluate_loaded's record, without settings["dtype"] (the caller's to say)."""
+    from importlib.metadata import version
 
     _raise_on_problems(tasks, source)
     manager = task_manager(source, cache_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
     start = time.perf_counter()
     summaries = {}
     for (num_fewshot, limit), names in _batches(tasks).items():
@@ -229,8 +244,7 @@ def evaluate_loaded(model, tokenizer, tasks: Sequence[TaskRequest], batch_size: 
     return {
         "lm_eval_version": version("lm_eval"),
         "source": source,
-        "settings": {"batch_size": batch_size, "device": str(lm.device),
-                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "settings": {"batch_size": batch_size, "device": str(getattr(lm, "device", "cpu")),
                      "bootstrap_iters": BOOTSTRAP_ITERS, **SEEDS},
         "seconds": round(time.perf_counter() - start, 1),
         "tasks": {t.name: summaries[t.name] for t in tasks},

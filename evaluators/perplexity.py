@@ -28,6 +28,7 @@ from builder.models.next_token_nll import next_token_nll
 from builder.planning.cost_model import DTYPE_BYTES, Costs, Work, forward_flops_per_token, forward_memory
 from evaluators.base import Evaluator, ModelHandle, Record
 from evaluators.model_loading import load_model
+from evaluators.vllm_engine import lm_eval_vllm
 
 HELDOUT = "heldout"  # the token store's split that no stage trains on
 
@@ -58,8 +59,10 @@ class Perplexity(Evaluator[PerplexitySettings]):
             raise ValueError("PerplexitySettings.heldout is None: pass the token store to read the "
                              f"{HELDOUT!r} blocks from (an acquire-data stage's folder).")
         blocks = TokenBlocks.open(settings.heldout, HELDOUT)
-        return heldout_perplexity(model.module(device), blocks.head(max(1, settings.tokens // blocks.seq_len)),
-                                  batch_size=settings.batch_size)
+        head = blocks.head(max(1, settings.tokens // blocks.seq_len))
+        if model.engine == "vllm":
+            return vllm_perplexity(lm_eval_vllm(model).model, head)
+        return heldout_perplexity(model.module(device), head, batch_size=settings.batch_size)
 
     def estimate(self, settings: PerplexitySettings, model_config, costs: Costs, seq_len: int) -> Work:
         """`tokens` forwarded in blocks of `seq_len`; no start-up of its own."""
@@ -123,6 +126,32 @@ def heldout_perplexity(model_or_dir: torch.nn.Module | str | Path, blocks: torch
             per_block += _batch_nll(model, blocks[start:start + batch_size].to(model_device))
     finally:
         model.train(was_training)
+    return _record(per_block, blocks)
+
+
+def vllm_perplexity(llm, blocks: torch.Tensor) -> dict[str, float | int]:
+    """heldout_perplexity's record for a model served by vLLM (`llm`: a vllm.LLM), from the
+    engine's own prompt log-probabilities: each block is one prompt, and the log-probability
+    vLLM returns for each prompt token given the ones before it (`prompt_logprobs=0`: the
+    prompt's own token, no alternatives), from the logits in float32 before any sampling
+    processing (vLLM's default logprobs_mode, raw_logprobs). A request with prompt
+    log-probabilities never reads the prefix cache (vLLM's SamplingParams), so every block is
+    computed whole, as here on transformers."""
+    # vLLM: only in the worker process that serves the model (evaluators.vllm_worker)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    _check_blocks(blocks, llm.llm_engine.model_config.get_vocab_size())
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=block) for block in blocks.tolist()]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    # position 0 has no log-probability (nothing before it): context only, as in next_token_nll
+    per_block = [-sum(position[token].logprob for position, token in zip(output.prompt_logprobs[1:], ids[1:]))
+                 for output, ids in zip(outputs, blocks.tolist())]
+    return _record(per_block, blocks)
+
+
+def _record(per_block: list[float], blocks: torch.Tensor) -> dict[str, float | int]:
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
     nll = sum(per_block) / tokens
     return {"perplexity": math.exp(nll), "nll": nll, "nll_stderr": _stderr(per_block, blocks.shape[1] - 1),

@@ -178,7 +178,7 @@ class VllmThroughput(Evaluator[ThroughputRun]):
         if settings.work_dir is None:
             raise ValueError(f"ThroughputRun.work_dir is None: pass a folder for the worker measuring "
                              f"{model.name!r} (model_work_dir(stage_dir, index, name)).")
-        _require_vllm()
+        require_vllm()
         try:
             return measure_model(model.name, model.path, settings.workload, settings.work_dir)
         except ThroughputError as err:
@@ -193,7 +193,7 @@ class VllmThroughput(Evaluator[ThroughputRun]):
         return Work(tokens, tokens * forward_flops_per_token(model_config, length), costs.vllm_start_s)
 
 
-def _require_vllm() -> None:
+def require_vllm() -> None:
     reason = vllm_available()
     if reason is not None:
         raise VllmUnavailable(reason)
@@ -212,7 +212,7 @@ def measure_throughput(models: dict[str, Path], settings: ThroughputSettings,
     `ratio_to_teacher` when a model named "teacher" was measured with the same prompts.
     Raises VllmUnavailable (before measuring anything) when vLLM cannot be imported.
     """
-    _require_vllm()
+    require_vllm()
     evaluator, results = VllmThroughput(), {}
     for index, (name, path) in enumerate(models.items()):
         measurement = ThroughputRun(settings, model_work_dir(work_dir, index, name))
@@ -223,14 +223,24 @@ def measure_throughput(models: dict[str, Path], settings: ThroughputSettings,
 def measure_model(name: str, path: Path, settings: ThroughputSettings,
                   out_dir: Path) -> dict[str, Any]:
     """Measure one model in a fresh worker subprocess; raises ThroughputError on failure."""
+    return run_worker(name, path, settings, out_dir)
+
+
+def run_worker(name: str, path: Path, settings: ThroughputSettings, out_dir: Path,
+               task: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `python -m evaluators.vllm_worker` on one model in a fresh subprocess, its engine made
+    from `settings` (dtype, engine_args, kv_cache_gib, cpu_threads_bind, seed, timeout_s), and
+    return the result it wrote: the throughput workload's, or `task`'s (vllm_worker.main says
+    which tasks there are). Raises ThroughputError, naming the model and the worker's root
+    cause, when the worker wrote no result."""
     out_dir.mkdir(parents=True, exist_ok=True)
     request, result = out_dir / "request.json", out_dir / "result.json"
     pid_file = PidFile(out_dir / "worker.pid")
     if pid_file.clean():  # an earlier run was killed with no chance to stop its worker
-        log.warning("cleaned up after an earlier, interrupted measurement of %r", name)
+        log.warning("cleaned up after an earlier, interrupted run on %r", name)
     result.unlink(missing_ok=True)  # its existence must mean *this* run completed
     request.write_text(json.dumps({"model": str(Path(path).resolve()), "settings": settings.to_json(),
-                                   "pid_file": str(pid_file.path)}, indent=2))
+                                   "pid_file": str(pid_file.path), **({"task": task} if task else {})}, indent=2))
     command = [sys.executable, "-m", "evaluators.vllm_worker", str(request), str(result)]
     with _rpc_dir(out_dir) as rpc_dir:
         env = _worker_env(settings, cache_root=out_dir.parent / "vllm-cache", rpc_dir=rpc_dir)
@@ -239,7 +249,8 @@ def measure_model(name: str, path: Path, settings: ThroughputSettings,
     if not result.exists():
         why = ("timed out after %.0f s" % settings.timeout_s if returncode is None
                else f"worker exited with status {returncode}")
-        raise ThroughputError(f"vLLM could not measure model {name!r} ({path}): {why}.\n"
+        doing = "evaluate" if task else "measure"
+        raise ThroughputError(f"vLLM could not {doing} model {name!r} ({path}): {why}.\n"
                               + _failure_summary(out_dir / "worker.log"))
     return json.loads(result.read_text())
 

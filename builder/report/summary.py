@@ -33,6 +33,11 @@ def family_table(report: FamilyReport) -> Table:
         table.add_row(model.name, format_count(model.params or report.teacher.params),
                       *(_score(model, task) for task in tasks), format_perplexity(model.perplexity),
                       format_speedup(model.throughput))
+    for variant in report.variants:  # a variant's speed-up is over its member, measured in the same run
+        speedup = format_speedup(variant.throughput)
+        table.add_row(f"{variant.member} {variant.scheme}", format_count(variant.params or report.teacher.params),
+                      *(_score(variant, task) for task in tasks), format_perplexity(variant.perplexity),
+                      f"{speedup} over {variant.member}" if variant.throughput and variant.throughput.speedup else speedup)
     return table
 
 

@@ -18,6 +18,9 @@ from builder.spec.schema import FamilySpec
 from builder.store.stage_store import Manifest, StageKey
 
 Section = TypeVar("Section", bound=BaseModel)
+# options["engine"] of a stage whose model vLLM serves (a quantized variant's evaluate stage):
+# hashed, so it is never confused with a transformers evaluation of the same model
+VLLM_ENGINE = "vllm"
 
 # How a stage is placed (builder.running.runner):
 #   light         a fraction of a CPU in a reused worker: file work, coordination (acquire, prune, select)

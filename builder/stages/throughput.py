@@ -1,5 +1,6 @@
-"""throughput: vLLM generation speed of the teacher and every student, measured in the same
-run so the speed-ups are ratios; optional (its failure is reported, the family still builds)."""
+"""throughput: vLLM generation speed of the teacher, every student and every quantized variant
+(a role "<model>.<scheme>"), measured in the same run at the same workload so the speed-ups are
+ratios; optional (its failure is reported, the family still builds)."""
 from __future__ import annotations
 
 from builder.planning.cost_model import Costs, StageInputs, Work, one_after_another
@@ -40,5 +41,5 @@ def estimate(config, execution, inputs: StageInputs, costs: Costs, seq_len: int)
 
 
 KIND = StageKind("throughput", version="2",  # 2: several timed passes: mean, spread, machine load
-                 run=run, resources="heavy", optional=True, title="vLLM tokens/s of the teacher and every student",
+                 run=run, resources="heavy", optional=True, title="vLLM tokens/s of the teacher, every student and every variant",
                  estimate=estimate, record="Throughput", card_section="_throughput_section")
