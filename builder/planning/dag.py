@@ -25,6 +25,7 @@ from builder.spec.shape import Shape
 from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
                           split_execution)
 from builder.stages.base import Stage
+from builder.stages.gguf import stage_config as gguf_config
 from builder.stages.quantize import stage_config as variant_config
 from builder.stages.registry import stage_kind
 from builder.store.stage_store import StageKey, StageStore
@@ -78,7 +79,7 @@ class Plan:
     precision: Precision  # what the training stages run in (and are hashed with)
     teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk), parents' too
     teacher_vocab_size: int = 0
-    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize stage id
+    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize/gguf stage id
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
@@ -204,10 +205,13 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision) -> Plan:
 
 
 def _plan_variants(dag: _Builder, spec: FamilySpec, models: dict[str, str], data: str) -> dict[tuple[str, str], str]:
-    """One quantize stage per (model, variant): the teacher the students learned from (the
-    reference) and each student's finished model. Only a scheme that calibrates reads the data
-    stage, so only its hash follows the calibration split."""
-    return {(name, variant.scheme): dag.add("quantize", variant_label(name, variant.scheme), variant_config(variant),
+    """One variant stage per (model, variant): the teacher the students learned from (the
+    reference) and each student's finished model; a quantize stage for a compressed-tensors
+    scheme, a gguf stage (hashed with the throughput workload it is measured at) for a GGUF one.
+    Only a scheme that calibrates reads the data stage, so only its hash follows the split."""
+    return {(name, variant.scheme): dag.add("gguf" if variant.is_gguf else "quantize", variant_label(name, variant.scheme),
+                                            gguf_config(variant, spec.throughput) if variant.is_gguf
+                                            else variant_config(variant),
                                             {"model": stage_id} | ({"data": data} if variant.calibrated else {}),
                                             student=None if name == TEACHER else name)
             for name, stage_id in models.items() for variant in spec.variants}

@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from builder.errors import Problem, SpecError, problems_from_validation
+from builder.models.llama_cpp import llama_cpp_problem
 from builder.models.quantizer_env import quantizer_problem
 from builder.models.variants import variant_problem
 from builder.spec.shape import Shape
@@ -232,10 +233,17 @@ def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[
 
 
 def quantizer_problems(spec: FamilySpec) -> list[Problem]:
-    """Variants need the quantizer's own environment (builder.models.quantizer_env): missing, it is
-    a spec problem before anything runs, not a failure once the students are built."""
-    message = quantizer_problem() if spec.variants else None
-    return [Problem("variants", [variant.scheme for variant in spec.variants], message)] if message else []
+    """Compressed-tensors variants need the quantizer's own environment (builder.models.quantizer_env),
+    GGUF ones llama.cpp's tools (builder.models.llama_cpp): missing, it is a spec problem before
+    anything runs, not a failure once the students are built."""
+    problems = []
+    for needed, check in ((False, quantizer_problem), (True, llama_cpp_problem)):
+        schemes = [variant.scheme for variant in spec.variants if variant.is_gguf == needed]
+        message = check() if schemes else None
+        if message and needed:  # the message names the missing files: say which variants need them
+            message = f"{', '.join(schemes)}: {message}"
+        problems += [Problem("variants", schemes, message)] if message else []
+    return problems
 
 
 def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config) -> list[Problem]:
