@@ -31,7 +31,7 @@ from typing import Any
 from builder.models.llama_cpp import LLAMA_CPP_TOOL, binary, llama_cpp_problem
 from builder.planning.cost_model import Costs, Work, forward_flops_per_token
 from evaluators.base import Evaluator, ModelHandle, Record
-from evaluators.process_tree import PidFile, die_with_parent, kill_group
+from evaluators.process_tree import PidFile, die_with_parent, kill_group, libc_prctl
 
 HOST = "127.0.0.1"
 _HEALTH_POLL_S = 0.2
@@ -69,6 +69,7 @@ class LlamaServer:
         self.pid_file.clean()  # one a killed run left behind
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        libc_prctl()  # looked up here: the forked child calls it without entering the dynamic loader
         with open(self.log_path, "ab") as log:
             # its own process group, killed whole; SIGKILLed by the kernel if this thread dies first
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -192,7 +193,8 @@ class LlamaServerThroughput(Evaluator[LlamaServerRun]):
         return {"engine": "llama-server", "tool": LLAMA_CPP_TOOL, "server_build": build,
                 "output_tokens_per_s": statistics.mean(rates),
                 "output_tokens_per_s_std": statistics.stdev(rates) if len(rates) > 1 else None,
-                "per_pass": rates, "server_decode_tokens_per_s": statistics.mean(p["decode_tokens_per_s"] for p in passes),
+                "per_pass": rates,
+                "server_decode_tokens_per_s": statistics.mean(p["decode_tokens_per_s"] for p in passes),
                 "passes": len(passes), "num_prompts": workload.num_prompts,
                 "input_tokens": passes[0]["input_tokens"], "output_tokens": passes[0]["output_tokens"],
                 "threads": settings.threads, "server_start_s": round(server_start_s, 2)}

@@ -13,10 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
-from builder.cli import main
 from builder.models.llama_cpp import LLAMA_CPP_TOOL, LLAMA_CPP_VARIABLE, llama_cpp_problem
 from builder.models.teacher import config_from_json
 from builder.models.variants import gguf_bytes, gguf_fallbacks

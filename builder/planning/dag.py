@@ -79,7 +79,7 @@ class Plan:
     precision: Precision  # what the training stages run in (and are hashed with)
     teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk), parents' too
     teacher_vocab_size: int = 0
-    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize/gguf stage id
+    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> its stage's id
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
         return {stage_id: store.path(stage.key) for stage_id, stage in self.stages.items()}
@@ -209,7 +209,8 @@ def _plan_variants(dag: _Builder, spec: FamilySpec, models: dict[str, str], data
     reference) and each student's finished model; a quantize stage for a compressed-tensors
     scheme, a gguf stage (hashed with the throughput workload it is measured at) for a GGUF one.
     Only a scheme that calibrates reads the data stage, so only its hash follows the split."""
-    return {(name, variant.scheme): dag.add("gguf" if variant.is_gguf else "quantize", variant_label(name, variant.scheme),
+    return {(name, variant.scheme): dag.add("gguf" if variant.is_gguf else "quantize",
+                                            variant_label(name, variant.scheme),
                                             gguf_config(variant, spec.throughput) if variant.is_gguf
                                             else variant_config(variant),
                                             {"model": stage_id} | ({"data": data} if variant.calibrated else {}),

@@ -122,10 +122,10 @@ def _variant_notes(plan: Plan, options: RunOptions, models: dict) -> list[str]:
     schemes = [variant.scheme for variant in plan.spec.variants]
     gguf = [variant.scheme for variant in plan.spec.variants if variant.is_gguf]
     notes = ["a quantize stage's disk: its Linear weights at the scheme's bits with their scales, the rest in the "
-             "teacher's dtype (builder.models.variants.variant_bytes)"] if len(gguf) < len(schemes) else []
+             "teacher's dtype (builder.models.variants.variant_bytes)"] * (len(gguf) < len(schemes))
     if gguf:
-        notes.append("a gguf stage's disk: the GGUF file at the types llama-quantize picks per tensor; its peak adds the "
-                     "f16 GGUF it quantizes (builder.models.variants.gguf_bytes)")
+        notes.append("a gguf stage's disk: the GGUF file at the types llama-quantize picks per tensor; its peak adds "
+                     "the f16 GGUF it quantizes (builder.models.variants.gguf_bytes)")
     notes += _fallback_notes(plan, models)
     return notes + ([f"fp8-dynamic variants: {fp8_serving(options.use_gpu)}"] if "fp8-dynamic" in schemes else [])
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 from builder.models.arch import count_params
 from builder.models.llama_cpp import GGUF_TYPES, LLAMA_CPP_TOOL, convert, quantize, tensor_types
-from builder.models.teacher import config_from_json
-from builder.models.variants import gguf_bytes, gguf_fallbacks, variant_problem
+from builder.models.variants import gguf_bytes, gguf_fallbacks
 from builder.planning.cost_model import Costs, Disk, StageInputs, Work
 from builder.spec.schema import FamilySpec, ThroughputSpec, VariantSpec
 from builder.spec.shape import Shape
 from builder.stages.base import Stage, StageContext, StageKind, StageResult
-from builder.store.content import verify_folder
+from builder.stages.quantize import checked_source
 from evaluators.base import ModelHandle
 from evaluators.llama_server import LlamaServer, LlamaServerRun, LlamaServerWorkload
 from evaluators.registry import get_evaluator
@@ -38,11 +37,7 @@ def _variant(config: dict) -> VariantSpec:
 
 def run(ctx: StageContext) -> StageResult:
     variant, source = _variant(ctx.config), ctx.model_dir("model")
-    verify_folder(source)  # the converter reads it in its own process: checked here first
-    shape = Shape.of(config_from_json(source / "config.json"))
-    problem = variant_problem(variant, shape)  # checked with the spec; a searched student's shape is known only now
-    if problem:
-        raise ValueError(problem)
+    shape = checked_source(variant, source)
     threads, quant = ctx.options.stage_cpus(), GGUF_TYPES[variant.scheme]
     for stale in ctx.out_dir.glob("*.gguf"):  # a killed attempt's files: the stage starts over
         stale.unlink()
@@ -52,9 +47,8 @@ def run(ctx: StageContext) -> StageResult:
     unquantized.unlink()
     workload = ctx.config["throughput"]
     if workload:
-        measured = get_evaluator("llama-server-throughput").run(
-            ModelHandle(out, ctx.stage.key.label), LlamaServerRun(LlamaServerWorkload(**workload), ctx.out_dir, threads),
-            "cpu")
+        run = LlamaServerRun(LlamaServerWorkload(**workload), ctx.out_dir, threads)
+        measured = get_evaluator("llama-server-throughput").run(ModelHandle(out, ctx.stage.key.label), run, "cpu")
     else:
         measured = _generates(out, threads, ctx.out_dir)
     size = out.stat().st_size
