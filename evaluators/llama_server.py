@@ -2,6 +2,7 @@
 
     with LlamaServer(gguf_file, threads=2, log_path=work / "server.log") as server:
         server.complete([1, 2, 3], n_predict=8)      # llama-server's /completion answer
+        server.next_token_logprobs([1, 2, 3])        # {token id: log-probability}, the top 5
 
     record = LlamaServerThroughput().run(ModelHandle(gguf_file), LlamaServerRun(workload, work), "cpu")
 
@@ -130,6 +131,13 @@ class LlamaServer:
         """Greedy generation of exactly `n_predict` tokens (end-of-sequence ignored) after `prompt`."""
         return self.post("/completion", {"prompt": prompt, "n_predict": n_predict, "temperature": 0,
                                          "ignore_eos": True, "cache_prompt": False, **options})
+
+    def next_token_logprobs(self, ids: list[int], top: int = 5) -> dict[int, float]:
+        """The `top` likeliest next tokens after `ids` and their log-probabilities, from the model's
+        raw softmax (no sampler in between): what llama.cpp computes, to compare with another runtime."""
+        answer = self.post("/completion", {"prompt": ids, "n_predict": 1, "n_probs": top, "temperature": 0,
+                                           "post_sampling_probs": False, "cache_prompt": True})
+        return {entry["id"]: entry["logprob"] for entry in answer["completion_probabilities"][0]["top_logprobs"]}
 
     def version(self) -> str:
         with urllib.request.urlopen(f"{self.url}/props", timeout=10) as answer:

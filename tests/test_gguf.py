@@ -157,7 +157,7 @@ def llama_cpp():
 
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory, llama_cpp) -> Path:
-    """A seeded 2-layer Llama whose widths (256, MLP 512, 4 x 64 heads, 2 x 64 kv) Q4_K's super-blocks
+    """A seeded 2-layer Llama (its embedding scaled up: peaked next-token distributions) whose widths (256, MLP 512, 4 x 64 heads, 2 x 64 kv) Q4_K's super-blocks
     divide, with the embedded SmolLM2's tokenizer: the converter writes only tokenizers whose
     pre-tokenizer llama.cpp knows (a tiny trained one it refuses)."""
     import torch
@@ -174,7 +174,10 @@ def gguf_model(tmp_path_factory, llama_cpp) -> Path:
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("gguf-model")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # tied: logits 30x larger, so each position has a clear likeliest token
+        model.model.embed_tokens.weight.mul_(30)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -242,3 +245,25 @@ def test_the_server_is_gone_when_its_measurement_ends_even_by_an_error(tmp_path,
     assert record["output_tokens"] == 8 and len(record["per_pass"]) == 2
     assert not [line for line in os.popen("ps -eo args").read().splitlines()
                 if line.startswith(str(gguf_file.parent)) or f"-m {gguf_file}" in line]
+
+
+@pytest.mark.slow
+def test_llama_servers_next_token_log_probs_agree_with_transformers(tmp_path, q8_0, gguf_model):
+    """The Q8_0 file in llama-server against the float32 checkpoint in transformers, on the same
+    token ids: the same likeliest next token at every position, its log-probability within 0.1."""
+    import torch
+    import transformers
+
+    ids = transformers.AutoTokenizer.from_pretrained(gguf_model)("The quick brown fox jumps over the lazy dog. "
+                                                                  "Hello, my name is")["input_ids"]
+    with torch.no_grad():
+        reference = torch.log_softmax(transformers.AutoModelForCausalLM.from_pretrained(gguf_model)(
+            input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    with LlamaServer(Path(q8_0["gguf_file"]), threads=1, log_path=tmp_path / "server.log") as server:
+        served = [server.next_token_logprobs(ids[:end]) for end in range(1, len(ids) + 1)]
+    assert len(served) == len(ids) > 10
+    for position, top in enumerate(served):
+        likeliest = max(top, key=top.get)
+        assert likeliest == int(reference[position].argmax()), position
+        assert abs(top[likeliest] - float(reference[position, likeliest])) < 0.1, position
+        assert top[likeliest] > -3  # peaked, so the agreement says something
