@@ -203,7 +203,8 @@ def test_the_stage_makes_a_q4_k_m_file_that_llama_server_serves_and_measures(tmp
     summary = run_stage(tmp_path, gguf_model, "gguf-q4_k_m", workload)
     gguf_file = Path(summary["gguf_file"])
     assert gguf_file.name == "model-Q4_K_M.gguf" and gguf_file.stat().st_size == summary["bytes"]
-    assert sorted(p.name for p in gguf_file.parent.iterdir()) == ["llama-server.log", "model-Q4_K_M.gguf"]  # f16 gone
+    # the f16 file removed; a folder per measured file holds its server's log
+    assert sorted(p.name for p in gguf_file.parent.iterdir()) == ["Q4_K_M", "f16", "model-Q4_K_M.gguf"]
     # no fallback at these widths: Q4_K, Q6_K (attn_v, ffn_down, the tied embedding) and the f32 norms
     assert set(summary["tensor_types"]) == {"Q4_K", "Q6_K", "F32"} and summary["k_quant_fallbacks"] == {}
     assert summary["size_ratio"] < 0.45  # from the f16 GGUF
@@ -215,7 +216,12 @@ def test_the_stage_makes_a_q4_k_m_file_that_llama_server_serves_and_measures(tmp
     assert (served["input_tokens"], served["output_tokens"]) == (3 * 16, 3 * 8)
     assert served["output_tokens_per_s"] > 0 and served["output_tokens_per_s_std"] is not None
     assert len(served["per_pass"]) == 3 and served["server_build"]
-    assert not (gguf_file.parent / "llama-server.pid").exists()
+    f16 = summary["llama_server_f16"]  # the file it was made from, the same workload in the same server
+    assert (f16["input_tokens"], f16["output_tokens"]) == (3 * 16, 3 * 8)
+    speedup = summary["speedup_vs_f16"]
+    assert speedup["ratio"] == pytest.approx(served["output_tokens_per_s"] / f16["output_tokens_per_s"], rel=1e-3)
+    assert speedup["std"] > 0
+    assert sorted(p.name for p in (gguf_file.parent / "f16").iterdir()) == ["llama-server.log"]  # no pid file left
 
 
 @pytest.fixture(scope="module")
