@@ -237,10 +237,10 @@ def quantizer_problems(spec: FamilySpec) -> list[Problem]:
     GGUF ones llama.cpp's tools (builder.models.llama_cpp): missing, it is a spec problem before
     anything runs, not a failure once the students are built."""
     problems = []
-    for needed, check in ((False, quantizer_problem), (True, llama_cpp_problem)):
-        schemes = [variant.scheme for variant in spec.variants if variant.is_gguf == needed]
+    for gguf, check in ((False, quantizer_problem), (True, llama_cpp_problem)):
+        schemes = [variant.scheme for variant in spec.variants if variant.is_gguf == gguf]
         message = check() if schemes else None
-        if message and needed:  # the message names the missing files: say which variants need them
+        if message and gguf:  # the message names the missing files: say which variants need them
             message = f"{', '.join(schemes)}: {message}"
         problems += [Problem("variants", schemes, message)] if message else []
     return problems
