@@ -156,30 +156,41 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def gguf_model(tmp_path_factory, llama_cpp) -> Path:
-    """A seeded 2-layer Llama (its embedding scaled up: peaked next-token distributions) whose widths (256, MLP 512, 4 x 64 heads, 2 x 64 kv) Q4_K's super-blocks
-    divide, with the embedded SmolLM2's tokenizer: the converter writes only tokenizers whose
-    pre-tokenizer llama.cpp knows (a tiny trained one it refuses)."""
-    import torch
+def smollm2_tokenizer(llama_cpp):
+    """The embedded SmolLM2's tokenizer: the converter writes only tokenizers whose pre-tokenizer
+    llama.cpp knows (a tiny trained one it refuses)."""
     import transformers
 
     from builder.embedded import package_dir
     from builder.models.teacher import EMBEDDED_TEACHER_FILES
 
     package, filename = EMBEDDED_TEACHER_FILES["smollm2-135m-instruct"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(package_dir(package), gguf_file=filename)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                      max_position_embeddings=512, tie_word_embeddings=True,
+    return transformers.AutoTokenizer.from_pretrained(package_dir(package), gguf_file=filename)
+
+
+def seeded_llama(folder: Path, tokenizer, hidden: int, head_dim: int) -> Path:
+    """A seeded 2-layer Llama, 4 heads and 2 kv heads of `head_dim`, MLP 512, its embedding scaled
+    up (peaked next-token distributions), with `tokenizer`."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=head_dim, max_position_embeddings=512, tie_word_embeddings=True,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("gguf-model")
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # tied: logits 30x larger, so each position has a clear likeliest token
         model.model.embed_tokens.weight.mul_(30)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """Widths Q4_K's 256-weight super-blocks divide: 256 wide, 4 x 64 heads, 2 x 64 kv, MLP 512."""
+    return seeded_llama(tmp_path_factory.mktemp("gguf-model"), smollm2_tokenizer, hidden=256, head_dim=64)
 
 
 def run_stage(tmp_path: Path, source: Path, scheme: str, throughput: ThroughputSpec) -> dict:
@@ -273,3 +284,22 @@ def test_llama_servers_next_token_log_probs_agree_with_transformers(tmp_path, q8
         assert likeliest == int(reference[position].argmax()), position
         assert abs(top[likeliest] - float(reference[position, likeliest])) < 0.1, position
         assert top[likeliest] > -3  # peaked, so the agreement says something
+
+
+@pytest.mark.slow
+def test_q4_k_m_of_a_width_256_does_not_divide_is_made_with_llama_cpps_fallbacks(tmp_path, smollm2_tokenizer):
+    """288 wide (4 x 72 heads): the tensors reading 288 inputs become Q5_0 (Q8_0 for attn_v and the
+    tied embedding), those reading the MLP's 512 stay Q4_K/Q6_K; recorded, and the estimate holds."""
+    import transformers
+
+    from builder.models.arch import count_params
+
+    source = seeded_llama(tmp_path / "odd", smollm2_tokenizer, hidden=288, head_dim=72)
+    summary = run_stage(tmp_path, source, "gguf-q4_k_m", ThroughputSpec(enabled=False))
+    assert summary["k_quant_fallbacks"] == {"hidden_size": 288, "num_attention_heads x head_dim": 288}
+    # ffn_down reads 512: Q4_K in layer 0, Q6_K in layer 1 (llama.cpp's more-bits layer of 2)
+    assert set(summary["tensor_types"]) == {"Q5_0", "Q8_0", "Q4_K", "Q6_K", "F32"}
+    config = transformers.AutoConfig.from_pretrained(source)
+    estimated = gguf_bytes(VariantSpec(scheme="gguf-q4_k_m"), Shape.of(config), count_params(config))
+    assert abs(estimated - summary["bytes"]) < 0.05 * summary["bytes"]
+    assert summary["llama_server"]["generated_tokens"] == 8
