@@ -14,6 +14,7 @@ EVALUATORS: dict[str, str] = {
     "lm-eval": "evaluators.lm_eval_runner:LmEval",
     "perplexity": "evaluators.perplexity:Perplexity",
     "vllm-throughput": "evaluators.throughput:VllmThroughput",
+    "llama-server-throughput": "evaluators.llama_server:LlamaServerThroughput",
 }
 
 

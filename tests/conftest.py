@@ -10,6 +10,8 @@ MINIZOO_REQUIRE_QUANTIZER=1 does the same for the quantizer's environment (.venv
 llm-compressor: builder.models.quantizer_env), for skips whose reason says "llm-compressor".
 A variable of its own, not MINIZOO_REQUIRE_VLLM's: `make setup` creates that environment on
 every machine (a CUDA torch one too), where it installs vLLM only beside a local CPU torch.
+MINIZOO_REQUIRE_LLAMA_CPP=1 likewise for llama.cpp's tools (.llama.cpp, which `make setup` builds
+everywhere: builder.models.llama_cpp), for skips whose reason says "llama.cpp".
 """
 from __future__ import annotations
 
@@ -46,10 +48,12 @@ SLOWEST_FIRST = (  # the order of a whole run's durations (setup and calls per s
 )
 REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
 REQUIRE_QUANTIZER = "MINIZOO_REQUIRE_QUANTIZER"
+REQUIRE_LLAMA_CPP = "MINIZOO_REQUIRE_LLAMA_CPP"
 # variable -> (what a skip's reason names, what to install, the variable's name)
 REQUIREMENTS = {REQUIRE_VLLM: ("vllm", "this vLLM test", "Install vLLM (`make setup` does, with a CPU torch)"),
                 REQUIRE_QUANTIZER: ("llm-compressor", "this llm-compressor test",
-                                    "Create .venv-quantize (`make setup` does)")}
+                                    "Create .venv-quantize (`make setup` does)"),
+                REQUIRE_LLAMA_CPP: ("llama.cpp", "this llama.cpp test", "Build .llama.cpp (`make setup` does)")}
 
 
 def required(variable: str) -> bool:

@@ -21,6 +21,7 @@ from builder.stages.base import Stage, StageContext
 from builder.stages.evaluate import run as evaluate_stage
 from builder.store.stage_store import Manifest
 from evaluators.base import Evaluator
+from evaluators.llama_server import LlamaServerRun, LlamaServerWorkload
 from evaluators.lm_eval_runner import LmEvalSettings, TaskRequest, evaluate_model
 from evaluators.perplexity import PerplexitySettings, heldout_perplexity
 from evaluators.registry import EVALUATORS, UnknownEvaluator, get_evaluator
@@ -32,6 +33,7 @@ EXAMPLE_SETTINGS = {
     "lm-eval": LmEvalSettings((TaskRequest("arc_easy", limit=4),)),
     "perplexity": PerplexitySettings(tokens=1024),
     "vllm-throughput": ThroughputRun(ThroughputSettings()),
+    "llama-server-throughput": LlamaServerRun(LlamaServerWorkload()),
 }
 
 
@@ -59,7 +61,7 @@ def test_every_registered_evaluator_has_example_settings():
 
 def test_an_unknown_evaluator_is_answered_with_the_closest_names_and_the_list():
     with pytest.raises(UnknownEvaluator, match=r"^Unknown evaluator 'perplexty'\. Did you mean 'perplexity'\? "
-                                               r"Available: lm-eval, perplexity, vllm-throughput"):
+                                               r"Available: lm-eval, perplexity, vllm-throughput, llama-server-throughput"):
         get_evaluator("perplexty")
     with pytest.raises(UnknownEvaluator) as far:
         get_evaluator("llama.cpp")

@@ -82,7 +82,7 @@ def test_a_variant_is_its_scheme_alone_or_a_mapping_with_its_settings():
     ([{"scheme": "w8a8-int8", "calibration_samples": 64}], "calibration_samples is read only by scheme w4a16"),
     ([{"scheme": "fp8-dynamic", "group_size": 64}], "group_size is read only by scheme w4a16"),
     (["w4a16", {"scheme": "w4a16", "group_size": 32}], "keep one entry of 'w4a16'"),
-    (["nf4"], "'w8a8-int8', 'w4a16' or 'fp8-dynamic'"),
+    (["nf4"], "'w8a8-int8', 'w4a16', 'fp8-dynamic', 'gguf-q8_0' or 'gguf-q4_k_m'"),
     ([{"scheme": "w4a16", "group_size": 100}], "'auto', 128, 64 or 32"),
 ])
 def test_a_mistaken_variant_is_refused_naming_the_fix(variants, says):

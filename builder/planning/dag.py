@@ -28,6 +28,7 @@ from builder.spec.shape import Shape
 from builder.spec.schema import (DistillSpec, EvaluationSpec, FamilySpec, SignalKey, StudentSpec, TrainingSpec,
                           split_execution)
 from builder.stages.base import VLLM_ENGINE, Stage
+from builder.stages.gguf import stage_config as gguf_config
 from builder.stages.measure_serving import measured_config
 from builder.stages.quantize import stage_config as variant_config
 from builder.stages.registry import stage_kind
@@ -117,7 +118,7 @@ class Plan:
     precision: Precision  # what the training stages run in (and are hashed with)
     teach_stages: tuple[str, ...] = ()  # the stored teacher signals (teacher_signal: topk), parents' too
     teacher_vocab_size: int = 0
-    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize stage id
+    variant_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> quantize or gguf stage
     variant_eval_stages: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, scheme) -> evaluate (vLLM)
 
     def stage_paths(self, store: StageStore) -> dict[str, Path]:
@@ -244,14 +245,17 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision,
     # measured for speed and quantized; the original teacher is only evaluated beside them.
     members = {name: stage_id for name, stage_id in models.items() if name != "teacher-original"}
     variants = _plan_variants(dag, spec, members, data)
-    # each variant in the engine that serves it, with the family's tasks and held-out blocks
+    # each compressed-tensors variant in the engine that serves it, vLLM, with the family's tasks
+    # and held-out blocks (a GGUF variant's stage measures it in llama.cpp's server itself)
+    in_vllm = {scheme for scheme in (variant.scheme for variant in spec.variants if not variant.is_gguf)}
+    served = {(name, scheme): stage_id for (name, scheme), stage_id in variants.items() if scheme in in_vllm}
     variant_evals = {(name, scheme): dag.add("evaluate", variant_label(name, scheme), spec.evaluation,
                                              {"model": stage_id, "data": data}, options=trains | {"engine": VLLM_ENGINE})
-                     for (name, scheme), stage_id in variants.items()}
+                     for (name, scheme), stage_id in served.items()}
     throughput = None
     if spec.throughput.enabled:  # the corrected teacher has the original's shape: its speed stands for both
-        # the variants in the same run, at the same workload: their speed-ups are ratios too
-        measured = members | {variant_label(name, scheme): stage_id for (name, scheme), stage_id in variants.items()}
+        # the vLLM variants in the same run, at the same workload: their speed-ups are ratios too
+        measured = members | {variant_label(name, scheme): stage_id for (name, scheme), stage_id in served.items()}
         throughput = dag.add("throughput", "", spec.throughput, measured)
     shape = Shape.of(teacher_config)
     teach = tuple(stage_id for stage_id, stage in dag.stages.items() if stage.name == "teach")
@@ -261,10 +265,14 @@ def make_plan(spec: FamilySpec, teacher_config, precision: Precision,
 
 
 def _plan_variants(dag: _Builder, spec: FamilySpec, models: dict[str, str], data: str) -> dict[tuple[str, str], str]:
-    """One quantize stage per (model, variant): the teacher the students learned from (the
-    reference) and each student's finished model. Only a scheme that calibrates reads the data
-    stage, so only its hash follows the calibration split."""
-    return {(name, variant.scheme): dag.add("quantize", variant_label(name, variant.scheme), variant_config(variant),
+    """One variant stage per (model, variant): the teacher the students learned from (the
+    reference) and each student's finished model; a quantize stage for a compressed-tensors
+    scheme, a gguf stage (hashed with the throughput workload it is measured at) for a GGUF one.
+    Only a scheme that calibrates reads the data stage, so only its hash follows the split."""
+    return {(name, variant.scheme): dag.add("gguf" if variant.is_gguf else "quantize",
+                                            variant_label(name, variant.scheme),
+                                            gguf_config(variant, spec.throughput) if variant.is_gguf
+                                            else variant_config(variant),
                                             {"model": stage_id} | ({"data": data} if variant.calibrated else {}),
                                             student=None if name == TEACHER else name)
             for name, stage_id in models.items() for variant in spec.variants}

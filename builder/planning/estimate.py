@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from builder.models.arch import student_config
-from builder.models.variants import fp8_serving
+from builder.models.variants import fp8_serving, gguf_fallbacks
 from builder.options.run_options import RunOptions
 from builder.planning.cost_model import (ACCELERATORS, COSTS, GIB, LM_EVAL_TASKS, MEMORY_HEADROOM, UNKNOWN_TASK,
                                          Accelerator, Costs, StageInputs, Work)
@@ -22,6 +22,7 @@ from builder.planning.dag import Plan
 from builder.stages.registry import stage_kind
 from builder.units import format_bytes, format_count
 from builder.spec.batching import batch_layout
+from builder.spec.shape import Shape
 
 @dataclass
 class StageEstimate:
@@ -106,7 +107,7 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
              "when the cluster has room)"]
     notes += [f"{student.spec.name}: estimated at its search's first candidate's shape" for student in plan.students
               if student.searched]
-    notes += _variant_notes(plan, options)
+    notes += _variant_notes(plan, options, models)
     if plan.spec.data.max_tokens is None:
         notes.append("disk: acquire-data's token blocks are not counted (2 or 4 bytes per token of the corpus, whose "
                      "size is known only once tokenized; data.max_tokens bounds it)")
@@ -116,12 +117,32 @@ def estimate_plan(plan: Plan, teacher_config, options: RunOptions, accelerator: 
                           options.activation_checkpointing)
 
 
-def _variant_notes(plan: Plan, options: RunOptions) -> list[str]:
+def _variant_notes(plan: Plan, options: RunOptions, models: dict) -> list[str]:
     """The variants' sizes are estimated, and fp8 may build where vLLM serves it slowly."""
     schemes = [variant.scheme for variant in plan.spec.variants]
+    gguf = [variant.scheme for variant in plan.spec.variants if variant.is_gguf]
     notes = ["a quantize stage's disk: its Linear weights at the scheme's bits with their scales, the rest in the "
-             "teacher's dtype (builder.models.variants.variant_bytes)"] if schemes else []
+             "teacher's dtype (builder.models.variants.variant_bytes)"] * (len(gguf) < len(schemes))
+    if gguf:
+        notes.append("a gguf stage's disk: the GGUF file at the types llama-quantize picks per tensor; its peak adds "
+                     "the f16 GGUF it quantizes (builder.models.variants.gguf_bytes)")
+    notes += _fallback_notes(plan, models)
     return notes + ([f"fp8-dynamic variants: {fp8_serving(options.use_gpu)}"] if "fp8-dynamic" in schemes else [])
+
+
+def _fallback_notes(plan: Plan, models: dict) -> list[str]:
+    """The models whose widths Q4_K_M's 256-weight super-blocks do not divide: accepted, as llama.cpp
+    does (those tensors become Q5_0/Q8_0), and said before the build."""
+    notes = []
+    for variant in plan.spec.variants:
+        for model in sorted({model for model, scheme in plan.variant_stages if scheme == variant.scheme}):
+            odd = gguf_fallbacks(variant, Shape.of(models[model]))
+            if odd:
+                listed = ", ".join(f"{name}={width}" for name, width in odd.items())
+                notes.append(f"{model}.{variant.scheme}: {listed} is no multiple of 256, so llama-quantize stores the "
+                             "tensors reading it as Q5_0 (Q8_0 where Q4_K_M takes Q6_K): a larger file, counted in its "
+                             "disk; the stage records the file's tensor types")
+    return notes
 
 
 def _task_notes(plan: Plan) -> list[str]:

@@ -23,6 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from builder.errors import Problem, SpecError, problems_from_validation
+from builder.models.llama_cpp import llama_cpp_problem
 from builder.models.quantizer_env import quantizer_problem
 from builder.models.variants import variant_problem
 from builder.spec.shape import Shape
@@ -239,13 +240,17 @@ def _variant_shapes(spec: FamilySpec, teacher_config, failed: set[str]) -> dict[
 
 
 def quantizer_problems(spec: FamilySpec) -> list[Problem]:
-    """Variants need the quantizer's own environment (builder.models.quantizer_env) to be made,
-    and vLLM in this one to be served and evaluated (the engine that serves compressed-tensors;
-    a variant is never evaluated in another): either missing is a spec problem before anything
-    runs, not a failure once the students are built."""
-    schemes = [variant.scheme for variant in spec.variants]
-    messages = [quantizer_problem(), _vllm_problem()] if spec.variants else []
-    return [Problem("variants", schemes, message) for message in messages if message]
+    """Compressed-tensors variants need the quantizer's own environment (builder.models.quantizer_env)
+    to be made and vLLM in this one to be served and evaluated (the engine that serves them; a
+    variant is never evaluated in another); GGUF ones need llama.cpp's tools (builder.models.llama_cpp).
+    Any of them missing is a spec problem before anything runs, not a failure once the students are built."""
+    problems = []
+    for gguf, checks in ((False, (quantizer_problem, _vllm_problem)), (True, (llama_cpp_problem,))):
+        schemes = [variant.scheme for variant in spec.variants if variant.is_gguf == gguf]
+        messages = [check() for check in checks] if schemes else []
+        problems += [Problem("variants", schemes, f"{', '.join(schemes)}: {message}" if gguf else message)
+                     for message in messages if message]  # GGUF's names the missing files: say which variants need them
+    return problems
 
 
 def _vllm_problem() -> str | None:
@@ -255,8 +260,8 @@ def _vllm_problem() -> str | None:
     # torch's build names the wheel to install; evaluators.throughput imports torch: phase 2 only
     from evaluators.throughput import install_hint
 
-    return ("the variants are evaluated and measured in vLLM, the engine that serves compressed-tensors, "
-            f"which this environment does not have; install it with `{install_hint()}`, or remove the variants")
+    return ("the compressed-tensors variants are evaluated and measured in vLLM, the engine that serves them, "
+            f"which this environment does not have; install it with `{install_hint()}`, or remove those variants")
 
 
 def _student_problems(spec: FamilySpec, index: int, student: StudentSpec, teacher_config) -> list[Problem]:

@@ -318,7 +318,9 @@ def collect_report(plan: Plan, store: StageStore, spec_text: str, failures: dict
         family=spec.family, build=build_record(plan, manifests), description=spec.description, teacher=teacher,
         teacher_original=original,
         students=[student_record(plan, manifests, failures, planned, teacher) for planned in plan.students],
-        variants=[variant_record(plan, manifests, failures, *key) for key in plan.variant_stages],
+        # the compressed-tensors variants (evaluated in vLLM); GGUF files are in their own
+        # stages' manifests, not yet in the report (issue 24)
+        variants=[variant_record(plan, manifests, failures, *key) for key in plan.variant_eval_stages],
         hardware=hardware_text([_hardware(manifest) for manifest in manifests.values()]), spec_yaml=spec_text,
         portable_spec_yaml=portable_spec_yaml(spec_text, _local_references(spec, spec_text)),
         data_source="a local corpus" if spec.data.reference.kind == "path" else spec.data.source,

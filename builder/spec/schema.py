@@ -636,21 +636,24 @@ class BudgetSpec(Strict):
         return " and ".join(words[name](value) for name, value in self.limits().items())
 
 
-VariantScheme = Literal["w8a8-int8", "w4a16", "fp8-dynamic"]
+VariantScheme = Literal["w8a8-int8", "w4a16", "fp8-dynamic", "gguf-q8_0", "gguf-q4_k_m"]
 W4A16_GROUP_SIZES = (128, 64, 32)  # what vLLM's WNA16 kernels take; auto: the largest that fits each model
 DEFAULT_CALIBRATION_SAMPLES = 128  # GPTQ's own paper calibrates on 128 blocks
 
 
 class VariantSpec(Strict):
     """A quantized copy of the teacher (the reference) and of every finished student, as a
-    compressed-tensors checkpoint (what vLLM loads) made by llm-compressor. Written as the
+    compressed-tensors checkpoint (what vLLM loads) made by llm-compressor, or as a GGUF file
+    (what llama.cpp serves) made by llama.cpp's converter and llama-quantize. Written as the
     scheme alone (`- w4a16`) or as a mapping with its settings."""
 
     scheme: VariantScheme = Field(
         description="w8a8-int8: int8 weights per channel (round-to-nearest) and int8 activations per token at "
         "run time; w4a16: int4 weights in groups (GPTQ on the calibration split), 16-bit activations; "
         "fp8-dynamic: fp8 weights per channel and fp8 activations per token (vLLM's fast path needs a GPU of "
-        "compute capability 8.9+ or a CPU with AMX; built everywhere, unverified elsewhere)")
+        "compute capability 8.9+ or a CPU with AMX; built everywhere, unverified elsewhere); gguf-q8_0, "
+        "gguf-q4_k_m: a GGUF file at llama.cpp's Q8_0 or Q4_K_M (tensors whose width 256 does not divide "
+        "fall back to Q5_0/Q8_0), served by llama-server")
     group_size: Literal["auto", 128, 64, 32] = Field(
         "auto", description="w4a16 only: input channels sharing one weight scale; auto takes the largest of "
         "128, 64, 32 that divides each model's widths (hidden, attention, MLP), per model")
@@ -671,6 +674,11 @@ class VariantSpec(Strict):
                 raise ValueError(f"{', '.join(misplaced)} is read only by scheme w4a16, not by {self.scheme!r} "
                                  "(round-to-nearest weights, activations quantized at run time); remove it")
         return self
+
+    @property
+    def is_gguf(self) -> bool:
+        """A GGUF file by llama.cpp (builder.stages.gguf), not a compressed-tensors checkpoint."""
+        return self.scheme.startswith("gguf-")
 
     @property
     def calibrated(self) -> bool:

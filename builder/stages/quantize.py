@@ -30,13 +30,21 @@ def _variant(config: dict) -> VariantSpec:
     return VariantSpec.model_validate({key: value for key, value in config.items() if key != "tool"})
 
 
-def run(ctx: StageContext) -> StageResult:
-    variant, source = _variant(ctx.config), ctx.model_dir("model")
-    verify_folder(source)  # the quantizer reads it in its own process: checked here first
+def checked_source(variant: VariantSpec, source: Path) -> Shape:
+    """The finished model a variant is made of, verified (the quantizer or llama.cpp's converter
+    reads it in its own process), and its shape, checked against the variant: checked with the
+    spec already, but a searched student's shape is known only now."""
+    verify_folder(source)
     shape = Shape.of(config_from_json(source / "config.json"))
-    problem = variant_problem(variant, shape)  # checked with the spec; a searched student's shape is known only now
+    problem = variant_problem(variant, shape)
     if problem:
         raise ValueError(problem)
+    return shape
+
+
+def run(ctx: StageContext) -> StageResult:
+    variant, source = _variant(ctx.config), ctx.model_dir("model")
+    shape = checked_source(variant, source)
     out = ctx.out_dir / "model"
     shutil.rmtree(out, ignore_errors=True)  # a killed attempt's files: the stage starts over, never mixes them in
     calibration, tokens = _write_calibration(ctx, variant)

@@ -2,8 +2,8 @@
 read (each kind's facts are in its own module's `KIND`). Adding a stage kind adds one line here."""
 from __future__ import annotations
 
-from builder.stages import (acquire_data, acquire_teacher, correct, distill, evaluate, measure_serving, prune, quantize,
-                            score, select, teach, throughput)
+from builder.stages import (acquire_data, acquire_teacher, correct, distill, evaluate, gguf, measure_serving, prune,
+                            quantize, score, select, teach, throughput)
 from builder.stages.base import StageKind
 
 STAGE_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
@@ -19,6 +19,7 @@ STAGE_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
     evaluate.KIND,
     throughput.KIND,
     quantize.KIND,
+    gguf.KIND,
 )}
 
 
