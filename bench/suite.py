@@ -208,7 +208,8 @@ def main() -> None:
     args = parser.parse_args()
     tests = QUICK_TESTS if args.quick else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MINIZOO_REQUIRE_VLLM": "1",
-           "MINIZOO_REQUIRE_QUANTIZER": "1"}
+           "MINIZOO_REQUIRE_QUANTIZER": "1",
+           "MINIZOO_REQUIRE_LLAMA_CPP": "1"}
     started = time.perf_counter()
     with CpuSampler() as sampler:
         run = subprocess.run(pytest_command(tests), cwd=ROOT, env=env, capture_output=True, text=True)

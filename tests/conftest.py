@@ -34,9 +34,10 @@ SLOWEST_FIRST = (  # the order of a whole run's durations (setup and calls per s
     "test_rehearse.py::TestLlamaRehearsal",
     "test_stop.py",
     "test_cluster_faults.py",
+    "test_budgets.py",  # not yet in a whole run's durations: vLLM engines and a whole build, ~8 min here
     "test_variant_eval.py",  # not yet in a whole run's durations: its four vLLM engines, ~340 s here
     "test_throughput.py",
-    "test_budgets.py",  # two vLLM engines (added after d490588's durations: about test_throughput's)
+    "test_gguf.py",  # not yet in a whole run's durations: conversions and llama-servers
     "test_ray_train.py",
     "test_data.py",
     "test_prune.py",

@@ -280,7 +280,7 @@ def test_variants_without_vllm_to_serve_them_are_a_spec_problem(tmp_path, capsys
     code, out, err = dry_run(tmp_path, capsys, SPEC)
     assert code == 2 and out == ""
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
-    assert len(problems) == 1 and problems[0].startswith("  - variants: the variants are evaluated and measured in vLLM")
+    assert len(problems) == 1 and problems[0].startswith("  - variants: the compressed-tensors variants are evaluated and measured in vLLM")
     assert "install it with `pip install -e '.[vllm" in problems[0]
     assert dry_run(tmp_path, capsys, {k: v for k, v in SPEC.items() if k != "variants"})[0] == 0
 

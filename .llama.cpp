@@ -1,0 +1,1 @@
+/work/wt-gguf/.llama.cpp
