@@ -244,7 +244,8 @@ class Costs:
     # A Ray Train worker group (correct, distill) or the teach pass's actors: worker processes,
     # torch.distributed, imports, the result's return: a manifest's wall_s minus the loop's own
     # wall_seconds (an assumed value: no current result file holds a measurement). GPUs add a
-    # CUDA context and NCCL set-up.
+    # CUDA context and NCCL set-up. With one worker the loop runs in the stage's own task, no
+    # group to start (builder.training.ray_train): there the same value over-counts its start.
     train_start_s: float = 20.0
     # lm-eval: importing it, its TaskManager and building the first task, then each (sub)task's
     # documents and requests (assumed values: no current result file holds a measurement).
