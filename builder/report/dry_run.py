@@ -6,7 +6,7 @@ from pathlib import Path
 
 from builder.planning.dag import Plan, PlannedStudent
 from builder.pruning.budgets import meets
-from builder.stages.measure_serving import describe_hardware_identity
+from builder.stages.measure_serving import describe_serving
 from builder.report.gates import GATE_FAILED_EXIT_CODE, describe_gates
 from builder.report.records import signal_name
 from builder.spec.chains import chain
@@ -160,10 +160,8 @@ def budget_lines(plan: Plan, student: PlannedStudent) -> list[str]:
     shape's measured cost (mean ± spread of the repeats), or "not yet measured" with the memory
     computed from the shape; which meet it."""
     serving, budget = plan.spec.serving, student.budget
-    engine = f", engine_args {serving.engine_args}" if serving.engine_args else ""
-    lines = [f"Serving budget for {student.spec.name}: {student.spec.budget.describe()}, with {serving.requests} "
-             f"requests of {serving.input_len} prompt + {serving.output_len} output tokens in flight (vLLM, dtype "
-             f"{serving.dtype}{engine}) on {describe_hardware_identity(budget.hardware)}; each shape measured once "
+    lines = [f"Serving budget for {student.spec.name}: {student.spec.budget.describe()}, with "
+             f"{describe_serving(serving, budget.hardware)}; each shape measured once "
              f"({serving.repeats} timed passes, vLLM's dummy weights), before any training"]
     if not budget.measured_all:
         lines.append("  not yet measured: the build measures these shapes first, then trains only the candidates "

@@ -28,6 +28,7 @@ from builder.report.records import (BuildRecord, Candidate, Distillation, Family
 from builder.spec.schema import FamilySpec, StudentSpec
 from builder.store.stage_store import Manifest, StageStore, write_text_atomic
 from builder.units import format_bytes, format_count
+from builder.stages.measure_serving import describe_serving
 from evaluators.throughput import add_ratios, describe_hardware
 from publish.portable import portable_spec_yaml
 
@@ -209,7 +210,7 @@ def student_record(plan: Plan, manifests: dict, failures: dict, planned, teacher
     return StudentRecord(
         **_model_fields(plan, manifests, failures, name, planned.final_stage),
         params=params, shape=shape, repo_id=student_repo_id(plan.spec, planned.spec),
-        why=_why(planned, manifests),
+        why=_why(plan, planned, manifests),
         lineage=Lineage(parent=planned.parent, chain=chain(plan.spec.parents, name)[:-1],
                         correction=teacher.stages["correct"], pruning=_pruning(plan, manifests, planned, pruned, shape),
                         distillation=_distillation(plan, planned, distilled)),
@@ -259,7 +260,7 @@ def _distillation(plan: Plan, planned, distilled: Manifest | None) -> Distillati
                         stored_dtype=summary.get("stored_dtype"))
 
 
-def _why(planned, manifests: dict) -> str | None:
+def _why(plan: Plan, planned, manifests: dict) -> str | None:
     """The spec's reason for the shape; for a searched student, also how the search chose it."""
     selected = manifests.get(planned.select_stage) if planned.searched else None
     why = " ".join(planned.spec.why.split()) if planned.spec.why else None
@@ -274,7 +275,17 @@ def _why(planned, manifests: dict) -> str | None:
     search = (f"Chosen by architecture search: of {found} candidate shapes {near}, each pruned and distilled on "
               f"{format_count(chosen['tokens'])} tokens, this one had the lowest held-out loss "
               f"({chosen['heldout_loss']:.3f}).")
+    if "serving" in chosen:
+        search += " " + _budget_met(plan, planned, chosen["serving"]["margins"])
     return f"{why} {search}" if why else search
+
+
+def _budget_met(plan: Plan, planned, margins: dict[str, float]) -> str:
+    """The workload and hardware the serving budget holds for, and the chosen shape's margin on
+    each limit, as measured (0.12: 12% better than the limit)."""
+    room = ", ".join(f"{name} by {margin:+.0%}" for name, margin in margins.items())
+    return (f"The budget holds for {describe_serving(plan.spec.serving, planned.budget.hardware)}; "
+            f"measured, this shape meets it with a margin of {room}.")
 
 
 def search_record(plan: Plan, manifests: dict, planned) -> SearchRecord:

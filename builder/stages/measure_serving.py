@@ -71,6 +71,13 @@ def describe_hardware_identity(identity: dict) -> str:
     return f"{where}, {identity.get('engine') or 'vLLM not installed'}"
 
 
+def describe_serving(serving: ServingSpec, hardware: dict) -> str:
+    """The workload and hardware a serving budget holds for, in words (the dry run, the cards)."""
+    engine = f", engine_args {serving.engine_args}" if serving.engine_args else ""
+    return (f"{serving.requests} requests of {serving.input_len} prompt + {serving.output_len} output tokens in "
+            f"flight (vLLM, dtype {serving.dtype}{engine}) on {describe_hardware_identity(hardware)}")
+
+
 def measured_config(config) -> dict:
     """A transformers config as the measure stage's hashed config.json: its provenance left out."""
     values = json.loads(config.to_json_string(use_diff=False))
