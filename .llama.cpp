@@ -1,1 +1,0 @@
-/work/wt-gguf/.llama.cpp
