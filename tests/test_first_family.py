@@ -80,7 +80,9 @@ def test_every_stage_kept_its_full_log(built):
     assert len(logs) == STAGES
     distill_log = next(log for log in logs if log.parent.name.startswith("distill-")).read_text()
     assert "started  distill-" in distill_log  # the stage's own logging
-    assert distill_log.count("==== ") >= 2  # and the Ray Train worker's output, appended
+    # One training worker trains in the stage's own task (builder.training.ray_train): the loop's
+    # output (its final model's save) is in the stage's one section, none is left elsewhere
+    assert distill_log.count("==== ") == 1 and "Writing model shards" in distill_log
 
 
 def test_every_computing_stage_recorded_where_it_ran(built):
