@@ -120,7 +120,7 @@ ENGINE_FAILURE_LOG = """\
 (Worker pid=10798) ERROR 11-25 14:04:05 [multiproc_executor.py:1063] RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0
 (EngineCore pid=10558) ERROR 11-25 14:04:05 [core.py:1512] RuntimeError: Worker failed with error 'Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0', please check the stack trace above for the root cause
 Traceback (most recent call last):
-  File "/work/main/evaluators/vllm_worker.py", line 43, in measure
+  File "/repo/evaluators/vllm_worker.py", line 43, in measure
 vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. See stack trace (above) for the root cause.
 """
 
