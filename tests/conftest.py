@@ -24,28 +24,27 @@ pytest_plugins = ["pytester"]  # tests/test_suite_modes.py runs this hook on sma
 # pytest-xdist (`make test` runs two workers with --dist loadscope) a scope is a test module,
 # or a class of tests within one, and runs whole on one worker; these are queued first, so no
 # long one starts last and ends the run alone; the rest follow in file order.
-SLOWEST_FIRST = (  # the order of a whole run's durations (setup and calls per scope) at d490588
+SLOWEST_FIRST = (  # the order of a whole run's seconds per scope: bench/results/suite.json at 59ab084
+    "test_e2e.py",
     "test_rehearse.py::TestQwen3Rehearsal",
     "test_multinode.py",
-    "test_rehearse.py::TestMistralNemoRehearsal",
-    "test_e2e.py",
-    "test_build_trust.py",
     "test_first_family.py",
+    "test_budgets.py",
     "test_rehearse.py::TestLlamaRehearsal",
-    "test_stop.py",
+    "test_build_trust.py",
+    "test_variant_eval.py",
+    "test_rehearse.py::TestMistralNemoRehearsal",
     "test_cluster_faults.py",
-    "test_budgets.py",  # not yet in a whole run's durations: vLLM engines and a whole build, ~8 min here
-    "test_variant_eval.py",  # not yet in a whole run's durations: its four vLLM engines, ~340 s here
-    "test_throughput.py",
-    "test_gguf.py",  # not yet in a whole run's durations: conversions and llama-servers
     "test_ray_train.py",
-    "test_data.py",
-    "test_prune.py",
-    "test_memory.py",
-    "test_process_tree.py",
-    "test_gpu_node_build.py",
+    "test_throughput.py",
+    "test_stop.py",
     "test_sharded_load.py",
-    "test_gpu_node.py",
+    "test_prune.py",
+    "test_data.py",
+    "test_memory.py",
+    "test_gguf.py",
+    "test_gpu_node_build.py",
+    "test_process_tree.py",
 )
 REQUIRE_VLLM = "MINIZOO_REQUIRE_VLLM"
 REQUIRE_QUANTIZER = "MINIZOO_REQUIRE_QUANTIZER"
