@@ -102,6 +102,13 @@ def _stage_problems(options: RunOptions, nodes: list[Node], cpus: int) -> list[P
     return problems
 
 
+def trains_in_its_task(workers: int) -> bool:
+    """Whether a training stage runs its loop in its own task (one worker) rather than on a Ray
+    Train group (builder.training.ray_train says why): the runner places it, the training runs
+    it and the local instance sizes its dashboard by this one rule."""
+    return workers == 1
+
+
 def train_cpus_per_worker(options: RunOptions) -> int:
     """CPUs each Ray Train worker reserves: the stage's CPUs shared among its workers."""
     return max(1, options.stage_cpus() // options.train_workers)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import ray
 
+from builder.options.cluster import trains_in_its_task
 from builder.options.run_options import RunOptions
 from builder.running.cluster_address import ClusterAddress, check_reachable, given_address
 from builder.running.interrupt import BuildStopped, raise_if_stopped
@@ -79,7 +80,7 @@ def _connect(options: RunOptions, address: ClusterAddress | None) -> None:
         # Ray Train group (builder.training.ray_train), so it starts no dashboard: its nine
         # module processes (nodes, state, jobs, metrics, ...) would serve nobody.
         _init_stoppable(address="local", num_cpus=options.local_cpus or os.cpu_count(),
-                        include_dashboard=options.train_workers > 1, dashboard_host="127.0.0.1",
+                        include_dashboard=not trains_in_its_task(options.train_workers), dashboard_host="127.0.0.1",
                         _node_ip_address="127.0.0.1", **quiet)
 
 

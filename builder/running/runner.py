@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from builder.running.interrupt import raise_if_stopped
 from builder.running.ray_session import init_ray, shutdown_ray
 from builder.options.cluster import (Node, new_probe, nodes_from_ray, read_probe, size_for_cluster, train_cpus_per_worker,
-                                     workdir_problems, write_probe)
+                                     trains_in_its_task, workdir_problems, write_probe)
 from builder.errors import SpecError
 from builder.options.run_options import RunOptions
 from builder.planning.dag import Plan
@@ -274,7 +274,7 @@ def _placed_as(stage: Stage, options: RunOptions) -> str:
     worker (heavy), on Ray Train workers with more (builder.training.ray_train)."""
     resources = stage_kind(stage.name).resources
     if resources == "training":
-        return "heavy" if options.train_workers == 1 else "coordinating"
+        return "heavy" if trains_in_its_task(options.train_workers) else "coordinating"
     return resources
 
 

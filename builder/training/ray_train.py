@@ -37,6 +37,7 @@ import ray.train
 import torch
 import ray.train.torch
 
+from builder.options.cluster import trains_in_its_task
 from builder.options.run_options import Parallel
 from builder.running.placement import DeviceUnusable, place
 from builder.store.stage_log import captured_output, stage_log_path
@@ -83,7 +84,7 @@ def run_training(kind: Kind, teacher_dir: str | Path, student_dir: str | Path | 
                  out_dir: str | Path, settings: TrainSettings, *, num_workers: int, use_gpu: bool = False,
                  parallel: Parallel = "ddp", cpus_per_worker: float = 1, tee_output: bool = False) -> TrainResult:
     """The loop on `num_workers` Ray Train workers, or with one worker here (module docstring)."""
-    if num_workers != 1:
+    if not trains_in_its_task(num_workers):
         return run_on_ray_train(kind, teacher_dir, student_dir, blocks_path, out_dir, settings,
                                 num_workers=num_workers, use_gpu=use_gpu, parallel=parallel,
                                 cpus_per_worker=cpus_per_worker, tee_output=tee_output)
